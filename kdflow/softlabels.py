@@ -1,0 +1,61 @@
+"""Turning per-option log-probabilities into a soft label: the one place every backend ends up.
+
+Backends differ in how they obtain the log-probability of each option (a forward pass, vLLM logprobs,
+an HTTP server), but the probabilities, confidence, coverage and entropy are computed here only, so the
+numbers of the hf, vllm and openai backends are comparable by construction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from collections.abc import Sequence
+
+# Servers report "no probability" as a very negative number (-9999.0 for OpenAI-compatible APIs).
+MISSING_LOGPROB = -1e4
+
+
+@dataclass(frozen=True)
+class SoftLabel:
+    probs: list[float]
+    confidence: float
+    predicted: int
+    coverage: float
+    entropy: float
+
+
+def logsumexp(values: Sequence[float]) -> float:
+    """log(sum(exp(v))) of finite values; -inf for none."""
+    finite = [v for v in values if v is not None and math.isfinite(v) and v > MISSING_LOGPROB]
+    if not finite:
+        return -math.inf
+    top = max(finite)
+    return top + math.log(sum(math.exp(v - top) for v in finite))
+
+
+def soft_label_from_logprobs(option_logprobs: Sequence[float | None], *, normalised: bool = False) -> SoftLabel:
+    """Build a soft label from one log-probability per option.
+
+    `option_logprobs[i]` is the log-probability the model gave option i (None or <= -1e4 when the backend
+    did not return it). When they come from a softmax over the whole vocabulary (`normalised=False`), the
+    mass they carry before renormalising is the coverage: low coverage means the model wanted to answer
+    something else. Cloze scores are already a distribution over options (`normalised=True`, coverage 1).
+    Options with no log-probability get probability 0; if none has one, the label is uniform with
+    coverage 0 so validation can catch it.
+    """
+    n = len(option_logprobs)
+    if n < 2:
+        raise ValueError(f"a soft label needs at least 2 options, got {n}")
+    total = logsumexp(option_logprobs)
+    if total == -math.inf:
+        probs = [1.0 / n] * n
+        coverage = 0.0
+    else:
+        probs = [
+            math.exp(v - total) if v is not None and math.isfinite(v) and v > MISSING_LOGPROB else 0.0
+            for v in option_logprobs
+        ]
+        coverage = 1.0 if normalised else min(1.0, math.exp(total))
+    predicted = max(range(n), key=probs.__getitem__)
+    entropy = -sum(p * math.log(p) for p in probs if p > 0.0)
+    return SoftLabel(probs=probs, confidence=probs[predicted], predicted=predicted, coverage=coverage, entropy=entropy)
