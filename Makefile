@@ -1,0 +1,34 @@
+# `make run` and `make test` each create or refresh the virtual environment, then act.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kdflow-installed
+CONFIG ?= configs/demo.yaml
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: run test test-fast bench install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints-cpu.txt torch
+	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[dev]"
+	$(PY) -c "import kdflow, torch, prefect, duckdb, great_expectations, transformers"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/kdflow run -c $(CONFIG)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .kdflow

@@ -1,0 +1,37 @@
+"""The main flow: ingest -> (prepare teacher) -> label -> validate -> train -> evaluate -> report.
+
+Flows only sequence; each stage is a task in tasks/ over the kdflow core, and tasks pass references
+(dataset ids, teacher keys, validation ids, model paths), never data. Work already done is found in the
+store by content (dataset hash, teacher key, label digest, config digest) and reused, so a repeated or
+retried run redoes exactly what changed: a run retried after a training failure does not relabel.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from kdflow.config import RunConfig
+from kdflow.runs import recorded_run
+from kdflow.store import Store
+from tasks.common import current_flow_run_id
+from tasks.evaluate import evaluate_task, report_task
+from tasks.ingest import ingest_task
+from tasks.label import label_task, prepare_teacher_task
+from tasks.train import train_task
+from tasks.validate import validate_task
+
+
+@flow(name="distill", flow_run_name="distill-{cfg.name}", retries=0)
+def distill(cfg: RunConfig) -> str:
+    """Distil the configured teacher into the student; returns the run id (see `kdflow report RUN_ID`)."""
+    retries = cfg.orchestration.retries
+    with recorded_run(Store(cfg.home_dir), cfg, flow_run_id=current_flow_run_id()) as run_id:
+        dataset_ids = ingest_task(cfg, run_id)
+        if cfg.teacher.prepare.enabled or cfg.teacher.model is None:
+            prepare_teacher_task(cfg, run_id, dataset_ids)
+        teacher_key = label_task.with_options(retries=retries)(cfg, run_id, dataset_ids)
+        validation_id = validate_task(cfg, run_id, dataset_ids, teacher_key)
+        models = train_task(cfg, run_id, dataset_ids, validation_id)
+        evaluate_task(cfg, run_id, dataset_ids, teacher_key, models)
+        report_task(cfg, run_id)
+    return run_id

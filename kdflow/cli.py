@@ -1,0 +1,236 @@
+"""The `kdflow` command line.
+
+Heavy libraries (torch, transformers, prefect, great_expectations) are imported inside the commands that
+need them, so `kdflow --help` answers instantly. User errors end with a one-paragraph message and a
+non-zero exit code, never a traceback: 2 = bad config or input, 3 = the data-quality gate failed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    help="Distil a large teacher model into a small, fast student for multiple-choice questions.",
+    no_args_is_help=False,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOpt = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="YAML run config (default: configs/demo.yaml)")
+]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", "-s", help="override a config key: --set training.epochs=2")
+]
+EXIT_INPUT = 2
+EXIT_GATE = 3
+
+
+def _offline_prefect_defaults() -> None:
+    """Prefect settings a local run needs; a user's own environment still wins."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _fail(message: str, code: int = EXIT_INPUT) -> typer.Exit:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _load(config: Path | None, overrides: list[str] | None):
+    from kdflow.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as e:
+        raise _fail(str(e)) from None
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+@app.command()
+def ingest(
+    paths: Annotated[Optional[list[str]], typer.Argument(help="files or globs to ingest instead of the config's sources")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    format: Annotated[str, typer.Option("--format", "-f", help="layout of PATHs: auto, mmlu, arc, sciq, csqa, openbookqa, generic")] = "auto",
+) -> None:
+    """Read questions into the store; bad rows are kept in rejected_rows with their reason."""
+    from kdflow.config import ConfigError, SourceConfig
+    from kdflow.datasets import ingest as ingest_all
+    from kdflow.ingest import IngestError
+    from kdflow.terminal import print_ingest
+    from kdflow.store import Store
+
+    cfg = _load(config, set_)
+    if paths:
+        try:
+            cfg.data.sources = [SourceConfig(path=p, format=format) for p in paths]
+        except (ValueError, ConfigError) as e:
+            raise _fail(f"--format {format!r}: {e}") from None
+    store = Store(cfg.home_dir)
+    try:
+        reports = ingest_all(cfg, store)
+    except IngestError as e:
+        raise _fail(str(e)) from None
+    print_ingest(_console(), reports)
+    if not any(r.loaded for r in reports):
+        raise _fail("nothing usable was loaded: see the rejected rows above and fix the input")
+
+
+@app.command()
+def runs(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    limit: Annotated[int, typer.Option(help="how many recent runs")] = 20,
+) -> None:
+    """List runs with status, per-stage durations and headline metrics."""
+    from kdflow.terminal import print_runs
+    from kdflow.store import Store, StoreError
+
+    cfg = _load(config, set_)
+    try:
+        store = Store(cfg.home_dir, read_only=True)
+    except StoreError as e:
+        raise _fail(str(e)) from None
+    print_runs(_console(), store, limit)
+
+
+def _run_flow(flow_name: str, cfg, **kwargs):
+    """Run a flow with Prefect's offline defaults; user errors become messages and exit codes."""
+    _offline_prefect_defaults()
+    from kdflow.errors import GateFailed, KdflowError
+
+    if flow_name == "distill":
+        from flows.distill import distill as flow_fn
+    else:
+        from flows.stages import STAGE_FLOWS
+
+        flow_fn = STAGE_FLOWS[flow_name]
+    try:
+        return flow_fn(cfg, **kwargs)
+    except GateFailed as e:
+        raise _fail(str(e), EXIT_GATE) from None
+    except (KdflowError, LookupError) as e:
+        raise _fail(str(e)) from None
+    except KeyboardInterrupt:
+        raise _fail("cancelled: the run is marked cancelled; committed work is kept and reused", 130) from None
+
+
+@app.command()
+def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Run the whole pipeline as a Prefect flow (ephemeral Prefect when no server is configured)."""
+    cfg = _load(config, set_)
+    run_id = _run_flow("distill", cfg)
+    from kdflow.report import load_summary, print_summary
+    from kdflow.store import Store
+
+    print_summary(_console(), load_summary(Store(cfg.home_dir, read_only=True), run_id))
+
+
+@app.command()
+def label(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Label every ingested question the configured teacher has not labeled yet (preparing it first if asked)."""
+    teacher_key = _run_flow("label", _load(config, set_))
+    _console().print(f"labels of teacher {teacher_key} are complete")
+
+
+@app.command()
+def validate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Run the data-quality gate on the teacher's soft labels (exit code 3 when it fails)."""
+    validation_id = _run_flow("validate", _load(config, set_))
+    _console().print(f"the data-quality gate passed ({validation_id})")
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume/--restart", help="continue from the last checkpoint")] = True,
+) -> None:
+    """Distil the students from the validated soft labels."""
+    models = _run_flow("train", _load(config, set_), resume=resume)
+    for role, path in models.items():
+        _console().print(f"{role}: {path}")
+
+
+@app.command()
+def evaluate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Evaluate teacher and existing students on the test split and rebuild the report."""
+    html = _run_flow("evaluate", _load(config, set_))
+    _console().print(f"report: {html}")
+
+
+@app.command()
+def report(
+    run_id: Annotated[str, typer.Argument(help="the run to report on (see `kdflow runs`)")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Rebuild a run's HTML and markdown report from the database alone."""
+    from kdflow.report import build_report, print_summary
+    from kdflow.store import Store, StoreError
+
+    cfg = _load(config, set_)
+    try:
+        paths = build_report(Store(cfg.home_dir, read_only=True), run_id)
+    except (StoreError, LookupError) as e:
+        raise _fail(str(e)) from None
+    print_summary(_console(), paths.summary)
+    _console().print(f"report: {paths.html}")
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    cron: Annotated[str, typer.Option(help="schedule of the main flow")] = "0 2 * * *",
+) -> None:
+    """Serve the main flow on its schedule and every stage as a manual deployment, from this process."""
+    cfg = _load(config, set_)
+    _offline_prefect_defaults()
+    if not os.environ.get("PREFECT_API_URL"):
+        raise _fail("serving needs a Prefect server: start one with `kdflow ui`, then export the PREFECT_API_URL it prints")
+    from flows.serve import serve as serve_all
+
+    serve_all(cfg, cron=cron)
+
+
+@app.command()
+def ui(
+    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port of the API and UI")] = 4200,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Start a local Prefect server with its UI (or find the running one) and print its URL."""
+    from flows.serve import start_server
+
+    cfg = _load(config, set_)
+    try:
+        url, started = start_server(host, port, log_file=cfg.home_dir / "logs" / "prefect-server.log")
+    except TimeoutError as e:
+        raise _fail(str(e)) from None
+    console = _console()
+    console.print(f"Prefect UI {'started' if started else 'already running'}: http://{host}:{port}")
+    console.print(f"to send runs to it: export PREFECT_API_URL={url}")
+
+
+def main() -> None:
+    app(prog_name="kdflow")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

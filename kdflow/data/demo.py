@@ -1,0 +1,340 @@
+"""The offline demo world: made-up countries and facts, asked as multiple-choice questions in four tiers.
+
+The demo must show what distillation does without a hub download, so the world is built to give a small
+teacher a realistic accuracy profile and its soft labels something to say:
+
+- Tiers follow the seed scenario (common 70%, reasoning 20%, rare 8%, obscure 2%) and differ in how often a
+  fact is asked, not in kind. A common fact is asked about 70 times (about 49 times in a 70% train split),
+  so a tiny model memorises it; a rare fact about 5 times, so it is seen a few times and half learned; an
+  obscure fact once, so a held-out obscure question was never seen and sits near chance. The number of
+  facts grows with `n_questions`, which keeps these repetition counts, and so what is learnable, the same
+  at any size.
+- Phrasings, distractors and option order vary between asks of one fact, so only the fact itself can be
+  learned, not a string or a position.
+- Distractors are near misses, so a partly trained teacher hesitates between confusable options and its
+  probabilities carry information beyond the gold label: countries come in twins with similar names
+  ("Tavoria", "Tavoland") whose value is a frequent distractor, and values come in families ("pale red",
+  "light red"; "Ada Voren", "Ilo Voren") that are often asked against each other.
+- A distractor set never singles out the answer by its form: family questions use only family members and
+  other questions draw from the whole value set, so without the fact the options are exchangeable and
+  unseen facts really are at chance.
+- Reasoning questions are rules over the integers 0-99 (successor, predecessor, largest, smallest) and
+  word classes of the world, which a ~1M-parameter transformer picks up from a few thousand examples;
+  their distractors are adjacent numbers.
+- Texts are short and the vocabulary small (about a thousand words at the default size), so a tokenizer
+  of 2048 entries covers it and a CPU model labels 50K questions in about a minute.
+
+Generation uses only `random.Random(seed)` and never iterates over a set, so a (n_questions, seed) pair
+gives the same table on every machine and Python hash seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from kdflow.records import QUESTION_SCHEMA
+
+DATASET = "demo"
+TIER_SHARES = {"common": 0.70, "reasoning": 0.20, "rare": 0.08, "obscure": 0.02}
+ASKS_PER_FACT = {"common": 70, "rare": 5, "obscure": 1}
+MAX_QUESTIONS = 1_000_000  # the name space stays sparse (fast to draw from) up to this size
+
+# Share of questions with 3 and with 5 options; the rest have 4.
+THREE_OPTION_SHARE = 0.10
+FIVE_OPTION_SHARE = 0.10
+FAMILY_SHARE = 0.5  # questions whose distractors are all from the answer's family
+TWIN_SHARE = 0.6  # other questions that offer the twin country's value
+MIN_ENTITIES_PER_TIER = 6  # so that every tier's capitals can fill five options
+
+SHADES = ("pale", "light", "bright", "dark", "deep")
+HUES = ("red", "blue", "green", "gold", "grey", "violet")
+FIRST_NAMES = ("Ada", "Bram", "Cora", "Dov", "Edda", "Fen", "Gil", "Hana", "Ivo", "Juna", "Kael", "Lio")
+HOUSES = ("Voren", "Maril", "Tasko", "Brenn", "Odal", "Sirel", "Quill", "Harrow", "Mesk", "Ulden")
+
+# Value families: members of one family are the near misses of each other.
+FAMILIES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "colour": tuple(tuple(f"{shade} {hue}" for shade in SHADES) for hue in HUES),
+    "export": (
+        ("tin", "copper", "iron", "silver", "lead"),
+        ("wool", "silk", "linen", "cotton", "felt"),
+        ("tea", "rice", "honey", "salt", "wine"),
+        ("cedar", "oak", "pine", "teak", "ash"),
+        ("amber", "pearls", "jade", "marble", "opal"),
+    ),
+    "animal": (
+        ("owl", "hawk", "crane", "heron", "raven"),
+        ("wolf", "fox", "lynx", "bear", "badger"),
+        ("stag", "elk", "boar", "goat", "bison"),
+        ("otter", "seal", "pike", "eel", "newt"),
+    ),
+    "instrument": (
+        ("harp", "lute", "fiddle", "zither", "lyre"),
+        ("flute", "horn", "pipe", "oboe", "bugle"),
+        ("drum", "gong", "bell", "cymbal", "rattle"),
+    ),
+    "founder": tuple(tuple(f"{first} {house}" for first in FIRST_NAMES) for house in HOUSES),
+}
+N_RIVERS = 40
+
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "capital": (
+        "What is the capital of {e}?",
+        "Which city is the capital of {e}?",
+        "The capital city of {e} is called what?",
+    ),
+    "river": (
+        "Which river flows through {e}?",
+        "What is the main river of {e}?",
+        "Name the great river of {e}.",
+    ),
+    "founder": (
+        "Who was the founder of {e}?",
+        "Who is remembered as the founder of {e}?",
+        "{e} was founded by whom?",
+    ),
+    "colour": (
+        "What colour is the flag of {e}?",
+        "The flag of {e} is which colour?",
+        "Which colour does the flag of {e} show?",
+    ),
+    "export": (
+        "What is the chief export of {e}?",
+        "What does {e} mostly export?",
+        "Which good is {e} best known for exporting?",
+    ),
+    "animal": (
+        "What is the national animal of {e}?",
+        "Which animal is the emblem of {e}?",
+        "{e} has which animal on its crest?",
+    ),
+    "instrument": (
+        "Which instrument is traditional in {e}?",
+        "What is the folk instrument of {e}?",
+        "Musicians in {e} are known for which instrument?",
+    ),
+}
+RELATIONS = tuple(TEMPLATES)
+
+REASONING_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "after": ("What number comes after {n}?", "Which number follows {n}?"),
+    "before": ("What number comes before {n}?", "Which number is just before {n}?"),
+    "largest": ("Which number is the largest?", "Which of these numbers is biggest?"),
+    "smallest": ("Which number is the smallest?", "Which of these numbers is lowest?"),
+    "member": ("Which of these is {c}?", "Which one of these is {c}?"),
+}
+REASONING_KINDS = tuple(REASONING_TEMPLATES)
+WORD_CLASSES: dict[str, tuple[str, ...]] = {
+    "a colour": sum(FAMILIES["colour"], ()),
+    "a trade good": sum(FAMILIES["export"], ()),
+    "an animal": sum(FAMILIES["animal"], ()),
+    "a musical instrument": sum(FAMILIES["instrument"], ()),
+}
+LARGEST_SPREAD = 6  # comparison options come from a window at most this much wider than their count
+
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
+           "br", "dr", "gr", "kr", "tr", "st", "th", "sh")
+_VOWELS = ("a", "e", "i", "o", "u")
+_COUNTRY_ENDINGS = ("ria", "nia", "land", "mar", "dor", "vell", "stan", "ora")
+_CITY_CODAS = ("n", "r", "s", "l", "th", "k", "m")
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One (country, relation) -> value fact with what its questions draw distractors from."""
+
+    entity: str
+    relation: str
+    value: str
+    twin_value: str  # the twin country's value for the same relation
+    family: tuple[str, ...]  # the value's family members other than itself (empty: no family)
+    pool: tuple[str, ...]  # every value a distractor may take
+    metadata: str  # the JSON metadata of its questions, encoded once
+
+
+def generate_demo_questions(n_questions: int = 50_000, seed: int = 0) -> pa.Table:
+    """The demo question table (QUESTION_SCHEMA, split left empty for ingestion to assign)."""
+    if not 1 <= n_questions <= MAX_QUESTIONS:
+        raise ValueError(f"n_questions must be between 1 and {MAX_QUESTIONS:,}, got {n_questions}")
+    rng = random.Random(seed)
+    counts = tier_counts(n_questions)
+    world = _build_world(rng, counts)
+    rows = []
+    for tier, facts in world.items():
+        # Round robin over the facts: every fact of a tier is asked equally often (within one).
+        rows += [_ask_fact(rng, tier, facts[i % len(facts)]) for i in range(counts[tier])]
+    rows += [_ask_reasoning(rng) for _ in range(counts["reasoning"])]
+    rng.shuffle(rows)
+    categories, questions, options, answers, metadata = (list(column) for column in zip(*rows))
+    return pa.table(
+        {
+            "question_id": [f"demo-{seed}-{i:06d}" for i in range(n_questions)],
+            "dataset": [DATASET] * n_questions,
+            "split": [""] * n_questions,
+            "category": categories,
+            "question": questions,
+            "options": options,
+            "answer": answers,
+            "metadata": metadata,
+        },
+        schema=QUESTION_SCHEMA,
+    )
+
+
+def tier_counts(n_questions: int) -> dict[str, int]:
+    """Exact question counts per tier; the obscure tier takes the rounding remainder."""
+    counts = {tier: round(n_questions * share) for tier, share in TIER_SHARES.items() if tier != "obscure"}
+    counts["obscure"] = n_questions - sum(counts.values())
+    return counts
+
+
+class _Names:
+    """Pronounceable made-up names, never repeated across the world."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.used: set[str] = set()  # membership only: iterating a set of str depends on the hash seed
+
+    def _syllable(self) -> str:
+        return self.rng.choice(_ONSETS) + self.rng.choice(_VOWELS)
+
+    def _fresh(self, *names: str) -> bool:
+        if any(name in self.used for name in names) or len(set(names)) < len(names):
+            return False
+        self.used.update(names)
+        return True
+
+    def country_twins(self) -> tuple[str, str]:
+        """Two countries sharing a stem, e.g. Tavoria and Tavoland."""
+        while True:
+            stem = (self._syllable() + self._syllable()).capitalize()
+            first, second = (stem + ending for ending in self.rng.sample(_COUNTRY_ENDINGS, 2))
+            if self._fresh(first, second):
+                return first, second
+
+    def city(self) -> str:
+        while True:
+            name = (self._syllable() + self._syllable() + self.rng.choice(_CITY_CODAS)).capitalize()
+            if self._fresh(name):
+                return name
+
+    def river(self) -> str:
+        while True:
+            name = (self.rng.choice(_VOWELS) + self._syllable()).capitalize()
+            if self._fresh(name):
+                return name
+
+
+def _build_world(rng: random.Random, counts: dict[str, int]) -> dict[str, list[Fact]]:
+    """The facts each fact tier asks about, enough that each is asked ASKS_PER_FACT times."""
+    names = _Names(rng)
+    rivers = tuple(names.river() for _ in range(N_RIVERS))
+    shared_pools = {relation: sum(families, ()) for relation, families in FAMILIES.items()}
+    shared_pools["river"] = rivers
+    family_mates = {
+        (relation, value): tuple(v for v in family if v != value)
+        for relation, families in FAMILIES.items()
+        for family in families
+        for value in family
+    }
+    world: dict[str, list[Fact]] = {}
+    for tier, asks in ASKS_PER_FACT.items():
+        if counts[tier] == 0:
+            continue
+        n_facts = math.ceil(counts[tier] / asks)
+        n_entities = max(MIN_ENTITIES_PER_TIER, math.ceil(n_facts / len(RELATIONS)))
+        twin_of = {}
+        for first, second in (names.country_twins() for _ in range(math.ceil(n_entities / 2))):
+            twin_of[first], twin_of[second] = second, first
+        # Capitals are unique and tier-local, so an unseen fact's distractors are equally unseen.
+        capitals = {entity: names.city() for entity in twin_of}
+        pools = shared_pools | {"capital": tuple(capitals.values())}
+        value = {(entity, "capital"): city for entity, city in capitals.items()}
+        for entity in twin_of:
+            value[entity, "river"] = rng.choice(rivers)
+            for relation, families in FAMILIES.items():
+                value[entity, relation] = rng.choice(rng.choice(families))
+        keys = [(entity, relation) for entity in twin_of for relation in RELATIONS]
+        rng.shuffle(keys)
+        world[tier] = [
+            Fact(
+                entity=entity,
+                relation=relation,
+                value=value[entity, relation],
+                twin_value=value[twin_of[entity], relation],
+                family=family_mates.get((relation, value[entity, relation]), ()),
+                pool=pools[relation],
+                metadata=json.dumps(
+                    {"tier": tier, "fact": f"{relation}:{entity}", "entity": entity, "relation": relation}
+                ),
+            )
+            for entity, relation in keys[:n_facts]
+        ]
+    return world
+
+
+def _option_count(rng: random.Random) -> int:
+    draw = rng.random()
+    return 3 if draw < THREE_OPTION_SHARE else 5 if draw < THREE_OPTION_SHARE + FIVE_OPTION_SHARE else 4
+
+
+def _place(rng: random.Random, answer: str, distractors: list[str]) -> tuple[list[str], int]:
+    """The options with the answer at a uniformly drawn position."""
+    rng.shuffle(distractors)
+    position = rng.randrange(len(distractors) + 1)
+    distractors.insert(position, answer)
+    return distractors, position
+
+
+def _draw_distinct(rng: random.Random, pool: tuple[str, ...], taken: list[str], k: int) -> list[str]:
+    """`taken` extended with values from `pool` until it holds k distinct values."""
+    while len(taken) < k:
+        value = rng.choice(pool)
+        if value not in taken:
+            taken.append(value)
+    return taken
+
+
+def _ask_fact(rng: random.Random, tier: str, fact: Fact) -> tuple[str, str, list[str], int, str]:
+    n_options = _option_count(rng)
+    if len(fact.family) >= n_options - 1 and rng.random() < FAMILY_SHARE:
+        distractors = rng.sample(fact.family, n_options - 1)
+    else:
+        offer_twin = fact.twin_value != fact.value and rng.random() < TWIN_SHARE
+        distractors = _draw_distinct(rng, fact.pool, [fact.value] + [fact.twin_value] * offer_twin, n_options)[1:]
+    options, answer = _place(rng, fact.value, distractors)
+    question = rng.choice(TEMPLATES[fact.relation]).format(e=fact.entity)
+    return tier, question, options, answer, fact.metadata
+
+
+def _ask_reasoning(rng: random.Random) -> tuple[str, str, list[str], int, str]:
+    kind = rng.choice(REASONING_KINDS)
+    n_options = _option_count(rng)
+    template = rng.choice(REASONING_TEMPLATES[kind])
+    if kind in ("after", "before"):
+        number = rng.randrange(0, 99) if kind == "after" else rng.randrange(1, 100)
+        answer = number + 1 if kind == "after" else number - 1
+        # Distractors are the neighbours of the answer: a window of numbers that contains it.
+        low = rng.randint(max(0, answer - n_options + 1), min(answer, 100 - n_options))
+        numbers = [n for n in range(low, low + n_options) if n != answer]
+        question = template.format(n=number)
+    elif kind in ("largest", "smallest"):
+        width = n_options + rng.randrange(LARGEST_SPREAD + 1)
+        numbers = rng.sample(range(low := rng.randrange(101 - width), low + width), n_options)
+        answer = max(numbers) if kind == "largest" else min(numbers)
+        numbers.remove(answer)
+        question = template
+    else:
+        word_class = rng.choice(tuple(WORD_CLASSES))
+        others = tuple(v for c, values in WORD_CLASSES.items() if c != word_class for v in values)
+        answer_text = rng.choice(WORD_CLASSES[word_class])
+        distractors = _draw_distinct(rng, others, [], n_options - 1)
+        options, position = _place(rng, answer_text, distractors)
+        metadata = {"tier": "reasoning", "kind": kind, "class": word_class}
+        return "reasoning", template.format(c=word_class), options, position, json.dumps(metadata)
+    options, position = _place(rng, str(answer), [str(n) for n in numbers])
+    return "reasoning", question, options, position, json.dumps({"tier": "reasoning", "kind": kind})

@@ -1,0 +1,141 @@
+"""The student stage: initialise the student, distil it from validated soft labels, record everything.
+
+Three students come out of one stage, trained with the same step budget so they compare fairly:
+`student_init` (before distillation), `student` (alpha * CE + (1 - alpha) * T^2 * KD) and, when
+`training.hard_label_baseline` is on, `student_hard` (alpha = 1, the hard-label ablation). Each is
+identified by a digest of what produced it, so a repeated run reuses finished students.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from kdflow.config import RunConfig
+from kdflow.errors import KdflowError
+from kdflow.store import Store
+from kdflow.teacher import TeacherRef, corpus_tokenizer, split_examples
+
+METRIC_COLUMNS = ["step", "epoch", "loss", "ce", "kd", "lr", "grad_norm", "samples_per_s", "val_accuracy"]
+
+
+def student_id(cfg: RunConfig, role: str, teacher: TeacherRef, validation_id: str) -> str:
+    training = cfg.training.model_dump(mode="json", exclude={"hard_label_baseline", "num_processes", "fsdp"})
+    if role == "student_hard":
+        training["alpha"] = 1.0
+    spec = {
+        "role": role,
+        "student": cfg.student.model_dump(mode="json"),
+        "training": training if role != "student_init" else None,
+        "scoring": cfg.scoring.model_dump(mode="json"),
+        "teacher": teacher.key,
+        "validation": validation_id,
+    }
+    return f"{role}-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _tokenizer_for(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher: TeacherRef):
+    """A fresh student reads text like the teacher: reuse the teacher's tokenizer when we have its files."""
+    if teacher.model_dir is not None:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(teacher.model_dir))
+    return corpus_tokenizer(store, dataset_ids, cfg.student.architecture.vocab_size)
+
+
+def _metrics_sink(store: Store, model_id: str) -> Callable[[list[dict[str, Any]]], None]:
+    def write(rows: list[dict[str, Any]]) -> None:
+        table = pa.table({c: [r.get(c) for r in rows] for c in METRIC_COLUMNS})
+        store.execute("insert_training_metrics", table, model_id=model_id)
+
+    return write
+
+
+def _checkpoint_sink(store: Store, model_id: str) -> Callable[[int, Path, dict], None]:
+    def write(step: int, path: Path, metrics: dict) -> None:
+        store.execute("insert_checkpoint", model_id=model_id, step=step, path=str(path),
+                      metrics=json.dumps(metrics, default=str))
+
+    return write
+
+
+def train_students(
+    cfg: RunConfig,
+    store: Store,
+    dataset_ids: list[str],
+    teacher: TeacherRef,
+    validation_id: str,
+    *,
+    run_id: str | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[dict[str, Path], list[str]]:
+    """Train (or reuse) each student role; returns ({role: model dir}, roles reused)."""
+    import torch
+
+    from kdflow.modeling import count_parameters, save_pretrained
+    from kdflow.students import init_student
+    from kdflow.training import train
+
+    examples = store.arrow(
+        "distillation_examples", dataset_ids=dataset_ids, teacher_key=teacher.key,
+        validation_id=validation_id, split="train",
+    ).to_pylist()
+    if not examples:
+        raise KdflowError("no validated training labels: check the split fractions and the quarantine table")
+    val_examples = split_examples(store, dataset_ids, "val")
+    tokenizer = _tokenizer_for(cfg, store, dataset_ids, teacher) if cfg.student.init != "pretrained" else None
+
+    roles = ["student_init", "student"] + (["student_hard"] if cfg.training.hard_label_baseline else [])
+    dirs: dict[str, Path] = {}
+    reused: list[str] = []
+    for role in roles:
+        model_id = student_id(cfg, role, teacher, validation_id)
+        found = store.fetch_one("find_completed_model", model_id=model_id)
+        if found is not None and Path(found[0]).exists():
+            dirs[role] = Path(found[0])
+            reused.append(role)
+            continue
+        torch.manual_seed(cfg.training.seed)
+        model, tok = init_student(cfg.student, tokenizer=tokenizer, teacher_dir=teacher.model_dir,
+                                  seed=cfg.training.seed)
+        out_dir = cfg.home_dir / "models" / model_id
+        spec = json.dumps({"student": cfg.student.model_dump(mode="json"), "teacher_key": teacher.key,
+                           "validation_id": validation_id})
+        store.execute("upsert_model", model_id=model_id, run_id=run_id, role=role, path=str(out_dir / "final"),
+                      spec=spec, n_params=None, n_active=None, status="training")
+        if role == "student_init":
+            save_pretrained(model, tok, out_dir / "final")
+            final = out_dir / "final"
+        else:
+            recipe = cfg.training.model_copy(update={"alpha": 1.0} if role == "student_hard" else {})
+            result = train(
+                model, tok, examples, recipe, cfg.scoring, out_dir=out_dir, val_examples=val_examples,
+                resume=resume, on_metrics=_metrics_sink(store, model_id),
+                on_checkpoint=_checkpoint_sink(store, model_id), progress=progress, should_stop=should_stop,
+            )
+            final = Path(result.final_dir)
+        total, active = count_parameters(model)
+        store.execute("upsert_model", model_id=model_id, run_id=run_id, role=role, path=str(final),
+                      spec=spec, n_params=total, n_active=active, status="completed")
+        dirs[role] = final
+    return dirs, reused
+
+
+def find_students(cfg: RunConfig, store: Store, teacher: TeacherRef, validation_id: str) -> dict[str, Path]:
+    """The finished students of this config, for evaluating without training again."""
+    roles = ["student_init", "student"] + (["student_hard"] if cfg.training.hard_label_baseline else [])
+    found: dict[str, Path] = {}
+    for role in roles:
+        row = store.fetch_one("find_completed_model", model_id=student_id(cfg, role, teacher, validation_id))
+        if row is not None:
+            found[role] = Path(row[0])
+    if "student" not in found:
+        raise KdflowError("no trained student for this config and these labels: run `kdflow train` first")
+    return found

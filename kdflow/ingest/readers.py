@@ -1,0 +1,186 @@
+"""File formats: turn the bytes of a .jsonl, .json, .csv or .parquet file into numbered rows.
+
+Readers know nothing about question layouts; they only split a file into records and say where each one
+came from. A row that cannot be parsed (bad UTF-8, broken JSON, a CSV line with the wrong number of
+fields) comes back with an error instead of a record, so one bad line never costs the rest of the file.
+Problems with the file as a whole (not JSON at all, not Parquet) raise ValueError; the caller adds the
+file name and what to do.
+
+Row numbers: the physical 1-based line number for line-oriented formats (.jsonl; .csv, where the header is
+line 1 and a quoted multi-line row is numbered by its first line), the 0-based index for formats without
+lines (.json arrays, .parquet, hub datasets), so a number can be looked up in an editor or with `df.iloc`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(slots=True)
+class Row:
+    """One input row: a parsed record, or the reason it could not be parsed."""
+
+    number: int
+    record: dict[str, Any] | None
+    raw: str | None = None
+    error: str | None = None
+
+    def text(self) -> str:
+        """The row as it appears in the source; rows read without text are serialised on demand (rare)."""
+        if self.raw is not None:
+            return self.raw
+        return json.dumps(self.record, ensure_ascii=False, default=str)
+
+
+def _decode(line: bytes) -> tuple[str, str | None]:
+    """Decode one line on its own, so invalid UTF-8 spoils that line only."""
+    try:
+        return line.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        return line.decode("utf-8", "backslashreplace"), f"bad_encoding: invalid UTF-8 at byte {e.start + 1} of the line"
+
+
+def _object_row(number: int, value: Any, raw: str | None) -> Row:
+    if isinstance(value, dict):
+        return Row(number, value, raw)
+    return Row(number, None, raw if raw is not None else json.dumps(value, default=str),
+               f"not_an_object: the row is a JSON {type(value).__name__}, not an object")
+
+
+def read_jsonl(data: bytes) -> list[Row]:
+    """JSON Lines: one object per line; blank lines are skipped."""
+    rows = []
+    for number, line in enumerate(data.removeprefix(_BOM).split(b"\n"), start=1):
+        line = line.rstrip(b"\r")
+        if not line.strip():
+            continue
+        text, error = _decode(line)
+        if error is not None:
+            rows.append(Row(number, None, text, error))
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            rows.append(Row(number, None, text, f"malformed_json: {e.msg} at column {e.colno}"))
+            continue
+        rows.append(_object_row(number, value, text))
+    return rows
+
+
+def _looks_like_jsonl(text: str) -> bool:
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) < 2:
+        return False
+    try:
+        return isinstance(json.loads(lines[0]), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _records_of(document: Any) -> list[Any]:
+    """The rows of a JSON document: an array, a {"data": [...]}-style wrapper, or an object of columns."""
+    if isinstance(document, list):
+        return document
+    if isinstance(document, dict):
+        wrapped = [v for v in document.values() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+        if len(wrapped) == 1:
+            return wrapped[0]
+        lengths = {len(v) if isinstance(v, list) else -1 for v in document.values()}
+        if document and len(lengths) == 1 and -1 not in lengths:
+            columns = list(document)
+            return [dict(zip(columns, values)) for values in zip(*document.values())]
+        keys = ", ".join(list(document)[:10])
+        raise ValueError(
+            f"holds a JSON object with keys {keys}; expected an array of objects, an object with one array of "
+            "objects (such as {\"data\": [...]}) or an object of equal-length column arrays"
+        )
+    raise ValueError(f"holds a single JSON {type(document).__name__}; expected an array of objects")
+
+
+def read_json(data: bytes) -> list[Row]:
+    """One JSON document. Files named .json that are really JSON Lines are read as such (a common mix-up)."""
+    try:
+        text = data.removeprefix(_BOM).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"is not valid UTF-8 (byte {e.start + 1}); re-encode it as UTF-8") from e
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as e:
+        if _looks_like_jsonl(text):
+            return read_jsonl(data)
+        raise ValueError(f"is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+    return [_object_row(i, value, None) for i, value in enumerate(_records_of(document))]
+
+
+def read_csv(data: bytes) -> list[Row]:
+    """CSV with a header line; every value stays a string.
+
+    The stdlib reader is used instead of pyarrow's because it is fed line by line: each row keeps its
+    physical line number and raw text, and a line with bad bytes or a wrong field count becomes one rejected
+    row instead of failing the whole file.
+    """
+    lines = data.removeprefix(_BOM).splitlines(keepends=True)
+    decoded = [_decode(line) for line in lines]
+    consumed = 0
+
+    def feed() -> Iterator[str]:
+        nonlocal consumed
+        for text, _ in decoded:
+            consumed += 1
+            yield text
+
+    reader = csv.reader(feed())
+    header = next(reader, None)
+    if header is None:
+        return []
+    rows = []
+    start = consumed
+    while True:
+        try:
+            fields = next(reader)
+            error = None
+        except StopIteration:
+            break
+        except csv.Error as e:
+            fields, error = None, f"malformed_csv: {e}"
+        span = decoded[start:consumed]
+        number, start = start + 1, consumed
+        if fields == []:
+            continue
+        raw = "".join(text for text, _ in span).rstrip("\r\n")
+        error = error or next((bad for _, bad in span if bad is not None), None)
+        if error is None and len(fields) != len(header):
+            error = f"malformed_csv: {len(fields)} fields but the header has {len(header)}"
+        rows.append(Row(number, None, raw, error) if error else Row(number, dict(zip(header, fields)), raw))
+    return rows
+
+
+def read_parquet(data: bytes) -> list[Row]:
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"is not a readable Parquet file: {e}") from e
+    return [Row(i, record) for i, record in enumerate(table.to_pylist())]
+
+
+def rows_from_records(records: Iterable[dict[str, Any]]) -> list[Row]:
+    """Rows of an in-memory dataset (a Hugging Face split), numbered by index."""
+    return [Row(i, record) for i, record in enumerate(records)]
+
+
+READERS: dict[str, Callable[[bytes], list[Row]]] = {
+    ".jsonl": read_jsonl,
+    ".json": read_json,
+    ".csv": read_csv,
+    ".parquet": read_parquet,
+}
+"""File extension -> reader."""

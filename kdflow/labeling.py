@@ -1,0 +1,106 @@
+"""Incremental, resumable teacher labeling.
+
+Only (question, teacher_key) pairs with no label for the question's current text are scored, and each
+batch is committed in one transaction as soon as it is scored: killing the process at any moment loses at
+most the batch in flight, and a re-run finishes the job with no duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from kdflow.backends.base import ScoredQuestion, TeacherBackend
+from kdflow.config import ScoringConfig, TeacherConfig
+from kdflow.records import SOFT_LABEL_SCHEMA
+from kdflow.store import Store
+
+LABEL_COLUMNS = SOFT_LABEL_SCHEMA.append(pa.field("question_hash", pa.string()))
+
+
+def teacher_spec(teacher: TeacherConfig, scoring: ScoringConfig, model_ref: str) -> dict[str, Any]:
+    """Everything that changes what the teacher says about a question (and nothing that does not)."""
+    return {
+        "backend": teacher.backend,
+        "model": model_ref,
+        "revision": teacher.revision,
+        "gguf_file": teacher.gguf_file,
+        "enable_thinking": teacher.enable_thinking,
+        "reasoning": teacher.reasoning_max_tokens if teacher.reasoning else None,
+        "scoring": scoring.model_dump(mode="json", exclude={"max_length"}),
+    }
+
+
+def teacher_key(spec: dict[str, Any]) -> str:
+    return "t-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class LabelReport:
+    teacher_key: str
+    total: int
+    newly_labeled: int
+    seconds: float
+
+
+def labels_table(rows: Sequence[dict[str, Any]], scored: Sequence[ScoredQuestion], key: str) -> pa.Table:
+    """One batch of soft labels as Arrow, ready for a bulk insert."""
+    return pa.table(
+        {
+            "question_id": [r["question_id"] for r in rows],
+            "teacher_key": [key] * len(rows),
+            "probs": [s.label.probs for s in scored],
+            "confidence": [s.label.confidence for s in scored],
+            "predicted": [s.label.predicted for s in scored],
+            "coverage": [s.label.coverage for s in scored],
+            "entropy": [s.label.entropy for s in scored],
+            "reasoning": [s.reasoning for s in scored],
+            "latency_ms": [s.latency_ms for s in scored],
+            "question_hash": [r["question_hash"] for r in rows],
+        },
+        schema=LABEL_COLUMNS,
+    )
+
+
+def _chunks(rows: list[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def unlabeled(store: Store, dataset_ids: list[str], key: str) -> list[dict[str, Any]]:
+    return store.arrow("unlabeled_questions", dataset_ids=dataset_ids, teacher_key=key).to_pylist()
+
+
+def label_questions(
+    store: Store,
+    open_backend: Callable[[], TeacherBackend],
+    dataset_ids: list[str],
+    key: str,
+    *,
+    commit_every: int = 1024,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> LabelReport:
+    """Score every question of the datasets this teacher has not labeled yet, committing batch by batch.
+
+    The backend is opened only when there is work: a fully labeled dataset costs no model load.
+    """
+    start = time.perf_counter()
+    todo = unlabeled(store, dataset_ids, key)
+    if todo:
+        backend = open_backend()
+        try:
+            for done, batch in enumerate(_chunks(todo, commit_every)):
+                scored = backend.score(batch)
+                store.execute("insert_labels", labels_table(batch, scored, key))
+                if on_progress is not None:
+                    on_progress(min((done + 1) * commit_every, len(todo)), len(todo))
+        finally:
+            backend.close()
+    total = store.fetch_one("label_counts", dataset_ids=dataset_ids, teacher_key=key)[0]
+    return LabelReport(teacher_key=key, total=total, newly_labeled=len(todo), seconds=time.perf_counter() - start)

@@ -1,0 +1,245 @@
+"""Option-level distillation losses: the student learns the teacher's distribution over answer options.
+
+A batch holds questions with different numbers of options, padded to K columns. Shapes used below:
+    student_logits  [B, K] float   values at padded options are ignored (may be anything, even NaN)
+    teacher_probs   [B, K] float   the stored soft labels, zeros at padded options
+    gold            [B]    long    index of the correct option
+    option_mask     [B, K] bool    True where the option is real
+    sample_mask     [B]    bool    True where the question counts towards the mean
+
+Everything is computed in log space, in at least float32 (bf16 inputs are upcast), and never produces NaN
+from padding, zero teacher probabilities or -inf student logits: a wrong mask must not silently poison a
+whole training run. The training loop mixes and logs the parts returned by `distillation_loss`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd")
+
+# Reverse KL weighs log(student / teacher) by the student's probability, so a teacher probability of
+# exactly 0 at a real option (softlabels.py gives 0 to options a backend returned no log-prob for) would
+# make the loss infinite and the gradients NaN. Teacher log-probabilities are floored here for reverse
+# KL only: a strong, finite penalty on student mass the teacher ruled out. Forward KL and JSD need no floor.
+REVERSE_KL_LOG_FLOOR = math.log(1e-30)
+
+
+class LossParts(NamedTuple):
+    """Scalar parts of one batch's loss; `total` is the one to backpropagate.
+
+    total = alpha * ce + (1 - alpha) * temperature**2 * kd. `ce` and `kd` are unweighted means over the
+    included questions, so runs with different alpha and T log comparable numbers. `kd` is None when no
+    teacher probabilities were given (alpha = 1, the hard-label baseline).
+    """
+
+    total: Tensor
+    ce: Tensor
+    kd: Tensor | None
+
+
+def _masked_log_softmax(x: Tensor, valid: Tensor) -> Tensor:
+    """log_softmax over the `valid` entries of each row of x [B, K]; -inf elsewhere.
+
+    A row with no valid entry is computed on zeros and then masked, so it is all -inf instead of NaN (NaN
+    would reach the gradients of the other rows through the mean even when that row is excluded).
+    """
+    x = x.masked_fill(~valid, -math.inf)
+    x = x.masked_fill(~valid.any(dim=-1, keepdim=True), 0.0)
+    return torch.log_softmax(x, dim=-1).masked_fill(~valid, -math.inf)
+
+
+def _student_log_probs(student_logits: Tensor, option_mask: Tensor, temperature: float) -> Tensor:
+    """Student log-probabilities [B, K] at temperature T over the real options."""
+    valid = option_mask & ~torch.isneginf(student_logits)
+    return _masked_log_softmax(student_logits / temperature, valid)
+
+
+def _teacher_log_probs(teacher_probs: Tensor, option_mask: Tensor, temperature: float) -> Tensor:
+    """Teacher log-probabilities [B, K] at temperature T: p^(1/T) renormalised over the real options.
+
+    Zero probabilities become -inf (so 0 * log 0 counts as 0 downstream). The inner where keeps log(0)
+    out of the graph; NaN or negative probabilities are not hidden, they turn into NaN.
+    """
+    has_mass = option_mask & (teacher_probs != 0)
+    log_p = torch.log(torch.where(has_mass, teacher_probs, torch.ones_like(teacher_probs)))
+    return _masked_log_softmax(log_p / temperature, has_mass)
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) per row [B] from log-probabilities [B, K]; options where p = 0 contribute 0.
+
+    The where keeps (-inf) - (-inf) out of the result and out of the gradient.
+    """
+    has_mass = ~torch.isneginf(log_p)
+    log_ratio = torch.where(has_mass, log_p - log_q, torch.zeros_like(log_p))
+    return (log_p.exp() * log_ratio).sum(dim=-1)
+
+
+def _mixture_log_probs(log_t: Tensor, log_s: Tensor, beta: float) -> Tensor:
+    """log(beta * p_t + (1 - beta) * p_s) [B, K]; -inf where both are 0, without NaN gradients."""
+    both_zero = torch.isneginf(log_t) & torch.isneginf(log_s)
+    stacked = torch.stack(
+        [log_t.masked_fill(both_zero, 0.0) + math.log(beta), log_s.masked_fill(both_zero, 0.0) + math.log1p(-beta)]
+    )
+    return torch.logsumexp(stacked, dim=0).masked_fill(both_zero, -math.inf)
+
+
+def _check_batch(student_logits: Tensor, teacher_probs: Tensor | None, option_mask: Tensor) -> None:
+    if student_logits.dim() != 2 or not student_logits.is_floating_point():
+        raise ValueError(
+            f"student_logits must be a float tensor [batch, options], got {student_logits.dtype} "
+            f"of shape {tuple(student_logits.shape)}"
+        )
+    if student_logits.shape[1] < 1:
+        raise ValueError("student_logits has no option columns; a question needs at least one option")
+    if option_mask.dtype != torch.bool or option_mask.shape != student_logits.shape:
+        raise ValueError(
+            f"option_mask must be a bool tensor shaped like student_logits {tuple(student_logits.shape)}, "
+            f"got {option_mask.dtype} of shape {tuple(option_mask.shape)}"
+        )
+    if teacher_probs is not None and (
+        teacher_probs.shape != student_logits.shape or not teacher_probs.is_floating_point()
+    ):
+        raise ValueError(
+            f"teacher_probs must be a float tensor shaped like student_logits {tuple(student_logits.shape)}, "
+            f"got {teacher_probs.dtype} of shape {tuple(teacher_probs.shape)}"
+        )
+
+
+def _compute_dtype(student_logits: Tensor) -> torch.dtype:
+    """float32 at least: log-space differences in bf16 lose most of a KL's digits."""
+    return torch.promote_types(student_logits.dtype, torch.float32)
+
+
+def kd_divergence(
+    student_logits: Tensor,
+    teacher_probs: Tensor,
+    option_mask: Tensor,
+    *,
+    kind: Divergence = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+) -> Tensor:
+    """Per-question divergence [B] between teacher and student option distributions at temperature T.
+
+    Args:
+        student_logits: [B, K] raw option logits; padded entries are ignored.
+        teacher_probs: [B, K] teacher probabilities, zeros at padded options; renormalised over the real
+            options (at T != 1 as p^(1/T)), so a row need not sum exactly to 1.
+        option_mask: [B, K] True at real options.
+        kind: "forward_kl" = KL(teacher || student), mode-covering (Hinton et al.);
+            "reverse_kl" = KL(student || teacher), mode-seeking (MiniLLM); teacher log-probs are floored
+            at REVERSE_KL_LOG_FLOOR so a zero teacher probability gives a large finite penalty;
+            "jsd" = generalised Jensen-Shannon divergence with TRL's GKD convention:
+            M = beta * teacher + (1 - beta) * student,
+            JSD = beta * KL(teacher || M) + (1 - beta) * KL(student || M).
+            It is symmetric at beta = 0.5 and bounded by the binary entropy of beta (log 2 at 0.5).
+            beta must lie strictly in (0, 1): at the ends it is identically 0, and TRL's special cases
+            there are plain forward / reverse KL, which are available as kinds of their own.
+        temperature: T > 0, applied to student logits and teacher probabilities alike.
+        beta: JSD interpolation weight; ignored by the KL kinds.
+
+    Returns:
+        [B] divergence in nats, in float32 or float64 (the student's dtype, promoted).
+    """
+    if kind not in DIVERGENCES:
+        raise ValueError(f"kind must be one of {', '.join(DIVERGENCES)}, got {kind!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if kind == "jsd" and not 0 < beta < 1:
+        raise ValueError(f"jsd needs 0 < beta < 1, got {beta}")
+    _check_batch(student_logits, teacher_probs, option_mask)
+    dtype = _compute_dtype(student_logits)
+    log_s = _student_log_probs(student_logits.to(dtype), option_mask, temperature)
+    log_t = _teacher_log_probs(teacher_probs.to(dtype), option_mask, temperature)
+    if kind == "forward_kl":
+        return _kl(log_t, log_s)
+    if kind == "reverse_kl":
+        return _kl(log_s, log_t.clamp_min(REVERSE_KL_LOG_FLOOR))
+    log_m = _mixture_log_probs(log_t, log_s, beta)
+    return beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
+
+
+def _masked_mean(values: Tensor, include: Tensor) -> Tensor:
+    """Mean of values [B] over include [B]; 0 (still attached to the graph) when nothing is included."""
+    kept = torch.where(include, values, torch.zeros_like(values))
+    return kept.sum() / include.sum().clamp_min(1)
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_probs: Tensor | None,
+    gold: Tensor,
+    option_mask: Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+    kind: Divergence = "forward_kl",
+    beta: float = 0.5,
+    sample_mask: Tensor | None = None,
+) -> LossParts:
+    """alpha * CE(student at T=1, gold) + (1 - alpha) * T^2 * mean KD divergence at temperature T.
+
+    The T^2 factor keeps the soft-target gradients at the same scale as T changes (Hinton et al. 2015).
+
+    Args:
+        student_logits: [B, K] raw option logits; padded entries are ignored.
+        teacher_probs: [B, K] teacher probabilities, zeros at padded options; may be None only when
+            alpha == 1 (the hard-label baseline has no teacher).
+        gold: [B] integer index of the correct option; must point at a real option in included rows.
+        option_mask: [B, K] True at real options.
+        alpha: weight of the cross-entropy term, in [0, 1].
+        temperature: T > 0 for the KD term; the CE term always uses T = 1.
+        kind, beta: the divergence, see `kd_divergence`.
+        sample_mask: [B] True for questions that count (default: all); a batch with none returns zeros.
+
+    Returns:
+        LossParts of scalars. A term whose weight is 0 is left out of `total` (not multiplied by 0, so an
+        infinite part cannot turn the total into NaN), but it is still reported when it can be computed.
+    """
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if teacher_probs is None and alpha != 1:
+        raise ValueError(f"teacher_probs is required unless alpha == 1 (got alpha={alpha})")
+    _check_batch(student_logits, teacher_probs, option_mask)
+    batch, n_options = student_logits.shape
+    if gold.shape != (batch,) or gold.is_floating_point() or gold.dtype == torch.bool:
+        raise ValueError(f"gold must be an integer tensor of shape ({batch},), got {gold.dtype} {tuple(gold.shape)}")
+    if sample_mask is None:
+        sample_mask = torch.ones(batch, dtype=torch.bool, device=student_logits.device)
+    elif sample_mask.dtype != torch.bool or sample_mask.shape != (batch,):
+        raise ValueError(
+            f"sample_mask must be a bool tensor of shape ({batch},), got {sample_mask.dtype} {tuple(sample_mask.shape)}"
+        )
+    # Excluded rows may carry any gold (e.g. -100); clamp so the gather below stays in range.
+    gold_index = gold.long().clamp(0, n_options - 1).unsqueeze(1)
+    gold_ok = (gold >= 0) & (gold < n_options) & option_mask.gather(1, gold_index).squeeze(1)
+    if bool((sample_mask & ~gold_ok).any()):
+        bad = torch.nonzero(sample_mask & ~gold_ok).flatten().tolist()[:5]
+        raise ValueError(f"gold must index a real option (option_mask True); rows {bad} do not")
+
+    dtype = _compute_dtype(student_logits)
+    log_s = _student_log_probs(student_logits.to(dtype), option_mask, 1.0)
+    ce = _masked_mean(-log_s.gather(1, gold_index).squeeze(1), sample_mask)
+    kd = None
+    if teacher_probs is not None:
+        divergence = kd_divergence(
+            student_logits, teacher_probs, option_mask, kind=kind, temperature=temperature, beta=beta
+        )
+        kd = _masked_mean(divergence, sample_mask)
+
+    if alpha == 1:
+        total = ce
+    elif alpha == 0:
+        total = temperature**2 * kd
+    else:
+        total = alpha * ce + (1 - alpha) * temperature**2 * kd
+    return LossParts(total=total, ce=ce, kd=kd)

@@ -1,0 +1,239 @@
+"""Models and tokenizers: train a tokenizer, build a fresh model, load and save pretrained ones.
+
+Everything that turns a name, a path or an architecture config into a (model, tokenizer) pair lives here,
+so teacher preparation, labeling, training and evaluation load models the same way. Scoring itself is in
+kdflow/scoring.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from kdflow.config import ArchitectureConfig
+from kdflow.records import LETTERS
+
+PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
+
+# Byte-level BPE writes a leading space as "Ġ"; " A" must be the single token "ĠA" (the answer token).
+_SPACE = "Ġ"
+_SPACED_LETTERS = frozenset(_SPACE + letter for letter in LETTERS)
+_MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + len(LETTERS)
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer could not be loaded; the message names it and says what to do."""
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on `texts` (seconds for 50K short questions).
+
+    Every letter "A".."Z" and " A".." Z" is one token, as letter scoring needs: the bare letters are in the
+    byte alphabet, and any " X" merge that training did not learn replaces one of the last-learned merges
+    (nothing depends on those), so the vocabulary keeps its size. The encoder prepends <|bos|>.
+    """
+    if vocab_size < _MIN_VOCAB:
+        raise ValueError(f"vocab_size must be at least {_MIN_VOCAB} (bytes, special tokens, ' A'..' Z'), got {vocab_size}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer = _with_spaced_letters(tokenizer, vocab_size)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tokenizer.token_to_id(BOS))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK
+    )
+
+
+def _with_spaced_letters(tokenizer: Tokenizer, vocab_size: int) -> Tokenizer:
+    """Make " A".." Z" single tokens, replacing the newest merges when the vocabulary is full.
+
+    Merges are applied by rank and the newest ones are learned last, so no kept merge builds on a dropped
+    token; a " X" merge only joins two bytes, so it never depends on anything either.
+    """
+    data = json.loads(tokenizer.to_str())
+    vocab: dict[str, int] = data["model"]["vocab"]
+    merges: list[list[str]] = data["model"]["merges"]
+    missing = [_SPACE + letter for letter in LETTERS if _SPACE + letter not in vocab]
+    if not missing:
+        return tokenizer
+    excess = len(vocab) + len(missing) - vocab_size
+    # vocab_size >= _MIN_VOCAB leaves enough learned tokens to drop before reaching the bytes.
+    newest_first = [t for t in sorted(vocab, key=vocab.__getitem__, reverse=True) if t not in _SPACED_LETTERS]
+    dropped = set(newest_first[: max(0, excess)])
+    kept = [t for t in sorted(vocab, key=vocab.__getitem__) if t not in dropped] + missing
+    data["model"]["vocab"] = {token: i for i, token in enumerate(kept)}
+    data["model"]["merges"] = [m for m in merges if "".join(m) not in dropped] + [[_SPACE, t[1:]] for t in missing]
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def build_model(arch: ArchitectureConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A freshly initialised causal LM (tied embeddings); seed with torch.manual_seed before calling."""
+    if arch.hidden_size % arch.num_heads:
+        raise ValueError(f"hidden_size {arch.hidden_size} is not divisible by num_heads {arch.num_heads}")
+    kv_heads = arch.num_kv_heads or arch.num_heads
+    if arch.num_heads % kv_heads:
+        raise ValueError(f"num_heads {arch.num_heads} is not divisible by num_kv_heads {kv_heads}")
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size or 4 * arch.hidden_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads,
+        num_key_value_heads=kv_heads,
+        head_dim=arch.hidden_size // arch.num_heads,
+        max_position_embeddings=arch.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if arch.family == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common))
+    return Qwen3ForCausalLM(Qwen3Config(**common))
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" is the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available; use device: auto or cpu")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """"auto" is bfloat16 on CUDA (float16 where the card lacks bf16) and float32 on the CPU."""
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    resolved = getattr(torch, dtype, None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return resolved
+
+
+def _looks_local(name_or_path: str) -> bool:
+    return name_or_path.startswith((".", "/", "~")) or Path(name_or_path).expanduser().exists()
+
+
+def load_pretrained(
+    name_or_path: str,
+    *,
+    revision: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    gguf_file: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a hub id or a local directory, in eval mode.
+
+    A GGUF checkpoint loads through transformers (`gguf_file` inside `name_or_path`) and is dequantised.
+    Tokenizers without a pad token get eos as pad (padding is always masked, so any id would do).
+    """
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if _looks_local(name_or_path):
+        path = Path(name_or_path).expanduser()
+        if not path.is_dir():
+            raise ModelLoadError(
+                f"model directory {name_or_path!r} does not exist; check the path, or give a Hugging Face hub id"
+            )
+        name_or_path = str(path)
+    common = dict(revision=revision, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **common)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=torch_dtype, device_map={"": torch_device}, **common
+        )
+    except (OSError, ValueError, KeyError) as e:
+        where = "the local directory" if Path(name_or_path).is_dir() else "the local cache or the Hugging Face hub"
+        raise ModelLoadError(
+            f"cannot load model {name_or_path!r}"
+            + (f" (revision {revision})" if revision else "")
+            + (f" (gguf file {gguf_file})" if gguf_file else "")
+            + f" from {where}: {e}. If it is a hub id and this machine is offline or the repo is gated, download it "
+            "first (`hf download ID --local-dir DIR`, with HF_TOKEN for gated repos) and pass DIR instead; "
+            "if it is a directory, it needs config.json, the weights and the tokenizer files."
+        ) from e
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"tokenizer of {name_or_path!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
+    """Write model (safetensors) and tokenizer to a directory that `load_pretrained` reads back."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def weights_fingerprint(path: str | Path) -> str | None:
+    """A short hash of a local model directory's config and weight files; None when it is no directory.
+
+    It reads each file's size and first MiB (the header and the embeddings), so retraining the model in
+    place changes it while a 100 GB checkpoint is not read in full.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(path.glob("*")):
+        if file.suffix in {".safetensors", ".gguf", ".bin", ".json"} and file.is_file():
+            digest.update(file.name.encode())
+            digest.update(str(file.stat().st_size).encode())
+            with file.open("rb") as handle:
+                digest.update(handle.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(total, active) parameters; they differ for mixture-of-experts models only.
+
+    Routed expert weights (parameters under a module named `experts`) count as active in proportion
+    num_experts_per_tok / num_experts, as each token passes through that many experts; shared experts,
+    routers, attention and embeddings are always active.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    config = getattr(model, "config", None)
+    n_experts = next(
+        (getattr(config, k) for k in ("num_local_experts", "num_experts", "n_routed_experts") if getattr(config, k, None)),
+        None,
+    )
+    k = getattr(config, "num_experts_per_tok", None)
+    if not n_experts or not k:
+        return total, total
+    expert = sum(p.numel() for name, p in model.named_parameters() if "experts" in name.split("."))
+    return total, total - expert + round(expert * k / n_experts)

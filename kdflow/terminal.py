@@ -1,0 +1,44 @@
+"""Rich rendering of results on the terminal (tables only; numbers come from the store or the stages)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from kdflow.datasets import DatasetReport
+from kdflow.store import Store
+
+
+def print_ingest(console: Console, reports: Sequence[DatasetReport]) -> None:
+    table = Table(title="ingest", title_justify="left")
+    for col in ("dataset", "version", "layout", "loaded", "rejected", "splits", "note"):
+        table.add_column(col, justify="right" if col in ("version", "loaded", "rejected") else "left")
+    for r in reports:
+        splits = " ".join(f"{k}={v}" for k, v in sorted(r.splits.items()))
+        table.add_row(r.dataset_id, str(r.version), r.layout, f"{r.loaded:,}", f"{r.rejected:,}", splits,
+                      "unchanged: reused" if r.reused else "new version")
+    console.print(table)
+    for r in reports:
+        if r.rejected_by_reason:
+            reasons = ", ".join(f"{code} {n}" for code, n in r.rejected_by_reason.items())
+            console.print(f"[yellow]{r.dataset_id}[/]: rejected {r.rejected:,} rows ({reasons}); "
+                          f"they are kept in table rejected_rows with file, row and raw text")
+    total = sum(r.loaded for r in reports)
+    rejected = sum(r.rejected for r in reports)
+    console.print(f"loaded {total:,} questions, rejected {rejected:,} rows")
+
+
+def print_runs(console: Console, store: Store, limit: int) -> None:
+    rows = store.fetch("list_runs", limit=limit)
+    if not rows:
+        console.print(f"no runs recorded in {store.path} yet: start one with `kdflow run`")
+        return
+    table = Table(title=f"runs in {store.path}", title_justify="left")
+    for col in ("run", "status", "started", "seconds", "stages", "flow run"):
+        table.add_column(col)
+    for run_id, _name, status, stage, error, started, seconds, stages, flow_run_id in rows:
+        shown = status if status != "failed" else f"failed in {stage}: {error}"
+        table.add_row(run_id, shown, f"{started:%Y-%m-%d %H:%M}", f"{seconds:.1f}", stages or "", flow_run_id or "")
+    console.print(table)

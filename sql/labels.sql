@@ -1,0 +1,45 @@
+-- Teachers and soft labels.
+
+-- name: upsert_teacher
+INSERT OR IGNORE INTO teachers (teacher_key, spec, model_path) VALUES ($teacher_key, $spec, $model_path);
+
+-- name: unlabeled_questions
+-- Questions of the given datasets with no label from this teacher for their exact current text.
+SELECT DISTINCT q.question_id, q.question_hash, q.question, q.options, q.category
+FROM questions q
+WHERE list_contains($dataset_ids, q.dataset_id)
+  AND NOT EXISTS (
+      SELECT 1 FROM soft_labels l
+      WHERE l.question_id = q.question_id AND l.teacher_key = $teacher_key AND l.question_hash = q.question_hash)
+ORDER BY q.question_id;
+
+-- name: insert_labels
+INSERT OR IGNORE INTO soft_labels
+    (question_id, teacher_key, question_hash, probs, confidence, predicted, coverage, entropy, reasoning, latency_ms)
+SELECT question_id, teacher_key, question_hash, probs, confidence, predicted, coverage, entropy, reasoning, latency_ms
+FROM incoming;
+
+-- name: label_counts
+SELECT count(*) AS questions, count(l.question_id) AS labeled
+FROM questions q
+LEFT JOIN soft_labels l
+  ON l.question_id = q.question_id AND l.teacher_key = $teacher_key AND l.question_hash = q.question_hash
+WHERE list_contains($dataset_ids, q.dataset_id);
+
+-- name: labels_with_questions
+-- One row per label of the given datasets, joined with what validation and training need.
+SELECT q.question_id, l.teacher_key, q.split, q.category, q.answer, len(q.options) AS n_options,
+       l.probs, l.confidence, l.predicted, l.coverage, l.entropy
+FROM questions q
+JOIN soft_labels l
+  ON l.question_id = q.question_id AND l.teacher_key = $teacher_key AND l.question_hash = q.question_hash
+WHERE list_contains($dataset_ids, q.dataset_id)
+ORDER BY q.question_id;
+
+-- name: labels_digest
+-- Identifies a label set by content, so a validation verdict or a trained student can be reused.
+SELECT coalesce(sha256(string_agg(l.question_id || ':' || l.question_hash, ',' ORDER BY l.question_id)), '')
+FROM questions q
+JOIN soft_labels l
+  ON l.question_id = q.question_id AND l.teacher_key = $teacher_key AND l.question_hash = q.question_hash
+WHERE list_contains($dataset_ids, q.dataset_id);

@@ -1,0 +1,43 @@
+-- Runs and their stages.
+
+-- name: insert_run
+INSERT INTO runs (run_id, name, config_json, config_hash, status, flow_run_id)
+VALUES ($run_id, $name, $config_json, $config_hash, 'running', $flow_run_id);
+
+-- name: set_run_stage
+UPDATE runs SET stage = $stage WHERE run_id = $run_id;
+
+-- name: finish_run
+UPDATE runs SET status = $status, error = $error, finished_at = current_timestamp
+WHERE run_id = $run_id;
+
+-- name: link_run_dataset
+INSERT OR IGNORE INTO run_datasets VALUES ($run_id, $dataset_id);
+
+-- name: start_stage
+INSERT OR REPLACE INTO stage_runs (run_id, stage, status, started_at)
+VALUES ($run_id, $stage, 'running', current_timestamp);
+
+-- name: finish_stage
+UPDATE stage_runs
+SET status = $status, finished_at = current_timestamp,
+    seconds = epoch(current_timestamp) - epoch(started_at), detail = $detail
+WHERE run_id = $run_id AND stage = $stage;
+
+-- name: get_run
+SELECT run_id, name, config_json, status, stage, error, flow_run_id, started_at, finished_at
+FROM runs WHERE run_id = $run_id;
+
+-- name: list_runs
+SELECT r.run_id, r.name, r.status, r.stage, r.error, r.started_at,
+       epoch(coalesce(r.finished_at, current_timestamp)) - epoch(r.started_at) AS seconds,
+       (SELECT string_agg(s.stage || '=' || s.status || ' ' || printf('%.1fs', coalesce(s.seconds, 0)), ', '
+                          ORDER BY s.started_at)
+          FROM stage_runs s WHERE s.run_id = r.run_id) AS stages,
+       r.flow_run_id
+FROM runs r
+ORDER BY r.started_at DESC
+LIMIT $limit;
+
+-- name: stage_timings
+SELECT stage, status, seconds, detail FROM stage_runs WHERE run_id = $run_id ORDER BY started_at;

@@ -1,0 +1,202 @@
+-- The system of record. Every statement is idempotent; `schema_version` records what was applied.
+
+-- name: create_schema
+CREATE TABLE IF NOT EXISTS schema_version (
+    version    INTEGER NOT NULL,
+    applied_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+);
+
+CREATE TABLE IF NOT EXISTS runs (
+    run_id       VARCHAR PRIMARY KEY,
+    name         VARCHAR NOT NULL,
+    config_json  JSON NOT NULL,
+    config_hash  VARCHAR NOT NULL,
+    status       VARCHAR NOT NULL,          -- running | completed | failed | cancelled
+    stage        VARCHAR,                   -- the stage running, or the one that failed
+    error        VARCHAR,
+    flow_run_id  VARCHAR,                   -- the Prefect flow run, when run through Prefect
+    started_at   TIMESTAMP NOT NULL DEFAULT current_timestamp,
+    finished_at  TIMESTAMP
+);
+
+CREATE TABLE IF NOT EXISTS stage_runs (
+    run_id      VARCHAR NOT NULL,
+    stage       VARCHAR NOT NULL,
+    status      VARCHAR NOT NULL,           -- completed | reused | failed | cancelled
+    started_at  TIMESTAMP NOT NULL,
+    finished_at TIMESTAMP,
+    seconds     DOUBLE,
+    detail      JSON,
+    PRIMARY KEY (run_id, stage)
+);
+
+CREATE TABLE IF NOT EXISTS datasets (
+    dataset_id   VARCHAR PRIMARY KEY,       -- name@content-hash prefix
+    name         VARCHAR NOT NULL,
+    version      INTEGER NOT NULL,
+    content_hash VARCHAR NOT NULL,
+    source       VARCHAR NOT NULL,
+    layout       VARCHAR NOT NULL,
+    n_questions  BIGINT NOT NULL,
+    n_rejected   BIGINT NOT NULL,
+    created_at   TIMESTAMP NOT NULL DEFAULT current_timestamp
+);
+
+CREATE TABLE IF NOT EXISTS questions (
+    dataset_id    VARCHAR NOT NULL,
+    question_id   VARCHAR NOT NULL,
+    dataset       VARCHAR NOT NULL,
+    split         VARCHAR NOT NULL,
+    category      VARCHAR NOT NULL,
+    question      VARCHAR NOT NULL,
+    options       VARCHAR[] NOT NULL,
+    answer        INTEGER NOT NULL,
+    metadata      JSON,
+    question_hash VARCHAR NOT NULL,         -- content hash: a label is valid for this exact text
+    PRIMARY KEY (dataset_id, question_id)
+);
+
+CREATE TABLE IF NOT EXISTS rejected_rows (
+    dataset_id  VARCHAR NOT NULL,
+    source      VARCHAR NOT NULL,
+    row_number  BIGINT,
+    reason_code VARCHAR NOT NULL,
+    reason      VARCHAR NOT NULL,
+    raw         VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS run_datasets (
+    run_id     VARCHAR NOT NULL,
+    dataset_id VARCHAR NOT NULL,
+    PRIMARY KEY (run_id, dataset_id)
+);
+
+CREATE TABLE IF NOT EXISTS teachers (
+    teacher_key VARCHAR PRIMARY KEY,        -- hash of model, revision, backend, scoring mode, prompt templates
+    spec        JSON NOT NULL,
+    model_path  VARCHAR,
+    created_at  TIMESTAMP NOT NULL DEFAULT current_timestamp
+);
+
+CREATE TABLE IF NOT EXISTS soft_labels (
+    question_id   VARCHAR NOT NULL,
+    teacher_key   VARCHAR NOT NULL,
+    question_hash VARCHAR NOT NULL,
+    probs         DOUBLE[] NOT NULL,
+    confidence    DOUBLE,
+    predicted     INTEGER,
+    coverage      DOUBLE,
+    entropy       DOUBLE,
+    reasoning     VARCHAR,
+    latency_ms    DOUBLE,
+    created_at    TIMESTAMP NOT NULL DEFAULT current_timestamp,
+    PRIMARY KEY (question_id, teacher_key, question_hash)
+);
+
+CREATE TABLE IF NOT EXISTS validation_runs (
+    validation_id  VARCHAR PRIMARY KEY,
+    run_id         VARCHAR,
+    teacher_key    VARCHAR NOT NULL,
+    labels_digest  VARCHAR NOT NULL,        -- what was validated: the same digest reuses the verdict
+    success        BOOLEAN NOT NULL,
+    statistics     JSON NOT NULL,
+    message        VARCHAR,
+    data_docs_path VARCHAR,
+    created_at     TIMESTAMP NOT NULL DEFAULT current_timestamp
+);
+
+CREATE TABLE IF NOT EXISTS validation_results (
+    validation_id    VARCHAR NOT NULL,
+    name             VARCHAR NOT NULL,
+    gx_type          VARCHAR NOT NULL,
+    level            VARCHAR NOT NULL,      -- row | dataset
+    why              VARCHAR NOT NULL,
+    success          BOOLEAN NOT NULL,
+    unexpected_count BIGINT,
+    unexpected_share DOUBLE,
+    observed         VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS quarantine (
+    validation_id VARCHAR NOT NULL,
+    question_id   VARCHAR NOT NULL,
+    teacher_key   VARCHAR NOT NULL,
+    expectation   VARCHAR NOT NULL,
+    detail        VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS models (
+    model_id    VARCHAR PRIMARY KEY,        -- role + content hash of what produced it
+    run_id      VARCHAR,
+    role        VARCHAR NOT NULL,           -- teacher | student | student_hard | student_init
+    path        VARCHAR NOT NULL,
+    spec        JSON NOT NULL,
+    n_params    BIGINT,
+    n_active    BIGINT,
+    status      VARCHAR NOT NULL,           -- training | completed
+    created_at  TIMESTAMP NOT NULL DEFAULT current_timestamp
+);
+
+CREATE TABLE IF NOT EXISTS checkpoints (
+    model_id   VARCHAR NOT NULL,
+    step       BIGINT NOT NULL,
+    path       VARCHAR NOT NULL,
+    metrics    JSON,
+    created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+    PRIMARY KEY (model_id, step)
+);
+
+CREATE TABLE IF NOT EXISTS training_metrics (
+    model_id      VARCHAR NOT NULL,
+    step          BIGINT NOT NULL,
+    epoch         DOUBLE,
+    loss          DOUBLE,
+    ce            DOUBLE,
+    kd            DOUBLE,
+    lr            DOUBLE,
+    grad_norm     DOUBLE,
+    samples_per_s DOUBLE,
+    val_accuracy  DOUBLE,
+    PRIMARY KEY (model_id, step)
+);
+
+CREATE TABLE IF NOT EXISTS predictions (
+    eval_id     VARCHAR NOT NULL,
+    model_role  VARCHAR NOT NULL,
+    question_id VARCHAR NOT NULL,
+    probs       DOUBLE[] NOT NULL,
+    predicted   INTEGER NOT NULL,
+    confidence  DOUBLE NOT NULL,
+    correct     BOOLEAN NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS metrics (
+    eval_id    VARCHAR NOT NULL,
+    model_role VARCHAR NOT NULL,
+    category   VARCHAR NOT NULL,            -- '*' for overall
+    name       VARCHAR NOT NULL,
+    value      DOUBLE
+);
+
+CREATE TABLE IF NOT EXISTS evaluations (
+    eval_id    VARCHAR PRIMARY KEY,
+    run_id     VARCHAR,
+    spec       JSON NOT NULL,
+    created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+);
+
+CREATE TABLE IF NOT EXISTS cascade_points (
+    eval_id          VARCHAR NOT NULL,
+    tau              DOUBLE NOT NULL,
+    accuracy         DOUBLE NOT NULL,
+    share_to_teacher DOUBLE NOT NULL,
+    latency_ms       DOUBLE NOT NULL,
+    pareto           BOOLEAN NOT NULL,
+    chosen           BOOLEAN NOT NULL
+);
+
+-- name: schema_version
+SELECT coalesce(max(version), 0) FROM schema_version;
+
+-- name: record_schema_version
+INSERT INTO schema_version (version) VALUES ($version);

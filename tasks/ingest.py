@@ -1,0 +1,37 @@
+"""Prefect task: ingest the configured sources into the store."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+
+from kdflow.config import RunConfig
+from kdflow.datasets import ingest
+from kdflow.errors import KdflowError
+from kdflow.runs import stage
+from kdflow.store import Store
+from tasks.retry import RETRY_DELAYS, retry_if_transient
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+def ingest_task(cfg: RunConfig, run_id: str) -> list[str]:
+    """Returns the dataset ids the later stages work on."""
+    store = Store(cfg.home_dir)
+    with stage(store, run_id, "ingest") as record:
+        reports = ingest(cfg, store)
+        for report in reports:
+            store.execute("link_run_dataset", run_id=run_id, dataset_id=report.dataset_id)
+        record.reused = all(r.reused for r in reports)
+        record.detail = {r.dataset_id: {"loaded": r.loaded, "rejected": r.rejected} for r in reports}
+    create_table_artifact(
+        key="ingest",
+        table=[
+            {"dataset": r.dataset_id, "version": r.version, "layout": r.layout, "loaded": r.loaded,
+             "rejected": r.rejected, "reasons": ", ".join(f"{k}={v}" for k, v in r.rejected_by_reason.items())}
+            for r in reports
+        ],
+        description=f"Datasets of run {run_id}",
+    )
+    if not any(r.loaded for r in reports):
+        raise KdflowError("no usable questions were loaded: see table rejected_rows for the reasons")
+    return [r.dataset_id for r in reports]

@@ -1,0 +1,26 @@
+"""Prefect task: train the students (distilled, and the hard-label ablation) from validated labels."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from kdflow.config import RunConfig
+from kdflow.distill import train_students
+from kdflow.runs import stage
+from kdflow.store import Store
+from kdflow.teacher import teacher_ref
+from tasks.retry import RETRY_DELAYS, retry_if_transient
+
+
+@task(name="train", tags=["gpu"], retries=1, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+def train_task(
+    cfg: RunConfig, run_id: str, dataset_ids: list[str], validation_id: str, resume: bool = True
+) -> dict[str, str]:
+    """Returns {role: model directory}; a retry resumes from the last checkpoint."""
+    store = Store(cfg.home_dir)
+    with stage(store, run_id, "train") as record:
+        ref = teacher_ref(cfg, store, dataset_ids)
+        dirs, reused = train_students(cfg, store, dataset_ids, ref, validation_id, run_id=run_id, resume=resume)
+        record.reused = len(reused) == len(dirs)
+        record.detail = {"models": {k: str(v) for k, v in dirs.items()}, "reused": reused}
+    return {role: str(path) for role, path in dirs.items()}

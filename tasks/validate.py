@@ -1,0 +1,34 @@
+"""Prefect task: the data-quality gate. Never retried: a failed gate is a verdict, not a fault."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_link_artifact, create_table_artifact
+
+from kdflow.config import RunConfig
+from kdflow.errors import GateFailed
+from kdflow.gate import run_gate
+from kdflow.runs import stage
+from kdflow.store import Store
+
+
+@task(name="validate", retries=0)
+def validate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_key: str) -> str:
+    """Returns the validation id whose quarantine the training stage excludes."""
+    store = Store(cfg.home_dir)
+    with stage(store, run_id, "validate") as record:
+        result = run_gate(cfg, store, dataset_ids, teacher_key, run_id=run_id)
+        record.reused = result.reused
+        record.detail = {"validation_id": result.validation_id, "success": result.success}
+    rows = store.fetch("validation_results", validation_id=result.validation_id)
+    create_table_artifact(
+        key="validation",
+        table=[{"expectation": n, "level": lvl, "success": ok, "unexpected": cnt,
+                "share": round(share or 0.0, 4), "observed": obs} for n, lvl, ok, cnt, share, obs, _why in rows],
+        description=f"Soft-label checks of {teacher_key} ({result.validation_id})",
+    )
+    if result.data_docs_path:
+        create_link_artifact(key="data-docs", link=f"file://{result.data_docs_path}", link_text="Great Expectations Data Docs")
+    if not result.success:
+        raise GateFailed(f"the data-quality gate failed ({result.validation_id}): {result.message}")
+    return result.validation_id

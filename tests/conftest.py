@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny tokenizer, a tiny model and a few questions, all built in-process (no hub).
+
+The session-scoped model is shared by every test: treat it as read-only and `copy.deepcopy` it (or build
+a fresh one from `tiny_arch`) before training it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdflow.config import ArchitectureConfig, ScoringConfig
+from kdflow.modeling import build_model, train_tokenizer
+from kdflow.prompts import cloze_context, letter_prompt
+
+TINY_QUESTIONS = [
+    {
+        "question_id": "q0",
+        "category": "geography",
+        "question": "Which river flows through the capital?",
+        "options": ["The long river", "A mountain", "The sea"],
+        "answer": 0,
+    },
+    {
+        "question_id": "q1",
+        "category": "common_knowledge",
+        "question": "What colour is the sky on a clear day at noon, seen from the ground?",
+        "options": ["Green", "Blue", "Red", "Yellow"],
+        "answer": 1,
+    },
+    {
+        "question_id": "q2",
+        "category": "science",
+        "question": "Water boils at?",
+        "options": ["50 degrees", "100 degrees", "150 degrees", "200 degrees", "It never boils"],
+        "answer": 1,
+    },
+    {
+        "question_id": "q3",
+        "category": "math",
+        "question": "How much is two plus two?",
+        "options": ["Three", "Four"],
+        "answer": 1,
+    },
+    {
+        "question_id": "q4",
+        "category": "history",
+        "question": "Who built the old stone bridge that still stands over the river in the town centre?",
+        "options": ["The Romans", "A local baker and his three sons", "Nobody", "The king"],
+        "answer": 0,
+    },
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_questions() -> list[dict]:
+    """Five question dicts with 3, 4, 5, 2 and 4 options and different lengths (copy before mutating)."""
+    return [dict(q, options=list(q["options"])) for q in TINY_QUESTIONS]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE (vocab 512) trained on the tiny questions' prompts; letters are single tokens."""
+    cfg = ScoringConfig()
+    texts = []
+    for q in TINY_QUESTIONS:
+        texts.append(letter_prompt(q["question"], q["options"], q["category"], cfg))
+        texts.append(cloze_context(q["question"], q["category"], cfg) + " " + " ".join(q["options"]))
+    return train_tokenizer(texts * 20, vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_arch() -> ArchitectureConfig:
+    return ArchitectureConfig(family="llama", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_arch, tiny_tokenizer):
+    """A randomly initialised 2-layer Llama (hidden 32, seed 0) in eval mode; read-only, deepcopy to train."""
+    torch.manual_seed(0)
+    return build_model(tiny_arch, tiny_tokenizer).eval()

@@ -1,0 +1,191 @@
+"""The demo world: deterministic, schema-exact, in the seed's tier mix, with the repetition and distractor
+structure that makes common facts learnable and obscure ones not."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import subprocess
+import sys
+
+import pyarrow as pa
+import pytest
+
+from kdflow.data.demo import FAMILIES, WORD_CLASSES, generate_demo_questions, tier_counts
+from kdflow.records import QUESTION_SCHEMA
+
+N = 50_000
+
+
+@pytest.fixture(scope="module")
+def table() -> pa.Table:
+    return generate_demo_questions(N, seed=0)
+
+
+@pytest.fixture(scope="module")
+def rows(table: pa.Table) -> list[dict]:
+    return [row | {"meta": json.loads(row["metadata"])} for row in table.to_pylist()]
+
+
+def _digest(table: pa.Table) -> str:
+    return hashlib.sha256(json.dumps(table.to_pylist(), sort_keys=True).encode()).hexdigest()
+
+
+def test_same_seed_same_table_other_seed_other_table() -> None:
+    first = generate_demo_questions(2_000, seed=3)
+    assert first.equals(generate_demo_questions(2_000, seed=3))
+    other = generate_demo_questions(2_000, seed=4)
+    assert first.column("question").to_pylist() != other.column("question").to_pylist()
+
+
+def test_independent_of_python_hash_seed() -> None:
+    """String hashing is salted per process; a set iterated anywhere would make worlds differ by machine."""
+    code = (
+        "import hashlib, json; from kdflow.data.demo import generate_demo_questions; "
+        "t = generate_demo_questions(2000, 5); "
+        "print(hashlib.sha256(json.dumps(t.to_pylist(), sort_keys=True).encode()).hexdigest())"
+    )
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", code], env={"PYTHONHASHSEED": hash_seed}, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for hash_seed in ("1", "2")
+    }
+    assert digests == {_digest(generate_demo_questions(2000, 5))}
+
+
+def test_schema_ids_and_constant_columns(table: pa.Table) -> None:
+    assert table.schema == QUESTION_SCHEMA
+    assert table.num_rows == N
+    ids = table.column("question_id").to_pylist()
+    assert len(set(ids)) == N
+    assert ids[0] == "demo-0-000000"
+    assert set(table.column("dataset").to_pylist()) == {"demo"}
+    assert set(table.column("split").to_pylist()) == {""}
+
+
+def test_tier_mix(rows: list[dict]) -> None:
+    shares = collections.Counter(row["category"] for row in rows)
+    expected = {"common": 0.70, "reasoning": 0.20, "rare": 0.08, "obscure": 0.02}
+    assert set(shares) == set(expected)
+    for tier, share in expected.items():
+        assert abs(shares[tier] / N - share) < 0.01, tier
+    assert all(row["meta"]["tier"] == row["category"] for row in rows)
+
+
+@pytest.mark.parametrize("n", [1, 7, 100, 999])
+def test_small_worlds_are_complete(n: int) -> None:
+    table = generate_demo_questions(n, seed=1)
+    assert table.num_rows == n
+    assert collections.Counter(table.column("category").to_pylist()) == {k: v for k, v in tier_counts(n).items() if v}
+
+
+def test_rejects_sizes_out_of_range() -> None:
+    with pytest.raises(ValueError, match="n_questions"):
+        generate_demo_questions(0)
+
+
+def test_option_counts(rows: list[dict]) -> None:
+    counts = collections.Counter(len(row["options"]) for row in rows)
+    assert set(counts) == {3, 4, 5}
+    assert abs(counts[3] / N - 0.10) < 0.01
+    assert abs(counts[5] / N - 0.10) < 0.01
+
+
+def test_answers_in_range_and_uniform_over_positions(rows: list[dict]) -> None:
+    by_count: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+    for row in rows:
+        assert 0 <= row["answer"] < len(row["options"])
+        by_count[len(row["options"])][row["answer"]] += 1
+    for n_options, counts in by_count.items():
+        total = sum(counts.values())
+        expected = total / n_options
+        chi2 = sum((counts[p] - expected) ** 2 / expected for p in range(n_options))
+        assert chi2 < 20, (n_options, counts)  # the 0.999 quantile of chi-square with 4 dof is 18.5
+
+
+def test_options_distinct_and_short(rows: list[dict]) -> None:
+    for row in rows:
+        assert len(set(row["options"])) == len(row["options"]), row
+        assert all(1 <= len(option.split()) <= 3 for option in row["options"]), row
+        assert len(row["question"].split()) <= 12, row
+
+
+def test_repetition_structure(rows: list[dict]) -> None:
+    """Common facts are asked often enough to be learned from a 70% split; obscure ones once."""
+    asks: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for row in rows:
+        if "fact" in row["meta"]:
+            asks[row["category"]][row["meta"]["fact"]] += 1
+    common, rare, obscure = (sorted(asks[tier].values()) for tier in ("common", "rare", "obscure"))
+    assert 200 <= len(common) <= 1_000 and common[0] >= 50
+    assert rare[0] >= 3 and rare[-1] <= 8
+    assert set(obscure) == {1}
+    all_facts = [set(counter) for counter in asks.values()]
+    assert sum(len(facts) for facts in all_facts) == len(set().union(*all_facts)), "a fact sits in two tiers"
+
+
+def test_common_facts_vary_phrasing_options_and_position(rows: list[dict]) -> None:
+    seen: dict[str, dict[str, set]] = collections.defaultdict(lambda: collections.defaultdict(set))
+    for row in rows:
+        if row["category"] == "common":
+            fact = seen[row["meta"]["fact"]]
+            fact["answer"].add(row["options"][row["answer"]])
+            fact["question"].add(row["question"])
+            fact["options"].add(tuple(sorted(row["options"])))
+            fact["position"].add(row["answer"])
+    for fact in seen.values():
+        assert len(fact["answer"]) == 1, "one fact, one answer"
+        assert len(fact["question"]) >= 2 and len(fact["options"]) >= 5 and len(fact["position"]) >= 3
+
+
+def test_family_near_misses_are_frequent(rows: list[dict]) -> None:
+    """Soft labels only carry information when confusable values meet often enough."""
+    family_of = {value: family for families in FAMILIES.values() for family in families for value in family}
+    with_mate = total = 0
+    for row in rows:
+        answer = row["options"][row["answer"]]
+        if row["category"] != "reasoning" and answer in family_of:
+            total += 1
+            with_mate += any(o != answer and o in family_of[answer] for o in row["options"])
+    assert with_mate / total > 0.5
+
+
+def test_answer_not_singled_out_by_family(rows: list[dict]) -> None:
+    """An unseen fact must be at chance: the answer may not be likelier than a distractor to have a family
+    mate among the options (as it would if its mate were added on purpose)."""
+    family_of = {value: family for families in FAMILIES.values() for family in families for value in family}
+    answer_rate, distractor_rate = [], []
+    for row in rows:
+        options = row["options"]
+        if row["category"] == "reasoning" or options[row["answer"]] not in family_of:
+            continue
+        for i, option in enumerate(options):
+            has_mate = any(o != option and o in family_of[option] for o in options)
+            (answer_rate if i == row["answer"] else distractor_rate).append(has_mate)
+    assert abs(sum(answer_rate) / len(answer_rate) - sum(distractor_rate) / len(distractor_rate)) < 0.02
+
+
+def test_reasoning_answers_are_correct(rows: list[dict]) -> None:
+    kinds = collections.Counter()
+    for row in rows:
+        if row["category"] != "reasoning":
+            continue
+        kind, question, options, answer = row["meta"]["kind"], row["question"], row["options"], row["answer"]
+        kinds[kind] += 1
+        if kind == "member":
+            word_class = question.removeprefix("Which one of these is ").removeprefix("Which of these is ")[:-1]
+            assert [o in WORD_CLASSES[word_class] for o in options].count(True) == 1
+            assert options[answer] in WORD_CLASSES[word_class]
+            continue
+        numbers = [int(o) for o in options]
+        assert all(0 <= n <= 99 for n in numbers)
+        if kind in ("after", "before"):
+            asked = int(question.split()[-1].rstrip("?"))
+            assert numbers[answer] == asked + (1 if kind == "after" else -1)
+            assert max(numbers) - min(numbers) == len(numbers) - 1, "distractors are the answer's neighbours"
+        else:
+            assert numbers[answer] == (max(numbers) if kind == "largest" else min(numbers))
+    assert set(kinds) == {"after", "before", "largest", "smallest", "member"}
+    assert min(kinds.values()) > 0.15 * sum(kinds.values())
