@@ -64,22 +64,22 @@ class Store:
         finally:
             con.close()
 
-    def fetch(self, name: str, **params: Any) -> list[tuple]:
+    def fetch(self, query: str, /, **params: Any) -> list[tuple]:
         with self.connect() as con:
-            return con.execute(sql(name), params or None).fetchall()
+            return con.execute(sql(query), params or None).fetchall()
 
-    def fetch_one(self, name: str, **params: Any) -> tuple | None:
+    def fetch_one(self, query: str, /, **params: Any) -> tuple | None:
         with self.connect() as con:
-            return con.execute(sql(name), params or None).fetchone()
+            return con.execute(sql(query), params or None).fetchone()
 
-    def arrow(self, name: str, **params: Any) -> pa.Table:
+    def arrow(self, query: str, /, **params: Any) -> pa.Table:
         with self.connect() as con:
-            return con.execute(sql(name), params or None).fetch_arrow_table()
+            return con.execute(sql(query), params or None).fetch_arrow_table()
 
-    def execute(self, name: str, incoming: pa.Table | None = None, **params: Any) -> None:
+    def execute(self, query: str, incoming: pa.Table | None = None, /, **params: Any) -> None:
         """Run one named statement in its own transaction; `incoming` is readable under that name."""
         with self.transaction() as tx:
-            tx.execute(name, incoming, **params)
+            tx.execute(query, incoming, **params)
 
     def transaction(self) -> _Transaction:
         """Several statements committed together (all or nothing), e.g. a label batch and its bookkeeping."""
@@ -97,10 +97,10 @@ class _Transaction:
         self.con.execute("BEGIN")
         return self
 
-    def execute(self, name: str, incoming: pa.Table | None = None, **params: Any) -> None:
+    def execute(self, query: str, incoming: pa.Table | None = None, /, **params: Any) -> None:
         if incoming is not None:
             self.con.register("incoming", incoming)
-        self.con.execute(sql(name), params or None)
+        self.con.execute(sql(query), params or None)
         if incoming is not None:
             self.con.unregister("incoming")
 

@@ -1,0 +1,86 @@
+"""The run config: every shipped YAML binds, mistakes are named, overrides apply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kdflow.config import ConfigError, RunConfig, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+def test_every_shipped_config_binds():
+    errors = []
+    for path in CONFIGS:
+        try:
+            load_config(path)
+        except ConfigError as e:
+            errors.append(str(e))
+    assert CONFIGS and not errors, "\n".join(errors)
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  learning_rat: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "training.learning_rat: unknown key" in str(e.value)
+    assert str(path) in str(e.value)
+
+
+def test_overrides_apply_with_yaml_types(tmp_path):
+    cfg = load_config(None, ["training.epochs=2.5", "training.hard_label_baseline=false", "name=x",
+                             "student.lora.target_modules=[q_proj, v_proj]"])
+    assert cfg.training.epochs == 2.5
+    assert cfg.training.hard_label_baseline is False
+    assert cfg.name == "x"
+    assert cfg.student.lora.target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("training.alpha=2", "training.alpha"),
+        ("training", "not of the form key.sub=value"),
+        ("name.sub=1", "'name' is not a section"),
+        ("data.splits.train=0.9", "split fractions must sum to 1"),
+        ("teacher.backend=vllm", "teacher.backend=vllm needs teacher.model"),
+    ],
+)
+def test_bad_overrides_say_what_is_wrong(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(scalar)
+
+
+def test_source_needs_exactly_one_origin():
+    with pytest.raises(ConfigError, match="exactly one of path, hf_dataset or demo"):
+        load_config(None, ["data.sources=[{path: a.jsonl, hf_dataset: x/y}]"])
+
+
+def test_digest_changes_only_with_the_section():
+    base = RunConfig()
+    changed = base.model_copy(update={"name": "other"})
+    assert base.digest("training") == changed.digest("training")
+    assert base.digest() != changed.digest()
+
+
+def test_home_dir_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("KDFLOW_HOME", str(tmp_path / "h"))
+    assert RunConfig().home_dir == (tmp_path / "h").resolve()
+    assert RunConfig(home=str(tmp_path / "x")).home_dir == (tmp_path / "x").resolve()
