@@ -23,7 +23,8 @@ def _unit(question_id: str) -> float:
 
 def assign_splits(question_ids: Sequence[str], cfg: SplitConfig) -> list[str]:
     """The split ("train", "val" or "test") of each id, in order."""
-    named = [(name, fraction) for name, fraction in (("train", cfg.train), ("val", cfg.val), ("test", cfg.test)) if fraction > 0]
+    fractions = (("train", cfg.train), ("val", cfg.val), ("test", cfg.test))
+    named = [(name, fraction) for name, fraction in fractions if fraction > 0]
     names = [name for name, _ in named]
     # The last non-empty split takes everything above the other edges, so rounding in fractions that sum
     # to 1 within 1e-6 can never leave an id without a split or put one in an empty split.

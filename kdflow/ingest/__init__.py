@@ -22,9 +22,20 @@ from typing import Any
 import pyarrow as pa
 
 from kdflow.config import SourceConfig
-from kdflow.ingest.layouts import DETECT_ROWS, LAYOUTS, Mapper, Rejected, default_mapping, detect_layout, mapper_for, mapping_columns
+from kdflow.ingest.layouts import (
+    DETECT_ROWS,
+    LAYOUTS,
+    Mapped,
+    Mapper,
+    Rejected,
+    check_encodable,
+    default_mapping,
+    detect_layout,
+    mapper_for,
+    mapping_columns,
+)
 from kdflow.ingest.readers import READERS, Row, rows_from_records
-from kdflow.records import QUESTION_SCHEMA, REJECTED_SCHEMA
+from kdflow.records import LETTERS, QUESTION_SCHEMA, REJECTED_SCHEMA
 
 __all__ = ["IngestError", "LoadedSource", "load_source"]
 
@@ -55,7 +66,8 @@ class _Collector:
     def __init__(self, dataset: str) -> None:
         self.dataset = dataset
         self.rows = 0
-        self.questions: dict[str, list[Any]] = {name: [] for name in QUESTION_SCHEMA.names}
+        self.ids: list[str] = []
+        self.mapped: list[Mapped] = []
         self.rejected: dict[str, list[Any]] = {name: [] for name in REJECTED_SCHEMA.names}
         self._by_content: dict[tuple[str, tuple[str, ...]], tuple[str, int, int]] = {}
         self._by_id: dict[str, tuple[str, int]] = {}
@@ -66,11 +78,23 @@ class _Collector:
         self.rejected["reason"].append(reason)
         self.rejected["raw"].append(row.text())
 
-    @staticmethod
-    def _where(first_source: str, number: int, source: str) -> str:
-        return f"row {number}" if first_source == source else f"{first_source} row {number}"
+    def _duplicate(self, m: Mapped, question_id: str, source: str) -> str | None:
+        """Why this question repeats an earlier row, or None (the first row of each question is kept)."""
+        seen = self._by_content.get((m.question, tuple(m.options)))
+        if seen is not None:
+            where = f"row {seen[1]}" if seen[0] == source else f"{seen[0]} row {seen[1]}"
+            if seen[2] == m.answer:
+                return f"duplicate_row: duplicate of {where}"
+            return (f"conflicting_duplicate: same question and options as {where} but answer "
+                    f"{LETTERS[m.answer]} instead of {LETTERS[seen[2]]}")
+        first = self._by_id.get(question_id)
+        if first is not None:
+            where = f"row {first[1]}" if first[0] == source else f"{first[0]} row {first[1]}"
+            return f"duplicate_id: id {m.key!r} first used by {where} with different content"
+        return None
 
     def add(self, rows: list[Row], mapper: Mapper | None, source: str) -> None:
+        """Map rows of one file; `mapper` is None only when no row parsed (all are rejections already)."""
         for row in rows:
             self.rows += 1
             if row.error is not None:
@@ -78,32 +102,33 @@ class _Collector:
                 continue
             try:
                 m = mapper(row.record)
+                check_encodable(m)
             except Rejected as e:
                 self._reject(source, row, e.reason)
                 continue
-            content = (m.question, tuple(m.options))
-            seen = self._by_content.get(content)
-            if seen is not None:
-                where = self._where(seen[0], seen[1], source)
-                if seen[2] == m.answer:
-                    self._reject(source, row, f"duplicate_row: duplicate of {where}")
-                else:
-                    self._reject(source, row, f"conflicting_duplicate: same question and options as {where} "
-                                              f"but answer {m.answer} instead of {seen[2]}")
-                continue
             question_id = f"{self.dataset}:{m.key}"
-            first = self._by_id.get(question_id)
-            if first is not None:
-                where = self._where(first[0], first[1], source)
-                self._reject(source, row, f"duplicate_id: id {m.key!r} first used by {where} with different content")
+            duplicate = self._duplicate(m, question_id, source)
+            if duplicate is not None:
+                self._reject(source, row, duplicate)
                 continue
-            self._by_content[content] = (source, row.number, m.answer)
+            self._by_content[(m.question, tuple(m.options))] = (source, row.number, m.answer)
             self._by_id[question_id] = (source, row.number)
-            for name, value in zip(QUESTION_SCHEMA.names, (question_id, self.dataset, "", m.category, m.question, m.options, m.answer, m.metadata)):
-                self.questions[name].append(value)
+            self.ids.append(question_id)
+            self.mapped.append(m)
 
     def result(self, content_hash: str, layout: str) -> LoadedSource:
-        questions = pa.table(self.questions, schema=QUESTION_SCHEMA)
+        n = len(self.ids)
+        columns = {
+            "question_id": self.ids,
+            "dataset": [self.dataset] * n,
+            "split": [""] * n,
+            "category": [m.category for m in self.mapped],
+            "question": [m.question for m in self.mapped],
+            "options": [m.options for m in self.mapped],
+            "answer": [m.answer for m in self.mapped],
+            "metadata": [m.metadata for m in self.mapped],
+        }
+        questions = pa.table(columns, schema=QUESTION_SCHEMA)
         rejected = pa.table(self.rejected, schema=REJECTED_SCHEMA)
         counts = {"rows": self.rows, "questions": questions.num_rows, "rejected": rejected.num_rows}
         return LoadedSource(self.dataset, content_hash, layout, questions, rejected, counts)
@@ -145,6 +170,11 @@ def _layout(source: SourceConfig, rows: list[Row], origin: str) -> tuple[str, Ma
 
     The mapper is None only when no row could be parsed: every row is then already a rejection.
     """
+    if source.mapping is not None and source.format not in ("auto", "generic"):
+        raise IngestError(
+            f"source {source.display_name!r} has format: {source.format} and a mapping; a mapping is only read "
+            "with format: generic - remove one of them"
+        )
     records = [row.record for row in rows if row.record is not None][:DETECT_ROWS]
     columns = list(dict.fromkeys(key for record in records for key in record))
     if source.format == "generic" or (source.format == "auto" and source.mapping is not None):
@@ -222,7 +252,7 @@ def _load_hub(source: SourceConfig) -> LoadedSource:
     layout, mapper = _layout(source, rows, origin)
     collector = _Collector(source.display_name)
     collector.add(rows, mapper, origin)
-    fingerprint = f"{origin}\0{getattr(loaded, '_fingerprint', '')}"
+    fingerprint = f"{origin}\0{loaded._fingerprint}"  # changes with the dataset's revision and files
     return collector.result(_sha256(fingerprint.encode()), layout)
 
 

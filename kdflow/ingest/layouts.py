@@ -20,7 +20,7 @@ surrounding whitespace. A layout without categories gets "" (prompts then omit t
 In CSV, list and dict columns are JSON (or Python literal) strings; numeric answers arrive as digit strings.
 
 Reason codes (a rejected row's reason is "<code>: <detail>"):
-  bad_encoding          the line is not valid UTF-8
+  bad_encoding          the line is not valid UTF-8, or the text holds an unpaired surrogate escape
   malformed_json        the line is not valid JSON
   malformed_csv         the CSV row has the wrong number of fields or cannot be parsed
   not_an_object         the row is JSON but not an object
@@ -50,7 +50,6 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from kdflow.config import GenericMapping
@@ -63,6 +62,7 @@ DETECT_ROWS = 20
 _ABSENT = object()
 _MMLU = GenericMapping(question="question", options="choices", answer="answer", category="subject")
 _LABELLED_COLUMNS = frozenset({"id", "question", "question_stem", "question_concept", "choices", "answerKey"})
+_OPTION_NAMES = [f"option {letter}" for letter in LETTERS]
 _SCIQ_OPTIONS = ("correct_answer", "distractor1", "distractor2", "distractor3")
 
 
@@ -116,7 +116,7 @@ def detect_layout(records: Iterable[dict[str, Any]]) -> str | None:
 
 def content_key(question: str, options: list[str]) -> str:
     """A stable id for a question without one: same text and options -> same id on every machine."""
-    return hashlib.sha256(json.dumps([question, options], ensure_ascii=False).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([question, options]).encode()).hexdigest()[:16]
 
 
 def shuffle_order(key: str, n: int) -> list[int]:
@@ -138,6 +138,8 @@ def _emptiness(value: Any) -> str | None:
 
 
 def _question(value: Any, column: str) -> str:
+    if type(value) is str and value.strip():
+        return value.strip()
     why = _emptiness(value)
     if why is not None:
         raise Rejected("empty_question", f"'{column}' is {why}")
@@ -160,26 +162,31 @@ def _literal(value: Any) -> Any:
         return value
 
 
+def _option_text(value: Any, name: str) -> str:
+    why = _emptiness(value)
+    if why is not None:
+        raise Rejected("empty_option", f"{name} is {why}")
+    if isinstance(value, (dict, list)):
+        raise Rejected("bad_options", f"{name} is a {type(value).__name__}, not text")
+    return str(value).strip()
+
+
 def _options(values: list[Any], names: list[str] | None = None) -> list[str]:
     n = len(values)
     if n < 2:
         raise Rejected("too_few_options", f"{n} option{'' if n == 1 else 's'} (need 2..{MAX_OPTIONS})")
     if n > MAX_OPTIONS:
         raise Rejected("too_many_options", f"{n} options (need 2..{MAX_OPTIONS})")
-    names = names or [f"option {letter}" for letter in LETTERS[:n]]
-    options: list[str] = []
-    first: dict[str, int] = {}
-    for i, value in enumerate(values):
-        why = _emptiness(value)
-        if why is not None:
-            raise Rejected("empty_option", f"{names[i]} is {why}")
-        if isinstance(value, (dict, list)):
-            raise Rejected("bad_options", f"{names[i]} is a {type(value).__name__}, not text")
-        text = str(value).strip()
-        if text in first:
-            raise Rejected("duplicate_options", f"{names[i]} repeats {names[first[text]]} ({text!r})")
-        first[text] = i
-        options.append(text)
+    names = names or _OPTION_NAMES
+    options = [v.strip() if type(v) is str else _option_text(v, names[i]) for i, v in enumerate(values)]
+    if not all(options):
+        raise Rejected("empty_option", f"{names[options.index('')]} is blank")
+    if len(set(options)) < n:
+        first: dict[str, int] = {}
+        for i, text in enumerate(options):
+            if text in first:
+                raise Rejected("duplicate_options", f"{names[i]} repeats {names[first[text]]} ({text!r})")
+            first[text] = i
     return options
 
 
@@ -268,26 +275,35 @@ def _metadata(record: dict[str, Any], used: Iterable[str]) -> str:
     return json.dumps(_json_safe(rest), ensure_ascii=False, sort_keys=True, default=str)
 
 
-def _map_generic(record: dict[str, Any], mapping: GenericMapping) -> Mapped:
-    question = _question(record.get(mapping.question, _ABSENT), mapping.question)
-    if isinstance(mapping.options, str):
-        values = _literal(record.get(mapping.options, _ABSENT))
-        if not isinstance(values, (list, tuple)):
-            why = _emptiness(values) or f"a {type(values).__name__}, not a list"
-            raise Rejected("bad_options", f"'{mapping.options}' is {why}")
-        options = _options(list(values))
-        used = [mapping.options]
-    else:
-        values = [record.get(column, _ABSENT) for column in mapping.options]
+def _generic_mapper(mapping: GenericMapping) -> Mapper:
+    """The mapper of a column mapping; names are looked up once here, not once per row."""
+    question_col, answer_col, answer_type = mapping.question, mapping.answer, mapping.answer_type
+    id_col, category_col, options_col = mapping.id, mapping.category, mapping.options
+    option_cols = [options_col] if isinstance(options_col, str) else list(options_col)
+    option_names = [f"'{c}'" for c in option_cols]
+    used = frozenset(c for c in (question_col, answer_col, id_col, category_col, *option_cols) if c)
+
+    def option_values(record: dict[str, Any]) -> tuple[list[Any], list[str] | None]:
+        if isinstance(options_col, str):
+            values = _literal(record.get(options_col, _ABSENT))
+            if not isinstance(values, (list, tuple)):
+                why = _emptiness(values) or f"a {type(values).__name__}, not a list"
+                raise Rejected("bad_options", f"'{options_col}' is {why}")
+            return list(values), None
+        values = [record.get(c, _ABSENT) for c in option_cols]
         while values and _emptiness(values[-1]) is not None:
             values.pop()  # option columns left empty at the end: a question with fewer options
-        options = _options(values, [f"'{column}'" for column in mapping.options])
-        used = list(mapping.options)
-    answer = _answer(record.get(mapping.answer, _ABSENT), options, mapping.answer_type, mapping.answer)
-    key = _source_id(record, mapping.id) if mapping.id else content_key(question, options)
-    category = _category(record.get(mapping.category)) if mapping.category else ""
-    used += [mapping.question, mapping.answer, mapping.id, mapping.category]
-    return Mapped(key, question, options, answer, category, _metadata(record, used))
+        return values, option_names
+
+    def map_record(record: dict[str, Any]) -> Mapped:
+        question = _question(record.get(question_col, _ABSENT), question_col)
+        options = _options(*option_values(record))
+        answer = _answer(record.get(answer_col, _ABSENT), options, answer_type, answer_col)
+        key = _source_id(record, id_col) if id_col else content_key(question, options)
+        category = _category(record.get(category_col)) if category_col else ""
+        return Mapped(key, question, options, answer, category, _metadata(record, used))
+
+    return map_record
 
 
 def _labelled_choices(value: Any) -> tuple[list[Any], list[str]]:
@@ -350,6 +366,14 @@ def _map_sciq(record: dict[str, Any]) -> Mapped:
     return Mapped(key, question, shuffled, order.index(0), "", _metadata(record, ("question", *_SCIQ_OPTIONS)))
 
 
+def check_encodable(mapped: Mapped) -> None:
+    """Reject text that cannot be stored: JSON escapes such as "\\ud800" decode to unpaired surrogates."""
+    try:
+        "".join([mapped.key, mapped.question, mapped.category, mapped.metadata, *mapped.options]).encode()
+    except UnicodeEncodeError as e:
+        raise Rejected("bad_encoding", f"unpaired surrogate {e.object[e.start]!r} in the text") from None
+
+
 def default_mapping(columns: Iterable[str]) -> GenericMapping:
     """The mapping of an auto-detected generic file: default column names, id and category when present."""
     columns = set(columns)
@@ -357,19 +381,22 @@ def default_mapping(columns: Iterable[str]) -> GenericMapping:
 
 
 def mapping_columns(mapping: GenericMapping) -> list[str]:
-    """The columns a generic mapping reads, to check them against a file before mapping every row."""
-    options = [mapping.options] if isinstance(mapping.options, str) else list(mapping.options)
+    """The columns a generic mapping needs, checked against a file before mapping every row.
+
+    Option columns past the second are left out: JSON Lines often omit the keys of unused options.
+    """
+    options = [mapping.options] if isinstance(mapping.options, str) else list(mapping.options)[:2]
     return [c for c in (mapping.question, *options, mapping.answer, mapping.id, mapping.category) if c]
 
 
 def mapper_for(layout: str, mapping: GenericMapping | None = None) -> Mapper:
     """The function that maps one record of `layout`; it raises Rejected for a row that cannot be used."""
     if layout == "mmlu":
-        return partial(_map_generic, mapping=_MMLU)
+        return _generic_mapper(_MMLU)
     if layout in ("arc", "csqa", "openbookqa"):
         return _map_labelled
     if layout == "sciq":
         return _map_sciq
     if layout == "generic" and mapping is not None:
-        return partial(_map_generic, mapping=mapping)
+        return _generic_mapper(mapping)
     raise ValueError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)}; generic needs a mapping)")

@@ -35,10 +35,17 @@ class Row:
     error: str | None = None
 
     def text(self) -> str:
-        """The row as it appears in the source; rows read without text are serialised on demand (rare)."""
-        if self.raw is not None:
-            return self.raw
-        return json.dumps(self.record, ensure_ascii=False, default=str)
+        """The row as it appears in the source; rows read without text (only rejected ones need it) as JSON."""
+        return self.raw if self.raw is not None else _dumps(self.record)
+
+
+def _dumps(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # an unpaired surrogate from a JSON escape: keep it escaped
+        return json.dumps(value, default=str)
+    return text
 
 
 def _decode(line: bytes) -> tuple[str, str | None]:
@@ -46,13 +53,14 @@ def _decode(line: bytes) -> tuple[str, str | None]:
     try:
         return line.decode("utf-8"), None
     except UnicodeDecodeError as e:
-        return line.decode("utf-8", "backslashreplace"), f"bad_encoding: invalid UTF-8 at byte {e.start + 1} of the line"
+        reason = f"bad_encoding: invalid UTF-8 at byte {e.start + 1} of the line"
+        return line.decode("utf-8", "backslashreplace"), reason
 
 
 def _object_row(number: int, value: Any, raw: str | None) -> Row:
     if isinstance(value, dict):
         return Row(number, value, raw)
-    return Row(number, None, raw if raw is not None else json.dumps(value, default=str),
+    return Row(number, None, raw if raw is not None else _dumps(value),
                f"not_an_object: the row is a JSON {type(value).__name__}, not an object")
 
 
@@ -117,7 +125,9 @@ def read_json(data: bytes) -> list[Row]:
     except json.JSONDecodeError as e:
         if _looks_like_jsonl(text):
             return read_jsonl(data)
-        raise ValueError(f"is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+        raise ValueError(
+            f"is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}; fix or re-export the file"
+        ) from e
     return [_object_row(i, value, None) for i, value in enumerate(_records_of(document))]
 
 
@@ -168,7 +178,7 @@ def read_parquet(data: bytes) -> list[Row]:
     try:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"is not a readable Parquet file: {e}") from e
+        raise ValueError(f"is not a readable Parquet file ({e}); re-export it or check the download completed") from e
     return [Row(i, record) for i, record in enumerate(table.to_pylist())]
 
 
