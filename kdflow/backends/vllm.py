@@ -1,0 +1,231 @@
+"""The vLLM backend: soft labels from vLLM's offline engine on CUDA GPUs, with tensor parallelism.
+
+vLLM is an optional extra (`pip install 'kdflow[vllm]'`, CUDA only) and is imported when the backend is
+built, never at module import, so the conversions below are tested on any machine with fake outputs of
+vLLM's documented shape.
+
+- letter: one prefill per question; `SamplingParams(logprob_token_ids=...)` returns the log-probabilities
+  of exactly the option letters ("A" and " A" forms), whatever their rank. vLLM's default
+  `logprobs_mode="raw_logprobs"` is a log-softmax over the whole vocabulary, so the mass on the letters is
+  the coverage. Builds without `logprob_token_ids` fall back to the top 20 tokens, where a letter outside
+  them counts as absent (less coverage, never a made-up probability).
+- cloze: one request per option with `prompt_logprobs`, summing the option tokens' log-probabilities.
+
+Prompts are the token ids of kdflow.scoring.tokenize (same rendering, BOS handling and left truncation as
+the hf backend), except chat prompts, which `LLM.chat` renders with `chat_template_kwargs` so that Qwen3's
+`enable_thinking` is honoured.
+
+Data parallelism within a node (teacher.vllm.data_parallel_size > 1) is NOT done here: one VLLMBackend
+drives one engine. The caller starts data_parallel_size independent processes, each with its own
+CUDA_VISIBLE_DEVICES (a group of tensor_parallel_size GPUs) and its own shard of the questions; that
+avoids vLLM's in-process DP coordination and lets a crashed replica be retried alone.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kdflow.backends.base import ScoredQuestion
+from kdflow.config import ScoringConfig, TeacherConfig
+from kdflow.errors import KdflowError
+from kdflow.modeling import weights_fingerprint
+from kdflow.prompts import letter_prompt
+from kdflow.records import MAX_OPTIONS
+from kdflow.scoring import letter_token_ids, tokenize
+from kdflow.softlabels import SoftLabel, logsumexp, soft_label_from_logprobs
+
+# The fallback's top-k: vLLM's default max_logprobs cap.
+FALLBACK_TOP_LOGPROBS = 20
+
+
+def labels_from_request_outputs(
+    outputs: Sequence[Any], option_token_ids: Sequence[Sequence[Sequence[int]]]
+) -> list[SoftLabel]:
+    """Letter soft labels from vLLM RequestOutputs (one per question, max_tokens=1).
+
+    `outputs[q].outputs[0].logprobs[0]` maps token id -> Logprob(logprob, rank, decoded_token) at the answer
+    position; `option_token_ids[q][i]` are the ids of option i's letter forms, log-sum-exp'ed. A form the
+    engine did not return is absent; a question with none gets a uniform label with coverage 0.
+    """
+    if len(outputs) != len(option_token_ids):
+        raise ValueError(f"{len(outputs)} outputs for {len(option_token_ids)} questions")
+    labels = []
+    for output, options in zip(outputs, option_token_ids):
+        steps = output.outputs[0].logprobs if output.outputs else None
+        position: Mapping[int, Any] = steps[0] if steps else {}
+        option_lps = [
+            logsumexp([position[t].logprob for t in forms if position.get(t) is not None]) for forms in options
+        ]
+        labels.append(soft_label_from_logprobs(option_lps))
+    return labels
+
+
+def cloze_label_from_request_outputs(
+    outputs: Sequence[Any], targets: Sequence[int], norms: Sequence[float]
+) -> SoftLabel:
+    """One question's cloze soft label from its options' RequestOutputs (prompt_logprobs requested).
+
+    Option i's prompt ends with its `targets[i]` option tokens; their log-probabilities, read from
+    `prompt_logprobs` (a list with None for the first prompt token, then dict token id -> Logprob that
+    always holds the prompt token), are summed and divided by `norms[i]`. An option with a token missing
+    is absent.
+    """
+    if not len(outputs) == len(targets) == len(norms):
+        raise ValueError(f"{len(outputs)} outputs for {len(targets)} targets and {len(norms)} norms")
+    scores: list[float] = []
+    for output, target, norm in zip(outputs, targets, norms):
+        ids = list(output.prompt_token_ids)
+        positions = output.prompt_logprobs or []
+        total = 0.0
+        for j in range(len(ids) - target, len(ids)):
+            entry = positions[j].get(ids[j]) if j < len(positions) and positions[j] else None
+            total = total + entry.logprob if entry is not None else -math.inf
+        scores.append(total / norm)
+    return _cloze_label(scores)
+
+
+def _cloze_label(scores: list[float]) -> SoftLabel:
+    # Softmax is shift-invariant; shifting keeps long options above softlabels' "missing" floor
+    # (as kdflow.scoring.to_soft_labels does).
+    top = max((s for s in scores if math.isfinite(s)), default=0.0)
+    return soft_label_from_logprobs([s - top for s in scores], normalised=True)
+
+
+class VLLMBackend:
+    """A teacher served by one vLLM offline engine (`vllm.LLM`) in this process."""
+
+    def __init__(self, teacher: TeacherConfig, scoring: ScoringConfig) -> None:
+        try:
+            import vllm
+        except ImportError as e:
+            raise KdflowError(
+                "teacher.backend: vllm needs vLLM, which is not installed here. Install it on a machine with "
+                "NVIDIA GPUs and CUDA: pip install 'kdflow[vllm]'; or use teacher.backend: hf, or openai "
+                "against a `vllm serve` server."
+            ) from e
+        if teacher.model is None:
+            raise KdflowError("teacher.backend: vllm needs teacher.model (a hub id or a local directory)")
+        if teacher.gguf_file is not None:
+            raise KdflowError("teacher.gguf_file is only supported by teacher.backend: hf")
+        self._teacher = teacher
+        self._scoring = scoring
+        self._sampling_params = vllm.SamplingParams
+        self._llm = vllm.LLM(
+            model=teacher.model,
+            revision=teacher.revision,
+            tensor_parallel_size=teacher.vllm.tensor_parallel_size,
+            max_model_len=teacher.vllm.max_model_len,
+            gpu_memory_utilization=teacher.vllm.gpu_memory_utilization,
+            quantization=teacher.vllm.quantization,
+            trust_remote_code=teacher.trust_remote_code,
+            dtype=teacher.dtype,
+            seed=0,
+        )
+        self._tokenizer = self._llm.get_tokenizer()
+        self._chat = self._uses_chat_template()
+        try:
+            self._sampling_params(max_tokens=1, temperature=0.0, logprob_token_ids=[0])
+            self._token_ids_supported = True
+        except TypeError:
+            self._token_ids_supported = False
+
+    def _uses_chat_template(self) -> bool:
+        if self._scoring.mode != "letter":
+            return False
+        has_template = bool(getattr(self._tokenizer, "chat_template", None))
+        if self._scoring.chat_template == "on" and not has_template:
+            raise KdflowError("scoring.chat_template is 'on' but this model's tokenizer has no chat template")
+        return self._scoring.chat_template == "on" or (self._scoring.chat_template == "auto" and has_template)
+
+    def _letter_params(self, ids: list[int]) -> Any:
+        # One kind of request per engine: mixing logprob_token_ids and top-k requests in one batch lets one
+        # override the other in some vLLM versions.
+        if self._token_ids_supported:
+            return self._sampling_params(max_tokens=1, temperature=0.0, logprob_token_ids=ids)
+        return self._sampling_params(max_tokens=1, temperature=0.0, logprobs=FALLBACK_TOP_LOGPROBS)
+
+    def _generate(self, prompts: list[Any], params: Any) -> list[Any]:
+        """Token-id prompts through LLM.generate, or conversations through LLM.chat (chat template)."""
+        if self._chat:
+            return self._llm.chat(
+                prompts,
+                params,
+                use_tqdm=False,
+                chat_template_kwargs={"enable_thinking": self._teacher.enable_thinking},
+            )
+        return self._llm.generate(prompts, params, use_tqdm=False)
+
+    def score(self, questions: Sequence[Mapping[str, Any]]) -> list[ScoredQuestion]:
+        """Score questions (dicts with question, options, category) in input order, as one engine batch."""
+        if not questions:
+            return []
+        start = time.perf_counter()
+        if self._scoring.mode == "letter":
+            labels, prompts = self._score_letter(questions)
+        else:
+            labels, prompts = self._score_cloze(questions)
+        latency_ms = (time.perf_counter() - start) * 1000.0 / len(questions)
+        reasoning: list[str | None] = [None] * len(questions)
+        if self._teacher.reasoning:
+            params = self._sampling_params(max_tokens=self._teacher.reasoning_max_tokens, temperature=0.0)
+            reasoning = [o.outputs[0].text.strip() if o.outputs else None for o in self._generate(prompts, params)]
+        return [ScoredQuestion(label=label, latency_ms=latency_ms, reasoning=r) for label, r in zip(labels, reasoning)]
+
+    def _score_letter(self, questions: Sequence[Mapping[str, Any]]) -> tuple[list[SoftLabel], list[Any]]:
+        """Labels, and the prompts they came from (conversations for chat, else token-id prompts)."""
+        if self._chat:
+            for i, q in enumerate(questions):
+                if not isinstance(q.get("question"), str) or not 2 <= len(q.get("options") or []) <= MAX_OPTIONS:
+                    raise KdflowError(
+                        f"question {i} ({q.get('question_id', 'no id')}) needs a question string and "
+                        f"2..{MAX_OPTIONS} options"
+                    )
+            letters = letter_token_ids(self._tokenizer, max(len(q["options"]) for q in questions))
+            option_ids = [letters[: len(q["options"])] for q in questions]
+            prompts: list[Any] = [[{"role": "user", "content": self._letter_prompt(q)}] for q in questions]
+        else:
+            encoded = tokenize(questions, self._tokenizer, self._scoring)
+            option_ids = [e.letter_ids for e in encoded]
+            # A plain dict is vLLM's TokensPrompt (a TypedDict), in every version.
+            prompts = [{"prompt_token_ids": list(e.rows[0])} for e in encoded]
+        ids = sorted({t for options in option_ids for forms in options for t in forms})
+        return labels_from_request_outputs(self._generate(prompts, self._letter_params(ids)), option_ids), prompts
+
+    def _score_cloze(self, questions: Sequence[Mapping[str, Any]]) -> tuple[list[SoftLabel], list[Any]]:
+        """Labels, and each question's context as a token-id prompt (what reasoning continues)."""
+        encoded = tokenize(questions, self._tokenizer, self._scoring)
+        rows = [{"prompt_token_ids": list(row)} for e in encoded for row in e.rows]
+        # prompt_logprobs=1 returns the prompt token's own log-probability (plus the top one) at each position.
+        outputs = self._generate(rows, self._sampling_params(max_tokens=1, temperature=0.0, prompt_logprobs=1))
+        labels, at = [], 0
+        for e in encoded:
+            labels.append(cloze_label_from_request_outputs(outputs[at : at + e.n_options], e.targets, e.norms))
+            at += e.n_options
+        contexts = [{"prompt_token_ids": list(e.rows[0][: len(e.rows[0]) - e.targets[0]])} for e in encoded]
+        return labels, contexts
+
+    def _letter_prompt(self, q: Mapping[str, Any]) -> str:
+        options = [str(o) for o in q["options"]]
+        return letter_prompt(q["question"], options, str(q.get("category") or ""), self._scoring)
+
+    def key_parts(self) -> dict[str, Any]:
+        """Backend, model id or path, revision, weights fingerprint (local directories) and quantization."""
+        return {
+            "backend": "vllm",
+            "model": self._teacher.model,
+            "revision": self._teacher.revision,
+            "weights": weights_fingerprint(self._teacher.model),
+            "quantization": self._teacher.vllm.quantization,
+        }
+
+    def close(self) -> None:
+        # The engine (and its worker processes) shut down when the LLM object is collected.
+        self._llm = None
+        gc.collect()
+
+    def __repr__(self) -> str:
+        return f"VLLMBackend(model={self._teacher.model!r}, mode={self._scoring.mode!r})"

@@ -1,0 +1,221 @@
+"""A local OpenAI-compatible server whose log-probabilities come from a real (tiny) transformers model.
+
+Tests give it the same model object they give the hf backend, so the openai backend's parsing can be
+checked number for number. It answers POST /v1/completions (letter: top-N log-probabilities of the next
+token over the whole vocabulary; echo: the prompt tokens' log-probabilities and text offsets, like vLLM,
+BOS text included) and POST /v1/chat/completions (the tokenizer's chat template, top logprobs of the
+first answer token). It binds 127.0.0.1 on a free port, can fail its next requests with a chosen status,
+counts requests in flight and records the request bodies and Authorization headers it saw. Bounded: 1 MB
+bodies, 256 prompt tokens, 64 generated tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import torch
+
+MAX_BODY_BYTES = 1 << 20
+MAX_GENERATED = 64
+MAX_PROMPT_TOKENS = 256
+
+
+class StubError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class StubServer:
+    """Serve `model` + `tokenizer` over HTTP until `stop()`; `base_url` ends in /v1."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, delay_s: float = 0.0, max_top_logprobs: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.delay_s = delay_s
+        self.max_top_logprobs = max_top_logprobs or len(tokenizer)
+        self.auth_headers: list[str | None] = []
+        self.bodies: list[dict[str, Any]] = []
+        self.max_in_flight = 0
+        self._in_flight = 0
+        self._failures: deque[tuple[int, float | None, str]] = deque()
+        self._state = threading.Lock()
+        self._compute = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="openai-stub", daemon=True
+        )
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def start(self) -> StubServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def fail_next(self, count: int, status: int, retry_after: float | None = None, message: str = "") -> None:
+        """Answer the next `count` requests with `status` (and a Retry-After header when given)."""
+        with self._state:
+            self._failures.extend([(status, retry_after, message or f"injected failure {status}")] * count)
+
+    # --- request handling -------------------------------------------------------------------------------
+
+    def handle(self, path: str, body: dict[str, Any], auth: str | None) -> tuple[int, dict[str, Any], dict[str, str]]:
+        with self._state:
+            self.auth_headers.append(auth)
+            self.bodies.append(body)
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+            failure = self._failures.popleft() if self._failures else None
+        try:
+            time.sleep(self.delay_s)
+            if failure is not None:
+                status, retry_after, message = failure
+                headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+                return status, _error(message), headers
+            try:
+                if path == "/v1/completions":
+                    return 200, self._completions(body), {}
+                if path == "/v1/chat/completions":
+                    return 200, self._chat(body), {}
+                return 404, _error(f"no route {path}"), {}
+            except StubError as e:
+                return e.status, _error(str(e)), {}
+        finally:
+            with self._state:
+                self._in_flight -= 1
+
+    def _log_probs(self, ids: list[int]) -> torch.Tensor:
+        """[len(ids), V] float32 log-probabilities of the token after each position."""
+        if len(ids) > MAX_PROMPT_TOKENS:
+            raise StubError(400, f"the stub takes at most {MAX_PROMPT_TOKENS} tokens, got {len(ids)}")
+        with self._compute, torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def _top(self, row: torch.Tensor, n: int) -> dict[str, float]:
+        if not 0 <= n <= self.max_top_logprobs:
+            raise StubError(400, f"top_logprobs must be in [0, {self.max_top_logprobs}], got {n}")
+        values, ids = torch.topk(row, min(n, row.shape[0]))
+        top: dict[str, float] = {}
+        for value, token_id in zip(values.tolist(), ids.tolist()):
+            top.setdefault(self.tokenizer.decode([token_id]), value)  # by text, highest first, like a server
+        return top
+
+    def _generate(self, ids: list[int], max_tokens: int) -> str:
+        out = []
+        for _ in range(min(max_tokens, MAX_GENERATED)):
+            next_id = int(self._log_probs(ids + out)[-1].argmax())
+            if next_id == self.tokenizer.eos_token_id:
+                break
+            out.append(next_id)
+        return self.tokenizer.decode(out)
+
+    def _completions(self, body: dict[str, Any]) -> dict[str, Any]:
+        prompt, max_tokens, n = body.get("prompt"), body.get("max_tokens", 16), body.get("logprobs")
+        if not isinstance(body.get("model"), str) or not isinstance(prompt, str) or not prompt:
+            raise StubError(400, "model and a non-empty string prompt are required")
+        ids = self.tokenizer(prompt)["input_ids"]
+        if body.get("echo"):
+            if max_tokens != 0 or n is None:
+                raise StubError(400, "the stub echoes only with max_tokens 0 and logprobs set")
+            rows = self._log_probs(ids)
+            tokens = [self.tokenizer.decode([t]) for t in ids]
+            offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+            values = [None] + [float(rows[i - 1, t]) for i, t in enumerate(ids) if i > 0]
+            top = [None] + [{tokens[i]: values[i]} for i in range(1, len(ids))]
+            logprobs = {"tokens": tokens, "token_logprobs": values, "top_logprobs": top, "text_offset": offsets}
+            return _completion(body["model"], self.tokenizer.decode(ids), logprobs)
+        if max_tokens != 1 or n is None:
+            return _completion(body["model"], self._generate(ids, int(max_tokens)), None)
+        row = self._log_probs(ids)[-1]
+        best = int(row.argmax())
+        token = self.tokenizer.decode([best])
+        logprobs = {"tokens": [token], "token_logprobs": [float(row[best])], "top_logprobs": [self._top(row, n)],
+                    "text_offset": [len(prompt)]}
+        return _completion(body["model"], token, logprobs)
+
+    def _chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise StubError(400, "messages are required")
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **(body.get("chat_template_kwargs") or {})
+        )
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not body.get("logprobs"):
+            content = self._generate(ids, int(body.get("max_tokens", 16)))
+            message = {"role": "assistant", "content": content}
+            return {"object": "chat.completion", "choices": [{"index": 0, "message": message}]}
+        row = self._log_probs(ids)[-1]
+        best = int(row.argmax())
+        top = self._top(row, int(body.get("top_logprobs", 0)))
+        entry = {
+            "token": self.tokenizer.decode([best]),
+            "logprob": float(row[best]),
+            "top_logprobs": [{"token": t, "logprob": v} for t, v in top.items()],
+        }
+        return {
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": entry["token"]},
+                         "logprobs": {"content": [entry]}}],
+        }
+
+
+def _completion(model: str, text: str, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "object": "text_completion",
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": "length"}],
+    }
+
+
+def _error(message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "stub_error"}}
+
+
+def _handler(server: StubServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as httpx pools connections
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY_BYTES:
+                self._send(413, _error("body too large"), {})
+                self.close_connection = True
+                return
+            try:
+                body = json.loads(self.rfile.read(length) or b"{}")
+            except ValueError:
+                self._send(400, _error("body is not JSON"), {})
+                return
+            status, payload, headers = server.handle(self.path, body, self.headers.get("Authorization"))
+            self._send(status, payload, headers)
+
+        def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str]) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
+            return
+
+    return Handler

@@ -1,0 +1,291 @@
+"""The soft-label gate: a clean label set passes; each kind of corruption fails exactly its expectations.
+
+Every corrupted variant asserts the failed expectation names, the quarantined question ids and the gate
+decision, so a check that starts flagging too much (or too little) shows up here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kdflow import validation
+from kdflow.config import ValidationConfig
+from kdflow.validation import CHECKS, QUARANTINE_CHECK, derive_columns, validate_labels
+
+CFG = ValidationConfig()
+
+
+def make_labels(n: int = 400, seed: int = 0, accuracy: float = 0.85) -> pd.DataFrame:
+    """A realistic label set: 3-5 options, a teacher right `accuracy` of the time, softmax entropies."""
+    rng = np.random.default_rng(seed)
+    n_options = rng.integers(3, 6, n)
+    answer = (rng.random(n) * n_options).astype(int)
+    other = (answer + 1 + (rng.random(n) * (n_options - 1)).astype(int)) % n_options
+    predicted = np.where(rng.random(n) < accuracy, answer, other)
+    logits = rng.normal(0.0, 1.0, (n, 5))
+    logits[np.arange(n), predicted] = logits.max(axis=1) + rng.exponential(1.5, n) + 0.2
+    logits[np.arange(5)[None, :] >= n_options[:, None]] = -np.inf
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.nansum(np.where(probs > 0, probs * np.log(probs), 0.0), axis=1)
+    return pd.DataFrame(
+        {
+            "question_id": [f"q{i:05d}" for i in range(n)],
+            "teacher_key": "teacher-1",
+            "split": rng.choice(["train", "val", "test"], n, p=[0.7, 0.1, 0.2]),
+            "answer": answer,
+            "n_options": n_options,
+            "probs": [p[:k].tolist() for p, k in zip(probs, n_options)],
+            "confidence": probs.max(axis=1),
+            "predicted": predicted,
+            "coverage": rng.uniform(0.8, 1.0, n),
+            "entropy": entropy,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def clean() -> pd.DataFrame:
+    validation._import_gx(verbose=False)  # the ~3 s import, paid once here with GX's loggers quieted
+    return make_labels()
+
+
+def ids(rows: list[int]) -> set[str]:
+    return {f"q{i:05d}" for i in rows}
+
+
+def quarantined(outcome, expectation: str) -> set[str]:
+    q = outcome.quarantine
+    return set(q.loc[q["expectation"] == expectation, "question_id"])
+
+
+def edit_probs(df: pd.DataFrame, rows: list[int], fn) -> pd.DataFrame:
+    df = df.copy()
+    df["probs"] = [fn(p) if i in rows else p for i, p in enumerate(df["probs"])]
+    return df
+
+
+def patch(df: pd.DataFrame, rows: list[int], **changes) -> pd.DataFrame:
+    """Set columns of `rows` to a value, or to a function of their old values."""
+    df = df.copy()
+    for column, change in changes.items():
+        df.loc[rows, column] = change(df.loc[rows, column]) if callable(change) else change
+    return df
+
+
+def unnormalise(df: pd.DataFrame, rows: list[int], factor: float) -> pd.DataFrame:
+    """Scale the probabilities (and so the confidence) of `rows`: only their sum is wrong."""
+    return patch(edit_probs(df, rows, lambda p: [x * factor for x in p]), rows, confidence=lambda c: c * factor)
+
+
+def test_clean_labels_pass(clean, capfd, caplog):
+    outcome = validate_labels(clean, CFG)
+    assert outcome.success, outcome.failure_message()
+    assert outcome.failed == []
+    assert outcome.quarantine.empty
+    assert list(outcome.quarantine.columns) == ["question_id", "teacher_key", "expectation", "detail"]
+    assert [r.name for r in outcome.results] == [c.name for c in CHECKS] + [QUARANTINE_CHECK.name]
+    assert outcome.statistics["rows"] == 400
+    assert outcome.statistics["evaluated_expectations"] == len(CHECKS) + 1
+    assert outcome.data_docs_path is None
+    assert all(r.why and r.gx_type.startswith("Expect") for r in outcome.results)
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""  # no progress bars
+    assert not [r for r in caplog.records if r.name.startswith("great_expectations")]  # no log spam
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "rows", "expected"),
+    [
+        (lambda df: unnormalise(df, [3, 17, 42], 0.9), [3, 17, 42], "prob_sum_is_one"),
+        (lambda df: edit_probs(df, [5, 9], lambda p: [float("nan")] + p[1:]), [5, 9], "values_finite"),
+        (lambda df: patch(df, [11], entropy=np.inf), [11], "values_finite"),
+        (lambda df: edit_probs(df, [8, 30], lambda p: p + [0.0]), [8, 30], "n_probs_matches_options"),
+        (lambda df: patch(df, [4], confidence=lambda c: c - 0.05), [4], "confidence_is_max_prob"),
+        (lambda df: patch(df, [6], predicted=lambda p: (p + 1) % df.loc[[6], "n_options"]), [6], "predicted_is_argmax"),
+    ],
+    ids=["sum", "nan", "inf", "n_options", "confidence", "argmax"],
+)
+def test_row_failures_are_quarantined_without_failing_the_gate(clean, corrupt, rows, expected):
+    outcome = validate_labels(corrupt(clean), CFG)
+    assert outcome.failed == [expected]
+    assert outcome.success, outcome.failure_message()
+    assert quarantined(outcome, expected) == ids(rows)
+    assert len(outcome.quarantine) == outcome.statistics["quarantined_rows"] == len(rows)
+    failed = next(r for r in outcome.results if r.name == expected)
+    assert failed.level == "row" and failed.unexpected_count == len(rows)
+    assert failed.unexpected_share == len(rows) / 400
+
+
+def test_missing_question_id(clean):
+    outcome = validate_labels(patch(clean, [2], question_id=None), CFG)
+    assert outcome.failed == ["question_id_present"]
+    assert len(outcome.quarantine) == 1 and outcome.quarantine["question_id"].isna().all()
+    assert outcome.success
+
+
+def test_negative_probability(clean):
+    df = patch(edit_probs(clean, [7], lambda p: [-0.1, 0.6, 0.5]), [7], n_options=3, confidence=0.6, predicted=1)
+    outcome = validate_labels(df, CFG)
+    assert outcome.failed == ["probs_non_negative"]
+    entry = {"question_id": "q00007", "teacher_key": "teacher-1", "expectation": "probs_non_negative"}
+    assert outcome.quarantine.to_dict("records") == [entry | {"detail": "prob_min=-0.1"}]
+    assert outcome.success
+
+
+def test_duplicated_labels_are_quarantined_once_per_label(clean):
+    df = pd.concat([clean, clean.iloc[[0, 1]]], ignore_index=True)
+    outcome = validate_labels(df, CFG)
+    assert outcome.failed == ["label_unique"]
+    assert quarantined(outcome, "label_unique") == ids([0, 1])
+    assert len(outcome.quarantine) == 2  # one entry per (label, expectation), not per copy
+    assert outcome.statistics["quarantined_rows"] == 4
+    assert outcome.success
+
+
+def test_many_bad_rows_fail_the_gate(clean):
+    rows = list(range(0, 400, 10))  # 10% > max_quarantine_share (5%)
+    outcome = validate_labels(unnormalise(clean, rows, 0.5), CFG)
+    assert outcome.failed == ["prob_sum_is_one", "quarantine_share"]
+    assert quarantined(outcome, "prob_sum_is_one") == ids(rows)
+    assert not outcome.success
+    assert "10.00% of 400 rows quarantined" in outcome.failure_message()
+
+
+def answer_a(df: pd.DataFrame, rows: pd.Series) -> pd.DataFrame:
+    """Move the teacher's top probability to option A on `rows` (a boolean mask)."""
+
+    def to_a(row: pd.Series) -> list[float]:
+        p = list(row["probs"])
+        p[0], p[row["predicted"]] = p[row["predicted"]], p[0]
+        return p
+
+    moved = df.assign(probs=df.apply(to_a, axis=1), predicted=0)
+    return moved.where(rows, df)
+
+
+def test_every_answer_a_fails_position_bias(clean):
+    outcome = validate_labels(answer_a(clean, clean["predicted"] >= 0), CFG)
+    # Answering A everywhere also drops accuracy to A's gold share: both dataset checks must fire.
+    assert outcome.failed == ["position_bias", "teacher_accuracy"]
+    assert outcome.quarantine.empty
+    assert not outcome.success
+    bias = next(r for r in outcome.results if r.name == "position_bias")
+    assert bias.observed.startswith("position A predicted 100.0% vs gold")
+
+
+def test_a_teacher_that_guesses_a_when_wrong_fails_position_bias_only():
+    labels = make_labels(accuracy=0.7, seed=3)
+    outcome = validate_labels(answer_a(labels, labels["predicted"] != labels["answer"]), CFG)
+    assert outcome.failed == ["position_bias"]
+    assert outcome.quarantine.empty
+    assert not outcome.success
+
+
+def test_low_coverage_for_many_rows(clean):
+    rows = list(range(0, 400, 5))  # 20%
+    outcome = validate_labels(patch(clean, rows, coverage=0.3), CFG)
+    assert outcome.failed == ["coverage_floor", "quarantine_share"]
+    assert quarantined(outcome, "coverage_floor") == ids(rows)
+    assert not outcome.success
+    message = outcome.failure_message()
+    assert "coverage_floor: 80 of 400 rows (20.00%) below 0.5" in message
+    assert "quarantine_share: 20.00% of 400 rows quarantined" in message
+
+
+def test_a_few_low_coverage_rows_are_quarantined_only(clean):
+    rows = [10, 20, 30]
+    outcome = validate_labels(patch(clean, rows, coverage=0.3), CFG)
+    assert outcome.failed == []  # the share is met: the check passes, its rows still go
+    assert quarantined(outcome, "coverage_floor") == ids(rows)
+    assert outcome.success
+
+
+def test_teacher_at_chance_fails_the_accuracy_floor():
+    outcome = validate_labels(make_labels(accuracy=0.25, seed=1), CFG)
+    assert outcome.failed == ["teacher_accuracy"]
+    assert outcome.quarantine.empty
+    assert not outcome.success
+    assert "teacher_accuracy: accuracy" in outcome.failure_message()
+
+
+def test_one_hot_labels_are_degenerate(clean):
+    def one_hot(row: pd.Series) -> list[float]:
+        return [float(i == row["predicted"]) for i in range(row["n_options"])]
+
+    df = clean.assign(probs=clean.apply(one_hot, axis=1), confidence=1.0, entropy=0.0)
+    outcome = validate_labels(df, CFG)
+    assert outcome.failed == ["entropy_not_degenerate"]
+    assert outcome.quarantine.empty
+    assert not outcome.success
+
+
+def test_a_check_gx_cannot_evaluate_fails_the_gate(clean, monkeypatch):
+    broken = dataclasses.replace(CHECKS[3], kwargs=lambda cfg, f: {"column": "no_such_column", "min_value": 0})
+    monkeypatch.setattr(validation, "CHECKS", (*CHECKS[:3], broken, *CHECKS[4:]))
+    outcome = validate_labels(clean, CFG)
+    assert outcome.failed == ["probs_non_negative"]
+    assert not outcome.success  # a row check that did not run cannot vouch for its rows
+    assert "probs_non_negative: GX could not evaluate it" in outcome.failure_message()
+
+
+def test_derived_columns_summarise_list_probabilities():
+    df = pd.DataFrame(
+        {
+            "question_id": ["a", "b", "c", "d"],
+            "teacher_key": "t",
+            "split": "train",
+            "answer": [0, 1, 0, 0],
+            "n_options": [3, 2, 2, 2],
+            "probs": [np.array([0.2, 0.5, 0.3]), [0.5, 0.5], None, []],
+            "confidence": [0.5, 0.5, 0.5, 0.5],
+            "predicted": [1, 0, 0, 0],
+            "coverage": 1.0,
+            "entropy": 0.5,
+        }
+    )
+    frame, facts = derive_columns(df, CFG)
+    assert frame["prob_sum"].tolist()[:2] == pytest.approx([1.0, 1.0])
+    assert frame["argmax"].tolist()[:2] == [1.0, 0.0]  # first of tied maxima, like numpy
+    assert frame["n_probs"].tolist()[:2] + frame["n_probs"].tolist()[3:] == [3.0, 2.0, 0.0]
+    assert np.isnan(frame["n_probs"].iloc[2])
+    assert frame["nonfinite"].tolist() == ["", "", "probs", "probs"]
+    assert facts.accuracy_rows == 4 and facts.chance == pytest.approx((1 / 3 + 3 / 2) / 4)
+
+
+def test_missing_columns_are_named():
+    with pytest.raises(ValueError, match="coverage"):
+        validate_labels(make_labels(10).drop(columns=["coverage"]), CFG)
+
+
+def test_data_docs_are_built_and_rebuilt(clean, tmp_path):
+    first = validate_labels(clean, CFG, docs_dir=tmp_path)
+    again = validate_labels(clean.assign(coverage=0.1), CFG, docs_dir=tmp_path)  # same project, new run
+    assert first.data_docs_path and first.data_docs_path.endswith("index.html")
+    assert first.data_docs_path == again.data_docs_path
+    assert (tmp_path / "gx").is_dir()
+    assert "kdflow_soft_labels_labels" in Path(again.data_docs_path).read_text(encoding="utf-8")
+    assert not again.success
+
+
+def test_fifty_thousand_rows_validate_quickly(clean):
+    labels = make_labels(50_000, seed=2)
+    start = time.perf_counter()
+    outcome = validate_labels(labels, CFG)
+    assert time.perf_counter() - start < 10
+    assert outcome.success, outcome.failure_message()
+
+
+def test_import_does_not_load_great_expectations():
+    code = "import sys, kdflow.validation; print('great_expectations' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
