@@ -151,7 +151,9 @@ class OpenAIServerConfig(Strict):
     concurrency: int = Field(8, ge=1, description="requests in flight at once")
     max_retries: int = Field(5, ge=0, description="retries on 429 and 5xx, with exponential backoff")
     timeout_s: float = Field(60.0, gt=0)
-    top_logprobs: int = Field(20, ge=1, le=20, description="fallback when the server cannot return chosen token ids")
+    top_logprobs: int = Field(
+        20, ge=1, description="letter mode: top tokens asked for (OpenAI caps at 20; vllm serve --max-logprobs allows more)"
+    )
 
 
 class VLLMConfig(Strict):

@@ -46,11 +46,10 @@ class LossParts(NamedTuple):
 def _masked_log_softmax(x: Tensor, valid: Tensor) -> Tensor:
     """log_softmax over the `valid` entries of each row of x [B, K]; -inf elsewhere.
 
-    A row with no valid entry is computed on zeros and then masked, so it is all -inf instead of NaN (NaN
-    would reach the gradients of the other rows through the mean even when that row is excluded).
+    A row with no valid entry comes out all -inf, not NaN: the outer masked_fill replaces the NaN of the
+    softmax and, in backward, zeroes the NaN gradient before it reaches the logits.
     """
     x = x.masked_fill(~valid, -math.inf)
-    x = x.masked_fill(~valid.any(dim=-1, keepdim=True), 0.0)
     return torch.log_softmax(x, dim=-1).masked_fill(~valid, -math.inf)
 
 
@@ -63,11 +62,11 @@ def _student_log_probs(student_logits: Tensor, option_mask: Tensor, temperature:
 def _teacher_log_probs(teacher_probs: Tensor, option_mask: Tensor, temperature: float) -> Tensor:
     """Teacher log-probabilities [B, K] at temperature T: p^(1/T) renormalised over the real options.
 
-    Zero probabilities become -inf (so 0 * log 0 counts as 0 downstream). The inner where keeps log(0)
-    out of the graph; NaN or negative probabilities are not hidden, they turn into NaN.
+    Zero probabilities become -inf (so 0 * log 0 counts as 0 downstream). The probabilities are targets,
+    so no gradient flows to them. NaN or negative probabilities are not hidden: they turn into NaN.
     """
     has_mass = option_mask & (teacher_probs != 0)
-    log_p = torch.log(torch.where(has_mass, teacher_probs, torch.ones_like(teacher_probs)))
+    log_p = torch.log(teacher_probs.detach())
     return _masked_log_softmax(log_p / temperature, has_mass)
 
 
@@ -131,7 +130,8 @@ def kd_divergence(
     Args:
         student_logits: [B, K] raw option logits; padded entries are ignored.
         teacher_probs: [B, K] teacher probabilities, zeros at padded options; renormalised over the real
-            options (at T != 1 as p^(1/T)), so a row need not sum exactly to 1.
+            options (at T != 1 as p^(1/T)), so a row need not sum exactly to 1. A row with no teacher
+            mass at all (not labelled yet) gives a finite value, so it can be excluded by sample_mask.
         option_mask: [B, K] True at real options.
         kind: "forward_kl" = KL(teacher || student), mode-covering (Hinton et al.);
             "reverse_kl" = KL(student || teacher), mode-seeking (MiniLLM); teacher log-probs are floored

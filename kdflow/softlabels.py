@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 from collections.abc import Sequence
 
-# Servers report "no probability" as a very negative number (-9999.0 for OpenAI-compatible APIs).
-MISSING_LOGPROB = -1e4
+# Servers report "no probability" as -9999.0 (OpenAI-compatible APIs); anything at or below it is absent.
+MISSING_LOGPROB = -9999.0
 
 
 @dataclass(frozen=True)
