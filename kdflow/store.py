@@ -74,7 +74,7 @@ class Store:
 
     def arrow(self, query: str, /, **params: Any) -> pa.Table:
         with self.connect() as con:
-            return con.execute(sql(query), params or None).fetch_arrow_table()
+            return con.sql(sql(query), params=params or None).to_arrow_table()
 
     def execute(self, query: str, incoming: pa.Table | None = None, /, **params: Any) -> None:
         """Run one named statement in its own transaction; `incoming` is readable under that name."""

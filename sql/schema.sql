@@ -195,6 +195,25 @@ CREATE TABLE IF NOT EXISTS cascade_points (
     chosen           BOOLEAN NOT NULL
 );
 
+CREATE TABLE IF NOT EXISTS reliability_bins (
+    eval_id    VARCHAR NOT NULL,
+    model_role VARCHAR NOT NULL,
+    bin        INTEGER NOT NULL,            -- 0 .. ece_bins - 1, equal-width confidence bins
+    lower      DOUBLE NOT NULL,
+    upper      DOUBLE NOT NULL,
+    n          BIGINT NOT NULL,
+    confidence DOUBLE,                      -- mean confidence of the bin's predictions (NULL when empty)
+    accuracy   DOUBLE                       -- share of them that are correct
+);
+
+CREATE TABLE IF NOT EXISTS evaluation_models (
+    eval_id    VARCHAR NOT NULL,
+    model_role VARCHAR NOT NULL,
+    path       VARCHAR,                     -- NULL: the teacher was read from its stored labels only
+    model_id   VARCHAR,                     -- models.model_id of that path, to find its training metrics
+    PRIMARY KEY (eval_id, model_role)
+);
+
 -- name: schema_version
 SELECT coalesce(max(version), 0) FROM schema_version;
 

@@ -1,0 +1,107 @@
+-- The report of one run, read from the store alone: its latest evaluation and what produced the models.
+-- Metric names are those kdflow/evaluation.py writes (long format: one row per model, category, name).
+
+-- name: report_evaluation
+-- The run's latest evaluation, with the run's name and status.
+SELECT e.eval_id, e.spec, e.created_at, r.name AS run_name, r.status AS run_status
+FROM evaluations e
+LEFT JOIN runs r ON r.run_id = e.run_id
+WHERE e.run_id = $run_id
+ORDER BY e.created_at DESC, e.eval_id DESC
+LIMIT 1;
+
+-- name: model_metrics
+-- One row per evaluated model: overall metrics, teacher first, then the distilled student.
+WITH wide AS (
+    SELECT model_role,
+           max(value) FILTER (WHERE name = 'n')                 AS n,
+           max(value) FILTER (WHERE name = 'accuracy')          AS accuracy,
+           max(value) FILTER (WHERE name = 'accuracy_lo')       AS accuracy_lo,
+           max(value) FILTER (WHERE name = 'accuracy_hi')       AS accuracy_hi,
+           max(value) FILTER (WHERE name = 'retention')         AS retention,
+           max(value) FILTER (WHERE name = 'agreement')         AS agreement,
+           max(value) FILTER (WHERE name = 'kl')                AS kl,
+           max(value) FILTER (WHERE name = 'nll')               AS nll,
+           max(value) FILTER (WHERE name = 'brier')             AS brier,
+           max(value) FILTER (WHERE name = 'ece')               AS ece,
+           max(value) FILTER (WHERE name = 'latency_ms_mean')   AS latency_ms_mean,
+           max(value) FILTER (WHERE name = 'latency_ms_median') AS latency_ms_median,
+           max(value) FILTER (WHERE name = 'latency_ms_p95')    AS latency_ms_p95,
+           max(value) FILTER (WHERE name = 'throughput_qps')    AS throughput_qps,
+           max(value) FILTER (WHERE name = 'params_total')      AS params_total,
+           max(value) FILTER (WHERE name = 'params_active')     AS params_active
+    FROM metrics
+    WHERE eval_id = $eval_id AND category = '*'
+    GROUP BY model_role
+)
+SELECT * FROM wide
+ORDER BY CASE model_role WHEN 'teacher' THEN 0 WHEN 'student' THEN 1 WHEN 'student_hard' THEN 2
+                         WHEN 'student_init' THEN 3 ELSE 4 END, model_role;
+
+-- name: tradeoff_table
+-- The seed's trade-off table: teacher and distilled student, parameters, latency (median, batch size 1),
+-- speed-up over the teacher, accuracy and accuracy lost against the teacher.
+WITH overall AS (
+    SELECT model_role,
+           max(value) FILTER (WHERE name = 'params_total')      AS params_total,
+           max(value) FILTER (WHERE name = 'params_active')     AS params_active,
+           max(value) FILTER (WHERE name = 'latency_ms_median') AS latency_ms,
+           max(value) FILTER (WHERE name = 'accuracy')          AS accuracy
+    FROM metrics
+    WHERE eval_id = $eval_id AND category = '*' AND model_role IN ('teacher', 'student')
+    GROUP BY model_role
+),
+teacher AS (SELECT * FROM overall WHERE model_role = 'teacher')
+SELECT o.model_role, o.params_total, o.params_active, o.latency_ms,
+       t.latency_ms / nullif(o.latency_ms, 0) AS speedup,
+       o.accuracy,
+       t.accuracy - o.accuracy AS accuracy_loss
+FROM overall o CROSS JOIN teacher t
+ORDER BY o.model_role = 'student', o.model_role;
+
+-- name: category_table
+-- Per category: questions, teacher and distilled-student accuracy, and the gap (teacher - student).
+WITH acc AS (
+    SELECT category,
+           max(value) FILTER (WHERE model_role = 'teacher' AND name = 'n')        AS n,
+           max(value) FILTER (WHERE model_role = 'teacher' AND name = 'accuracy') AS teacher_accuracy,
+           max(value) FILTER (WHERE model_role = 'student' AND name = 'accuracy') AS student_accuracy
+    FROM metrics
+    WHERE eval_id = $eval_id AND category <> '*'
+    GROUP BY category
+)
+SELECT category, n, teacher_accuracy, student_accuracy, teacher_accuracy - student_accuracy AS gap
+FROM acc
+ORDER BY gap DESC NULLS LAST, category;
+
+-- name: category_accuracy
+-- Accuracy with its 95% interval per model and category (the per-category plot).
+SELECT model_role, category,
+       max(value) FILTER (WHERE name = 'n')           AS n,
+       max(value) FILTER (WHERE name = 'accuracy')    AS accuracy,
+       max(value) FILTER (WHERE name = 'accuracy_lo') AS accuracy_lo,
+       max(value) FILTER (WHERE name = 'accuracy_hi') AS accuracy_hi
+FROM metrics
+WHERE eval_id = $eval_id AND category <> '*'
+GROUP BY model_role, category
+ORDER BY category, model_role;
+
+-- name: reliability_curve
+SELECT model_role, bin, lower, upper, n, confidence, accuracy
+FROM reliability_bins
+WHERE eval_id = $eval_id
+ORDER BY model_role, bin;
+
+-- name: cascade_curve
+SELECT tau, accuracy, share_to_teacher, latency_ms, pareto, chosen
+FROM cascade_points
+WHERE eval_id = $eval_id
+ORDER BY tau;
+
+-- name: training_curves
+-- Per-step training metrics of each evaluated model that kdflow trained (found through its directory).
+SELECT em.model_role, t.step, t.loss, t.ce, t.kd, t.val_accuracy
+FROM evaluation_models em
+JOIN training_metrics t ON t.model_id = em.model_id
+WHERE em.eval_id = $eval_id
+ORDER BY em.model_role, t.step;

@@ -1,0 +1,137 @@
+"""The report is rebuilt from DuckDB alone: evaluation and report each run in their own process here."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from kdflow.report import ReportError, build_report, load_summary, print_summary, report_dir
+from kdflow.runs import stage
+from kdflow.store import Store
+from test_evaluation import ODD_CATEGORY, RUN_NAME, seed_store
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+
+EVALUATE = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from test_evaluation import Seeded, run_evaluation
+seeded = json.loads(sys.argv[1])
+run_evaluation(Seeded(Path(seeded["home"]), seeded["run_id"], {k: Path(v) for k, v in seeded["models"].items()}))
+"""
+REPORT = """
+import sys
+from kdflow.report import build_report
+from kdflow.store import Store
+sys.stdout.write(str(build_report(Store(sys.argv[1], read_only=True), sys.argv[2]).html))
+"""
+
+
+def _python(code: str, *args: str) -> str:
+    # One thread: the tiny models are quickest that way, and a busy machine does not stall the test.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions):
+    """(home, run_id, html path): evaluated by one process, reported by another, both exited."""
+    home = tmp_path_factory.mktemp("home")
+    seeded = seed_store(home, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions)
+    arguments = json.dumps({"home": str(home), "run_id": seeded.run_id,
+                            "models": {k: str(v) for k, v in seeded.models.items()}})
+    with stage(Store(home), seeded.run_id, "evaluate"):
+        _python(EVALUATE, arguments, str(ROOT / "tests"))
+    html_path = Path(_python(REPORT, str(home), seeded.run_id))
+    return home, seeded.run_id, html_path
+
+
+def test_report_is_built_in_a_new_process_from_the_database(built):
+    home, run_id, html_path = built
+    assert html_path == report_dir(Store(home), run_id) / "report.html"
+    assert html_path.parent.parent == home / "reports"
+    page = html_path.read_text(encoding="utf-8")
+    assert page.count("<table>") == 5  # trade-off, all models, categories, cascade, stages
+    for heading in ("Teacher vs distilled student", "Accuracy per category", "Calibration", "Cascade", "Training"):
+        assert heading in page
+    images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)">', page)
+    assert [alt for alt, _ in images] == ["accuracy per category", "reliability diagrams",
+                                         "cascade accuracy against mean latency", "training curves"]
+    assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for _, data in images)
+    assert "student (hard labels only)" in page and "<td>evaluate</td><td>completed</td>" in page
+    assert '<tr class="chosen">' in page
+
+
+def test_user_text_is_escaped_everywhere(built):
+    _, _, html_path = built
+    page = html_path.read_text(encoding="utf-8")
+    assert ODD_CATEGORY not in page and RUN_NAME not in page
+    assert "&lt;b&gt;Tom &amp; &quot;Jerry&quot;&lt;/b&gt; | $x$" in page
+    assert "kdflow report: T&amp;C &lt;run&gt;" in page
+    markdown = (html_path.parent / "summary.md").read_text(encoding="utf-8")
+    assert "| &lt;b&gt;Tom &amp; &quot;Jerry&quot;&lt;/b&gt; \\| $x$ |" in markdown
+
+
+def test_markdown_summary_has_the_headline_tables_and_threshold(built):
+    _, _, html_path = built
+    markdown = (html_path.parent / "summary.md").read_text(encoding="utf-8")
+    assert "- teacher accuracy: **80.0%**" in markdown
+    assert "| teacher | – / – | 11.0 ms | 1.00x | 80.0% | – |" in markdown
+    assert "## Per category" in markdown and "| science | 1 | 0.0% |" in markdown
+    assert re.search(r"Chosen threshold \*\*tau = 0\.\d{4}\*\*", markdown)
+
+
+def test_summary_numbers_and_terminal_screen(built):
+    home, run_id, _ = built
+    store = Store(home, read_only=True)
+    summary = load_summary(store, run_id)
+    assert summary.teacher_accuracy == pytest.approx(0.8) and summary.n_questions == 5
+    assert summary.retention == pytest.approx(summary.student_accuracy / 0.8)
+    assert summary.cascade_tau is not None and summary.cascade_accuracy == pytest.approx(0.8)
+    console = Console(record=True, width=100)
+    print_summary(console, dataclasses.replace(summary, run_name="[bold]odd[/bold] run"))
+    screen = console.export_text()
+    assert "[bold]odd[/bold] run" in screen and "80.0%" in screen and f"{summary.cascade_tau:.4f}" in screen
+    paths = build_report(store, run_id, out_dir=home / "elsewhere")
+    assert paths.html.parent == home / "elsewhere" and set(paths.tables) == {"distillation-tradeoff",
+                                                                           "distillation-categories"}
+
+
+def test_a_run_without_evaluation_says_what_to_run(tmp_path):
+    with pytest.raises(ReportError, match="kdflow evaluate") as info:
+        build_report(Store(tmp_path), "no-such-run")
+    assert isinstance(info.value, LookupError)  # the CLI reports LookupErrors without a traceback
+
+
+def test_report_dir_is_one_safe_component(tmp_path):
+    store = Store(tmp_path)
+    assert report_dir(store, "../../etc/x y").parent == tmp_path / "reports"
+    assert report_dir(store, "..") == tmp_path / "reports" / "_"
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install -y chromium)")
+def test_report_renders_in_headless_chromium(built, tmp_path):
+    _, _, html_path = built
+    screenshot = tmp_path / "report.png"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "check_report_browser.py"), str(html_path),
+         "--screenshot", str(screenshot), "--min-tables", "5", "--min-images", "4"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert screenshot.stat().st_size > 10_000
