@@ -193,6 +193,88 @@ def report(
 
 
 @app.command()
+def route(
+    source: Annotated[str, typer.Argument(help="JSONL file of {question, options, category?}; '-' reads stdin")] = "-",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Answer questions with the cascade: the student, or the teacher when the student is unsure."""
+    cfg = _load(config, set_)
+    from kdflow.datasets import run_dataset_ids
+    from kdflow.errors import KdflowError
+    from kdflow.routing import answer, chosen_cascade, read_questions
+    from kdflow.store import Store, StoreError
+    from kdflow.teacher import open_backend, teacher_ref
+
+    if source == "-":
+        questions, problems = read_questions(sys.stdin, "stdin")
+    else:
+        try:
+            with open(source, encoding="utf-8") as f:
+                questions, problems = read_questions(f, source)
+        except (OSError, UnicodeDecodeError) as e:
+            raise _fail(f"cannot read {source}: {e}") from None
+    console = _console()
+    for problem in problems:
+        console.print(f"[yellow]skipped[/] {problem}")
+    if not questions:
+        raise _fail("no usable question to answer")
+    try:
+        store = Store(cfg.home_dir, read_only=True)
+        cascade = chosen_cascade(store)
+        ref = teacher_ref(cfg, store, run_dataset_ids(cfg, store))
+        from kdflow.backends.hf import HFBackend
+        from kdflow.modeling import load_pretrained
+
+        model, tokenizer = load_pretrained(str(cascade.student_dir), device=cfg.student.device)
+        student = HFBackend(model, tokenizer, cfg.scoring, batch_size=cfg.evaluation.batch_size, device=model.device)
+        answers = answer(questions, student, lambda: open_backend(cfg, ref), cascade.tau)
+    except (KdflowError, StoreError, LookupError) as e:
+        raise _fail(str(e)) from None
+    from rich.table import Table
+
+    table = Table(title=f"cascade tau={cascade.tau:.3f} ({cascade.eval_id})", title_justify="left")
+    for col in ("line", "answer", "confidence", "answered by"):
+        table.add_column(col)
+    for a in answers:
+        table.add_row(str(a.line), f"{a.letter}. {a.text}", f"{a.confidence:.3f}", a.model)
+    console.print(table)
+
+
+@app.command()
+def plan(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    questions: Annotated[int, typer.Option(help="questions to label")] = 50_000,
+    tokens: Annotated[float, typer.Option(help="prompt tokens per question")] = 700,
+    gpu: Annotated[str, typer.Option(help="h100, h200, a100 or l40s")] = "h100",
+    utilisation: Annotated[float, typer.Option(help="assumed share of peak FLOP/s achieved")] = 0.35,
+) -> None:
+    """Estimate FLOPs, memory, GPUs and hours for labeling with the teacher and training the student."""
+    cfg = _load(config, set_)
+    from rich.table import Table
+
+    from kdflow.errors import KdflowError
+    from kdflow.planning import GPUS, plan as make_plan
+
+    try:
+        plans = make_plan(cfg, questions=questions, tokens_per_question=tokens, gpu_name=gpu,
+                          utilisation=utilisation)
+    except KdflowError as e:
+        raise _fail(str(e)) from None
+    table = Table(title=f"{cfg.name}: {questions:,} questions x {tokens:g} tokens on {GPUS[gpu].name}, "
+                        f"{utilisation:.0%} of peak", title_justify="left")
+    for col in ("stage", "model", "tokens", "PFLOP", "weights GB", "memory GB", "GPUs", "layout", "GPU hours",
+                "wall hours", "notes"):
+        table.add_column(col)
+    for p in plans:
+        table.add_row(p.stage, p.model, f"{p.tokens:.3g}", f"{p.flops / 1e15:.1f}", f"{p.weights_gb:.0f}",
+                      f"{p.memory_gb_needed:.0f}", str(p.gpus), p.layout, f"{p.hours * p.gpus:.1f}",
+                      f"{p.hours:.2f}", p.notes)
+    _console().print(table)
+
+
+@app.command()
 def serve(
     config: ConfigOpt = None,
     set_: SetOpt = None,

@@ -1,0 +1,95 @@
+"""The seed's two-model strategy in use: the fast student answers, the teacher takes what it is unsure of.
+
+The threshold is the one the latest evaluation chose (cheapest tau within the target gap of the teacher's
+accuracy), so routing in production uses exactly the trade-off the report showed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdflow.backends.base import TeacherBackend
+from kdflow.cascade import route
+from kdflow.errors import KdflowError
+from kdflow.records import LETTERS, MAX_OPTIONS
+from kdflow.store import Store
+
+
+@dataclass(frozen=True)
+class ChosenCascade:
+    tau: float
+    student_dir: Path
+    eval_id: str
+
+
+@dataclass(frozen=True)
+class RoutedAnswer:
+    line: int
+    answer: int
+    letter: str
+    text: str
+    confidence: float
+    model: str  # "student" or "teacher"
+
+
+def chosen_cascade(store: Store) -> ChosenCascade:
+    row = store.fetch_one("chosen_cascade")
+    if row is None:
+        raise KdflowError("no evaluated cascade in the store: run `kdflow run` or `kdflow evaluate` first")
+    return ChosenCascade(tau=row[0], student_dir=Path(row[1]), eval_id=row[2])
+
+
+def read_questions(lines: Iterable[str], origin: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """Parse JSONL questions ({"question", "options", "category"?}); bad lines become messages, not crashes."""
+    questions, problems = [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"{origin}:{number}: not valid JSON ({e.msg})")
+            continue
+        options = record.get("options") if isinstance(record, dict) else None
+        question = record.get("question") if isinstance(record, dict) else None
+        if not isinstance(question, str) or not question.strip():
+            problems.append(f"{origin}:{number}: needs a non-empty 'question' string")
+        elif not isinstance(options, list) or not 2 <= len(options) <= MAX_OPTIONS or not all(
+            isinstance(o, str) and o.strip() for o in options
+        ):
+            problems.append(f"{origin}:{number}: needs 'options', a list of 2..{MAX_OPTIONS} non-empty strings")
+        else:
+            questions.append({"line": number, "question": question, "options": options,
+                              "category": str(record.get("category") or "")})
+    return questions, problems
+
+
+def answer(
+    questions: Sequence[dict[str, Any]],
+    student: TeacherBackend,
+    open_teacher: Callable[[], TeacherBackend],
+    tau: float,
+) -> list[RoutedAnswer]:
+    """Student first; questions below the confidence threshold go to the teacher (opened only if needed)."""
+    scored = [s.label for s in student.score(questions)]
+    to_teacher = route(np.array([s.confidence for s in scored]), tau)
+    deferred = [q for q, go in zip(questions, to_teacher, strict=True) if go]
+    if deferred:
+        teacher = open_teacher()
+        try:
+            teacher_labels = iter([s.label for s in teacher.score(deferred)])
+        finally:
+            teacher.close()
+        scored = [next(teacher_labels) if go else label for label, go in zip(scored, to_teacher, strict=True)]
+    return [
+        RoutedAnswer(line=q["line"], answer=label.predicted, letter=LETTERS[label.predicted],
+                     text=q["options"][label.predicted], confidence=label.confidence,
+                     model="teacher" if go else "student")
+        for q, label, go in zip(questions, scored, to_teacher, strict=True)
+    ]
