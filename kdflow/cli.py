@@ -31,11 +31,13 @@ EXIT_INPUT = 2
 EXIT_GATE = 3
 
 
-def _offline_prefect_defaults() -> None:
-    """Prefect settings a local run needs; a user's own environment still wins."""
+@app.callback()
+def _offline_defaults() -> None:
+    """Settings a local run needs (quiet, offline-safe Prefect and Hugging Face); the user's environment wins."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _fail(message: str, code: int = EXIT_INPUT) -> typer.Exit:
@@ -110,7 +112,6 @@ def runs(
 
 def _run_flow(flow_name: str, cfg, **kwargs):
     """Run a flow with Prefect's offline defaults; user errors become messages and exit codes."""
-    _offline_prefect_defaults()
     from kdflow.errors import GateFailed, KdflowError
 
     if flow_name == "distill":
@@ -282,7 +283,6 @@ def serve(
 ) -> None:
     """Serve the main flow on its schedule and every stage as a manual deployment, from this process."""
     cfg = _load(config, set_)
-    _offline_prefect_defaults()
     if not os.environ.get("PREFECT_API_URL"):
         raise _fail("serving needs a Prefect server: start one with `kdflow ui`, then export the PREFECT_API_URL it prints")
     from flows.serve import serve as serve_all

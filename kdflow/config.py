@@ -299,8 +299,17 @@ class RunConfig(Strict):
 
 
 def _parse_value(text: str) -> Any:
-    """Override values are YAML scalars or flow collections: `3`, `true`, `[a, b]`, `null`."""
-    return yaml.safe_load(text) if text.strip() else ""
+    """Override values are YAML scalars or flow collections (`3`, `true`, `[a, b]`, `null`); anything
+    else, such as a prompt template containing ': ', stays the text it was."""
+    if not text.strip():
+        return ""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, (dict, list)) and not text.lstrip().startswith(("[", "{")):
+        return text
+    return value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

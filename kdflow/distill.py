@@ -79,8 +79,8 @@ def train_students(
     """Train (or reuse) each student role; returns ({role: model dir}, roles reused)."""
     import torch
 
-    from kdflow.modeling import count_parameters, save_pretrained
-    from kdflow.students import init_student
+    from kdflow.modeling import count_parameters
+    from kdflow.students import export_student, init_student
     from kdflow.training import train
 
     examples = store.arrow(
@@ -111,13 +111,12 @@ def train_students(
         store.execute("upsert_model", model_id=model_id, run_id=run_id, role=role, path=str(out_dir / "final"),
                       spec=spec, n_params=None, n_active=None, status="training")
         if role == "student_init":
-            save_pretrained(model, tok, out_dir / "final")
-            final = out_dir / "final"
+            final = export_student(model, tok, out_dir / "final", merge_lora=cfg.student.lora.merge_on_export)
         else:
             recipe = cfg.training.model_copy(update={"alpha": 1.0} if role == "student_hard" else {})
             result = train(
                 model, tok, examples, recipe, cfg.scoring, out_dir=out_dir, val_examples=val_examples,
-                resume=resume, on_metrics=_metrics_sink(store, model_id),
+                resume=resume, merge_lora=cfg.student.lora.merge_on_export, on_metrics=_metrics_sink(store, model_id),
                 on_checkpoint=_checkpoint_sink(store, model_id), progress=progress, should_stop=should_stop,
             )
             final = Path(result.final_dir)

@@ -13,6 +13,9 @@ from kdflow.config import ArchitectureConfig, ScoringConfig
 from kdflow.modeling import build_model, train_tokenizer
 from kdflow.prompts import cloze_context, letter_prompt
 
+# Tiny models on a shared 2-core machine run fastest, and time most steadily, on one thread.
+torch.set_num_threads(1)
+
 TINY_QUESTIONS = [
     {
         "question_id": "q0",
@@ -79,3 +82,15 @@ def tiny_model(tiny_arch, tiny_tokenizer):
     """A randomly initialised 2-layer Llama (hidden 32, seed 0) in eval mode; read-only, deepcopy to train."""
     torch.manual_seed(0)
     return build_model(tiny_arch, tiny_tokenizer).eval()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for the whole session (never nest harnesses); analytics off, offline."""
+    import os
+
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -84,3 +84,9 @@ def test_home_dir_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("KDFLOW_HOME", str(tmp_path / "h"))
     assert RunConfig().home_dir == (tmp_path / "h").resolve()
     assert RunConfig(home=str(tmp_path / "x")).home_dir == (tmp_path / "x").resolve()
+
+
+def test_override_text_that_looks_like_yaml_stays_text():
+    cfg = load_config(None, ["scoring.cloze_template=Q: {question} A:", "scoring.description=a: b: c"])
+    assert cfg.scoring.cloze_template == "Q: {question} A:"
+    assert cfg.scoring.description == "a: b: c"

@@ -1,0 +1,254 @@
+"""Training checkpoints: safetensors and JSON only, written atomically, the last few kept.
+
+Nothing is pickled, so a checkpoint from an untrusted place cannot run code when loaded. One checkpoint
+is a directory `checkpoints/step-N/` holding:
+
+    model.safetensors      the trainable parameters by name (the whole model when fully fine-tuned, the
+                           adapter when LoRA: frozen weights are rebuilt by the student initialisation)
+    best.safetensors       early stopping only: the best-validation weights, when they are not `model`'s
+    optimizer.safetensors  the optimizer's per-parameter tensors ("state.<index>.<name>", e.g. Adam's
+                           exp_avg) and torch's RNG states ("rng.cpu", "rng.cuda.<device>")
+    trainer_state.json     format version, step, data position (epoch, position in its permutation),
+                           early-stopping state, the optimizer's param groups and non-tensor state, the
+                           scheduler's state, the last metric row
+    config.json            the full run configuration (nanoGPT's habit: a checkpoint explains itself)
+
+A checkpoint is written to a hidden temporary directory and renamed into place, so a process killed at
+any moment leaves either the complete checkpoint or none; `latest_checkpoint` ignores the leftovers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_STATE_FILE = "trainer_state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model being trained; the message says why."""
+
+
+@dataclass
+class TrainState:
+    """Where a training run stands after `step` optimizer steps, beyond the model and optimizer.
+
+    The data order is a seeded permutation per epoch, so (epoch, position) is all it takes to continue
+    it: the next example is index `position` of epoch `epoch`'s permutation.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    best_val_accuracy: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    stopped_early: bool = False
+    metrics: dict[str, Any] = field(default_factory=dict)
+    best_weights: dict[str, torch.Tensor] | None = None
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters the optimizer updates, by name (tied weights appear once)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def step_dirs(directory: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `directory`, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for child in directory.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / _STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The newest complete checkpoint directory under `directory`, or None."""
+    found = step_dirs(Path(directory))
+    return found[-1][1] if found else None
+
+
+def _optimizer_split(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The optimizer's state dict as (tensors for safetensors, everything else for JSON)."""
+    full = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entries in full["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": full["param_groups"], "scalars": scalars}
+
+
+def _optimizer_join(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for index, entries in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(entries)
+    # JSON turned tuples such as Adam's betas into lists; the optimizers expect tuples back.
+    groups = [
+        {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
+        for group in meta["param_groups"]
+    ]
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    states = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for device, state in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"rng.cuda.{device}"] = state
+    return states
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in tensors.items() if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state for _, state in cuda])
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def _write_json(data: Any, path: Path) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flush the files, then the directory entry, so a machine crash cannot leave a renamed but empty file."""
+    for file in directory.iterdir():
+        with file.open("rb") as handle:
+            os.fsync(handle.fileno())
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def save_checkpoint(
+    directory: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: TrainState,
+    config: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write `directory/step-<state.step>/` atomically and delete all but the newest `keep` checkpoints."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step-{state.step}"
+    # Leftovers of a writer killed mid-write (one run writes a directory at a time).
+    for leftover in directory.glob(".tmp-step-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = directory / f".tmp-step-{state.step}"
+    tmp.mkdir()
+
+    _save_tensors(trainable_state(model), tmp / "model.safetensors")
+    if state.best_weights is not None and state.best_step != state.step:
+        _save_tensors(state.best_weights, tmp / "best.safetensors")
+    optimizer_tensors, optimizer_meta = _optimizer_split(optimizer)
+    _save_tensors({**optimizer_tensors, **_rng_state()}, tmp / "optimizer.safetensors")
+    trainer_state = {
+        "format_version": FORMAT_VERSION,
+        "step": state.step,
+        "epoch": state.epoch,
+        "position": state.position,
+        "best_val_accuracy": state.best_val_accuracy,
+        "best_step": state.best_step,
+        "evals_since_best": state.evals_since_best,
+        "stopped_early": state.stopped_early,
+        "has_best_weights": state.best_weights is not None,
+        "metrics": state.metrics,
+        "optimizer": optimizer_meta,
+        "scheduler": scheduler.state_dict(),
+    }
+    _write_json(config, tmp / "config.json")
+    # The state file goes last: `step_dirs` only counts directories that have it.
+    _write_json(trainer_state, tmp / _STATE_FILE)
+    _fsync_tree(tmp)
+
+    # A checkpoint of the same step exists after a resume that stops at once (cancellation); replace it.
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for _, old in step_dirs(directory)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> TrainState:
+    """Restore model weights, optimizer, scheduler and torch's RNG from a checkpoint; return the loop state.
+
+    The model must be initialised the way it was for the run that wrote the checkpoint (same architecture,
+    same LoRA setup): only its trainable parameters are stored.
+    """
+    path = Path(path)
+    state_file = path / _STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {_STATE_FILE})")
+    meta = json.loads(state_file.read_text(encoding="utf-8"))
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {meta.get('format_version')}, this kdflow reads "
+            f"{FORMAT_VERSION}; train again without resume"
+        )
+
+    weights = load_file(str(path / "model.safetensors"))
+    params = trainable_state(model)
+    if weights.keys() != params.keys():
+        missing, extra = sorted(params.keys() - weights.keys()), sorted(weights.keys() - params.keys())
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model (missing {missing[:3]}, unexpected {extra[:3]}): "
+            "initialise the student as in the run that wrote it, or train without resume"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name])
+
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    optimizer_tensors = {k: v for k, v in tensors.items() if k.startswith("state.")}
+    optimizer.load_state_dict(_optimizer_join(optimizer_tensors, meta["optimizer"]))
+    scheduler.load_state_dict(meta["scheduler"])
+    _set_rng_state(tensors)
+
+    best_weights = None
+    if meta["has_best_weights"]:
+        best_file = path / "best.safetensors"
+        best_weights = load_file(str(best_file)) if best_file.is_file() else {k: v.clone() for k, v in weights.items()}
+    return TrainState(
+        step=meta["step"],
+        epoch=meta["epoch"],
+        position=meta["position"],
+        best_val_accuracy=meta["best_val_accuracy"],
+        best_step=meta["best_step"],
+        evals_since_best=meta["evals_since_best"],
+        stopped_early=meta["stopped_early"],
+        metrics=meta["metrics"],
+        best_weights=best_weights,
+    )

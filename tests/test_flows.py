@@ -1,0 +1,167 @@
+"""The Prefect flows on the tiny config: end to end, reuse, retries, the gate, relabeling, deployments."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdflow.config import load_config
+from kdflow.errors import GateFailed
+from kdflow.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def tiny(home: Path, *overrides: str):
+    return load_config(ROOT / "configs" / "tiny.yaml", [f"home={home}", *overrides])
+
+
+def stages(store: Store, run_id: str) -> dict[str, str]:
+    return {stage: status for stage, status, _s, _d in store.fetch("stage_timings", run_id=run_id)}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """One full run of the main flow, shared by the tests that build on its teacher and labels."""
+    from flows.distill import distill
+
+    home = tmp_path_factory.mktemp("home")
+    run_id = distill(tiny(home))
+    return home, run_id
+
+
+@pytest.mark.slow
+def test_main_flow_runs_end_to_end_and_records_everything(first_run):
+    home, run_id = first_run
+    store = Store(home, read_only=True)
+    run = store.fetch_one("get_run", run_id=run_id)
+    assert run[3] == "completed" and run[6], "run completed and linked to its Prefect flow run"
+    assert stages(store, run_id) == {
+        "ingest": "completed", "prepare_teacher": "completed", "label": "completed",
+        "validate": "completed", "train": "completed", "evaluate": "completed", "report": "completed",
+    }
+    assert (home / "reports" / run_id / "report.html").exists()
+
+
+@pytest.mark.slow
+def test_second_run_reuses_teacher_labels_validation_and_students(first_run):
+    from flows.distill import distill
+
+    home, _ = first_run
+    run_id = distill(tiny(home))
+    seen = stages(Store(home, read_only=True), run_id)
+    for stage in ("ingest", "prepare_teacher", "label", "validate", "train"):
+        assert seen[stage] == "reused", (stage, seen)
+
+
+@pytest.mark.slow
+def test_transient_labeling_failure_is_retried(first_run, monkeypatch):
+    """A backend that fails once (a lost server) is retried by Prefect and the labels complete."""
+    import kdflow.teacher as teacher_module
+    from flows.stages import label_flow
+
+    home, _ = first_run
+    real_open = teacher_module.open_backend
+    calls = []
+
+    def flaky_open(cfg, ref):
+        calls.append(ref.key)
+        if len(calls) == 1:
+            raise ConnectionError("teacher server went away")
+        return real_open(cfg, ref)
+
+    monkeypatch.setattr(teacher_module, "open_backend", flaky_open)
+    cfg = tiny(home, "scoring.cloze_template=Q {question} A:")
+    key = label_flow(cfg)
+    assert len(calls) == 2
+    with Store(home).connect() as con:
+        labeled = con.execute("SELECT count(*) FROM soft_labels WHERE teacher_key = ?", [key]).fetchone()[0]
+    assert labeled == 600
+
+
+@pytest.mark.slow
+def test_changed_prompt_relabels_and_unchanged_does_not(first_run):
+    from flows.stages import label_flow
+
+    home, _ = first_run
+    store = Store(home)
+    with store.connect() as con:
+        total_before = con.execute("SELECT count(*) FROM soft_labels").fetchone()[0]
+    unchanged = label_flow(tiny(home))
+    with store.connect() as con:
+        assert con.execute("SELECT count(*) FROM soft_labels").fetchone()[0] == total_before
+    changed = label_flow(tiny(home, "scoring.cloze_template=Which answer to {question} Answer:"))
+    assert changed != unchanged
+    with store.connect() as con:
+        assert con.execute("SELECT count(*) FROM soft_labels").fetchone()[0] == total_before + 600
+
+
+@pytest.mark.slow
+def test_failed_gate_stops_the_flow_before_training(first_run):
+    from flows.distill import distill
+
+    home, _ = first_run
+    with pytest.raises(GateFailed, match="teacher_accuracy"):
+        distill(tiny(home, "validation.min_teacher_accuracy=0.999", "name=gated"))
+    store = Store(home, read_only=True)
+    run_id, status, stage = next(
+        (r[0], r[2], r[3]) for r in store.fetch("list_runs", limit=50) if r[1] == "gated"
+    )
+    assert (status, stage) == ("failed", "validate")
+    assert "train" not in stages(store, run_id)
+
+
+@pytest.mark.slow
+def test_deployments_register_with_schedules_and_run_through_a_process_worker(first_run, tmp_path):
+    """`prefect deploy --all` registers every deployment; a process worker runs one to completion."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    home, _ = first_run
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "KDFLOW_PROJECT_DIR": str(ROOT),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "KDFLOW_HOME": str(home)}
+    prefect = [sys.executable, "-m", "prefect"]
+    subprocess.run([*prefect, "work-pool", "create", "kdflow-process", "--type", "process"],
+                   env=env, cwd=ROOT, check=False, capture_output=True, timeout=120)
+    deploy = subprocess.run(
+        [*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(ROOT / "deployments" / "prefect.yaml")],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+
+    async def registered():
+        async with get_client() as client:
+            return await client.read_deployments()
+
+    import asyncio
+
+    deployments = {d.name: d for d in asyncio.run(registered())}
+    assert {"demo-nightly", "demo-ingest", "demo-label", "demo-validate", "demo-train", "demo-evaluate"} <= set(
+        deployments
+    )
+    nightly = deployments["demo-nightly"]
+    assert nightly.schedules and nightly.schedules[0].schedule.cron == "0 2 * * *"
+    assert not deployments["demo-train"].schedules
+
+    from prefect.deployments import run_deployment
+
+    tiny_params = {"cfg": tiny(home).model_dump(mode="json")}
+    flow_run = run_deployment("ingest/demo-ingest", parameters=tiny_params, timeout=0)
+    worker = subprocess.run(
+        [*prefect, "worker", "start", "--pool", "kdflow-process", "--run-once"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+
+    async def final_state():
+        async with get_client() as client:
+            return (await client.read_flow_run(flow_run.id)).state
+
+    state = asyncio.run(final_state())
+    assert state.is_completed(), worker.stdout[-3000:] + worker.stderr[-3000:]
+    shutil.rmtree(tmp_path, ignore_errors=True)
