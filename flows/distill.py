@@ -16,7 +16,7 @@ from kdflow.store import Store
 from tasks.common import current_flow_run_id
 from tasks.evaluate import evaluate_task, report_task
 from tasks.ingest import ingest_task
-from tasks.label import label_task, prepare_teacher_task
+from tasks.label import prepare_teacher_task, run_label_stage
 from tasks.train import train_task
 from tasks.validate import validate_task
 
@@ -24,12 +24,11 @@ from tasks.validate import validate_task
 @flow(name="distill", flow_run_name="distill-{cfg.name}", retries=0)
 def distill(cfg: RunConfig) -> str:
     """Distil the configured teacher into the student; returns the run id (see `kdflow report RUN_ID`)."""
-    retries = cfg.orchestration.retries
     with recorded_run(Store(cfg.home_dir), cfg, flow_run_id=current_flow_run_id()) as run_id:
         dataset_ids = ingest_task(cfg, run_id)
         if cfg.teacher.prepare.enabled or cfg.teacher.model is None:
             prepare_teacher_task(cfg, run_id, dataset_ids)
-        teacher_key = label_task.with_options(retries=retries)(cfg, run_id, dataset_ids)
+        teacher_key = run_label_stage(cfg, run_id, dataset_ids)
         validation_id = validate_task(cfg, run_id, dataset_ids, teacher_key)
         models = train_task(cfg, run_id, dataset_ids, validation_id)
         evaluate_task(cfg, run_id, dataset_ids, teacher_key, models)

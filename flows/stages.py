@@ -17,7 +17,7 @@ from kdflow.teacher import teacher_ref
 from tasks.common import current_flow_run_id
 from tasks.evaluate import evaluate_task, report_task
 from tasks.ingest import ingest_task
-from tasks.label import label_task, prepare_teacher_task
+from tasks.label import prepare_teacher_task, run_label_stage
 from tasks.train import train_task
 from tasks.validate import validate_task
 
@@ -42,7 +42,7 @@ def label_flow(cfg: RunConfig) -> str:
         _, dataset_ids = _inputs(cfg, run_id)
         if cfg.teacher.prepare.enabled or cfg.teacher.model is None:
             prepare_teacher_task(cfg, run_id, dataset_ids)
-        return label_task.with_options(retries=cfg.orchestration.retries)(cfg, run_id, dataset_ids)
+        return run_label_stage(cfg, run_id, dataset_ids)
 
 
 @flow(name="validate", flow_run_name="validate-{cfg.name}")

@@ -7,10 +7,12 @@ from prefect import task
 from kdflow.config import RunConfig
 from kdflow.progress import progress_bar
 from kdflow.runs import stage
+from kdflow.sharding import uses_shards
 from kdflow.store import Store
 from kdflow.teacher import label_with_teacher, prepare_teacher
 from tasks.progress import both, ui_progress
 from tasks.retry import RETRY_DELAYS, retry_if_transient
+from tasks.shard_label import label_sharded_flow
 
 
 @task(name="prepare-teacher", tags=["gpu"], retries=1, retry_delay_seconds=RETRY_DELAYS,
@@ -33,3 +35,11 @@ def label_task(cfg: RunConfig, run_id: str, dataset_ids: list[str]) -> str:
         record.detail = {"teacher_key": report.teacher_key, "labeled": report.newly_labeled, "total": report.total,
                          "seconds": round(report.seconds, 2)}
     return report.teacher_key
+
+
+def run_label_stage(cfg: RunConfig, run_id: str, dataset_ids: list[str]) -> str:
+    """The label stage: one task in this process by default, shards on the configured task runner when
+    orchestration asks for workers (or vLLM engine groups); returns the teacher key."""
+    if uses_shards(cfg):
+        return label_sharded_flow(cfg, run_id, dataset_ids)
+    return label_task.with_options(retries=cfg.orchestration.retries)(cfg, run_id, dataset_ids)

@@ -1,0 +1,178 @@
+"""Prefect side of sharded labeling: one task per shard on the task runner the config names.
+
+A flow's task runner is fixed when it is decorated, so `label_sharded_flow` builds the runner from the
+config and runs the subflow `.with_options(task_runner=...)`. Shards go to the workers as paths and come
+back as paths; planning and loading stay in the flow's process, the database's one writer.
+
+A task that raises a transient error (I/O, a crashed vLLM engine) is retried by Prefect; a Dask worker
+that dies takes only its shard with it: the scheduler runs that task again on another worker (up to
+distributed.scheduler.allowed-failures times), and finished shards are kept either way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+from prefect import flow, task
+from prefect.futures import PrefectFuture, as_completed
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.utilities.annotations import allow_failure
+
+from kdflow.config import RunConfig
+from kdflow.errors import KdflowError
+from kdflow.progress import progress_bar
+from kdflow.runs import stage
+from kdflow.sharding import ShardError, ShardPlan, engine_groups, label_shard, load_shards, plan_shards
+from kdflow.store import Store
+from tasks.progress import both, ui_progress
+from tasks.retry import RETRY_DELAYS, retry_if_transient
+
+
+@task(name="label-shard", tags=["gpu"], retries=2, retry_delay_seconds=RETRY_DELAYS,
+      retry_condition_fn=retry_if_transient)
+def label_shard_task(cfg: RunConfig, model_dir: str | None, in_path: str, out_path: str,
+                     rank: int | None = None) -> str:
+    """Returns the path of the shard's labels: results cross processes as paths, never tensors."""
+    return label_shard(cfg, model_dir, in_path, out_path, rank)
+
+
+def worker_count(cfg: RunConfig) -> int:
+    """Shards in flight at once: one per vLLM engine group, else orchestration.n_workers."""
+    groups = engine_groups(cfg.teacher)
+    return groups if groups > 1 else cfg.orchestration.n_workers
+
+
+def needs_gpu(cfg: RunConfig) -> bool:
+    return cfg.teacher.backend == "vllm" or cfg.teacher.device == "cuda"
+
+
+def build_task_runner(cfg: RunConfig) -> TaskRunner:
+    """The configured engine: a capped thread pool, Dask (a scheduler address or a local cluster) or Ray."""
+    orch = cfg.orchestration
+    workers = worker_count(cfg)
+    if engine_groups(cfg.teacher) > 1 and (orch.address or orch.task_runner == "ray"):
+        raise KdflowError(
+            "teacher.vllm.data_parallel_size > 1 runs engines on this node only; on a cluster set it to 1 and "
+            "give each worker its own GPU group (see kdflow/sharding.py)"
+        )
+    if orch.task_runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if orch.task_runner == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as e:
+            raise KdflowError("orchestration.task_runner: dask needs Dask: pip install 'kdflow[dask]'") from e
+        if orch.address:
+            return DaskTaskRunner(address=orch.address)
+        # One single-threaded process per worker: a model per process, no GIL contention between shards.
+        cluster = {"n_workers": workers, "threads_per_worker": 1, "processes": True}
+        if needs_gpu(cfg):
+            cluster["resources"] = {"GPU": 1}
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster)
+    try:
+        from prefect_ray import RayTaskRunner
+    except ImportError as e:
+        raise KdflowError("orchestration.task_runner: ray needs Ray: pip install 'kdflow[ray]'") from e
+    return RayTaskRunner(address=orch.address, init_kwargs=None if orch.address else {"num_cpus": workers})
+
+
+def placement(cfg: RunConfig) -> AbstractContextManager:
+    """What each shard task asks of a distributed engine: a GPU slot when the teacher runs on CUDA.
+
+    Dask workers of an existing scheduler must be started with `--resources GPU=1` (one per engine slot),
+    or GPU shards wait forever; the local cluster declares it itself.
+    """
+    if not needs_gpu(cfg):
+        return nullcontext()
+    if cfg.orchestration.task_runner == "dask":
+        import dask
+
+        return dask.annotate(resources={"GPU": 1})
+    if cfg.orchestration.task_runner == "ray":
+        from prefect_ray.context import remote_options
+
+        gpus = cfg.teacher.vllm.tensor_parallel_size if cfg.teacher.backend == "vllm" else 1
+        return remote_options(num_gpus=gpus)
+    return nullcontext()
+
+
+def shared_api(cfg: RunConfig) -> AbstractContextManager:
+    """Point workers in other processes at this run's Prefect API.
+
+    Without PREFECT_API_URL the flow runs on an ephemeral server, and each Dask or Ray worker would start a
+    private one of its own (seconds each), where its task runs are invisible; the workers get the flow's
+    settings with the tasks, so naming the flow's server here is enough.
+    """
+    if cfg.orchestration.task_runner == "threads" or PREFECT_API_URL.value():
+        return nullcontext()
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    return temporary_settings({PREFECT_API_URL: server.api_url})
+
+
+def submit_shards(cfg: RunConfig, plan: ShardPlan) -> list[PrefectFuture]:
+    """One task per shard; with vLLM engine groups, shard i waits for shard i - groups (same GPUs)."""
+    labeler = label_shard_task.with_options(retries=cfg.orchestration.retries)
+    groups = engine_groups(cfg.teacher)
+    futures: list[PrefectFuture] = []
+    with placement(cfg):
+        for shard in plan.shards:
+            before = [allow_failure(futures[shard.index - groups])] if groups > 1 and shard.index >= groups else None
+            futures.append(labeler.submit(cfg, plan.model_dir, shard.in_path, shard.out_path, shard.rank,
+                                          wait_for=before))
+    return futures
+
+
+def gather_shards(
+    futures: list[PrefectFuture], plan: ShardPlan, progress: Callable[[int, int], None]
+) -> tuple[list[str], list[Exception], int]:
+    """Wait for every shard as it finishes: (out paths of finished shards, errors of failed ones, questions done).
+
+    Failures are collected rather than raised, so the finished shards are loaded before the stage fails.
+    """
+    sizes = {future.task_run_id: shard.size for future, shard in zip(futures, plan.shards)}
+    todo = sum(sizes.values())
+    finished, errors, labeled = [], [], 0
+    for future in as_completed(futures):
+        try:
+            finished.append(future.result())
+        except Exception as e:
+            errors.append(e)
+            continue
+        labeled += sizes[future.task_run_id]
+        progress(labeled, todo)
+    return finished, errors, labeled
+
+
+@flow(name="label-sharded", flow_run_name="label-sharded-{cfg.name}")
+def label_sharded(cfg: RunConfig, run_id: str, dataset_ids: list[str]) -> str:
+    """Label in shards on this flow's task runner; returns the teacher key. Use `label_sharded_flow`."""
+    start = time.perf_counter()
+    store = Store(cfg.home_dir)
+    with stage(store, run_id, "label") as record, progress_bar("labeling") as bar:
+        plan = plan_shards(cfg, store, dataset_ids)
+        futures = submit_shards(cfg, plan)
+        finished, errors, labeled = gather_shards(futures, plan, both(bar, ui_progress("labeling", run_id)))
+        load_shards(store, plan.teacher_key, finished)
+        if errors:
+            raise ShardError(
+                f"{len(errors)} of {len(futures)} labeling shards failed after retries (first: {errors[0]!r}); "
+                f"the {len(finished)} finished ones are stored: run the label stage again to label the rest"
+            ) from errors[0]
+        total = store.fetch_one("label_counts", dataset_ids=dataset_ids, teacher_key=plan.teacher_key)[0]
+        record.reused = not plan.shards
+        record.detail = {"teacher_key": plan.teacher_key, "labeled": labeled, "total": total,
+                         "shards": len(plan.shards), "workers": worker_count(cfg),
+                         "task_runner": cfg.orchestration.task_runner, "seconds": round(time.perf_counter() - start, 2)}
+    return plan.teacher_key
+
+
+def label_sharded_flow(cfg: RunConfig, run_id: str, dataset_ids: list[str]) -> str:
+    """The sharded label stage as a subflow on the task runner built from `cfg.orchestration`."""
+    with shared_api(cfg):
+        return label_sharded.with_options(task_runner=build_task_runner(cfg))(cfg, run_id, dataset_ids)
