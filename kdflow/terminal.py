@@ -14,7 +14,8 @@ from kdflow.store import Store
 def print_ingest(console: Console, reports: Sequence[DatasetReport]) -> None:
     table = Table(title="ingest", title_justify="left")
     for col in ("dataset", "version", "layout", "loaded", "rejected", "splits", "note"):
-        table.add_column(col, justify="right" if col in ("version", "loaded", "rejected") else "left")
+        table.add_column(col, justify="right" if col in ("version", "loaded", "rejected") else "left",
+                         overflow="fold")
     for r in reports:
         splits = " ".join(f"{k}={v}" for k, v in sorted(r.splits.items()))
         table.add_row(r.dataset_id, str(r.version), r.layout, f"{r.loaded:,}", f"{r.rejected:,}", splits,
@@ -36,9 +37,13 @@ def print_runs(console: Console, store: Store, limit: int) -> None:
         console.print(f"no runs recorded in {store.path} yet: start one with `kdflow run`")
         return
     table = Table(title=f"runs in {store.path}", title_justify="left")
-    for col in ("run", "status", "started", "seconds", "stages", "flow run"):
-        table.add_column(col)
-    for run_id, _name, status, stage, error, started, seconds, stages, flow_run_id in rows:
+    for col in ("run (stages)", "status", "seconds", "teacher / student", "retained"):
+        table.add_column(col, overflow="fold")
+    for run_id, _name, status, stage, error, started, seconds, stages, flow_run_id, t_acc, s_acc, kept in rows:
         shown = status if status != "failed" else f"failed in {stage}: {error}"
-        table.add_row(run_id, shown, f"{started:%Y-%m-%d %H:%M}", f"{seconds:.1f}", stages or "", flow_run_id or "")
+        accuracy = f"{t_acc:.1%} / {s_acc:.1%}" if t_acc is not None and s_acc is not None else ""
+        link = f"\n[dim]flow run {flow_run_id}[/]" if flow_run_id else ""
+        table.add_row(f"{run_id} ({started:%Y-%m-%d %H:%M})\n[dim]{stages or ''}[/]{link}", shown,
+                      f"{seconds:.1f}", accuracy, f"{kept:.1%}" if kept is not None else "")
+        table.add_section()
     console.print(table)

@@ -29,13 +29,26 @@ SELECT run_id, name, config_json, status, stage, error, flow_run_id, started_at,
 FROM runs WHERE run_id = $run_id;
 
 -- name: list_runs
+WITH latest_eval AS (
+    SELECT run_id, arg_max(eval_id, created_at) AS eval_id FROM evaluations GROUP BY run_id
+),
+headline AS (
+    SELECT e.run_id,
+           max(m.value) FILTER (WHERE m.model_role = 'teacher' AND m.name = 'accuracy') AS teacher_acc,
+           max(m.value) FILTER (WHERE m.model_role = 'student' AND m.name = 'accuracy') AS student_acc,
+           max(m.value) FILTER (WHERE m.model_role = 'student' AND m.name = 'retention') AS retention
+    FROM latest_eval e JOIN metrics m ON m.eval_id = e.eval_id AND m.category = '*'
+    GROUP BY e.run_id
+)
 SELECT r.run_id, r.name, r.status, r.stage, r.error, r.started_at,
        epoch(coalesce(r.finished_at, current_timestamp)) - epoch(r.started_at) AS seconds,
-       (SELECT string_agg(s.stage || '=' || s.status || ' ' || printf('%.1fs', coalesce(s.seconds, 0)), ', '
-                          ORDER BY s.started_at)
+       (SELECT string_agg(s.stage || ' ' || printf('%.1fs', coalesce(s.seconds, 0))
+                          || CASE WHEN s.status = 'completed' THEN '' ELSE ' (' || s.status || ')' END,
+                          ' · ' ORDER BY s.started_at)
           FROM stage_runs s WHERE s.run_id = r.run_id) AS stages,
-       r.flow_run_id
+       r.flow_run_id, h.teacher_acc, h.student_acc, h.retention
 FROM runs r
+LEFT JOIN headline h ON h.run_id = r.run_id
 ORDER BY r.started_at DESC
 LIMIT $limit;
 
