@@ -50,7 +50,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     (nothing depends on those), so the vocabulary keeps its size. The encoder prepends <|bos|>.
     """
     if vocab_size < _MIN_VOCAB:
-        raise ValueError(f"vocab_size must be at least {_MIN_VOCAB} (bytes, special tokens, ' A'..' Z'), got {vocab_size}")
+        raise ValueError(
+            f"vocab_size must be at least {_MIN_VOCAB} (bytes, special tokens, ' A'..' Z'), got {vocab_size}"
+        )
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
@@ -160,7 +162,8 @@ def load_pretrained(
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    if _looks_local(name_or_path):
+    local = _looks_local(name_or_path)
+    if local:
         path = Path(name_or_path).expanduser()
         if not path.is_dir():
             raise ModelLoadError(
@@ -174,15 +177,17 @@ def load_pretrained(
             name_or_path, dtype=torch_dtype, device_map={"": torch_device}, **common
         )
     except (OSError, ValueError, KeyError) as e:
-        where = "the local directory" if Path(name_or_path).is_dir() else "the local cache or the Hugging Face hub"
-        raise ModelLoadError(
-            f"cannot load model {name_or_path!r}"
-            + (f" (revision {revision})" if revision else "")
-            + (f" (gguf file {gguf_file})" if gguf_file else "")
-            + f" from {where}: {e}. If it is a hub id and this machine is offline or the repo is gated, download it "
-            "first (`hf download ID --local-dir DIR`, with HF_TOKEN for gated repos) and pass DIR instead; "
-            "if it is a directory, it needs config.json, the weights and the tokenizer files."
-        ) from e
+        what = f"model {name_or_path!r}" + (f" at revision {revision}" if revision else "")
+        what += f" (gguf file {gguf_file})" if gguf_file else ""
+        if local:
+            advice = "the directory needs config.json, the weights and the tokenizer files (see save_pretrained)"
+        else:
+            advice = (
+                "it is not in the local Hugging Face cache and the hub did not serve it: check the id and revision; "
+                "on an offline machine or for a gated repo, download it first (`hf download ID --local-dir DIR`, "
+                "HF_TOKEN for gated repos) and pass DIR"
+            )
+        raise ModelLoadError(f"cannot load {what}: {str(e).rstrip('.')}. {advice}") from e
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelLoadError(f"tokenizer of {name_or_path!r} has neither a pad nor an eos token")
@@ -228,10 +233,8 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """
     total = sum(p.numel() for p in model.parameters())
     config = getattr(model, "config", None)
-    n_experts = next(
-        (getattr(config, k) for k in ("num_local_experts", "num_experts", "n_routed_experts") if getattr(config, k, None)),
-        None,
-    )
+    names = ("num_local_experts", "num_experts", "n_routed_experts")
+    n_experts = next((getattr(config, k) for k in names if getattr(config, k, None)), None)
     k = getattr(config, "num_experts_per_tok", None)
     if not n_experts or not k:
         return total, total

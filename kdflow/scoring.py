@@ -215,7 +215,9 @@ def _tokenize_cloze(
     contexts = tokenizer([cloze_context(q, c, cfg) for q, _, c in checked], add_special_tokens=True)["input_ids"]
     flat_options = [o for _, options, _ in checked for o in options]
     # Context and option are tokenized apart and joined, so the option's tokens are exactly its own.
-    continuations = iter(tokenizer([cloze_continuation(o) for o in flat_options], add_special_tokens=False)["input_ids"])
+    continuations = iter(
+        tokenizer([cloze_continuation(o) for o in flat_options], add_special_tokens=False)["input_ids"]
+    )
     encoded = []
     for i, (context, (_, options, _)) in enumerate(zip(contexts, checked)):
         if not context:

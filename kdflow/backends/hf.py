@@ -1,0 +1,158 @@
+"""The transformers teacher backend: a local model scored with kdflow.scoring, on the CPU or one GPU.
+
+Questions are sorted by token length and scored in batches of similar length (little padding), then put
+back in input order. Scoring is exactly `option_logits`, the function the student trains through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kdflow.backends.base import ScoredQuestion
+from kdflow.config import ScoringConfig, TeacherConfig
+from kdflow.modeling import ModelLoadError, load_pretrained, weights_fingerprint
+from kdflow.scoring import EncodedQuestion, collate, option_logits, to_soft_labels, tokenize
+
+
+class HFBackend:
+    """Score questions with a transformers causal LM.
+
+    `batch_size` counts questions (a cloze batch has one row per option). The model is moved to `device`.
+    With `reasoning_max_tokens`, each question also gets a greedy continuation of its prompt of up to that
+    many tokens, stored as its reasoning text.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        scoring: ScoringConfig,
+        *,
+        batch_size: int,
+        device: torch.device | str,
+        reasoning_max_tokens: int | None = None,
+        model_id: str | None = None,
+        revision: str | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.model: PreTrainedModel | None = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.scoring = scoring
+        self.batch_size = batch_size
+        self.reasoning_max_tokens = reasoning_max_tokens
+        self.model_id = model_id or getattr(model, "name_or_path", "") or None
+        self.revision = revision
+
+    @classmethod
+    def from_config(cls, teacher: TeacherConfig, scoring: ScoringConfig, model_dir: str | None = None) -> HFBackend:
+        """Load the teacher from `model_dir` (a prepared teacher) or else `teacher.model`."""
+        source = model_dir or teacher.model
+        if source is None:
+            raise ModelLoadError(
+                "the hf teacher has no weights: set teacher.model to a hub id or a local directory, "
+                "or enable teacher.prepare so a prepared teacher directory is passed in"
+            )
+        revision = None if model_dir else teacher.revision
+        model, tokenizer = load_pretrained(
+            source,
+            revision=revision,
+            dtype=teacher.dtype,
+            device=teacher.device,
+            trust_remote_code=teacher.trust_remote_code,
+            gguf_file=None if model_dir else teacher.gguf_file,
+        )
+        return cls(
+            model,
+            tokenizer,
+            scoring,
+            batch_size=teacher.batch_size,
+            device=model.device,
+            reasoning_max_tokens=teacher.reasoning_max_tokens if teacher.reasoning else None,
+            model_id=source,
+            revision=revision,
+        )
+
+    def key_parts(self) -> dict[str, Any]:
+        """Backend, model id or path, revision, and a fingerprint of the weights where they are local."""
+        weights = weights_fingerprint(self.model_id) if self.model_id else self._parameter_fingerprint()
+        return {"backend": "hf", "model": self.model_id or "in-memory", "revision": self.revision, "weights": weights}
+
+    def _parameter_fingerprint(self) -> str:
+        """For a model that came from no file: a hash of per-tensor sums (changes when it is trained)."""
+        sums = torch.stack([p.detach().double().sum().cpu() for p in self._model.parameters()])
+        return hashlib.sha256(sums.numpy().tobytes()).hexdigest()[:16]
+
+    @property
+    def _model(self) -> PreTrainedModel:
+        if self.model is None:
+            raise RuntimeError("this HFBackend was closed; open a new one to score more questions")
+        return self.model
+
+    def score(self, questions: Sequence[Mapping[str, Any]]) -> list[ScoredQuestion]:
+        """Soft labels for `questions`, in input order (see ScoredQuestion for latency and reasoning)."""
+        model = self._model
+        encoded = tokenize(questions, self.tokenizer, self.scoring)
+        results: list[ScoredQuestion | None] = [None] * len(encoded)
+        for indices in self._buckets(encoded):
+            chunk = [encoded[i] for i in indices]
+            start = time.perf_counter()
+            batch = collate(chunk, pad_id=self._pad_id).to(self.device)
+            with torch.inference_mode(), self._autocast():
+                labels = to_soft_labels(option_logits(model, batch))
+            latency_ms = (time.perf_counter() - start) * 1000 / len(chunk)
+            reasoning = self._reason(chunk) if self.reasoning_max_tokens else [None] * len(chunk)
+            for i, label, text in zip(indices, labels, reasoning):
+                results[i] = ScoredQuestion(label=label, latency_ms=latency_ms, reasoning=text)
+        return results  # type: ignore[return-value]  # every slot was filled above
+
+    def _buckets(self, encoded: Sequence[EncodedQuestion]) -> Iterator[list[int]]:
+        """Indices of `encoded` in batches of similar token length."""
+        order = sorted(range(len(encoded)), key=lambda i: encoded[i].n_tokens)
+        for start in range(0, len(order), self.batch_size):
+            yield order[start : start + self.batch_size]
+
+    @property
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast for a float32 model on CUDA; a model loaded in bf16/fp16 already runs in it."""
+        fp32 = next(self._model.parameters()).dtype == torch.float32
+        if self.device.type == "cuda" and fp32:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _reason(self, chunk: Sequence[EncodedQuestion]) -> list[str]:
+        """Greedy continuations of each question's prompt (cloze: its context), decoded without specials."""
+        prompts = [e.rows[0][: len(e.rows[0]) - e.targets[0]] if e.targets else e.rows[0] for e in chunk]
+        length = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[self._pad_id] * (length - len(p)) + list(p) for p in prompts], device=self.device)
+        attention_mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        eos = getattr(self._model.generation_config, "eos_token_id", None) or self.tokenizer.eos_token_id
+        with torch.inference_mode(), self._autocast():
+            out = self._model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=self.reasoning_max_tokens,
+                do_sample=False,
+                pad_token_id=self._pad_id,
+                eos_token_id=eos,
+            )
+        return [text.strip() for text in self.tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)]
+
+    def close(self) -> None:
+        """Drop the model so its memory can be freed (the caller may still hold its own reference)."""
+        self.model = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from kdflow.config import ArchitectureConfig
+from kdflow.modeling import (
+    ModelLoadError,
+    build_model,
+    count_parameters,
+    load_pretrained,
+    resolve_device,
+    resolve_dtype,
+    save_pretrained,
+    train_tokenizer,
+    weights_fingerprint,
+)
+from kdflow.records import LETTERS
+
+
+def _corpus(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    words = "the river mountain capital bridge colour answer question boils degrees which what how".split()
+    return [" ".join(rng.choice(words) for _ in range(15)) for _ in range(n)]
+
+
+def test_letters_are_single_tokens_and_vocab_size_is_kept():
+    # A full vocabulary: the " X" letters must displace learned merges, not grow the vocabulary.
+    tokenizer = train_tokenizer(_corpus(2000), vocab_size=300)
+    assert len(tokenizer) == 300
+    for letter in LETTERS:
+        assert len(tokenizer.encode(letter, add_special_tokens=False)) == 1
+        assert len(tokenizer.encode(" " + letter, add_special_tokens=False)) == 1
+    text = "Which river? A. the capital\nAnswer: B"
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+
+
+def test_tokenizer_special_tokens(tiny_tokenizer):
+    ids = tiny_tokenizer("Answer: A")["input_ids"]
+    assert ids[0] == tiny_tokenizer.bos_token_id
+    assert tiny_tokenizer.convert_ids_to_tokens(ids[-1]) == "ĠA"
+    assert {tiny_tokenizer.pad_token, tiny_tokenizer.eos_token, tiny_tokenizer.unk_token} == {
+        "<|pad|>",
+        "<|eos|>",
+        "<|unk|>",
+    }
+
+
+def test_tokenizer_vocab_too_small():
+    with pytest.raises(ValueError, match="vocab_size must be at least"):
+        train_tokenizer(["hello"], vocab_size=100)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_build_model(family, tiny_tokenizer):
+    arch = ArchitectureConfig(family=family, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
+    model = build_model(arch, tiny_tokenizer)
+    assert model.config.vocab_size == len(tiny_tokenizer)
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert model.config.head_dim == 8
+    logits = model(torch.tensor([tiny_tokenizer("Answer: A")["input_ids"]])).logits
+    assert logits.shape[-1] == len(tiny_tokenizer)
+
+
+def test_build_model_rejects_bad_heads(tiny_tokenizer):
+    with pytest.raises(ValueError, match="not divisible"):
+        build_model(ArchitectureConfig(hidden_size=30, num_heads=4), tiny_tokenizer)
+
+
+def test_save_load_round_trip(tmp_path, tiny_model, tiny_tokenizer):
+    path = save_pretrained(tiny_model, tiny_tokenizer, tmp_path / "m")
+    assert (path / "model.safetensors").exists()
+    assert not list(path.glob("*.bin"))
+    model, tokenizer = load_pretrained(str(path), device="cpu")
+    assert not model.training and model.dtype == torch.float32
+    text = "Which river flows through the capital?\nA. x\nB. y\nAnswer:"
+    ids = tiny_tokenizer(text)["input_ids"]
+    assert tokenizer(text)["input_ids"] == ids
+    assert tokenizer.pad_token_id == tiny_tokenizer.pad_token_id
+    with torch.no_grad():
+        assert torch.equal(model(torch.tensor([ids])).logits, tiny_model(torch.tensor([ids])).logits)
+
+
+def test_fingerprint_changes_with_weights(tmp_path, tiny_model, tiny_tokenizer):
+    before = weights_fingerprint(save_pretrained(tiny_model, tiny_tokenizer, tmp_path / "m"))
+    changed = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        changed.get_input_embeddings().weight.add_(1.0)
+    after = weights_fingerprint(save_pretrained(changed, tiny_tokenizer, tmp_path / "m"))
+    assert before and after and before != after
+    assert weights_fingerprint(tmp_path / "missing") is None
+
+
+def test_missing_local_path_is_a_clear_error(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelLoadError, match="does not exist") as info:
+        load_pretrained(str(missing))
+    assert str(missing) in str(info.value)
+
+
+def test_directory_without_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="cannot load model") as info:
+        load_pretrained(str(tmp_path), device="cpu")
+    assert "config.json" in str(info.value) and str(tmp_path) in str(info.value)
+
+
+def test_resolve_device_and_dtype():
+    cpu = torch.device("cpu")
+    assert resolve_device("cpu") == cpu
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == cpu
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("int8", cpu)
+
+
+def test_count_parameters_dense(tiny_model):
+    total, active = count_parameters(tiny_model)
+    assert total == active == sum(p.numel() for p in tiny_model.parameters())
+
+
+def test_count_parameters_moe():
+    config = Qwen3MoeConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        moe_intermediate_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_experts=8,
+        num_experts_per_tok=2,
+    )
+    model = Qwen3MoeForCausalLM(config)
+    total, active = count_parameters(model)
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    assert experts > 0
+    assert total == sum(p.numel() for p in model.parameters())
+    assert active == total - experts + experts * 2 // 8
+    assert active < total
