@@ -1,0 +1,28 @@
+"""The declarative deployments stay in step with the code and the demo config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from kdflow.config import RunConfig, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+
+
+def test_deployment_parameters_are_the_demo_config():
+    demo = load_config(ROOT / "configs" / "demo.yaml")
+    for deployment in SPEC["deployments"]:
+        assert RunConfig.model_validate(deployment["parameters"]["cfg"]) == demo, deployment["name"]
+
+
+def test_entrypoints_exist_and_only_the_main_flow_is_scheduled():
+    import importlib
+
+    for deployment in SPEC["deployments"]:
+        module, _, name = deployment["entrypoint"].partition(":")
+        flow = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), name)
+        assert callable(flow), deployment["entrypoint"]
+        assert bool(deployment.get("schedules")) == deployment["name"].endswith("nightly")
