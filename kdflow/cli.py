@@ -265,13 +265,23 @@ def plan(
         raise _fail(str(e)) from None
     table = Table(title=f"{cfg.name}: {questions:,} questions x {tokens:g} tokens on {GPUS[gpu].name}, "
                         f"{utilisation:.0%} of peak", title_justify="left")
-    for col in ("stage", "model", "tokens", "PFLOP", "weights GB", "memory GB", "GPUs", "layout", "GPU hours",
-                "wall hours", "notes"):
-        table.add_column(col)
+    table.add_column("")
     for p in plans:
-        table.add_row(p.stage, p.model, f"{p.tokens:.3g}", f"{p.flops / 1e15:.1f}", f"{p.weights_gb:.0f}",
-                      f"{p.memory_gb_needed:.0f}", str(p.gpus), p.layout, f"{p.hours * p.gpus:.1f}",
-                      f"{p.hours:.2f}", p.notes)
+        table.add_column(p.stage, overflow="fold")
+    rows = {
+        "model": [p.model for p in plans],
+        "tokens": [f"{p.tokens:.3g}" for p in plans],
+        "compute (PFLOP)": [f"{p.flops / 1e15:,.0f}" for p in plans],
+        "weights (GB)": [f"{p.weights_gb:,.0f}" for p in plans],
+        "memory needed (GB)": [f"{p.memory_gb_needed:,.0f}" for p in plans],
+        "GPUs": [str(p.gpus) for p in plans],
+        "layout": [p.layout for p in plans],
+        "wall time (h)": [f"{p.hours:.2f}" for p in plans],
+        "GPU hours": [f"{p.hours * p.gpus:.1f}" for p in plans],
+        "notes": [p.notes for p in plans],
+    }
+    for name, values in rows.items():
+        table.add_row(name, *values)
     _console().print(table)
 
 

@@ -94,15 +94,17 @@ def _with_spaced_letters(tokenizer: Tokenizer, vocab_size: int) -> Tokenizer:
     return Tokenizer.from_str(json.dumps(data))
 
 
-def build_model(arch: ArchitectureConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A freshly initialised causal LM (tied embeddings); seed with torch.manual_seed before calling."""
+def architecture_config(
+    arch: ArchitectureConfig, *, vocab_size: int, special_ids: dict[str, int | None] | None = None
+) -> LlamaConfig | Qwen3Config:
+    """The transformers config of a fresh model (also what `kdflow plan` sizes without building it)."""
     if arch.hidden_size % arch.num_heads:
         raise ValueError(f"hidden_size {arch.hidden_size} is not divisible by num_heads {arch.num_heads}")
     kv_heads = arch.num_kv_heads or arch.num_heads
     if arch.num_heads % kv_heads:
         raise ValueError(f"num_heads {arch.num_heads} is not divisible by num_kv_heads {kv_heads}")
     common = dict(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         hidden_size=arch.hidden_size,
         intermediate_size=arch.intermediate_size or 4 * arch.hidden_size,
         num_hidden_layers=arch.num_layers,
@@ -111,13 +113,20 @@ def build_model(arch: ArchitectureConfig, tokenizer: PreTrainedTokenizerBase) ->
         head_dim=arch.hidden_size // arch.num_heads,
         max_position_embeddings=arch.max_position_embeddings,
         tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **(special_ids or {}),
     )
-    if arch.family == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common))
-    return Qwen3ForCausalLM(Qwen3Config(**common))
+    return LlamaConfig(**common) if arch.family == "llama" else Qwen3Config(**common)
+
+
+def build_model(arch: ArchitectureConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A freshly initialised causal LM (tied embeddings); seed with torch.manual_seed before calling."""
+    config = architecture_config(
+        arch,
+        vocab_size=len(tokenizer),
+        special_ids={"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": tokenizer.pad_token_id},
+    )
+    return LlamaForCausalLM(config) if arch.family == "llama" else Qwen3ForCausalLM(config)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -123,7 +123,7 @@ def _power_of_two_at_least(n: float) -> int:
 
 
 def plan_labeling(shape: ModelShape, *, questions: int, tokens_per_question: float, gpu: Gpu,
-                  weight_bytes: float, utilisation: float, concurrent_sequences: int = 256,
+                  weight_bytes: float, utilisation: float, concurrent_sequences: int = 128,
                   memory_utilisation: float = 0.9) -> StagePlan:
     """One prefill per question (letter mode): 2 x active params FLOPs per token, weights sharded by TP."""
     tokens = questions * tokens_per_question
