@@ -48,10 +48,14 @@ def _tokenizer_for(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher
     return corpus_tokenizer(store, dataset_ids, cfg.student.architecture.vocab_size)
 
 
-def _metrics_sink(store: Store, model_id: str) -> Callable[[list[dict[str, Any]]], None]:
+def _metrics_sink(
+    store: Store, model_id: str, on_progress: Callable[[int, int], None] | None, total: int
+) -> Callable[[list[dict[str, Any]]], None]:
     def write(rows: list[dict[str, Any]]) -> None:
         table = pa.table({c: [r.get(c) for r in rows] for c in METRIC_COLUMNS})
         store.execute("insert_training_metrics", table, model_id=model_id)
+        if on_progress is not None and rows:
+            on_progress(rows[-1]["step"], total)
 
     return write
 
@@ -75,13 +79,17 @@ def train_students(
     resume: bool = True,
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, Path], list[str]]:
-    """Train (or reuse) each student role; returns ({role: model dir}, roles reused)."""
+    """Train (or reuse) each student role; returns ({role: model dir}, roles reused).
+
+    `on_progress(step, total)` follows the metric batches of the role being trained (for the UI)."""
     import torch
 
+    from kdflow.distributed import launch_training
     from kdflow.modeling import count_parameters
     from kdflow.students import export_student, init_student
-    from kdflow.training import train
+    from kdflow.training import total_steps
 
     examples = store.arrow(
         "distillation_examples", dataset_ids=dataset_ids, teacher_key=teacher.key,
@@ -114,9 +122,11 @@ def train_students(
             final = export_student(model, tok, out_dir / "final", merge_lora=cfg.student.lora.merge_on_export)
         else:
             recipe = cfg.training.model_copy(update={"alpha": 1.0} if role == "student_hard" else {})
-            result = train(
+            # One process trains here; more are launched, and relay their metrics to the same sinks.
+            result = launch_training(
                 model, tok, examples, recipe, cfg.scoring, out_dir=out_dir, val_examples=val_examples,
-                resume=resume, merge_lora=cfg.student.lora.merge_on_export, on_metrics=_metrics_sink(store, model_id),
+                resume=resume, merge_lora=cfg.student.lora.merge_on_export,
+                on_metrics=_metrics_sink(store, model_id, on_progress, total_steps(recipe, len(examples))),
                 on_checkpoint=_checkpoint_sink(store, model_id), progress=progress, should_stop=should_stop,
             )
             final = Path(result.final_dir)

@@ -9,6 +9,7 @@ from kdflow.distill import train_students
 from kdflow.runs import stage
 from kdflow.store import Store
 from kdflow.teacher import teacher_ref
+from tasks.progress import ui_progress
 from tasks.retry import RETRY_DELAYS, retry_if_transient
 
 
@@ -20,7 +21,8 @@ def train_task(
     store = Store(cfg.home_dir)
     with stage(store, run_id, "train") as record:
         ref = teacher_ref(cfg, store, dataset_ids)
-        dirs, reused = train_students(cfg, store, dataset_ids, ref, validation_id, run_id=run_id, resume=resume)
+        dirs, reused = train_students(cfg, store, dataset_ids, ref, validation_id, run_id=run_id, resume=resume,
+                                      on_progress=ui_progress("training", f"students of run {run_id}"))
         record.reused = len(reused) == len(dirs)
         record.detail = {"models": {k: str(v) for k, v in dirs.items()}, "reused": reused}
     return {role: str(path) for role, path in dirs.items()}
