@@ -7,7 +7,8 @@ is a directory `checkpoints/step-N/` holding:
                            adapter when LoRA: frozen weights are rebuilt by the student initialisation)
     best.safetensors       early stopping only: the best-validation weights, when they are not `model`'s
     optimizer.safetensors  the optimizer's per-parameter tensors ("state.<index>.<name>", e.g. Adam's
-                           exp_avg) and torch's RNG states ("rng.cpu", "rng.cuda.<device>")
+                           exp_avg) and torch's RNG states ("rng.cpu", "rng.cuda.<device>"; a run in
+                           several processes adds "rank<r>.rng..." for each process r > 0)
     trainer_state.json     format version, step, data position (epoch, position in its permutation),
                            early-stopping state, the optimizer's param groups and non-tensor state, the
                            scheduler's state, the last metric row
@@ -15,6 +16,11 @@ is a directory `checkpoints/step-N/` holding:
 
 A checkpoint is written to a hidden temporary directory and renamed into place, so a process killed at
 any moment leaves either the complete checkpoint or none; `latest_checkpoint` ignores the leftovers.
+
+`save_checkpoint` / `load_checkpoint` work on a model and optimizer in this process. `write_checkpoint` /
+`read_checkpoint` move the plain tensors and numbers, for callers that assemble them first: training in
+several processes gathers sharded weights and every process's RNG (kdflow/distributed.py), so one
+checkpoint format serves any number of processes and a run may resume with another number.
 """
 
 from __future__ import annotations
@@ -75,21 +81,25 @@ def step_dirs(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def step_path(directory: str | Path, step: int) -> Path:
+    """Where the checkpoint of optimizer step `step` lives under `directory`."""
+    return Path(directory) / f"step-{step}"
+
+
 def latest_checkpoint(directory: str | Path) -> Path | None:
     """The newest complete checkpoint directory under `directory`, or None."""
     found = step_dirs(Path(directory))
     return found[-1][1] if found else None
 
 
-def _optimizer_split(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The optimizer's state dict as (tensors for safetensors, everything else for JSON)."""
-    full = optimizer.state_dict()
+def _optimizer_split(full: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer state dict as (tensors for safetensors, everything else for JSON)."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, entries in full["state"].items():
         for name, value in entries.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{name}"] = value.detach().contiguous().cpu()
+                tensors[f"state.{index}.{name}"] = value
             else:
                 scalars.setdefault(str(index), {})[name] = value
     return tensors, {"param_groups": full["param_groups"], "scalars": scalars}
@@ -110,7 +120,8 @@ def _optimizer_join(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
     return {"state": state, "param_groups": groups}
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
+def rng_state() -> dict[str, torch.Tensor]:
+    """torch's RNG states in this process, by checkpoint key."""
     states = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for device, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -118,9 +129,24 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return states
 
 
-def _set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(tensors["rng.cpu"])
-    cuda = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in tensors.items() if k.startswith("rng.cuda."))
+def rng_of_ranks(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The RNG states of every process (index = rank) under one set of keys: rank 0's keep the plain keys,
+    so a single process resumes with them."""
+    return {
+        (f"rank{rank}.{key}" if rank else key): value
+        for rank, ranks in enumerate(states)
+        for key, value in ranks.items()
+    }
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], rank: int = 0) -> None:
+    """Restore this process's RNG from a checkpoint's tensors; a rank the checkpoint lacks (it was written
+    by fewer processes) takes rank 0's."""
+    prefix = f"rank{rank}." if rank and f"rank{rank}.rng.cpu" in tensors else ""
+    torch.set_rng_state(tensors[f"{prefix}rng.cpu"])
+    cuda = sorted(
+        (int(k.rsplit(".", 1)[1]), v) for k, v in tensors.items() if k.startswith(f"{prefix}rng.cuda.")
+    )
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([state for _, state in cuda])
 
@@ -145,31 +171,35 @@ def _fsync_tree(directory: Path) -> None:
         os.close(descriptor)
 
 
-def save_checkpoint(
-    directory: str | Path,
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    state: TrainState,
-    config: dict[str, Any],
-    keep: int = 2,
-) -> Path:
+@dataclass
+class Checkpoint:
+    """The contents of one checkpoint as plain data: what `write_checkpoint` takes and `read_checkpoint`
+    returns. weights: trainable parameters by name; optimizer_state: in torch's `state_dict` layout."""
+
+    weights: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    scheduler_state: dict[str, Any]
+    rng: dict[str, torch.Tensor]
+    state: TrainState
+
+
+def write_checkpoint(directory: str | Path, checkpoint: Checkpoint, *, config: dict[str, Any], keep: int = 2) -> Path:
     """Write `directory/step-<state.step>/` atomically and delete all but the newest `keep` checkpoints."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"step-{state.step}"
+    state = checkpoint.state
+    final = step_path(directory, state.step)
     # Leftovers of a writer killed mid-write (one run writes a directory at a time).
     for leftover in directory.glob(".tmp-step-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     tmp = directory / f".tmp-step-{state.step}"
     tmp.mkdir()
 
-    _save_tensors(trainable_state(model), tmp / "model.safetensors")
+    _save_tensors(checkpoint.weights, tmp / "model.safetensors")
     if state.best_weights is not None and state.best_step != state.step:
         _save_tensors(state.best_weights, tmp / "best.safetensors")
-    optimizer_tensors, optimizer_meta = _optimizer_split(optimizer)
-    _save_tensors({**optimizer_tensors, **_rng_state()}, tmp / "optimizer.safetensors")
+    optimizer_tensors, optimizer_meta = _optimizer_split(checkpoint.optimizer_state)
+    _save_tensors({**optimizer_tensors, **checkpoint.rng}, tmp / "optimizer.safetensors")
     trainer_state = {
         "format_version": FORMAT_VERSION,
         "step": state.step,
@@ -182,7 +212,7 @@ def save_checkpoint(
         "has_best_weights": state.best_weights is not None,
         "metrics": state.metrics,
         "optimizer": optimizer_meta,
-        "scheduler": scheduler.state_dict(),
+        "scheduler": checkpoint.scheduler_state,
     }
     _write_json(config, tmp / "config.json")
     # The state file goes last: `step_dirs` only counts directories that have it.
@@ -197,6 +227,76 @@ def save_checkpoint(
     return final
 
 
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint written by `write_checkpoint` (tensors on the CPU)."""
+    path = Path(path)
+    state_file = path / _STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {_STATE_FILE})")
+    meta = json.loads(state_file.read_text(encoding="utf-8"))
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {meta.get('format_version')}, this kdflow reads "
+            f"{FORMAT_VERSION}; train again without resume"
+        )
+    weights = load_file(str(path / "model.safetensors"))
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    optimizer_tensors = {k: v for k, v in tensors.items() if k.startswith("state.")}
+    best_weights = None
+    if meta["has_best_weights"]:
+        best_file = path / "best.safetensors"
+        best_weights = load_file(str(best_file)) if best_file.is_file() else {k: v.clone() for k, v in weights.items()}
+    state = TrainState(
+        step=meta["step"],
+        epoch=meta["epoch"],
+        position=meta["position"],
+        best_val_accuracy=meta["best_val_accuracy"],
+        best_step=meta["best_step"],
+        evals_since_best=meta["evals_since_best"],
+        stopped_early=meta["stopped_early"],
+        metrics=meta["metrics"],
+        best_weights=best_weights,
+    )
+    return Checkpoint(
+        weights=weights,
+        optimizer_state=_optimizer_join(optimizer_tensors, meta["optimizer"]),
+        scheduler_state=meta["scheduler"],
+        rng={k: v for k, v in tensors.items() if not k.startswith("state.")},
+        state=state,
+    )
+
+
+def check_fits(path: str | Path, weights: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint whose weights are not exactly the model's trainable parameters."""
+    if weights.keys() != params.keys():
+        missing, extra = sorted(params.keys() - weights.keys()), sorted(weights.keys() - params.keys())
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model (missing {missing[:3]}, unexpected {extra[:3]}): "
+            "initialise the student as in the run that wrote it, or train without resume"
+        )
+
+
+def save_checkpoint(
+    directory: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: TrainState,
+    config: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Checkpoint a model and optimizer of this process (see `write_checkpoint`)."""
+    checkpoint = Checkpoint(
+        weights=trainable_state(model),
+        optimizer_state=optimizer.state_dict(),
+        scheduler_state=scheduler.state_dict(),
+        rng=rng_state(),
+        state=state,
+    )
+    return write_checkpoint(directory, checkpoint, config=config, keep=keep)
+
+
 def load_checkpoint(
     path: str | Path,
     model: torch.nn.Module,
@@ -208,47 +308,13 @@ def load_checkpoint(
     The model must be initialised the way it was for the run that wrote the checkpoint (same architecture,
     same LoRA setup): only its trainable parameters are stored.
     """
-    path = Path(path)
-    state_file = path / _STATE_FILE
-    if not state_file.is_file():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {_STATE_FILE})")
-    meta = json.loads(state_file.read_text(encoding="utf-8"))
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {path} has format version {meta.get('format_version')}, this kdflow reads "
-            f"{FORMAT_VERSION}; train again without resume"
-        )
-
-    weights = load_file(str(path / "model.safetensors"))
+    checkpoint = read_checkpoint(path)
     params = trainable_state(model)
-    if weights.keys() != params.keys():
-        missing, extra = sorted(params.keys() - weights.keys()), sorted(weights.keys() - params.keys())
-        raise CheckpointError(
-            f"checkpoint {path} does not fit this model (missing {missing[:3]}, unexpected {extra[:3]}): "
-            "initialise the student as in the run that wrote it, or train without resume"
-        )
+    check_fits(path, checkpoint.weights, params)
     with torch.no_grad():
         for name, param in params.items():
-            param.copy_(weights[name])
-
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    optimizer_tensors = {k: v for k, v in tensors.items() if k.startswith("state.")}
-    optimizer.load_state_dict(_optimizer_join(optimizer_tensors, meta["optimizer"]))
-    scheduler.load_state_dict(meta["scheduler"])
-    _set_rng_state(tensors)
-
-    best_weights = None
-    if meta["has_best_weights"]:
-        best_file = path / "best.safetensors"
-        best_weights = load_file(str(best_file)) if best_file.is_file() else {k: v.clone() for k, v in weights.items()}
-    return TrainState(
-        step=meta["step"],
-        epoch=meta["epoch"],
-        position=meta["position"],
-        best_val_accuracy=meta["best_val_accuracy"],
-        best_step=meta["best_step"],
-        evals_since_best=meta["evals_since_best"],
-        stopped_early=meta["stopped_early"],
-        metrics=meta["metrics"],
-        best_weights=best_weights,
-    )
+            param.copy_(checkpoint.weights[name])
+    optimizer.load_state_dict(checkpoint.optimizer_state)
+    scheduler.load_state_dict(checkpoint.scheduler_state)
+    set_rng_state(checkpoint.rng)
+    return checkpoint.state

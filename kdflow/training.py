@@ -10,11 +10,16 @@ Options are scored with kdflow.scoring, the same code that labels with the teach
 the student learns exactly the numbers it is judged on. Data order is a seeded permutation per epoch and
 all state lives in checkpoints (kdflow/checkpoints.py), so a killed run resumes onto the same trajectory:
 bit for bit on the CPU.
+
+The same loop runs in one process or, under a launcher, in several (DDP, or FSDP when cfg.fsdp):
+`training.batch_size` stays the global micro-batch, each process trains on its slice of it, and only the
+main process reports and writes; kdflow/distributed.py holds the collectives and the launcher.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -30,8 +35,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from kdflow.checkpoints import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state
+from kdflow.checkpoints import TrainState, latest_checkpoint, trainable_state
 from kdflow.config import ScoringConfig, TrainingConfig
+from kdflow.distributed import Processes, join, whole_tensor
 from kdflow.errors import KdflowError
 from kdflow.losses import LossParts, distillation_loss
 from kdflow.scoring import EncodedQuestion, ScoringBatch, collate, option_logits, tokenize
@@ -41,8 +47,9 @@ from kdflow.students import export_student
 DELIVER_EVERY = 50
 # Reading a loss from the device waits for the step to finish; the progress bar does it only this often.
 DISPLAY_EVERY = 10
-# Settings that do not change the trajectory; a resumed run may change them freely.
-_RESUME_FREE = {"checkpoint_every", "hard_label_baseline"}
+# Settings that do not change the trajectory; a resumed run may change them freely (the number of
+# processes too: the global batch and its data order do not depend on it).
+_RESUME_FREE = {"checkpoint_every", "hard_label_baseline", "num_processes", "fsdp"}
 
 
 class TrainingCancelled(KdflowError):
@@ -213,20 +220,31 @@ def _dataset(
 
 
 def evaluate_accuracy(
-    model: torch.nn.Module, data: _Dataset, *, batch_size: int, device: torch.device
+    model: torch.nn.Module,
+    data: _Dataset,
+    *,
+    batch_size: int,
+    device: torch.device,
+    processes: Processes | None = None,
 ) -> float:
-    """Share of questions whose highest-scoring option is the gold one (model.eval, no grad)."""
+    """Share of questions whose highest-scoring option is the gold one (model.eval, no grad).
+
+    With several processes each scores its slice of every batch of `batch_size` and the counts are summed.
+    """
+    processes = processes or Processes(device=device)
     was_training = model.training
     model.eval()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.long, device=device)
     with torch.no_grad(), _autocast(device):
         for start in range(0, len(data.encoded), batch_size):
-            indices = range(start, min(start + batch_size, len(data.encoded)))
-            batch, gold, _ = data.batch(indices)
-            predicted = option_logits(model, batch.to(device)).scores.argmax(dim=-1).cpu()
-            correct += int((predicted == gold).sum())
+            indices = processes.local(range(start, min(start + batch_size, len(data.encoded))))
+            # Past the end of a short last batch a slice is empty; FSDP processes must still run the
+            # forward pass together, so such a process scores one question and counts none.
+            batch, gold, _ = data.batch(indices or [start])
+            predicted = option_logits(model, batch.to(device)).scores.argmax(dim=-1)
+            correct += (predicted == gold.to(device))[: len(indices)].sum()
     model.train(was_training)
-    return correct / len(data.encoded)
+    return int(processes.sum(correct)) / len(data.encoded)
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -261,59 +279,65 @@ def _loss_step(
 
 def _optimizer_step(
     model: torch.nn.Module,
+    wrapped: torch.nn.Module,
     data: _Dataset,
     order: DataOrder,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     cfg: TrainingConfig,
-    device: torch.device,
+    processes: Processes,
 ) -> dict[str, Any]:
-    """One optimizer step over cfg.grad_accum micro-batches; returns its metrics (device tensors, no sync)."""
+    """One optimizer step over cfg.grad_accum micro-batches; returns its metrics (device tensors, no sync).
+
+    `wrapped` runs the forward passes (model itself, or its DDP wrapper); each process trains on its slice
+    of every global micro-batch and the gradients are averaged across processes.
+    """
+    device = processes.device
     lr = scheduler.get_last_lr()[0]
     total, ce, kd = [], [], []
-    for _ in range(cfg.grad_accum):
-        batch, gold, probs = data.batch(order.next(cfg.batch_size))
-        parts = _loss_step(
-            model, batch.to(device), gold.to(device), None if probs is None else probs.to(device), cfg, device
-        )
-        # Every micro-batch is a mean over equally many questions, so the step's loss is their mean.
-        (parts.total / cfg.grad_accum).backward()
+    for micro in range(cfg.grad_accum):
+        batch, gold, probs = data.batch(processes.local(order.next(cfg.batch_size)))
+        with processes.gradient_sync(wrapped, enabled=micro == cfg.grad_accum - 1):
+            parts = _loss_step(
+                wrapped, batch.to(device), gold.to(device), None if probs is None else probs.to(device), cfg, device
+            )
+            # Every micro-batch is a mean over equally many questions, so the step's loss is their mean.
+            (parts.total / cfg.grad_accum).backward()
         total.append(parts.total.detach())
         ce.append(parts.ce.detach())
         if parts.kd is not None:
             kd.append(parts.kd.detach())
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable_state(model).values(), cfg.max_grad_norm)
+    grad_norm = whole_tensor(torch.nn.utils.clip_grad_norm_(trainable_state(model).values(), cfg.max_grad_norm))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {
-        "loss": torch.stack(total).mean(),
-        "ce": torch.stack(ce).mean(),
-        "kd": torch.stack(kd).mean() if kd else None,
-        "lr": lr,
-        "grad_norm": grad_norm,
-    }
+    # Slices are equally large, so the mean over processes is the loss of the global micro-batches.
+    means = processes.mean(torch.stack([torch.stack(values).mean() for values in (total, ce, kd) if values]))
+    return {"loss": means[0], "ce": means[1], "kd": means[2] if kd else None, "lr": lr, "grad_norm": grad_norm}
 
 
-def _track_validation(state: TrainState, accuracy: float, model: torch.nn.Module, patience: int | None) -> None:
-    """Record a validation check; with early stopping, keep the best weights (on the CPU) and stop
-    after `patience` checks without improvement."""
+def _track_validation(
+    state: TrainState, accuracy: float, snapshot: Callable[[], dict[str, torch.Tensor]], patience: int | None
+) -> None:
+    """Record a validation check; with early stopping, keep the best weights (`snapshot`: CPU copies)
+    and stop after `patience` checks without improvement."""
     if state.best_val_accuracy is None or accuracy > state.best_val_accuracy:
         state.best_val_accuracy, state.best_step, state.evals_since_best = accuracy, state.step, 0
         if patience is not None:
-            state.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in trainable_state(model).items()}
+            state.best_weights = snapshot()
         return
     state.evals_since_best += 1
     state.stopped_early = patience is not None and state.evals_since_best >= patience
 
 
-def _status(row: dict[str, Any]) -> str:
+def step_status(row: dict[str, Any]) -> str:
+    """The progress bar's text for a metric row."""
     return f"loss {float(row['loss']):.4f} | {row['samples_per_s']:.0f} samples/s"
 
 
 @contextlib.contextmanager
-def _progress_bar(total: int, done: int, enabled: bool) -> Iterator[Callable[[int, str | None], None]]:
-    """Yields update(step, status); status None keeps the previous text."""
+def step_bar(total: int, done: int, enabled: bool) -> Iterator[Callable[[int, str | None], None]]:
+    """The training progress bar; yields update(step, status), where status None keeps the previous text."""
     if not enabled:
         yield lambda step, status: None
         return
@@ -424,16 +448,18 @@ def train(
     val_accuracy} in batches (every DELIVER_EVERY steps, at each checkpoint and at the end);
     on_checkpoint receives (step, checkpoint dir, last row). should_stop is polled after every step;
     when it returns True a checkpoint is saved and TrainingCancelled raised.
+
+    Under a launcher (torchrun, accelerate launch: WORLD_SIZE = cfg.num_processes) every process calls
+    this with the same arguments; each moves the model to its own device, the main process alone calls
+    on_metrics and on_checkpoint and writes, and any process's should_stop stops them all.
+    `kdflow.distributed.launch_training` starts such processes from a single one.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
     checkpoint_dir = out_dir / "checkpoints"
 
     # 1. Inputs: the step budget follows from the data, so check the data first.
-    if cfg.num_processes > 1 or cfg.fsdp:
-        raise KdflowError(
-            "this training recipe runs in one process; set training.num_processes: 1 and training.fsdp: false"
-        )
+    processes = join(cfg, next(model.parameters()).device)
     if not examples:
         raise ValueError("no training examples; check the split fractions and the labeled questions")
     val_examples = list(val_examples or [])[: cfg.eval_questions]
@@ -444,28 +470,35 @@ def train(
     val = _dataset(val_examples, tokenizer, scoring, with_probs=False) if val_examples else None
     steps = total_steps(cfg, len(examples))
     warmup_steps = math.ceil(cfg.warmup_ratio * steps)
+    if not processes.is_main:
+        on_metrics = on_checkpoint = None
+        progress = False
 
     # 2. Model, optimizer, schedule. Seed before anything draws random numbers (dropout).
     torch.manual_seed(cfg.seed)
-    device = next(model.parameters()).device
+    run_config = _run_config(cfg, scoring, model)
+    # FSDP shards the model in place, so the main process exports from a whole copy kept on the CPU.
+    export_model = copy.deepcopy(model).cpu() if processes.fsdp and processes.is_main else model
+    wrapped = processes.wrap(model)
     model.train()
     optimizer = build_optimizer(model, cfg)
     scheduler = warmup_cosine(optimizer, warmup_steps=warmup_steps, total=steps)
-    run_config = _run_config(cfg, scoring, model)
 
     # 3. Resume (weights, optimizer, schedule, RNG, data position) or start over.
     state = TrainState()
     if resume and (checkpoint := latest_checkpoint(checkpoint_dir)) is not None:
         _check_resumable(checkpoint, cfg, scoring)
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
-    elif not resume:
+        state = processes.load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+    elif not resume and processes.is_main:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    processes.barrier()
     order = DataOrder(len(examples), cfg.seed, state.epoch, state.position)
     samples_per_step = cfg.batch_size * cfg.grad_accum
 
     pending: list[dict[str, Any]] = []
 
     def deliver() -> None:
+        # Every process materialises the (all-reduced) rows, so a diverged loss stops all of them.
         rows = _materialise(pending)
         pending.clear()
         if rows:
@@ -476,20 +509,23 @@ def train(
     def checkpoint() -> Path:
         deliver()
         state.epoch, state.position = order.epoch, order.position
-        path = save_checkpoint(
+        path = processes.save_checkpoint(
             checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler, state=state, config=run_config
         )
         if on_checkpoint is not None:
             on_checkpoint(state.step, path, state.metrics)
         return path
 
+    def snapshot() -> dict[str, torch.Tensor]:
+        return processes.full(trainable_state(model))
+
     # 4. The loop: one iteration is one optimizer step over grad_accum micro-batches.
     trained_samples, train_seconds = 0, 0.0
     finished = state.step >= steps or state.stopped_early
-    with _progress_bar(steps, state.step, progress) as show:
+    with step_bar(steps, state.step, progress) as show:
         while not finished:
             step_started = time.perf_counter()
-            parts = _optimizer_step(model, data, order, optimizer, scheduler, cfg, device)
+            parts = _optimizer_step(model, wrapped, data, order, optimizer, scheduler, cfg, processes)
             state.step += 1
             seconds = time.perf_counter() - step_started
             trained_samples, train_seconds = trained_samples + samples_per_step, train_seconds + seconds
@@ -497,34 +533,43 @@ def train(
                    "samples_per_s": samples_per_step / seconds, "val_accuracy": None}
             finished = state.step >= steps
             if val is not None and (state.step % cfg.eval_every == 0 or finished):
-                row["val_accuracy"] = evaluate_accuracy(model, val, batch_size=cfg.batch_size, device=device)
-                _track_validation(state, row["val_accuracy"], model, cfg.early_stopping_patience)
+                row["val_accuracy"] = evaluate_accuracy(
+                    wrapped, val, batch_size=cfg.batch_size, device=processes.device, processes=processes
+                )
+                _track_validation(state, row["val_accuracy"], snapshot, cfg.early_stopping_patience)
                 finished = finished or state.stopped_early
             pending.append(row)
 
-            show(state.step, _status(row) if state.step % DISPLAY_EVERY == 0 or finished else None)
+            show(state.step, step_status(row) if state.step % DISPLAY_EVERY == 0 or finished else None)
             saved = None
             if state.step % cfg.checkpoint_every == 0 or finished:
                 saved = checkpoint()
             elif len(pending) >= DELIVER_EVERY:
                 deliver()
-            if not finished and should_stop is not None and should_stop():
+            if not finished and processes.any(should_stop is not None and should_stop()):
                 raise TrainingCancelled(state.step, saved or checkpoint())
     deliver()
 
-    # 5. Export: the best-validation weights when early stopping is on, else the last ones.
-    if state.best_weights is not None and state.best_step != state.step:
-        with torch.no_grad():
-            for name, param in trainable_state(model).items():
-                param.copy_(state.best_weights[name])
-    model.eval()
+    # 5. Export (the main process): the best-validation weights when early stopping is on, else the last
+    # ones, which FSDP first gathers from every process's shards.
+    weights = state.best_weights if state.best_weights is not None and state.best_step != state.step else None
+    if processes.fsdp and weights is None:
+        weights = snapshot()
     final_dir = out_dir / "final"
-    staging = out_dir / ".final-tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    with _transformers_bars(progress):
-        export_student(model, tokenizer, staging, merge_lora=merge_lora)
-    shutil.rmtree(final_dir, ignore_errors=True)
-    os.replace(staging, final_dir)
+    if processes.is_main:
+        if weights is not None:
+            with torch.no_grad():
+                for name, param in trainable_state(export_model).items():
+                    param.copy_(weights[name])
+        export_model.eval()
+        staging = out_dir / ".final-tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        with _transformers_bars(progress):
+            export_student(export_model, tokenizer, staging, merge_lora=merge_lora)
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(staging, final_dir)
+    model.eval()
+    processes.barrier()
 
     return TrainResult(
         steps=state.step,
