@@ -226,7 +226,7 @@ class TrainingConfig(Strict):
     hard_label_baseline: bool = Field(True, description="also train the alpha=1 ablation at the same step budget")
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="global micro-batch: split across training processes")
     grad_accum: int = Field(1, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)

@@ -10,10 +10,11 @@ built later (in another process) sees a whole evaluation or none.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,16 +229,31 @@ def _timed(
     return probs, speed, params
 
 
+@contextlib.contextmanager
+def _one_cpu_thread() -> Iterator[None]:
+    """Batch-1 CPU latency on one thread: small matrices gain nothing from more, and a shared machine's
+    load then slows every model alike instead of whichever happens to be timed during a spike."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _speed(backend: Any, questions: list[dict[str, Any]], cfg: EvaluationConfig) -> Speed:
     """Latency per question at batch size 1 after cfg.latency_warmup untimed ones, then throughput over
     THROUGHPUT_BATCHES batches of cfg.batch_size. Questions repeat when the split is smaller."""
     singles = [questions[i % len(questions)] for i in range(cfg.latency_warmup + cfg.latency_questions)]
     seconds = []
-    for i, question in enumerate(singles):
-        start = time.perf_counter()
-        backend.score([question])  # returns Python floats: the device has finished when it returns
-        if i >= cfg.latency_warmup:
-            seconds.append(time.perf_counter() - start)
+    with _one_cpu_thread():
+        for i, question in enumerate(singles):
+            start = time.perf_counter()
+            backend.score([question])  # returns Python floats: the device has finished when it returns
+            if i >= cfg.latency_warmup:
+                seconds.append(time.perf_counter() - start)
     sample = questions[: cfg.batch_size * THROUGHPUT_BATCHES]
     start = time.perf_counter()
     backend.score(sample)
