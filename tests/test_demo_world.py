@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import re
 import subprocess
 import sys
 
@@ -186,6 +187,8 @@ def test_reasoning_answers_are_correct(rows: list[dict]) -> None:
             assert numbers[answer] == asked + (1 if kind == "after" else -1)
             assert max(numbers) - min(numbers) == len(numbers) - 1, "distractors are the answer's neighbours"
         else:
-            assert numbers[answer] == (max(numbers) if kind == "largest" else min(numbers))
+            listed = [int(n) for n in re.findall(r"\d+", question)]
+            assert sorted(listed) == sorted(numbers), "the question lists the options"
+            assert numbers[answer] == (max(listed) if kind == "largest" else min(listed))
     assert set(kinds) == {"after", "before", "largest", "smallest", "member"}
     assert min(kinds.values()) > 0.15 * sum(kinds.values())

@@ -18,9 +18,10 @@ teacher a realistic accuracy profile and its soft labels something to say:
 - A distractor set never singles out the answer by its form: family questions use only family members and
   other questions draw from the whole value set, so without the fact the options are exchangeable and
   unseen facts really are at chance.
-- Reasoning questions are rules over the integers 0-99 (successor, predecessor, largest, smallest) and
-  word classes of the world, which a ~1M-parameter transformer picks up from a few thousand examples;
-  their distractors are adjacent numbers.
+- Reasoning questions are rules, not facts: successor, predecessor, largest and smallest over the
+  integers 0-99 (distractors are the answer's neighbours) and which word is a colour, an animal, ...
+  Every question holds what its answer needs, so cloze scoring, which sees one option at a time, can
+  answer it as well as letter scoring can.
 - Texts are short and the vocabulary small (about a thousand words at the default size), so a tokenizer
   of 2048 entries covers it and a CPU model labels 50K questions in about a minute.
 
@@ -123,8 +124,8 @@ RELATIONS = tuple(TEMPLATES)
 REASONING_TEMPLATES: dict[str, tuple[str, ...]] = {
     "after": ("What number comes after {n}?", "Which number follows {n}?"),
     "before": ("What number comes before {n}?", "Which number is just before {n}?"),
-    "largest": ("Which number is the largest?", "Which of these numbers is biggest?"),
-    "smallest": ("Which number is the smallest?", "Which of these numbers is lowest?"),
+    "largest": ("Which is the largest of {ns}?", "Which number is biggest: {ns}?"),
+    "smallest": ("Which is the smallest of {ns}?", "Which number is lowest: {ns}?"),
     "member": ("Which of these is {c}?", "Which one of these is {c}?"),
 }
 REASONING_KINDS = tuple(REASONING_TEMPLATES)
@@ -325,9 +326,12 @@ def _ask_reasoning(rng: random.Random) -> tuple[str, str, list[str], int, str]:
     elif kind in ("largest", "smallest"):
         width = n_options + rng.randrange(LARGEST_SPREAD + 1)
         numbers = rng.sample(range(low := rng.randrange(101 - width), low + width), n_options)
+        # The question lists the numbers (in another order) so that cloze scoring, which sees one option
+        # at a time, can compare them too.
+        listed = [str(n) for n in rng.sample(numbers, n_options)]
+        question = template.format(ns=", ".join(listed[:-1]) + " or " + listed[-1])
         answer = max(numbers) if kind == "largest" else min(numbers)
         numbers.remove(answer)
-        question = template
     else:
         word_class = rng.choice(tuple(WORD_CLASSES))
         others = tuple(v for c, values in WORD_CLASSES.items() if c != word_class for v in values)
