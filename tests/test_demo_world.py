@@ -120,8 +120,8 @@ def test_repetition_structure(rows: list[dict]) -> None:
         if "fact" in row["meta"]:
             asks[row["category"]][row["meta"]["fact"]] += 1
     common, rare, obscure = (sorted(asks[tier].values()) for tier in ("common", "rare", "obscure"))
-    assert 200 <= len(common) <= 1_000 and common[0] >= 50
-    assert rare[0] >= 3 and rare[-1] <= 8
+    assert 20 <= len(common) <= 100 and common[0] >= 500
+    assert 30 <= len(rare) and rare[0] >= 30 and rare[-1] <= 80
     assert set(obscure) == {1}
     all_facts = [set(counter) for counter in asks.values()]
     assert sum(len(facts) for facts in all_facts) == len(set().union(*all_facts)), "a fact sits in two tiers"
