@@ -28,6 +28,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[dev,bench]"
 	$(PY) -m bench
 
 clean:
