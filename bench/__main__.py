@@ -31,7 +31,7 @@ BENCHMARKS = ("vs_lm_eval", "flops", "storage", "training", "pipeline", "labelin
 
 def command(name: str, args: argparse.Namespace) -> list[str]:
     if name == "labeling_workers":  # another developer's script, with its own arguments
-        sizes = ["--questions", "1000", "--shard-size", "125"] if args.quick else []
+        sizes = ["--questions", "600", "--shard-size", "150"] if args.quick else []
         return [sys.executable, str(BENCH_DIR / "labeling_workers.py"), *sizes]
     extra = ["--quick"] if args.quick else []
     if name == "vs_lm_eval":
@@ -94,8 +94,10 @@ def main() -> None:
     (RESULTS_DIR / "summary.md").write_text(
         "# kdflow benchmarks\n\n"
         f"{m['cpu_count']} x {m['cpu_model']}, {m['platform']}, torch threads {m['torch_threads']}, "
-        f"OMP_WAIT_POLICY={m['omp_wait_policy']}. Medians over repeats (min/max in each JSON file); "
-        "a shared machine is noisy, so only ratios measured side by side in one run carry over.\n\n"
+        f"OMP_WAIT_POLICY={m['omp_wait_policy']}. Figures are medians over repeats (min/max in each JSON "
+        "file); a Ratio is the median of per-round ratios, the contenders alternating within each round, so it "
+        "can differ from the ratio of the two medians. The machine is shared and noisy: compare ratios measured "
+        "side by side, not absolute figures across machines or runs.\n\n"
         + markdown_table(rows)
         + f"\nResults (bench/results/*.json), last `python -m bench{' --quick' if args.quick else ''}` "
         f"took {num(total, 's')}:\n" + "\n".join(provenance) + "\n"

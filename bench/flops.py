@@ -32,7 +32,7 @@ TEACHER = TeacherConfig()
 ARCH = TEACHER.architecture
 MATMUL_ITERATIONS = 20
 # Padding is measured on one label-stage commit batch (kdflow.labeling's commit_every), which is what one
-# HFBackend.score call buckets; timing uses fewer questions, as this model labels only tens per second here.
+# HFBackend.score call buckets; the timed runs use fewer questions, to keep the benchmark short.
 PADDING_QUESTIONS = 1024
 
 
@@ -61,7 +61,7 @@ def forward_seconds(model: torch.nn.Module, batch_list: Sequence[ScoringBatch]) 
 
 
 def matmul_flops_per_s(tokens: int, hidden: int, width: int) -> float:
-    """FLOP/s of [tokens, hidden] x [hidden, width], the model's widest layer, best of a short loop."""
+    """FLOP/s of [tokens, hidden] x [hidden, width], the model's widest layer, over a short loop."""
     a, b = torch.randn(tokens, hidden), torch.randn(hidden, width)
     with torch.inference_mode():
         torch.matmul(a, b)  # warm-up: allocation, kernel choice

@@ -7,7 +7,7 @@ done. Each round runs `kdflow run -c configs/tiny.yaml` (with --full also config
 user would, in a fresh KDFLOW_HOME and PREFECT_HOME (Prefect's temporary local server), twice: a fresh
 run, then a rerun that should reuse the stages. Stage times come from the run's own stage_runs rows, so:
 - overhead in the flow = the run's wall time (runs table) - the sum of its stage times: Prefect task
-  submission, state reporting and bookkeeping between stages;
+  submission, state reporting and bookkeeping between stages, also given as the wait before each stage;
 - start-up = process wall time - the run's wall time: imports, Prefect's temporary server, the summary.
 """
 
@@ -29,11 +29,15 @@ from kdflow.store import DB_NAME
 NAME = "pipeline"
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = {"tiny": 600, "demo": 3600}
+GAP_SHOWN_S = 0.5  # the table names the waits between stages at least this long
 RUNS_SQL = """
-SELECT r.run_id, epoch(r.finished_at) - epoch(r.started_at) AS seconds, r.status
-FROM runs r ORDER BY r.started_at
+SELECT run_id, epoch(finished_at) - epoch(started_at) AS seconds, status, epoch(started_at) AS started
+FROM runs ORDER BY started_at
 """
-STAGES_SQL = "SELECT stage, status, seconds FROM stage_runs WHERE run_id = $run_id ORDER BY started_at"
+STAGES_SQL = """
+SELECT stage, status, seconds, epoch(started_at) AS started, epoch(finished_at) AS finished
+FROM stage_runs WHERE run_id = $run_id ORDER BY started_at
+"""
 
 
 def kdflow_run(config: Path, env: dict[str, str], timeout: int) -> float:
@@ -56,14 +60,18 @@ def one_round(config: Path, timeout: int) -> list[dict[str, Any]]:
         process = [kdflow_run(config, env, timeout) for _ in ("fresh", "rerun")]
         with duckdb.connect(f"{tmp}/home/{DB_NAME}", read_only=True) as con:
             runs = con.execute(RUNS_SQL).fetchall()
-            stages = [con.execute(STAGES_SQL, {"run_id": run_id}).fetchall() for run_id, _, _ in runs]
+            stages = [con.execute(STAGES_SQL, {"run_id": run_id}).fetchall() for run_id, *_ in runs]
     result = []
-    for kind, wall, (run_id, flow_s, status), stage_rows in zip(("fresh", "rerun"), process, runs, stages, strict=True):
-        stage_s = sum(s for _, _, s in stage_rows)
+    for kind, wall, (run_id, flow_s, status, run_start), stage_rows in zip(("fresh", "rerun"), process, runs, stages,
+                                                                           strict=True):
+        stage_s = sum(row[2] for row in stage_rows)
+        # Time between one stage's end and the next one's start (the first: from the run's start).
+        ends = [run_start] + [row[4] for row in stage_rows[:-1]]
         result.append({
             "kind": kind, "run_id": run_id, "status": status, "process_seconds": wall, "flow_seconds": flow_s,
-            "stage_seconds": {stage: s for stage, _, s in stage_rows},
-            "stage_status": {stage: st for stage, st, _ in stage_rows},
+            "stage_seconds": {row[0]: row[2] for row in stage_rows},
+            "stage_status": {row[0]: row[1] for row in stage_rows},
+            "gap_before_stage": {row[0]: row[3] - end for row, end in zip(stage_rows, ends)},
             "sum_of_stages": stage_s, "overhead_in_flow": flow_s - stage_s,
             "overhead_share_of_flow": (flow_s - stage_s) / flow_s, "startup_seconds": wall - flow_s,
         })
@@ -82,7 +90,8 @@ def run(quick: bool, full: bool) -> dict[str, Any]:
                     "overhead_share_of_flow", "startup_seconds")
             figures[f"{name}/{kind}"] = {
                 **{key: spread([r[key] for r in runs]) for key in keys},
-                "stage_seconds": {stage: spread([r["stage_seconds"][stage] for r in runs]) for stage in runs[0]["stage_seconds"]},
+                **{part: {stage: spread([r[part][stage] for r in runs]) for stage in runs[0][part]}
+                   for part in ("stage_seconds", "gap_before_stage")},
                 "stage_status": runs[0]["stage_status"],
                 "runs": runs,
             }
@@ -98,12 +107,14 @@ def summarise(result: dict[str, Any]) -> list[SummaryRow]:
             f"{stage} {num(s['median'], 's')}" + (" (reused)" if f["stage_status"][stage] == "reused" else "")
             for stage, s in f["stage_seconds"].items()
         )
+        gaps = [(stage, g["median"]) for stage, g in f["gap_before_stage"].items() if g["median"] >= GAP_SHOWN_S]
+        waits = "; waits before " + ", ".join(f"{stage} {num(g, 's')}" for stage, g in gaps) if gaps else ""
         rows.append(SummaryRow(
             NAME, f"{config}.yaml {kind} run, flow wall time",
             num(f["flow_seconds"]["median"], "s"),
             f"stages sum {num(f['sum_of_stages']['median'], 's')}",
             f"{f['overhead_share_of_flow']['median']:.0%} overhead",
-            f"{stages}; process {num(f['process_seconds']['median'], 's')} "
+            f"{stages}{waits}; process {num(f['process_seconds']['median'], 's')} "
             f"(start-up and summary {num(f['startup_seconds']['median'], 's')})",
         ))
     return rows

@@ -6,7 +6,8 @@ The store must never be what a run waits for, so its rates are measured at the s
 through the product's own calls, each repeat into a fresh home:
 - ingest: kdflow.datasets.ingest_source on the demo source (generation included, also timed alone);
 - write: insert_labels with an Arrow `incoming` table, as one bulk insert and in the label stage's
-  commits of 1024 (one transaction each, kdflow.labeling's default);
+  commits of 1024 (one transaction each, kdflow.labeling's default), and what one Store connection costs
+  to open (each Store call opens one);
 - read: labels_with_questions (the join validation and training read);
 - validate: validate_labels on what was read; the Great Expectations import is timed apart, in a fresh
   interpreter, as a run pays it once.
@@ -34,6 +35,7 @@ from kdflow.validation import validate_labels
 
 NAME = "storage"
 COMMIT_EVERY = 1024  # kdflow.labeling.label_questions' default commit batch
+CONNECTIONS = 20
 GX_IMPORT = "import time; t = time.perf_counter(); import great_expectations; print(time.perf_counter() - t)"
 
 
@@ -65,10 +67,19 @@ def one_round(home: Path, n_questions: int) -> dict[str, float]:
             store.execute("insert_labels", batched.slice(start, COMMIT_EVERY))
 
     seconds["write_commits"], _ = timed(write_in_commits)
-    seconds["read"], labels = timed(lambda: store.arrow("labels_with_questions", dataset_ids=dataset_ids, teacher_key="bulk"))
-    if labels.num_rows != n_questions:
-        raise RuntimeError(f"read back {labels.num_rows} labels, wrote {n_questions}")
-    frame = labels.to_pandas()
+    # Every Store.execute opens its own connection: what one open and close costs on this database.
+    def open_and_close() -> None:
+        for _ in range(CONNECTIONS):
+            with store.connect():
+                pass
+
+    seconds["connection"] = timed(open_and_close)[0] / CONNECTIONS
+    seconds["read"], read_back = timed(
+        lambda: store.arrow("labels_with_questions", dataset_ids=dataset_ids, teacher_key="bulk")
+    )
+    if read_back.num_rows != n_questions:
+        raise RuntimeError(f"read back {read_back.num_rows} labels, wrote {n_questions}")
+    frame = read_back.to_pandas()
     seconds["validate"], outcome = timed(lambda: validate_labels(frame, ValidationConfig()))
     if not outcome.success:
         raise RuntimeError(f"synthetic labels failed the gate:\n{outcome.failure_message()}")
@@ -88,7 +99,7 @@ def run(quick: bool) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="kdflow-bench-storage-") as tmp:
             rounds.append(one_round(Path(tmp), n_questions))
     seconds = {name: spread([r[name] for r in rounds]) for name in rounds[0]}
-    rates = {name: spread([n_questions / r[name] for r in rounds]) for name in rounds[0]}
+    rates = {name: spread([n_questions / r[name] for r in rounds]) for name in rounds[0] if name != "connection"}
     return {
         "inputs": {"questions": n_questions, "repeats": repeats, "commit_every": COMMIT_EVERY},
         "figures": {"seconds": seconds, "rows_per_s": rates, "gx_import_seconds": gx_import},
@@ -109,7 +120,8 @@ def summarise(result: dict[str, Any]) -> list[SummaryRow]:
         row("ingest (demo source -> questions)", "ingest",
             f"generating the questions alone {num(seconds['generate']['median'], 's')}"),
         row("write soft labels, one bulk insert", "write_bulk", "insert_labels from Arrow"),
-        row(f"write soft labels, commits of {COMMIT_EVERY}", "write_commits", "as the label stage commits",
+        row(f"write soft labels, commits of {COMMIT_EVERY}", "write_commits",
+            f"as the label stage commits; opening a connection {num(seconds['connection']['median'] * 1000, 'ms')}",
             f"one bulk insert {num(rates['write_bulk']['median'], 'rows/s')}",
             f"{1 / result['ratios']['bulk_vs_commits_write_rate']:.2f}x"),
         row("read labels joined with questions", "read", "labels_with_questions"),

@@ -7,8 +7,9 @@ precomputed, so the KD term is a loss over [batch, options] and should not show 
 Both runs call kdflow.training.train on the demo student (kdflow's StudentConfig default, fresh weights
 from one seed) with the same examples, steps and batch size: KD with alpha 0.5 and teacher-like soft
 labels, CE with alpha 1 and no labels (the fine-tune a user would otherwise run). They alternate, three
-rounds. samples/s is the recipe's own loop figure (without tokenizing up front and the final export);
-peak RSS is sampled during each run (psutil; without it the process peak, which only grows).
+rounds (two with --quick). samples/s is the recipe's own loop figure (without tokenizing up front and
+the final export); peak RSS is sampled during each run (psutil; without it the process peak, which only
+grows).
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ def peak_rss() -> Iterator[dict[str, int]]:
         seen["peak"] = max(seen["peak"], read())
 
 
-def train_once(tokenizer: Any, examples: Sequence[Mapping[str, Any]], cfg: TrainingConfig, root: Path) -> dict[str, float]:
+def train_once(
+    tokenizer: Any, examples: Sequence[Mapping[str, Any]], cfg: TrainingConfig, root: Path
+) -> dict[str, float]:
     torch.manual_seed(0)
     model = build_model(ARCH, tokenizer)
     with peak_rss() as rss:

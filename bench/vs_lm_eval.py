@@ -62,7 +62,8 @@ def fine_tuned_model(root: Path, rows: Sequence[dict[str, Any]], steps: int) -> 
     torch.manual_seed(0)
     model = build_model(ARCH, tokenizer)
     cfg = TrainingConfig(alpha=1.0, max_steps=steps, batch_size=32, learning_rate=3e-3, checkpoint_every=steps)
-    return train(model, tokenizer, rows, cfg, ScoringConfig(mode="cloze"), out_dir=root / "train", progress=False).final_dir
+    result = train(model, tokenizer, rows, cfg, ScoringConfig(mode="cloze"), out_dir=root / "train", progress=False)
+    return result.final_dir
 
 
 def write_tasks(root: Path, questions: Sequence[dict[str, Any]], scoring: ScoringConfig) -> Path:
@@ -254,6 +255,8 @@ def compare_mode(model_dir: Path, mode: str, questions: list[dict[str, Any]], ta
         "kdflow_accuracy": float((ours == gold).mean()),
         "lm_eval_accuracy": float((theirs == gold).mean()),
         "lm_eval_metric": METRIC[mode],
+        "share_predicting_option_a": {"kdflow": float((ours == 0).mean()), "lm_eval": float((theirs == 0).mean()),
+                                      "gold": float((gold == 0).mean())},
         "token_ids_identical": token_ids_identical(lm, tokenizer, questions, scoring, letter_ids),
         "max_prompt_tokens": max(e.n_tokens for e in tokenize(questions, tokenizer, scoring)),
         **diagnosis,
@@ -291,7 +294,8 @@ def run(quick: bool, models: Sequence[str] = ()) -> dict[str, Any]:
         rows = generate_demo_questions(TRAIN_QUESTIONS + n_questions).to_pylist()
         train_rows, questions = rows[:TRAIN_QUESTIONS], rows[TRAIN_QUESTIONS:]
         fine_tune_s, built = timed(lambda: fine_tuned_model(root, train_rows, steps))
-        task_manager = TaskManager(include_path=str(write_tasks(root, questions, ScoringConfig())), include_defaults=False)
+        task_dir = write_tasks(root, questions, ScoringConfig())
+        task_manager = TaskManager(include_path=str(task_dir), include_defaults=False)
         results = {}
         for model_dir in [built, *map(Path, models)]:
             label = "demo-128x4" if model_dir == built else str(model_dir)
@@ -311,7 +315,8 @@ def summarise(result: dict[str, Any]) -> list[SummaryRow]:
             a = r["agreement"]
             n = a["questions"]
             if mode == "letter":
-                why = f"' A' form only: {a['agree_spaced_form_only']}/{n}, max |d ll| {a['max_abs_loglik_diff_spaced_form_only']:.0e}"
+                why = (f"' A' form only: {a['agree_spaced_form_only']}/{n}, "
+                       f"max |d ll| {a['max_abs_loglik_diff_spaced_form_only']:.0e}")
             else:
                 why = f"max |d ll| {a['max_abs_loglik_diff']:.0e}"
             work = r["work"]
