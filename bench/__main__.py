@@ -99,7 +99,7 @@ def main() -> None:
         "can differ from the ratio of the two medians. The machine is shared and noisy: compare ratios measured "
         "side by side, not absolute figures across machines or runs.\n\n"
         + markdown_table(rows)
-        + f"\nResults (bench/results/*.json), last `python -m bench{' --quick' if args.quick else ''}` "
+        + f"\nResults (bench/results/*.json); the last `{' '.join(['python -m bench', *sys.argv[1:]])}` "
         f"took {num(total, 's')}:\n" + "\n".join(provenance) + "\n"
     )
     print(f"total {num(total, 's')}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))

@@ -244,7 +244,12 @@ def compare_mode(model_dir: Path, mode: str, questions: list[dict[str, Any]], ta
     else:
         letter_ids = []
         raw = kdflow_scores(model, tokenizer, questions, scoring.model_copy(update={"length_normalise": False}))
+        targets = [t for e in tokenize(questions, tokenizer, scoring) for t in e.targets]
         diagnosis = {
+            # lm-eval runs one row per distinct (context + option minus its last token): repeated question
+            # texts and single-token options of one context share a row. kdflow runs one row per option.
+            "distinct_contexts": len({cloze_context(q["question"], q["category"], scoring) for q in questions}),
+            "single_token_option_share": sum(t == 1 for t in targets) / len(targets),
             "agree_normalised_from_raw": int((argmax(raw, lengths) == theirs).sum()),
             "agree_unnormalised_vs_acc": int((argmax(raw) == argmax(their_logliks)).sum()),
             "max_abs_loglik_diff": max_abs_diff(raw, their_logliks),
@@ -315,10 +320,13 @@ def summarise(result: dict[str, Any]) -> list[SummaryRow]:
             a = r["agreement"]
             n = a["questions"]
             if mode == "letter":
+                picks_a = a["share_predicting_option_a"]
                 why = (f"' A' form only: {a['agree_spaced_form_only']}/{n}, "
-                       f"max |d ll| {a['max_abs_loglik_diff_spaced_form_only']:.0e}")
+                       f"max |d ll| {a['max_abs_loglik_diff_spaced_form_only']:.0e}; kdflow answers A "
+                       f"{picks_a['kdflow']:.0%}, lm-eval {picks_a['lm_eval']:.0%}, gold {picks_a['gold']:.0%}")
             else:
-                why = f"max |d ll| {a['max_abs_loglik_diff']:.0e}"
+                why = (f"max |d ll| {a['max_abs_loglik_diff']:.0e}; {a['distinct_contexts']} distinct contexts, "
+                       f"{a['single_token_option_share']:.0%} single-token options")
             work = r["work"]
             rows.append(SummaryRow(
                 NAME, f"{mode} labeling, {label}",
@@ -326,7 +334,8 @@ def summarise(result: dict[str, Any]) -> list[SummaryRow]:
                 f"lm-eval {num(r['lm_eval_qps']['median'], 'q/s')}",
                 f"{r['ratio']['median']:.2f}x",
                 f"same argmax {a['agree']}/{n} ({why}); acc {a['kdflow_accuracy']:.1%} vs {a['lm_eval_metric']} "
-                f"{a['lm_eval_accuracy']:.1%}; tokens run {work['kdflow']['token_positions']:,} vs "
+                f"{a['lm_eval_accuracy']:.1%}; rows / token positions run {work['kdflow']['rows']:,} / "
+                f"{work['kdflow']['token_positions']:,} vs {work['lm_eval']['rows']:,} / "
                 f"{work['lm_eval']['token_positions']:,}",
             ))
     return rows
