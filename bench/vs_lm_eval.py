@@ -159,11 +159,11 @@ def token_ids_identical(lm: Any, tokenizer: Any, questions: Sequence[dict[str, A
         if scoring.mode == "letter":
             context = letter_prompt(q["question"], q["options"], q["category"], scoring)
             theirs = [sum(lm._encode_pair(context, " " + L), []) for L in LETTERS[: len(q["options"])]]
-            ours = [list(enc.rows[0]) + [i] for i in letter_ids[: len(q["options"])]]
+            ours = [list(enc.row) + [i] for i in letter_ids[: len(q["options"])]]
         else:
             context = cloze_context(q["question"], q["category"], scoring)
             theirs = [sum(lm._encode_pair(context, " " + o.strip()), []) for o in q["options"]]
-            ours = [list(row) for row in enc.rows]
+            ours = [list(row) for row in enc.option_rows]
         same += theirs == ours
     return same
 
@@ -244,10 +244,11 @@ def compare_mode(model_dir: Path, mode: str, questions: list[dict[str, Any]], ta
     else:
         letter_ids = []
         raw = kdflow_scores(model, tokenizer, questions, scoring.model_copy(update={"length_normalise": False}))
-        targets = [t for e in tokenize(questions, tokenizer, scoring) for t in e.targets]
+        targets = [t for e in tokenize(questions, tokenizer, scoring) for t in e.option_lengths]
         diagnosis = {
             # lm-eval runs one row per distinct (context + option minus its last token): repeated question
-            # texts and single-token options of one context share a row. kdflow runs one row per option.
+            # texts and single-token options of one context share a row. kdflow runs one row per question, its
+            # options packed after the context.
             "distinct_contexts": len({cloze_context(q["question"], q["category"], scoring) for q in questions}),
             "single_token_option_share": sum(t == 1 for t in targets) / len(targets),
             "agree_normalised_from_raw": int((argmax(raw, lengths) == theirs).sum()),

@@ -5,12 +5,19 @@ Teacher labeling, student training (gradients flow through it) and evaluation al
 
 - letter: one prompt per question listing "A. ..." lines; option i scores the log-probability (softmax over
   the whole vocabulary) of its letter at the answer position, the forms "A" and " A" log-sum-exp'ed.
-- cloze: one row per (question, option), the question context followed by the option text; option i
-  scores the summed log-probability of its text tokens, divided by its length in characters when
-  `length_normalise` (lm-evaluation-harness acc_norm).
+- cloze: option i scores the summed log-probability of its text tokens after the question context,
+  divided by its length in characters when `length_normalise` (lm-evaluation-harness acc_norm).
+
+Every question is one row. A cloze row is the context followed by all the option texts, packed one after
+another, so the context is computed once per question instead of once per option. A 4D attention mask
+(built from `ScoringBatch.segments` on the model's device) keeps the options apart: context tokens attend
+causally to the context, option i's tokens to the whole context and causally to option i's own tokens,
+never to another option; option i's position ids restart where the context ends. Each option therefore
+scores what a plain causal pass over context + option i gives. Its first token is predicted at the last
+context position, which all options share.
 
 Rows are LEFT-padded with explicit position ids, so every row ends in the last column: the answer position
-(letter) and the option tokens (cloze) are the final columns, and the model computes logits only there
+(letter) and the packed options (cloze) are the final columns, and the model computes logits only there
 (`logits_to_keep`) instead of a [rows, length, vocab] tensor. Padding is masked and the position ids
 restart at 0 on the first real token, so a padded row scores exactly as it would alone.
 """
@@ -44,36 +51,53 @@ class ScoringError(ValueError):
 
 @dataclass(frozen=True)
 class EncodedQuestion:
-    """One question as token ids, before padding.
+    """One question as token ids, before padding: the one row it takes in a batch.
 
-    letter: `rows` is the one prompt; `letter_ids[i]` the distinct ids of option i's letter forms.
-    cloze: `rows[i]` is context + option i; its last `targets[i]` tokens are the option, whose summed
-    log-probability is divided by `norms[i]`.
+    letter: `row` is the prompt; `letter_ids[i]` the distinct ids of option i's letter forms.
+    cloze: `row` is the context followed by the options' tokens, packed in option order, option i's
+    `option_lengths[i]` of them; option i's summed log-probability is divided by `norms[i]`.
     """
 
     mode: Mode
-    rows: tuple[tuple[int, ...], ...]
+    row: tuple[int, ...]
     n_options: int
     letter_ids: tuple[tuple[int, ...], ...] = ()
-    targets: tuple[int, ...] = ()
+    option_lengths: tuple[int, ...] = ()
     norms: tuple[float, ...] = ()
 
     @property
     def n_tokens(self) -> int:
         """Tokens this question costs in a forward pass (for length bucketing)."""
-        return sum(len(row) for row in self.rows)
+        return len(self.row)
+
+    @property
+    def context(self) -> tuple[int, ...]:
+        """The row without the option tokens (letter: the whole prompt)."""
+        return self.row[: len(self.row) - sum(self.option_lengths)]
+
+    @property
+    def option_rows(self) -> tuple[tuple[int, ...], ...]:
+        """cloze: context + option i for each option, the unpacked sequences a plain causal pass scores
+        alike (for engines without custom attention masks, and comparisons)."""
+        context, at, rows = self.context, len(self.context), []
+        for n in self.option_lengths:
+            rows.append(context + self.row[at : at + n])
+            at += n
+        return tuple(rows)
 
 
 @dataclass(frozen=True)
 class ScoringBatch:
-    """Padded tensors for one forward pass. B questions, K = most options, R rows, L columns.
+    """Padded tensors for one forward pass. B questions (one row each), K = most options, L columns.
 
-    input_ids, attention_mask, position_ids: [R, L], left-padded (R = B for letter, sum of options for cloze).
+    input_ids, attention_mask (1 = real token), position_ids: [B, L], left-padded.
     n_options: [B]; option_mask: [B, K], True for real options.
     letter: letter_ids [K, F] token ids of each letter's forms, letter_form_mask [K, F] (False = duplicate).
-    cloze: the option tokens of all rows lie in the last `window` columns. For the N option tokens:
-    target_index [N] into the flattened [R, window + 1] kept logits (the position predicting the token),
-    target_ids [N], target_row [N]; per row: row_slot [R] = question * K + option, norms [R].
+    cloze: segments [B, L] is -1 on padding, 0 on the context, i + 1 on option i; `option_logits` turns it
+    into the 4D attention mask on the model's device (an [L, L] mask per row is too big to build and move
+    here). The packed options of every row lie in the last `window` columns. For the N option tokens:
+    target_index [N] into the flattened [B, window + 1] kept logits (the position predicting the token),
+    target_ids [N], target_slot [N] = question * K + option; norms [B, K] (1 for padded options).
     real_tokens / pad_tokens: positions with / without a real token (FLOP accounting).
     """
 
@@ -87,11 +111,11 @@ class ScoringBatch:
     pad_tokens: int
     letter_ids: torch.Tensor | None = None
     letter_form_mask: torch.Tensor | None = None
+    segments: torch.Tensor | None = None
     window: int = 0
     target_index: torch.Tensor | None = None
     target_ids: torch.Tensor | None = None
-    target_row: torch.Tensor | None = None
-    row_slot: torch.Tensor | None = None
+    target_slot: torch.Tensor | None = None
     norms: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> ScoringBatch:
@@ -154,14 +178,17 @@ def _use_chat_template(tokenizer: PreTrainedTokenizerBase, cfg: ScoringConfig) -
     return cfg.chat_template == "on" or (cfg.chat_template == "auto" and has_template)
 
 
+def _name(i: int, q: Mapping[str, Any]) -> str:
+    return f"question {i} ({q.get('question_id', 'no id')})"
+
+
 def _checked(questions: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[str], str]]:
     checked = []
     for i, q in enumerate(questions):
         options = list(q.get("options") or [])
         if not isinstance(q.get("question"), str) or not 2 <= len(options) <= MAX_OPTIONS:
             raise ScoringError(
-                f"question {i} ({q.get('question_id', 'no id')}) needs a question string and 2..{MAX_OPTIONS} "
-                f"options, got {len(options)} options"
+                f"{_name(i, q)} needs a question string and 2..{MAX_OPTIONS} options, got {len(options)} options"
             )
         checked.append((q["question"], [str(o) for o in options], str(q.get("category") or "")))
     return checked
@@ -172,16 +199,16 @@ def tokenize(
 ) -> list[EncodedQuestion]:
     """Render and tokenize questions (dicts with question, options, category) for `cfg.mode`.
 
-    Prompts are truncated from the left to cfg.max_length tokens; the answer position and the option
-    tokens are never cut. Plain prompts get the tokenizer's special tokens (BOS); a chat-templated prompt
-    gets none, as the template writes its own.
+    Rows are truncated from the left to cfg.max_length tokens; the answer position and the option tokens are
+    never cut (cloze: the context is cut so that it and all the options fit). Plain prompts get the
+    tokenizer's special tokens (BOS); a chat-templated prompt gets none, as the template writes its own.
     """
     checked = _checked(questions)
     if not checked:
         return []
     if cfg.mode == "letter":
         return _tokenize_letter(checked, tokenizer, cfg)
-    return _tokenize_cloze(checked, tokenizer, cfg)
+    return _tokenize_cloze(checked, [_name(i, q) for i, q in enumerate(questions)], tokenizer, cfg)
 
 
 def _tokenize_letter(
@@ -201,7 +228,7 @@ def _tokenize_letter(
     return [
         EncodedQuestion(
             mode="letter",
-            rows=(tuple(row[-cfg.max_length :]),),
+            row=tuple(row[-cfg.max_length :]),
             n_options=len(options),
             letter_ids=letters[: len(options)],
         )
@@ -210,7 +237,10 @@ def _tokenize_letter(
 
 
 def _tokenize_cloze(
-    checked: list[tuple[str, list[str], str]], tokenizer: PreTrainedTokenizerBase, cfg: ScoringConfig
+    checked: list[tuple[str, list[str], str]],
+    names: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: ScoringConfig,
 ) -> list[EncodedQuestion]:
     contexts = tokenizer([cloze_context(q, c, cfg) for q, _, c in checked], add_special_tokens=True)["input_ids"]
     flat_options = [o for _, options, _ in checked for o in options]
@@ -219,22 +249,32 @@ def _tokenize_cloze(
         tokenizer([cloze_continuation(o) for o in flat_options], add_special_tokens=False)["input_ids"]
     )
     encoded = []
-    for i, (context, (_, options, _)) in enumerate(zip(contexts, checked)):
+    for name, context, (_, options, _) in zip(names, contexts, checked):
         if not context:
-            raise ScoringError(f"question {i}: the cloze context is empty; check scoring.cloze_template")
-        rows, targets = [], []
+            raise ScoringError(f"{name}: the cloze context is empty; check scoring.cloze_template")
+        packed, lengths = [], []
         for option in options:
             continuation = next(continuations)
-            if not 0 < len(continuation) < cfg.max_length:
-                raise ScoringError(
-                    f"question {i}: option {option[:40]!r} is {len(continuation)} tokens; it must be 1 to "
-                    f"scoring.max_length - 1 = {cfg.max_length - 1}"
-                )
-            rows.append(tuple((context + continuation)[-cfg.max_length :]))
-            targets.append(len(continuation))
+            if not continuation:
+                raise ScoringError(f"{name}: option {option[:40]!r} tokenizes to no tokens at all")
+            packed += continuation
+            lengths.append(len(continuation))
+        room = cfg.max_length - len(packed)
+        if room < 1:
+            raise ScoringError(
+                f"{name}: its {len(options)} options are {len(packed)} tokens together, and cloze scoring packs "
+                f"them after the context into one row of at most scoring.max_length = {cfg.max_length} tokens, "
+                "which leaves no room for the context; raise scoring.max_length or use scoring.mode: letter"
+            )
         norms = tuple(float(max(1, len(o.strip()))) if cfg.length_normalise else 1.0 for o in options)
         encoded.append(
-            EncodedQuestion(mode="cloze", rows=tuple(rows), n_options=len(options), targets=tuple(targets), norms=norms)
+            EncodedQuestion(
+                mode="cloze",
+                row=tuple(context[-room:] + packed),
+                n_options=len(options),
+                option_lengths=tuple(lengths),
+                norms=norms,
+            )
         )
     return encoded
 
@@ -249,19 +289,16 @@ def collate(encoded: Sequence[EncodedQuestion], pad_id: int = 0) -> ScoringBatch
     mode = encoded[0].mode
     if any(e.mode != mode for e in encoded):
         raise ScoringError("cannot collate letter and cloze questions into one batch")
-    rows = [row for e in encoded for row in e.rows]
-    length = max(len(row) for row in rows)
-    input_ids = torch.tensor([[pad_id] * (length - len(row)) + list(row) for row in rows], dtype=torch.long)
-    attention_mask = torch.tensor([[0] * (length - len(row)) + [1] * len(row) for row in rows], dtype=torch.long)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    length = max(len(e.row) for e in encoded)
+    input_ids = torch.tensor([[pad_id] * (length - len(e.row)) + list(e.row) for e in encoded], dtype=torch.long)
+    attention_mask = torch.tensor([[0] * (length - len(e.row)) + [1] * len(e.row) for e in encoded], dtype=torch.long)
     n_options = torch.tensor([e.n_options for e in encoded], dtype=torch.long)
     k = int(n_options.max())
-    real = sum(len(row) for row in rows)
+    real = sum(len(e.row) for e in encoded)
     common = dict(
         mode=mode,
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids,
         n_options=n_options,
         option_mask=torch.arange(k)[None, :] < n_options[:, None],
         real_tokens=real,
@@ -272,28 +309,40 @@ def collate(encoded: Sequence[EncodedQuestion], pad_id: int = 0) -> ScoringBatch
         width = max(len(f) for f in forms)
         return ScoringBatch(
             **common,
+            position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
             letter_ids=torch.tensor([list(f) + [f[0]] * (width - len(f)) for f in forms], dtype=torch.long),
             letter_form_mask=torch.tensor([[j < len(f) for j in range(width)] for f in forms], dtype=torch.bool),
         )
-    window = max(t for e in encoded for t in e.targets)
-    target_row, target_col, row_slot, norms = [], [], [], []
+    window = max(sum(e.option_lengths) for e in encoded)
+    segments, positions, target_index, target_ids, target_slot = [], [], [], [], []
+    norms = torch.ones(len(encoded), k)
     for q, e in enumerate(encoded):
-        for j, (t, norm) in enumerate(zip(e.targets, e.norms)):
-            # Kept logits cover the last window + 1 columns; column c predicts the token in column c + 1.
-            target_row.extend([len(row_slot)] * t)
-            target_col.extend(range(window - t, window))
-            row_slot.append(q * k + j)
-            norms.append(norm)
-    rows_t = torch.tensor(target_row, dtype=torch.long)
-    cols_t = torch.tensor(target_col, dtype=torch.long)
+        packed = sum(e.option_lengths)
+        context = len(e.row) - packed
+        pad = length - len(e.row)
+        seg, pos = [-1] * pad + [0] * context, [0] * pad + list(range(context))
+        # Kept logits are the last window + 1 columns: column `last` is the final context token, which
+        # predicts every option's first token; an option's token t > 0 is predicted at its token t - 1.
+        last, start = q * (window + 1) + window - packed, 0
+        for j, n in enumerate(e.option_lengths):
+            seg += [j + 1] * n
+            pos += range(context, context + n)
+            target_index += [last] + [last + start + t for t in range(1, n)]
+            target_ids += e.row[context + start : context + start + n]
+            target_slot += [q * k + j] * n
+            start += n
+        segments.append(seg)
+        positions.append(pos)
+        norms[q, : e.n_options] = torch.tensor(e.norms)
     return ScoringBatch(
         **common,
+        position_ids=torch.tensor(positions, dtype=torch.long),
+        segments=torch.tensor(segments, dtype=torch.long),
         window=window,
-        target_index=rows_t * (window + 1) + cols_t,
-        target_ids=input_ids[rows_t, length - window + cols_t],
-        target_row=rows_t,
-        row_slot=torch.tensor(row_slot, dtype=torch.long),
-        norms=torch.tensor(norms, dtype=torch.float32),
+        target_index=torch.tensor(target_index, dtype=torch.long),
+        target_ids=torch.tensor(target_ids, dtype=torch.long),
+        target_slot=torch.tensor(target_slot, dtype=torch.long),
+        norms=norms,
     )
 
 
@@ -315,11 +364,40 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def _packed_mask(model: torch.nn.Module, segments: torch.Tensor) -> torch.Tensor:
+    """The [B, 1, L, L] attention mask of packed cloze rows, in the form the model's attention takes.
+
+    A query attends to an earlier-or-same key of the context or of its own segment. A padding query
+    attends to the padding before it (never to nothing, which would give NaN). transformers passes a 4D
+    mask through unchanged: sdpa takes it as bool (True = attend), eager adds it to the scores, so it gets
+    0 / most negative float in the dtype the scores are computed in (the autocast dtype where one is on).
+    Flash attention and flex attention take no such mask.
+    """
+    inner = _unwrapped(model)
+    attention = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+    if attention not in ("sdpa", "eager"):
+        raise ScoringError(
+            f"cloze scoring packs a question's options into one row with a custom attention mask, which "
+            f"attn_implementation {attention!r} cannot take; load the model with attn_implementation 'sdpa' or "
+            "'eager', or use scoring.mode: letter"
+        )
+    columns = torch.arange(segments.shape[1], device=segments.device)
+    keys = segments[:, None, :]
+    allowed = (columns[None, :] <= columns[:, None]) & ((keys == 0) | (keys == segments[:, :, None]))
+    if attention == "sdpa":
+        return allowed[:, None]
+    device = segments.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else inner.dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min
+    )[:, None]
+
+
 def _last_logits(model: torch.nn.Module, batch: ScoringBatch, keep: int) -> torch.Tensor:
-    """Logits of the last `keep` columns: [R, keep, V]."""
+    """Logits of the last `keep` columns: [B, keep, V]."""
     inputs = dict(
         input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
+        attention_mask=batch.attention_mask if batch.segments is None else _packed_mask(model, batch.segments),
         position_ids=batch.position_ids,
         use_cache=False,
     )
@@ -341,14 +419,12 @@ def option_logits(model: torch.nn.Module, batch: ScoringBatch) -> OptionScores:
         scores = torch.logsumexp(forms, dim=-1).masked_fill(~batch.option_mask, float("-inf"))  # [B, K]
         log_mass = torch.logsumexp(scores, dim=-1)
     else:
-        logits = _last_logits(model, batch, batch.window + 1)  # [R, window + 1, V]
+        logits = _last_logits(model, batch, batch.window + 1)  # [B, window + 1, V]
         picked = logits.reshape(-1, logits.shape[-1]).index_select(0, batch.target_index).float()  # [N, V]
         token_lp = picked.gather(1, batch.target_ids[:, None]).squeeze(1) - torch.logsumexp(picked, dim=-1)  # [N]
-        n_rows = batch.row_slot.shape[0]
-        row_lp = torch.zeros(n_rows, device=token_lp.device).index_add(0, batch.target_row, token_lp)  # [R]
         b, k = batch.option_mask.shape
-        flat = torch.full((b * k,), float("-inf"), device=token_lp.device)
-        scores = flat.index_copy(0, batch.row_slot, row_lp / batch.norms).view(b, k)
+        summed = torch.zeros(b * k, device=token_lp.device).index_add(0, batch.target_slot, token_lp).view(b, k)
+        scores = (summed / batch.norms).masked_fill(~batch.option_mask, float("-inf"))
         log_mass = None
     return OptionScores(
         mode=batch.mode,

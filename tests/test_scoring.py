@@ -62,16 +62,21 @@ def _hand_letter(model, tokenizer, q, cfg=LETTER) -> list[float]:
     return [torch.logsumexp(log_probs[list(forms[i])], 0).item() for i in range(len(q["options"]))]
 
 
-def _hand_cloze(model, tokenizer, q, normalise=True) -> list[float]:
+def _per_option(model, tokenizer, q) -> torch.Tensor:
+    """Each option's summed log-probability from a plain causal pass over context + that option alone."""
     context = tokenizer(cloze_context(q["question"], q["category"], CLOZE))["input_ids"]
-    scores = []
+    totals = []
     for option in q["options"]:
         cont = tokenizer(cloze_continuation(option), add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            log_probs = torch.log_softmax(model(torch.tensor([context + cont])).logits[0], dim=-1)
-        total = sum(log_probs[len(context) - 1 + j, t].item() for j, t in enumerate(cont))
-        scores.append(total / len(option) if normalise else total)
-    return scores
+        log_probs = torch.log_softmax(model(torch.tensor([context + cont])).logits[0], dim=-1)
+        totals.append(log_probs[torch.arange(len(context) - 1, len(context) - 1 + len(cont)), cont].sum())
+    return torch.stack(totals)
+
+
+def _hand_cloze(model, tokenizer, q, normalise=True) -> list[float]:
+    with torch.no_grad():
+        totals = _per_option(model, tokenizer, q).tolist()
+    return [t / len(o) if normalise else t for t, o in zip(totals, q["options"])]
 
 
 def _check(scores, expected_rows):
@@ -96,12 +101,52 @@ def test_letter_matches_hand_computation(model, tiny_tokenizer, tiny_questions):
 @pytest.mark.parametrize("cfg", [CLOZE, CLOZE_SUM], ids=["normalised", "sum"])
 def test_cloze_matches_hand_computation(cfg, model, tiny_tokenizer, tiny_questions):
     batch = encode(tiny_questions, tiny_tokenizer, cfg)
-    assert batch.input_ids.shape[0] == sum(len(q["options"]) for q in tiny_questions)
+    assert batch.input_ids.shape[0] == len(tiny_questions)  # one packed row per question
     with torch.no_grad():
         out = option_logits(model, batch)
     assert out.log_mass is None
     expected = [_hand_cloze(model, tiny_tokenizer, q, cfg.length_normalise) for q in tiny_questions]
     _check(out.scores, expected)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
+def test_packed_cloze_matches_per_option_passes(attention, family, model, other_models, tiny_tokenizer, tiny_questions):
+    # Options of one to many tokens, in rows of unequal length (left padding), each scored as if alone.
+    uneven = {"question": "Which is it?", "category": "misc", "options": ["A", "The old stone bridge", "Blue", "No"]}
+    questions = [*tiny_questions, uneven]
+    net = copy.deepcopy(model if family == "llama" else other_models[family])
+    net.set_attn_implementation(attention)
+    encoded = tokenize(questions, tiny_tokenizer, CLOZE_SUM)
+    assert min(encoded[-1].option_lengths) == 1 and max(encoded[-1].option_lengths) > 2
+    batch = collate(encoded)
+    assert len({e.n_tokens for e in encoded}) > 1 and batch.pad_tokens > 0
+    with torch.no_grad():
+        scores = option_logits(net, batch).scores
+    _check(scores, [_hand_cloze(net, tiny_tokenizer, q, normalise=False) for q in questions])
+
+
+def test_packed_cloze_gradients_match_per_option_passes(tiny_model, tiny_tokenizer, tiny_questions):
+    student = copy.deepcopy(tiny_model).train()
+    batch = encode(tiny_questions, tiny_tokenizer, CLOZE_SUM)
+    weights = torch.randn(batch.option_mask.shape, generator=torch.Generator().manual_seed(0))
+    (option_logits(student, batch).scores.masked_fill(~batch.option_mask, 0.0) * weights).sum().backward()
+    packed = {name: p.grad.clone() for name, p in student.named_parameters()}
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in packed.values())
+    student.zero_grad()
+    sum(
+        (_per_option(student, tiny_tokenizer, q) * weights[i, : len(q["options"])]).sum()
+        for i, q in enumerate(tiny_questions)
+    ).backward()
+    for name, p in student.named_parameters():
+        assert torch.allclose(packed[name], p.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_attention_without_custom_masks_is_a_clear_error(tiny_model, tiny_tokenizer, tiny_questions):
+    net = copy.deepcopy(tiny_model)
+    net.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ScoringError, match="'flash_attention_2' cannot take.*'sdpa' or 'eager'.*letter"):
+        option_logits(net, encode(tiny_questions, tiny_tokenizer, CLOZE))
 
 
 @pytest.mark.parametrize("cfg", [LETTER, CLOZE], ids=["letter", "cloze"])
@@ -180,23 +225,29 @@ def test_chat_template_is_applied_with_thinking_off(tiny_tokenizer, tiny_questio
     prompt = letter_prompt(q["question"], q["options"], q["category"], LETTER)
     expected = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     for mode in ("auto", "on"):
-        (row,) = tokenize([q], chat, ScoringConfig(chat_template=mode))[0].rows
+        row = tokenize([q], chat, ScoringConfig(chat_template=mode))[0].row
         assert list(row) == chat(expected, add_special_tokens=False)["input_ids"]
-    (plain,) = tokenize([q], chat, ScoringConfig(chat_template="off"))[0].rows
+    plain = tokenize([q], chat, ScoringConfig(chat_template="off"))[0].row
     assert list(plain) == chat(prompt)["input_ids"]
     with pytest.raises(ScoringError, match="no chat template"):
         tokenize([q], tiny_tokenizer, ScoringConfig(chat_template="on"))
 
 
-def test_truncation_keeps_answer_position_and_option(tiny_tokenizer, tiny_questions):
+def test_truncation_keeps_answer_position_and_options(tiny_tokenizer, tiny_questions):
     q = tiny_questions[4]
-    (letter_row,) = tokenize([q], tiny_tokenizer, ScoringConfig(max_length=16))[0].rows
+    letter_row = tokenize([q], tiny_tokenizer, ScoringConfig(max_length=16))[0].row
     full = tiny_tokenizer(letter_prompt(q["question"], q["options"], q["category"], LETTER))["input_ids"]
     assert list(letter_row) == full[-16:]
-    encoded = tokenize([q], tiny_tokenizer, ScoringConfig(mode="cloze", max_length=16))[0]
-    for row, option, n in zip(encoded.rows, q["options"], encoded.targets):
-        cont = tiny_tokenizer(cloze_continuation(option), add_special_tokens=False)["input_ids"]
-        assert len(row) == min(16, len(row)) and list(row[-n:]) == cont
+    q = dict(q, options=[f"{o}, {o}" for o in q["options"]])  # options of 16+ tokens together (min max_length)
+    conts = [tiny_tokenizer(cloze_continuation(o), add_special_tokens=False)["input_ids"] for o in q["options"]]
+    packed = [t for cont in conts for t in cont]
+    context = tiny_tokenizer(cloze_context(q["question"], q["category"], CLOZE))["input_ids"]
+    max_length = len(packed) + 3
+    encoded = tokenize([q], tiny_tokenizer, ScoringConfig(mode="cloze", max_length=max_length))[0]
+    assert list(encoded.row) == context[-3:] + packed and list(encoded.context) == context[-3:]
+    assert [list(row) for row in encoded.option_rows] == [context[-3:] + cont for cont in conts]
+    with pytest.raises(ScoringError, match=r"question 0 \(q4\).*raise scoring.max_length or use scoring.mode: letter"):
+        tokenize([q], tiny_tokenizer, ScoringConfig(mode="cloze", max_length=len(packed)))
 
 
 def test_bad_questions_are_rejected(tiny_tokenizer):
@@ -210,6 +261,7 @@ def test_bad_questions_are_rejected(tiny_tokenizer):
 def test_batch_moves_to_device(tiny_tokenizer, tiny_questions):
     batch = encode(tiny_questions, tiny_tokenizer, CLOZE).to("cpu")
     assert batch.input_ids.device.type == "cpu" and batch.target_index.dtype == torch.long
+    assert batch.segments.device.type == "cpu"
 
 
 def test_works_through_a_lora_wrapper(tiny_model, tiny_tokenizer, tiny_questions):

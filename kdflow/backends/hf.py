@@ -25,7 +25,7 @@ from kdflow.scoring import EncodedQuestion, collate, option_logits, to_soft_labe
 class HFBackend:
     """Score questions with a transformers causal LM.
 
-    `batch_size` counts questions (a cloze batch has one row per option). The model is moved to `device`.
+    `batch_size` counts questions (one row each, in either scoring mode). The model is moved to `device`.
     With `reasoning_max_tokens`, each question also gets a greedy continuation of its prompt of up to that
     many tokens, stored as its reasoning text.
     """
@@ -134,7 +134,7 @@ class HFBackend:
 
     def _reason(self, chunk: Sequence[EncodedQuestion]) -> list[str]:
         """Greedy continuations of each question's prompt (cloze: its context), decoded without specials."""
-        prompts = [e.rows[0][: len(e.rows[0]) - e.targets[0]] if e.targets else e.rows[0] for e in chunk]
+        prompts = [e.context for e in chunk]
         length = max(len(p) for p in prompts)
         input_ids = torch.tensor([[self._pad_id] * (length - len(p)) + list(p) for p in prompts], device=self.device)
         attention_mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=self.device)

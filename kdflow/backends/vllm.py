@@ -191,21 +191,22 @@ class VLLMBackend:
             encoded = tokenize(questions, self._tokenizer, self._scoring)
             option_ids = [e.letter_ids for e in encoded]
             # A plain dict is vLLM's TokensPrompt (a TypedDict), in every version.
-            prompts = [{"prompt_token_ids": list(e.rows[0])} for e in encoded]
+            prompts = [{"prompt_token_ids": list(e.row)} for e in encoded]
         ids = sorted({t for options in option_ids for forms in options for t in forms})
         return labels_from_request_outputs(self._generate(prompts, self._letter_params(ids)), option_ids), prompts
 
     def _score_cloze(self, questions: Sequence[Mapping[str, Any]]) -> tuple[list[SoftLabel], list[Any]]:
         """Labels, and each question's context as a token-id prompt (what reasoning continues)."""
         encoded = tokenize(questions, self._tokenizer, self._scoring)
-        rows = [{"prompt_token_ids": list(row)} for e in encoded for row in e.rows]
+        # vLLM takes no custom attention mask, so each option keeps its own row: context + option.
+        rows = [{"prompt_token_ids": list(row)} for e in encoded for row in e.option_rows]
         # prompt_logprobs=1 returns the prompt token's own log-probability (plus the top one) at each position.
         outputs = self._generate(rows, self._sampling_params(max_tokens=1, temperature=0.0, prompt_logprobs=1))
         labels, at = [], 0
         for e in encoded:
-            labels.append(cloze_label_from_request_outputs(outputs[at : at + e.n_options], e.targets, e.norms))
+            labels.append(cloze_label_from_request_outputs(outputs[at : at + e.n_options], e.option_lengths, e.norms))
             at += e.n_options
-        contexts = [{"prompt_token_ids": list(e.rows[0][: len(e.rows[0]) - e.targets[0]])} for e in encoded]
+        contexts = [{"prompt_token_ids": list(e.context)} for e in encoded]
         return labels, contexts
 
     def _letter_prompt(self, q: Mapping[str, Any]) -> str:
