@@ -38,6 +38,9 @@ def _offline_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Idle OpenMP threads otherwise spin; beside any other process on the cores (a busy laptop, a shared
+    # node) CPU steps ran over 10x slower. libgomp reads this when torch first loads, which is later.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _fail(message: str, code: int = EXIT_INPUT) -> typer.Exit:

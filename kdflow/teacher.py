@@ -88,15 +88,15 @@ def prepare_teacher(
     cfg: RunConfig, store: Store, dataset_ids: list[str], *, run_id: str | None = None, progress: bool = True
 ) -> tuple[Path, bool]:
     """Fine-tune the teacher on the training split's gold answers; returns (model dir, reused)."""
+    model_id = prepared_teacher_id(cfg, dataset_ids)
+    row = store.fetch_one("find_completed_model", model_id=model_id)
+    if row is not None and Path(row[0]).exists():
+        return Path(row[0]), True  # before the imports below: torch and transformers take seconds to load
+
     import torch
 
     from kdflow.modeling import build_model, count_parameters, load_pretrained, resolve_device
     from kdflow.training import train
-
-    model_id = prepared_teacher_id(cfg, dataset_ids)
-    row = store.fetch_one("find_completed_model", model_id=model_id)
-    if row is not None and Path(row[0]).exists():
-        return Path(row[0]), True
 
     t = cfg.teacher
     out_dir = cfg.home_dir / "models" / model_id
