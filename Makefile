@@ -6,7 +6,7 @@ CONFIG ?= configs/demo.yaml
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test test-fast bench install clean
+.PHONY: run test test-fast bench deploy install clean
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[dev,bench]"
 	$(PY) -m bench
+
+# Register deployments/prefect.yaml with the server at $$PREFECT_API_URL (`kdflow ui` starts one).
+deploy: $(STAMP)
+	KDFLOW_PROJECT_DIR=$(CURDIR) $(VENV)/bin/prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml
 
 clean:
 	rm -rf $(VENV) .kdflow

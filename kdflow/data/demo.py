@@ -20,10 +20,13 @@ teacher a realistic accuracy profile and its soft labels something to say:
 - A distractor set never singles out the answer by its form: family questions use only family members and
   other questions draw from the whole value set, so without the fact the options are exchangeable and
   unseen facts really are at chance.
-- Reasoning questions are rules, not facts: successor, predecessor, largest and smallest over the
-  integers 0-99 (distractors are the answer's neighbours) and which word is a colour, an animal, ...
-  Every question holds what its answer needs, so cloze scoring, which sees one option at a time, can
-  answer it as well as letter scoring can.
+- Reasoning questions apply rules, not facts: which option is a colour, a trade good, an animal, a
+  musical instrument. A rule covers every word of its class, so it answers questions whatever the
+  distractors; each question names its rule, so cloze scoring, which sees one option at a time, can
+  answer it as well as letter scoring can. Measured with the demo teacher (10K training questions):
+  these rules 99%; negated ones ("which is not a colour") anywhere from 30% to 79% between runs, 38%
+  after 20K questions; arithmetic (successor, largest of a list over 0-99) at chance after 20K. A CPU-sized model does not learn a
+  number line or negation in minutes, so the demo does not ask them.
 - Texts are short and the vocabulary small (about a thousand words at the default size), so a tokenizer
   of 2048 entries covers it and a CPU model labels 50K questions in about a minute.
 
@@ -124,11 +127,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 RELATIONS = tuple(TEMPLATES)
 
 REASONING_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "after": ("What number comes after {n}?", "Which number follows {n}?"),
-    "before": ("What number comes before {n}?", "Which number is just before {n}?"),
-    "largest": ("Which is the largest of {ns}?", "Which number is biggest: {ns}?"),
-    "smallest": ("Which is the smallest of {ns}?", "Which number is lowest: {ns}?"),
-    "member": ("Which of these is {c}?", "Which one of these is {c}?"),
+    "member": ("Which of these is {c}?", "Which one of these is {c}?", "Which of these words names {c}?"),
 }
 REASONING_KINDS = tuple(REASONING_TEMPLATES)
 WORD_CLASSES: dict[str, tuple[str, ...]] = {
@@ -137,7 +136,6 @@ WORD_CLASSES: dict[str, tuple[str, ...]] = {
     "an animal": sum(FAMILIES["animal"], ()),
     "a musical instrument": sum(FAMILIES["instrument"], ()),
 }
-LARGEST_SPREAD = 6  # comparison options come from a window at most this much wider than their count
 
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
            "br", "dr", "gr", "kr", "tr", "st", "th", "sh")
@@ -316,31 +314,10 @@ def _ask_fact(rng: random.Random, tier: str, fact: Fact) -> tuple[str, str, list
 
 def _ask_reasoning(rng: random.Random) -> tuple[str, str, list[str], int, str]:
     kind = rng.choice(REASONING_KINDS)
-    n_options = _option_count(rng)
-    template = rng.choice(REASONING_TEMPLATES[kind])
-    if kind in ("after", "before"):
-        number = rng.randrange(0, 99) if kind == "after" else rng.randrange(1, 100)
-        answer = number + 1 if kind == "after" else number - 1
-        # Distractors are the neighbours of the answer: a window of numbers that contains it.
-        low = rng.randint(max(0, answer - n_options + 1), min(answer, 100 - n_options))
-        numbers = [n for n in range(low, low + n_options) if n != answer]
-        question = template.format(n=number)
-    elif kind in ("largest", "smallest"):
-        width = n_options + rng.randrange(LARGEST_SPREAD + 1)
-        numbers = rng.sample(range(low := rng.randrange(101 - width), low + width), n_options)
-        # The question lists the numbers (in another order) so that cloze scoring, which sees one option
-        # at a time, can compare them too.
-        listed = [str(n) for n in rng.sample(numbers, n_options)]
-        question = template.format(ns=", ".join(listed[:-1]) + " or " + listed[-1])
-        answer = max(numbers) if kind == "largest" else min(numbers)
-        numbers.remove(answer)
-    else:
-        word_class = rng.choice(tuple(WORD_CLASSES))
-        others = tuple(v for c, values in WORD_CLASSES.items() if c != word_class for v in values)
-        answer_text = rng.choice(WORD_CLASSES[word_class])
-        distractors = _draw_distinct(rng, others, [], n_options - 1)
-        options, position = _place(rng, answer_text, distractors)
-        metadata = {"tier": "reasoning", "kind": kind, "class": word_class}
-        return "reasoning", template.format(c=word_class), options, position, json.dumps(metadata)
-    options, position = _place(rng, str(answer), [str(n) for n in numbers])
-    return "reasoning", question, options, position, json.dumps({"tier": "reasoning", "kind": kind})
+    word_class = rng.choice(tuple(WORD_CLASSES))
+    others = tuple(v for c, values in WORD_CLASSES.items() if c != word_class for v in values)
+    distractors = _draw_distinct(rng, others, [], _option_count(rng) - 1)
+    options, position = _place(rng, rng.choice(WORD_CLASSES[word_class]), distractors)
+    question = rng.choice(REASONING_TEMPLATES[kind]).format(c=word_class)
+    metadata = {"tier": "reasoning", "kind": kind, "class": word_class}
+    return "reasoning", question, options, position, json.dumps(metadata)
