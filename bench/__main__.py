@@ -26,7 +26,7 @@ from typing import Any
 from bench._common import RESULTS_DIR, SummaryRow, machine, markdown_table, num, print_table
 
 BENCH_DIR = Path(__file__).resolve().parent
-BENCHMARKS = ("vs_lm_eval", "flops", "storage", "training", "pipeline", "labeling_workers")
+BENCHMARKS = ("vs_lm_eval", "labeling", "flops", "storage", "training", "pipeline", "labeling_workers")
 
 
 def command(name: str, args: argparse.Namespace) -> list[str]:
