@@ -6,6 +6,12 @@ a fresh one from `tiny_arch`) before training it.
 
 from __future__ import annotations
 
+import os
+
+# Before torch loads libgomp: idle OpenMP threads sleep instead of spinning against the other tests'
+# processes (subprocess CLI runs, Prefect workers) on a 2-core machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 
