@@ -84,6 +84,17 @@ def train_students(
     """Train (or reuse) each student role; returns ({role: model dir}, roles reused).
 
     `on_progress(step, total)` follows the metric batches of the role being trained (for the UI)."""
+    roles = ["student_init", "student"] + (["student_hard"] if cfg.training.hard_label_baseline else [])
+    model_ids = {role: student_id(cfg, role, teacher, validation_id) for role in roles}
+    dirs: dict[str, Path] = {}
+    for role, model_id in model_ids.items():
+        found = store.fetch_one("find_completed_model", model_id=model_id)
+        if found is not None and Path(found[0]).exists():
+            dirs[role] = Path(found[0])
+    reused = list(dirs)
+    if len(reused) == len(roles):
+        return dirs, reused  # before the imports below: torch and transformers take seconds to load
+
     import torch
 
     from kdflow.distributed import launch_training
@@ -100,16 +111,10 @@ def train_students(
     val_examples = split_examples(store, dataset_ids, "val")
     tokenizer = _tokenizer_for(cfg, store, dataset_ids, teacher) if cfg.student.init != "pretrained" else None
 
-    roles = ["student_init", "student"] + (["student_hard"] if cfg.training.hard_label_baseline else [])
-    dirs: dict[str, Path] = {}
-    reused: list[str] = []
     for role in roles:
-        model_id = student_id(cfg, role, teacher, validation_id)
-        found = store.fetch_one("find_completed_model", model_id=model_id)
-        if found is not None and Path(found[0]).exists():
-            dirs[role] = Path(found[0])
-            reused.append(role)
+        if role in dirs:
             continue
+        model_id = model_ids[role]
         torch.manual_seed(cfg.training.seed)
         model, tok = init_student(cfg.student, tokenizer=tokenizer, teacher_dir=teacher.model_dir,
                                   seed=cfg.training.seed)
@@ -134,7 +139,7 @@ def train_students(
         store.execute("upsert_model", model_id=model_id, run_id=run_id, role=role, path=str(final),
                       spec=spec, n_params=total, n_active=active, status="completed")
         dirs[role] = final
-    return dirs, reused
+    return {role: dirs[role] for role in roles}, reused
 
 
 def find_students(cfg: RunConfig, store: Store, teacher: TeacherRef, validation_id: str) -> dict[str, Path]:

@@ -565,5 +565,5 @@ def print_summary(console: Console, summary: Summary) -> None:
     table.add_row("sent to teacher", "100.0%", "0.0%", _pct(cascade_share))
     console.print(table)
     tau = "none reaches the target" if summary.cascade_tau is None else f"{summary.cascade_tau:.4f}"
-    console.print(f"run {rich_escape(summary.run_id)} · {summary.n_questions:,} test questions · "
-                  f"cascade threshold tau: {tau}", highlight=False)
+    console.print(f"run {rich_escape(summary.run_id)} · {summary.n_questions:,} test questions", highlight=False)
+    console.print(f"cascade threshold tau: {tau}", highlight=False)
