@@ -19,7 +19,7 @@ import pyarrow as pa
 from kdflow.config import RunConfig
 from kdflow.errors import KdflowError
 from kdflow.store import Store
-from kdflow.teacher import TeacherRef, corpus_tokenizer, split_examples
+from kdflow.teacher import TeacherRef, corpus_tokenizer, finished_model_dir, split_examples
 
 METRIC_COLUMNS = ["step", "epoch", "loss", "ce", "kd", "lr", "grad_norm", "samples_per_s", "val_accuracy"]
 
@@ -84,13 +84,9 @@ def train_students(
     """Train (or reuse) each student role; returns ({role: model dir}, roles reused).
 
     `on_progress(step, total)` follows the metric batches of the role being trained (for the UI)."""
-    roles = ["student_init", "student"] + (["student_hard"] if cfg.training.hard_label_baseline else [])
-    model_ids = {role: student_id(cfg, role, teacher, validation_id) for role in roles}
-    dirs: dict[str, Path] = {}
-    for role, model_id in model_ids.items():
-        found = store.fetch_one("find_completed_model", model_id=model_id)
-        if found is not None and Path(found[0]).exists():
-            dirs[role] = Path(found[0])
+    roles = student_roles(cfg)
+    found = {role: finished_model_dir(store, student_id(cfg, role, teacher, validation_id)) for role in roles}
+    dirs = {role: path for role, path in found.items() if path is not None}
     reused = list(dirs)
     if len(reused) == len(roles):
         return dirs, reused  # before the imports below: torch and transformers take seconds to load
@@ -114,7 +110,7 @@ def train_students(
     for role in roles:
         if role in dirs:
             continue
-        model_id = model_ids[role]
+        model_id = student_id(cfg, role, teacher, validation_id)
         torch.manual_seed(cfg.training.seed)
         model, tok = init_student(cfg.student, tokenizer=tokenizer, teacher_dir=teacher.model_dir,
                                   seed=cfg.training.seed)
@@ -142,11 +138,15 @@ def train_students(
     return {role: dirs[role] for role in roles}, reused
 
 
+def student_roles(cfg: RunConfig) -> list[str]:
+    """The students one train stage makes, in training order."""
+    return ["student_init", "student"] + (["student_hard"] if cfg.training.hard_label_baseline else [])
+
+
 def find_students(cfg: RunConfig, store: Store, teacher: TeacherRef, validation_id: str) -> dict[str, Path]:
     """The finished students of this config, for evaluating without training again."""
-    roles = ["student_init", "student"] + (["student_hard"] if cfg.training.hard_label_baseline else [])
     found: dict[str, Path] = {}
-    for role in roles:
+    for role in student_roles(cfg):
         row = store.fetch_one("find_completed_model", model_id=student_id(cfg, role, teacher, validation_id))
         if row is not None:
             found[role] = Path(row[0])

@@ -50,6 +50,12 @@ def prepared_teacher_id(cfg: RunConfig, dataset_ids: list[str]) -> str:
     )
 
 
+def finished_model_dir(store: Store, model_id: str) -> Path | None:
+    """Where a completed model lies, if its directory is still there (else it has to be made again)."""
+    row = store.fetch_one("find_completed_model", model_id=model_id)
+    return Path(row[0]) if row is not None and Path(row[0]).exists() else None
+
+
 def teacher_ref(cfg: RunConfig, store: Store, dataset_ids: list[str]) -> TeacherRef:
     """The teacher this config labels with; a teacher needing preparation must have been prepared."""
     if cfg.teacher.prepare.enabled or cfg.teacher.model is None:
@@ -89,9 +95,8 @@ def prepare_teacher(
 ) -> tuple[Path, bool]:
     """Fine-tune the teacher on the training split's gold answers; returns (model dir, reused)."""
     model_id = prepared_teacher_id(cfg, dataset_ids)
-    row = store.fetch_one("find_completed_model", model_id=model_id)
-    if row is not None and Path(row[0]).exists():
-        return Path(row[0]), True  # before the imports below: torch and transformers take seconds to load
+    if (found := finished_model_dir(store, model_id)) is not None:
+        return found, True  # before the imports below: torch and transformers take seconds to load
 
     import torch
 
