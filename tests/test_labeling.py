@@ -3,41 +3,28 @@ then re-run leaves exactly one label per question, equal to an uninterrupted run
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import label_worker
 import pytest
-import torch
+from helpers import labeling_world, sigkill_when, worker_env
 
 from kdflow.backends.hf import HFBackend
-from kdflow.config import ArchitectureConfig, DemoSource, ScoringConfig, SourceConfig, SplitConfig
+from kdflow.config import DemoSource, ScoringConfig, SourceConfig, SplitConfig
 from kdflow.datasets import ingest_source
 from kdflow.labeling import label_questions
-from kdflow.modeling import build_model, load_pretrained, save_pretrained, train_tokenizer
+from kdflow.modeling import load_pretrained
 from kdflow.store import Store
 
 WORKER = Path(__file__).with_name("label_worker.py")
-sys.path.insert(0, str(WORKER.parent))
-import label_worker  # noqa: E402
-
 N_QUESTIONS = 160
 
 
 @pytest.fixture
 def world(tmp_path) -> dict:
-    """A home with N_QUESTIONS ingested demo questions and a tiny teacher saved beside it."""
-    store = Store(tmp_path / "home")
-    dataset_id = ingest_source(store, SourceConfig(demo=DemoSource(n_questions=N_QUESTIONS)), SplitConfig()).dataset_id
-    rows = store.arrow("unlabeled_questions", dataset_ids=[dataset_id], teacher_key="none").to_pylist()
-    tokenizer = train_tokenizer([" ".join([r["question"], *r["options"]]) for r in rows], 512)
-    torch.manual_seed(0)
-    model = build_model(ArchitectureConfig(hidden_size=32, num_layers=2, num_heads=4, vocab_size=512), tokenizer)
-    save_pretrained(model, tokenizer, tmp_path / "teacher")
-    return {"store": store, "home": tmp_path / "home", "teacher": tmp_path / "teacher", "dataset_ids": [dataset_id]}
+    return labeling_world(tmp_path, N_QUESTIONS)
 
 
 def label_in_process(world: dict) -> int:
@@ -76,21 +63,11 @@ def test_a_labeling_killed_midway_then_rerun_has_one_label_per_question(world, t
     reference = labels(reference_world["store"])
 
     command = [sys.executable, str(WORKER), str(world["home"]), str(world["teacher"]), world["dataset_ids"][0]]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(WORKER.parents[1]), os.environ.get("PYTHONPATH", "")]))
+    env = worker_env()
     progress = world["home"] / "progress"
     worker = subprocess.Popen([*command, "--delay", "0.3"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not progress.exists() or len(progress.read_text().split()) < 3:
-            if worker.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the worker ended before 3 commits: {worker.stderr.read().decode()[-2000:]}")
-            time.sleep(0.02)
-        worker.send_signal(signal.SIGKILL)
-    finally:
-        worker.wait()
-        worker.stderr.close()
-    assert worker.returncode == -signal.SIGKILL
+    sigkill_when(worker, lambda: progress.exists() and len(progress.read_text().split()) >= 3, "3 commits")
     partial = labels(world["store"])
     assert 3 * label_worker.COMMIT_EVERY <= len(partial) < N_QUESTIONS
 

@@ -20,11 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import labeling_world
 
-from kdflow.config import ArchitectureConfig, DemoSource, RunConfig, SourceConfig, SplitConfig
-from kdflow.datasets import ingest_source
+from kdflow.config import RunConfig
 from kdflow.errors import KdflowError, TransientError
-from kdflow.modeling import build_model, save_pretrained, train_tokenizer
 from kdflow.runs import start_run
 from kdflow.sharding import (
     ShardError,
@@ -45,16 +44,8 @@ LABEL_COLUMNS = ["question_id", "probs", "confidence", "predicted", "coverage", 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
-    """A home with 240 ingested demo questions (copied per test) and a tiny teacher saved beside it."""
-    root = tmp_path_factory.mktemp("world")
-    store = Store(root / "home")
-    dataset_id = ingest_source(store, SourceConfig(demo=DemoSource(n_questions=N_QUESTIONS)), SplitConfig()).dataset_id
-    rows = store.arrow("unlabeled_questions", dataset_ids=[dataset_id], teacher_key="none").to_pylist()
-    tokenizer = train_tokenizer([" ".join([r["question"], *r["options"]]) for r in rows], 512)
-    torch.manual_seed(0)
-    model = build_model(ArchitectureConfig(hidden_size=32, num_layers=2, num_heads=4, vocab_size=512), tokenizer)
-    save_pretrained(model, tokenizer, root / "teacher")
-    return {"home": root / "home", "teacher": root / "teacher", "dataset_ids": [dataset_id]}
+    """240 ingested demo questions and a tiny teacher; tests copy the home (`fresh`), never write to it."""
+    return labeling_world(tmp_path_factory.mktemp("world"), N_QUESTIONS)
 
 
 @pytest.fixture

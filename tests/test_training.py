@@ -2,16 +2,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import toy_training as toy
+from helpers import sigkill_when, worker_env
 from safetensors.torch import load_file
 from toy_training import one_thread  # noqa: F401 (autouse fixture)
 
@@ -219,24 +217,14 @@ def test_resume_refuses_changed_settings_and_a_fresh_start_clears_checkpoints(to
 
 @pytest.mark.slow  # two fresh Python processes importing torch and transformers
 def test_training_after_sigkill_resumes_to_the_same_result(tok, tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(WORKER.parents[1]), os.environ.get("PYTHONPATH", "")]))
+    env = worker_env()
     toy.run_worker(tmp_path / "reference", resume=False, step_delay=0.0)
     reference = json.loads((tmp_path / "reference" / "result.json").read_text())
 
     run_dir = tmp_path / "killed"
     worker = subprocess.Popen([sys.executable, str(WORKER), str(run_dir), "--step-delay", "0.5"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while latest_checkpoint(run_dir / "checkpoints") is None:
-            if worker.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the worker ended without a checkpoint: {worker.stderr.read().decode()[-2000:]}")
-            time.sleep(0.05)
-        worker.send_signal(signal.SIGKILL)
-    finally:
-        worker.wait()
-        worker.stderr.close()
-    assert worker.returncode == -signal.SIGKILL
+    sigkill_when(worker, lambda: latest_checkpoint(run_dir / "checkpoints") is not None, "a checkpoint")
     assert not (run_dir / "final").exists()
 
     subprocess.run([sys.executable, str(WORKER), str(run_dir), "--resume"], env=env, check=True,
