@@ -144,20 +144,21 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     return p
 
 
-def write_result(
+def publish(
     name: str,
+    title: str,
     *,
-    command: str,
     inputs: Mapping[str, Any],
     figures: Mapping[str, Any],
     ratios: Mapping[str, float],
     summary: Sequence[SummaryRow],
     findings: Mapping[str, Any] | None = None,
 ) -> Path:
-    """bench/results/<name>.json: inputs, machine, versions, figures (with spreads), ratios, table rows."""
+    """Write bench/results/<name>.json (inputs, machine, versions, figures with spreads, ratios, table rows,
+    the command line that produced them) and print the table under `title`."""
     result = {
         "benchmark": name,
-        "command": command,
+        "command": " ".join([f"python -m bench.{name}", *sys.argv[1:]]),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "inputs": dict(inputs),
         "machine": machine(),
@@ -170,6 +171,7 @@ def write_result(
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print_table(summary, f"{title} -> {path}")
     return path
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from bench._common import SummaryRow, num, parser, print_table, spread, timed, write_result
+from bench._common import SummaryRow, num, parser, publish, spread, timed
 from kdflow.backends.hf import HFBackend
 from kdflow.config import ScoringConfig, TeacherConfig
 from kdflow.data.demo import generate_demo_questions
@@ -155,9 +155,7 @@ def main() -> None:
     args = parser(__doc__).parse_args()
     result = run(args.quick)
     summary = summarise(result)
-    path = write_result(NAME, command=f"python -m bench.{NAME}" + (" --quick" if args.quick else ""),
-                        inputs=result["inputs"], figures=result["figures"], ratios=result["ratios"], summary=summary)
-    print_table(summary, f"labeling vs the hardware limit -> {path}")
+    publish(NAME, "labeling vs the hardware limit", summary=summary, **result)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from bench._common import SummaryRow, num, parser, print_table, spread, timed, write_result
+from bench._common import SummaryRow, num, parser, publish, spread, timed
 from kdflow.backends.hf import HFBackend
 from kdflow.config import DemoSource, SourceConfig, SplitConfig, load_config
 from kdflow.datasets import ingest_source
@@ -51,7 +51,8 @@ def run(quick: bool, model_dir: str | None) -> dict[str, Any]:
     n_questions, rounds, batched_sample, single_sample = (10_000, 2, 2048, 256) if quick else (50_000, 3, 4096, 512)
     with tempfile.TemporaryDirectory() as home:
         store = Store(Path(home))
-        dataset_id = ingest_source(store, SourceConfig(demo=DemoSource(n_questions=n_questions)), SplitConfig()).dataset_id
+        source = SourceConfig(demo=DemoSource(n_questions=n_questions))
+        dataset_id = ingest_source(store, source, SplitConfig()).dataset_id
         rows = store.arrow("unlabeled_questions", dataset_ids=[dataset_id], teacher_key="none").to_pylist()
         model, tokenizer = teacher(rows, model_dir)
 
@@ -73,7 +74,8 @@ def run(quick: bool, model_dir: str | None) -> dict[str, Any]:
     return {
         "inputs": {"questions": n_questions, "rounds": rounds, "batched_sample": batched_sample,
                    "single_sample": single_sample, "batch_size": DEMO.teacher.batch_size, "commit_every": COMMIT_EVERY,
-                   "scoring": DEMO.scoring.model_dump(mode="json"), "model": model_dir or DEMO.teacher.architecture.model_dump(),
+                   "scoring": DEMO.scoring.model_dump(mode="json"),
+                   "model": model_dir or DEMO.teacher.architecture.model_dump(),
                    "torch_threads": torch.get_num_threads()},
         "figures": {
             "label_stage_seconds": stage_s,
@@ -112,9 +114,7 @@ def main() -> None:
     args = p.parse_args()
     result = run(args.quick, args.model)
     summary = summarise(result)
-    path = write_result(NAME, command=f"python -m bench.{NAME}" + (" --quick" if args.quick else ""),
-                        inputs=result["inputs"], figures=result["figures"], ratios=result["ratios"], summary=summary)
-    print_table(summary, f"teacher labeling throughput -> {path}")
+    publish(NAME, "teacher labeling throughput", summary=summary, **result)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Any
 
 import duckdb
 
-from bench._common import SummaryRow, num, parser, print_table, spread, write_result
+from bench._common import SummaryRow, num, parser, publish, spread
 from kdflow.store import DB_NAME
 
 NAME = "pipeline"
@@ -127,10 +127,8 @@ def main() -> None:
     result = run(args.quick, args.full)
     summary = summarise(result)
     ratios = {key: f["overhead_share_of_flow"]["median"] for key, f in result["figures"].items()}
-    flags = (" --quick" if args.quick else "") + (" --full" if args.full else "")
-    path = write_result(NAME, command=f"python -m bench.{NAME}{flags}", inputs=result["inputs"],
-                        figures=result["figures"], ratios=ratios, summary=summary)
-    print_table(summary, f"the demo pipeline end to end -> {path}")
+    publish(NAME, "the demo pipeline end to end", inputs=result["inputs"], figures=result["figures"], ratios=ratios,
+            summary=summary)
 
 
 if __name__ == "__main__":

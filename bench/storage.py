@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from bench._common import SummaryRow, num, parser, print_table, spread, teacher_like_labels, timed, write_result
+from bench._common import SummaryRow, num, parser, publish, spread, teacher_like_labels, timed
 from kdflow.config import DemoSource, SourceConfig, SplitConfig, ValidationConfig
 from kdflow.data.demo import generate_demo_questions
 from kdflow.datasets import ingest_source
@@ -133,9 +133,7 @@ def main() -> None:
     args = parser(__doc__).parse_args()
     result = run(args.quick)
     summary = summarise(result)
-    path = write_result(NAME, command=f"python -m bench.{NAME}" + (" --quick" if args.quick else ""),
-                        inputs=result["inputs"], figures=result["figures"], ratios=result["ratios"], summary=summary)
-    print_table(summary, f"the DuckDB store at 50K -> {path}")
+    publish(NAME, "the DuckDB store at 50K", summary=summary, **result)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from bench._common import SummaryRow, num, parser, print_table, spread, teacher_like_labels, write_result
+from bench._common import SummaryRow, num, parser, publish, spread, teacher_like_labels
 from kdflow.config import ScoringConfig, StudentConfig, TrainingConfig
 from kdflow.data.demo import generate_demo_questions
 from kdflow.modeling import build_model, train_tokenizer
@@ -123,9 +123,7 @@ def main() -> None:
     args = parser(__doc__).parse_args()
     result = run(args.quick)
     summary = summarise(result)
-    path = write_result(NAME, command=f"python -m bench.{NAME}" + (" --quick" if args.quick else ""),
-                        inputs=result["inputs"], figures=result["figures"], ratios=result["ratios"], summary=summary)
-    print_table(summary, f"KD loop vs CE fine-tune -> {path}")
+    publish(NAME, "KD loop vs CE fine-tune", summary=summary, **result)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import yaml
 
-from bench._common import SummaryRow, alternate, num, parser, print_table, spread, timed, write_result
+from bench._common import SummaryRow, alternate, num, parser, publish, spread, timed
 from kdflow.backends.hf import HFBackend
 from kdflow.config import ArchitectureConfig, ScoringConfig, TrainingConfig
 from kdflow.data.demo import generate_demo_questions
@@ -351,10 +351,9 @@ def main() -> None:
     ratios = {f"{label}/{mode}": r["ratio"]["median"] for label, modes in result["results"].items()
               for mode, r in modes.items()}
     figures = {f"{label}/{mode}": r for label, modes in result["results"].items() for mode, r in modes.items()}
-    path = write_result(NAME, command=f"python -m bench.{NAME}" + (" --quick" if args.quick else ""),
-                        inputs=result["inputs"], figures=figures, ratios=ratios, summary=summary,
-                        findings={k: {m: r["agreement"] for m, r in v.items()} for k, v in result["results"].items()})
-    print_table(summary, f"kdflow vs lm-evaluation-harness -> {path}")
+    publish(NAME, "kdflow vs lm-evaluation-harness", inputs=result["inputs"], figures=figures, ratios=ratios,
+            summary=summary,
+            findings={k: {m: r["agreement"] for m, r in v.items()} for k, v in result["results"].items()})
 
 
 if __name__ == "__main__":
