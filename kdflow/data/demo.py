@@ -25,8 +25,8 @@ teacher a realistic accuracy profile and its soft labels something to say:
   distractors; each question names its rule, so cloze scoring, which sees one option at a time, can
   answer it as well as letter scoring can. Measured with the demo teacher (10K training questions):
   these rules 99%; negated ones ("which is not a colour") anywhere from 30% to 79% between runs, 38%
-  after 20K questions; arithmetic (successor, largest of a list over 0-99) at chance after 20K. A CPU-sized model does not learn a
-  number line or negation in minutes, so the demo does not ask them.
+  after 20K questions; arithmetic (successor, largest of a list over 0-99) at chance after 20K. A
+  CPU-sized model does not learn a number line or negation in minutes, so the demo does not ask them.
 - Texts are short and the vocabulary small (about a thousand words at the default size), so a tokenizer
   of 2048 entries covers it and a CPU model labels 50K questions in about a minute.
 
