@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdflow-installed
 CONFIG ?= configs/demo.yaml
+# PyTorch's CPU-only wheel index: the plain PyPI pin of torch on Linux is the multi-GB CUDA build.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -13,7 +15,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints-cpu.txt torch
+	$(PY) -m pip install -q -c constraints-cpu.txt --index-url $(TORCH_INDEX) --timeout 20 --retries 1 torch \
+		|| $(PY) -m pip install -q -c constraints-cpu.txt torch  # that index unreachable: the plain pin
 	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[dev]"
 	$(PY) -c "import kdflow, torch, prefect, duckdb, great_expectations, transformers"
 	touch $(STAMP)
