@@ -74,6 +74,10 @@ def teacher_ref(cfg: RunConfig, store: Store, dataset_ids: list[str]) -> Teacher
         local = Path(model_ref).expanduser()
         model_dir = local.resolve() if local.exists() else None
     spec = teacher_spec(cfg.teacher, cfg.scoring, model_ref)
+    if cfg.teacher.backend == "openai":
+        from kdflow.backends.openai import server_identity
+
+        spec["server"] = server_identity(cfg.teacher)  # another server (or other weights behind it) relabels
     return TeacherRef(model_ref=model_ref, model_dir=model_dir, key=teacher_key(spec), spec=spec)
 
 

@@ -43,6 +43,8 @@ def fast_backoff(monkeypatch):
 
 
 def _teacher(base_url: str, **openai) -> TeacherConfig:
+    """A teacher on the stub; the random tiny model puts ~0 on letters, so no coverage stop unless asked."""
+    openai = {"min_coverage": 0.0, **openai}
     teacher = TeacherConfig(backend="openai", model="tiny", openai={"base_url": base_url, "api_key_env": KEY_ENV})
     # model_copy skips validation: the stub can return the whole vocabulary, past the config's cap of 20.
     return teacher.model_copy(update={"openai": teacher.openai.model_copy(update=openai)})
