@@ -20,6 +20,7 @@ bodies, 256 prompt tokens, 64 generated tokens.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections import deque
@@ -58,6 +59,7 @@ class StubServer:
         self.max_in_flight = 0
         self._in_flight = 0
         self._failures: deque[tuple[int, float | None, str]] = deque()
+        self._connections: set[socket.socket] = set()
         self._state = threading.Lock()
         self._compute = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -79,6 +81,17 @@ class StubServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
+
+    def kill(self) -> None:
+        """Stop as a killed server does: the port closes and open keep-alive connections are cut."""
+        self.stop()
+        with self._state:
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def fail_next(self, count: int, status: int, retry_after: float | None = None, message: str = "") -> None:
         """Answer the next `count` requests with `status` (and a Retry-After header when given)."""
@@ -233,6 +246,11 @@ def _error(message: str) -> dict[str, Any]:
 def _handler(server: StubServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as httpx pools connections
+
+        def setup(self) -> None:
+            super().setup()
+            with server._state:
+                server._connections.add(self.connection)
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             if self.path == "/v1/models":
