@@ -6,7 +6,8 @@ log-probabilities of the next token over the whole vocabulary; echo: the prompt 
 and text offsets, BOS text included, then the generated tokens) and POST /v1/chat/completions (the
 tokenizer's chat template, top logprobs of the first answer token), in the response shapes of one real
 server (`flavour`):
-- "vllm": legacy completions logprobs; echo returns the prompt and max_tokens generated tokens.
+- "vllm": legacy completions logprobs; echo returns the prompt and max_tokens generated tokens;
+  `prompt_logprobs` is answered in choices[0].prompt_logprobs (ignore_echo=True makes it the only way).
 - "llama-server" (llama.cpp): /completions answers in the chat-style `logprobs.content` shape with token
   ids and bytes, and ignores `echo` (only the generated token comes back).
 - "llama-cpp-python": legacy shape, but empty lists when end-of-text is the top token; echo reads
@@ -45,13 +46,14 @@ class StubServer:
 
     def __init__(self, model: Any, tokenizer: Any, *, delay_s: float = 0.0, max_top_logprobs: int | None = None,
                  flavour: str = "vllm", models: list[dict[str, Any]] | None = None,
-                 replies: dict[str, dict[str, Any]] | None = None):
+                 replies: dict[str, dict[str, Any]] | None = None, ignore_echo: bool = False):
         assert flavour in ("vllm", "llama-server", "llama-cpp-python")
         self.model = model
         self.tokenizer = tokenizer
         self.flavour = flavour
         self.models = models if models is not None else [{"id": "tiny", "object": "model", "owned_by": "stub"}]
         self.replies = replies or {}
+        self.ignore_echo = ignore_echo or flavour == "llama-server"
         self.delay_s = delay_s
         self.max_top_logprobs = max_top_logprobs or len(tokenizer)
         self.auth_headers: list[str | None] = []
@@ -160,7 +162,9 @@ class StubServer:
         ids = self.tokenizer(prompt)["input_ids"]
         if self.flavour == "llama-cpp-python" and max_tokens == 0:
             max_tokens = MAX_GENERATED  # it reads 0 as "no limit"
-        if body.get("echo") and self.flavour != "llama-server":
+        if body.get("prompt_logprobs") is not None and self.flavour == "vllm":
+            return self._prompt_logprobs(body, ids)
+        if body.get("echo") and not self.ignore_echo:
             if n is None:
                 raise StubError(400, "the stub echoes only with logprobs set")
             generated = self._generate(ids, int(max_tokens), as_ids=True)
@@ -186,6 +190,24 @@ class StubServer:
         logprobs = {"tokens": [token], "token_logprobs": [float(row[best])], "top_logprobs": [self._top(row, n)],
                     "text_offset": [len(prompt)]}
         return _completion(body["model"], token, logprobs)
+
+    def _prompt_logprobs(self, body: dict[str, Any], ids: list[int]) -> dict[str, Any]:
+        """vLLM's prompt_logprobs: per prompt token {id: {logprob, rank, decoded_token}}, the token itself first."""
+        rows = self._log_probs(ids)
+        entries: list[Any] = [None]
+        for i, token_id in enumerate(ids[1:], start=1):
+            row = rows[i - 1]
+            entry = {str(token_id): {"logprob": float(row[token_id]), "rank": int((row > row[token_id]).sum()) + 1,
+                                     "decoded_token": self.tokenizer.decode([token_id])}}
+            best = int(row.argmax())
+            entry.setdefault(str(best), {"logprob": float(row[best]), "rank": 1,
+                                         "decoded_token": self.tokenizer.decode([best])})
+            entries.append(entry)
+        reply = _completion(body["model"], self._generate(ids, 1), None)
+        reply["choices"][0]["prompt_logprobs"] = entries
+        if body.get("return_token_ids"):
+            reply["choices"][0]["prompt_token_ids"] = ids
+        return reply
 
     def _content_entry(self, row: torch.Tensor, n: int) -> dict[str, Any]:
         """A chat-style logprobs entry: the best token and the top n, with ids and UTF-8 bytes like llama-server."""

@@ -354,9 +354,11 @@ def test_llama_cpp_python_empty_completions_logprobs_are_refused_or_avoided(serv
 
 def test_llama_server_cloze_is_refused_at_start(serve):
     stub = _replay(serve, "llama-server", completions="cloze: echo, max_tokens 0, logprobs 1")
-    with pytest.raises(ServerReplyError, match="cannot score cloze.*echo.*scoring.mode: letter.*hf or vllm"):
+    with pytest.raises(ServerReplyError, match="cannot score cloze.*neither with echo.*did not echo.*nor with "
+                                               "prompt_logprobs.*scoring.mode: letter.*hf or vllm"):
         OpenAIBackend(_replay_teacher(stub), ScoringConfig(mode="cloze"))
-    assert [b["max_tokens"] for b in stub.bodies] == [1]
+    assert [b["max_tokens"] for b in stub.bodies] == [1, 1]
+    assert stub.bodies[0]["echo"] is True and stub.bodies[1]["prompt_logprobs"] == 1
 
 
 @pytest.mark.parametrize("server", ["llama-server", "llama-cpp-python"])
@@ -386,6 +388,22 @@ def test_llama_cpp_shapes_match_the_hf_backend_or_refuse(flavour, mode, serve, t
         assert s.label.probs == pytest.approx(h.label.probs, abs=1e-4)
     # llama-cpp-python reads max_tokens 0 as "no limit": every request is bounded instead.
     assert all(1 <= b["max_tokens"] <= 1 for b in stub.bodies if "prompt" in b)
+
+
+@pytest.mark.parametrize("return_token_ids", [True, False])
+def test_cloze_reads_vllm_prompt_logprobs_when_echo_is_ignored(return_token_ids, monkeypatch, serve, tiny_model,
+                                                                tiny_tokenizer, tiny_questions):
+    stub = serve(ignore_echo=True)
+    if not return_token_ids:  # older vLLM: the prompt's own token is the first one listed
+        handle = stub.handle
+        monkeypatch.setattr(stub, "handle", lambda path, body, auth: handle(
+            path, {k: v for k, v in body.items() if k != "return_token_ids"}, auth))
+    scoring = ScoringConfig(mode="cloze")
+    served = OpenAIBackend(_teacher(stub.base_url), scoring).score(tiny_questions)
+    local = HFBackend(tiny_model, tiny_tokenizer, scoring, batch_size=8, device="cpu").score(tiny_questions)
+    for s, h in zip(served, local):
+        assert s.label.probs == pytest.approx(h.label.probs, abs=1e-4)
+    assert stub.bodies[-1]["prompt_logprobs"] == 1 and stub.bodies[-1]["max_tokens"] == 1
 
 
 def test_near_zero_coverage_in_the_first_batch_stops_with_what_the_server_said(serve, tiny_questions):

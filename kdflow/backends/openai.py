@@ -23,7 +23,9 @@ What is sent:
   "logprobs": 1, "temperature": 0}. max_tokens is 1, not 0: llama-cpp-python reads 0 as "no limit" and
   echoes the generated text after the prompt, so the tokens past the prompt (usage.prompt_tokens) are
   dropped; the option's tokens are found by text_offset, summed and divided by the option's length when
-  scoring.length_normalise. Every request has a small max_tokens and the client's timeout.
+  scoring.length_normalise. A server that ignores echo but takes vLLM's {"prompt_logprobs": 1} is read
+  from choices[0].prompt_logprobs instead (offsets from the decoded token texts). Every request has a
+  small max_tokens and the client's timeout.
 - reasoning (teacher.reasoning): one more request continuing the prompt for reasoning_max_tokens tokens.
 
 Log-probability shapes read (the first generated token's top tokens):
@@ -182,11 +184,41 @@ def _echoed_prompt_tokens(reply: Mapping[str, Any], prompt: str) -> tuple[list[s
             if joined.endswith(prompt):
                 n = i + 1
                 break
-    if n is None or not len(tokens) == len(values) == len(offsets) or not "".join(map(str, tokens[:n])).endswith(prompt[-8:]):
+    if n is None or not len(tokens) == len(values) == len(offsets) or not _spells_end_of(tokens[:n], prompt):
         raise ServerReplyError(
             f"the echoed tokens do not spell the prompt ...{prompt[-40:]!r}; reply: {quote_reply(choice)}"
         )
     return tokens[:n], values[:n], offsets[:n]
+
+
+def _spells_end_of(tokens: Sequence[Any], prompt: str) -> bool:
+    # Some servers echo raw vocabulary pieces ("ĠParis"); a marker stands for one space, so lengths agree.
+    text = "".join(t if isinstance(t, str) else "" for t in tokens)
+    for marker in SPACE_MARKERS:
+        text = text.replace(marker, " ")
+    return text.replace("\u010a", "\n").endswith(prompt[-8:])
+
+
+def _prompt_logprobs_tokens(choice: Mapping[str, Any], prompt: str) -> tuple[list[str], list[Any], list[int]]:
+    """(tokens, token_logprobs, text_offset) of vLLM's choices[0].prompt_logprobs: one entry per prompt token,
+    None for the first, else {token id: {logprob, rank, decoded_token}} with the prompt's own token named by
+    choices[0].prompt_token_ids when the server returns them, else listed first."""
+    entries, ids = choice.get("prompt_logprobs"), choice.get("prompt_token_ids")
+    if not isinstance(entries, list) or len(entries) < 2 or not all(isinstance(e, Mapping) for e in entries[1:]):
+        raise ServerReplyError(f"no prompt_logprobs in the reply {quote_reply(choice)}")
+    tokens, values = [], []
+    for i, entry in enumerate(entries):
+        found: Any = {}
+        if entry:
+            named = isinstance(ids, list) and len(ids) == len(entries) and str(ids[i]) in entry
+            found = entry[str(ids[i])] if named else next(iter(entry.values()))
+        found = found if isinstance(found, Mapping) else {}
+        tokens.append(str(found.get("decoded_token") or ""))
+        values.append(found.get("logprob"))
+    if not _spells_end_of(tokens, prompt):
+        raise ServerReplyError(f"the prompt_logprobs tokens do not spell the prompt; reply: {quote_reply(choice)}")
+    offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    return tokens, values, offsets
 
 
 def continuation_logprob(logprobs: Mapping[str, Any], prompt: str, context_chars: int) -> float:
@@ -368,6 +400,7 @@ class OpenAIBackend:
         self._http = ServerClient(teacher.openai)
         self._base_url = self._http.base_url
         self._checked_coverage = False
+        self._prompt_logprobs = False  # cloze: read vLLM's prompt_logprobs instead of an echo (set by the probe)
         try:
             self._card = self._http.served_model(self._model)
             self._chat = self._probe()
@@ -382,16 +415,22 @@ class OpenAIBackend:
         q = PROBE_QUESTION
         if self._scoring.mode == "cloze":
             context = cloze_context(q["question"], q["category"], self._scoring)
-            try:
-                self._option_logprob(context, q["options"][0])
-            except ServerReplyError as e:
-                raise ServerReplyError(
-                    f"the server at {self._base_url} cannot score cloze: /completions does not return the prompt's "
-                    f"log-probabilities with echo: true ({e}). Use scoring.mode: letter with this server, or "
-                    "teacher.backend: hf or vllm on the same weights"
-                ) from None
-            log.info("cloze through %s/completions (echo)", self._base_url)
-            return False
+            problems = []
+            for self._prompt_logprobs in (False, True):
+                try:
+                    self._option_logprob(context, q["options"][0])
+                except ServerReplyError as e:
+                    problems.append(str(e))
+                    continue
+                how = "prompt_logprobs" if self._prompt_logprobs else "echo"
+                log.info("cloze through %s/completions (%s)", self._base_url, how)
+                return False
+            raise ServerReplyError(
+                f"the server at {self._base_url} cannot score cloze: /completions returns the prompt's "
+                f"log-probabilities neither with echo: true ({problems[0]}) nor with prompt_logprobs "
+                f"({problems[1]}). Use scoring.mode: letter with this server, or teacher.backend: hf or vllm on "
+                "the same weights"
+            )
         order = {"on": [True], "off": [False], "auto": [True, False]}[self._scoring.chat_template]
         problems = []
         for chat in order:
@@ -487,11 +526,15 @@ class OpenAIBackend:
 
     def _option_logprob(self, context: str, option: str) -> tuple[float, float]:
         prompt = context + cloze_continuation(option)
-        body = {"model": self._model, "prompt": prompt, "max_tokens": 1, "echo": True, "logprobs": 1,
-                "temperature": 0}
+        body: dict[str, Any] = {"model": self._model, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+        body.update({"prompt_logprobs": 1, "return_token_ids": True} if self._prompt_logprobs
+                    else {"echo": True, "logprobs": 1})
         answer, elapsed_ms = self._http.request("POST", "/completions", body)
-        self._first_choice(answer)
-        tokens, values, offsets = _echoed_prompt_tokens(answer, prompt)
+        choice = self._first_choice(answer)
+        if self._prompt_logprobs:
+            tokens, values, offsets = _prompt_logprobs_tokens(choice, prompt)
+        else:
+            tokens, values, offsets = _echoed_prompt_tokens(answer, prompt)
         logprobs = {"tokens": tokens, "token_logprobs": values, "text_offset": offsets}
         return continuation_logprob(logprobs, prompt, len(context)), elapsed_ms
 
