@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -456,3 +457,64 @@ def test_cli_names_an_unreachable_server_in_one_line(command, tmp_path):
     assert "Traceback" not in out
     (line,) = [line for line in out.splitlines() if line.startswith("error:")]
     assert f"{url}/models" in line and "is the server running?" in line
+
+
+# --- a real llama.cpp server, when one is installed --------------------------------------------------------------
+
+
+@pytest.fixture
+def llama_server(smollm2, tmp_path):
+    """`llama-server` on SmolLM2's GGUF as `smollm2-135m` on a free local port; its base_url."""
+    import httpx
+
+    directory, gguf = smollm2
+    port = _closed_port()
+    log_path = tmp_path / "llama-server.log"
+    with open(log_path, "wb") as log_file:
+        server = subprocess.Popen(
+            ["llama-server", "-m", str(Path(directory) / gguf), "--alias", SERVED, "--host", "127.0.0.1",
+             "--port", str(port), "--ctx-size", "2048", "--threads", "2", "--parallel", "1", "--jinja"],
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    try:
+        for _ in range(600):  # up to ~5 minutes to load on a busy machine
+            if server.poll() is not None:
+                pytest.fail(f"llama-server exited ({server.returncode}): {log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"llama-server did not become ready: {log_path.read_text()[-2000:]}")
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("llama-server") is None, reason="no llama-server on PATH (llama.cpp is not built here)")
+def test_a_real_llama_server_agrees_with_the_hf_backend_on_the_same_weights(llama_server, smollm2):
+    from kdflow.data.demo import generate_demo_questions
+
+    directory, gguf = smollm2
+    questions = generate_demo_questions(40, seed=1).to_pylist()
+    served_teacher = TeacherConfig(backend="openai", model=SERVED, openai={"base_url": llama_server, "concurrency": 1})
+    local_teacher = TeacherConfig(model=directory, gguf_file=gguf, device="cpu", dtype="float32", batch_size=8)
+    scoring = ScoringConfig(mode="letter", chat_template="on")
+    served = OpenAIBackend(served_teacher, scoring)
+    assert served.chat and served.key_parts()["base_url"] == llama_server
+    served_labels = served.score(questions)
+    local = HFBackend.from_config(local_teacher, scoring)
+    local_labels = local.score(questions)
+    agree = sum(s.label.predicted == h.label.predicted for s, h in zip(served_labels, local_labels))
+    assert agree >= 0.97 * len(questions), f"{agree}/{len(questions)} questions agree"
+    # Cloze: llama-server ignores echo and has no prompt_logprobs, so it is refused at start, by name.
+    with pytest.raises(ServerReplyError, match="cannot score cloze"):
+        OpenAIBackend(served_teacher, ScoringConfig(mode="cloze"))
