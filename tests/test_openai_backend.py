@@ -424,17 +424,27 @@ def test_the_server_is_part_of_the_teacher_key(serve, tmp_path):
     other_weights = serve(models=[dict(MODELS["llama-server"]["data"][0], meta={"n_params": 1})])
     store = Store(tmp_path)
 
-    def key(stub: StubServer) -> str:
+    def ref(base_url: str):
         cfg = load_config(ROOT / "configs" / "tiny.yaml", [
             f"home={tmp_path}", "teacher.backend=openai", f"teacher.model={SERVED}", "teacher.prepare.enabled=false",
-            f"teacher.openai.base_url={stub.base_url}"])
-        return teacher_ref(cfg, store, []).key
+            f"teacher.openai.base_url={base_url}", "teacher.openai.max_retries=1"])
+        return teacher_ref(cfg, store, [])
+
+    def key(stub: StubServer) -> str:
+        return ref(stub.base_url).key
 
     keys = [key(first), key(first), key(second), key(other_weights)]
     assert keys[0] == keys[1] and len(set(keys)) == 3
-    parts = openai_backend.server_identity(_replay_teacher(first))
-    assert parts["base_url"] == first.base_url and parts["meta"]["n_params"] == 134515008 and "created" not in parts
-    backend = OpenAIBackend(_replay_teacher(first), ScoringConfig())
+    # With the server down (training after labeling), the identity recorded with its labels still names them.
+    labeled = ref(first.base_url)
+    store.execute("upsert_teacher", teacher_key=labeled.key, spec=json.dumps(labeled.spec), model_path=None)
+    first.kill()
+    assert ref(first.base_url).key == labeled.key
+    with pytest.raises(ServerUnreachable, match="after 2 attempts.*is the server running"):
+        ref(f"http://127.0.0.1:{_closed_port()}/v1")  # nothing recorded for it
+    parts = openai_backend.server_identity(_replay_teacher(second))
+    assert parts["base_url"] == second.base_url and parts["meta"]["n_params"] == 134515008 and "created" not in parts
+    backend = OpenAIBackend(_replay_teacher(second), ScoringConfig())
     assert backend.key_parts() == parts
 
 

@@ -378,11 +378,13 @@ def _identity(base_url: str, card: Mapping[str, Any]) -> dict[str, Any]:
     return {"backend": "openai", "base_url": base_url, **{f: card[f] for f in IDENTITY_FIELDS if card.get(f) is not None}}
 
 
-def server_identity(teacher: TeacherConfig) -> dict[str, Any]:
+def server_identity(teacher: TeacherConfig, *, max_retries: int | None = None) -> dict[str, Any]:
     """What identifies the teacher behind a server, for the teacher key: base_url plus what GET /models
     reports of the served model (id, owned_by, root, parent, meta; e.g. llama-server's parameter count and
-    vocabulary, vLLM's model path). Raises as `ServerClient.served_model`."""
-    client = ServerClient(teacher.openai)
+    vocabulary, vLLM's model path). `max_retries` overrides teacher.openai.max_retries. Raises as
+    `ServerClient.served_model`."""
+    server = teacher.openai if max_retries is None else teacher.openai.model_copy(update={"max_retries": max_retries})
+    client = ServerClient(server)
     try:
         return _identity(client.base_url, client.served_model(served_model_name(teacher)))
     finally:
