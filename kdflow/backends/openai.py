@@ -178,12 +178,7 @@ def _echoed_prompt_tokens(reply: Mapping[str, Any], prompt: str) -> tuple[list[s
     n = (reply.get("usage") or {}).get("prompt_tokens")
     if not isinstance(n, int) or not 0 < n <= len(tokens):
         # No usable count: the prompt ends where the echoed token texts first spell all of it.
-        joined, n = "", None
-        for i, token in enumerate(tokens):
-            joined += token if isinstance(token, str) else ""
-            if joined.endswith(prompt):
-                n = i + 1
-                break
+        n = next((i for i in range(1, len(tokens) + 1) if _spelled(tokens[:i]).endswith(prompt)), None)
     if n is None or not len(tokens) == len(values) == len(offsets) or not _spells_end_of(tokens[:n], prompt):
         raise ServerReplyError(
             f"the echoed tokens do not spell the prompt ...{prompt[-40:]!r}; reply: {quote_reply(choice)}"
@@ -191,12 +186,16 @@ def _echoed_prompt_tokens(reply: Mapping[str, Any], prompt: str) -> tuple[list[s
     return tokens[:n], values[:n], offsets[:n]
 
 
-def _spells_end_of(tokens: Sequence[Any], prompt: str) -> bool:
-    # Some servers echo raw vocabulary pieces ("ĠParis"); a marker stands for one space, so lengths agree.
+def _spelled(tokens: Sequence[Any]) -> str:
+    # Some servers echo raw vocabulary pieces ("ĠParis", "Ċ"); each marker stands for one character.
     text = "".join(t if isinstance(t, str) else "" for t in tokens)
     for marker in SPACE_MARKERS:
         text = text.replace(marker, " ")
-    return text.replace("\u010a", "\n").endswith(prompt[-8:])
+    return text.replace("\u010a", "\n")
+
+
+def _spells_end_of(tokens: Sequence[Any], prompt: str) -> bool:
+    return _spelled(tokens).endswith(prompt[-8:])
 
 
 def _prompt_logprobs_tokens(choice: Mapping[str, Any], prompt: str) -> tuple[list[str], list[Any], list[int]]:
@@ -243,7 +242,9 @@ def continuation_logprob(logprobs: Mapping[str, Any], prompt: str, context_chars
     return total
 
 
-def letter_messages(question: str, options: Sequence[str], category: str, scoring: ScoringConfig) -> list[dict[str, str]]:
+def letter_messages(
+    question: str, options: Sequence[str], category: str, scoring: ScoringConfig
+) -> list[dict[str, str]]:
     """The chat messages of a letter question: the letter prompt as the one user message."""
     return [{"role": "user", "content": letter_prompt(question, options, category, scoring)}]
 
@@ -369,13 +370,15 @@ class ServerClient:
 
 
 def served_model_name(teacher: TeacherConfig) -> str:
+    """The model name sent to the server: teacher.openai.model, else teacher.model."""
     if teacher.model is None and teacher.openai.model is None:
         raise KdflowError("teacher.backend: openai needs teacher.model or teacher.openai.model (the served name)")
     return teacher.openai.model or teacher.model  # type: ignore[return-value]
 
 
 def _identity(base_url: str, card: Mapping[str, Any]) -> dict[str, Any]:
-    return {"backend": "openai", "base_url": base_url, **{f: card[f] for f in IDENTITY_FIELDS if card.get(f) is not None}}
+    reported = {field: card[field] for field in IDENTITY_FIELDS if card.get(field) is not None}
+    return {"backend": "openai", "base_url": base_url, **reported}
 
 
 def server_identity(teacher: TeacherConfig, *, max_retries: int | None = None) -> dict[str, Any]:
@@ -511,7 +514,10 @@ class OpenAIBackend:
             label, latency_ms = self._cloze(cloze_context(text, category, self._scoring), options)
         return ScoredQuestion(label=label, latency_ms=latency_ms, reasoning=self._reason(text, options, category))
 
-    def _letter_top(self, text: str, options: list[str], category: str, *, chat: bool) -> tuple[dict[str, float], float]:
+    def _letter_top(
+        self, text: str, options: list[str], category: str, *, chat: bool
+    ) -> tuple[dict[str, float], float]:
+        """The answer token's top log-probabilities (token text -> value) and the request's ms."""
         if chat:
             body = self._chat_body(letter_messages(text, options, category, self._scoring), 1)
             body.update(logprobs=True, top_logprobs=self._server.top_logprobs)
