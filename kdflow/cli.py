@@ -43,6 +43,9 @@ def _offline_defaults() -> None:
     # Idle OpenMP threads otherwise spin; beside any other process on the cores (a busy laptop, a shared
     # node) CPU steps ran over 10x slower. libgomp reads this when torch first loads, which is later.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # kdflow's own log lines (e.g. the teacher server's model list and chosen endpoint) beside Prefect's.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "kdflow")
+    logging.getLogger("kdflow").setLevel(logging.INFO)
 
 
 def _fail(message: str, code: int = EXIT_INPUT) -> typer.Exit:

@@ -156,8 +156,8 @@ class OpenAIServerConfig(Strict):
     )
     min_coverage: float = Field(
         0.01, ge=0, le=1,
-        description="letter mode: stop after the first batch when the option letters hold less than this share of the "
-        "answer token's probability on average (the server's prompt or endpoint does not lead to a letter)",
+        description="letter mode: stop after the first 32 questions when the option letters hold less than this "
+        "share of the answer token's probability on average (the server's prompt or endpoint does not lead to a letter)",
     )
 
 

@@ -320,11 +320,14 @@ def _expected_letters(recorded_choice: dict, spaced: bool) -> list[float]:
 
 @pytest.mark.parametrize("server", ["llama-server", "llama-cpp-python"])
 @pytest.mark.parametrize("setting", ["on", "auto"])
-def test_recorded_chat_replies_give_the_servers_letters(server, setting, serve):
+def test_recorded_chat_replies_give_the_servers_letters(server, setting, serve, caplog):
     stub = _replay(serve, server, chat="chat letter on /v1/chat/completions",
                    completions="letter on /v1/completions")
-    backend = OpenAIBackend(_replay_teacher(stub), ScoringConfig(chat_template=setting))
+    with caplog.at_level("INFO", logger="kdflow.backends.openai"):
+        backend = OpenAIBackend(_replay_teacher(stub), ScoringConfig(chat_template=setting))
     assert backend.chat  # auto: chat answers readably, so it is preferred
+    assert f"{stub.base_url} serves {SERVED}" in caplog.text
+    assert f"letter questions through {stub.base_url}/chat/completions" in caplog.text
     (scored,) = backend.score(FRANCE)
     recorded = REPLIES[f"{server}: chat letter on /v1/chat/completions"]["response"]["choices"][0]
     expected = _expected_letters(recorded, spaced=False)
@@ -410,9 +413,13 @@ def test_cloze_reads_vllm_prompt_logprobs_when_echo_is_ignored(return_token_ids,
 def test_near_zero_coverage_in_the_first_batch_stops_with_what_the_server_said(serve, tiny_questions):
     stub = serve()  # a random tiny model: its top tokens are not letters
     backend = OpenAIBackend(_teacher(stub.base_url, min_coverage=0.01), ScoringConfig())
-    with pytest.raises(ServerReplyError, match=r"letters hold 0\.0\d+ .*first 5 questions.*/completions puts it on "
+    probe = len(stub.bodies)
+    questions = tiny_questions * 10
+    with pytest.raises(ServerReplyError, match=r"letters hold 0\.0\d+ .*first 32 questions.*/completions puts it on "
                                                r"other tokens \('.*chat_template: on"):
-        backend.score(tiny_questions)
+        backend.score(questions)
+    assert len(stub.bodies) - probe == 32 + 1  # the rest is never sent; one more request shows the top tokens
+    assert len(OpenAIBackend(_teacher(stub.base_url, min_coverage=0.0), ScoringConfig()).score(questions)) == 50
 
 
 # --- the teacher key -------------------------------------------------------------------------------------------

@@ -36,8 +36,8 @@ Log-probability shapes read (the first generated token's top tokens):
 Token spellings "B", " B", "ĠB" (byte-level BPE) and "▁B" (SentencePiece) all read as letter B (bare or
 spaced form); "token_id:N" (vLLM's return_tokens_as_token_ids) is read through its `bytes` when present.
 An empty or unrecognised shape raises ServerReplyError quoting the reply (shortened), never a uniform
-label. After the first scored batch of a letter run, a mean coverage below teacher.openai.min_coverage
-stops the run with the top tokens the server returned and the setting to change.
+label. After the first COVERAGE_CHECK_QUESTIONS questions of a letter run, a mean coverage below
+teacher.openai.min_coverage stops the run with the top tokens the server returned and the setting to change.
 
 Requests run on a thread pool of `concurrency` workers with a synchronous httpx client, so `score` works
 from any thread, including one whose event loop is running (a Prefect task). 429, 5xx and connection
@@ -78,6 +78,8 @@ BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
 RETRY_AFTER_MAX_S = 120.0
 REPLY_QUOTE_CHARS = 300
+# A letter run checks the coverage of its first this-many questions before sending the rest.
+COVERAGE_CHECK_QUESTIONS = 32
 # Word-start markers tokenizers put in token text: byte-level BPE's "Ġ" (a space byte) and SentencePiece's "▁".
 SPACE_MARKERS = ("\u0120", "\u2581")
 # The one question the start-up probe asks; any model answers it with a letter among its top tokens.
@@ -349,14 +351,15 @@ class ServerClient:
             time.sleep(min(retry_after, RETRY_AFTER_MAX_S) if retry_after is not None else backoff)
             attempt += 1
 
-    def served_model(self, model: str) -> dict[str, Any]:
-        """The /models entry of `model` (logged with the whole list); refuses a name the server does not list."""
+    def served_model(self, model: str, *, log_list: bool = True) -> dict[str, Any]:
+        """The /models entry of `model` (the whole list logged when `log_list`); refuses a name not listed."""
         answer, _ = self.request("GET", "/models")
         cards = [c for c in answer.get("data") or [] if isinstance(c, Mapping) and isinstance(c.get("id"), str)]
         if not cards:
             raise ServerReplyError(f"{self.base_url}/models lists no models; reply: {quote_reply(answer)}")
         names = [c["id"] for c in cards]
-        log.info("%s serves %s", self.base_url, ", ".join(names))
+        if log_list:
+            log.info("%s serves %s", self.base_url, ", ".join(names))
         for card in cards:
             if card["id"] == model:
                 return dict(card)
@@ -389,7 +392,7 @@ def server_identity(teacher: TeacherConfig, *, max_retries: int | None = None) -
     server = teacher.openai if max_retries is None else teacher.openai.model_copy(update={"max_retries": max_retries})
     client = ServerClient(server)
     try:
-        return _identity(client.base_url, client.served_model(served_model_name(teacher)))
+        return _identity(client.base_url, client.served_model(served_model_name(teacher), log_list=False))
     finally:
         client.close()
 
@@ -465,8 +468,8 @@ class OpenAIBackend:
     def score(self, questions: Sequence[Mapping[str, Any]]) -> list[ScoredQuestion]:
         """Score questions (dicts with question, options, category), `concurrency` requests at a time.
 
-        Raises ServerReplyError when the first batch of a letter run has mean coverage below
-        teacher.openai.min_coverage (the server's top tokens are not the option letters).
+        Raises ServerReplyError when the first COVERAGE_CHECK_QUESTIONS questions of a letter run have mean
+        coverage below teacher.openai.min_coverage (the server's top tokens are not the option letters).
         """
         if not questions:
             return []
@@ -476,16 +479,20 @@ class OpenAIBackend:
                     f"question {i} ({q.get('question_id', 'no id')}) needs a question string and "
                     f"2..{MAX_OPTIONS} options"
                 )
+        if self._scoring.mode == "letter" and not self._checked_coverage:
+            head = self._score_all(questions[:COVERAGE_CHECK_QUESTIONS])
+            self._check_coverage(questions, head)
+            return head + self._score_all(questions[len(head):])
+        return self._score_all(questions)
+
+    def _score_all(self, questions: Sequence[Mapping[str, Any]]) -> list[ScoredQuestion]:
         pool = ThreadPoolExecutor(max_workers=self._server.concurrency, thread_name_prefix="kdflow-openai")
         try:
             futures = [pool.submit(self._score_one, q) for q in questions]
-            scored = [f.result() for f in futures]
+            return [f.result() for f in futures]
         finally:
             # On the first failure, drop the questions not started; requests in flight finish.
             pool.shutdown(wait=True, cancel_futures=True)
-        if self._scoring.mode == "letter" and not self._checked_coverage:
-            self._check_coverage(questions, scored)
-        return scored
 
     def _check_coverage(self, questions: Sequence[Mapping[str, Any]], scored: list[ScoredQuestion]) -> None:
         mean = sum(s.label.coverage for s in scored) / len(scored)
