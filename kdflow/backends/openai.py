@@ -424,10 +424,13 @@ class OpenAIBackend:
         if self._scoring.mode == "cloze":
             context = cloze_context(q["question"], q["category"], self._scoring)
             problems = []
-            for self._prompt_logprobs in (False, True):
+            for prompt_logprobs in (False, True):
+                self._prompt_logprobs = prompt_logprobs
                 try:
                     self._option_logprob(context, q["options"][0])
-                except ServerReplyError as e:
+                except ServerUnreachable:
+                    raise
+                except KdflowError as e:  # an unreadable reply or a rejected request (HTTP 4xx)
                     problems.append(str(e))
                     continue
                 how = "prompt_logprobs" if self._prompt_logprobs else "echo"
@@ -445,12 +448,9 @@ class OpenAIBackend:
             endpoint = "/chat/completions" if chat else "/completions"
             try:
                 self._letter(q["question"], q["options"], q["category"], chat=chat)
-            except ServerReplyError as e:
-                problems.append(f"{endpoint}: {e}")
-                continue
-            except KdflowError as e:
-                if isinstance(e, ServerUnreachable):
-                    raise
+            except ServerUnreachable:
+                raise
+            except KdflowError as e:  # an unreadable reply or a rejected request (HTTP 4xx)
                 problems.append(f"{endpoint}: {e}")
                 continue
             log.info("letter questions through %s%s (scoring.chat_template: %s)", self._base_url, endpoint,
