@@ -2,11 +2,13 @@
 
 Heavy libraries (torch, transformers, prefect, great_expectations) are imported inside the commands that
 need them, so `kdflow --help` answers instantly. User errors end with a one-paragraph message and a
-non-zero exit code, never a traceback: 2 = bad config or input, 3 = the data-quality gate failed.
+non-zero exit code, never a traceback: 2 = bad config or input (or a teacher server that cannot be reached),
+3 = the data-quality gate failed, 1 = a transient fault outlasted its retries.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -41,12 +43,15 @@ def _offline_defaults() -> None:
     # Idle OpenMP threads otherwise spin; beside any other process on the cores (a busy laptop, a shared
     # node) CPU steps ran over 10x slower. libgomp reads this when torch first loads, which is later.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # kdflow's own log lines (e.g. the teacher server's model list and chosen endpoint) beside Prefect's.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "kdflow")
+    logging.getLogger("kdflow").setLevel(logging.INFO)
 
 
 def _fail(message: str, code: int = EXIT_INPUT) -> typer.Exit:
     from rich.console import Console
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -113,9 +118,28 @@ def runs(
     print_runs(_console(), store, limit)
 
 
+class _NoUserErrorTraceback(logging.Filter):
+    """Prefect logs every exception leaving a flow or task with its traceback; a KdflowError is an expected
+    failure whose message says it all, so its log lines keep the message and lose the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from kdflow.errors import KdflowError
+
+        if record.exc_info and isinstance(record.exc_info[1], KdflowError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _without_tracebacks_for_user_errors() -> None:
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoUserErrorTraceback) for f in logger.filters):
+            logger.addFilter(_NoUserErrorTraceback())
+
+
 def _run_flow(flow_name: str, cfg, **kwargs):
     """Run a flow with Prefect's offline defaults; user errors become messages and exit codes."""
-    from kdflow.errors import GateFailed, KdflowError
+    from kdflow.errors import GateFailed, KdflowError, TransientError
 
     if flow_name == "distill":
         from flows.distill import distill as flow_fn
@@ -123,12 +147,15 @@ def _run_flow(flow_name: str, cfg, **kwargs):
         from flows.stages import STAGE_FLOWS
 
         flow_fn = STAGE_FLOWS[flow_name]
+    _without_tracebacks_for_user_errors()
     try:
         return flow_fn(cfg, **kwargs)
     except GateFailed as e:
         raise _fail(str(e), EXIT_GATE) from None
     except (KdflowError, LookupError) as e:
         raise _fail(str(e)) from None
+    except TransientError as e:
+        raise _fail(f"{e}; committed work is kept and a re-run resumes from it", 1) from None
     except KeyboardInterrupt:
         raise _fail("cancelled: the run is marked cancelled; committed work is kept and reused", 130) from None
 

@@ -150,9 +150,14 @@ class OpenAIServerConfig(Strict):
     api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key")
     concurrency: int = Field(8, ge=1, description="requests in flight at once")
     max_retries: int = Field(5, ge=0, description="retries on 429 and 5xx, with exponential backoff")
-    timeout_s: float = Field(60.0, gt=0)
+    timeout_s: float = Field(60.0, gt=0, description="seconds one request may take before it is retried")
     top_logprobs: int = Field(
         20, ge=1, description="letter mode: top tokens asked for (OpenAI caps at 20; vllm serve --max-logprobs allows more)"
+    )
+    min_coverage: float = Field(
+        0.01, ge=0, le=1,
+        description="letter mode: stop after the first 32 questions when the option letters hold less than this "
+        "share of the answer token's probability on average (the server's prompt or endpoint does not lead to a letter)",
     )
 
 

@@ -56,6 +56,23 @@ def finished_model_dir(store: Store, model_id: str) -> Path | None:
     return Path(row[0]) if row is not None and Path(row[0]).exists() else None
 
 
+def _server_identity(cfg: RunConfig, store: Store, spec: dict[str, Any]) -> dict[str, Any]:
+    """The served model's identity from the server; when it is down (after labeling, for training, validation
+    and evaluation), the identity recorded with the latest teacher of the same spec and base_url."""
+    from kdflow.backends.openai import ServerUnreachable, server_identity
+
+    try:
+        return server_identity(cfg.teacher, max_retries=0)
+    except ServerUnreachable:
+        base_url = cfg.teacher.openai.base_url.rstrip("/")
+        for _key, recorded in store.fetch("teacher_specs"):
+            recorded = json.loads(recorded) if isinstance(recorded, str) else recorded
+            server = recorded.pop("server", None) or {}
+            if recorded == spec and server.get("base_url") == base_url:
+                return server
+        return server_identity(cfg.teacher)  # nothing recorded: the retries, then "is the server running?"
+
+
 def teacher_ref(cfg: RunConfig, store: Store, dataset_ids: list[str]) -> TeacherRef:
     """The teacher this config labels with; a teacher needing preparation must have been prepared."""
     if cfg.teacher.prepare.enabled or cfg.teacher.model is None:
@@ -74,6 +91,8 @@ def teacher_ref(cfg: RunConfig, store: Store, dataset_ids: list[str]) -> Teacher
         local = Path(model_ref).expanduser()
         model_dir = local.resolve() if local.exists() else None
     spec = teacher_spec(cfg.teacher, cfg.scoring, model_ref)
+    if cfg.teacher.backend == "openai":
+        spec["server"] = _server_identity(cfg, store, spec)  # another server (or other weights behind it) relabels
     return TeacherRef(model_ref=model_ref, model_dir=model_dir, key=teacher_key(spec), spec=spec)
 
 

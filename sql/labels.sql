@@ -3,6 +3,10 @@
 -- name: upsert_teacher
 INSERT OR IGNORE INTO teachers (teacher_key, spec, model_path) VALUES ($teacher_key, $spec, $model_path);
 
+-- name: teacher_specs
+-- Every teacher's key and spec, the latest first.
+SELECT teacher_key, spec FROM teachers ORDER BY created_at DESC;
+
 -- name: unlabeled_questions
 -- Questions of the given datasets with no label from this teacher for their exact current text.
 SELECT DISTINCT q.question_id, q.question_hash, q.question, q.options, q.category

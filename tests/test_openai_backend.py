@@ -1,24 +1,47 @@
-"""The OpenAI-compatible backend against a local stub server that computes log-probabilities with the same
-tiny model the hf backend scores: parsing, parity with the hf backend, retries, errors, key hygiene and
-the concurrency limit."""
+"""The OpenAI-compatible backend against a local stub server: log-probabilities computed by the same tiny
+model the hf backend scores (parity), in the response shapes of vLLM, llama-server and llama-cpp-python,
+and replies recorded from real llama.cpp servers (tests/fixtures/openai/); plus the start-up probe,
+retries, errors, key hygiene, the teacher key and the concurrency limit."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import math
+import os
+import re
+import shutil
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 import kdflow.backends.openai as openai_backend
 from kdflow.backends.base import TeacherBackend
 from kdflow.backends.hf import HFBackend
-from kdflow.backends.openai import OpenAIBackend, continuation_logprob, letter_label_from_top_logprobs
-from kdflow.config import ScoringConfig, TeacherConfig
+from kdflow.backends.openai import (
+    OpenAIBackend,
+    ServerReplyError,
+    ServerUnreachable,
+    continuation_logprob,
+    first_token_top_logprobs,
+    letter_label_from_top_logprobs,
+)
+from kdflow.config import ScoringConfig, TeacherConfig, load_config
 from kdflow.errors import KdflowError, TransientError
+from kdflow.store import Store
+from kdflow.teacher import teacher_ref
 from openai_stub_server import StubServer
 
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).parent / "fixtures" / "openai"
+REPLIES = json.loads((FIXTURES / "llama_cpp_replies.json").read_text())["responses"]
+MODELS = json.loads((FIXTURES / "models.json").read_text())
+TOKEN_FORMS = json.loads((FIXTURES / "token_forms.json").read_text())
 KEY_ENV = "KDFLOW_TEST_OPENAI_KEY"
 SECRET = "sk-test-5f1d0c9a-not-for-logs"
 
@@ -43,6 +66,8 @@ def fast_backoff(monkeypatch):
 
 
 def _teacher(base_url: str, **openai) -> TeacherConfig:
+    """A teacher on the stub; the random tiny model puts ~0 on letters, so no coverage stop unless asked."""
+    openai = {"min_coverage": 0.0, **openai}
     teacher = TeacherConfig(backend="openai", model="tiny", openai={"base_url": base_url, "api_key_env": KEY_ENV})
     # model_copy skips validation: the stub can return the whole vocabulary, past the config's cap of 20.
     return teacher.model_copy(update={"openai": teacher.openai.model_copy(update=openai)})
@@ -86,20 +111,21 @@ def test_parity_with_the_hf_backend(mode, serve, tiny_model, tiny_tokenizer, tin
     stub = serve()
     scoring = ScoringConfig(mode=mode)
     backend = OpenAIBackend(_teacher(stub.base_url, top_logprobs=len(tiny_tokenizer)), scoring)
-    assert isinstance(backend, TeacherBackend)
+    assert isinstance(backend, TeacherBackend) and not backend.chat  # the tiny tokenizer has no chat template
+    probe = len(stub.bodies)
     served = backend.score(tiny_questions)
     local = HFBackend(tiny_model, tiny_tokenizer, scoring, batch_size=8, device="cpu").score(tiny_questions)
     for s, h in zip(served, local):
         assert s.label.probs == pytest.approx(h.label.probs, abs=1e-4)
         assert s.label.coverage == pytest.approx(h.label.coverage, abs=1e-4)
         assert s.label.predicted == h.label.predicted and s.latency_ms > 0 and s.reasoning is None
-    body = stub.bodies[0]
+    body = stub.bodies[probe]
     if mode == "letter":
         assert body == {"model": "tiny", "prompt": body["prompt"], "max_tokens": 1, "temperature": 0,
                         "logprobs": len(tiny_tokenizer)}
     else:
-        assert len(stub.bodies) == sum(len(q["options"]) for q in tiny_questions)
-        assert body["echo"] is True and body["max_tokens"] == 0 and body["logprobs"] == 1
+        assert len(stub.bodies) - probe == sum(len(q["options"]) for q in tiny_questions)
+        assert body["echo"] is True and body["max_tokens"] == 1 and body["logprobs"] == 1
     backend.close()
 
 
@@ -110,13 +136,17 @@ def test_chat_template_on_uses_chat_completions(serve, tiny_model, tiny_tokenize
         "{% if add_generation_prompt %}assistant:{% if not enable_thinking %} <nothink>{% endif %}{% endif %}"
     )
     stub = serve(chat_tokenizer)
-    scoring = ScoringConfig(chat_template="on")
-    served = OpenAIBackend(_teacher(stub.base_url, top_logprobs=len(tiny_tokenizer)), scoring).score(tiny_questions)
-    local = HFBackend(tiny_model, chat_tokenizer, scoring, batch_size=8, device="cpu").score(tiny_questions)
-    for s, h in zip(served, local):
-        assert s.label.probs == pytest.approx(h.label.probs, abs=1e-4)
-    assert stub.bodies[0]["chat_template_kwargs"] == {"enable_thinking": False}
-    assert stub.bodies[0]["logprobs"] is True
+    for setting in ("on", "auto"):  # auto: the server renders a chat template for this model, so chat
+        scoring = ScoringConfig(chat_template=setting)
+        backend = OpenAIBackend(_teacher(stub.base_url, top_logprobs=len(tiny_tokenizer)), scoring)
+        assert backend.chat
+        served = backend.score(tiny_questions)
+        local = HFBackend(tiny_model, chat_tokenizer, scoring, batch_size=8, device="cpu").score(tiny_questions)
+        for s, h in zip(served, local):
+            assert s.label.probs == pytest.approx(h.label.probs, abs=1e-4)
+    assert all("messages" in b for b in stub.bodies)
+    assert stub.bodies[-1]["chat_template_kwargs"] == {"enable_thinking": False}
+    assert stub.bodies[-1]["logprobs"] is True
 
 
 def test_default_top_20_keeps_labels_valid(serve, tiny_model, tiny_tokenizer, tiny_questions):
@@ -131,39 +161,55 @@ def test_default_top_20_keeps_labels_valid(serve, tiny_model, tiny_tokenizer, ti
 def test_reasoning_continues_the_prompt(serve, tiny_questions):
     stub = serve()
     teacher = _teacher(stub.base_url).model_copy(update={"reasoning": True, "reasoning_max_tokens": 3})
-    scored = OpenAIBackend(teacher, ScoringConfig()).score(tiny_questions[:2])
+    backend = OpenAIBackend(teacher, ScoringConfig())
+    probe = len(stub.bodies)
+    scored = backend.score(tiny_questions[:2])
     assert all(isinstance(s.reasoning, str) for s in scored)
-    assert sorted(b["max_tokens"] for b in stub.bodies) == [1, 1, 3, 3]
+    assert sorted(b["max_tokens"] for b in stub.bodies[probe:]) == [1, 1, 3, 3]
 
 
 @pytest.mark.parametrize("status,retry_after", [(429, 0), (500, None)])
 def test_retries_then_succeeds(status, retry_after, serve, tiny_questions):
     stub = serve()
+    backend = OpenAIBackend(_teacher(stub.base_url, max_retries=2), ScoringConfig())
+    probe = len(stub.bodies)
     stub.fail_next(2, status, retry_after=retry_after)
-    (scored,) = OpenAIBackend(_teacher(stub.base_url, max_retries=2), ScoringConfig()).score(tiny_questions[:1])
-    assert len(stub.bodies) == 3 and sum(scored.label.probs) == pytest.approx(1.0)
+    (scored,) = backend.score(tiny_questions[:1])
+    assert len(stub.bodies) - probe == 3 and sum(scored.label.probs) == pytest.approx(1.0)
 
 
 def test_gives_up_after_max_retries_with_a_transient_error(serve, tiny_questions):
     stub = serve()
+    backend = OpenAIBackend(_teacher(stub.base_url, max_retries=2), ScoringConfig())
     stub.fail_next(3, 503)
     with pytest.raises(TransientError, match="3 attempts.*HTTP 503: injected failure 503"):
-        OpenAIBackend(_teacher(stub.base_url, max_retries=2), ScoringConfig()).score(tiny_questions[:1])
+        backend.score(tiny_questions[:1])
 
 
-def test_connection_errors_are_retried_then_transient(tiny_questions):
+def _closed_port() -> int:
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    backend = OpenAIBackend(_teacher(f"http://127.0.0.1:{port}/v1", max_retries=1), ScoringConfig())
-    with pytest.raises(TransientError, match="2 attempts.*ConnectError"):
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_server_is_retried_then_named(tiny_questions):
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    with pytest.raises(ServerUnreachable, match=rf"{url}/models after 2 attempts.*ConnectError.*is the server running"):
+        OpenAIBackend(_teacher(url, max_retries=1), ScoringConfig())
+
+
+def test_a_server_gone_mid_run_is_named_after_the_retries(serve, tiny_questions):
+    stub = serve()
+    backend = OpenAIBackend(_teacher(stub.base_url, max_retries=1), ScoringConfig())
+    stub.kill()
+    with pytest.raises(ServerUnreachable, match="is the server running"):
         backend.score(tiny_questions[:1])
 
 
 def test_a_400_fails_fast_with_the_servers_message(serve, tiny_questions):
     stub = serve(max_top_logprobs=5)
-    with pytest.raises(KdflowError, match=r"HTTP 400\): top_logprobs must be in \[0, 5\], got 20"):
-        OpenAIBackend(_teacher(stub.base_url, max_retries=3), ScoringConfig()).score(tiny_questions[:1])
+    with pytest.raises(ServerReplyError, match=r"HTTP 400\): top_logprobs must be in \[0, 5\], got 20.*chat_template: on"):
+        OpenAIBackend(_teacher(stub.base_url, max_retries=3), ScoringConfig(chat_template="off"))
     assert len(stub.bodies) == 1
 
 
@@ -172,7 +218,7 @@ def test_api_key_is_sent_but_never_shown(monkeypatch, serve, tiny_questions):
     stub = serve()
     backend = OpenAIBackend(_teacher(stub.base_url, max_retries=0), ScoringConfig())
     backend.score(tiny_questions[:1])
-    assert stub.auth_headers == [f"Bearer {SECRET}"]
+    assert stub.auth_headers and set(stub.auth_headers) == {f"Bearer {SECRET}"}
     assert SECRET not in repr(backend) and SECRET not in str(backend) and SECRET not in repr(vars(backend))
     stub.fail_next(1, 401, message=f"invalid key {SECRET}")
     with pytest.raises(KdflowError) as rejected:
@@ -201,3 +247,291 @@ def test_works_inside_a_running_event_loop(serve, tiny_questions):
 
     assert asyncio.run(in_a_task()) == 2
     assert backend.score([]) == []
+
+
+# --- token spellings and response shapes ---------------------------------------------------------------------
+
+
+def _as_chat_choice(top: dict[str, float], **extra) -> dict:
+    entries = [dict({"token": t, "logprob": v}, **extra) for t, v in top.items()]
+    return {"logprobs": {"content": [dict(entries[0], top_logprobs=entries)]}}
+
+
+@pytest.mark.parametrize("spelling", sorted(TOKEN_FORMS["top_logprobs"]))
+@pytest.mark.parametrize("shape", ["completions", "chat"])
+def test_every_token_spelling_reads_as_its_letter(spelling, shape):
+    top = TOKEN_FORMS["top_logprobs"][spelling]
+    choice = {"logprobs": {"tokens": ["x"], "top_logprobs": [top]}} if shape == "completions" else _as_chat_choice(top)
+    label = letter_label_from_top_logprobs(first_token_top_logprobs(choice), TOKEN_FORMS["options"])
+    assert label.predicted == TOKEN_FORMS["expected_predicted"] == 1
+    assert label.probs[1] == pytest.approx(0.9 / 0.99, abs=1e-6) and label.coverage == pytest.approx(0.99, abs=1e-6)
+
+
+def test_token_id_spellings_are_read_through_their_bytes_or_refused():
+    top = {f"token_id:{100 + i}": v for i, v in enumerate(TOKEN_FORMS["top_logprobs"]["plain_spaced"].values())}
+    texts = [" A", " B", " C", " D", " The"]
+    entries = [{"token": t, "logprob": v, "bytes": list(text.encode())} for (t, v), text in zip(top.items(), texts)]
+    choice = {"logprobs": {"content": [dict(entries[0], top_logprobs=entries)]}}
+    label = letter_label_from_top_logprobs(first_token_top_logprobs(choice), 4)
+    assert label.predicted == 1 and label.coverage == pytest.approx(0.99, abs=1e-6)
+    with pytest.raises(ServerReplyError, match="return_tokens_as_token_ids.*token_id:100"):
+        first_token_top_logprobs({"logprobs": {"tokens": ["x"], "top_logprobs": [top]}})
+
+
+@pytest.mark.parametrize("choice", [
+    {"text": "", "logprobs": {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}},
+    {"text": "A", "logprobs": None},
+    {"text": "A"},
+    {"logprobs": {"content": []}},
+    {"logprobs": {"content": [{"token": "A", "logprob": -0.1, "top_logprobs": []}]}},
+    {"logprobs": {"top_logprobs": [None]}},
+])
+def test_an_empty_or_unknown_shape_is_an_error_quoting_the_reply(choice):
+    with pytest.raises(ServerReplyError, match="no top log-probabilities.*reply " + re.escape(json.dumps(choice, separators=(",", ":")))):
+        first_token_top_logprobs(choice)
+
+
+# --- replies recorded from llama-server and llama-cpp-python --------------------------------------------------
+
+SERVED = "smollm2-135m"
+FRANCE = [{"question_id": "q1", "question": "What is the capital of France?",
+           "options": ["Paris", "London", "Berlin", "Madrid"], "category": "geography"}]
+
+
+def _replay(serve, server: str, **paths: str) -> StubServer:
+    """A stub answering like `server` ("llama-server" / "llama-cpp-python"): its /models, and for each path
+    (completions=..., chat=...) the recorded reply named."""
+    names = {"completions": "/completions", "chat": "/chat/completions"}
+    replies = {names[k]: REPLIES[f"{server}: {v}"]["response"] for k, v in paths.items()}
+    return serve(models=MODELS[server]["data"], replies=replies)
+
+
+def _replay_teacher(stub: StubServer, model: str = SERVED, **openai) -> TeacherConfig:
+    return _teacher(stub.base_url, min_coverage=0.01, **openai).model_copy(update={"model": model})
+
+
+def _expected_letters(recorded_choice: dict, spaced: bool) -> list[float]:
+    """Each letter's probability as listed in a recorded chat-style reply (0 where it is not listed)."""
+    tops = recorded_choice["logprobs"]["content"][0]["top_logprobs"]
+    found = {e["token"].strip(): math.exp(e["logprob"]) for e in tops
+             if e["token"].strip() in "ABCD" and e["token"].strip() and e["token"].startswith(" ") == spaced}
+    return [found.get(letter, 0.0) for letter in "ABCD"]
+
+
+@pytest.mark.parametrize("server", ["llama-server", "llama-cpp-python"])
+@pytest.mark.parametrize("setting", ["on", "auto"])
+def test_recorded_chat_replies_give_the_servers_letters(server, setting, serve, caplog):
+    stub = _replay(serve, server, chat="chat letter on /v1/chat/completions",
+                   completions="letter on /v1/completions")
+    with caplog.at_level("INFO", logger="kdflow.backends.openai"):
+        backend = OpenAIBackend(_replay_teacher(stub), ScoringConfig(chat_template=setting))
+    assert backend.chat  # auto: chat answers readably, so it is preferred
+    assert f"{stub.base_url} serves {SERVED}" in caplog.text
+    assert f"letter questions through {stub.base_url}/chat/completions" in caplog.text
+    (scored,) = backend.score(FRANCE)
+    recorded = REPLIES[f"{server}: chat letter on /v1/chat/completions"]["response"]["choices"][0]
+    expected = _expected_letters(recorded, spaced=False)
+    assert scored.label.predicted == 0  # Paris
+    assert scored.label.probs == pytest.approx([p / sum(expected) for p in expected], abs=1e-9)
+    assert scored.label.coverage == pytest.approx(sum(expected), abs=1e-9) and scored.label.coverage > 0.4
+
+
+def test_llama_server_completions_answer_in_the_chat_shape(serve):
+    stub = _replay(serve, "llama-server", completions="letter on /v1/completions")
+    backend = OpenAIBackend(_replay_teacher(stub), ScoringConfig(chat_template="off"))
+    assert not backend.chat
+    (scored,) = backend.score(FRANCE)
+    recorded = REPLIES["llama-server: letter on /v1/completions"]["response"]["choices"][0]
+    expected = _expected_letters(recorded, spaced=True)  # " A" and " D" are listed; end-of-text leads
+    assert expected[0] > 0 and expected[3] > 0 and expected[1] == expected[2] == 0
+    assert scored.label.probs == pytest.approx([p / sum(expected) for p in expected], abs=1e-9)
+    assert scored.label.predicted == 0 and scored.label.coverage == pytest.approx(sum(expected), abs=1e-9)
+
+
+def test_llama_cpp_python_empty_completions_logprobs_are_refused_or_avoided(serve):
+    stub = _replay(serve, "llama-cpp-python", completions="letter on /v1/completions",
+                   chat="chat letter on /v1/chat/completions")
+    with pytest.raises(ServerReplyError, match=r'/completions: no top log-probabilities.*"tokens":\[\].*chat_template: on'):
+        OpenAIBackend(_replay_teacher(stub), ScoringConfig(chat_template="off"))
+    assert OpenAIBackend(_replay_teacher(stub), ScoringConfig(chat_template="auto")).chat
+
+
+def test_llama_server_cloze_is_refused_at_start(serve):
+    stub = _replay(serve, "llama-server", completions="cloze: echo, max_tokens 0, logprobs 1")
+    with pytest.raises(ServerReplyError, match="cannot score cloze.*neither with echo.*did not echo.*nor with "
+                                               "prompt_logprobs.*scoring.mode: letter.*hf or vllm"):
+        OpenAIBackend(_replay_teacher(stub), ScoringConfig(mode="cloze"))
+    assert [b["max_tokens"] for b in stub.bodies] == [1, 1]
+    assert stub.bodies[0]["echo"] is True and stub.bodies[1]["prompt_logprobs"] == 1
+
+
+@pytest.mark.parametrize("server", ["llama-server", "llama-cpp-python"])
+def test_a_model_the_server_does_not_list_is_refused(server, serve):
+    stub = _replay(serve, server, completions="letter with a model name the server does not have")
+    with pytest.raises(KdflowError, match=f"does not serve 'no-such-model'; it serves '{SERVED}'.*teacher.openai.model"):
+        OpenAIBackend(_replay_teacher(stub, model="no-such-model"), ScoringConfig())
+    assert stub.bodies == []
+
+
+# --- the shapes of each server, with real numbers: parity with the hf backend ----------------------------------
+
+
+@pytest.mark.parametrize("flavour", ["llama-server", "llama-cpp-python"])
+@pytest.mark.parametrize("mode", ["letter", "cloze"])
+def test_llama_cpp_shapes_match_the_hf_backend_or_refuse(flavour, mode, serve, tiny_model, tiny_tokenizer,
+                                                          tiny_questions):
+    stub = serve(flavour=flavour)
+    teacher, scoring = _teacher(stub.base_url, top_logprobs=len(tiny_tokenizer)), ScoringConfig(mode=mode)
+    if flavour == "llama-server" and mode == "cloze":  # it ignores echo: no prompt log-probabilities
+        with pytest.raises(ServerReplyError, match="cannot score cloze"):
+            OpenAIBackend(teacher, scoring)
+        return
+    served = OpenAIBackend(teacher, scoring).score(tiny_questions)
+    local = HFBackend(tiny_model, tiny_tokenizer, scoring, batch_size=8, device="cpu").score(tiny_questions)
+    for s, h in zip(served, local):
+        assert s.label.probs == pytest.approx(h.label.probs, abs=1e-4)
+    # llama-cpp-python reads max_tokens 0 as "no limit": every request is bounded instead.
+    assert all(1 <= b["max_tokens"] <= 1 for b in stub.bodies if "prompt" in b)
+
+
+@pytest.mark.parametrize("return_token_ids", [True, False])
+def test_cloze_reads_vllm_prompt_logprobs_when_echo_is_ignored(return_token_ids, monkeypatch, serve, tiny_model,
+                                                                tiny_tokenizer, tiny_questions):
+    stub = serve(ignore_echo=True)
+    if not return_token_ids:  # older vLLM: the prompt's own token is the first one listed
+        handle = stub.handle
+        monkeypatch.setattr(stub, "handle", lambda path, body, auth: handle(
+            path, {k: v for k, v in body.items() if k != "return_token_ids"}, auth))
+    scoring = ScoringConfig(mode="cloze")
+    served = OpenAIBackend(_teacher(stub.base_url), scoring).score(tiny_questions)
+    local = HFBackend(tiny_model, tiny_tokenizer, scoring, batch_size=8, device="cpu").score(tiny_questions)
+    for s, h in zip(served, local):
+        assert s.label.probs == pytest.approx(h.label.probs, abs=1e-4)
+    assert stub.bodies[-1]["prompt_logprobs"] == 1 and stub.bodies[-1]["max_tokens"] == 1
+
+
+def test_near_zero_coverage_in_the_first_batch_stops_with_what_the_server_said(serve, tiny_questions):
+    stub = serve()  # a random tiny model: its top tokens are not letters
+    backend = OpenAIBackend(_teacher(stub.base_url, min_coverage=0.01), ScoringConfig())
+    probe = len(stub.bodies)
+    questions = tiny_questions * 10
+    with pytest.raises(ServerReplyError, match=r"letters hold 0\.0\d+ .*first 32 questions.*/completions puts it on "
+                                               r"other tokens \('.*chat_template: on"):
+        backend.score(questions)
+    assert len(stub.bodies) - probe == 32 + 1  # the rest is never sent; one more request shows the top tokens
+    assert len(OpenAIBackend(_teacher(stub.base_url, min_coverage=0.0), ScoringConfig()).score(questions)) == 50
+
+
+# --- the teacher key -------------------------------------------------------------------------------------------
+
+
+def test_the_server_is_part_of_the_teacher_key(serve, tmp_path):
+    first = serve(models=MODELS["llama-server"]["data"])
+    second = serve(models=MODELS["llama-server"]["data"])
+    other_weights = serve(models=[dict(MODELS["llama-server"]["data"][0], meta={"n_params": 1})])
+    store = Store(tmp_path)
+
+    def ref(base_url: str):
+        cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+            f"home={tmp_path}", "teacher.backend=openai", f"teacher.model={SERVED}", "teacher.prepare.enabled=false",
+            f"teacher.openai.base_url={base_url}", "teacher.openai.max_retries=1"])
+        return teacher_ref(cfg, store, [])
+
+    def key(stub: StubServer) -> str:
+        return ref(stub.base_url).key
+
+    keys = [key(first), key(first), key(second), key(other_weights)]
+    assert keys[0] == keys[1] and len(set(keys)) == 3
+    # With the server down (training after labeling), the identity recorded with its labels still names them.
+    labeled = ref(first.base_url)
+    store.execute("upsert_teacher", teacher_key=labeled.key, spec=json.dumps(labeled.spec), model_path=None)
+    first.kill()
+    assert ref(first.base_url).key == labeled.key
+    with pytest.raises(ServerUnreachable, match="after 2 attempts.*is the server running"):
+        ref(f"http://127.0.0.1:{_closed_port()}/v1")  # nothing recorded for it
+    parts = openai_backend.server_identity(_replay_teacher(second))
+    assert parts["base_url"] == second.base_url and parts["meta"]["n_params"] == 134515008 and "created" not in parts
+    backend = OpenAIBackend(_replay_teacher(second), ScoringConfig())
+    assert backend.key_parts() == parts
+
+
+# --- the command line ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["label", pytest.param("run", marks=pytest.mark.slow)])
+def test_cli_names_an_unreachable_server_in_one_line(command, tmp_path):
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    base = [sys.executable, "-m", "kdflow.cli"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    sets = ["-s", f"home={tmp_path}", "-s", "teacher.backend=openai", "-s", "teacher.model=tiny", "-s",
+            "teacher.prepare.enabled=false", "-s", f"teacher.openai.base_url={url}", "-s", "teacher.openai.max_retries=1"]
+    subprocess.run([*base, "ingest", "-c", str(ROOT / "configs" / "tiny.yaml"), *sets], env=env, cwd=tmp_path,
+                   check=True, capture_output=True, timeout=600)
+    done = subprocess.run([*base, command, "-c", str(ROOT / "configs" / "tiny.yaml"), *sets], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out
+    assert "Traceback" not in out
+    (line,) = [line for line in out.splitlines() if line.startswith("error:")]
+    assert f"{url}/models" in line and "is the server running?" in line
+
+
+# --- a real llama.cpp server, when one is installed --------------------------------------------------------------
+
+
+@pytest.fixture
+def llama_server(smollm2, tmp_path):
+    """`llama-server` on SmolLM2's GGUF as `smollm2-135m` on a free local port; its base_url."""
+    import httpx
+
+    directory, gguf = smollm2
+    port = _closed_port()
+    log_path = tmp_path / "llama-server.log"
+    with open(log_path, "wb") as log_file:
+        server = subprocess.Popen(
+            ["llama-server", "-m", str(Path(directory) / gguf), "--alias", SERVED, "--host", "127.0.0.1",
+             "--port", str(port), "--ctx-size", "2048", "--threads", "2", "--parallel", "1", "--jinja"],
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    try:
+        for _ in range(600):  # up to ~5 minutes to load on a busy machine
+            if server.poll() is not None:
+                pytest.fail(f"llama-server exited ({server.returncode}): {log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"llama-server did not become ready: {log_path.read_text()[-2000:]}")
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("llama-server") is None, reason="no llama-server on PATH (llama.cpp is not built here)")
+def test_a_real_llama_server_agrees_with_the_hf_backend_on_the_same_weights(llama_server, smollm2):
+    from kdflow.data.demo import generate_demo_questions
+
+    directory, gguf = smollm2
+    questions = generate_demo_questions(40, seed=1).to_pylist()
+    served_teacher = TeacherConfig(backend="openai", model=SERVED, openai={"base_url": llama_server, "concurrency": 1})
+    local_teacher = TeacherConfig(model=directory, gguf_file=gguf, device="cpu", dtype="float32", batch_size=8)
+    scoring = ScoringConfig(mode="letter", chat_template="on")
+    served = OpenAIBackend(served_teacher, scoring)
+    assert served.chat and served.key_parts()["base_url"] == llama_server
+    served_labels = served.score(questions)
+    local = HFBackend.from_config(local_teacher, scoring)
+    local_labels = local.score(questions)
+    agree = sum(s.label.predicted == h.label.predicted for s, h in zip(served_labels, local_labels))
+    assert agree >= 0.97 * len(questions), f"{agree}/{len(questions)} questions agree"
+    # Cloze: llama-server ignores echo and has no prompt_logprobs, so it is refused at start, by name.
+    with pytest.raises(ServerReplyError, match="cannot score cloze"):
+        OpenAIBackend(served_teacher, ScoringConfig(mode="cloze"))

@@ -1,33 +1,58 @@
 """The OpenAI-compatible backend: soft labels from any server speaking the completions API.
 
-vLLM (`vllm serve`), SGLang, OpenAI itself and others answer POST {base_url}/completions with
-log-probabilities; the client holds no tokenizer, so letters are matched by token TEXT. What is sent:
+vLLM (`vllm serve`), SGLang, llama.cpp's `llama-server`, llama-cpp-python's server, OpenAI itself and
+others answer POST {base_url}/completions and /chat/completions with log-probabilities; the client holds
+no tokenizer, so letters are matched by token TEXT.
 
-- letter: {"model", "prompt", "max_tokens": 1, "temperature": 0, "logprobs": top_logprobs}; the answer
-  position's top_logprobs (token text -> log-probability) gives option i the log-sum-exp of its "A" and
-  " A" forms. A letter outside the top N is absent, so top_logprobs must be large enough to reach the
-  options (servers cap it: vLLM at --max-logprobs, 20 by default; OpenAI at 5). vLLM's
-  `logprob_token_ids` is not sent: it needs the server's token ids, which this client cannot know.
-- letter with scoring.chat_template: on -> POST {base_url}/chat/completions with the prompt as the user
-  message, {"logprobs": true, "top_logprobs": N, "chat_template_kwargs": {"enable_thinking": ...}}
-  (vLLM and SGLang read chat_template_kwargs). "auto" means plain completions here: a server does not say
-  whether its model has a chat template.
-- cloze: one request per option, {"prompt": context + " option", "max_tokens": 0, "echo": true,
-  "logprobs": 1, "temperature": 0}; the echoed prompt's token_logprobs of the option's tokens (found by
-  text_offset) are summed and divided by the option's length when scoring.length_normalise.
+At start the backend probes the server once (`OpenAIBackend.__init__`):
+- GET {base_url}/models: the served model list is logged; a model name not in it is refused (llama.cpp
+  servers answer any name with the one model they hold, so the name alone proves nothing).
+- letter mode: one built-in question is asked on /chat/completions and/or /completions, as
+  scoring.chat_template says (on: chat; off: completions; auto: chat when the server renders a chat
+  template for the model and answers it with readable log-probabilities, else completions). The chosen
+  endpoint is logged; when none answers readably the backend refuses, quoting the server's reply.
+- cloze mode: one echoed prompt checks that the server returns the PROMPT's log-probabilities; servers
+  that ignore `echo` (llama-server) are refused at start, naming what is missing.
+
+What is sent:
+- letter, completions: {"model", "prompt", "max_tokens": 1, "temperature": 0, "logprobs": top_logprobs}.
+- letter, chat: the messages of `letter_messages` with {"logprobs": true, "top_logprobs": N,
+  "chat_template_kwargs": {"enable_thinking": false}} (vLLM, SGLang and llama-server read
+  chat_template_kwargs; thinking stays off for scoring).
+- cloze: one request per option, {"prompt": context + " option", "max_tokens": 1, "echo": true,
+  "logprobs": 1, "temperature": 0}. max_tokens is 1, not 0: llama-cpp-python reads 0 as "no limit" and
+  echoes the generated text after the prompt, so the tokens past the prompt (usage.prompt_tokens) are
+  dropped; the option's tokens are found by text_offset, summed and divided by the option's length when
+  scoring.length_normalise. A server that ignores echo but takes vLLM's {"prompt_logprobs": 1} is read
+  from choices[0].prompt_logprobs instead (offsets from the decoded token texts). Every request has a
+  small max_tokens and the client's timeout.
 - reasoning (teacher.reasoning): one more request continuing the prompt for reasoning_max_tokens tokens.
+
+Log-probability shapes read (the first generated token's top tokens):
+- legacy completions: choices[0].logprobs.top_logprobs[0] = {token text: logprob} (OpenAI, vLLM,
+  llama-cpp-python);
+- chat style: choices[0].logprobs.content[0].top_logprobs = [{token, logprob, bytes?, id?}] (every chat
+  endpoint, and llama-server's /completions).
+Token spellings "B", " B", "ĠB" (byte-level BPE) and "▁B" (SentencePiece) all read as letter B (bare or
+spaced form); "token_id:N" (vLLM's return_tokens_as_token_ids) is read through its `bytes` when present.
+An empty or unrecognised shape raises ServerReplyError quoting the reply (shortened), never a uniform
+label. After the first COVERAGE_CHECK_QUESTIONS questions of a letter run, a mean coverage below
+teacher.openai.min_coverage stops the run with the top tokens the server returned and the setting to change.
 
 Requests run on a thread pool of `concurrency` workers with a synchronous httpx client, so `score` works
 from any thread, including one whose event loop is running (a Prefect task). 429, 5xx and connection
-errors are retried with exponential backoff and jitter (Retry-After honoured), then raise TransientError
-so orchestration can retry the batch; other 4xx fail at once with the server's message (KdflowError). The
-API key is read from the environment variable teacher.openai.api_key_env and only ever sent as the
+errors are retried with exponential backoff and jitter (Retry-After honoured); a server still unreachable
+after that raises ServerUnreachable (a KdflowError: one line, "is the server running?"), other failures
+TransientError so orchestration can retry the batch; other 4xx fail at once with the server's message.
+The API key is read from the environment variable teacher.openai.api_key_env and only ever sent as the
 Authorization header: it is not an attribute, not in reprs and redacted from error messages.
 """
 
 from __future__ import annotations
 
 import email.utils
+import json
+import logging
 import math
 import os
 import random
@@ -39,44 +64,175 @@ from typing import Any
 import httpx
 
 from kdflow.backends.base import ScoredQuestion
-from kdflow.config import ScoringConfig, TeacherConfig
+from kdflow.config import OpenAIServerConfig, ScoringConfig, TeacherConfig
 from kdflow.errors import KdflowError, TransientError
 from kdflow.prompts import cloze_context, cloze_continuation, letter_prompt
 from kdflow.records import LETTERS, MAX_OPTIONS
 from kdflow.softlabels import SoftLabel, logsumexp, soft_label_from_logprobs
+
+log = logging.getLogger(__name__)
 
 # OpenAI-compatible servers write a log-probability of -inf as -9999.0.
 SERVER_MISSING_LOGPROB = -9999.0
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
 RETRY_AFTER_MAX_S = 120.0
+REPLY_QUOTE_CHARS = 300
+# A letter run checks the coverage of its first this-many questions before sending the rest.
+COVERAGE_CHECK_QUESTIONS = 32
+# Word-start markers tokenizers put in token text: byte-level BPE's "Ġ" (a space byte) and SentencePiece's "▁".
+SPACE_MARKERS = ("\u0120", "\u2581")
+# The one question the start-up probe asks; any model answers it with a letter among its top tokens.
+PROBE_QUESTION = {"question": "What is the capital of France?", "options": ["Paris", "London", "Berlin", "Madrid"],
+                  "category": "geography"}
+# What /models reports about the served model that identifies it; `created` is left out because vLLM and
+# lmdeploy stamp it with the time of each request, and `permission` holds per-request ids.
+IDENTITY_FIELDS = ("id", "owned_by", "root", "parent", "meta")
+
+
+class ServerReplyError(KdflowError):
+    """The server answered, but not with log-probabilities kdflow can read."""
+
+
+class ServerUnreachable(KdflowError):
+    """No connection to the server after every retry."""
+
+
+def quote_reply(reply: Any) -> str:
+    """A reply as compact JSON, cut to REPLY_QUOTE_CHARS characters for one-line error messages."""
+    text = json.dumps(reply, ensure_ascii=False, separators=(",", ":"))
+    return text if len(text) <= REPLY_QUOTE_CHARS else text[:REPLY_QUOTE_CHARS] + "..."
+
+
+def letter_index(token: str, n_options: int) -> tuple[int, bool] | None:
+    """(option index, spaced form?) when `token` spells an option letter ("B", " B", "ĠB", "▁B"), else None."""
+    spaced = token[:1] == " " or token[:1] in SPACE_MARKERS
+    bare = token[1:] if spaced else token
+    if len(bare) == 1 and bare in LETTERS[:n_options]:
+        return LETTERS.index(bare), spaced
+    return None
 
 
 def letter_label_from_top_logprobs(top: Mapping[str, float] | None, n_options: int) -> SoftLabel:
     """A letter soft label from one position's top log-probabilities (token text -> log-probability).
 
-    Option i is the log-sum-exp of the tokens "X" and " X" for its letter X; a form not listed, or listed
-    as -9999 (a server's -inf), is absent; no letter at all gives a uniform label with coverage 0.
+    Option i is the log-sum-exp of its letter's bare ("B") and spaced (" B", "ĠB", "▁B") forms; one form
+    spelled twice keeps its highest value. A form not listed, or listed as -9999 (a server's -inf), is
+    absent; no letter at all gives a uniform label with coverage 0.
     """
-    top = top or {}
-    option_lps = []
-    for letter in LETTERS[:n_options]:
-        forms = [top.get(form) for form in (letter, " " + letter)]
-        option_lps.append(logsumexp([v for v in forms if v is not None and v > SERVER_MISSING_LOGPROB]))
+    forms: dict[tuple[int, bool], float] = {}
+    for token, value in (top or {}).items():
+        found = letter_index(token, n_options)
+        if found is not None and value is not None and value > SERVER_MISSING_LOGPROB:
+            forms[found] = max(value, forms.get(found, -math.inf))
+    option_lps = [logsumexp([v for (i, _), v in forms.items() if i == option]) for option in range(n_options)]
     return soft_label_from_logprobs(option_lps)
+
+
+def _entry_text(token: Any, raw_bytes: Any, reply: Any) -> str:
+    if isinstance(token, str) and not token.startswith("token_id:"):
+        return token
+    if isinstance(raw_bytes, list) and raw_bytes:
+        return bytes(raw_bytes).decode("utf-8", errors="replace")
+    raise ServerReplyError(
+        f"the server names tokens by id ({token!r}) without their text or bytes, so letters cannot be found: "
+        f"turn off return_tokens_as_token_ids; reply: {quote_reply(reply)}"
+    )
+
+
+def first_token_top_logprobs(choice: Mapping[str, Any]) -> dict[str, float]:
+    """The first generated token's top log-probabilities (token text -> log-probability) of a choice.
+
+    Reads the chat-style shape (logprobs.content[0].top_logprobs, a list of {token, logprob, bytes}) and
+    the legacy completions shape (logprobs.top_logprobs[0], a {token: logprob} dict). Raises
+    ServerReplyError quoting the choice when neither is there or the list is empty.
+    """
+    logprobs = choice.get("logprobs")
+    top: dict[str, float] = {}
+    if isinstance(logprobs, Mapping):
+        content = logprobs.get("content")
+        legacy = logprobs.get("top_logprobs")
+        if isinstance(content, list) and content and isinstance(content[0], Mapping):
+            for entry in content[0].get("top_logprobs") or []:
+                if isinstance(entry, Mapping) and isinstance(entry.get("logprob"), (int, float)):
+                    text = _entry_text(entry.get("token"), entry.get("bytes"), choice)
+                    top[text] = max(float(entry["logprob"]), top.get(text, -math.inf))
+        elif isinstance(legacy, list) and legacy and isinstance(legacy[0], Mapping):
+            for token, value in legacy[0].items():
+                if isinstance(value, (int, float)):
+                    top[_entry_text(token, None, choice)] = float(value)
+    if not top:
+        raise ServerReplyError(f"no top log-probabilities for the answer token in the reply {quote_reply(choice)}")
+    return top
+
+
+def _echoed_prompt_tokens(reply: Mapping[str, Any], prompt: str) -> tuple[list[str], list[Any], list[int]]:
+    """The prompt's (tokens, token_logprobs, text_offset) of an echoed completion, generated tokens dropped."""
+    choice = reply["choices"][0]
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, Mapping) or not all(isinstance(logprobs.get(k), list)
+                                                    for k in ("tokens", "token_logprobs", "text_offset")):
+        raise ServerReplyError(
+            "the server did not echo the prompt's log-probabilities (tokens, token_logprobs, text_offset); "
+            f"reply: {quote_reply(choice)}"
+        )
+    tokens, values, offsets = logprobs["tokens"], logprobs["token_logprobs"], logprobs["text_offset"]
+    n = (reply.get("usage") or {}).get("prompt_tokens")
+    if not isinstance(n, int) or not 0 < n <= len(tokens):
+        # No usable count: the prompt ends where the echoed token texts first spell all of it.
+        n = next((i for i in range(1, len(tokens) + 1) if _spelled(tokens[:i]).endswith(prompt)), None)
+    if n is None or not len(tokens) == len(values) == len(offsets) or not _spells_end_of(tokens[:n], prompt):
+        raise ServerReplyError(
+            f"the echoed tokens do not spell the prompt ...{prompt[-40:]!r}; reply: {quote_reply(choice)}"
+        )
+    return tokens[:n], values[:n], offsets[:n]
+
+
+def _spelled(tokens: Sequence[Any]) -> str:
+    # Some servers echo raw vocabulary pieces ("ĠParis", "Ċ"); each marker stands for one character.
+    text = "".join(t if isinstance(t, str) else "" for t in tokens)
+    for marker in SPACE_MARKERS:
+        text = text.replace(marker, " ")
+    return text.replace("\u010a", "\n")
+
+
+def _spells_end_of(tokens: Sequence[Any], prompt: str) -> bool:
+    return _spelled(tokens).endswith(prompt[-8:])
+
+
+def _prompt_logprobs_tokens(choice: Mapping[str, Any], prompt: str) -> tuple[list[str], list[Any], list[int]]:
+    """(tokens, token_logprobs, text_offset) of vLLM's choices[0].prompt_logprobs: one entry per prompt token,
+    None for the first, else {token id: {logprob, rank, decoded_token}} with the prompt's own token named by
+    choices[0].prompt_token_ids when the server returns them, else listed first."""
+    entries, ids = choice.get("prompt_logprobs"), choice.get("prompt_token_ids")
+    if not isinstance(entries, list) or len(entries) < 2 or not all(isinstance(e, Mapping) for e in entries[1:]):
+        raise ServerReplyError(f"no prompt_logprobs in the reply {quote_reply(choice)}")
+    tokens, values = [], []
+    for i, entry in enumerate(entries):
+        found: Any = {}
+        if entry:
+            named = isinstance(ids, list) and len(ids) == len(entries) and str(ids[i]) in entry
+            found = entry[str(ids[i])] if named else next(iter(entry.values()))
+        found = found if isinstance(found, Mapping) else {}
+        tokens.append(str(found.get("decoded_token") or ""))
+        values.append(found.get("logprob"))
+    if not _spells_end_of(tokens, prompt):
+        raise ServerReplyError(f"the prompt_logprobs tokens do not spell the prompt; reply: {quote_reply(choice)}")
+    offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    return tokens, values, offsets
 
 
 def continuation_logprob(logprobs: Mapping[str, Any], prompt: str, context_chars: int) -> float:
     """Summed log-probability of the tokens of `prompt[context_chars:]` in an echoed completion.
 
-    `logprobs` is a completions choice's logprobs (tokens, token_logprobs, text_offset) for exactly the
-    prompt's tokens. Offsets are taken relative to the end of the prompt, as servers that prepend a BOS
-    token count its text ("<s>") in text_offset. A token straddling the boundary counts as the option's.
-    A token without a log-probability makes the result -inf (absent).
+    `logprobs` holds exactly the prompt's tokens (tokens, token_logprobs, text_offset). Offsets are taken
+    relative to the end of the prompt, as servers that prepend a BOS token count its text ("<s>") in
+    text_offset. A token straddling the boundary counts as the option's. A token without a
+    log-probability makes the result -inf (absent).
     """
     tokens, values, offsets = logprobs["tokens"], logprobs["token_logprobs"], logprobs["text_offset"]
     if not tokens or not len(tokens) == len(values) == len(offsets):
-        raise KdflowError("the server's echoed logprobs (tokens, token_logprobs, text_offset) are empty or uneven")
+        raise ServerReplyError("the server's echoed logprobs (tokens, token_logprobs, text_offset) are empty or uneven")
     shift = offsets[-1] + len(tokens[-1]) - len(prompt)
     boundary = context_chars + shift
     start = max((i for i, offset in enumerate(offsets) if offset <= boundary), default=0)
@@ -86,6 +242,13 @@ def continuation_logprob(logprobs: Mapping[str, Any], prompt: str, context_chars
             return -math.inf
         total += value
     return total
+
+
+def letter_messages(
+    question: str, options: Sequence[str], category: str, scoring: ScoringConfig
+) -> list[dict[str, str]]:
+    """The chat messages of a letter question: the letter prompt as the one user message."""
+    return [{"role": "user", "content": letter_prompt(question, options, category, scoring)}]
 
 
 def _cloze_label(scores: list[float]) -> SoftLabel:
@@ -111,16 +274,6 @@ def _server_message(response: httpx.Response) -> str:
     return str(body)[:500]
 
 
-def _first_choice(response: httpx.Response, url: str) -> dict[str, Any]:
-    try:
-        choice = response.json()["choices"][0]
-    except (ValueError, KeyError, IndexError, TypeError) as e:
-        raise KdflowError(f"{url} answered without choices[0]; is it an OpenAI-compatible server?") from e
-    if not isinstance(choice, dict):
-        raise KdflowError(f"{url} answered with a choice that is not an object")
-    return choice
-
-
 def _retry_after_s(response: httpx.Response) -> float | None:
     value = response.headers.get("retry-after")
     if value is None:
@@ -135,50 +288,51 @@ def _retry_after_s(response: httpx.Response) -> float | None:
         return None
 
 
-class OpenAIBackend:
-    """A teacher behind an OpenAI-compatible HTTP server."""
+class ServerClient:
+    """JSON requests to one OpenAI-compatible server with retries, the API key and its redaction."""
 
-    def __init__(self, teacher: TeacherConfig, scoring: ScoringConfig) -> None:
-        if teacher.model is None and teacher.openai.model is None:
-            raise KdflowError("teacher.backend: openai needs teacher.model or teacher.openai.model (the served name)")
-        self._teacher = teacher
-        self._scoring = scoring
-        self._server = teacher.openai
-        self._base_url = teacher.openai.base_url.rstrip("/")
-        self._model = teacher.openai.model or teacher.model
-        self._chat = scoring.mode == "letter" and scoring.chat_template == "on"
+    def __init__(self, server: OpenAIServerConfig) -> None:
+        self._server = server
+        self.base_url = server.base_url.rstrip("/")
+        key = os.environ.get(server.api_key_env)
         self._client = httpx.Client(
-            headers=self._auth_headers(),
-            timeout=teacher.openai.timeout_s,
-            limits=httpx.Limits(
-                max_connections=teacher.openai.concurrency, max_keepalive_connections=teacher.openai.concurrency
-            ),
+            headers={"Authorization": f"Bearer {key}"} if key else {},
+            timeout=server.timeout_s,
+            limits=httpx.Limits(max_connections=server.concurrency, max_keepalive_connections=server.concurrency),
         )
 
-    def _auth_headers(self) -> dict[str, str]:
-        key = os.environ.get(self._server.api_key_env)
-        return {"Authorization": f"Bearer {key}"} if key else {}
-
-    def _redact(self, text: str) -> str:
+    def redact(self, text: str) -> str:
         key = self._client.headers.get("authorization", "").removeprefix("Bearer ")
         return text.replace(key, "***") if key else text
 
-    def _post(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
-        """POST with retries; returns the first choice of the JSON answer and the successful attempt's ms."""
-        url = self._base_url + path
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[dict[str, Any], float]:
+        """The JSON object answered to `method path` (with retries) and the successful attempt's ms.
+
+        Raises KdflowError for a 4xx other than 429 or a body that is not a JSON object, ServerUnreachable
+        when the last attempt could not connect, TransientError for other failures after the retries.
+        """
+        url = self.base_url + path
         attempt = 0
         while True:
-            retry_after = None
+            retry_after, unreachable = None, False
             start = time.perf_counter()
             try:
-                response = self._client.post(url, json=body)
+                response = self._client.request(method, url, json=body)
             except httpx.TransportError as e:
                 problem = f"{type(e).__name__}: {e}"
+                unreachable = isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout))
             else:
                 elapsed_ms = (time.perf_counter() - start) * 1000.0
                 if response.is_success:
-                    return _first_choice(response, url), elapsed_ms
-                message = self._redact(_server_message(response))
+                    try:
+                        answer = response.json()
+                    except ValueError:
+                        answer = None
+                    if not isinstance(answer, dict):
+                        raise ServerReplyError(f"{url} answered with something other than a JSON object: "
+                                               f"{self.redact(response.text[:REPLY_QUOTE_CHARS])!r}")
+                    return answer, elapsed_ms
+                message = self.redact(_server_message(response))
                 if response.status_code != 429 and response.status_code < 500:
                     raise KdflowError(
                         f"the server at {url} rejected the request (HTTP {response.status_code}): {message}. "
@@ -187,13 +341,136 @@ class OpenAIBackend:
                 problem = f"HTTP {response.status_code}: {message}"
                 retry_after = _retry_after_s(response)
             if attempt == self._server.max_retries:
-                raise TransientError(f"{url} failed after {attempt + 1} attempts; last error: {self._redact(problem)}")
+                if unreachable:
+                    raise ServerUnreachable(
+                        f"cannot connect to {url} after {attempt + 1} attempts ({self.redact(problem)}): is the "
+                        "server running? Start it or fix teacher.openai.base_url"
+                    )
+                raise TransientError(f"{url} failed after {attempt + 1} attempts; last error: {self.redact(problem)}")
             backoff = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt) * random.uniform(0.5, 1.0)
             time.sleep(min(retry_after, RETRY_AFTER_MAX_S) if retry_after is not None else backoff)
             attempt += 1
 
+    def served_model(self, model: str, *, log_list: bool = True) -> dict[str, Any]:
+        """The /models entry of `model` (the whole list logged when `log_list`); refuses a name not listed."""
+        answer, _ = self.request("GET", "/models")
+        cards = [c for c in answer.get("data") or [] if isinstance(c, Mapping) and isinstance(c.get("id"), str)]
+        if not cards:
+            raise ServerReplyError(f"{self.base_url}/models lists no models; reply: {quote_reply(answer)}")
+        names = [c["id"] for c in cards]
+        if log_list:
+            log.info("%s serves %s", self.base_url, ", ".join(names))
+        for card in cards:
+            if card["id"] == model:
+                return dict(card)
+        raise KdflowError(
+            f"the server at {self.base_url} does not serve {model!r}; it serves {', '.join(map(repr, names))}: "
+            "set teacher.openai.model (or teacher.model) to one of them"
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def served_model_name(teacher: TeacherConfig) -> str:
+    """The model name sent to the server: teacher.openai.model, else teacher.model."""
+    if teacher.model is None and teacher.openai.model is None:
+        raise KdflowError("teacher.backend: openai needs teacher.model or teacher.openai.model (the served name)")
+    return teacher.openai.model or teacher.model  # type: ignore[return-value]
+
+
+def _identity(base_url: str, card: Mapping[str, Any]) -> dict[str, Any]:
+    reported = {field: card[field] for field in IDENTITY_FIELDS if card.get(field) is not None}
+    return {"backend": "openai", "base_url": base_url, **reported}
+
+
+def server_identity(teacher: TeacherConfig, *, max_retries: int | None = None) -> dict[str, Any]:
+    """What identifies the teacher behind a server, for the teacher key: base_url plus what GET /models
+    reports of the served model (id, owned_by, root, parent, meta; e.g. llama-server's parameter count and
+    vocabulary, vLLM's model path). `max_retries` overrides teacher.openai.max_retries. Raises as
+    `ServerClient.served_model`."""
+    server = teacher.openai if max_retries is None else teacher.openai.model_copy(update={"max_retries": max_retries})
+    client = ServerClient(server)
+    try:
+        return _identity(client.base_url, client.served_model(served_model_name(teacher), log_list=False))
+    finally:
+        client.close()
+
+
+class OpenAIBackend:
+    """A teacher behind an OpenAI-compatible HTTP server; probes it at construction (see the module doc)."""
+
+    def __init__(self, teacher: TeacherConfig, scoring: ScoringConfig) -> None:
+        self._model = served_model_name(teacher)
+        self._teacher = teacher
+        self._scoring = scoring
+        self._server = teacher.openai
+        self._http = ServerClient(teacher.openai)
+        self._base_url = self._http.base_url
+        self._checked_coverage = False
+        self._prompt_logprobs = False  # cloze: read vLLM's prompt_logprobs instead of an echo (set by the probe)
+        try:
+            self._card = self._http.served_model(self._model)
+            self._chat = self._probe()
+        except BaseException:
+            self._http.close()
+            raise
+
+    # --- start-up probe ----------------------------------------------------------------------------------
+
+    def _probe(self) -> bool:
+        """Check the server answers this mode readably; returns whether letter requests go to chat."""
+        q = PROBE_QUESTION
+        if self._scoring.mode == "cloze":
+            context = cloze_context(q["question"], q["category"], self._scoring)
+            problems = []
+            for prompt_logprobs in (False, True):
+                self._prompt_logprobs = prompt_logprobs
+                try:
+                    self._option_logprob(context, q["options"][0])
+                except ServerUnreachable:
+                    raise
+                except KdflowError as e:  # an unreadable reply or a rejected request (HTTP 4xx)
+                    problems.append(str(e))
+                    continue
+                how = "prompt_logprobs" if self._prompt_logprobs else "echo"
+                log.info("cloze through %s/completions (%s)", self._base_url, how)
+                return False
+            raise ServerReplyError(
+                f"the server at {self._base_url} cannot score cloze: /completions returns the prompt's "
+                f"log-probabilities neither with echo: true ({problems[0]}) nor with prompt_logprobs "
+                f"({problems[1]}). Use scoring.mode: letter with this server, or teacher.backend: hf or vllm on "
+                "the same weights"
+            )
+        order = {"on": [True], "off": [False], "auto": [True, False]}[self._scoring.chat_template]
+        problems = []
+        for chat in order:
+            endpoint = "/chat/completions" if chat else "/completions"
+            try:
+                self._letter(q["question"], q["options"], q["category"], chat=chat)
+            except ServerUnreachable:
+                raise
+            except KdflowError as e:  # an unreadable reply or a rejected request (HTTP 4xx)
+                problems.append(f"{endpoint}: {e}")
+                continue
+            log.info("letter questions through %s%s (scoring.chat_template: %s)", self._base_url, endpoint,
+                     self._scoring.chat_template)
+            return chat
+        other = {"on": "off", "off": "on", "auto": "on"}[self._scoring.chat_template]
+        raise ServerReplyError(
+            f"the server at {self._base_url} gave no readable letter log-probabilities; "
+            + "; ".join(problems)
+            + f". Try scoring.chat_template: {other}, or teacher.backend: hf or vllm on the same weights"
+        )
+
+    # --- scoring -------------------------------------------------------------------------------------------
+
     def score(self, questions: Sequence[Mapping[str, Any]]) -> list[ScoredQuestion]:
-        """Score questions (dicts with question, options, category), `concurrency` requests at a time."""
+        """Score questions (dicts with question, options, category), `concurrency` requests at a time.
+
+        Raises ServerReplyError when the first COVERAGE_CHECK_QUESTIONS questions of a letter run have mean
+        coverage below teacher.openai.min_coverage (the server's top tokens are not the option letters).
+        """
         if not questions:
             return []
         for i, q in enumerate(questions):
@@ -202,6 +479,13 @@ class OpenAIBackend:
                     f"question {i} ({q.get('question_id', 'no id')}) needs a question string and "
                     f"2..{MAX_OPTIONS} options"
                 )
+        if self._scoring.mode == "letter" and not self._checked_coverage:
+            head = self._score_all(questions[:COVERAGE_CHECK_QUESTIONS])
+            self._check_coverage(questions, head)
+            return head + self._score_all(questions[len(head):])
+        return self._score_all(questions)
+
+    def _score_all(self, questions: Sequence[Mapping[str, Any]]) -> list[ScoredQuestion]:
         pool = ThreadPoolExecutor(max_workers=self._server.concurrency, thread_name_prefix="kdflow-openai")
         try:
             futures = [pool.submit(self._score_one, q) for q in questions]
@@ -210,78 +494,115 @@ class OpenAIBackend:
             # On the first failure, drop the questions not started; requests in flight finish.
             pool.shutdown(wait=True, cancel_futures=True)
 
+    def _check_coverage(self, questions: Sequence[Mapping[str, Any]], scored: list[ScoredQuestion]) -> None:
+        mean = sum(s.label.coverage for s in scored) / len(scored)
+        if mean >= self._server.min_coverage:
+            self._checked_coverage = True
+            return
+        q = questions[0]
+        top = self._letter_top(q["question"], [str(o) for o in q["options"]], str(q.get("category") or ""),
+                               chat=self._chat)[0]
+        shown = ", ".join(f"{t!r}: {math.exp(v):.3f}" for t, v in sorted(top.items(), key=lambda kv: -kv[1])[:6])
+        endpoint = "/chat/completions" if self._chat else "/completions"
+        change = "scoring.chat_template: off" if self._chat else "scoring.chat_template: on"
+        raise ServerReplyError(
+            f"the option letters hold {mean:.4f} of the answer token's probability on average over the first "
+            f"{len(scored)} questions (teacher.openai.min_coverage is {self._server.min_coverage}): the server "
+            f"at {self._base_url}{endpoint} puts it on other tokens ({shown} for the first question). "
+            f"Try {change}, a larger teacher.openai.top_logprobs, or another scoring.letter_template"
+        )
+
     def _score_one(self, question: Mapping[str, Any]) -> ScoredQuestion:
         text, options = question["question"], [str(o) for o in question["options"]]
         category = str(question.get("category") or "")
         if self._scoring.mode == "letter":
-            prompt = letter_prompt(text, options, category, self._scoring)
-            label, latency_ms = self._letter(prompt, len(options))
+            label, latency_ms = self._letter(text, options, category, chat=self._chat)
         else:
-            prompt = cloze_context(text, category, self._scoring)
-            label, latency_ms = self._cloze(prompt, options)
-        return ScoredQuestion(label=label, latency_ms=latency_ms, reasoning=self._reason(prompt))
+            label, latency_ms = self._cloze(cloze_context(text, category, self._scoring), options)
+        return ScoredQuestion(label=label, latency_ms=latency_ms, reasoning=self._reason(text, options, category))
 
-    def _letter(self, prompt: str, n_options: int) -> tuple[SoftLabel, float]:
-        if self._chat:
-            choice, latency_ms = self._post("/chat/completions", self._chat_body(prompt, 1, top=True))
-            content = (choice.get("logprobs") or {}).get("content") or [{}]
-            top: dict[str, float] = {}
-            for entry in content[0].get("top_logprobs") or []:
-                top[entry["token"]] = max(entry["logprob"], top.get(entry["token"], -math.inf))
-            return letter_label_from_top_logprobs(top, n_options), latency_ms
-        body = {"model": self._model, "prompt": prompt, "max_tokens": 1, "temperature": 0,
-                "logprobs": self._server.top_logprobs}
-        choice, latency_ms = self._post("/completions", body)
-        positions = (choice.get("logprobs") or {}).get("top_logprobs") or [None]
-        return letter_label_from_top_logprobs(positions[0], n_options), latency_ms
+    def _letter_top(
+        self, text: str, options: list[str], category: str, *, chat: bool
+    ) -> tuple[dict[str, float], float]:
+        """The answer token's top log-probabilities (token text -> value) and the request's ms."""
+        if chat:
+            body = self._chat_body(letter_messages(text, options, category, self._scoring), 1)
+            body.update(logprobs=True, top_logprobs=self._server.top_logprobs)
+            answer, latency_ms = self._http.request("POST", "/chat/completions", body)
+        else:
+            body = {"model": self._model, "prompt": letter_prompt(text, options, category, self._scoring),
+                    "max_tokens": 1, "temperature": 0, "logprobs": self._server.top_logprobs}
+            answer, latency_ms = self._http.request("POST", "/completions", body)
+        return first_token_top_logprobs(self._first_choice(answer)), latency_ms
+
+    def _letter(self, text: str, options: list[str], category: str, *, chat: bool) -> tuple[SoftLabel, float]:
+        top, latency_ms = self._letter_top(text, options, category, chat=chat)
+        return letter_label_from_top_logprobs(top, len(options)), latency_ms
+
+    def _option_logprob(self, context: str, option: str) -> tuple[float, float]:
+        prompt = context + cloze_continuation(option)
+        body: dict[str, Any] = {"model": self._model, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+        body.update({"prompt_logprobs": 1, "return_token_ids": True} if self._prompt_logprobs
+                    else {"echo": True, "logprobs": 1})
+        answer, elapsed_ms = self._http.request("POST", "/completions", body)
+        choice = self._first_choice(answer)
+        if self._prompt_logprobs:
+            tokens, values, offsets = _prompt_logprobs_tokens(choice, prompt)
+        else:
+            tokens, values, offsets = _echoed_prompt_tokens(answer, prompt)
+        logprobs = {"tokens": tokens, "token_logprobs": values, "text_offset": offsets}
+        return continuation_logprob(logprobs, prompt, len(context)), elapsed_ms
 
     def _cloze(self, context: str, options: list[str]) -> tuple[SoftLabel, float]:
         """One echoed request per option; latency is the sum of their (successful) request times."""
         scores, latency_ms = [], 0.0
         for option in options:
-            prompt = context + cloze_continuation(option)
-            body = {"model": self._model, "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1,
-                    "temperature": 0}
-            choice, elapsed_ms = self._post("/completions", body)
+            value, elapsed_ms = self._option_logprob(context, option)
             latency_ms += elapsed_ms
-            if not choice.get("logprobs"):
-                raise KdflowError(
-                    f"{self._base_url}/completions returned no logprobs for an echoed prompt; cloze scoring needs "
-                    "a server that supports echo with logprobs (vLLM does), or use scoring.mode: letter"
-                )
             norm = float(max(1, len(option.strip()))) if self._scoring.length_normalise else 1.0
-            scores.append(continuation_logprob(choice["logprobs"], prompt, len(context)) / norm)
+            scores.append(value / norm)
         return _cloze_label(scores), latency_ms
 
-    def _chat_body(self, prompt: str, max_tokens: int, *, top: bool) -> dict[str, Any]:
-        body: dict[str, Any] = {
+    def _first_choice(self, answer: Mapping[str, Any]) -> dict[str, Any]:
+        choices = answer.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise ServerReplyError(f"{self._base_url} answered without choices[0]: {quote_reply(answer)}")
+        return choices[0]
+
+    def _chat_body(self, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+        return {
             "model": self._model,
-            "messages": [{"role": "user", "content": prompt}],
+            "messages": messages,
             "max_tokens": max_tokens,
             "temperature": 0,
-            "chat_template_kwargs": {"enable_thinking": self._teacher.enable_thinking},
+            "chat_template_kwargs": {"enable_thinking": False},
         }
-        if top:
-            body.update(logprobs=True, top_logprobs=self._server.top_logprobs)
-        return body
 
-    def _reason(self, prompt: str) -> str | None:
+    def _reason(self, text: str, options: list[str], category: str) -> str | None:
         if not self._teacher.reasoning:
             return None
         max_tokens = self._teacher.reasoning_max_tokens
         if self._chat:
-            choice, _ = self._post("/chat/completions", self._chat_body(prompt, max_tokens, top=False))
-            return ((choice.get("message") or {}).get("content") or "").strip()
+            body = self._chat_body(letter_messages(text, options, category, self._scoring), max_tokens)
+            answer, _ = self._http.request("POST", "/chat/completions", body)
+            return ((self._first_choice(answer).get("message") or {}).get("content") or "").strip()
+        prompt = (letter_prompt(text, options, category, self._scoring) if self._scoring.mode == "letter"
+                  else cloze_context(text, category, self._scoring))
         body = {"model": self._model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-        choice, _ = self._post("/completions", body)
-        return (choice.get("text") or "").strip()
+        answer, _ = self._http.request("POST", "/completions", body)
+        return (self._first_choice(answer).get("text") or "").strip()
 
     def key_parts(self) -> dict[str, Any]:
-        """Backend, served model name and the server answering for it (the client cannot see the weights)."""
-        return {"backend": "openai", "model": self._model, "base_url": self._base_url}
+        """The server and what it reports of the model (the same dict as `server_identity`)."""
+        return _identity(self._base_url, self._card)
+
+    @property
+    def chat(self) -> bool:
+        """Whether letter questions go to /chat/completions (the probe's choice)."""
+        return self._chat
 
     def close(self) -> None:
-        self._client.close()
+        self._http.close()
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(base_url={self._base_url!r}, model={self._model!r}, mode={self._scoring.mode!r})"
