@@ -94,7 +94,9 @@ def ingest(
     try:
         reports = ingest_all(cfg, store)
     except IngestError as e:
-        raise _fail(str(e)) from None
+        # The sources came from the command line: name the argument or option at fault, not the config.
+        origin = {"path": "the PATHS argument of `kdflow ingest`", "format": "--format"}.get(e.setting or "")
+        raise _fail(e.blaming(origin) if paths and origin else str(e)) from None
     print_ingest(_console(), reports)
     if not any(r.loaded for r in reports):
         raise _fail("nothing usable was loaded: see the rejected rows above and fix the input")

@@ -90,3 +90,34 @@ def test_override_text_that_looks_like_yaml_stays_text():
     cfg = load_config(None, ["scoring.cloze_template=Q: {question} A:", "scoring.description=a: b: c"])
     assert cfg.scoring.cloze_template == "Q: {question} A:"
     assert cfg.scoring.description == "a: b: c"
+
+
+def test_errors_name_their_origin_and_the_nearest_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\ntraining:\n  alpha: 0.5\n  learning_rat: 0.1\ndata:\n  splits: {train: 0.5, val: 0.1, test: 0.1}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert f"{path}:4: training.learning_rat: unknown key; did you mean training.learning_rate?" in str(e.value)
+    assert f"{path}:6: data.splits:" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["training.alhpa=0.7"])
+    assert "--set training.alhpa=0.7: training.alhpa: unknown key; did you mean training.alpha?" in str(e.value)
+    assert "demo.yaml" not in str(e.value)
+    # A section-level check fails on the file's value until an override touches that section.
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["training.learning_rate=0.1", "data.splits.train=0.9"])
+    assert "--set data.splits.train=0.9: data.splits:" in str(e.value)
+    assert "did you mean" in str(e.value) and f"{path}:4:" in str(e.value)
+
+
+def test_a_key_with_no_near_neighbour_gets_no_guess():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["student.zzzzzz=1"])
+    assert "student.zzzzzz: unknown key" in str(e.value) and "did you mean" not in str(e.value)
+
+
+def test_yaml_syntax_errors_name_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntraining: {alpha: 0.5\nstudent: {}\n")
+    with pytest.raises(ConfigError, match=rf"{bad}:\d+: not valid YAML"):
+        load_config(bad)

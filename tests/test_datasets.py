@@ -87,8 +87,23 @@ def test_cli_ingest_fails_clearly_on_missing_file_and_all_bad_input(tmp_path):
     missing = runner.invoke(app, ["ingest", str(tmp_path / "nope.jsonl"), "--set", f"home={tmp_path / 'h'}"])
     assert missing.exit_code == 2
     assert "nope.jsonl" in missing.output and "Traceback" not in missing.output
+    assert "fix the PATHS argument of `kdflow ingest`" in missing.output and "data.sources" not in missing.output
+    unknown = runner.invoke(app, ["ingest", str(FIXTURES / "bad" / "unknown-layout.jsonl"), "--set", f"home={tmp_path / 'h'}"])
+    assert unknown.exit_code == 2 and "fix --format" in unknown.output and "data.sources" not in unknown.output
     allbad = tmp_path / "allbad.jsonl"
     allbad.write_text('{"question": "", "choices": ["a", "b"], "answer": 0}\n{not json\n')
     result = runner.invoke(app, ["ingest", str(allbad), "--format", "mmlu", "--set", f"home={tmp_path / 'h'}"])
     assert result.exit_code == 2
     assert "nothing usable was loaded" in result.output
+
+
+def test_cli_blames_the_config_for_a_configured_source_and_set_for_an_override(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"home: {tmp_path / 'h'}\ndata:\n  sources:\n    - path: {tmp_path / 'nope.jsonl'}\n")
+    runner = CliRunner()
+    missing = runner.invoke(app, ["ingest", "-c", str(config)])
+    assert missing.exit_code == 2 and "fix data.sources[].path" in missing.output
+    typo = runner.invoke(app, ["ingest", "-c", str(config), "--set", "training.alhpa=0.7"])
+    assert typo.exit_code == 2
+    assert "--set training.alhpa=0.7: training.alhpa: unknown key; did you mean training.alpha?" in typo.output
+    assert str(config) not in typo.output

@@ -321,7 +321,7 @@ def test_unpaired_surrogates_are_rejected_not_fatal(tmp_path):
         ("nope/*.jsonl", "no files match"),
         ("bad/questions.txt", r"unknown extension '\.txt'; use one of \.jsonl, \.json, \.csv, \.parquet"),
         ("bad/truncated.json", "truncated.json is not valid JSON: .* at line 1 column"),
-        ("bad/unknown-layout.jsonl", "columns seen: prompt, alternatives, label. Set format"),
+        ("bad/unknown-layout.jsonl", "columns seen: prompt, alternatives, label. Name its layout"),
         ("bad", "is a directory"),
     ],
 )

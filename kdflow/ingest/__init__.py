@@ -41,7 +41,19 @@ __all__ = ["IngestError", "LoadedSource", "load_source"]
 
 
 class IngestError(ValueError):
-    """A source that cannot be read at all, phrased so the user knows what to change."""
+    """A source that cannot be read at all, phrased so the user knows what to change.
+
+    `setting` is the source's config key at fault ("path", "mapping"); the message then ends with
+    "fix data.sources[].<setting>", and `blaming(origin)` names another origin (a command-line argument).
+    """
+
+    def __init__(self, reason: str, *, setting: str | None = None) -> None:
+        self.reason, self.setting = reason, setting
+        super().__init__(f"{reason}; fix data.sources[].{setting}" if setting else reason)
+
+    def blaming(self, origin: str) -> str:
+        """The message with `origin` as the thing to fix instead of the config key."""
+        return f"{self.reason}; fix {origin}" if self.setting else self.reason
 
 
 @dataclass(frozen=True)
@@ -144,12 +156,12 @@ def _paths(pattern: str) -> list[Path]:
     if any(c in expanded for c in "*?["):
         matches = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
         if not matches:
-            raise IngestError(f"no files match {pattern!r} (searched from {Path.cwd()}); fix data.sources[].path")
+            raise IngestError(f"no files match {pattern!r} (searched from {Path.cwd()})", setting="path")
         return matches
     path = Path(expanded)
     if not path.exists():
         raise IngestError(
-            f"source file {pattern} does not exist (relative paths start at {Path.cwd()}); fix data.sources[].path"
+            f"source file {pattern} does not exist (relative paths start at {Path.cwd()})", setting="path"
         )
     if path.is_dir():
         raise IngestError(f"source path {pattern} is a directory; name a file or a glob such as {pattern}/*.jsonl")
@@ -182,7 +194,7 @@ def _layout(source: SourceConfig, rows: list[Row], origin: str) -> tuple[str, Ma
         if records and missing:
             raise IngestError(
                 f"the mapping of {origin} names columns it does not have: {', '.join(missing)} "
-                f"(columns seen: {', '.join(columns)}); fix data.sources[].mapping"
+                f"(columns seen: {', '.join(columns)})", setting="mapping"
             )
         return "generic", mapper_for("generic", source.mapping)
     if source.format != "auto":
@@ -192,8 +204,8 @@ def _layout(source: SourceConfig, rows: list[Row], origin: str) -> tuple[str, Ma
     layout = detect_layout(records)
     if layout is None:
         raise IngestError(
-            f"cannot detect the layout of {origin}; columns seen: {', '.join(columns)}. Set format "
-            f"({', '.join(LAYOUTS)}) in data.sources[], or format: generic with a mapping of your columns"
+            f"cannot detect the layout of {origin}; columns seen: {', '.join(columns)}. Name its layout "
+            f"({', '.join(LAYOUTS)}; generic needs a mapping of your columns)", setting="format"
         )
     return layout, mapper_for(layout, default_mapping(columns))
 
