@@ -170,7 +170,24 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     from kdflow.report import load_summary, print_summary
     from kdflow.store import Store
 
-    print_summary(_console(), load_summary(Store(cfg.home_dir, read_only=True), run_id))
+    store = Store(cfg.home_dir, read_only=True)
+    print_summary(_console(), load_summary(store, run_id))
+    _print_run_footer(store, run_id)
+
+
+def _print_run_footer(store, run_id: str) -> None:
+    """The last lines of `kdflow run`: what to paste into the next command, and where to look."""
+    from kdflow.report import report_dir
+
+    console = _console()
+    console.print(f"run id: {run_id}", soft_wrap=True)
+    console.print(f"report: {report_dir(store, run_id) / 'report.html'}", soft_wrap=True)
+    flow_run_id = store.fetch("get_run", run_id=run_id)[0][6]
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    # Only a server outlives the run; an ephemeral one's UI link would lead nowhere.
+    if PREFECT_API_URL.value() and PREFECT_UI_URL.value() and flow_run_id:
+        console.print(f"Prefect UI: {PREFECT_UI_URL.value()}/runs/flow-run/{flow_run_id}", soft_wrap=True)
 
 
 @app.command()
@@ -218,7 +235,10 @@ def report(
 
     cfg = _load(config, set_)
     try:
-        paths = build_report(Store(cfg.home_dir, read_only=True), run_id)
+        store = Store(cfg.home_dir, read_only=True)
+        if not store.fetch("get_run", run_id=run_id):
+            raise _fail(f"no run {run_id!r} in {store.path} (see `kdflow runs` for the recorded ones)")
+        paths = build_report(store, run_id)
     except (StoreError, LookupError) as e:
         raise _fail(str(e)) from None
     print_summary(_console(), paths.summary)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kdflow.datasets import DatasetReport
@@ -32,18 +33,23 @@ def print_ingest(console: Console, reports: Sequence[DatasetReport]) -> None:
 
 
 def print_runs(console: Console, store: Store, limit: int) -> None:
+    """One block per run, newest first. The run id starts its own line and is printed unwrapped (soft_wrap),
+    so it can be copied whole into `kdflow report` at any terminal width; a table column squeezed it."""
     rows = store.fetch("list_runs", limit=limit)
     if not rows:
         console.print(f"no runs recorded in {store.path} yet: start one with `kdflow run`")
         return
-    table = Table(title=f"runs in {store.path}", title_justify="left")
-    for col in ("run (stages)", "status", "seconds", "teacher / student", "retained"):
-        table.add_column(col, overflow="fold")
+    console.print(f"[bold]runs in {escape(str(store.path))}[/]", soft_wrap=True)
     for run_id, _name, status, stage, error, started, seconds, stages, flow_run_id, t_acc, s_acc, kept in rows:
         shown = status if status != "failed" else f"failed in {stage}: {error}"
-        accuracy = f"{t_acc:.1%} / {s_acc:.1%}" if t_acc is not None and s_acc is not None else ""
-        link = f"\n[dim]flow run {flow_run_id}[/]" if flow_run_id else ""
-        table.add_row(f"{run_id} ({started:%Y-%m-%d %H:%M})\n[dim]{stages or ''}[/]{link}", shown,
-                      f"{seconds:.1f}", accuracy, f"{kept:.1%}" if kept is not None else "")
-        table.add_section()
-    console.print(table)
+        colour = {"completed": "green", "failed": "red"}.get(status, "yellow")
+        headline = [f"[{colour}]{escape(shown)}[/]", f"{seconds:.1f} s"]
+        if t_acc is not None and s_acc is not None:
+            headline.append(f"teacher {t_acc:.1%} / student {s_acc:.1%}")
+        if kept is not None:
+            headline.append(f"retained {kept:.1%}")
+        console.print(f"\n[bold]{escape(run_id)}[/]", soft_wrap=True)
+        console.print("  " + " · ".join(headline), soft_wrap=True)
+        console.print(f"  [dim]started {started:%Y-%m-%d %H:%M} · {escape(stages or 'no stages')}[/]", soft_wrap=True)
+        if flow_run_id:
+            console.print(f"  [dim]flow run {flow_run_id}[/]", soft_wrap=True)
