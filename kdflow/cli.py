@@ -24,10 +24,11 @@ app = typer.Typer(
 )
 
 ConfigOpt = Annotated[
-    Optional[Path], typer.Option("--config", "-c", help="YAML run config (default: configs/demo.yaml)")
+    Optional[Path], typer.Option("--config", "-c", metavar="FILE", help="YAML run config (default: configs/demo.yaml)")
 ]
 SetOpt = Annotated[
-    Optional[list[str]], typer.Option("--set", "-s", help="override a config key: --set training.epochs=2")
+    Optional[list[str]],
+    typer.Option("--set", "-s", metavar="KEY=VALUE", help="override a config key: --set training.epochs=2 (repeatable)"),
 ]
 EXIT_INPUT = 2
 EXIT_GATE = 3
@@ -72,10 +73,10 @@ def _console():
 
 @app.command()
 def ingest(
-    paths: Annotated[Optional[list[str]], typer.Argument(help="files or globs to ingest instead of the config's sources")] = None,
+    paths: Annotated[Optional[list[str]], typer.Argument(metavar="PATHS", help="files or globs to ingest instead of the config's sources")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    format: Annotated[str, typer.Option("--format", "-f", help="layout of PATHs: auto, mmlu, arc, sciq, csqa, openbookqa, generic")] = "auto",
+    format: Annotated[str, typer.Option("--format", "-f", metavar="LAYOUT", help="layout of PATHs: auto, mmlu, arc, sciq, csqa, openbookqa, generic")] = "auto",
 ) -> None:
     """Read questions into the store; bad rows are kept in rejected_rows with their reason."""
     from kdflow.config import ConfigError, SourceConfig
@@ -370,6 +371,34 @@ def ui(
     console = _console()
     console.print(f"Prefect UI {'started' if started else 'already running'}: http://{host}:{port}")
     console.print(f"to send runs to it: export PREFECT_API_URL={url}")
+
+
+class _PlainHelp:
+    """Help screens without typer's type labels where they tell a user nothing: a flag takes no value
+    (typer showed `--help <bool>`), and an argument's metavar already says what it takes (`<list[str]>`)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if isinstance(param, typer.core.TyperArgument) and param.metavar:
+                param.display_type_rich = lambda ctx: None
+            elif getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class _Command(_PlainHelp, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_PlainHelp, typer.core.TyperGroup):
+    pass
+
+
+app.info.cls = _Group
+for _info in app.registered_commands:
+    if _info.cls in (None, typer.core.TyperCommand):
+        _info.cls = _Command
 
 
 def main() -> None:

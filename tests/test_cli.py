@@ -42,3 +42,14 @@ def test_report_tells_an_unknown_run_from_one_without_evaluation(tmp_path):
     assert "has no evaluation" not in unknown.output
     known = runner.invoke(app, ["report", run_id, "--set", f"home={home}"])
     assert known.exit_code == 2 and f"run {run_id!r} has no evaluation" in known.output
+
+
+def test_help_screens_show_no_type_labels_for_flags_and_lists():
+    runner = CliRunner()
+    commands = [[]] + [[info.name or info.callback.__name__] for info in app.registered_commands]
+    for command in commands:
+        result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "120"})
+        assert result.exit_code == 0, result.output
+        assert "<bool>" not in result.output and "<list[" not in result.output, (command, result.output)
+    ingest = runner.invoke(app, ["ingest", "--help"], env={"COLUMNS": "120"}).output
+    assert "KEY=VALUE" in ingest and "PATHS" in ingest
