@@ -52,6 +52,8 @@ def deployments(cfg: RunConfig, *, cron: str | None = NIGHTLY_CRON) -> list:
     from flows.stages import STAGE_FLOWS
 
     params = {"cfg": cfg.model_dump(mode="json", exclude_defaults=True)}
+    # The sources always: the UI's run form shows only given values ("No items in this list" otherwise).
+    params["cfg"].setdefault("data", {})["sources"] = cfg.model_dump(mode="json", exclude_none=True)["data"]["sources"]
     main = distill.to_deployment(name=f"{cfg.name}-nightly", cron=cron, parameters=params, tags=["kdflow"])
     manual = [f.to_deployment(name=f"{cfg.name}-{name}", parameters=params, tags=["kdflow", "manual"])
               for name, f in STAGE_FLOWS.items()]

@@ -122,22 +122,43 @@ def runs(
 
 
 class _NoUserErrorTraceback(logging.Filter):
-    """Prefect logs every exception leaving a flow or task with its traceback; a KdflowError is an expected
-    failure whose message says it all, so its log lines keep the message and lose the traceback."""
+    """Prefect logs an exception leaving a task four times (task failed, task state, flow failed, flow state),
+    each with its repr and the first two with a traceback. A KdflowError is an expected outcome (a failed
+    gate, bad input) whose message says it all: it is logged once, as its message without a traceback; the
+    flow's repeat is dropped and the "Finished in state Failed(...)" lines only name the error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, str] = {}  # first line of each logged message -> its exception type
 
     def filter(self, record: logging.LogRecord) -> bool:
         from kdflow.errors import KdflowError
 
-        if record.exc_info and isinstance(record.exc_info[1], KdflowError):
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, KdflowError):
             record.exc_info, record.exc_text = None, None
+            key = str(exc).split("\n", 1)[0]
+            if key in self.seen:
+                return False
+            self.seen[key] = type(exc).__name__
+            record.msg, record.args = "%s: %s", (type(exc).__name__, exc)
+            return True
+        message = record.getMessage()
+        if message.startswith("Finished in state "):
+            for key, name in self.seen.items():
+                if key in message:
+                    record.msg, record.args = "%s (%s, logged above)", (message.split("(", 1)[0], name)
         return True
+
+
+_USER_ERROR_FILTER = _NoUserErrorTraceback()
 
 
 def _without_tracebacks_for_user_errors() -> None:
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _NoUserErrorTraceback) for f in logger.filters):
-            logger.addFilter(_NoUserErrorTraceback())
+        if _USER_ERROR_FILTER not in logger.filters:
+            logger.addFilter(_USER_ERROR_FILTER)
 
 
 def _run_flow(flow_name: str, cfg, **kwargs):

@@ -98,8 +98,18 @@ class SplitConfig(Strict):
         return self
 
 
+def _default_sources() -> list[SourceConfig]:
+    return [SourceConfig(demo=DemoSource())]
+
+
 class DataConfig(Strict):
-    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(demo=DemoSource())])
+    # A default_factory leaves the JSON schema without a default, and the Prefect UI's run form then showed
+    # "Sources: No items in this list" although the demo world is used: the schema names it.
+    sources: list[SourceConfig] = Field(
+        default_factory=_default_sources,
+        description="where questions come from (default: the generated demo world)",
+        json_schema_extra={"default": [s.model_dump(mode="json", exclude_none=True) for s in _default_sources()]},
+    )
     splits: SplitConfig = Field(default_factory=SplitConfig)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from kdflow.config import RunConfig
@@ -28,6 +28,7 @@ def evaluate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_k
             scoring=cfg.scoring, cfg=cfg.evaluation, device=cfg.student.device,
         )
         record.detail = {"eval_id": eval_id}
+    get_run_logger().info("evaluated %s on the test split: %s", ", ".join(["teacher", *models]), eval_id)
     return eval_id
 
 
@@ -45,4 +46,7 @@ def report_task(cfg: RunConfig, run_id: str) -> str:
         for key, rows in paths.tables.items():
             create_table_artifact(key=key, table=rows, description=f"Run {run_id}")
     create_link_artifact(key="distillation-report", link=f"file://{paths.html}", link_text="HTML report")
+    s = paths.summary
+    get_run_logger().info("report: %s (teacher %.1f%%, student %.1f%% on %s test questions)", paths.html,
+                          100 * s.teacher_accuracy, 100 * s.student_accuracy, f"{s.n_questions:,}")
     return str(paths.html)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from kdflow.config import RunConfig
@@ -32,6 +32,9 @@ def ingest_task(cfg: RunConfig, run_id: str) -> list[str]:
         ],
         description=f"Datasets of run {run_id}",
     )
+    get_run_logger().info("ingested %s", "; ".join(
+        f"{r.dataset_id}: {r.loaded:,} questions, {r.rejected:,} rejected ({'unchanged, reused' if r.reused else 'new version'})"
+        for r in reports))
     if not any(r.loaded for r in reports):
         raise KdflowError("no usable questions were loaded: see table rejected_rows for the reasons")
     return [r.dataset_id for r in reports]

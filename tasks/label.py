@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 
 from kdflow.config import RunConfig
 from kdflow.progress import progress_bar
@@ -22,6 +22,7 @@ def prepare_teacher_task(cfg: RunConfig, run_id: str, dataset_ids: list[str]) ->
     with stage(store, run_id, "prepare_teacher") as record:
         model_dir, record.reused = prepare_teacher(cfg, store, dataset_ids, run_id=run_id)
         record.detail = {"model_dir": str(model_dir)}
+    get_run_logger().info("teacher %s: %s", "reused" if record.reused else "prepared", model_dir)
     return str(model_dir)
 
 
@@ -34,6 +35,9 @@ def label_task(cfg: RunConfig, run_id: str, dataset_ids: list[str]) -> str:
         record.reused = report.newly_labeled == 0
         record.detail = {"teacher_key": report.teacher_key, "labeled": report.newly_labeled, "total": report.total,
                          "seconds": round(report.seconds, 2)}
+    get_run_logger().info("teacher %s: %s new labels in %.1f s, %s questions labeled in all%s", report.teacher_key,
+                          f"{report.newly_labeled:,}", report.seconds, f"{report.total:,}",
+                          " (nothing left to label: all reused)" if record.reused else "")
     return report.teacher_key
 
 

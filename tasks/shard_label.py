@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.futures import PrefectFuture, as_completed
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -169,6 +169,8 @@ def label_sharded(cfg: RunConfig, run_id: str, dataset_ids: list[str]) -> str:
         record.detail = {"teacher_key": plan.teacher_key, "labeled": labeled, "total": total,
                          "shards": len(plan.shards), "workers": worker_count(cfg),
                          "task_runner": cfg.orchestration.task_runner, "seconds": round(time.perf_counter() - start, 2)}
+    get_run_logger().info("teacher %s: %s new labels in %s shards on %s, %s questions labeled in all", plan.teacher_key,
+                          f"{labeled:,}", len(plan.shards), cfg.orchestration.task_runner, f"{total:,}")
     return plan.teacher_key
 
 

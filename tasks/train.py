@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 
 from kdflow.config import RunConfig
 from kdflow.distill import train_students
@@ -25,4 +25,6 @@ def train_task(
                                       on_progress=ui_progress("training", f"students of run {run_id}"))
         record.reused = len(reused) == len(dirs)
         record.detail = {"models": {k: str(v) for k, v in dirs.items()}, "reused": reused}
+    get_run_logger().info("students: %s", "; ".join(
+        f"{role} {'reused' if role in reused else 'trained'} at {path}" for role, path in dirs.items()))
     return {role: str(path) for role, path in dirs.items()}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
 from kdflow.config import RunConfig
@@ -29,6 +29,9 @@ def validate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_k
     )
     if result.data_docs_path:
         create_link_artifact(key="data-docs", link=f"file://{result.data_docs_path}", link_text="Great Expectations Data Docs")
-    if not result.success:
+    if result.success:
+        get_run_logger().info("data-quality gate passed (%s%s)", result.validation_id,
+                              ", verdict on these labels reused" if result.reused else "")
+    else:
         raise GateFailed(f"the data-quality gate failed ({result.validation_id}): {result.message}")
     return result.validation_id

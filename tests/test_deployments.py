@@ -26,3 +26,18 @@ def test_entrypoints_exist_and_only_the_main_flow_is_scheduled():
         flow = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), name)
         assert callable(flow), deployment["entrypoint"]
         assert bool(deployment.get("schedules")) == deployment["name"].endswith("nightly")
+
+
+def test_the_run_form_shows_the_sources():
+    """The UI renders a deployment's form from its parameters and the flow's schema: both name the sources."""
+    from flows.serve import deployments
+
+    demo = load_config(ROOT / "configs" / "demo.yaml")
+    expected = [{"demo": {"n_questions": 50000, "seed": 0}}]
+    for deployment in SPEC["deployments"]:
+        assert deployment["parameters"]["cfg"]["data"]["sources"] == expected, deployment["name"]
+    for deployment in deployments(demo, cron=None):
+        sources = deployment.parameters["cfg"]["data"]["sources"]
+        assert [RunConfig.model_validate({"data": {"sources": sources}}).data.sources] == [demo.data.sources]
+    schema = RunConfig.model_json_schema()["$defs"]["DataConfig"]["properties"]["sources"]
+    assert RunConfig.model_validate({"data": {"sources": schema["default"]}}) == RunConfig()
