@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,24 +29,96 @@ def server_is_up(url: str) -> bool:
         return False
 
 
-def start_server(host: str, port: int, *, log_file: Path, timeout_s: float = 90.0) -> tuple[str, bool]:
-    """Start `prefect server` (API + UI) in the background unless one answers; returns (api url, started)."""
+@dataclass(frozen=True)
+class ServerFiles:
+    """Where a `kdflow ui` server of one KDFLOW_HOME keeps its things.
+
+    `prefect_home` is the server's PREFECT_HOME (its SQLite database prefect.db, ...), so one home's UI
+    data stays with the home instead of the user's global ~/.prefect; `pid_file` lets `kdflow ui --stop`
+    find the detached process.
+    """
+
+    prefect_home: Path
+    log_file: Path
+    pid_file: Path
+
+    @classmethod
+    def of_home(cls, home: Path) -> ServerFiles:
+        prefect_home = Path(os.environ.get("PREFECT_HOME") or home / "prefect-ui").expanduser()
+        return cls(prefect_home, home / "logs" / "prefect-server.log", home / "prefect-ui.pid")
+
+
+def start_server(host: str, port: int, files: ServerFiles, *, timeout_s: float = 90.0) -> tuple[str, bool]:
+    """Start `prefect server` (API + UI) in the background unless one answers; returns (api url, started).
+
+    Raises TimeoutError when the started server does not answer within `timeout_s` (its log says why).
+    """
     url = api_url(host, port)
     if server_is_up(url):
         return url, False
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    with open(log_file, "ab") as log:
-        subprocess.Popen(
+    for path in (files.log_file, files.pid_file):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    files.prefect_home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(files.prefect_home)}
+    # Profiles live under PREFECT_HOME by default: keep reading the user's.
+    env.setdefault("PREFECT_PROFILES_PATH", str(Path.home() / ".prefect" / "profiles.toml"))
+    with open(files.log_file, "ab") as log:
+        process = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port), "--analytics-off"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
         )
+    files.pid_file.write_text(json.dumps({"pid": process.pid, "url": url}), encoding="utf-8")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server_is_up(url):
             return url, True
+        if process.poll() is not None:
+            files.pid_file.unlink(missing_ok=True)
+            raise TimeoutError(f"the Prefect server exited with code {process.returncode}; see {files.log_file}")
         time.sleep(1.0)
-    raise TimeoutError(f"the Prefect server did not answer at {url} within {timeout_s:.0f} s; see {log_file}")
+    raise TimeoutError(f"the Prefect server did not answer at {url} within {timeout_s:.0f} s; see {files.log_file}")
+
+
+def _is_prefect_server(pid: int) -> bool:
+    """Whether `pid` runs `prefect server start` (a recycled pid must not be killed); True where /proc is absent."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return not Path("/proc/self").exists() and _alive(pid)
+    except OSError:
+        return False
+    return b"prefect" in cmdline and b"server" in cmdline
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_server(files: ServerFiles, *, timeout_s: float = 30.0) -> str | None:
+    """Stop the server `start_server` started from this home (SIGTERM to its process group, SIGKILL after
+    `timeout_s`); returns its url, or None when none of ours is running (a stale pid file is removed)."""
+    try:
+        info = json.loads(files.pid_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    pid = int(info["pid"])
+    if not _is_prefect_server(pid):
+        files.pid_file.unlink(missing_ok=True)
+        return None
+    os.killpg(pid, signal.SIGTERM)  # its own session: the server and the workers it spawned
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(pid):
+        os.killpg(pid, signal.SIGKILL)
+    files.pid_file.unlink(missing_ok=True)
+    return info.get("url")
 
 
 def deployments(cfg: RunConfig, *, cron: str | None = NIGHTLY_CRON) -> list:

@@ -155,6 +155,7 @@ _USER_ERROR_FILTER = _NoUserErrorTraceback()
 
 
 def _without_tracebacks_for_user_errors() -> None:
+    _USER_ERROR_FILTER.seen.clear()  # once per run, not once per process
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logger = logging.getLogger(name)
         if _USER_ERROR_FILTER not in logger.filters:
@@ -378,20 +379,32 @@ def serve(
 def ui(
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port of the API and UI")] = 4200,
+    stop: Annotated[bool, typer.Option("--stop", help="stop the server `kdflow ui` started from this home")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Start a local Prefect server with its UI (or find the running one) and print its URL."""
-    from flows.serve import start_server
+    from flows.serve import ServerFiles, start_server, stop_server
 
     cfg = _load(config, set_)
+    files = ServerFiles.of_home(cfg.home_dir)
+    console = _console()
+    if stop:
+        url = stop_server(files)
+        if url is None:
+            raise _fail(f"no server started by `kdflow ui` from {cfg.home_dir} is running ({files.pid_file})")
+        console.print(f"stopped the Prefect server at {url}", soft_wrap=True)
+        return
     try:
-        url, started = start_server(host, port, log_file=cfg.home_dir / "logs" / "prefect-server.log")
+        url, started = start_server(host, port, files)
     except TimeoutError as e:
         raise _fail(str(e)) from None
-    console = _console()
-    console.print(f"Prefect UI {'started' if started else 'already running'}: http://{host}:{port}")
-    console.print(f"to send runs to it: export PREFECT_API_URL={url}")
+    console.print(f"Prefect UI {'started' if started else 'already running'}: http://{host}:{port}", soft_wrap=True)
+    if started or files.pid_file.exists():
+        console.print(f"server log: {files.log_file}", soft_wrap=True)
+        console.print(f"server data (PREFECT_HOME): {files.prefect_home}", soft_wrap=True)
+        console.print("stop it with: kdflow ui --stop", soft_wrap=True)
+    console.print(f"to send runs to it: export PREFECT_API_URL={url}", soft_wrap=True)
 
 
 class _PlainHelp:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from kdflow.cli import app
@@ -53,3 +54,55 @@ def test_help_screens_show_no_type_labels_for_flags_and_lists():
         assert "<bool>" not in result.output and "<list[" not in result.output, (command, result.output)
     ingest = runner.invoke(app, ["ingest", "--help"], env={"COLUMNS": "120"}).output
     assert "KEY=VALUE" in ingest and "PATHS" in ingest
+
+
+def test_a_progress_bar_with_nothing_to_do_prints_nothing(capsys):
+    from kdflow.progress import progress_bar
+
+    with progress_bar("labeling") as update:
+        update(0, 0)
+    assert "labeling" not in capsys.readouterr().out
+    with progress_bar("labeling") as update:
+        update(0, 3)
+        update(3, 3)
+    assert "labeling" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ui_prints_its_log_keeps_its_data_in_the_home_and_stops(tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    kdflow = [sys.executable, "-m", "kdflow.cli"]
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*kdflow, "ui", "--port", str(port), "--set", f"home={home}", *args],
+                              env=env, capture_output=True, text=True, timeout=200)
+
+    started = cli()
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert f"server log: {home / 'logs' / 'prefect-server.log'}" in started.stdout
+    assert f"server data (PREFECT_HOME): {home / 'prefect-ui'}" in started.stdout
+    assert "kdflow ui --stop" in started.stdout
+    pid = json.loads((home / "prefect-ui.pid").read_text())["pid"]
+    try:
+        assert (home / "prefect-ui" / "prefect.db").exists()
+        again = cli()
+        assert again.returncode == 0 and "already running" in again.stdout
+        stopped = cli("--stop")
+        assert stopped.returncode == 0 and f"stopped the Prefect server at http://127.0.0.1:{port}/api" in stopped.stdout
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        assert not (home / "prefect-ui.pid").exists()
+        none = cli("--stop")
+        assert none.returncode == 2 and "no server started by `kdflow ui`" in none.stderr
+    finally:
+        if Path(f"/proc/{pid}").exists():
+            os.killpg(pid, 9)

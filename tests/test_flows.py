@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -165,3 +166,64 @@ def test_deployments_register_with_schedules_and_run_through_a_process_worker(fi
     state = asyncio.run(final_state())
     assert state.is_completed(), worker.stdout[-3000:] + worker.stderr[-3000:]
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+class _Records(logging.Handler):
+    """Collects Prefect's flow and task run log records as the UI receives them (after the loggers' filters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> _Records:
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).removeHandler(self)
+
+
+@pytest.mark.slow
+def test_cli_run_logs_each_stage_and_ends_with_run_id_report_and_ui_link(first_run):
+    from typer.testing import CliRunner
+
+    from kdflow.cli import app
+
+    home, _ = first_run
+    with _Records() as logs:
+        result = CliRunner().invoke(app, ["run", "-c", str(ROOT / "configs" / "tiny.yaml"), "--set", f"home={home}"])
+    assert result.exit_code == 0, result.output
+    tail = result.output.strip().splitlines()
+    run_id = tail[-3].removeprefix("run id: ")
+    assert tail[-2] == f"report: {home / 'reports' / run_id / 'report.html'}"
+    assert (home / "reports" / run_id / "report.html").exists()
+    flow_run_id = Store(home, read_only=True).fetch("get_run", run_id=run_id)[0][6]
+    assert tail[-1].startswith("Prefect UI: http") and tail[-1].endswith(f"/runs/flow-run/{flow_run_id}")
+    said = "\n".join(r.getMessage() for r in logs.records)
+    for line in ("ingested demo@", "(unchanged, reused)", "0 new labels", "nothing left to label",
+                 "data-quality gate passed", "students: ", " reused at ", "evaluated teacher, ",
+                 f"report: {home / 'reports' / run_id / 'report.html'}"):
+        assert line in said, (line, said)
+
+
+@pytest.mark.slow
+def test_a_failed_gate_is_logged_once_without_traceback(first_run):
+    from typer.testing import CliRunner
+
+    from kdflow.cli import app
+
+    home, _ = first_run
+    with _Records() as logs:
+        result = CliRunner().invoke(app, ["validate", "-c", str(ROOT / "configs" / "tiny.yaml"), "--set", f"home={home}",
+                                          "--set", "validation.min_teacher_accuracy=0.999"])
+    assert result.exit_code == 3 and "the data-quality gate failed" in result.output
+    failed = [r for r in logs.records if "the data-quality gate failed" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].exc_info is None, [r.getMessage() for r in failed]
+    assert failed[0].getMessage().startswith("GateFailed: the data-quality gate failed")
+    states = [r.getMessage() for r in logs.records if r.getMessage().startswith("Finished in state Failed")]
+    assert states and all(s.endswith("(GateFailed, logged above)") for s in states), states
