@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints-cpu.txt --index-url $(TORCH_INDEX) --timeout 20 --retries 1 torch \
 		|| $(PY) -m pip install -q -c constraints-cpu.txt torch  # that index unreachable: the plain pin
-	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[dev]"
+# setuptools' "Editable installation" notice (a top-level folder named like a package may shadow it) is
+# is informational; pip shows it as a warning on every install.
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -c constraints-cpu.txt -e ".[dev]"
 	$(PY) -c "import kdflow, torch, prefect, duckdb, great_expectations, transformers"
 	touch $(STAMP)
 
@@ -31,7 +33,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[dev,bench]"
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -c constraints-cpu.txt -e ".[dev,bench]"
 	$(PY) -m bench
 
 # Register deployments/prefect.yaml with the server at $$PREFECT_API_URL (`kdflow ui` starts one).
