@@ -106,3 +106,17 @@ def test_ui_prints_its_log_keeps_its_data_in_the_home_and_stops(tmp_path):
     finally:
         if Path(f"/proc/{pid}").exists():
             os.killpg(pid, 9)
+
+
+def test_the_cli_turns_off_hugging_face_progress_bars(tmp_path):
+    """No "Loading weights 0/29" tqdm lines: the CLI disables them before transformers is imported."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from typer.testing import CliRunner\nfrom kdflow.cli import app\n"
+            f"CliRunner().invoke(app, ['runs', '--set', 'home={tmp_path}'])\n"
+            "from transformers.utils import logging\nprint(logging.is_progress_bar_enabled())")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
