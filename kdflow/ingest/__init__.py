@@ -72,6 +72,8 @@ class LoadedSource:
     encoding: str = ""
     notes: pa.Table = field(default_factory=NOTE_SCHEMA.empty_table)
     identity: str = ""
+    origins: list[tuple[str, int]] = field(default_factory=list)
+    """(file, row number) of each question, in the order of `questions`."""
 
     def rejected_by_reason(self) -> dict[str, int]:
         """How many rows each reason code rejected, for a one-line summary."""
@@ -159,6 +161,7 @@ class _Collector:
         reading, column = self._reading()
         ids: list[str] = []
         kept: list[Mapped] = []
+        origins: list[tuple[str, int]] = []
         notes: dict[str, list[Any]] = {name: [] for name in NOTE_SCHEMA.names}
         by_content: dict[str, tuple[_Draft, str]] = {}
         by_id: dict[str, _Draft] = {}
@@ -192,6 +195,7 @@ class _Collector:
             by_id[question_id] = draft
             ids.append(question_id)
             kept.append(m)
+            origins.append((draft.source, draft.row.number))
             if note is not None:
                 for name, value in zip(NOTE_SCHEMA.names, (question_id, draft.source, draft.row.number, note)):
                     notes[name].append(value)
@@ -211,7 +215,7 @@ class _Collector:
         counts = {"rows": self.rows, "questions": questions.num_rows, "rejected": rejected.num_rows}
         answers = f"{column}: {reading.describe()}" if reading is not None else _RESOLVED.get(layout, "")
         return LoadedSource(self.dataset, content_hash, layout, questions, rejected, counts, answers,
-                            notes=pa.table(notes, schema=NOTE_SCHEMA))
+                            notes=pa.table(notes, schema=NOTE_SCHEMA), origins=origins)
 
 
 _RESOLVED = {
@@ -374,7 +378,7 @@ def _load_demo(source: SourceConfig) -> LoadedSource:
     rejected = REJECTED_SCHEMA.empty_table()
     counts = {"rows": questions.num_rows, "questions": questions.num_rows, "rejected": 0}
     return LoadedSource(source.display_name, _sha256(params.encode()), "demo", questions, rejected, counts,
-                        "generated")
+                        "generated", origins=[("demo", i) for i in range(questions.num_rows)])
 
 
 def stratified_sample(questions: pa.Table, size: int, seed: int) -> pa.Table:
@@ -426,9 +430,11 @@ def load_source(source: SourceConfig) -> LoadedSource:
     if source.sample is not None:
         sampled = stratified_sample(loaded.questions, source.sample.size, source.sample.seed)
         kept = set(sampled.column("question_id").to_pylist())
+        ids = loaded.questions.column("question_id").to_pylist()
+        origins = [o for o, qid in zip(loaded.origins, ids, strict=True) if qid in kept]
         notes = loaded.notes.filter(pa.array([q in kept for q in loaded.notes.column("question_id").to_pylist()],
                                              pa.bool_()))
         counts = loaded.counts | {"questions": sampled.num_rows,
                                   "not_sampled": loaded.questions.num_rows - sampled.num_rows}
-        loaded = replace(loaded, questions=sampled, notes=notes, counts=counts)
+        loaded = replace(loaded, questions=sampled, notes=notes, counts=counts, origins=origins)
     return replace(loaded, identity=_identity(source, loaded))
