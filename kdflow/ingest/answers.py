@@ -137,7 +137,7 @@ def _values_summary(votes: Sequence[Vote]) -> str:
 
 
 def _key_for(a: str, b: str) -> str:
-    if "index" in a and "index" in b and a.split("|")[0] == b.split("|")[0]:
+    if "index" in a and "index" in b and a.startswith("letter") == b.startswith("letter"):
         return "answer_base: 0 or 1"
     return "answer_type: text, letter or index (and answer_base: 0 or 1 for an index)"
 
@@ -181,8 +181,8 @@ def choose_reading(
         raise AnswerSemanticsError(
             f"cannot tell how answer column {column!r} of {origin} is written: {_values_summary(votes)}; "
             f"{settled} as a {_DESCRIBE[a]} and as a {_DESCRIBE[b]}, which disagree (e.g. {vote.row}: "
-            f"{vote.value!r} is option {_letter_of(vectors[a][i])} as a {_DESCRIBE[a]}, option "
-            f"{_letter_of(vectors[b][i])} as a {_DESCRIBE[b]}); set {_key_for(a, b)} in data.sources[].mapping"
+            f"{vote.value!r} {_names(vectors[a][i], a)} but {_names(vectors[b][i], b)}); set {_key_for(a, b)} in "
+            "data.sources[].mapping"
         )
     if best < len(votes):
         mine = vectors[chosen]
@@ -201,5 +201,7 @@ def choose_reading(
     return Reading(chosen, why)
 
 
-def _letter_of(index: int | None) -> str:
-    return LETTERS[index] if index is not None else "none"
+def _names(index: int | None, reading: str) -> str:
+    if index is None:
+        return f"names no option as a {_DESCRIBE[reading]}"
+    return f"is option {LETTERS[index]} as a {_DESCRIBE[reading]}"

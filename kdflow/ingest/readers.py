@@ -17,6 +17,7 @@ import codecs
 import csv
 import json
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +31,6 @@ _BOMS = (
     (b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
     (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"), (_BOM, "utf-8-sig"),
 )
-# What charset-normalizer calls the single-byte Western code pages; short samples of one are often
-# reported as another, so all of them are read as cp1252, the superset Windows programs write.
-_WESTERN = frozenset({"cp1252", "latin_1", "iso8859_15", "cp1250", "iso8859_2", "cp850", "cp437", "mac_roman"})
 _MULTIBYTE_UTF8 = re.compile(rb"[\xc2-\xf4][\x80-\xbf]+")
 
 
@@ -46,7 +44,7 @@ def to_utf8(data: bytes, encoding: str = "auto") -> tuple[bytes, str]:
     auto: a byte-order mark decides (UTF-8, UTF-16, UTF-32: what spreadsheet programs save); else valid
     UTF-8 stays as it is; a file that is UTF-8 except for some broken lines also stays (those lines are
     rejected one by one); a file with no UTF-8 multi-byte character at all that charset-normalizer reads
-    as a single-byte Western code page is read as cp1252 (Latin-1 when a byte is undefined in cp1252).
+    as a Latin-script code page is read as cp1252 (Latin-1 when a byte is undefined in cp1252).
     Any other encoding is named in an EncodingError with the setting to use. A named `encoding` is used
     as given. Raises EncodingError (a ValueError) when the bytes are not valid in the encoding used.
     """
@@ -67,9 +65,17 @@ def to_utf8(data: bytes, encoding: str = "auto") -> tuple[bytes, str]:
         return data, "utf-8 (some lines invalid)"
     from charset_normalizer import from_bytes  # only needed for files that are not UTF-8
 
-    best = from_bytes(data).best()
+    matches = from_bytes(data)
+    best = matches.best()
     found = best.encoding if best is not None else None
-    if found in _WESTERN:
+    # Short samples of Western text fit a dozen Latin code pages equally well (cp1250, hp_roman8 ...):
+    # when cp1252, what Windows programs write, fits as well as the best guess and reads as Latin
+    # script, the file is read as cp1252.
+    western = [m for m in matches if m.encoding in ("cp1252", "latin_1", "iso8859_15")]
+    plausible = best is not None and (
+        _latin(str(best)) or any(m.percent_chaos <= best.percent_chaos and _latin(str(m)) for m in western)
+    )
+    if plausible:
         for codec in ("cp1252", "latin-1"):
             try:
                 return data.decode(codec).encode("utf-8"), f"{codec} (detected: not UTF-8)"
@@ -81,6 +87,14 @@ def to_utf8(data: bytes, encoding: str = "auto") -> tuple[bytes, str]:
     raise EncodingError(
         f"is not UTF-8 (invalid byte at offset {first_bad}); {looks}: set encoding: "
         f"{found or '<codec>'} in data.sources[] to read it as that, or re-save the file as UTF-8"
+    )
+
+
+def _latin(text: str) -> bool:
+    """Whether every non-ASCII character is a Latin letter, punctuation, a symbol or a digit."""
+    return all(
+        ord(c) < 128 or "LATIN" in unicodedata.name(c, "") or unicodedata.category(c)[0] in "PSNZ"
+        for c in set(text)
     )
 
 
