@@ -66,10 +66,9 @@ def content_keys(questions: pa.Table) -> list[str]:
             zip(questions["question"].to_pylist(), questions["options"].to_pylist(), strict=True)]
 
 
-def _with_splits(questions: pa.Table, splits: SplitConfig) -> pa.Table:
+def _with_splits(questions: pa.Table, keys: list[str], splits: SplitConfig) -> pa.Table:
     table = questions.set_column(
-        questions.schema.get_field_index("split"), "split",
-        pa.array(assign_splits(content_keys(questions), splits), pa.string()),
+        questions.schema.get_field_index("split"), "split", pa.array(assign_splits(keys, splits), pa.string())
     )
     return table.append_column("question_hash", pa.array(question_hashes(questions), pa.string()))
 
@@ -78,25 +77,30 @@ def _gold(questions: pa.Table) -> list[str]:
     return [opts[a] for opts, a in zip(questions["options"].to_pylist(), questions["answer"].to_pylist(), strict=True)]
 
 
-def _drop_conflicts(loaded: list[LoadedSource]) -> list[LoadedSource]:
-    """Reject, in every source, the questions another source of the run answers differently."""
+def _drop_conflicts(loaded: list[LoadedSource], keys: list[list[str]]) -> tuple[list[LoadedSource], list[list[str]]]:
+    """Reject, in every source, the questions another source of the run answers differently.
+
+    `keys` are the content keys of each source's questions; returns both with those questions removed.
+    """
+    if len(loaded) < 2:
+        return loaded, keys
     seen: dict[str, list[tuple[int, str]]] = defaultdict(list)  # key -> [(source index, gold text)]
     for i, source in enumerate(loaded):
-        for key, gold in zip(content_keys(source.questions), _gold(source.questions), strict=True):
+        for key, gold in zip(keys[i], _gold(source.questions), strict=True):
             seen[key].append((i, gold))
     conflicts = {key: hits for key, hits in seen.items() if len({normalise_text(g) for _, g in hits}) > 1}
     if not conflicts:
-        return loaded
-    result = []
+        return loaded, keys
+    result, result_keys = [], []
     for i, source in enumerate(loaded):
-        keys = content_keys(source.questions)
-        drop = [key in conflicts for key in keys]
+        drop = [key in conflicts for key in keys[i]]
+        result_keys.append([key for key, d in zip(keys[i], drop, strict=True) if not d])
         if not any(drop):
             result.append(source)
             continue
         rejected: dict[str, list] = {name: [] for name in REJECTED_SCHEMA.names}
         rows = source.questions.to_pylist()
-        for row, key, (path, number), dropped in zip(rows, keys, source.origins, drop, strict=True):
+        for row, key, (path, number), dropped in zip(rows, keys[i], source.origins, drop, strict=True):
             if not dropped:
                 continue
             mine = row["options"][row["answer"]]
@@ -106,7 +110,7 @@ def _drop_conflicts(loaded: list[LoadedSource]) -> list[LoadedSource]:
             rejected["reason"].append(f"conflicting_answer: this source answers {mine!r} but {others}")
             rejected["raw"].append(json.dumps({k: row[k] for k in ("question", "options", "answer")}, ensure_ascii=False))
         keep = pa.array([not d for d in drop], pa.bool_())
-        dropped_keys = sorted(k for k, d in zip(keys, drop, strict=True) if d)
+        dropped_keys = sorted(k for k, d in zip(keys[i], drop, strict=True) if d)
         all_rejected = pa.concat_tables([source.rejected, pa.table(rejected, schema=REJECTED_SCHEMA)])
         counts = source.counts | {"questions": source.counts["questions"] - len(dropped_keys),
                                   "rejected": all_rejected.num_rows}
@@ -115,10 +119,11 @@ def _drop_conflicts(loaded: list[LoadedSource]) -> list[LoadedSource]:
             source, questions=source.questions.filter(keep), rejected=all_rejected, counts=counts, identity=identity,
             origins=[o for o, d in zip(source.origins, drop, strict=True) if not d],
         ))
-    return result
+    return result, result_keys
 
 
-def _store(store: Store, source: SourceConfig, loaded: LoadedSource, splits: SplitConfig) -> tuple[str, int, bool]:
+def _store(store: Store, source: SourceConfig, loaded: LoadedSource, keys: list[str],
+           splits: SplitConfig) -> tuple[str, int, bool]:
     """Store one loaded source unless the same version holds questions already: (dataset_id, version, reused)."""
     dataset_id = f"{loaded.name}@{loaded.identity[:12]}"
     existing = store.fetch_one("find_dataset", dataset_id=dataset_id)
@@ -144,7 +149,7 @@ def _store(store: Store, source: SourceConfig, loaded: LoadedSource, splits: Spl
         tx.execute("insert_dataset_reading", dataset_id=dataset_id, identity=loaded.identity,
                    answers=loaded.answers, encoding=loaded.encoding)
         if loaded.questions.num_rows:
-            tx.execute("insert_questions", _with_splits(loaded.questions, splits), dataset_id=dataset_id)
+            tx.execute("insert_questions", _with_splits(loaded.questions, keys, splits), dataset_id=dataset_id)
         if loaded.rejected.num_rows:
             tx.execute("insert_rejected", loaded.rejected, dataset_id=dataset_id)
         if loaded.notes.num_rows:
@@ -152,11 +157,14 @@ def _store(store: Store, source: SourceConfig, loaded: LoadedSource, splits: Spl
     return dataset_id, version, False
 
 
-def _record_duplicates(store: Store, loaded: list[LoadedSource], ids: list[str], splits: SplitConfig) -> None:
+def _record_duplicates(store: Store, loaded: list[LoadedSource], keys: list[list[str]], ids: list[str],
+                       splits: SplitConfig) -> None:
     """One question_duplicates row per ordered pair of datasets of the run sharing a question's content."""
+    if len(set(ids)) < 2:
+        return
     where: dict[str, list[tuple[str, str]]] = defaultdict(list)  # key -> [(dataset_id, question_id)]
-    for source, dataset_id in zip(loaded, ids, strict=True):
-        for key, qid in zip(content_keys(source.questions), source.questions["question_id"].to_pylist(), strict=True):
+    for source, source_keys, dataset_id in zip(loaded, keys, ids, strict=True):
+        for key, qid in zip(source_keys, source.questions["question_id"].to_pylist(), strict=True):
             where[key].append((dataset_id, qid))
     rows: dict[str, list] = defaultdict(list)
     shared = {key: hits for key, hits in where.items() if len({d for d, _ in hits}) > 1}
@@ -173,15 +181,12 @@ def _record_duplicates(store: Store, loaded: list[LoadedSource], ids: list[str],
         store.execute("insert_question_duplicates", pa.table(dict(rows)))
 
 
-def ingest(cfg: RunConfig, store: Store) -> list[DatasetReport]:
-    """Load every configured source, settle duplicates and conflicts across them, store each as a dataset.
-
-    Raises IngestError (from load_source) before anything is stored when a source cannot be read.
-    """
-    loaded = _drop_conflicts([load_source(source) for source in cfg.data.sources])
-    stored = [_store(store, source, one, cfg.data.splits) for source, one in zip(cfg.data.sources, loaded, strict=True)]
-    ids = [dataset_id for dataset_id, _, _ in stored]
-    _record_duplicates(store, loaded, ids, cfg.data.splits)
+def _ingest_loaded(store: Store, sources: list[SourceConfig], loaded: list[LoadedSource],
+                   splits: SplitConfig) -> list[DatasetReport]:
+    loaded, keys = _drop_conflicts(loaded, [content_keys(one.questions) for one in loaded])
+    stored = [_store(store, source, one, one_keys, splits)
+              for source, one, one_keys in zip(sources, loaded, keys, strict=True)]
+    _record_duplicates(store, loaded, keys, [dataset_id for dataset_id, _, _ in stored], splits)
     reports = []
     for one, (dataset_id, version, reused) in zip(loaded, stored, strict=True):
         answers, encoding = store.fetch_one("find_dataset_reading", dataset_id=dataset_id) or (one.answers, one.encoding)
@@ -202,6 +207,20 @@ def ingest(cfg: RunConfig, store: Store) -> list[DatasetReport]:
             not_sampled=one.counts.get("not_sampled", 0),
         ))
     return reports
+
+
+def ingest_source(store: Store, source: SourceConfig, splits: SplitConfig) -> DatasetReport:
+    """Load and store one source on its own (no other source to compare its questions with)."""
+    return _ingest_loaded(store, [source], [load_source(source)], splits)[0]
+
+
+def ingest(cfg: RunConfig, store: Store) -> list[DatasetReport]:
+    """Load every configured source, settle duplicates and conflicts across them, store each as a dataset.
+
+    Raises IngestError (from load_source) before anything is stored when a source cannot be read.
+    """
+    sources = cfg.data.sources
+    return _ingest_loaded(store, sources, [load_source(source) for source in sources], cfg.data.splits)
 
 
 def run_dataset_ids(cfg: RunConfig, store: Store) -> list[str]:

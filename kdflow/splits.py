@@ -12,7 +12,6 @@ it, and no question can leak from test into train when a dataset is re-ingested.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import unicodedata
 from bisect import bisect_right
@@ -31,8 +30,9 @@ def normalise_text(text: str) -> str:
 
 def normalised_key(question: str, options: Sequence[str]) -> str:
     """The content identity of a question (32 hex digits): normalised text plus the sorted normalised options."""
-    parts = [normalise_text(question), sorted(normalise_text(o) for o in options)]
-    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()[:32]
+    # \x1e and \x1f cannot survive normalise_text inside a text (they are whitespace), so they separate.
+    text = "\x1e".join([normalise_text(question), "\x1f".join(sorted(normalise_text(o) for o in options))])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def _unit(key: str) -> float:
