@@ -189,8 +189,9 @@ def test_csv_rows_are_numbered_by_physical_line():
 BAD_CASES = {
     "bad/mmlu-bad.jsonl": (
         {},
-        ["mmlu-bad:5e781a9cbe2126b8", "mmlu-bad:49669b2fdb732f9c"],
+        ["mmlu-bad:5e781a9cbe2126b8"],  # row 13 goes with row 15, which answers it differently
         {
+            13: "conflicting_duplicate",
             2: "malformed_json",
             3: "empty_question",
             4: "empty_question",
@@ -266,6 +267,7 @@ def test_reason_details_name_what_is_wrong():
     assert reasons[9] == "missing_answer: 'answer' is NaN"
     assert reasons[11] == "duplicate_row: duplicate of row 1"
     assert reasons[15].startswith("conflicting_duplicate: same question and options as row 13")
+    assert reasons[13].startswith("conflicting_duplicate: same question and options as row 15")
     arc = {row["row_number"]: row["reason"] for row in load("bad/arc-bad.jsonl").rejected.to_pylist()}
     assert arc[2] == "duplicate_id: id 'Mercury_1' first used by row 1 with different content"
     assert arc[3] == "unknown_answer_label: answerKey 'F' is not one of the labels A, B, C, D"

@@ -163,7 +163,9 @@ class _Collector:
         kept: list[Mapped] = []
         origins: list[tuple[str, int]] = []
         notes: dict[str, list[Any]] = {name: [] for name in NOTE_SCHEMA.names}
-        by_content: dict[str, tuple[_Draft, str]] = {}
+        # normalised key -> (first row, its gold text, its index in the kept lists; None once conflicted)
+        by_content: dict[str, tuple[_Draft, str, int | None]] = {}
+        conflicted: set[int] = set()
         by_id: dict[str, _Draft] = {}
         for draft in self.drafts:
             m = draft.mapped
@@ -181,17 +183,23 @@ class _Collector:
                 where = self._where(seen[0])
                 if seen[1] == gold:
                     self._reject(draft.source, draft.row, f"duplicate_row: duplicate of {where}")
-                else:
-                    first = seen[0].mapped
-                    self._reject(draft.source, draft.row,
-                                 f"conflicting_duplicate: same question and options as {where} but answer "
-                                 f"{m.options[m.answer]!r} instead of {first.options[first.answer]!r}")
+                    continue
+                first = seen[0].mapped
+                self._reject(draft.source, draft.row,
+                             f"conflicting_duplicate: same question and options as {where} but answer "
+                             f"{m.options[m.answer]!r} instead of {first.options[first.answer]!r}")
+                if seen[2] is not None:  # neither answer can be trusted: the first copy goes too
+                    conflicted.add(seen[2])
+                    self._reject(seen[0].source, seen[0].row,
+                                 f"conflicting_duplicate: same question and options as {self._where(draft)} but "
+                                 f"answer {first.options[first.answer]!r} instead of {m.options[m.answer]!r}")
+                    by_content[key] = (seen[0], seen[1], None)
                 continue
             if question_id in by_id:
                 self._reject(draft.source, draft.row, f"duplicate_id: id {m.key!r} first used by "
                              f"{self._where(by_id[question_id])} with different content")
                 continue
-            by_content[key] = (draft, gold)
+            by_content[key] = (draft, gold, len(ids))
             by_id[question_id] = draft
             ids.append(question_id)
             kept.append(m)
@@ -199,6 +207,12 @@ class _Collector:
             if note is not None:
                 for name, value in zip(NOTE_SCHEMA.names, (question_id, draft.source, draft.row.number, note)):
                     notes[name].append(value)
+        if conflicted:
+            keep = [i for i in range(len(ids)) if i not in conflicted]
+            ids, kept, origins = [ids[i] for i in keep], [kept[i] for i in keep], [origins[i] for i in keep]
+            remaining = set(ids)
+            notes = {name: [v for v, qid in zip(values, notes["question_id"]) if qid in remaining]
+                     for name, values in notes.items()}
         n = len(ids)
         columns = {
             "question_id": ids,

@@ -58,7 +58,7 @@ Reason codes (a rejected row's reason is "<code>: <detail>"):
   answer_not_in_options an answer given as text that matches no option
   missing_id            the id column is missing, null or blank
   duplicate_row         same question, options and answer as an earlier row (compared normalised)
-  conflicting_duplicate same question and options as an earlier row but another answer
+  conflicting_duplicate same question and options as another row of the source but another answer (both go)
   conflicting_answer    the same question in another source of the run with another answer
   duplicate_id          the question id of an earlier row with different content
 """
