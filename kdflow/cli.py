@@ -70,8 +70,12 @@ def ingest(
     paths: Annotated[Optional[list[str]], typer.Argument(help="files or globs to ingest instead of the config's sources")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    format: Annotated[str, typer.Option("--format", "-f", help="layout of PATHs: auto or one of README's input-format table")] = "auto",
-    encoding: Annotated[str, typer.Option("--encoding", help="text encoding of PATHs (auto: BOM, UTF-8, else detected)")] = "auto",
+    format: Annotated[
+        str, typer.Option("--format", "-f", help="layout of PATHs: auto or one of README's input-format table")
+    ] = "auto",
+    encoding: Annotated[
+        str, typer.Option("--encoding", help="text encoding of PATHs (auto: BOM, UTF-8, else detected)")
+    ] = "auto",
 ) -> None:
     """Read questions into the store, one dataset per source; prints each source's detected layout and
     answer semantics. Bad rows are kept in rejected_rows with their reason."""

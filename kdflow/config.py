@@ -41,7 +41,8 @@ class GenericMapping(Strict):
         "values and the options, and refuses the source when the values fit two readings that disagree",
     )
     answer_base: Literal[0, 1] | None = Field(
-        None, description="for an index answer: 0 (first option is 0) or 1 (first option is 1); default: from the values"
+        None,
+        description="for an index answer: 0 (first option is 0) or 1 (first option is 1); default: from the values",
     )
     passage: str | None = Field(
         None, description="column holding a passage or context shown before the question (e.g. a reading article)"
@@ -106,7 +107,9 @@ class SourceConfig(Strict):
             try:
                 codecs.lookup(self.encoding)
             except LookupError:
-                raise ValueError(f"encoding {self.encoding!r} is not a known codec (e.g. utf-8, utf-16, cp1252)") from None
+                raise ValueError(
+                    f"encoding {self.encoding!r} is not a known codec (e.g. utf-8, utf-16, cp1252)"
+                ) from None
         return self
 
     @property

@@ -108,7 +108,8 @@ def _drop_conflicts(loaded: list[LoadedSource], keys: list[list[str]]) -> tuple[
             rejected["source"].append(path)
             rejected["row_number"].append(number)
             rejected["reason"].append(f"conflicting_answer: this source answers {mine!r} but {others}")
-            rejected["raw"].append(json.dumps({k: row[k] for k in ("question", "options", "answer")}, ensure_ascii=False))
+            raw = {k: row[k] for k in ("question", "options", "answer")}
+            rejected["raw"].append(json.dumps(raw, ensure_ascii=False))
         keep = pa.array([not d for d in drop], pa.bool_())
         dropped_keys = sorted(k for k, d in zip(keys[i], drop, strict=True) if d)
         all_rejected = pa.concat_tables([source.rejected, pa.table(rejected, schema=REJECTED_SCHEMA)])
@@ -189,7 +190,8 @@ def _ingest_loaded(store: Store, sources: list[SourceConfig], loaded: list[Loade
     _record_duplicates(store, loaded, keys, [dataset_id for dataset_id, _, _ in stored], splits)
     reports = []
     for one, (dataset_id, version, reused) in zip(loaded, stored, strict=True):
-        answers, encoding = store.fetch_one("find_dataset_reading", dataset_id=dataset_id) or (one.answers, one.encoding)
+        reading = store.fetch_one("find_dataset_reading", dataset_id=dataset_id)
+        answers, encoding = reading or (one.answers, one.encoding)
         reports.append(DatasetReport(
             dataset_id=dataset_id,
             name=one.name,

@@ -31,7 +31,7 @@ def _gold(path: Path, **kwargs) -> list[str]:
     return [r["options"][r["answer"]] for r in rows]
 
 
-# --- inputs reported read wrong ----------------------------------------------------------------------------------------
+# --- inputs reported read wrong ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("config", "expected"), [

@@ -195,7 +195,8 @@ def _detect_one(record: dict[str, Any]) -> str | None:
         return "piqa"
     if {"sentence", "option1", "option2", "answer"} <= record.keys():
         return "winogrande"
-    if ("ctx" in record or "startphrase" in record) and ("endings" in record or "ending0" in record) and "label" in record:
+    context = "ctx" in record or "startphrase" in record
+    if context and ("endings" in record or "ending0" in record) and "label" in record:
         return "hellaswag"
     if {"question", "opa", "opb", "cop"} <= record.keys():
         return "medmcqa"
