@@ -92,7 +92,10 @@ def ingest(
         try:
             cfg.data.sources = [SourceConfig(path=p, format=format, encoding=encoding) for p in paths]
         except ValidationError as e:
-            raise _fail("; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())) from None
+            raise _fail("; ".join(
+                (f"--{err['loc'][-1]}: " if err["loc"] else "") + err["msg"].removeprefix("Value error, ")
+                for err in e.errors()
+            )) from None
         except (ValueError, ConfigError) as e:
             raise _fail(f"--format {format!r}: {e}") from None
     store = Store(cfg.home_dir)
