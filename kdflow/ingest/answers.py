@@ -169,10 +169,11 @@ def choose_reading(
     distinct = list(dict.fromkeys(tuple(vectors[name]) for name in top))
     settled = "every value fits" if best == len(votes) else f"{best} of {len(votes)} values fit"
     if len(distinct) == 1:
-        chosen = prior if prior in top else top[0]
-        why = settled if len(top) == 1 or chosen != prior else f"{settled}; {prior_why}"
-    elif prior in top:
-        chosen, why = prior, f"{settled}; {prior_why}"
+        chosen, why = (prior if prior in top else top[0]), settled
+    elif prior in top:  # the values fit readings that disagree: the published convention decides
+        rivals = {tuple(vectors[name]): name for name in reversed(top) if vectors[name] != vectors[prior]}
+        others = " or ".join(_DESCRIBE[name] for name in reversed(rivals.values()))
+        chosen, why = prior, f"{settled}, also as a {others}; {prior_why}"
     else:
         a = top[0]
         b = next(name for name in top if vectors[name] != vectors[a])
