@@ -286,3 +286,41 @@ def test_repeated_options_are_kept_unless_the_gold_text_repeats(tmp_path):
     assert [r["options"][r["answer"]] for r in loaded.questions.to_pylist()] == ["2+2=4"]
     assert loaded.rejected.column("reason").to_pylist() == ["ambiguous_answer: the gold answer 'All of these' is options A, B"]
     assert loaded.notes.column("note").to_pylist() == ["repeated options: 'None of these' x2"]
+
+
+def test_no_column_encoding_ever_stores_a_wrong_answer():
+    """Many random columns, each written one way (0-/1-based index as int, float or string, letter in several
+    spellings, option text, over word, letter or numeral options): every column is either refused or read
+    with every stored answer equal to the truth."""
+    import random
+
+    from kdflow.ingest.answers import resolve
+
+    rng = random.Random(7)
+    pools = [["red", "green", "blue", "pink", "grey"], ["A", "B", "C", "D", "E"], ["1", "2", "3", "4", "5"],
+             ["0", "10", "20", "30", "40"]]
+    writers = {
+        "index0": lambda i, opts: rng.choice([i, float(i), str(i), f"{i}.0"]),
+        "index1": lambda i, opts: rng.choice([i + 1, float(i + 1), str(i + 1)]),
+        "letter": lambda i, opts: rng.choice(["ABCDE"[i], "abcde"[i], f"({'ABCDE'[i]})", f"{'ABCDE'[i]}."]),
+        "text": lambda i, opts: opts[i],
+    }
+    outcomes = {"read": 0, "refused": 0}
+    for _ in range(600):
+        kind = rng.choice(list(writers))
+        votes, truth = [], []
+        for row in range(rng.randint(1, 6)):
+            options = rng.sample(rng.choice(pools), rng.randint(2, 5))
+            gold = rng.randrange(len(options))
+            votes.append(Vote(f"row {row}", writers[kind](gold, options), options))
+            truth.append(gold)
+        try:
+            reading = choose_reading(votes, "answer", "random")
+        except AnswerSemanticsError:
+            outcomes["refused"] += 1
+            continue
+        outcomes["read"] += 1
+        for vote, gold in zip(votes, truth):
+            index, _ = resolve(reading.name, vote.value, vote.options)
+            assert index in (gold, None), (kind, reading, votes)
+    assert outcomes["read"] > 300 and outcomes["refused"] > 30, outcomes  # both paths are exercised
