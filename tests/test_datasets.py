@@ -221,3 +221,16 @@ def test_a_source_can_be_subsampled_by_category(tmp_path):
     other.data.sources = [SourceConfig(path=str(src), sample={"size": 10, "seed": 3})]
     ingest(other, Store(other.home_dir))
     assert _rows(Store(other.home_dir), "SELECT question FROM questions ORDER BY 1") == first
+
+
+def test_repeated_options_are_recorded_beside_the_kept_question(tmp_path):
+    src = _jsonl(tmp_path / "r.jsonl", [
+        {"question": "Pick the odd one", "options": ["none", "cat", "none", "car"], "answer": "car"},
+        {"question": "Pick the pet", "options": ["both", "both", "cat"], "answer": "both"},
+    ])
+    cfg = _cfg(tmp_path, src)
+    store = Store(cfg.home_dir)
+    report = ingest(cfg, store)[0]
+    assert (report.loaded, report.rejected, report.notes) == (1, 1, 1)
+    assert _rows(store, "SELECT note FROM question_notes") == [("repeated options: 'none' x2",)]
+    assert report.rejected_by_reason == {"ambiguous_answer": 1}

@@ -1,11 +1,13 @@
 """Ingestion: read one configured source into canonical question records plus the rows it had to reject.
 
-`load_source` finds the files (or the hub split, or the demo world), reads them (readers.py), maps each
-record of the detected layout (layouts.py, which also lists the rejection reason codes), drops duplicates
-and returns Arrow tables. Every row that does not become a question is kept in `rejected` with a reason;
-a source whose rows are all rejected is not an error here - the caller decides. Problems that make a
-source unusable as a whole raise IngestError with the file and what to do. Splits are assigned later
-(kdflow.splits), so `split` is left "".
+`load_source` finds the files (or the hub split, or the demo world), decodes them (readers.to_utf8: BOMs,
+UTF-8, detected cp1252), reads them (readers.py), maps each record of the detected layout (layouts.py,
+which also lists the rejection reason codes), decides once for the whole source how its answer column is
+written (answers.py), resolves every answer, rejects duplicates and returns Arrow tables. Every row that
+does not become a question is kept in `rejected` with a reason; a source whose rows are all rejected is
+not an error here - the caller decides. Problems that make a source unusable as a whole (a missing file,
+an unknown layout, an answer column the values do not settle, an encoding that cannot be read) raise
+IngestError with the file and what to do. Splits are assigned later (kdflow.splits), so `split` is "".
 """
 
 from __future__ import annotations
