@@ -77,7 +77,7 @@ class SourceConfig(Strict):
     name: str | None = Field(
         None,
         description="dataset name; default: the path relative to the sources' common folder without the "
-        "extension (easy/test, challenge/test), the hub id, or 'demo'",
+        "extension (easy/test, challenge/test), the hub id with subset and split (cais__mmlu__all__test), or 'demo'",
     )
     path: str | None = Field(None, description="a .jsonl/.json/.csv/.parquet file or a glob of them")
     hf_dataset: str | None = Field(None, description="Hugging Face dataset id, e.g. cais/mmlu")
@@ -122,7 +122,8 @@ class SourceConfig(Strict):
         if self.demo is not None:
             return "demo"
         if self.hf_dataset is not None:
-            return self.hf_dataset.replace("/", "__") + (f"__{self.hf_subset}" if self.hf_subset else "")
+            parts = [self.hf_dataset.replace("/", "__"), self.hf_subset, self.hf_split]
+            return "__".join(p for p in parts if p)
         return _anchor(str(self.path)).name
 
 

@@ -389,7 +389,7 @@ def test_hub_source_maps_the_loaded_split(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     loaded = load_source(SourceConfig(hf_dataset="cais/mmlu", hf_subset="all", hf_split="test"))
     assert calls == [("cais/mmlu", "all", "test")]
-    assert loaded.name == "cais__mmlu__all" and loaded.layout == "mmlu" and loaded.counts["questions"] == 4
+    assert loaded.name == "cais__mmlu__all__test" and loaded.layout == "mmlu" and loaded.counts["questions"] == 4
     assert loaded.questions.column("question").to_pylist() == [row["question"] for row in rows]
     assert len(loaded.content_hash) == 64
 
