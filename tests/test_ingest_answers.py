@@ -206,6 +206,7 @@ CSV_TEXT = "question,choices,answer\nCafé or thé?,\"['café', 'thé']\",1\n“
     ("utf-8-sig", "utf-8 with BOM"),
     ("utf-32", "utf-32 with BOM"),
     ("cp1252", "cp1252 (detected: not UTF-8)"),
+    ("utf-16-le", "utf_16_le (detected, no BOM)"),
 ])
 def test_csv_in_other_encodings_reads_the_same(tmp_path, encoding, found):
     path = tmp_path / "q.csv"
@@ -226,6 +227,9 @@ def test_latin1_jsonl_and_spreadsheet_utf16_with_pandas(tmp_path):
     sheet = tmp_path / "sheet.csv"
     df.to_csv(sheet, index=False, encoding="utf-16")
     assert _gold(sheet) == ["groß"]
+    ascii_only = tmp_path / "plain.csv"  # UTF-16 without a BOM and without a non-ASCII character
+    df.assign(question=["Size?"], B=["big"]).to_csv(ascii_only, index=False, encoding="utf-16-le")
+    assert _gold(ascii_only) == ["big"]
 
 
 def test_an_undecodable_file_names_the_encoding_and_the_setting(tmp_path):

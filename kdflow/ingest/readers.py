@@ -42,9 +42,10 @@ def to_utf8(data: bytes, encoding: str = "auto") -> tuple[bytes, str]:
     """The file's bytes as UTF-8 without a BOM, and the encoding they were read in (for the summary).
 
     auto: a byte-order mark decides (UTF-8, UTF-16, UTF-32: what spreadsheet programs save); else valid
-    UTF-8 stays as it is; a file that is UTF-8 except for some broken lines also stays (those lines are
-    rejected one by one); a file with no UTF-8 multi-byte character at all that charset-normalizer reads
-    as a Latin-script code page is read as cp1252 (Latin-1 when a byte is undefined in cp1252).
+    UTF-8 without NUL bytes stays as it is; a file that is UTF-8 except for some broken lines also stays
+    (those lines are rejected one by one); UTF-16/32 without a BOM is read as charset-normalizer finds
+    it; a file with no UTF-8 multi-byte character that charset-normalizer reads as a Latin-script code
+    page is read as cp1252 (Latin-1 when a byte is undefined in cp1252).
     Any other encoding is named in an EncodingError with the setting to use. A named `encoding` is used
     as given. Raises EncodingError (a ValueError) when the bytes are not valid in the encoding used.
     """
@@ -56,18 +57,24 @@ def to_utf8(data: bytes, encoding: str = "auto") -> tuple[bytes, str]:
         if data.startswith(bom):
             name = {"utf-8-sig": "utf-8 with BOM"}.get(codec, f"{codec} with BOM")
             return _recode(data, codec), name
+    # NUL bytes are valid UTF-8, but text has none: a file full of them is UTF-16/32 without a BOM.
+    has_nul = b"\x00" in data
     try:
         data.decode("utf-8")
-        return data, "utf-8"
+        if not has_nul:
+            return data, "utf-8"
+        first_bad = data.index(b"\x00")
     except UnicodeDecodeError as e:
         first_bad = e.start
-    if _MULTIBYTE_UTF8.search(data) and b"\x00" not in data:
+    if _MULTIBYTE_UTF8.search(data) and not has_nul:
         return data, "utf-8 (some lines invalid)"
     from charset_normalizer import from_bytes  # only needed for files that are not UTF-8
 
     matches = from_bytes(data)
     best = matches.best()
     found = best.encoding if best is not None else None
+    if found is not None and found.startswith(("utf_16", "utf_32")):
+        return _recode(data, found), f"{found} (detected, no BOM)"
     # Short samples of Western text fit a dozen Latin code pages equally well (cp1250, hp_roman8 ...):
     # when cp1252, what Windows programs write, fits as well as the best guess and reads as Latin
     # script, the file is read as cp1252.
@@ -81,8 +88,6 @@ def to_utf8(data: bytes, encoding: str = "auto") -> tuple[bytes, str]:
                 return data.decode(codec).encode("utf-8"), f"{codec} (detected: not UTF-8)"
             except UnicodeDecodeError:
                 continue
-    if found is not None and found.startswith(("utf_16", "utf_32")):
-        return _recode(data, found), f"{found} (detected, no BOM)"
     looks = f"it looks like {found}" if found else "its encoding could not be recognised"
     raise EncodingError(
         f"is not UTF-8 (invalid byte at offset {first_bad}); {looks}: set encoding: "
