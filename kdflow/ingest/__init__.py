@@ -26,7 +26,6 @@ import pyarrow as pa
 from kdflow.config import SourceConfig
 from kdflow.ingest.answers import AnswerSemanticsError, Reading, Vote, choose_reading, resolve
 from kdflow.ingest.layouts import (
-    ABSENT,
     DETECT_ROWS,
     LAYOUTS,
     Mapped,
@@ -39,8 +38,8 @@ from kdflow.ingest.layouts import (
     mapping_columns,
     repeated_options,
 )
-from kdflow.ingest.readers import READERS, EncodingError, Row, rows_from_records, to_utf8
-from kdflow.records import LETTERS, QUESTION_SCHEMA, REJECTED_SCHEMA
+from kdflow.ingest.readers import READERS, Row, rows_from_records, to_utf8
+from kdflow.records import QUESTION_SCHEMA, REJECTED_SCHEMA
 from kdflow.splits import normalise_text, normalised_key
 
 __all__ = ["IngestError", "LoadedSource", "load_source"]

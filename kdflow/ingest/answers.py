@@ -70,7 +70,8 @@ class Vote:
     options: Sequence[str]
 
 
-def _number(value: Any) -> int | None:
+def as_number(value: Any) -> int | None:
+    """An integer written as int, integral float (2.0) or digit string ("2", "2.0"), else None (bools too)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -105,7 +106,7 @@ def resolve(reading: str, value: Any, options: Sequence[str]) -> tuple[int | Non
             return None, f"answer_out_of_range: answer letter {LETTERS[index]} but {n} options"
         if reading == "letter":
             return None, f"unknown_answer_label: answer {value!r} is not a letter A-Z"
-    number = _number(value)
+    number = as_number(value)
     if number is None:
         return None, f"bad_answer: answer {value!r} is not {_DESCRIBE[reading]}"
     base = 1 if reading.endswith("index1") else 0

@@ -77,7 +77,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kdflow.config import GenericMapping
-from kdflow.ingest.answers import _number
+from kdflow.ingest.answers import as_number
 from kdflow.records import LETTERS, MAX_OPTIONS
 
 LAYOUTS = (
@@ -430,7 +430,7 @@ def _label_index(key: Any, labels: list[str]) -> int:
     text = str(key).strip()
     if text in labels:
         return labels.index(text)
-    number = _number(key)
+    number = as_number(key)
     if number is not None and str(number) in labels:
         return labels.index(str(number))
     upper = text.upper()
@@ -461,7 +461,7 @@ def _labelled_choices(value: Any) -> tuple[list[Any], list[str]]:
     for label in labels:
         if emptiness(label) is not None:
             raise Rejected("bad_options", f"choice {len(clean) + 1} has no label")
-        number = _number(label)
+        number = as_number(label)
         text = str(number) if number is not None and not isinstance(label, str) else str(label).strip()
         if text in clean:
             raise Rejected("bad_options", f"label {text!r} appears twice")
@@ -514,7 +514,7 @@ def _map_mc1(record: dict[str, Any]) -> Mapped:
     if len(choices) != len(labels):
         raise Rejected("bad_options", f"'mc1_targets' has {len(choices)} choices but {len(labels)} labels")
     options = _options(choices)
-    ones = [i for i, label in enumerate(labels) if _number(label) == 1]
+    ones = [i for i, label in enumerate(labels) if as_number(label) == 1]
     if len(ones) != 1:
         raise Rejected("bad_answer", f"'mc1_targets.labels' marks {len(ones)} choices correct, not exactly one")
     first = [options[ones[0]]] + [text for i, text in enumerate(options) if i != ones[0]]
