@@ -335,8 +335,11 @@ def test_unusable_sources_raise_ingest_error(path, match):
         load_source(SourceConfig(path=str(FIXTURES / path)))
 
 
-def test_ingest_error_is_a_value_error():
-    assert issubclass(IngestError, ValueError)
+def test_ingest_error_is_a_value_error_and_a_user_error():
+    from kdflow.errors import KdflowError, is_transient
+
+    assert issubclass(IngestError, ValueError) and issubclass(IngestError, KdflowError)  # exit 2 in `kdflow run`
+    assert not is_transient(IngestError("x"))  # never retried
 
 
 def test_mapping_with_unknown_columns_names_them():

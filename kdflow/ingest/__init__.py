@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 
 from kdflow.config import SourceConfig
+from kdflow.errors import KdflowError
 from kdflow.ingest.answers import AnswerSemanticsError, Reading, Vote, choose_reading, resolve
 from kdflow.ingest.layouts import (
     DETECT_ROWS,
@@ -49,8 +50,9 @@ NOTE_SCHEMA = pa.schema([("question_id", pa.string()), ("source", pa.string()), 
 """A kept question worth knowing about (e.g. repeated options), recorded beside it."""
 
 
-class IngestError(ValueError):
-    """A source that cannot be read at all, phrased so the user knows what to change."""
+class IngestError(KdflowError, ValueError):
+    """A source that cannot be read at all, phrased so the user knows what to change (exit 2 in every
+    command, `kdflow run` included)."""
 
 
 @dataclass(frozen=True)
