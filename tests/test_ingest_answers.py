@@ -328,3 +328,14 @@ def test_no_column_encoding_ever_stores_a_wrong_answer():
             index, _ = resolve(reading.name, vote.value, vote.options)
             assert index in (gold, None), (kind, reading, votes)
     assert outcomes["read"] > 300 and outcomes["refused"] > 30, outcomes  # both paths are exercised
+
+
+def test_a_detected_layout_refusal_gives_the_mapping_to_write(tmp_path):
+    rows = [{"question": f"q{i}?", "option_a": "w", "option_b": "x", "option_c": "y", "answer": a}
+            for i, a in enumerate([1, 2])]
+    path = _jsonl(tmp_path / "cols.jsonl", rows)
+    with pytest.raises(IngestError) as e:
+        load_source(SourceConfig(path=str(path)))
+    hint = json.loads(str(e.value).split("e.g. mapping: ")[1].rstrip(")"))
+    assert hint == {"question": "question", "options": ["option_a", "option_b", "option_c"], "answer": "answer"}
+    assert _gold(path, mapping=GenericMapping(**hint, answer_base=1)) == ["w", "x"]

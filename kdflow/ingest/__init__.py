@@ -141,7 +141,13 @@ class _Collector:
             reading = choose_reading(votes, column, self.origin, mapper.answer_type, mapper.answer_base,
                                      mapper.prior, mapper.prior_why)
         except AnswerSemanticsError as e:
-            raise IngestError(str(e)) from None
+            hint = ""
+            if mapper.layout != "generic" and mapper.mapping is not None:
+                # A detected layout has no mapping in the config yet: give the one to write.
+                given = mapper.mapping.model_dump(exclude_defaults=True, exclude={"answer_type", "answer_base"})
+                hint = (f" (this source is read as {mapper.layout}: write its columns too, e.g. mapping: "
+                        f"{json.dumps(mapper.mapping.model_dump(include={'question', 'options', 'answer'}) | given)})")
+            raise IngestError(f"{e}{hint}") from None
         return reading, column
 
     def _answer(self, m: Mapped, reading: Reading | None, column: str) -> int:

@@ -151,6 +151,8 @@ class Mapper:
     answer_base: int | None = None
     prior: str | None = None
     prior_why: str = ""
+    mapping: GenericMapping | None = None
+    """The column mapping in use: what a user copies into the config to set answer_type/answer_base."""
 
     def __call__(self, record: dict[str, Any]) -> Mapped:
         return self.map(record)
@@ -597,8 +599,9 @@ def mapper_for(layout: str, columns: list[str] | None = None, mapping: GenericMa
     if layout == "truthfulqa_mc1":
         return Mapper(layout, _map_mc1)
     if layout == "generic" and mapping is not None:
-        return Mapper(layout, _generic_map(mapping), mapping.answer, mapping.answer_type, mapping.answer_base)
+        return Mapper(layout, _generic_map(mapping), mapping.answer, mapping.answer_type, mapping.answer_base,
+                      mapping=mapping)
     if layout in LAYOUTS:
         known, prior, why = _layout_mapping(layout, list(columns or []))
-        return Mapper(layout, _generic_map(known), known.answer, prior=prior, prior_why=why)
+        return Mapper(layout, _generic_map(known), known.answer, prior=prior, prior_why=why, mapping=known)
     raise ValueError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)}; generic needs a mapping)")
