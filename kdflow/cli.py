@@ -76,9 +76,17 @@ def ingest(
     paths: Annotated[Optional[list[str]], typer.Argument(metavar="PATHS", help="files or globs to ingest instead of the config's sources")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    format: Annotated[str, typer.Option("--format", "-f", metavar="LAYOUT", help="layout of PATHs: auto, mmlu, arc, sciq, csqa, openbookqa, generic")] = "auto",
+    format: Annotated[
+        str, typer.Option("--format", "-f", metavar="LAYOUT", help="layout of PATHs: auto or one of README's input-format table")
+    ] = "auto",
+    encoding: Annotated[
+        str, typer.Option("--encoding", metavar="CODEC", help="text encoding of PATHs (auto: BOM, UTF-8, else detected)")
+    ] = "auto",
 ) -> None:
-    """Read questions into the store; bad rows are kept in rejected_rows with their reason."""
+    """Read questions into the store, one dataset per source; prints each source's detected layout and
+    answer semantics. Bad rows are kept in rejected_rows with their reason."""
+    from pydantic import ValidationError
+
     from kdflow.config import ConfigError, SourceConfig
     from kdflow.datasets import ingest as ingest_all
     from kdflow.ingest import IngestError
@@ -88,7 +96,12 @@ def ingest(
     cfg = _load(config, set_)
     if paths:
         try:
-            cfg.data.sources = [SourceConfig(path=p, format=format) for p in paths]
+            cfg.data.sources = [SourceConfig(path=p, format=format, encoding=encoding) for p in paths]
+        except ValidationError as e:
+            raise _fail("; ".join(
+                (f"--{err['loc'][-1]}: " if err["loc"] else "") + err["msg"].removeprefix("Value error, ")
+                for err in e.errors()
+            )) from None
         except (ValueError, ConfigError) as e:
             raise _fail(f"--format {format!r}: {e}") from None
     store = Store(cfg.home_dir)

@@ -1,25 +1,41 @@
-"""Ingestion into the store: versioned datasets, split assignment, rejected rows kept with their reason.
+"""Ingestion into the store: one dataset per configured source, versioned, with one split per question.
 
-A dataset version is identified by its source's content hash, so re-ingesting an unchanged file is a
-no-op and a changed one becomes version n+1 beside the old one (labels of unchanged questions stay
-valid: they are keyed by question content, not by version).
+A dataset version is identified by its name and the source's identity: the content hash of its files and
+everything that decides how they were read (layout, mapping, encoding, answer semantics, sample), plus
+the questions dropped for conflicting with another source of the run. Re-ingesting an unchanged source
+is a no-op, a changed one becomes version n+1 beside the old one (labels of unchanged questions stay
+valid: they are keyed by question content, not by version), and a version that stored no question is
+never reused: it is stored again.
+
+All sources of a run are loaded before anything is stored, so questions can be compared across them by
+their normalised content (kdflow.splits.normalised_key):
+- the split of a question is a function of that content, so its copies share one split everywhere;
+- a question in two sources with the same gold answer is kept in both and recorded in
+  question_duplicates (and counted in the summary);
+- a question in two sources with different gold answers is rejected in both, each rejection naming the
+  other source and its answer (`conflicting_answer`): neither answer can be trusted.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 
 from kdflow.config import RunConfig, SourceConfig, SplitConfig
-from kdflow.ingest import load_source
-from kdflow.splits import assign_splits
+from kdflow.ingest import LoadedSource, load_source
+from kdflow.records import REJECTED_SCHEMA
+from kdflow.splits import assign_splits, normalise_text, normalised_key
 from kdflow.store import Store
 
 
 @dataclass
 class DatasetReport:
+    """What one source stored: counts come from the store, never from what was read."""
+
     dataset_id: str
     name: str
     version: int
@@ -29,6 +45,11 @@ class DatasetReport:
     reused: bool
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     splits: dict[str, int] = field(default_factory=dict)
+    answers: str = ""
+    encoding: str = ""
+    duplicates: int = 0
+    notes: int = 0
+    not_sampled: int = 0
 
 
 def question_hashes(questions: pa.Table) -> list[str]:
@@ -39,65 +60,180 @@ def question_hashes(questions: pa.Table) -> list[str]:
     ]
 
 
-def _with_splits(questions: pa.Table, splits: SplitConfig) -> pa.Table:
-    ids = questions["question_id"].to_pylist()
+def content_keys(questions: pa.Table) -> list[str]:
+    """The normalised content key of each question (what decides its split and finds its duplicates)."""
+    return [normalised_key(q, opts) for q, opts in
+            zip(questions["question"].to_pylist(), questions["options"].to_pylist(), strict=True)]
+
+
+def _with_splits(questions: pa.Table, keys: list[str], splits: SplitConfig) -> pa.Table:
     table = questions.set_column(
-        questions.schema.get_field_index("split"), "split", pa.array(assign_splits(ids, splits), pa.string())
+        questions.schema.get_field_index("split"), "split", pa.array(assign_splits(keys, splits), pa.string())
     )
     return table.append_column("question_hash", pa.array(question_hashes(questions), pa.string()))
 
 
-def ingest_source(store: Store, source: SourceConfig, splits: SplitConfig) -> DatasetReport:
-    """Load one source and store it as a dataset version (idempotent on unchanged content)."""
-    loaded = load_source(source)
-    dataset_id = f"{loaded.name}@{loaded.content_hash[:12]}"
+def _gold(questions: pa.Table) -> list[str]:
+    return [opts[a] for opts, a in zip(questions["options"].to_pylist(), questions["answer"].to_pylist(), strict=True)]
+
+
+def _drop_conflicts(loaded: list[LoadedSource], keys: list[list[str]]) -> tuple[list[LoadedSource], list[list[str]]]:
+    """Reject, in every source, the questions another source of the run answers differently.
+
+    `keys` are the content keys of each source's questions; returns both with those questions removed.
+    """
+    if len(loaded) < 2:
+        return loaded, keys
+    seen: dict[str, list[tuple[int, str]]] = defaultdict(list)  # key -> [(source index, gold text)]
+    for i, source in enumerate(loaded):
+        for key, gold in zip(keys[i], _gold(source.questions), strict=True):
+            seen[key].append((i, gold))
+    conflicts = {key: hits for key, hits in seen.items() if len({normalise_text(g) for _, g in hits}) > 1}
+    if not conflicts:
+        return loaded, keys
+    result, result_keys = [], []
+    for i, source in enumerate(loaded):
+        drop = [key in conflicts for key in keys[i]]
+        result_keys.append([key for key, d in zip(keys[i], drop, strict=True) if not d])
+        if not any(drop):
+            result.append(source)
+            continue
+        rejected: dict[str, list] = {name: [] for name in REJECTED_SCHEMA.names}
+        rows = source.questions.to_pylist()
+        for row, key, (path, number), dropped in zip(rows, keys[i], source.origins, drop, strict=True):
+            if not dropped:
+                continue
+            mine = row["options"][row["answer"]]
+            others = "; ".join(f"{loaded[j].name!r} answers {g!r}" for j, g in conflicts[key] if j != i)
+            rejected["source"].append(path)
+            rejected["row_number"].append(number)
+            rejected["reason"].append(f"conflicting_answer: this source answers {mine!r} but {others}")
+            raw = {k: row[k] for k in ("question", "options", "answer")}
+            rejected["raw"].append(json.dumps(raw, ensure_ascii=False))
+        keep = pa.array([not d for d in drop], pa.bool_())
+        dropped_keys = sorted(k for k, d in zip(keys[i], drop, strict=True) if d)
+        all_rejected = pa.concat_tables([source.rejected, pa.table(rejected, schema=REJECTED_SCHEMA)])
+        counts = source.counts | {"questions": source.counts["questions"] - len(dropped_keys),
+                                  "rejected": all_rejected.num_rows}
+        identity = hashlib.sha256(f"{source.identity}\0{','.join(dropped_keys)}".encode()).hexdigest()
+        result.append(replace(
+            source, questions=source.questions.filter(keep), rejected=all_rejected, counts=counts, identity=identity,
+            origins=[o for o, d in zip(source.origins, drop, strict=True) if not d],
+        ))
+    return result, result_keys
+
+
+def _store(store: Store, source: SourceConfig, loaded: LoadedSource, keys: list[str],
+           splits: SplitConfig) -> tuple[str, int, bool]:
+    """Store one loaded source unless the same version holds questions already: (dataset_id, version, reused)."""
+    dataset_id = f"{loaded.name}@{loaded.identity[:12]}"
     existing = store.fetch_one("find_dataset", dataset_id=dataset_id)
-    if existing is None:
-        version = store.fetch_one("next_dataset_version", name=loaded.name)[0]
-        with store.transaction() as tx:
-            tx.execute(
-                "insert_dataset",
-                dataset_id=dataset_id,
-                name=loaded.name,
-                version=version,
-                content_hash=loaded.content_hash,
-                source=source.path or source.hf_dataset or "demo",
-                layout=loaded.layout,
-                n_questions=loaded.questions.num_rows,
-                n_rejected=loaded.rejected.num_rows,
-            )
-            if loaded.questions.num_rows:
-                tx.execute("insert_questions", _with_splits(loaded.questions, splits), dataset_id=dataset_id)
-            if loaded.rejected.num_rows:
-                tx.execute("insert_rejected", loaded.rejected, dataset_id=dataset_id)
-    else:
-        version = existing[2]
-    return DatasetReport(
-        dataset_id=dataset_id,
-        name=loaded.name,
-        version=version,
-        layout=loaded.layout,
-        loaded=loaded.questions.num_rows,
-        rejected=loaded.rejected.num_rows,
-        reused=existing is not None,
-        rejected_by_reason=dict(store.fetch("rejected_by_reason", dataset_id=dataset_id)),
-        splits=dict(store.fetch("split_counts", dataset_id=dataset_id)),
-    )
+    if existing is not None and existing[3] > 0:
+        return dataset_id, existing[2], True
+    with store.transaction() as tx:
+        if existing is not None:  # an empty version is never reused: store it again
+            tx.execute("delete_dataset_rejected", dataset_id=dataset_id)
+            tx.execute("delete_empty_dataset", dataset_id=dataset_id)
+    version = existing[2] if existing is not None else store.fetch_one("next_dataset_version", name=loaded.name)[0]
+    with store.transaction() as tx:
+        tx.execute(
+            "insert_dataset",
+            dataset_id=dataset_id,
+            name=loaded.name,
+            version=version,
+            content_hash=loaded.content_hash,
+            source=source.path or source.hf_dataset or "demo",
+            layout=loaded.layout,
+            n_questions=loaded.questions.num_rows,
+            n_rejected=loaded.rejected.num_rows,
+        )
+        tx.execute("insert_dataset_reading", dataset_id=dataset_id, identity=loaded.identity,
+                   answers=loaded.answers, encoding=loaded.encoding)
+        if loaded.questions.num_rows:
+            tx.execute("insert_questions", _with_splits(loaded.questions, keys, splits), dataset_id=dataset_id)
+        if loaded.rejected.num_rows:
+            tx.execute("insert_rejected", loaded.rejected, dataset_id=dataset_id)
+        if loaded.notes.num_rows:
+            tx.execute("insert_question_notes", loaded.notes, dataset_id=dataset_id)
+    return dataset_id, version, False
+
+
+def _record_duplicates(store: Store, loaded: list[LoadedSource], keys: list[list[str]], ids: list[str],
+                       splits: SplitConfig) -> None:
+    """One question_duplicates row per ordered pair of datasets of the run sharing a question's content."""
+    if len(set(ids)) < 2:
+        return
+    where: dict[str, list[tuple[str, str]]] = defaultdict(list)  # key -> [(dataset_id, question_id)]
+    for source, source_keys, dataset_id in zip(loaded, keys, ids, strict=True):
+        for key, qid in zip(source_keys, source.questions["question_id"].to_pylist(), strict=True):
+            where[key].append((dataset_id, qid))
+    rows: dict[str, list] = defaultdict(list)
+    shared = {key: hits for key, hits in where.items() if len({d for d, _ in hits}) > 1}
+    split_of = dict(zip(shared, assign_splits(list(shared), splits), strict=True))
+    for key, hits in shared.items():
+        for dataset_id, qid in hits:
+            for other_dataset, other_qid in hits:
+                if other_dataset != dataset_id:
+                    for name, value in (("content_key", key), ("dataset_id", dataset_id), ("question_id", qid),
+                                        ("other_dataset_id", other_dataset), ("other_question_id", other_qid),
+                                        ("split", split_of[key])):
+                        rows[name].append(value)
+    if rows:
+        store.execute("insert_question_duplicates", pa.table(dict(rows)))
+
+
+def _ingest_loaded(store: Store, sources: list[SourceConfig], loaded: list[LoadedSource],
+                   splits: SplitConfig) -> list[DatasetReport]:
+    loaded, keys = _drop_conflicts(loaded, [content_keys(one.questions) for one in loaded])
+    stored = [_store(store, source, one, one_keys, splits)
+              for source, one, one_keys in zip(sources, loaded, keys, strict=True)]
+    _record_duplicates(store, loaded, keys, [dataset_id for dataset_id, _, _ in stored], splits)
+    reports = []
+    for one, (dataset_id, version, reused) in zip(loaded, stored, strict=True):
+        reading = store.fetch_one("find_dataset_reading", dataset_id=dataset_id)
+        answers, encoding = reading or (one.answers, one.encoding)
+        reports.append(DatasetReport(
+            dataset_id=dataset_id,
+            name=one.name,
+            version=version,
+            layout=one.layout,
+            loaded=store.fetch_one("count_questions", dataset_id=dataset_id)[0],
+            rejected=store.fetch_one("find_dataset", dataset_id=dataset_id)[4],
+            reused=reused,
+            rejected_by_reason=dict(store.fetch("rejected_by_reason", dataset_id=dataset_id)),
+            splits=dict(store.fetch("split_counts", dataset_id=dataset_id)),
+            answers=answers,
+            encoding=encoding,
+            duplicates=store.fetch_one("count_question_duplicates", dataset_id=dataset_id)[0],
+            notes=store.fetch_one("count_question_notes", dataset_id=dataset_id)[0],
+            not_sampled=one.counts.get("not_sampled", 0),
+        ))
+    return reports
+
+
+def ingest_source(store: Store, source: SourceConfig, splits: SplitConfig) -> DatasetReport:
+    """Load and store one source on its own (no other source to compare its questions with)."""
+    return _ingest_loaded(store, [source], [load_source(source)], splits)[0]
 
 
 def ingest(cfg: RunConfig, store: Store) -> list[DatasetReport]:
-    return [ingest_source(store, source, cfg.data.splits) for source in cfg.data.sources]
+    """Load every configured source, settle duplicates and conflicts across them, store each as a dataset.
+
+    Raises IngestError (from load_source) before anything is stored when a source cannot be read.
+    """
+    sources = cfg.data.sources
+    return _ingest_loaded(store, sources, [load_source(source) for source in sources], cfg.data.splits)
 
 
 def run_dataset_ids(cfg: RunConfig, store: Store) -> list[str]:
-    """The latest ingested version of each configured source (what the later stages work on)."""
+    """The latest ingested version holding questions of each configured source (what later stages use)."""
     ids = []
     for source in cfg.data.sources:
         row = store.fetch_one("latest_dataset", name=source.display_name)
         if row is None:
             raise LookupError(
-                f"dataset {source.display_name!r} has not been ingested into {store.path}: run `kdflow ingest` first"
+                f"dataset {source.display_name!r} has not been ingested into {store.path} (or holds no "
+                "question): run `kdflow ingest` first"
             )
         ids.append(row[0])
     return ids
-

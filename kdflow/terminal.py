@@ -23,13 +23,22 @@ def print_ingest(console: Console, reports: Sequence[DatasetReport]) -> None:
                       "unchanged: reused" if r.reused else "new version")
     console.print(table)
     for r in reports:
+        encoding = f"; encoding {r.encoding}" if r.encoding else ""
+        console.print(f"{r.dataset_id}: layout {r.layout}; answers {r.answers}{encoding}")
         if r.rejected_by_reason:
             reasons = ", ".join(f"{code} {n}" for code, n in r.rejected_by_reason.items())
             console.print(f"[yellow]{r.dataset_id}[/]: rejected {r.rejected:,} rows ({reasons}); "
                           f"they are kept in table rejected_rows with file, row and raw text")
+        if r.duplicates:
+            console.print(f"{r.dataset_id}: {r.duplicates:,} questions also in another source of this run "
+                          "(same split in both; table question_duplicates)")
+        if r.notes:
+            console.print(f"{r.dataset_id}: {r.notes:,} questions kept with repeated options (table question_notes)")
+        if r.not_sampled:
+            console.print(f"{r.dataset_id}: {r.not_sampled:,} valid questions left out by the configured sample")
     total = sum(r.loaded for r in reports)
     rejected = sum(r.rejected for r in reports)
-    console.print(f"loaded {total:,} questions, rejected {rejected:,} rows")
+    console.print(f"stored {total:,} questions in {len(reports)} datasets, rejected {rejected:,} rows")
 
 
 def print_runs(console: Console, store: Store, limit: int) -> None:

@@ -8,7 +8,35 @@ FROM datasets WHERE dataset_id = $dataset_id;
 SELECT coalesce(max(version), 0) + 1 FROM datasets WHERE name = $name;
 
 -- name: latest_dataset
-SELECT dataset_id FROM datasets WHERE name = $name ORDER BY version DESC LIMIT 1;
+SELECT dataset_id FROM datasets WHERE name = $name AND n_questions > 0 ORDER BY version DESC LIMIT 1;
+
+-- name: count_questions
+SELECT count(*) FROM questions WHERE dataset_id = $dataset_id;
+
+-- name: find_dataset_reading
+SELECT answers, encoding FROM dataset_reading WHERE dataset_id = $dataset_id;
+
+-- name: insert_dataset_reading
+INSERT OR REPLACE INTO dataset_reading VALUES ($dataset_id, $identity, $answers, $encoding);
+
+-- name: insert_question_notes
+INSERT INTO question_notes SELECT $dataset_id, question_id, source, row_number, note FROM incoming;
+
+-- name: count_question_notes
+SELECT count(*) FROM question_notes WHERE dataset_id = $dataset_id;
+
+-- name: insert_question_duplicates
+INSERT OR IGNORE INTO question_duplicates
+SELECT content_key, dataset_id, question_id, other_dataset_id, other_question_id, split FROM incoming;
+
+-- name: count_question_duplicates
+SELECT count(DISTINCT question_id) FROM question_duplicates WHERE dataset_id = $dataset_id;
+
+-- name: delete_empty_dataset
+DELETE FROM datasets WHERE dataset_id = $dataset_id AND n_questions = 0;
+
+-- name: delete_dataset_rejected
+DELETE FROM rejected_rows WHERE dataset_id = $dataset_id;
 
 -- name: insert_dataset
 INSERT INTO datasets (dataset_id, name, version, content_hash, source, layout, n_questions, n_rejected)

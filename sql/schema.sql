@@ -65,6 +65,31 @@ CREATE TABLE IF NOT EXISTS rejected_rows (
     raw         VARCHAR
 );
 
+CREATE TABLE IF NOT EXISTS dataset_reading (   -- how a dataset version's input was read
+    dataset_id VARCHAR PRIMARY KEY,
+    identity   VARCHAR NOT NULL,                -- hash of content, layout, mapping, encoding, answers, sample
+    answers    VARCHAR NOT NULL,                -- the answer semantics chosen for its answer column
+    encoding   VARCHAR NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS question_notes (     -- kept questions worth knowing about (repeated options)
+    dataset_id  VARCHAR NOT NULL,
+    question_id VARCHAR NOT NULL,
+    source      VARCHAR NOT NULL,
+    row_number  BIGINT,
+    note        VARCHAR NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS question_duplicates ( -- one question (same normalised content) in two datasets
+    content_key       VARCHAR NOT NULL,
+    dataset_id        VARCHAR NOT NULL,
+    question_id       VARCHAR NOT NULL,
+    other_dataset_id  VARCHAR NOT NULL,
+    other_question_id VARCHAR NOT NULL,
+    split             VARCHAR NOT NULL,         -- the one split both copies share
+    PRIMARY KEY (dataset_id, question_id, other_dataset_id, other_question_id)
+);
+
 CREATE TABLE IF NOT EXISTS run_datasets (
     run_id     VARCHAR NOT NULL,
     dataset_id VARCHAR NOT NULL,

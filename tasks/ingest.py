@@ -26,8 +26,9 @@ def ingest_task(cfg: RunConfig, run_id: str) -> list[str]:
     create_table_artifact(
         key="ingest",
         table=[
-            {"dataset": r.dataset_id, "version": r.version, "layout": r.layout, "loaded": r.loaded,
-             "rejected": r.rejected, "reasons": ", ".join(f"{k}={v}" for k, v in r.rejected_by_reason.items())}
+            {"dataset": r.dataset_id, "version": r.version, "layout": r.layout, "answers": r.answers,
+             "loaded": r.loaded, "rejected": r.rejected, "duplicates": r.duplicates,
+             "reasons": ", ".join(f"{k}={v}" for k, v in r.rejected_by_reason.items())}
             for r in reports
         ],
         description=f"Datasets of run {run_id}",

@@ -107,3 +107,145 @@ def test_cli_blames_the_config_for_a_configured_source_and_set_for_an_override(t
     assert typo.exit_code == 2
     assert "--set training.alhpa=0.7: training.alhpa: unknown key; did you mean training.alpha?" in typo.output
     assert str(config) not in typo.output
+
+
+# --- dataset identity, one dataset per source, duplicates across sources ---------------------------------
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _rows(store: Store, query: str) -> list[tuple]:
+    with store.connect() as con:
+        return con.execute(query).fetchall()
+
+
+def test_two_files_with_one_name_are_two_datasets(tmp_path):
+    easy = tmp_path / "easy" / "test.jsonl"
+    hard = tmp_path / "challenge" / "test.jsonl"
+    shutil.copy(FIXTURES / "arc" / "ARC-Easy-Dev.jsonl", easy.parent.mkdir() or easy)
+    hard.parent.mkdir()
+    _jsonl(hard, [{"question": "Which is heavier?", "options": ["a feather", "a brick"], "answer": "a brick"}])
+    cfg = RunConfig(home=str(tmp_path / "home"))
+    cfg.data.sources = [SourceConfig(path=str(easy)), SourceConfig(path=str(hard))]
+    store = Store(cfg.home_dir)
+    reports = ingest(cfg, store)
+    assert [r.name for r in reports] == ["easy/test", "challenge/test"]
+    assert [r.version for r in reports] == [1, 1] and reports[1].loaded == 1
+    ids = run_dataset_ids(cfg, store)
+    assert len(set(ids)) == 2 and ids == [r.dataset_id for r in reports]
+
+
+def test_sources_that_would_share_a_name_are_refused_before_the_run(tmp_path):
+    import pytest
+
+    from kdflow.config import ConfigError, load_config
+
+    config = tmp_path / "run.yaml"
+    config.write_text("data:\n  sources:\n    - {path: a/q.jsonl, name: quiz}\n    - {path: b/q.jsonl, name: quiz}\n")
+    with pytest.raises(ConfigError, match=r"sources 1 \(a/q.jsonl\) and 2 \(b/q.jsonl\) would both be dataset 'quiz'"):
+        load_config(config)
+    result = CliRunner().invoke(app, ["ingest", "x/q.jsonl", "x/q.csv", "--set", f"home={tmp_path / 'h'}"])
+    assert result.exit_code == 2 and "would both be dataset 'q'" in " ".join(result.output.split())
+
+
+def test_wrong_format_then_right_format_ingests_anew(tmp_path):
+    src = tmp_path / "mmlu.parquet"
+    shutil.copy(FIXTURES / "mmlu" / "test.parquet", src)
+    runner = CliRunner(env={"COLUMNS": "200"})
+    home = ["--set", f"home={tmp_path / 'h'}"]
+    wrong = runner.invoke(app, ["ingest", str(src), "--format", "sciq", *home])
+    assert wrong.exit_code == 2 and "nothing usable was loaded" in wrong.output
+    right = runner.invoke(app, ["ingest", str(src), *home])
+    assert right.exit_code == 0, right.output
+    assert "new version" in right.output and "stored 4 questions" in right.output
+    again = runner.invoke(app, ["ingest", str(src), *home])
+    assert "unchanged: reused" in again.output and "stored 4 questions" in again.output
+    store = Store(tmp_path / "h")
+    assert _rows(store, "SELECT version, n_questions FROM datasets ORDER BY version") == [(1, 0), (2, 4)]
+
+
+def test_an_empty_version_is_never_reused(tmp_path):
+    src = _jsonl(tmp_path / "q.jsonl", [{"question": "", "options": ["a", "b"], "answer": 0}])
+    cfg = _cfg(tmp_path, src)
+    store = Store(cfg.home_dir)
+    first, again = ingest(cfg, store)[0], ingest(cfg, store)[0]
+    assert not first.reused and not again.reused and again.loaded == 0
+    assert _rows(store, "SELECT count(*) FROM datasets") == [(1,)]
+    assert _rows(store, "SELECT count(*) FROM rejected_rows") == [(1,)]  # stored once, not twice
+
+
+def test_a_question_in_two_sources_has_one_split_and_is_recorded(tmp_path):
+    questions = [{"question": f"Which number is {i}?", "options": [str(i), str(i + 1), str(i + 2)], "answer": str(i)}
+                 for i in range(60)]
+    a = _jsonl(tmp_path / "a" / "quiz.jsonl", questions)
+    # the same questions elsewhere: other spacing and case, options reordered, answers as text
+    b = _jsonl(tmp_path / "b" / "quiz.jsonl", [
+        {"question": "  " + q["question"].upper() + " ", "options": q["options"][::-1], "answer": q["answer"]}
+        for q in questions
+    ])
+    cfg = RunConfig(home=str(tmp_path / "home"))
+    cfg.data.sources = [SourceConfig(path=str(a)), SourceConfig(path=str(b))]
+    store = Store(cfg.home_dir)
+    reports = ingest(cfg, store)
+    assert [r.duplicates for r in reports] == [60, 60]
+    pairs = _rows(store, """
+        SELECT qa.split, qb.split FROM question_duplicates d
+        JOIN questions qa ON qa.dataset_id = d.dataset_id AND qa.question_id = d.question_id
+        JOIN questions qb ON qb.dataset_id = d.other_dataset_id AND qb.question_id = d.other_question_id""")
+    assert len(pairs) == 120 and all(x == y for x, y in pairs)
+    assert len({x for x, _ in pairs}) > 1  # the questions still spread over the splits
+    result = CliRunner().invoke(app, ["ingest", str(a), str(b), "--set", f"home={tmp_path / 'home'}"])
+    assert "60 questions also in another source" in " ".join(result.output.split())
+
+
+def test_conflicting_gold_answers_are_rejected_in_both_sources(tmp_path):
+    shared = {"question": "What colour is the sky on a clear day?", "options": ["green", "blue", "red"]}
+    a = _jsonl(tmp_path / "a.jsonl", [shared | {"answer": "blue"}, {"question": "2+2?", "options": ["4", "5"], "answer": "4"}])
+    b = _jsonl(tmp_path / "b.jsonl", [shared | {"answer": "red"}, {"question": "3+3?", "options": ["6", "7"], "answer": "6"}])
+    cfg = RunConfig(home=str(tmp_path / "home"))
+    cfg.data.sources = [SourceConfig(path=str(a)), SourceConfig(path=str(b))]
+    store = Store(cfg.home_dir)
+    reports = ingest(cfg, store)
+    assert [r.loaded for r in reports] == [1, 1] and [r.rejected for r in reports] == [1, 1]
+    reasons = dict(_rows(store, "SELECT source, reason FROM rejected_rows"))
+    assert reasons[str(a)] == "conflicting_answer: this source answers 'blue' but 'b' answers 'red'"
+    assert reasons[str(b)] == "conflicting_answer: this source answers 'red' but 'a' answers 'blue'"
+    stored = _rows(store, "SELECT question FROM questions ORDER BY 1")
+    assert stored == [("2+2?",), ("3+3?",)]
+
+
+def test_a_source_can_be_subsampled_by_category(tmp_path):
+    rows = [{"question": f"q{i}?", "options": ["x", "y"], "answer": "x", "category": "big" if i < 80 else "small"}
+            for i in range(100)]
+    src = _jsonl(tmp_path / "q.jsonl", rows)
+    cfg = RunConfig(home=str(tmp_path / "home"))
+    cfg.data.sources = [SourceConfig(path=str(src), sample={"size": 10, "seed": 3})]
+    store = Store(cfg.home_dir)
+    report = ingest(cfg, store)[0]
+    assert report.loaded == 10 and report.not_sampled == 90
+    kept = _rows(store, "SELECT category, count(*) FROM questions GROUP BY 1 ORDER BY 1")
+    assert kept == [("big", 8), ("small", 2)]
+    first = _rows(store, "SELECT question FROM questions ORDER BY 1")
+    other = RunConfig(home=str(tmp_path / "home2"))
+    other.data.sources = [SourceConfig(path=str(src), sample={"size": 10, "seed": 3})]
+    ingest(other, Store(other.home_dir))
+    assert _rows(Store(other.home_dir), "SELECT question FROM questions ORDER BY 1") == first
+
+
+def test_repeated_options_are_recorded_beside_the_kept_question(tmp_path):
+    src = _jsonl(tmp_path / "r.jsonl", [
+        {"question": "Pick the odd one", "options": ["none", "cat", "none", "car"], "answer": "car"},
+        {"question": "Pick the pet", "options": ["both", "both", "cat"], "answer": "both"},
+    ])
+    cfg = _cfg(tmp_path, src)
+    store = Store(cfg.home_dir)
+    report = ingest(cfg, store)[0]
+    assert (report.loaded, report.rejected, report.notes) == (1, 1, 1)
+    assert _rows(store, "SELECT note FROM question_notes") == [("repeated options: 'none' x2",)]
+    assert report.rejected_by_reason == {"ambiguous_answer": 1}

@@ -51,7 +51,8 @@ def by_id(loaded: LoadedSource) -> dict[str, dict]:
         ("sciq/train.parquet", {}, "sciq", 3),
         ("generic/astronomy.csv", {"mapping": LUKAEMON}, "generic", 3),
         ("generic/quiz.jsonl", {"mapping": QUIZ}, "generic", 2),
-        ("generic/export.json", {}, "generic", 2),
+        ("generic/export.json", {"mapping": GenericMapping(id="id", category="category", answer_base=0)},
+         "generic", 2),
     ],
 )
 def test_layouts_load_and_are_detected(relative, kwargs, layout, n):
@@ -139,7 +140,9 @@ def test_generic_mappings():
     australia = quiz["quiz:101"]
     assert australia["answer"] == 1 and australia["category"] == "geography"
     assert json.loads(australia["metadata"]) == {"difficulty": 2}
-    export = by_id(load("generic/export.json"))  # detected: question/options/answer (+ id, category)
+    with pytest.raises(IngestError, match="answer column 'answer' .* set answer_base: 0 or 1"):
+        load("generic/export.json")  # 1 and "C": a letter and an index of unknown base in one column
+    export = by_id(load("generic/export.json", mapping=GenericMapping(id="id", category="category", answer_base=0)))
     assert export["export:g1"]["answer"] == 1 and export["export:g2"]["answer"] == 2
     assert export["export:g2"]["category"] == "arithmetic"
 
@@ -186,14 +189,15 @@ def test_csv_rows_are_numbered_by_physical_line():
 BAD_CASES = {
     "bad/mmlu-bad.jsonl": (
         {},
-        ["mmlu-bad:5e781a9cbe2126b8", "mmlu-bad:49669b2fdb732f9c"],
+        ["mmlu-bad:5e781a9cbe2126b8"],  # row 13 goes with row 15, which answers it differently
         {
+            13: "conflicting_duplicate",
             2: "malformed_json",
             3: "empty_question",
             4: "empty_question",
             5: "too_few_options",
             6: "too_many_options",
-            7: "duplicate_options",
+            7: "ambiguous_answer",
             8: "answer_out_of_range",
             9: "missing_answer",
             10: "empty_option",
@@ -214,11 +218,11 @@ BAD_CASES = {
             4: "bad_options",
             5: "missing_id",
             6: "missing_answer",
-            8: "duplicate_options",
+            8: "ambiguous_answer",
         },
     ),
     "bad/astronomy-bad.csv": (
-        {"mapping": LUKAEMON},
+        {"mapping": LUKAEMON, "encoding": "utf-8"},
         ["astronomy-bad:6694bf668ff513ac", "astronomy-bad:d8a8efd2977b5f84"],
         {
             3: "bad_encoding",
@@ -234,7 +238,7 @@ BAD_CASES = {
         {2: "answer_not_in_options", 3: "bad_answer", 4: "missing_id", 5: "duplicate_id"},
     ),
     "bad/invalid-utf8.jsonl": (
-        {},
+        {"encoding": "utf-8"},
         ["invalid-utf8:5e781a9cbe2126b8", "invalid-utf8:49669b2fdb732f9c"],
         {2: "bad_encoding"},
     ),
@@ -259,10 +263,11 @@ def test_bad_rows_are_rejected_with_a_code_and_good_rows_kept(relative):
 def test_reason_details_name_what_is_wrong():
     reasons = {row["row_number"]: row["reason"] for row in load("bad/mmlu-bad.jsonl").rejected.to_pylist()}
     assert reasons[5] == "too_few_options: 1 option (need 2..26)"
-    assert reasons[7] == "duplicate_options: option B repeats option A ('Paris')"
+    assert reasons[7] == "ambiguous_answer: the gold answer 'Paris' is options A, B"
     assert reasons[9] == "missing_answer: 'answer' is NaN"
     assert reasons[11] == "duplicate_row: duplicate of row 1"
     assert reasons[15].startswith("conflicting_duplicate: same question and options as row 13")
+    assert reasons[13].startswith("conflicting_duplicate: same question and options as row 15")
     arc = {row["row_number"]: row["reason"] for row in load("bad/arc-bad.jsonl").rejected.to_pylist()}
     assert arc[2] == "duplicate_id: id 'Mercury_1' first used by row 1 with different content"
     assert arc[3] == "unknown_answer_label: answerKey 'F' is not one of the labels A, B, C, D"
@@ -330,8 +335,11 @@ def test_unusable_sources_raise_ingest_error(path, match):
         load_source(SourceConfig(path=str(FIXTURES / path)))
 
 
-def test_ingest_error_is_a_value_error():
-    assert issubclass(IngestError, ValueError)
+def test_ingest_error_is_a_value_error_and_a_user_error():
+    from kdflow.errors import KdflowError, is_transient
+
+    assert issubclass(IngestError, ValueError) and issubclass(IngestError, KdflowError)  # exit 2 in `kdflow run`
+    assert not is_transient(IngestError("x"))  # never retried
 
 
 def test_mapping_with_unknown_columns_names_them():
@@ -384,7 +392,7 @@ def test_hub_source_maps_the_loaded_split(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     loaded = load_source(SourceConfig(hf_dataset="cais/mmlu", hf_subset="all", hf_split="test"))
     assert calls == [("cais/mmlu", "all", "test")]
-    assert loaded.name == "cais__mmlu__all" and loaded.layout == "mmlu" and loaded.counts["questions"] == 4
+    assert loaded.name == "cais__mmlu__all__test" and loaded.layout == "mmlu" and loaded.counts["questions"] == 4
     assert loaded.questions.column("question").to_pylist() == [row["question"] for row in rows]
     assert len(loaded.content_hash) == 64
 

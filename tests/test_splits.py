@@ -36,3 +36,14 @@ def test_fractions_are_respected(fractions):
 
 def test_all_in_one_split():
     assert set(assign_splits(IDS[:500], SplitConfig(train=0.0, val=0.0, test=1.0))) == {"test"}
+
+
+
+def test_normalised_key_ignores_case_spacing_unicode_form_and_option_order():
+    from kdflow.splits import normalised_key
+
+    key = normalised_key("Which is  the capital of France?", ["Paris", "Lyon", "Café"])
+    assert normalised_key(" which is the CAPITAL of\nfrance? ", ["Lyon", "cafe\u0301", "PARIS"]) == key
+    assert normalised_key("Which is the capital of France?", ["Paris", "Lyon", "Cafe"]) != key
+    assert normalised_key("Which is the capital of Spain?", ["Paris", "Lyon", "Café"]) != key
+    assert assign_splits([key], SplitConfig()) == assign_splits([key], SplitConfig())

@@ -1,23 +1,44 @@
 """Source layouts: recognise how a public dataset is published and map one record to a canonical question.
 
 Layouts (detected from the keys of the first records, or named by `SourceConfig.format`):
-- mmlu: HF cais/mmlu - question, choices (list), answer (index, or a letter in some exports), subject.
+- mmlu: HF cais/mmlu - question, choices (list), answer (0-based index, or a letter in some exports), subject.
 - arc: AI2 ARC - original jsonl {id, question: {stem, choices: [{text, label}]}, answerKey} and HF
   {id, question, choices: {text: [...], label: [...]}, answerKey}; labels A-E or 1-5, 3 to 5 options.
+  An answerKey stored as a float by pandas (2.0) names label "2".
 - csqa: CommonsenseQA - as arc, plus question_concept (inside `question` in the original jsonl, a column
   in HF); the concept becomes the category.
 - openbookqa: HF {id, question_stem, choices: {text, label}, answerKey}; the original jsonl is arc-shaped
   and detected as arc (same mapping) unless it carries the "additional" columns (fact1 ...).
 - sciq: question, correct_answer, distractor1..3, support. Options are shuffled deterministically from
   the question's content hash, so the answer is not always first and the order is the same everywhere.
+- option_columns: one column per option - A..D (lukaemon/mmlu), option_a.., answer_a.., choice_a..,
+  choice1.. / choice_1.., option1.. / option_1..; question in question/input/prompt/stem, answer in
+  answer/target/label/correct/answerKey, category in subject/category.
+- medmcqa: question, opa..opd, cop (1-based in the MedMCQA release), subject_name.
+- hellaswag: HellaSwag {ctx, endings, label, activity_label} and SWAG {startphrase, ending0..3, label};
+  the context is the question (the options continue it); label 0-based.
+- piqa: goal, sol1, sol2, label (0-based).
+- winogrande: sentence, option1, option2, answer ("1"/"2": 1-based).
+- race: article, question, options, answer (a letter); the article is a passage.
+- quality: (article,) question, options, gold_label (1-based in the QuALITY release); article is a passage.
+- truthfulqa_mc1: question, mc1_targets {choices, labels} with exactly one label 1; options are shuffled
+  like sciq's (the release always lists the correct answer first).
 - generic: a `GenericMapping`; also detected, with default column names, when a record has question,
   options and answer (plus id and category when present).
 
-Question ids: the source id (arc, csqa, openbookqa, generic with `id`), else a content hash of the
-question and its options in source order; the caller prefixes the dataset name. Text is stripped of
-surrounding whitespace. A layout without categories gets "" (prompts then omit the "about {category}" line).
+Answers written as a value in a column (every layout but arc/csqa/openbookqa/sciq/truthfulqa_mc1, which
+resolve labels or positions per row) are read by the column's semantics, decided once per source from all
+its values (kdflow.ingest.answers); the layout's published convention only breaks ties.
+
+A passage (RACE/QuALITY article, `mapping.passage`) is kept in the question text, before the question and
+a blank line, so every backend's prompt shows it and the content hash covers it.
+
+Question ids: the source id (arc, csqa, openbookqa, an `id` column), else a content hash of the question
+and its options in source order; the caller prefixes the dataset name. Text is stripped of surrounding
+whitespace. A layout without categories gets "" (prompts then omit the "about {category}" line).
 `metadata` is a JSON object of the top-level source columns the layout does not map (e.g. sciq support).
-In CSV, list and dict columns are JSON (or Python literal) strings; numeric answers arrive as digit strings.
+In CSV, list and dict columns are JSON, Python literal or NumPy-printed (['a' 'b']) strings; numeric
+answers arrive as digit strings.
 
 Reason codes (a rejected row's reason is "<code>: <detail>"):
   bad_encoding          the line is not valid UTF-8, or the text holds an unpaired surrogate escape
@@ -29,15 +50,16 @@ Reason codes (a rejected row's reason is "<code>: <detail>"):
   empty_option          an option is null, NaN or blank
   too_few_options       fewer than 2 options
   too_many_options      more than 26 options
-  duplicate_options     two options are equal after stripping whitespace
+  ambiguous_answer      the gold option's text appears twice among the options (repeats elsewhere are kept)
   missing_answer        the answer is missing, null, NaN or blank
-  bad_answer            the answer is of a type that cannot name an option (list, bool, 1.5 ...)
+  bad_answer            the answer cannot name an option under the column's semantics (list, bool, 1.5 ...)
   answer_out_of_range   an index or letter past the last option
   unknown_answer_label  an answer label that is not one of the choice labels (or not a letter)
   answer_not_in_options an answer given as text that matches no option
   missing_id            the id column is missing, null or blank
-  duplicate_row         same question, options and answer as an earlier row
-  conflicting_duplicate same question and options as an earlier row but another answer
+  duplicate_row         same question, options and answer as an earlier row (compared normalised)
+  conflicting_duplicate same question and options as another row of the source but another answer (both go)
+  conflicting_answer    the same question in another source of the run with another answer
   duplicate_id          the question id of an earlier row with different content
 """
 
@@ -45,25 +67,47 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import io
 import json
 import math
+import tokenize
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from kdflow.config import GenericMapping
+from kdflow.ingest.answers import as_number
 from kdflow.records import LETTERS, MAX_OPTIONS
 
-LAYOUTS = ("mmlu", "arc", "csqa", "openbookqa", "sciq", "generic")
+LAYOUTS = (
+    "mmlu", "arc", "csqa", "openbookqa", "sciq", "option_columns", "medmcqa", "hellaswag", "piqa", "winogrande",
+    "race", "quality", "truthfulqa_mc1", "generic",
+)
 DETECT_ROWS = 20
 """Layout detection looks at this many parsed records and takes the most common answer."""
 
-_ABSENT = object()
+ABSENT: Any = object()
+"""A column the record does not have (distinct from a null value)."""
 _MMLU = GenericMapping(question="question", options="choices", answer="answer", category="subject")
 _LABELLED_COLUMNS = frozenset({"id", "question", "question_stem", "question_concept", "choices", "answerKey"})
 _OPTION_NAMES = [f"option {letter}" for letter in LETTERS]
 _SCIQ_OPTIONS = ("correct_answer", "distractor1", "distractor2", "distractor3")
+_QUESTION_COLUMNS = ("question", "input", "prompt", "stem", "Question")
+_ANSWER_COLUMNS = ("answer", "target", "label", "correct", "answerKey", "Answer", "cop")
+_CATEGORY_COLUMNS = ("subject", "category", "subject_name", "topic")
+_OPTION_FAMILIES: tuple[Callable[[int], str], ...] = (
+    lambda i: LETTERS[i],
+    lambda i: f"option_{LETTERS[i].lower()}",
+    lambda i: f"answer_{LETTERS[i].lower()}",
+    lambda i: f"choice_{LETTERS[i].lower()}",
+    lambda i: f"choice{i + 1}",
+    lambda i: f"choice_{i + 1}",
+    lambda i: f"option{i + 1}",
+    lambda i: f"option_{i + 1}",
+    lambda i: f"op{LETTERS[i].lower()}",
+    lambda i: f"ending{i}",
+)
 
 
 class Rejected(Exception):
@@ -76,17 +120,63 @@ class Rejected(Exception):
 
 @dataclass(slots=True)
 class Mapped:
-    """The canonical fields of one row; `key` is the source id or content hash, before the dataset prefix."""
+    """The canonical fields of one row; `key` is the source id or content hash, before the dataset prefix.
+
+    `answer` is None when the layout leaves it to the column's semantics: `raw_answer` then holds the
+    value as the source wrote it (ABSENT when the column is missing).
+    """
 
     key: str
     question: str
     options: list[str]
-    answer: int
+    answer: int | None
     category: str
     metadata: str
+    raw_answer: Any = None
 
 
-Mapper = Callable[[dict[str, Any]], Mapped]
+@dataclass(frozen=True)
+class Mapper:
+    """How to map the records of one layout.
+
+    `answer_column` is None when `map` resolves every answer itself (labels, fixed positions); otherwise
+    the column's semantics are decided over all rows (answer_type/answer_base from the mapping, `prior`
+    is the layout's published convention and `prior_why` says so).
+    """
+
+    layout: str
+    map: Callable[[dict[str, Any]], Mapped]
+    answer_column: str | None = None
+    answer_type: str = "auto"
+    answer_base: int | None = None
+    prior: str | None = None
+    prior_why: str = ""
+    mapping: GenericMapping | None = None
+    """The column mapping in use: what a user copies into the config to set answer_type/answer_base."""
+
+    def __call__(self, record: dict[str, Any]) -> Mapped:
+        return self.map(record)
+
+
+def _option_family(columns: Iterable[str]) -> list[str]:
+    """The longest run of option columns (A, B, ... or option_a, option_b, ...) present, or []."""
+    present = set(columns)
+    best: list[str] = []
+    for family in _OPTION_FAMILIES:
+        names = []
+        for i in range(MAX_OPTIONS):
+            name = family(i)
+            if name not in present:
+                break
+            names.append(name)
+        if len(names) >= 2 and len(names) > len(best):
+            best = names
+    return best
+
+
+def _first(columns: Iterable[str], candidates: Iterable[str]) -> str | None:
+    present = set(columns)
+    return next((c for c in candidates if c in present), None)
 
 
 def _detect_one(record: dict[str, Any]) -> str | None:
@@ -101,10 +191,27 @@ def _detect_one(record: dict[str, Any]) -> str | None:
         return "sciq"
     if "choices" in record and "answerKey" in record:
         return "csqa" if "question_concept" in record else "arc"
+    if "mc1_targets" in record and "question" in record:
+        return "truthfulqa_mc1"
+    if {"goal", "sol1", "sol2", "label"} <= record.keys():
+        return "piqa"
+    if {"sentence", "option1", "option2", "answer"} <= record.keys():
+        return "winogrande"
+    context = "ctx" in record or "startphrase" in record
+    if context and ("endings" in record or "ending0" in record) and "label" in record:
+        return "hellaswag"
+    if {"question", "opa", "opb", "cop"} <= record.keys():
+        return "medmcqa"
+    if {"article", "question", "options", "answer"} <= record.keys():
+        return "race"
+    if {"question", "options", "gold_label"} <= record.keys():
+        return "quality"
     if {"question", "choices", "answer"} <= record.keys():
         return "mmlu"
     if {"question", "options", "answer"} <= record.keys():
         return "generic"
+    if _first(record, _QUESTION_COLUMNS) and _first(record, _ANSWER_COLUMNS) and _option_family(record):
+        return "option_columns"
     return None
 
 
@@ -124,9 +231,9 @@ def shuffle_order(key: str, n: int) -> list[int]:
     return sorted(range(n), key=lambda i: hashlib.sha256(f"{key}\0{i}".encode()).digest())
 
 
-def _emptiness(value: Any) -> str | None:
+def emptiness(value: Any) -> str | None:
     """Why a value counts as absent ("missing", "null", "NaN", "blank"), or None when it has content."""
-    if value is _ABSENT:
+    if value is ABSENT:
         return "missing"
     if value is None:
         return "null"
@@ -140,7 +247,7 @@ def _emptiness(value: Any) -> str | None:
 def _question(value: Any, column: str) -> str:
     if type(value) is str and value.strip():
         return value.strip()
-    why = _emptiness(value)
+    why = emptiness(value)
     if why is not None:
         raise Rejected("empty_question", f"'{column}' is {why}")
     if isinstance(value, (dict, list)):
@@ -148,8 +255,53 @@ def _question(value: Any, column: str) -> str:
     return str(value).strip()
 
 
-def _literal(value: Any) -> Any:
-    """Decode a list or dict written as text (CSV cells): JSON first, then a Python literal (pandas' to_csv)."""
+def _with_passage(question: str, record: dict[str, Any], column: str | None) -> str:
+    """The question preceded by its passage and a blank line, when the layout has one and it is not empty."""
+    if column is None:
+        return question
+    value = record.get(column, ABSENT)
+    if emptiness(value) is not None:
+        return question
+    return f"{str(value).strip()}\n\n{question}"
+
+
+class NumpyListError(ValueError):
+    """A cell that looks like a NumPy-printed array but is not one that can be read back."""
+
+
+def numpy_list(text: str) -> list[Any] | None:
+    """Read a list NumPy prints without commas (str(ndarray), what pandas' to_csv writes for an array
+    column): ['a' 'b c' "it's"] -> ['a', 'b c', "it's"]. None when the text is not of that form.
+
+    Python's tokenizer splits the elements, so quotes, commas and spaces inside the strings are kept; a
+    numeric array ([1 2 3]) reads as numbers. Raises NumpyListError for a bracketed run of adjacent
+    literals that cannot be read back (e.g. an array NumPy shortened with "...").
+    """
+    try:
+        tokens = [t for t in tokenize.generate_tokens(io.StringIO(text.strip()).readline)
+                  if t.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.ENDMARKER, tokenize.INDENT,
+                                    tokenize.DEDENT)]
+    except (tokenize.TokenError, SyntaxError, IndentationError):
+        return None
+    if len(tokens) < 4 or tokens[0].string != "[" or tokens[-1].string != "]":
+        return None
+    inner = tokens[1:-1]
+    if any(t.string == "," for t in inner):
+        return None  # a list with commas is a Python literal, read elsewhere
+    values: list[Any] = []
+    for token in inner:
+        if token.type in (tokenize.STRING, tokenize.NUMBER):
+            values.append(ast.literal_eval(token.string))
+        elif sum(t.type == tokenize.STRING for t in inner) >= 2:  # adjacent strings: NumPy's spelling
+            raise NumpyListError(f"unexpected {token.string!r} between the elements")
+        else:
+            return None
+    return values if len(values) >= 2 else None
+
+
+def _literal(value: Any, column: str) -> Any:
+    """Decode a list or dict written as text (CSV cells): JSON, a Python literal (pandas' to_csv of a
+    list), or a NumPy-printed array (pandas' to_csv of an array column)."""
     if not isinstance(value, str) or value.lstrip()[:1] not in ("[", "{"):
         return value
     try:
@@ -157,13 +309,23 @@ def _literal(value: Any) -> Any:
     except json.JSONDecodeError:
         pass
     try:
+        numpy = numpy_list(value)
+    except NumpyListError as e:
+        raise Rejected(
+            "bad_options",
+            f"'{column}' looks like a NumPy array printed without commas (['a' 'b']) but cannot be read back "
+            f"({e}); write the list as JSON (df.to_json, or .tolist() before to_csv)",
+        ) from None
+    if numpy is not None:
+        return numpy
+    try:
         return ast.literal_eval(value.strip())
     except (ValueError, SyntaxError, MemoryError, RecursionError):
         return value
 
 
 def _option_text(value: Any, name: str) -> str:
-    why = _emptiness(value)
+    why = emptiness(value)
     if why is not None:
         raise Rejected("empty_option", f"{name} is {why}")
     if isinstance(value, (dict, list)):
@@ -172,6 +334,7 @@ def _option_text(value: Any, name: str) -> str:
 
 
 def _options(values: list[Any], names: list[str] | None = None) -> list[str]:
+    """Option texts; repeats are allowed here (the caller rejects a row only when its gold text repeats)."""
     n = len(values)
     if n < 2:
         raise Rejected("too_few_options", f"{n} option{'' if n == 1 else 's'} (need 2..{MAX_OPTIONS})")
@@ -181,80 +344,35 @@ def _options(values: list[Any], names: list[str] | None = None) -> list[str]:
     options = [v.strip() if type(v) is str else _option_text(v, names[i]) for i, v in enumerate(values)]
     if not all(options):
         raise Rejected("empty_option", f"{names[options.index('')]} is blank")
-    if len(set(options)) < n:
-        first: dict[str, int] = {}
-        for i, text in enumerate(options):
-            if text in first:
-                raise Rejected("duplicate_options", f"{names[i]} repeats {names[first[text]]} ({text!r})")
-            first[text] = i
     return options
 
 
-def _answer_kind(value: Any) -> str:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return "index"
-    if isinstance(value, float) and value.is_integer():
-        return "index"
-    if isinstance(value, str):
-        text = value.strip()
-        if text.isascii() and text.isdigit():
-            return "index"
-        if len(text) == 1 and text in LETTERS:
-            return "letter"
-        return "text"
-    raise Rejected("bad_answer", f"answer {value!r} is a {type(value).__name__}, not an index, letter or text")
+def repeated_options(options: list[str], answer: int) -> str | None:
+    """None when every option is distinct; otherwise a note naming the repeats.
 
-
-def _as_index(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    raise Rejected("bad_answer", f"answer {value!r} is not an index")
-
-
-def _answer(value: Any, options: list[str], answer_type: str, column: str) -> int:
-    """Resolve an answer written as an index, a letter or option text ("auto": guessed from the value)."""
-    why = _emptiness(value)
-    if why is not None:
-        raise Rejected("missing_answer", f"'{column}' is {why}")
-    kind = _answer_kind(value) if answer_type == "auto" else answer_type
-    n = len(options)
-    if kind == "index":
-        index = _as_index(value)
-        if not 0 <= index < n:
-            raise Rejected("answer_out_of_range", f"answer index {index} but {n} options")
-        return index
-    if kind == "letter":
-        letter = str(value).strip().upper()
-        if len(letter) != 1 or letter not in LETTERS:
-            raise Rejected("unknown_answer_label", f"answer {value!r} is not a letter A-Z")
-        index = LETTERS.index(letter)
-        if index >= n:
-            raise Rejected("answer_out_of_range", f"answer letter {letter} but {n} options")
-        return index
-    text = str(value).strip()
-    try:
-        return options.index(text)
-    except ValueError:
-        raise Rejected("answer_not_in_options", f"answer {text!r} is not one of the options") from None
+    Raises Rejected("ambiguous_answer") when the gold option's text repeats: the answer then names two
+    options and cannot be scored.
+    """
+    if len(set(options)) == len(options):
+        return None
+    gold = options[answer]
+    same = [LETTERS[i] for i, text in enumerate(options) if text == gold]
+    if len(same) > 1:
+        raise Rejected("ambiguous_answer", f"the gold answer {gold!r} is options {', '.join(same)}")
+    counts = Counter(options)
+    return "repeated options: " + ", ".join(f"{text!r} x{n}" for text, n in counts.items() if n > 1)
 
 
 def _source_id(record: dict[str, Any], column: str) -> str:
-    value = record.get(column, _ABSENT)
-    why = _emptiness(value)
+    value = record.get(column, ABSENT)
+    why = emptiness(value)
     if why is not None:
         raise Rejected("missing_id", f"'{column}' is {why}")
     return str(value).strip()
 
 
 def _category(value: Any) -> str:
-    return "" if _emptiness(value) is not None else str(value).strip()
+    return "" if emptiness(value) is not None else str(value).strip()
 
 
 def _json_safe(value: Any) -> Any:
@@ -275,42 +393,61 @@ def _metadata(record: dict[str, Any], used: Iterable[str]) -> str:
     return json.dumps(_json_safe(rest), ensure_ascii=False, sort_keys=True, default=str)
 
 
-def _generic_mapper(mapping: GenericMapping) -> Mapper:
-    """The mapper of a column mapping; names are looked up once here, not once per row."""
-    question_col, answer_col, answer_type = mapping.question, mapping.answer, mapping.answer_type
+def _generic_map(mapping: GenericMapping) -> Callable[[dict[str, Any]], Mapped]:
+    """The row function of a column mapping; names are looked up once here, not once per row."""
+    question_col, answer_col, passage_col = mapping.question, mapping.answer, mapping.passage
     id_col, category_col, options_col = mapping.id, mapping.category, mapping.options
     option_cols = [options_col] if isinstance(options_col, str) else list(options_col)
     option_names = [f"'{c}'" for c in option_cols]
-    used = frozenset(c for c in (question_col, answer_col, id_col, category_col, *option_cols) if c)
+    used = frozenset(c for c in (question_col, answer_col, id_col, category_col, passage_col, *option_cols) if c)
 
     def option_values(record: dict[str, Any]) -> tuple[list[Any], list[str] | None]:
         if isinstance(options_col, str):
-            values = _literal(record.get(options_col, _ABSENT))
+            values = _literal(record.get(options_col, ABSENT), options_col)
+            if hasattr(values, "tolist"):  # a NumPy array from an in-memory dataset
+                values = values.tolist()
             if not isinstance(values, (list, tuple)):
-                why = _emptiness(values) or f"a {type(values).__name__}, not a list"
+                why = emptiness(values) or f"a {type(values).__name__}, not a list"
                 raise Rejected("bad_options", f"'{options_col}' is {why}")
             return list(values), None
-        values = [record.get(c, _ABSENT) for c in option_cols]
-        while values and _emptiness(values[-1]) is not None:
+        values = [record.get(c, ABSENT) for c in option_cols]
+        while values and emptiness(values[-1]) is not None:
             values.pop()  # option columns left empty at the end: a question with fewer options
         return values, option_names
 
     def map_record(record: dict[str, Any]) -> Mapped:
-        question = _question(record.get(question_col, _ABSENT), question_col)
+        question = _question(record.get(question_col, ABSENT), question_col)
         options = _options(*option_values(record))
-        answer = _answer(record.get(answer_col, _ABSENT), options, answer_type, answer_col)
         key = _source_id(record, id_col) if id_col else content_key(question, options)
         category = _category(record.get(category_col)) if category_col else ""
-        return Mapped(key, question, options, answer, category, _metadata(record, used))
+        question = _with_passage(question, record, passage_col)
+        return Mapped(key, question, options, None, category, _metadata(record, used),
+                      record.get(answer_col, ABSENT))
 
     return map_record
 
 
+def _label_index(key: Any, labels: list[str]) -> int:
+    """The position of an answerKey among the choice labels: "B", "b", "2", 2 and 2.0 all name label "2"/"B"."""
+    text = str(key).strip()
+    if text in labels:
+        return labels.index(text)
+    number = as_number(key)
+    if number is not None and str(number) in labels:
+        return labels.index(str(number))
+    upper = text.upper()
+    if upper in labels and sum(label.upper() == upper for label in labels) == 1:
+        return labels.index(upper)
+    raise Rejected("unknown_answer_label", f"answerKey {text!r} is not one of the labels {', '.join(labels)}")
+
+
 def _labelled_choices(value: Any) -> tuple[list[Any], list[str]]:
     """Texts and labels from [{text, label}, ...] (original AI2 jsonl) or {text: [...], label: [...]} (HF)."""
-    value = _literal(value)
+    value = _literal(value, "choices")
     if isinstance(value, dict):
         texts, labels = value.get("text"), value.get("label")
+        texts = texts.tolist() if hasattr(texts, "tolist") else texts
+        labels = labels.tolist() if hasattr(labels, "tolist") else labels
         if not isinstance(texts, list) or not isinstance(labels, list):
             raise Rejected("bad_options", "'choices' needs 'text' and 'label' lists")
         if len(texts) != len(labels):
@@ -320,13 +457,14 @@ def _labelled_choices(value: Any) -> tuple[list[Any], list[str]]:
             raise Rejected("bad_options", "every choice needs 'text' and 'label'")
         texts, labels = [c["text"] for c in value], [c["label"] for c in value]
     else:
-        why = _emptiness(value) or f"a {type(value).__name__}"
+        why = emptiness(value) or f"a {type(value).__name__}"
         raise Rejected("bad_options", f"'choices' is {why}, not a list of labelled options")
     clean: list[str] = []
     for label in labels:
-        if _emptiness(label) is not None:
+        if emptiness(label) is not None:
             raise Rejected("bad_options", f"choice {len(clean) + 1} has no label")
-        text = str(label).strip()
+        number = as_number(label)
+        text = str(number) if number is not None and not isinstance(label, str) else str(label).strip()
         if text in clean:
             raise Rejected("bad_options", f"label {text!r} appears twice")
         clean.append(text)
@@ -337,33 +475,53 @@ def _map_labelled(record: dict[str, Any]) -> Mapped:
     """arc, csqa and openbookqa: labelled choices and an answerKey, in their original or HF layout."""
     nested = record.get("question")
     if isinstance(nested, dict):
-        text, column, choices = nested.get("stem", _ABSENT), "question.stem", nested.get("choices", _ABSENT)
+        text, column, choices = nested.get("stem", ABSENT), "question.stem", nested.get("choices", ABSENT)
         concept = nested.get("question_concept", record.get("question_concept"))
     else:
         column = "question_stem" if "question_stem" in record else "question"
-        text, choices = record.get(column, _ABSENT), record.get("choices", _ABSENT)
+        text, choices = record.get(column, ABSENT), record.get("choices", ABSENT)
         concept = record.get("question_concept")
     question = _question(text, column)
     texts, labels = _labelled_choices(choices)
     options = _options(texts)
-    key_value = record.get("answerKey", _ABSENT)
-    why = _emptiness(key_value)
+    key_value = record.get("answerKey", ABSENT)
+    why = emptiness(key_value)
     if why is not None:
         raise Rejected("missing_answer", f"'answerKey' is {why}")
-    label = str(key_value).strip()
-    if label not in labels:
-        raise Rejected("unknown_answer_label", f"answerKey {label!r} is not one of the labels {', '.join(labels)}")
+    answer = _label_index(key_value, labels)
     key = _source_id(record, "id")
-    return Mapped(key, question, options, labels.index(label), _category(concept), _metadata(record, _LABELLED_COLUMNS))
+    return Mapped(key, question, options, answer, _category(concept), _metadata(record, _LABELLED_COLUMNS))
+
+
+def _shuffled(question: str, options: list[str], metadata: str) -> Mapped:
+    """Options whose release always lists the answer first, shuffled from the content hash (sciq, mc1)."""
+    key = content_key(question, options)
+    order = shuffle_order(key, len(options))
+    return Mapped(key, question, [options[i] for i in order], order.index(0), "", metadata)
 
 
 def _map_sciq(record: dict[str, Any]) -> Mapped:
-    question = _question(record.get("question", _ABSENT), "question")
-    options = _options([record.get(c, _ABSENT) for c in _SCIQ_OPTIONS], [f"'{c}'" for c in _SCIQ_OPTIONS])
-    key = content_key(question, options)
-    order = shuffle_order(key, len(options))
-    shuffled = [options[i] for i in order]
-    return Mapped(key, question, shuffled, order.index(0), "", _metadata(record, ("question", *_SCIQ_OPTIONS)))
+    question = _question(record.get("question", ABSENT), "question")
+    options = _options([record.get(c, ABSENT) for c in _SCIQ_OPTIONS], [f"'{c}'" for c in _SCIQ_OPTIONS])
+    return _shuffled(question, options, _metadata(record, ("question", *_SCIQ_OPTIONS)))
+
+
+def _map_mc1(record: dict[str, Any]) -> Mapped:
+    """TruthfulQA multiple_choice: mc1_targets {choices, labels}, exactly one label 1 (the correct answer)."""
+    question = _question(record.get("question", ABSENT), "question")
+    targets = _literal(record.get("mc1_targets", ABSENT), "mc1_targets")
+    if not isinstance(targets, dict) or "choices" not in targets or "labels" not in targets:
+        raise Rejected("bad_options", "'mc1_targets' needs 'choices' and 'labels'")
+    choices, labels = (list(v.tolist() if hasattr(v, "tolist") else v) for v in (targets["choices"], targets["labels"]))
+    if len(choices) != len(labels):
+        raise Rejected("bad_options", f"'mc1_targets' has {len(choices)} choices but {len(labels)} labels")
+    options = _options(choices)
+    ones = [i for i, label in enumerate(labels) if as_number(label) == 1]
+    if len(ones) != 1:
+        raise Rejected("bad_answer", f"'mc1_targets.labels' marks {len(ones)} choices correct, not exactly one")
+    first = [options[ones[0]]] + [text for i, text in enumerate(options) if i != ones[0]]
+    metadata = _metadata(record, ("question", "mc1_targets"))
+    return _shuffled(question, first, metadata)
 
 
 def check_encodable(mapped: Mapped) -> None:
@@ -386,17 +544,64 @@ def mapping_columns(mapping: GenericMapping) -> list[str]:
     Option columns past the second are left out: JSON Lines often omit the keys of unused options.
     """
     options = [mapping.options] if isinstance(mapping.options, str) else list(mapping.options)[:2]
-    return [c for c in (mapping.question, *options, mapping.answer, mapping.id, mapping.category) if c]
+    cols = (mapping.question, *options, mapping.answer, mapping.id, mapping.category, mapping.passage)
+    return [c for c in cols if c]
 
 
-def mapper_for(layout: str, mapping: GenericMapping | None = None) -> Mapper:
-    """The function that maps one record of `layout`; it raises Rejected for a row that cannot be used."""
+def _layout_mapping(layout: str, columns: list[str]) -> tuple[GenericMapping, str | None, str]:
+    """The column mapping of a detected column layout, its published answer convention and why."""
+    cols = set(columns)
+    has = lambda c: c if c in cols else None  # noqa: E731 - a one-line lookup used below
+    ident = has("id")
     if layout == "mmlu":
-        return _generic_mapper(_MMLU)
+        return _MMLU, "letter|index0", "MMLU publishes answer as a 0-based index"
+    if layout == "medmcqa":
+        options = _option_family([c for c in columns if c.startswith("op")]) or ["opa", "opb", "opc", "opd"]
+        mapping = GenericMapping(question="question", options=options, answer="cop", id=ident,
+                                 category=has("subject_name"))
+        return mapping, "index1", "MedMCQA publishes cop 1-based"
+    if layout == "hellaswag":
+        options: list[str] | str = "endings" if "endings" in cols else _option_family(columns)
+        question = "ctx" if "ctx" in cols else "startphrase"
+        mapping = GenericMapping(question=question, options=options, answer="label", id=ident,
+                                 category=has("activity_label"))
+        return mapping, "index0", "HellaSwag and SWAG publish label 0-based"
+    if layout == "piqa":
+        mapping = GenericMapping(question="goal", options=["sol1", "sol2"], answer="label", id=ident)
+        return mapping, "index0", "PIQA publishes label 0-based"
+    if layout == "winogrande":
+        mapping = GenericMapping(question="sentence", options=["option1", "option2"], answer="answer", id=ident)
+        return mapping, "index1", "Winogrande publishes answer 1-based"
+    if layout == "race":
+        mapping = GenericMapping(question="question", options="options", answer="answer", passage="article")
+        return mapping, "letter", "RACE publishes answer as a letter"
+    if layout == "quality":
+        mapping = GenericMapping(question="question", options="options", answer="gold_label",
+                                 passage=has("article"), id=ident)
+        return mapping, "index1", "QuALITY publishes gold_label 1-based"
+    if layout == "option_columns":
+        mapping = GenericMapping(
+            question=_first(columns, _QUESTION_COLUMNS) or "question", options=_option_family(columns),
+            answer=_first(columns, _ANSWER_COLUMNS) or "answer", id=ident,
+            category=_first(columns, _CATEGORY_COLUMNS),
+        )
+        return mapping, None, ""
+    return default_mapping(columns), None, ""
+
+
+def mapper_for(layout: str, columns: list[str] | None = None, mapping: GenericMapping | None = None) -> Mapper:
+    """How to map the records of `layout`; `columns` are the file's (for detected column layouts) and
+    `mapping` is the user's (format: generic). Its row function raises Rejected for a row that cannot be used."""
     if layout in ("arc", "csqa", "openbookqa"):
-        return _map_labelled
+        return Mapper(layout, _map_labelled)
     if layout == "sciq":
-        return _map_sciq
+        return Mapper(layout, _map_sciq)
+    if layout == "truthfulqa_mc1":
+        return Mapper(layout, _map_mc1)
     if layout == "generic" and mapping is not None:
-        return _generic_mapper(mapping)
+        return Mapper(layout, _generic_map(mapping), mapping.answer, mapping.answer_type, mapping.answer_base,
+                      mapping=mapping)
+    if layout in LAYOUTS:
+        known, prior, why = _layout_mapping(layout, list(columns or []))
+        return Mapper(layout, _generic_map(known), known.answer, prior=prior, prior_why=why, mapping=known)
     raise ValueError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)}; generic needs a mapping)")

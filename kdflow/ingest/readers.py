@@ -13,8 +13,11 @@ lines (.json arrays, .parquet, hub datasets), so a number can be looked up in an
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
+import re
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +26,92 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 _BOM = b"\xef\xbb\xbf"
+# Byte-order marks, longest first: UTF-32 LE starts with the UTF-16 LE mark.
+_BOMS = (
+    (b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+    (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"), (_BOM, "utf-8-sig"),
+)
+_MULTIBYTE_UTF8 = re.compile(rb"[\xc2-\xf4][\x80-\xbf]+")
+
+
+class EncodingError(ValueError):
+    """A file whose bytes are not text in the encoding it was read with; the message says what to set."""
+
+
+def to_utf8(data: bytes, encoding: str = "auto") -> tuple[bytes, str]:
+    """The file's bytes as UTF-8 without a BOM, and the encoding they were read in (for the summary).
+
+    auto: a byte-order mark decides (UTF-8, UTF-16, UTF-32: what spreadsheet programs save); else valid
+    UTF-8 without NUL bytes stays as it is; a file that is UTF-8 except for some broken lines also stays
+    (those lines are rejected one by one); UTF-16/32 without a BOM is read as charset-normalizer finds
+    it; a file with no UTF-8 multi-byte character that charset-normalizer reads as a Latin-script code
+    page is read as cp1252 (Latin-1 when a byte is undefined in cp1252).
+    Any other encoding is named in an EncodingError with the setting to use. A named `encoding` is used
+    as given. Raises EncodingError (a ValueError) when the bytes are not valid in the encoding used.
+    """
+    if encoding != "auto":
+        if codecs.lookup(encoding).name == "utf-8":  # as named: broken lines are rejected one by one
+            return data.removeprefix(_BOM), encoding
+        return _recode(data, encoding), encoding
+    for bom, codec in _BOMS:
+        if data.startswith(bom):
+            name = {"utf-8-sig": "utf-8 with BOM"}.get(codec, f"{codec} with BOM")
+            return _recode(data, codec), name
+    # NUL bytes are valid UTF-8, but text has none: a file full of them is UTF-16/32 without a BOM.
+    has_nul = b"\x00" in data
+    try:
+        data.decode("utf-8")
+        if not has_nul:
+            return data, "utf-8"
+        first_bad = data.index(b"\x00")
+    except UnicodeDecodeError as e:
+        first_bad = e.start
+    if _MULTIBYTE_UTF8.search(data) and not has_nul:
+        return data, "utf-8 (some lines invalid)"
+    from charset_normalizer import from_bytes  # only needed for files that are not UTF-8
+
+    matches = from_bytes(data)
+    best = matches.best()
+    found = best.encoding if best is not None else None
+    if found is not None and found.startswith(("utf_16", "utf_32")):
+        return _recode(data, found), f"{found} (detected, no BOM)"
+    # Short samples of Western text fit a dozen Latin code pages equally well (cp1250, hp_roman8 ...):
+    # when cp1252, what Windows programs write, fits as well as the best guess and reads as Latin
+    # script, the file is read as cp1252.
+    western = [m for m in matches if m.encoding in ("cp1252", "latin_1", "iso8859_15")]
+    plausible = best is not None and (
+        _latin(str(best)) or any(m.percent_chaos <= best.percent_chaos and _latin(str(m)) for m in western)
+    )
+    if plausible:
+        for codec in ("cp1252", "latin-1"):
+            try:
+                return data.decode(codec).encode("utf-8"), f"{codec} (detected: not UTF-8)"
+            except UnicodeDecodeError:
+                continue
+    looks = f"it looks like {found}" if found else "its encoding could not be recognised"
+    raise EncodingError(
+        f"is not UTF-8 (invalid byte at offset {first_bad}); {looks}: set encoding: "
+        f"{found or '<codec>'} in data.sources[] to read it as that, or re-save the file as UTF-8"
+    )
+
+
+def _latin(text: str) -> bool:
+    """Whether every non-ASCII character is a Latin letter, punctuation, a symbol or a digit."""
+    return all(
+        ord(c) < 128 or "LATIN" in unicodedata.name(c, "") or unicodedata.category(c)[0] in "PSNZ"
+        for c in set(text)
+    )
+
+
+def _recode(data: bytes, codec: str) -> bytes:
+    try:
+        text = data.decode(codec)
+    except UnicodeDecodeError as e:
+        raise EncodingError(
+            f"is not valid {codec} (byte {e.start}: {e.reason}); set encoding in data.sources[] to the file's "
+            "encoding, or re-save it as UTF-8"
+        ) from None
+    return text.removeprefix("\ufeff").encode("utf-8", "surrogatepass")
 
 
 @dataclass(slots=True)
