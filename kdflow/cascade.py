@@ -135,7 +135,10 @@ def sweep(
     taus = np.unique(np.r_[0.0, sorted_conf, np.nextafter(sorted_conf[-1], np.inf), extra])
     deferred = np.searchsorted(sorted_conf, taus, side="left")  # questions with confidence < tau
     hits = teacher_hits[deferred] + student_hits[-1] - student_hits[deferred]
-    latency = (student_lat.sum() + teacher_cost[deferred]) / n
+    # The student's own cost is added as given (a scalar stays exact): a sum over N copies divided by N
+    # can land one ulp below it, and the cascade would then look faster than the student at tau = 0.
+    student_cost = float(student_latency_s) if np.ndim(student_latency_s) == 0 else float(student_lat.mean())
+    latency = student_cost + teacher_cost[deferred] / n
     pareto = _pareto(hits, latency)
     return [
         CascadePoint(
