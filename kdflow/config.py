@@ -259,11 +259,24 @@ class ValidationConfig(Strict):
 
 class EvaluationConfig(Strict):
     batch_size: int = Field(64, ge=1)
-    max_questions: int | None = Field(None, ge=1, description="cap on test questions (default: all)")
-    latency_questions: int = Field(64, ge=1, description="questions timed one at a time")
-    latency_warmup: int = Field(8, ge=0)
+    max_questions: int | None = Field(
+        None, ge=1, description="cap on test questions, and on the validation questions tau is chosen on (default: all)"
+    )
+    latency_questions: int = Field(
+        64, ge=1, description="at most this many timed rounds; a round times teacher and student on one question"
+    )
+    latency_warmup: int = Field(8, ge=0, description="untimed rounds first (caches, lazy initialisation)")
+    latency_min_rounds: int = Field(16, ge=1, description="timed rounds before the precision stop may end timing")
+    latency_target_rel_ci: float = Field(
+        0.05, gt=0, description="stop timing once the speed-up's 95% interval is within +- this share of it"
+    )
+    latency_budget_s: float = Field(
+        120.0, gt=0, description="wall-clock cap on all timing rounds together; timing stops when it is spent"
+    )
     ece_bins: int = Field(15, ge=2)
-    cascade_target_gap: float = Field(0.01, ge=0, le=1, description="pick the cheapest tau within this of the teacher")
+    cascade_target_gap: float = Field(
+        0.01, ge=0, le=1, description="pick the cheapest tau within this of the teacher, on the validation split"
+    )
 
 
 class OrchestrationConfig(Strict):
