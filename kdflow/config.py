@@ -250,7 +250,16 @@ class ValidationConfig(Strict):
         0.15, ge=0, le=1, description="a predicted position may exceed its gold share by at most this much"
     )
     min_teacher_accuracy: float | None = Field(
-        None, ge=0, le=1, description="default: halfway from chance to 1 on the labeled training split"
+        None, ge=0, le=1, description="default: halfway from chance to 1, on the labeled rows of accuracy_splits"
+    )
+    accuracy_splits: list[Literal["train", "val", "test"]] = Field(
+        default_factory=lambda: ["val"], min_length=1,
+        description="splits the teacher-accuracy floor is measured on; a prepared teacher is fine-tuned on train, "
+        "so train would flatter it",
+    )
+    sample_questions: int = Field(
+        300, ge=0, description="label this many questions first (validation split first) and stop before "
+        "labeling the rest if the gate's dataset checks fail on them; 0 labels everything first",
     )
     min_entropy_ratio: float = Field(0.02, ge=0, le=1, description="mean entropy / max entropy must exceed this")
     max_entropy_ratio: float = Field(0.98, ge=0, le=1, description="... and stay below this")

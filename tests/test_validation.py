@@ -218,6 +218,29 @@ def test_teacher_at_chance_fails_the_accuracy_floor():
     assert "teacher_accuracy: accuracy" in outcome.failure_message()
 
 
+def test_teacher_accuracy_is_measured_on_validation_not_on_the_split_it_trained_on(clean):
+    # A prepared teacher that memorised its training split and is at chance elsewhere: measured on train
+    # (as kdflow once did) it passes; measured on the validation split it fails.
+    df = clean.copy()
+    train = (df["split"] == "train").to_numpy()
+    held_out = make_labels(accuracy=0.2, seed=3)
+    df.loc[~train, ["answer", "predicted"]] = held_out.loc[~train, ["answer", "predicted"]].to_numpy()
+    df.loc[train, "predicted"] = df.loc[train, "answer"]
+    df["probs"] = [[0.0] * k for k in df["n_options"]]
+    df["probs"] = [[0.7 if i == p else 0.3 / (k - 1) for i in range(k)] for p, k in zip(df["predicted"], df["n_options"])]
+    df["confidence"] = 0.7
+    outcome = validate_labels(df, CFG)
+    assert "teacher_accuracy" in outcome.failed and not outcome.success
+    assert f"on {int((df['split'] == 'val').sum())} val rows" in outcome.failure_message()
+    on_train = validate_labels(df, CFG.model_copy(update={"accuracy_splits": ["train"]}))
+    assert "teacher_accuracy" not in on_train.failed
+
+
+def test_no_labeled_rows_in_the_accuracy_splits_names_the_settings(clean):
+    with pytest.raises(validation.AccuracySplitEmpty, match=r"data\.splits\.val.*validation\.accuracy_splits"):
+        derive_columns(clean[clean["split"] == "train"], CFG)
+
+
 def test_one_hot_labels_are_degenerate(clean):
     def one_hot(row: pd.Series) -> list[float]:
         return [float(i == row["predicted"]) for i in range(row["n_options"])]
@@ -243,7 +266,7 @@ def test_derived_columns_summarise_list_probabilities():
         {
             "question_id": ["a", "b", "c", "d"],
             "teacher_key": "t",
-            "split": "train",
+            "split": "val",
             "answer": [0, 1, 0, 0],
             "n_options": [3, 2, 2, 2],
             "probs": [np.array([0.2, 0.5, 0.3]), [0.5, 0.5], None, []],
@@ -289,3 +312,68 @@ def test_import_does_not_load_great_expectations():
     code = "import sys, kdflow.validation; print('great_expectations' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# ---------------------------------------------------------------- fail fast: a labeled sample first
+
+
+class _CountingBackend:
+    """A tiny real teacher (random weights: at chance) that records which questions it scored."""
+
+    def __init__(self, teacher_dir: Path, scored: list[str]) -> None:
+        from kdflow.backends.hf import HFBackend
+        from kdflow.config import ScoringConfig
+        from kdflow.modeling import load_pretrained
+
+        model, tokenizer = load_pretrained(str(teacher_dir))
+        self.backend = HFBackend(model, tokenizer, ScoringConfig(), batch_size=32, device="cpu")
+        self.scored = scored
+
+    def score(self, questions):
+        self.scored += [q["question_id"] for q in questions]
+        return self.backend.score(questions)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def test_a_failing_sample_stops_labeling_and_its_labels_are_kept(tmp_path, clean):
+    from helpers import labeling_world
+
+    from kdflow.config import RunConfig
+    from kdflow.gate import SampleGateFailed, sample_first
+    from kdflow.labeling import label_questions
+
+    world = labeling_world(tmp_path, 200)
+    store, dataset_ids, key = world["store"], world["dataset_ids"], "t-sample"
+    scored: list[str] = []
+
+    def label(cfg: RunConfig):
+        plan = sample_first(cfg, store, dataset_ids, key)
+        report = label_questions(store, lambda: _CountingBackend(world["teacher"], scored), dataset_ids, key,
+                                 commit_every=16, sample=plan.question_ids, check_sample=plan.check)
+        return plan, report
+
+    strict = RunConfig(validation=ValidationConfig(sample_questions=40))
+    with pytest.raises(SampleGateFailed, match=r"sample of 40 questions \(validation\.sample_questions\)") as info:
+        label(strict)
+    assert "teacher_accuracy" in str(info.value) and "validation.sample_questions: 0" in str(info.value)
+    plan = sample_first(strict, store, dataset_ids, key)
+    assert sorted(scored) == sorted(plan.question_ids)  # only the sample was scored ...
+    with store.connect() as con:
+        kept = {r[0] for r in con.execute("SELECT question_id FROM soft_labels WHERE teacher_key = ?", [key]).fetchall()}
+        splits = dict(con.execute("SELECT question_id, split FROM questions").fetchall())
+    assert kept == set(plan.question_ids)  # ... and its labels are kept
+    n_val = sum(s == "val" for s in splits.values())
+    assert [splits[q] for q in plan.question_ids[:n_val]] == ["val"] * n_val  # the accuracy split comes first
+
+    # The cause fixed (here: thresholds any teacher meets), labeling continues from the sample's labels.
+    lenient = strict.model_copy(update={"validation": ValidationConfig(
+        sample_questions=40, min_teacher_accuracy=0.0, max_position_share_excess=1.0, max_entropy_ratio=1.0,
+        min_coverage=0.0)})
+    scored.clear()
+    checked_plan, report = label(lenient)
+    assert checked_plan.checked == {"questions": 40, "passed": True}
+    assert report.newly_labeled == 160 and len(scored) == 160 and not set(scored) & kept
+    assert sample_first(lenient.model_copy(update={"validation": ValidationConfig(sample_questions=0)}),
+                        store, dataset_ids, key) is None
