@@ -31,6 +31,6 @@ def distill(cfg: RunConfig) -> str:
         teacher_key = run_label_stage(cfg, run_id, dataset_ids)
         validation_id = validate_task(cfg, run_id, dataset_ids, teacher_key)
         models = train_task(cfg, run_id, dataset_ids, validation_id)
-        evaluate_task(cfg, run_id, dataset_ids, teacher_key, models)
+        evaluate_task(cfg, run_id, dataset_ids, teacher_key, models, validation_id)
         report_task(cfg, run_id)
     return run_id

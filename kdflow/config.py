@@ -223,6 +223,10 @@ class TrainingConfig(Strict):
     temperature: float = Field(1.0, gt=0, description="softening temperature T (the KD term is scaled by T^2)")
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     jsd_beta: float = Field(0.5, gt=0, lt=1, description="interpolation of the generalised JSD")
+    soft_labels: Literal["calibrated", "raw"] = Field(
+        "calibrated", description="KD targets: the teacher's probabilities after the temperature fitted on the "
+        "validation split (calibrated), or as labeled (raw); raw when there is no validation split",
+    )
     hard_label_baseline: bool = Field(True, description="also train the alpha=1 ablation at the same step budget")
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")

@@ -146,13 +146,16 @@ def evaluate(
     scoring: ScoringConfig,
     cfg: EvaluationConfig,
     device: str = "cpu",
+    teacher_temperature: float | None = None,
 ) -> str:
     """Evaluate the teacher and the students in `models` ({role: model dir}) on the test split.
 
     Roles: student_init, student (required), student_hard. `open_teacher()` returns the teacher's
     backend (anything with score(questions) and close(), the one that labeled); it is used only to time
     the teacher against the distilled student. The cascade's tau is chosen on the validation split
-    (`spec.cascade` says how many questions; none when the split is empty). Returns the eval_id.
+    (`spec.cascade` says how many questions; none when the split is empty). With `teacher_temperature`
+    (fitted on the validation split, kdflow.calibration) the teacher's test ECE and NLL are also stored
+    after calibration (ece_calibrated, nll_calibrated, temperature). Returns the eval_id.
     """
     unknown = sorted(set(models) - set(STUDENT_ROLES))
     if unknown or "student" not in models:
@@ -184,6 +187,7 @@ def evaluate(
         "device": device,
         "timing": {"method": "interleaved batch-1 rounds", "rounds": int(timing.seconds["student"].size),
                    "warmup": timing.warmup, "stopped_by": timing.stopped_by, "wall_s": round(timing.wall_s, 3)},
+        "teacher_temperature": teacher_temperature,
         "scoring": scoring.model_dump(mode="json"),
         "evaluation": cfg.model_dump(mode="json"),
     }
@@ -356,8 +360,10 @@ def metric_rows(
     teacher: ModelResult,
     n_bins: int,
     speedup: metrics.RatioCI | None = None,
+    temperature: float | None = None,
 ) -> list[dict[str, Any]]:
-    """The long-format metric rows of one model (category '*' is overall); latency rows only when timed."""
+    """The long-format metric rows of one model (category '*' is overall); latency rows only when timed;
+    with `temperature`, also ECE and NLL of its probabilities tempered by it (calibration, before/after)."""
     correct = result.correct(gold)
     teacher_accuracy = float(teacher.correct(gold).mean())
     accuracy, lo, hi = metrics.accuracy_ci(correct)
@@ -389,6 +395,13 @@ def metric_rows(
         }
     if speedup is not None:
         overall |= {"speedup": speedup.ratio, "speedup_lo": speedup.lo, "speedup_hi": speedup.hi}
+    if temperature is not None:
+        calibrated = metrics.apply_temperature(result.probs, temperature)
+        overall |= {
+            "temperature": temperature,
+            "ece_calibrated": metrics.expected_calibration_error(calibrated.max(axis=1), correct, n_bins),
+            "nll_calibrated": metrics.nll(calibrated, gold),
+        }
     rows = [_row(result.role, OVERALL, name, value) for name, value in overall.items() if value is not None]
     for c in metrics.category_accuracy(correct, categories):
         per_category = {"n": c.n, "accuracy": c.accuracy, "accuracy_lo": c.lo, "accuracy_hi": c.hi}
@@ -516,8 +529,9 @@ def _save(
             [row for r in results for row in _prediction_rows(r, questions, gold)], PREDICTION_SCHEMA
         ),
         "insert_metrics": _table(
-            [row for r in results for row in metric_rows(r, gold, categories, teacher, cfg.ece_bins,
-                                                          speedup if r.role == "student" else None)],
+            [row for r in results for row in metric_rows(
+                r, gold, categories, teacher, cfg.ece_bins, speedup if r.role == "student" else None,
+                spec["teacher_temperature"] if r.role == "teacher" else None)],
             METRIC_SCHEMA,
         ),
         "insert_reliability_bins": _table(

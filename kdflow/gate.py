@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from kdflow.calibration import Calibration, calibrate
 from kdflow.config import RunConfig
 from kdflow.errors import GateFailed, KdflowError
 from kdflow.store import Store
@@ -25,16 +26,20 @@ from kdflow.store import Store
 
 @dataclass(frozen=True)
 class GateResult:
+    """The verdict, and the teacher's temperature fitted on the validation split with it."""
+
     validation_id: str
     success: bool
     message: str
     data_docs_path: str | None
     reused: bool
+    calibration: Calibration
 
 
 def run_gate(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher_key: str, *,
              run_id: str | None = None, verbose: bool = False) -> GateResult:
-    """Validate the teacher's labels of the datasets (or reuse the verdict on the same labels)."""
+    """Validate the teacher's labels of the datasets (or reuse the verdict on the same labels), and fit (or
+    find) the teacher's calibration temperature on the validation split of the same labels."""
     labels = store.arrow("labels_with_questions", dataset_ids=dataset_ids, teacher_key=teacher_key)
     if labels.num_rows == 0:
         raise KdflowError(f"teacher {teacher_key} has no labels for {', '.join(dataset_ids)}: run `kdflow label` first")
@@ -43,7 +48,8 @@ def run_gate(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher_key: 
     found = store.fetch_one("find_validation", teacher_key=teacher_key, labels_digest=digest)
     if found is not None:
         validation_id, success, message, docs = found
-        return GateResult(validation_id, success, message or "", docs, reused=True)
+        calibration = calibrate(store, validation_id, teacher_key, labels.to_pylist())
+        return GateResult(validation_id, success, message or "", docs, reused=True, calibration=calibration)
 
     from kdflow.validation import validate_labels
 
@@ -69,7 +75,9 @@ def run_gate(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher_key: 
         if len(outcome.quarantine):
             tx.execute("insert_quarantine", pa.Table.from_pandas(outcome.quarantine, preserve_index=False),
                        validation_id=validation_id)
-    return GateResult(validation_id, outcome.success, message, outcome.data_docs_path, reused=False)
+    calibration = calibrate(store, validation_id, teacher_key, labels.to_pylist())
+    return GateResult(validation_id, outcome.success, message, outcome.data_docs_path, reused=False,
+                      calibration=calibration)
 
 
 class SampleGateFailed(GateFailed):

@@ -282,7 +282,8 @@ MODEL_COLUMNS: list[Column] = [
     ("KL(teacher‖model)", lambda r: _num(r["kl"])),
     ("NLL", lambda r: _num(r["nll"])),
     ("Brier", lambda r: _num(r["brier"])),
-    ("ECE", lambda r: _num(r["ece"])),
+    ("ECE", lambda r: _num(r["ece"]) if r.get("ece_calibrated") is None
+     else f"{_num(r['ece'])} → {_num(r['ece_calibrated'])} (T = {r['temperature']:.2f})"),
     ("latency p50 / p95", lambda r: f"{_ms(r['latency_ms_median'])} / {_ms(r['latency_ms_p95'])}"),
     ("throughput", lambda r: "–" if r["throughput_qps"] is None else f"{r['throughput_qps']:,.1f} q/s"),
     ("parameters", lambda r: f"{_params(r['params_total'])} / {_params(r['params_active'])}"),
@@ -361,6 +362,20 @@ def _latency_note(data: ReportData) -> str:
     )
 
 
+def _calibration_sentence(data: ReportData) -> str:
+    teacher = data.model("teacher")
+    if teacher.get("temperature") is None:
+        return ("The teacher was not calibrated (no temperature was fitted: the validation split had no labels). "
+                "Reliability diagrams on the test split, ECE with equal-width bins.")
+    return (
+        f"The teacher's probabilities were calibrated by one temperature T = {teacher['temperature']:.3f}, fitted on "
+        f"the validation split by minimising the negative log-likelihood (temperature scaling, Guo et al. 2017); "
+        f"on the test split its ECE goes from {_num(teacher['ece'])} to {_num(teacher['ece_calibrated'])} and its NLL "
+        f"from {_num(teacher['nll'])} to {_num(teacher['nll_calibrated'])}, its accuracy unchanged "
+        "(training.soft_labels chooses which the students learn from). Diagrams: raw probabilities on the test split."
+    )
+
+
 def _cascade_text(data: ReportData, summary: Summary) -> str:
     return f"<p>{html.escape(_cascade_sentence(data, summary))}</p>"
 
@@ -401,6 +416,7 @@ def render_html(data: ReportData, summary: Summary) -> str:
         models=_html_table(MODEL_COLUMNS, data.models),
         category_table=_html_table(CATEGORY_COLUMNS, data.categories),
         category_plot=_img(plots.category(data.category_accuracy), "accuracy per category"),
+        calibration_text=html.escape(_calibration_sentence(data)),
         reliability_plot=_img(plots.reliability(data.reliability, data.models), "reliability diagrams"),
         cascade_text=_cascade_text(data, summary),
         cascade_plot=_img(plots.cascade(data.cascade, data.models), "cascade accuracy on test against latency"),
@@ -566,6 +582,10 @@ def render_markdown(data: ReportData, summary: Summary) -> str:
         "## Per category",
         "",
         _md_table(CATEGORY_COLUMNS, data.categories),
+        "",
+        "## Calibration",
+        "",
+        _md(_calibration_sentence(data)),
         "",
         "## Cascade",
         "",

@@ -47,3 +47,13 @@ JOIN soft_labels l
   ON l.question_id = q.question_id AND l.teacher_key = $teacher_key AND l.question_hash = q.question_hash
 WHERE list_contains($dataset_ids, q.dataset_id) AND list_contains($question_ids, q.question_id)
 ORDER BY q.question_id;
+
+-- name: find_calibration
+SELECT temperature, n_questions, nll_raw, nll_calibrated, ece_raw, ece_calibrated, note
+FROM teacher_calibrations WHERE validation_id = $validation_id;
+
+-- name: insert_calibration
+INSERT OR IGNORE INTO teacher_calibrations
+    (validation_id, teacher_key, temperature, n_questions, nll_raw, nll_calibrated, ece_raw, ece_calibrated, note)
+VALUES ($validation_id, $teacher_key, $temperature, $n_questions, $nll_raw, $nll_calibrated, $ece_raw,
+        $ece_calibrated, $note);

@@ -15,17 +15,21 @@ from kdflow.teacher import open_backend, teacher_ref
 
 @task(name="evaluate", tags=["gpu"])
 def evaluate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_key: str,
-                  models: dict[str, str]) -> str:
+                  models: dict[str, str], validation_id: str | None = None) -> str:
+    """Returns the eval_id; `validation_id` names the gate verdict whose calibration temperature applies."""
+    from kdflow.calibration import stored_calibration
     from kdflow.evaluation import evaluate
 
     store = Store(cfg.home_dir)
     with stage(store, run_id, "evaluate") as record:
         ref = teacher_ref(cfg, store, dataset_ids)
+        calibration = stored_calibration(store, validation_id) if validation_id else None
         eval_id = evaluate(
             store, run_id=run_id, dataset_ids=dataset_ids, teacher_key=teacher_key,
             models={role: Path(path) for role, path in models.items()},
             open_teacher=lambda: open_backend(cfg, ref),
             scoring=cfg.scoring, cfg=cfg.evaluation, device=cfg.student.device,
+            teacher_temperature=calibration.temperature if calibration else None,
         )
         record.detail = {"eval_id": eval_id}
     return eval_id

@@ -29,7 +29,7 @@ from kdflow.evaluation import (
     evaluate,
     time_interleaved,
 )
-from kdflow.metrics import latency_summary
+from kdflow.metrics import expected_calibration_error, latency_summary
 from kdflow.modeling import build_model, save_pretrained
 from kdflow.runs import start_run
 from kdflow.scoring import encode, option_logits, to_soft_labels
@@ -336,11 +336,24 @@ def test_evaluation_row_and_models(evaluated):
 def test_cap(tmp_path, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions):
     seeded = seed_store(tmp_path, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions)
     eval_id = run_evaluation(seeded, models={"student": seeded.models["student"]},
-                             cfg=EVAL_CFG.model_copy(update={"max_questions": 3}))
+                             cfg=EVAL_CFG.model_copy(update={"max_questions": 3}), teacher_temperature=2.0)
     con = duckdb.connect(str(tmp_path / "kdflow.duckdb"), read_only=True)
     ids = con.execute("SELECT DISTINCT question_id FROM predictions WHERE eval_id = ? ORDER BY 1", [eval_id]).fetchall()
     assert ids == [("q0",), ("q1",), ("q2",)]
     assert json.loads(con.execute("SELECT spec FROM evaluations").fetchone()[0])["cascade"]["n_val"] == 3
+    # Calibration before and after, on the test questions evaluated (q0..q2; the teacher is wrong on q2).
+    probs = np.zeros((3, 5))
+    for i, q in enumerate(("q0", "q1", "q2")):
+        probs[i, : len(TEACHER_PROBS[q])] = TEACHER_PROBS[q]
+    tempered = probs ** 0.5 / (probs ** 0.5).sum(axis=1, keepdims=True)
+    correct = np.array([True, True, False])
+    assert _metric(con, eval_id, "teacher", "temperature") == 2.0
+    assert _metric(con, eval_id, "teacher", "ece") == pytest.approx(
+        expected_calibration_error(probs.max(axis=1), correct, EVAL_CFG.ece_bins))
+    assert _metric(con, eval_id, "teacher", "ece_calibrated") == pytest.approx(
+        expected_calibration_error(tempered.max(axis=1), correct, EVAL_CFG.ece_bins))
+    assert _metric(con, eval_id, "teacher", "nll_calibrated") == pytest.approx(
+        -np.mean(np.log(tempered[[0, 1, 2], [0, 1, 1]])))
 
 
 def test_missing_inputs_say_what_to_run(tmp_path, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions):

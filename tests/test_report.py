@@ -97,6 +97,7 @@ def test_markdown_summary_has_the_headline_tables_and_threshold(built):
                      r"\| 80\.0% \| – \|", markdown)
     assert re.search(r"\| student \(distilled\) \| .* \| [\d.]+x \([\d.]+–[\d.]+\) \|", markdown)
     assert "## Per category" in markdown and "| science | 1 | 0.0% |" in markdown
+    assert "## Calibration" in markdown and "not calibrated" in markdown  # no temperature was passed
     assert re.search(r"Threshold tau = 0\.\d{4}, chosen on 5 validation questions", markdown)
     assert "interleaved rounds" in markdown
 

@@ -377,3 +377,66 @@ def test_a_failing_sample_stops_labeling_and_its_labels_are_kept(tmp_path, clean
     assert report.newly_labeled == 160 and len(scored) == 160 and not set(scored) & kept
     assert sample_first(lenient.model_copy(update={"validation": ValidationConfig(sample_questions=0)}),
                         store, dataset_ids, key) is None
+
+
+# ---------------------------------------------------------------- teacher calibration with the gate
+
+
+def _store_with_labels(home: Path, labels: pd.DataFrame):
+    import pyarrow as pa
+
+    from kdflow.store import Store
+
+    store = Store(home)
+    n = len(labels)
+    store.execute("insert_questions", pa.table({
+        "question_id": labels["question_id"], "dataset": ["d"] * n, "split": labels["split"], "category": ["c"] * n,
+        "question": ["q"] * n, "options": [["x"] * k for k in labels["n_options"]],
+        "answer": pa.array(labels["answer"], pa.int32()), "metadata": ["{}"] * n,
+        "question_hash": "h-" + labels["question_id"],
+    }), dataset_id="d@0")
+    store.execute("insert_labels", pa.table({
+        "question_id": labels["question_id"], "teacher_key": labels["teacher_key"],
+        "question_hash": "h-" + labels["question_id"], "probs": labels["probs"],
+        "confidence": labels["confidence"], "predicted": labels["predicted"], "coverage": labels["coverage"],
+        "entropy": labels["entropy"], "reasoning": pa.array([None] * n, pa.string()),
+        "latency_ms": pa.array([None] * n, pa.float64()),
+    }))
+    return store
+
+
+def _sharpen(labels: pd.DataFrame, power: float) -> pd.DataFrame:
+    """The same teacher, over-confident: probabilities raised to `power` and renormalised."""
+    probs = [np.asarray(p) ** power / np.sum(np.asarray(p) ** power) for p in labels["probs"]]
+    return labels.assign(probs=[p.tolist() for p in probs], confidence=[p.max() for p in probs])
+
+
+def test_the_gate_fits_and_stores_the_teachers_temperature_on_validation(tmp_path, clean):
+    from kdflow.calibration import stored_calibration, with_calibrated_probs
+    from kdflow.config import RunConfig
+    from kdflow.gate import run_gate
+
+    labels = _sharpen(make_labels(n=2000, seed=5, accuracy=0.6), 4.0)
+    store = _store_with_labels(tmp_path, labels)
+    cfg = RunConfig(home=str(tmp_path), validation=ValidationConfig(sample_questions=0, min_teacher_accuracy=0.3))
+    result = run_gate(cfg, store, ["d@0"], "teacher-1")
+    fit = result.calibration
+    val = labels["split"] == "val"
+    assert fit.n_questions == int(val.sum()) and fit.note.startswith("fitted on")
+    assert fit.temperature > 1.5  # over-confident: softened
+    assert fit.ece_calibrated < fit.ece_raw and fit.nll_calibrated < fit.nll_raw
+    assert stored_calibration(store, result.validation_id) == fit
+    again = run_gate(cfg, store, ["d@0"], "teacher-1")
+    assert again.reused and again.calibration == fit
+    # Training examples carry both: the raw label and the calibrated target.
+    example = {"question_id": "q", "probs": [0.9, 0.05, 0.05]}
+    (both,) = with_calibrated_probs([example], fit.temperature)
+    assert both["raw_probs"] == [0.9, 0.05, 0.05] and both["probs"][0] < 0.9
+    assert with_calibrated_probs([example], None)[0]["probs"] == example["probs"]
+
+
+def test_no_validation_labels_means_no_temperature_and_says_why():
+    from kdflow.calibration import fit_calibration
+
+    fit = fit_calibration([{"split": "train", "answer": 0, "probs": [0.9, 0.1]}])
+    assert fit.temperature is None and "data.splits.val" in fit.note
