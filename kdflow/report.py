@@ -368,7 +368,7 @@ def _calibration_sentence(data: ReportData) -> str:
         return ("The teacher was not calibrated (no temperature was fitted: the validation split had no labels). "
                 "Reliability diagrams on the test split, ECE with equal-width bins.")
     return (
-        f"The teacher's probabilities were calibrated by one temperature T = {teacher['temperature']:.3f}, fitted on "
+        f"Teacher probabilities were calibrated by one temperature T = {teacher['temperature']:.3f}, fitted on "
         f"the validation split by minimising the negative log-likelihood (temperature scaling, Guo et al. 2017); "
         f"on the test split its ECE goes from {_num(teacher['ece'])} to {_num(teacher['ece_calibrated'])} and its NLL "
         f"from {_num(teacher['nll'])} to {_num(teacher['nll_calibrated'])}, its accuracy unchanged "
