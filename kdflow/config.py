@@ -276,7 +276,8 @@ class EvaluationConfig(Strict):
         None, ge=1, description="cap on test questions, and on the validation questions tau is chosen on (default: all)"
     )
     latency_questions: int = Field(
-        64, ge=1, description="at most this many timed rounds; a round times teacher and student on one question"
+        1000, ge=1, description="at most this many timed rounds; a round times teacher and student on one question "
+        "(the precision stop and latency_budget_s usually end timing sooner)",
     )
     latency_warmup: int = Field(8, ge=0, description="untimed rounds first (caches, lazy initialisation)")
     latency_min_rounds: int = Field(16, ge=1, description="timed rounds before the precision stop may end timing")

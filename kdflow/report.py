@@ -34,6 +34,9 @@ ROLE_NAMES = {
     "student_init": "student (before distillation)",
 }
 CASCADE_TABLE_ROWS = 15
+# A model whose latency IQR exceeds this share of its median was timed on a busy machine: preempted calls
+# form a second, slower cluster, and a longer call is preempted more often, which skews the speed-up.
+NOISY_IQR_SHARE = 0.5
 
 Row = dict[str, Any]
 
@@ -358,8 +361,21 @@ def _latency_note(data: ReportData) -> str:
         f"{timing.get('warmup', 0)} warm-up rounds, then {rounds if rounds is not None else '?'} interleaved rounds "
         f"(stopped: {stop}); medians with interquartile range. Speed-up: ratio of the medians with a paired-"
         "bootstrap 95% interval. Cascade latency: student median + share sent to the teacher x teacher median, "
-        "so it is never below the student's. Throughput: full batches."
+        "so it is never below the student's. Throughput: full batches." + _noise_warning(data)
     )
+
+
+def _noise_warning(data: ReportData) -> str:
+    noisy = []
+    for role in ("teacher", "student"):
+        m = data.model(role)
+        lo, median, hi = m.get("latency_ms_p25"), m.get("latency_ms_median"), m.get("latency_ms_p75")
+        if lo is not None and median and hi is not None and (hi - lo) / median > NOISY_IQR_SHARE:
+            noisy.append(f"{_role(role)} IQR {_ms(lo)}–{_ms(hi)} around {_ms(median)}")
+    if not noisy:
+        return ""
+    return (" Warning: the timings were noisy (" + "; ".join(noisy) + "): the machine was busy, and longer calls "
+            "are interrupted more often, so the speed-up is not reliable; re-run `kdflow evaluate` on a quiet machine.")
 
 
 def _calibration_sentence(data: ReportData) -> str:

@@ -147,3 +147,20 @@ def test_report_renders_in_headless_chromium(built, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert screenshot.stat().st_size > 10_000
+
+
+def test_noisy_timings_are_flagged_in_the_latency_note(built):
+    from kdflow.report import _latency_note, load_report_data
+
+    home, run_id, _ = built
+    data = load_report_data(Store(home, read_only=True), run_id)
+
+    def timed(models, role, p25, median, p75):
+        return [dict(m, latency_ms_p25=p25, latency_ms_median=median, latency_ms_p75=p75)
+                if m["model_role"] == role else m for m in models]
+
+    quiet = timed(timed(data.models, "teacher", 2.0, 2.1, 2.2), "student", 1.0, 1.05, 1.1)
+    assert "Warning" not in _latency_note(dataclasses.replace(data, models=quiet))
+    # A busy machine: preempted calls make a second, slow cluster in the teacher's timings.
+    busy = timed(quiet, "teacher", 2.0, 9.0, 14.0)
+    assert "timings were noisy (teacher IQR 2.00 ms–14.0 ms" in _latency_note(dataclasses.replace(data, models=busy))
