@@ -97,7 +97,8 @@ class SamplePlan:
 
 
 def sample_first(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher_key: str) -> SamplePlan | None:
-    """The fail-fast sample for labeling, or None when validation.sample_questions is 0.
+    """The fail-fast sample for labeling, or None when validation.sample_questions is 0 or the sample would
+    hold every question (then the gate itself runs next, and sharded labeling keeps all the work).
 
     `plan.check()` validates the sample's labels (without storing a verdict: the full label set gets
     the real one) and raises SampleGateFailed, with the gate's message, where the gate would fail.
@@ -105,8 +106,12 @@ def sample_first(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher_k
     n = cfg.validation.sample_questions
     if n == 0:
         return None
+    # One more than the sample tells whether anything lies outside it; if not, the full gate decides.
     ids = [r[0] for r in store.fetch("gate_sample_questions", dataset_ids=dataset_ids,
-                                     splits=list(cfg.validation.accuracy_splits), limit=n)]
+                                     splits=list(cfg.validation.accuracy_splits), limit=n + 1)]
+    if len(ids) <= n:
+        return None
+    ids = ids[:n]
     plan = SamplePlan(ids, lambda: None)
 
     def check() -> None:

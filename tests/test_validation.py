@@ -440,3 +440,17 @@ def test_no_validation_labels_means_no_temperature_and_says_why():
 
     fit = fit_calibration([{"split": "train", "answer": 0, "probs": [0.9, 0.1]}])
     assert fit.temperature is None and "data.splits.val" in fit.note
+
+
+def test_no_sample_when_it_would_hold_every_question(tmp_path):
+    from helpers import labeling_world
+
+    from kdflow.config import RunConfig
+    from kdflow.gate import sample_first
+
+    world = labeling_world(tmp_path, 120)
+    cfg = RunConfig(validation=ValidationConfig(sample_questions=120))
+    assert sample_first(cfg, world["store"], world["dataset_ids"], "t") is None
+    plan = sample_first(cfg.model_copy(update={"validation": ValidationConfig(sample_questions=119)}),
+                        world["store"], world["dataset_ids"], "t")
+    assert plan is not None and len(plan.question_ids) == 119
