@@ -480,7 +480,9 @@ def _median(result: ModelResult) -> float:
     return result.latency.median_s
 
 
-def cascade_rows(student: ModelResult, teacher: ModelResult, gold: np.ndarray, choice: CascadeChoice) -> list[dict[str, Any]]:
+def cascade_rows(
+    student: ModelResult, teacher: ModelResult, gold: np.ndarray, choice: CascadeChoice
+) -> list[dict[str, Any]]:
     """Every threshold of the student-first cascade on the test split, plus the tau chosen on validation
     (flagged chosen); latency = student median + share deferred x teacher median."""
     student_correct, teacher_correct = student.correct(gold), teacher.correct(gold)

@@ -526,7 +526,8 @@ class _Plots:
         teacher = next((m for m in models if m["model_role"] == "teacher"), None)
         if teacher is not None:
             ax.axhline(teacher["accuracy"], color="tab:green", linestyle=":", linewidth=1, label="teacher accuracy")
-        ax.set(xlabel="latency per question (ms): student median + share x teacher median", ylabel="cascade accuracy (test)")
+        ax.set(xlabel="latency per question (ms): student median + share x teacher median",
+               ylabel="cascade accuracy (test)")
         ax.legend(loc="lower right", fontsize="small")
         return self._png(fig)
 

@@ -226,8 +226,8 @@ def test_teacher_accuracy_is_measured_on_validation_not_on_the_split_it_trained_
     held_out = make_labels(accuracy=0.2, seed=3)
     df.loc[~train, ["answer", "predicted"]] = held_out.loc[~train, ["answer", "predicted"]].to_numpy()
     df.loc[train, "predicted"] = df.loc[train, "answer"]
-    df["probs"] = [[0.0] * k for k in df["n_options"]]
-    df["probs"] = [[0.7 if i == p else 0.3 / (k - 1) for i in range(k)] for p, k in zip(df["predicted"], df["n_options"])]
+    df["probs"] = [[0.7 if i == p else 0.3 / (k - 1) for i in range(k)]
+                   for p, k in zip(df["predicted"], df["n_options"])]
     df["confidence"] = 0.7
     outcome = validate_labels(df, CFG)
     assert "teacher_accuracy" in outcome.failed and not outcome.success
@@ -361,7 +361,8 @@ def test_a_failing_sample_stops_labeling_and_its_labels_are_kept(tmp_path, clean
     plan = sample_first(strict, store, dataset_ids, key)
     assert sorted(scored) == sorted(plan.question_ids)  # only the sample was scored ...
     with store.connect() as con:
-        kept = {r[0] for r in con.execute("SELECT question_id FROM soft_labels WHERE teacher_key = ?", [key]).fetchall()}
+        kept = {r[0] for r in con.execute("SELECT question_id FROM soft_labels WHERE teacher_key = ?",
+                                          [key]).fetchall()}
         splits = dict(con.execute("SELECT question_id, split FROM questions").fetchall())
     assert kept == set(plan.question_ids)  # ... and its labels are kept
     n_val = sum(s == "val" for s in splits.values())
