@@ -455,3 +455,24 @@ def test_no_sample_when_it_would_hold_every_question(tmp_path):
     plan = sample_first(cfg.model_copy(update={"validation": ValidationConfig(sample_questions=119)}),
                         world["store"], world["dataset_ids"], "t")
     assert plan is not None and len(plan.question_ids) == 119
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_label_flow_stops_on_a_failing_sample_as_a_failed_gate(tmp_path):
+    from flows.stages import ingest_flow, label_flow
+
+    from kdflow.config import load_config
+    from kdflow.gate import SampleGateFailed
+    from kdflow.store import Store
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(root / "configs" / "tiny.yaml", [f"home={tmp_path}", "validation.min_teacher_accuracy=0.999"])
+    ingest_flow(cfg)
+    with pytest.raises(SampleGateFailed, match=r"(?s)sample of 300 questions .* on \d+ val rows, floor 99\.9%"):
+        label_flow(cfg)
+    with Store(tmp_path, read_only=True).connect() as con:
+        assert con.execute("SELECT count(*) FROM questions").fetchone()[0] == 600
+        assert con.execute("SELECT count(*) FROM soft_labels").fetchone()[0] == 300  # the sample, kept
+        status, detail = con.execute("SELECT status, detail FROM stage_runs WHERE stage = 'label'").fetchone()
+    assert status == "failed" and '"passed": false' in detail
