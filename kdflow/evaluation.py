@@ -173,10 +173,12 @@ def evaluate(
     width = max(len(q["options"]) for q in test_rows + val_rows)
     test, val = _split(test_rows, width), _split(val_rows, width)
 
-    results, timing, teacher_params = _score_and_time(models, test, val, open_teacher, scoring, cfg, device)
-    teacher = ModelResult("teacher", test.teacher_probs, timing.summary("teacher"), results.pop("teacher_qps"),
+    students, timing, teacher_qps, teacher_params = _score_and_time(
+        models, test, val, open_teacher, scoring, cfg, device
+    )
+    teacher = ModelResult("teacher", test.teacher_probs, timing.summary("teacher"), teacher_qps,
                           teacher_params, None, val.teacher_probs if val.questions else None)
-    ordered = [teacher] + [results[role] for role in STUDENT_ROLES if role in results]
+    ordered = [teacher] + [students[role] for role in STUDENT_ROLES if role in students]
     eval_id = f"eval-{uuid.uuid4().hex[:12]}"
     spec = {
         "models": {role: str(path) for role, path in models.items()},
@@ -224,16 +226,16 @@ def _score_and_time(
     scoring: ScoringConfig,
     cfg: EvaluationConfig,
     device: str,
-) -> tuple[dict[str, Any], Timing, tuple[int, int] | None]:
+) -> tuple[dict[str, ModelResult], Timing, float, tuple[int, int] | None]:
     """Score every student (the distilled one on validation too), then time teacher and student together.
 
     Students are loaded one at a time; only the distilled one stays loaded while the teacher is opened.
-    Returns ({role: ModelResult, 'teacher_qps': float}, timing, teacher parameter counts or None).
+    Returns ({role: result}, timing, teacher throughput in questions/s, teacher parameter counts or None).
     """
     from kdflow.modeling import count_parameters
 
     width = test.teacher_probs.shape[1]
-    results: dict[str, Any] = {}
+    scored: dict[str, tuple[np.ndarray, np.ndarray | None, tuple[int, int]]] = {}
     kept = None
     try:
         for role in [r for r in STUDENT_ROLES if r in models and r != "student"] + ["student"]:
@@ -247,7 +249,7 @@ def _score_and_time(
             except BaseException:
                 backend.close()
                 raise
-            results[role] = (probs, val_probs, params)
+            scored[role] = (probs, val_probs, params)
             if role == "student":
                 kept = backend
             else:
@@ -264,12 +266,12 @@ def _score_and_time(
     finally:
         if kept is not None:
             kept.close()
-    out: dict[str, Any] = {"teacher_qps": teacher_qps}
-    for role, (probs, val_probs, params) in results.items():
-        timed = role == "student"
-        out[role] = ModelResult(role, probs, timing.summary(role) if timed else None,
-                                student_qps if timed else None, params, models[role], val_probs)
-    return out, timing, teacher_params
+    students = {
+        role: ModelResult(role, probs, timing.summary(role) if role == "student" else None,
+                          student_qps if role == "student" else None, params, models[role], val_probs)
+        for role, (probs, val_probs, params) in scored.items()
+    }
+    return students, timing, teacher_qps, teacher_params
 
 
 def _open_student(path: Path, scoring: ScoringConfig, cfg: EvaluationConfig, device: str) -> Any:
