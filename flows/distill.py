@@ -4,6 +4,9 @@ Flows only sequence; each stage is a task in tasks/ over the kdflow core, and ta
 (dataset ids, teacher keys, validation ids, model paths), never data. Work already done is found in the
 store by content (dataset hash, teacher key, label digest, config digest) and reused, so a repeated or
 retried run redoes exactly what changed: a run retried after a training failure does not relabel.
+The label stage labels a sample first and stops the flow there (as a failed gate) when the gate's checks
+fail on it (validation.sample_questions); the gate also fits the teacher's calibration temperature on the
+validation split, which training and evaluation read back through the verdict's validation id.
 """
 
 from __future__ import annotations
@@ -31,6 +34,6 @@ def distill(cfg: RunConfig) -> str:
         teacher_key = run_label_stage(cfg, run_id, dataset_ids)
         validation_id = validate_task(cfg, run_id, dataset_ids, teacher_key)
         models = train_task(cfg, run_id, dataset_ids, validation_id)
-        evaluate_task(cfg, run_id, dataset_ids, teacher_key, models)
+        evaluate_task(cfg, run_id, dataset_ids, teacher_key, models, validation_id)
         report_task(cfg, run_id)
     return run_id

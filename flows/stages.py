@@ -67,7 +67,7 @@ def evaluate_flow(cfg: RunConfig) -> str:
         ref = teacher_ref(cfg, store, dataset_ids)
         validation_id = validate_task(cfg, run_id, dataset_ids, ref.key)
         models = find_students(cfg, store, ref, validation_id)
-        evaluate_task(cfg, run_id, dataset_ids, ref.key, {k: str(v) for k, v in models.items()})
+        evaluate_task(cfg, run_id, dataset_ids, ref.key, {k: str(v) for k, v in models.items()}, validation_id)
         return report_task(cfg, run_id)
 
 

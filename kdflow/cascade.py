@@ -2,9 +2,12 @@
 
 Cost model of `mean_latency_s`: the student always runs first (its confidence is what decides), and a
 deferred question additionally costs the teacher's latency, so
-    mean latency = mean(student latency) + sum(teacher latency of deferred questions) / N.
-Where the student's cost does not matter (it runs anyway, or only teacher calls are billed), rank points by
-`teacher_calls` instead. Latencies are one number per model (a measured mean) or one per question.
+    latency = student latency + share_to_teacher * teacher latency        (one number per model)
+    latency = mean(student latency) + sum(teacher latency of deferred questions) / N    (one per question)
+Both models' latencies must be the same statistic of timings taken the same way (evaluation passes the
+medians of interleaved batch-1 rounds); then every point's latency is >= the student's, so the cascade
+can never look faster than the student it always runs. Where the student's cost does not matter (it runs
+anyway, or only teacher calls are billed), rank points by `teacher_calls` instead.
 
 The sweep sorts questions by student confidence once; the questions deferred at any tau are then a prefix
 of that order, so every point comes from cumulative sums: O(N log N) for all thresholds together.
@@ -97,6 +100,7 @@ def sweep(
     teacher_correct: ArrayLike,
     student_latency_s: float | ArrayLike,
     teacher_latency_s: float | ArrayLike,
+    extra_taus: Sequence[float] = (),
 ) -> list[CascadePoint]:
     """Cascade outcome at every distinct student confidence, plus tau = 0 and tau just above the maximum.
 
@@ -104,6 +108,7 @@ def sweep(
         student_conf: [N] student confidence (top probability) per question, in [0, 1].
         student_correct, teacher_correct: [N] whether each model's own answer is right.
         student_latency_s, teacher_latency_s: seconds per question, one number or [N].
+        extra_taus: thresholds to evaluate as well, e.g. one chosen on another split (in [0, inf)).
 
     Returns:
         Points in increasing tau. tau = 0 sends nothing to the teacher; the last tau, the next float above
@@ -124,10 +129,16 @@ def sweep(
     student_hits = np.r_[0, np.cumsum(student_ok[order])]
     teacher_cost = np.r_[0.0, np.cumsum(teacher_lat[order])]
 
-    taus = np.unique(np.r_[0.0, sorted_conf, np.nextafter(sorted_conf[-1], np.inf)])
+    extra = np.asarray(extra_taus, dtype=np.float64)
+    if extra.ndim != 1 or not np.isfinite(extra).all() or (extra < 0).any():
+        raise ValueError(f"extra_taus must be finite thresholds >= 0, got {extra_taus!r}")
+    taus = np.unique(np.r_[0.0, sorted_conf, np.nextafter(sorted_conf[-1], np.inf), extra])
     deferred = np.searchsorted(sorted_conf, taus, side="left")  # questions with confidence < tau
     hits = teacher_hits[deferred] + student_hits[-1] - student_hits[deferred]
-    latency = (student_lat.sum() + teacher_cost[deferred]) / n
+    # The student's own cost is added as given (a scalar stays exact): a sum over N copies divided by N
+    # can land one ulp below it, and the cascade would then look faster than the student at tau = 0.
+    student_cost = float(student_latency_s) if np.ndim(student_latency_s) == 0 else float(student_lat.mean())
+    latency = student_cost + teacher_cost[deferred] / n
     pareto = _pareto(hits, latency)
     return [
         CascadePoint(

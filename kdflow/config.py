@@ -333,6 +333,10 @@ class TrainingConfig(Strict):
     temperature: float = Field(1.0, gt=0, description="softening temperature T (the KD term is scaled by T^2)")
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     jsd_beta: float = Field(0.5, gt=0, lt=1, description="interpolation of the generalised JSD")
+    soft_labels: Literal["calibrated", "raw"] = Field(
+        "calibrated", description="KD targets: the teacher's probabilities after the temperature fitted on the "
+        "validation split (calibrated), or as labeled (raw); raw when there is no validation split",
+    )
     hard_label_baseline: bool = Field(True, description="also train the alpha=1 ablation at the same step budget")
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
@@ -360,7 +364,16 @@ class ValidationConfig(Strict):
         0.15, ge=0, le=1, description="a predicted position may exceed its gold share by at most this much"
     )
     min_teacher_accuracy: float | None = Field(
-        None, ge=0, le=1, description="default: halfway from chance to 1 on the labeled training split"
+        None, ge=0, le=1, description="default: halfway from chance to 1, on the labeled rows of accuracy_splits"
+    )
+    accuracy_splits: list[Literal["train", "val", "test"]] = Field(
+        default_factory=lambda: ["val"], min_length=1,
+        description="splits the teacher-accuracy floor is measured on; a prepared teacher is fine-tuned on train, "
+        "so train would flatter it",
+    )
+    sample_questions: int = Field(
+        300, ge=0, description="label this many questions first (validation split first) and stop before "
+        "labeling the rest if the gate's dataset checks fail on them; 0 labels everything first",
     )
     min_entropy_ratio: float = Field(0.02, ge=0, le=1, description="mean entropy / max entropy must exceed this")
     max_entropy_ratio: float = Field(0.98, ge=0, le=1, description="... and stay below this")
@@ -369,11 +382,25 @@ class ValidationConfig(Strict):
 
 class EvaluationConfig(Strict):
     batch_size: int = Field(64, ge=1)
-    max_questions: int | None = Field(None, ge=1, description="cap on test questions (default: all)")
-    latency_questions: int = Field(64, ge=1, description="questions timed one at a time")
-    latency_warmup: int = Field(8, ge=0)
+    max_questions: int | None = Field(
+        None, ge=1, description="cap on test questions, and on the validation questions tau is chosen on (default: all)"
+    )
+    latency_questions: int = Field(
+        1000, ge=1, description="at most this many timed rounds; a round times teacher and student on one question "
+        "(the precision stop and latency_budget_s usually end timing sooner)",
+    )
+    latency_warmup: int = Field(8, ge=0, description="untimed rounds first (caches, lazy initialisation)")
+    latency_min_rounds: int = Field(16, ge=1, description="timed rounds before the precision stop may end timing")
+    latency_target_rel_ci: float = Field(
+        0.05, gt=0, description="stop timing once the speed-up's 95% interval is within +- this share of it"
+    )
+    latency_budget_s: float = Field(
+        120.0, gt=0, description="wall-clock cap on all timing rounds together; timing stops when it is spent"
+    )
     ece_bins: int = Field(15, ge=2)
-    cascade_target_gap: float = Field(0.01, ge=0, le=1, description="pick the cheapest tau within this of the teacher")
+    cascade_target_gap: float = Field(
+        0.01, ge=0, le=1, description="pick the cheapest tau within this of the teacher, on the validation split"
+    )
 
 
 class OrchestrationConfig(Strict):

@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from kdflow.calibration import stored_calibration, with_calibrated_probs
 from kdflow.config import RunConfig
 from kdflow.errors import KdflowError
 from kdflow.store import Store
@@ -104,6 +105,9 @@ def train_students(
     ).to_pylist()
     if not examples:
         raise KdflowError("no validated training labels: check the split fractions and the quarantine table")
+    if cfg.training.soft_labels == "calibrated":
+        calibration = stored_calibration(store, validation_id)
+        examples = with_calibrated_probs(examples, calibration.temperature if calibration else None)
     val_examples = split_examples(store, dataset_ids, "val")
     tokenizer = _tokenizer_for(cfg, store, dataset_ids, teacher) if cfg.student.init != "pretrained" else None
 

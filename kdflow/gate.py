@@ -2,33 +2,44 @@
 
 The verdict is tied to the exact label set (a digest of question ids and texts) and the thresholds, so an
 unchanged label set is not re-validated, and any new or changed label forces a new verdict.
+
+Fail fast: before the teacher labels everything, `sample_first` names a sample of
+`validation.sample_questions` questions (the accuracy splits first) that labeling does first, and a check
+that runs the same checks on the sample's labels and stops labeling when the gate would fail on them. The
+sample's labels stay in the store, so labeling resumes from them once the cause is fixed or the sample passes.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from kdflow.calibration import Calibration, calibrate
 from kdflow.config import RunConfig
-from kdflow.errors import KdflowError
+from kdflow.errors import GateFailed, KdflowError
 from kdflow.store import Store
 
 
 @dataclass(frozen=True)
 class GateResult:
+    """The verdict, and the teacher's temperature fitted on the validation split with it."""
+
     validation_id: str
     success: bool
     message: str
     data_docs_path: str | None
     reused: bool
+    calibration: Calibration
 
 
 def run_gate(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher_key: str, *,
              run_id: str | None = None, verbose: bool = False) -> GateResult:
-    """Validate the teacher's labels of the datasets (or reuse the verdict on the same labels)."""
+    """Validate the teacher's labels of the datasets (or reuse the verdict on the same labels), and fit (or
+    find) the teacher's calibration temperature on the validation split of the same labels."""
     labels = store.arrow("labels_with_questions", dataset_ids=dataset_ids, teacher_key=teacher_key)
     if labels.num_rows == 0:
         raise KdflowError(f"teacher {teacher_key} has no labels for {', '.join(dataset_ids)}: run `kdflow label` first")
@@ -37,7 +48,8 @@ def run_gate(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher_key: 
     found = store.fetch_one("find_validation", teacher_key=teacher_key, labels_digest=digest)
     if found is not None:
         validation_id, success, message, docs = found
-        return GateResult(validation_id, success, message or "", docs, reused=True)
+        calibration = calibrate(store, validation_id, teacher_key, labels.to_pylist())
+        return GateResult(validation_id, success, message or "", docs, reused=True, calibration=calibration)
 
     from kdflow.validation import validate_labels
 
@@ -63,4 +75,60 @@ def run_gate(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher_key: 
         if len(outcome.quarantine):
             tx.execute("insert_quarantine", pa.Table.from_pandas(outcome.quarantine, preserve_index=False),
                        validation_id=validation_id)
-    return GateResult(validation_id, outcome.success, message, outcome.data_docs_path, reused=False)
+    calibration = calibrate(store, validation_id, teacher_key, labels.to_pylist())
+    return GateResult(validation_id, outcome.success, message, outcome.data_docs_path, reused=False,
+                      calibration=calibration)
+
+
+class SampleGateFailed(GateFailed):
+    """The gate's checks failed on the fail-fast sample; the rest of the questions were not labeled."""
+
+
+@dataclass
+class SamplePlan:
+    """The fail-fast sample's question ids and the check to run once they are labeled.
+
+    `checked` is filled by `check`: (labels checked, passed), for the stage summary.
+    """
+
+    question_ids: list[str]
+    check: Callable[[], None]
+    checked: dict[str, int | bool] = field(default_factory=dict)
+
+
+def sample_first(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher_key: str) -> SamplePlan | None:
+    """The fail-fast sample for labeling, or None when validation.sample_questions is 0 or the sample would
+    hold every question (then the gate itself runs next, and sharded labeling keeps all the work).
+
+    `plan.check()` validates the sample's labels (without storing a verdict: the full label set gets
+    the real one) and raises SampleGateFailed, with the gate's message, where the gate would fail.
+    """
+    n = cfg.validation.sample_questions
+    if n == 0:
+        return None
+    # One more than the sample tells whether anything lies outside it; if not, the full gate decides.
+    ids = [r[0] for r in store.fetch("gate_sample_questions", dataset_ids=dataset_ids,
+                                     splits=list(cfg.validation.accuracy_splits), limit=n + 1)]
+    if len(ids) <= n:
+        return None
+    ids = ids[:n]
+    plan = SamplePlan(ids, lambda: None)
+
+    def check() -> None:
+        from kdflow.validation import validate_labels
+
+        labels = store.arrow("sample_labels", dataset_ids=dataset_ids, teacher_key=teacher_key, question_ids=ids)
+        if labels.num_rows == 0:
+            return
+        outcome = validate_labels(labels.to_pandas(), cfg.validation)
+        plan.checked.update(questions=labels.num_rows, passed=outcome.success)
+        if not outcome.success:
+            raise SampleGateFailed(
+                f"stopped after labeling a sample of {labels.num_rows} questions (validation.sample_questions), "
+                f"before the other questions, because the data-quality gate would fail on it; the sample's labels "
+                f"are kept and labeling resumes from them. {outcome.failure_message()}. To label everything "
+                "before validating, set validation.sample_questions: 0"
+            )
+
+    plan.check = check
+    return plan

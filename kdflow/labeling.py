@@ -85,22 +85,37 @@ def label_questions(
     *,
     commit_every: int = 1024,
     on_progress: Callable[[int, int], None] | None = None,
+    sample: Sequence[str] = (),
+    check_sample: Callable[[], None] | None = None,
+    sample_only: bool = False,
 ) -> LabelReport:
     """Score every question of the datasets this teacher has not labeled yet, committing batch by batch.
 
     The backend is opened only when there is work: a fully labeled dataset costs no model load.
+    Sample first: the questions in `sample` are labeled (and committed) before the others, then
+    `check_sample()` runs if anything else is left to label; it raises to stop before the rest, whose
+    labeling would otherwise be wasted. With `sample_only` the rest is left unlabeled (for other workers).
     """
     start = time.perf_counter()
     todo = unlabeled(store, dataset_ids, key)
-    if todo:
-        backend = open_backend()
-        try:
-            for done, batch in enumerate(_chunks(todo, commit_every)):
-                scored = backend.score(batch)
-                store.execute("insert_labels", labels_table(batch, scored, key))
+    wanted = set(sample)
+    first = [r for r in todo if r["question_id"] in wanted]
+    others = [r for r in todo if r["question_id"] not in wanted]
+    rest = [] if sample_only else others
+    backend: TeacherBackend | None = None
+    done, total = 0, len(first) + len(rest)
+    try:
+        for part in (first, rest):
+            if part is rest and check_sample is not None and others:
+                check_sample()
+            for batch in _chunks(part, commit_every):
+                backend = backend or open_backend()
+                store.execute("insert_labels", labels_table(batch, backend.score(batch), key))
+                done += len(batch)
                 if on_progress is not None:
-                    on_progress(min((done + 1) * commit_every, len(todo)), len(todo))
-        finally:
+                    on_progress(done, total)
+    finally:
+        if backend is not None:
             backend.close()
-    total = store.fetch_one("label_counts", dataset_ids=dataset_ids, teacher_key=key)[0]
-    return LabelReport(teacher_key=key, total=total, newly_labeled=len(todo), seconds=time.perf_counter() - start)
+    total_labeled = store.fetch_one("label_counts", dataset_ids=dataset_ids, teacher_key=key)[0]
+    return LabelReport(teacher_key=key, total=total_labeled, newly_labeled=done, seconds=time.perf_counter() - start)

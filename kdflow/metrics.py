@@ -50,10 +50,29 @@ class ReliabilityBin:
 
 @dataclass(frozen=True)
 class LatencySummary:
+    """Per-question seconds of n timings: mean, median, quartiles (p25, p75) and 95th percentile."""
+
     n: int
     mean_s: float
     median_s: float
     p95_s: float
+    p25_s: float
+    p75_s: float
+
+
+@dataclass(frozen=True)
+class RatioCI:
+    """A ratio of medians with its 95% paired-bootstrap interval (lo <= ratio <= hi, up to resampling)."""
+
+    ratio: float
+    lo: float
+    hi: float
+    n: int
+
+    @property
+    def relative_half_width(self) -> float:
+        """Half the interval's width over the ratio: 0.05 means about +-5%."""
+        return (self.hi - self.lo) / (2 * self.ratio) if self.ratio > 0 else math.inf
 
 
 # ---------------------------------------------------------------- input checks
@@ -249,6 +268,49 @@ def reliability_curve(confidence: ArrayLike, correct: ArrayLike, n_bins: int = 1
     ]
 
 
+# ---------------------------------------------------------------- temperature scaling
+
+
+def apply_temperature(probs: ArrayLike, temperature: float) -> np.ndarray:
+    """probs [N, K] re-tempered: q_i proportional to p_i ** (1 / T), renormalised per row.
+
+    This equals softmax(logits / T) for any logits whose softmax is p (the log-normaliser is a per-row
+    constant), so it is temperature scaling of the option logits. Zero entries (padding) stay zero.
+    """
+    if not temperature > 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
+    arr = _as_probs(probs)
+    has_mass = arr > 0
+    logp = np.where(has_mass, np.log(np.where(has_mass, arr, 1.0)), -np.inf) / temperature
+    logp -= logp.max(axis=1, keepdims=True)
+    out = np.where(has_mass, np.exp(logp), 0.0)
+    return out / out.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(probs: ArrayLike, gold: ArrayLike, *, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The single temperature T minimising the mean NLL of the gold option under apply_temperature(probs, T).
+
+    Temperature scaling (Guo, Pleiss, Sun & Weinberger 2017, "On Calibration of Modern Neural Networks",
+    ICML): one scalar fitted on held-out data rescales every logit, so it changes confidences but never
+    the predicted option. The NLL is convex in 1/T; it is minimised over log T in `bounds` by bounded
+    Brent search (scipy.optimize.minimize_scalar). probs [N, K], gold [N]. T > 1 softens an
+    over-confident model, T < 1 sharpens an under-confident one.
+    """
+    from scipy.optimize import minimize_scalar
+
+    arr = _as_probs(probs)
+    gold_arr = _as_gold(gold, arr)
+    if not 0 < bounds[0] < bounds[1]:
+        raise ValueError(f"bounds must be 0 < low < high, got {bounds}")
+
+    def loss(log_t: float) -> float:
+        return nll(apply_temperature(arr, math.exp(log_t)), gold_arr)
+
+    found = minimize_scalar(loss, bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded",
+                            options={"xatol": 1e-6})
+    return float(math.exp(found.x))
+
+
 # ---------------------------------------------------------------- retention, latency, throughput
 
 
@@ -263,18 +325,50 @@ def retention(student_accuracy: float, teacher_accuracy: float) -> float:
 
 
 def latency_summary(seconds: Sequence[float] | np.ndarray) -> LatencySummary:
-    """Mean, median and 95th percentile (linear interpolation, numpy's default) of per-question seconds."""
+    """Mean, median, quartiles and 95th percentile (linear interpolation, numpy's default) of seconds [n]."""
     arr = np.asarray(seconds, dtype=np.float64)
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"seconds must be a non-empty list of timings, got shape {arr.shape}")
     if not np.isfinite(arr).all() or (arr < 0).any():
         raise ValueError("timings must be finite and non-negative")
+    p25, median, p75, p95 = np.percentile(arr, [25, 50, 75, 95])
     return LatencySummary(
         n=int(arr.size),
         mean_s=float(arr.mean()),
-        median_s=float(np.median(arr)),
-        p95_s=float(np.percentile(arr, 95)),
+        median_s=float(median),
+        p95_s=float(p95),
+        p25_s=float(p25),
+        p75_s=float(p75),
     )
+
+
+def median_ratio_ci(
+    numerator_s: Sequence[float] | np.ndarray,
+    denominator_s: Sequence[float] | np.ndarray,
+    *,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> RatioCI:
+    """median(numerator) / median(denominator) with a 95% percentile bootstrap interval.
+
+    The two arrays [R] are paired timings (round i timed both models on the same question, one right
+    after the other), so rounds are resampled as pairs: a slow moment of the machine moves both medians
+    together instead of widening the interval (Efron & Tibshirani 1993, "An Introduction to the
+    Bootstrap", ch. 13, percentile intervals). Deterministic for a given seed. ValueError on unequal
+    lengths, an empty input, non-finite or non-positive timings.
+    """
+    a = np.asarray(numerator_s, dtype=np.float64)
+    b = np.asarray(denominator_s, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape or a.size == 0:
+        raise ValueError(f"paired timings must be two non-empty 1-D arrays of one length, got {a.shape} and {b.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()) or (a <= 0).any() or (b <= 0).any():
+        raise ValueError("timings must be finite and positive")
+    ratio = float(np.median(a) / np.median(b))
+    rng = np.random.default_rng(seed)
+    rounds = rng.integers(0, a.size, size=(n_resamples, a.size))
+    resampled = np.median(a[rounds], axis=1) / np.median(b[rounds], axis=1)
+    lo, hi = np.percentile(resampled, [2.5, 97.5])
+    return RatioCI(ratio=ratio, lo=float(min(lo, ratio)), hi=float(max(hi, ratio)), n=int(a.size))
 
 
 def throughput(n_questions: int, seconds: float) -> float:

@@ -34,6 +34,9 @@ ROLE_NAMES = {
     "student_init": "student (before distillation)",
 }
 CASCADE_TABLE_ROWS = 15
+# A model whose latency IQR exceeds this share of its median was timed on a busy machine: preempted calls
+# form a second, slower cluster, and a longer call is preempted more often, which skews the speed-up.
+NOISY_IQR_SHARE = 0.5
 
 Row = dict[str, Any]
 
@@ -46,8 +49,10 @@ class ReportError(KdflowError, LookupError):
 class Summary:
     """Headline numbers of a run's latest evaluation; None where unknown.
 
-    Latencies are medians in ms at batch size 1 and `speedup` is their ratio (teacher / student);
-    `cascade_speedup` is the teacher's mean latency over the cascade's mean latency at the chosen tau.
+    Latencies are medians in ms of interleaved batch-1 rounds and `speedup` is their ratio (teacher /
+    student) with its 95% interval; the cascade's latency at the tau chosen on validation is built from
+    the same medians (student + share to teacher x teacher), and `cascade_speedup` is the teacher's median
+    over it. The cascade's accuracy is measured on the test split.
     """
 
     run_id: str
@@ -61,10 +66,14 @@ class Summary:
     teacher_latency_ms: float | None
     student_latency_ms: float | None
     speedup: float | None
+    speedup_lo: float | None
+    speedup_hi: float | None
     cascade_tau: float | None
     cascade_accuracy: float | None
     cascade_share_to_teacher: float | None
+    cascade_latency_ms: float | None
     cascade_speedup: float | None
+    cascade_val_questions: int
 
 
 @dataclass(frozen=True)
@@ -133,10 +142,10 @@ def load_report_data(store: Store, run_id: str) -> ReportData:
 
 
 def summarize(data: ReportData) -> Summary:
-    """Headline numbers; the cascade's speed-up compares mean latencies, as its cost model does."""
+    """Headline numbers; every latency and speed-up comes from the same medians."""
     teacher, student = data.model("teacher"), data.model("student")
     chosen = data.chosen
-    teacher_mean = teacher.get("latency_ms_mean")
+    teacher_median = teacher.get("latency_ms_median")
     return Summary(
         run_id=data.run_id,
         run_name=data.evaluation["run_name"],
@@ -148,11 +157,15 @@ def summarize(data: ReportData) -> Summary:
         agreement=student.get("agreement"),
         teacher_latency_ms=teacher.get("latency_ms_median"),
         student_latency_ms=student.get("latency_ms_median"),
-        speedup=_ratio(teacher.get("latency_ms_median"), student.get("latency_ms_median")),
+        speedup=_ratio(teacher_median, student.get("latency_ms_median")),
+        speedup_lo=student.get("speedup_lo"),
+        speedup_hi=student.get("speedup_hi"),
         cascade_tau=chosen["tau"] if chosen else None,
         cascade_accuracy=chosen["accuracy"] if chosen else None,
         cascade_share_to_teacher=chosen["share_to_teacher"] if chosen else None,
-        cascade_speedup=_ratio(teacher_mean, chosen["latency_ms"]) if chosen else None,
+        cascade_latency_ms=chosen["latency_ms"] if chosen else None,
+        cascade_speedup=_ratio(teacher_median, chosen["latency_ms"]) if chosen else None,
+        cascade_val_questions=int((data.spec.get("cascade") or {}).get("n_val") or 0),
     )
 
 
@@ -213,6 +226,19 @@ def _times(v: float | None) -> str:
     return "–" if v is None else f"{v:.2f}x"
 
 
+def _times_ci(v: float | None, lo: float | None, hi: float | None) -> str:
+    """2.18x (1.95–2.40): a speed-up with its 95% interval when there is one."""
+    if v is None or lo is None or hi is None:
+        return _times(v)
+    return f"{v:.2f}x ({lo:.2f}–{hi:.2f})"
+
+
+def _ms_iqr(row: Row) -> str:
+    lo, hi = row.get("latency_ms_p25"), row.get("latency_ms_p75")
+    median = _ms(row.get("latency_ms"))
+    return median if lo is None or hi is None else f"{median} (IQR {_ms(lo)}–{_ms(hi)})"
+
+
 def _num(v: float | None) -> str:
     return "–" if v is None else f"{v:.3f}"
 
@@ -245,8 +271,8 @@ Column = tuple[str, Callable[[Row], str]]
 TRADEOFF_COLUMNS: list[Column] = [
     ("model", lambda r: _role(r["model_role"])),
     ("parameters (total / active)", lambda r: f"{_params(r['params_total'])} / {_params(r['params_active'])}"),
-    ("latency (median, batch 1)", lambda r: _ms(r["latency_ms"])),
-    ("speed-up", lambda r: _times(r["speedup"])),
+    ("latency (median, batch 1)", _ms_iqr),
+    ("speed-up (95% CI)", lambda r: _times_ci(r["speedup"], r.get("speedup_lo"), r.get("speedup_hi"))),
     ("accuracy", lambda r: _pct(r["accuracy"])),
     ("accuracy loss", lambda r: "–" if r["model_role"] == "teacher" else _pts(r["accuracy_loss"]).lstrip("+")),
 ]
@@ -259,7 +285,8 @@ MODEL_COLUMNS: list[Column] = [
     ("KL(teacher‖model)", lambda r: _num(r["kl"])),
     ("NLL", lambda r: _num(r["nll"])),
     ("Brier", lambda r: _num(r["brier"])),
-    ("ECE", lambda r: _num(r["ece"])),
+    ("ECE", lambda r: _num(r["ece"]) if r.get("ece_calibrated") is None
+     else f"{_num(r['ece'])} → {_num(r['ece_calibrated'])} (T = {r['temperature']:.2f})"),
     ("latency p50 / p95", lambda r: f"{_ms(r['latency_ms_median'])} / {_ms(r['latency_ms_p95'])}"),
     ("throughput", lambda r: "–" if r["throughput_qps"] is None else f"{r['throughput_qps']:,.1f} q/s"),
     ("parameters", lambda r: f"{_params(r['params_total'])} / {_params(r['params_active'])}"),
@@ -275,7 +302,7 @@ CASCADE_COLUMNS: list[Column] = [
     ("tau", lambda r: f"{r['tau']:.4f}"),
     ("accuracy", lambda r: _pct(r["accuracy"])),
     ("to teacher", lambda r: _pct(r["share_to_teacher"])),
-    ("mean latency", lambda r: _ms(r["latency_ms"])),
+    ("latency", lambda r: _ms(r["latency_ms"])),
     ("pareto", lambda r: "yes" if r["pareto"] else ""),
 ]
 STAGE_COLUMNS: list[Column] = [
@@ -325,21 +352,61 @@ def _cascade_rows(points: list[Row]) -> list[Row]:
 
 
 def _latency_note(data: ReportData) -> str:
-    if data.spec.get("teacher_timing") == "labels":
-        return ("Student latencies are measured one question at a time; the teacher's comes from its labeling "
-                "(per question, amortised over batches), so its speed-up is a lower bound.")
-    return "Latency: one question at a time after a warm-up; throughput: full batches; same code for every model."
+    timing = data.spec.get("timing") or {}
+    rounds = timing.get("rounds")
+    stop = {"rounds": "the configured number of rounds", "precision": "the speed-up's interval was narrow enough",
+            "budget": "evaluation.latency_budget_s was spent"}.get(timing.get("stopped_by"), "unknown")
+    return (
+        f"Latency: teacher and student timed by the same method in one process, one question at a time, "
+        f"{timing.get('warmup', 0)} warm-up rounds, then {rounds if rounds is not None else '?'} interleaved rounds "
+        f"(stopped: {stop}); medians with interquartile range. Speed-up: ratio of the medians with a paired-"
+        "bootstrap 95% interval. Cascade latency: student median + share sent to the teacher x teacher median, "
+        "so it is never below the student's. Throughput: full batches." + _noise_warning(data)
+    )
+
+
+def _noise_warning(data: ReportData) -> str:
+    noisy = []
+    for role in ("teacher", "student"):
+        m = data.model(role)
+        lo, median, hi = m.get("latency_ms_p25"), m.get("latency_ms_median"), m.get("latency_ms_p75")
+        if lo is not None and median and hi is not None and (hi - lo) / median > NOISY_IQR_SHARE:
+            noisy.append(f"{_role(role)} IQR {_ms(lo)}–{_ms(hi)} around {_ms(median)}")
+    if not noisy:
+        return ""
+    return (" Warning: the timings were noisy (" + "; ".join(noisy) + "): the machine was busy, and longer calls "
+            "are interrupted more often, so the speed-up is not reliable; re-run `kdflow evaluate` on a quiet machine.")
+
+
+def _calibration_sentence(data: ReportData) -> str:
+    teacher = data.model("teacher")
+    if teacher.get("temperature") is None:
+        return ("The teacher was not calibrated (no temperature was fitted: the validation split had no labels). "
+                "Reliability diagrams on the test split, ECE with equal-width bins.")
+    return (
+        f"Teacher probabilities were calibrated by one temperature T = {teacher['temperature']:.3f}, fitted on "
+        f"the validation split by minimising the negative log-likelihood (temperature scaling, Guo et al. 2017); "
+        f"on the test split its ECE goes from {_num(teacher['ece'])} to {_num(teacher['ece_calibrated'])} and its NLL "
+        f"from {_num(teacher['nll'])} to {_num(teacher['nll_calibrated'])}, its accuracy unchanged "
+        "(training.soft_labels chooses which the students learn from). Diagrams: raw probabilities on the test split."
+    )
 
 
 def _cascade_text(data: ReportData, summary: Summary) -> str:
-    gap = data.spec["evaluation"]["cascade_target_gap"]
+    return f"<p>{html.escape(_cascade_sentence(data, summary))}</p>"
+
+
+def _cascade_sentence(data: ReportData, summary: Summary) -> str:
+    gap = _pts(data.spec["evaluation"]["cascade_target_gap"]).lstrip("+")
+    chosen = data.spec.get("cascade") or {}
     if summary.cascade_tau is None:
-        return f'<p>No threshold keeps the cascade within {_pts(gap).lstrip("+")} of the teacher.</p>'
+        return f"No threshold chosen: {chosen.get('reason') or f'none keeps the cascade within {gap} of the teacher'}."
     return (
-        f"<p>Chosen threshold tau = {summary.cascade_tau:.4f}: the cheapest point within "
-        f"{html.escape(_pts(gap).lstrip('+'))} of the teacher. It answers {_pct(summary.cascade_accuracy)} correctly, "
-        f"sends {_pct(summary.cascade_share_to_teacher)} of the questions to the teacher and is "
-        f"{_times(summary.cascade_speedup)} faster than the teacher alone.</p>"
+        f"Threshold tau = {summary.cascade_tau:.4f}, chosen on {summary.cascade_val_questions:,} validation "
+        f"questions as the cheapest within {gap} of the teacher there. On the {summary.n_questions:,} test "
+        f"questions it answers {_pct(summary.cascade_accuracy)} correctly, sends "
+        f"{_pct(summary.cascade_share_to_teacher)} of them to the teacher, takes {_ms(summary.cascade_latency_ms)} "
+        f"per question and is {_times(summary.cascade_speedup)} faster than the teacher alone."
     )
 
 
@@ -352,7 +419,7 @@ def render_html(data: ReportData, summary: Summary) -> str:
         _card(_pct(summary.teacher_accuracy), "teacher accuracy"),
         _card(_pct(summary.student_accuracy), "student accuracy"),
         _card(_pct(summary.retention), "of the teacher's accuracy retained"),
-        _card(_times(summary.speedup), "faster than the teacher"),
+        _card(_times_ci(summary.speedup, summary.speedup_lo, summary.speedup_hi), "faster than the teacher (95% CI)"),
         _card("–" if summary.cascade_tau is None else f"{summary.cascade_tau:.3f}", "cascade threshold tau"),
     ])
     plots = _Plots()
@@ -365,9 +432,10 @@ def render_html(data: ReportData, summary: Summary) -> str:
         models=_html_table(MODEL_COLUMNS, data.models),
         category_table=_html_table(CATEGORY_COLUMNS, data.categories),
         category_plot=_img(plots.category(data.category_accuracy), "accuracy per category"),
+        calibration_text=html.escape(_calibration_sentence(data)),
         reliability_plot=_img(plots.reliability(data.reliability, data.models), "reliability diagrams"),
         cascade_text=_cascade_text(data, summary),
-        cascade_plot=_img(plots.cascade(data.cascade, data.models), "cascade accuracy against mean latency"),
+        cascade_plot=_img(plots.cascade(data.cascade, data.models), "cascade accuracy on test against latency"),
         cascade_table=_html_table(CASCADE_COLUMNS, _cascade_rows(data.cascade),
                                   row_class=lambda r: "chosen" if r["chosen"] else ""),
         training_plot=_img(plots.training(data.training), "training curves"),
@@ -458,7 +526,8 @@ class _Plots:
         teacher = next((m for m in models if m["model_role"] == "teacher"), None)
         if teacher is not None:
             ax.axhline(teacher["accuracy"], color="tab:green", linestyle=":", linewidth=1, label="teacher accuracy")
-        ax.set(xlabel="mean latency per question (ms)", ylabel="cascade accuracy")
+        ax.set(xlabel="latency per question (ms): student median + share x teacher median",
+               ylabel="cascade accuracy (test)")
         ax.legend(loc="lower right", fontsize="small")
         return self._png(fig)
 
@@ -518,8 +587,8 @@ def render_markdown(data: ReportData, summary: Summary) -> str:
         f"- teacher accuracy: **{_pct(summary.teacher_accuracy)}**",
         f"- distilled student accuracy: **{_pct(summary.student_accuracy)}** "
         f"(retains {_pct(summary.retention)} of the teacher's, agrees with it on {_pct(summary.agreement)})",
-        f"- student latency {_ms(summary.student_latency_ms)} vs teacher {_ms(summary.teacher_latency_ms)}: "
-        f"**{_times(summary.speedup)}** faster",
+        f"- student latency {_ms(summary.student_latency_ms)} vs teacher {_ms(summary.teacher_latency_ms)} "
+        f"(medians): **{_times_ci(summary.speedup, summary.speedup_lo, summary.speedup_hi)}** faster",
         "",
         "## Trade-off",
         "",
@@ -531,6 +600,10 @@ def render_markdown(data: ReportData, summary: Summary) -> str:
         "",
         _md_table(CATEGORY_COLUMNS, data.categories),
         "",
+        "## Calibration",
+        "",
+        _md(_calibration_sentence(data)),
+        "",
         "## Cascade",
         "",
         _cascade_markdown(data, summary),
@@ -540,14 +613,7 @@ def render_markdown(data: ReportData, summary: Summary) -> str:
 
 
 def _cascade_markdown(data: ReportData, summary: Summary) -> str:
-    gap = _pts(data.spec["evaluation"]["cascade_target_gap"]).lstrip("+")
-    if summary.cascade_tau is None:
-        return f"No threshold keeps the cascade within {gap} of the teacher."
-    return (
-        f"Chosen threshold **tau = {summary.cascade_tau:.4f}** (cheapest within {gap} of the teacher): "
-        f"accuracy {_pct(summary.cascade_accuracy)}, {_pct(summary.cascade_share_to_teacher)} of the questions "
-        f"go to the teacher, {_times(summary.cascade_speedup)} faster than the teacher alone."
-    )
+    return _md(_cascade_sentence(data, summary))
 
 
 def print_summary(console: Console, summary: Summary) -> None:
@@ -560,10 +626,13 @@ def print_summary(console: Console, summary: Summary) -> None:
                   _pct(summary.cascade_accuracy))
     table.add_row("retention", "100.0%", _pct(summary.retention), _pct(_ratio(summary.cascade_accuracy,
                                                                               summary.teacher_accuracy)))
-    table.add_row("latency (batch 1)", _ms(summary.teacher_latency_ms), _ms(summary.student_latency_ms), "")
-    table.add_row("speed-up", "1.00x", _times(summary.speedup), _times(summary.cascade_speedup))
+    table.add_row("latency (median, batch 1)", _ms(summary.teacher_latency_ms), _ms(summary.student_latency_ms),
+                  _ms(summary.cascade_latency_ms))
+    table.add_row("speed-up (95% CI)", "1.00x", _times_ci(summary.speedup, summary.speedup_lo, summary.speedup_hi),
+                  _times(summary.cascade_speedup))
     table.add_row("sent to teacher", "100.0%", "0.0%", _pct(cascade_share))
     console.print(table)
-    tau = "none reaches the target" if summary.cascade_tau is None else f"{summary.cascade_tau:.4f}"
+    tau = ("none chosen" if summary.cascade_tau is None
+           else f"{summary.cascade_tau:.4f} (chosen on {summary.cascade_val_questions:,} validation questions)")
     console.print(f"run {rich_escape(summary.run_id)} · {summary.n_questions:,} test questions", highlight=False)
     console.print(f"cascade threshold tau: {tau}", highlight=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,13 +183,18 @@ def open_backend(cfg: RunConfig, ref: TeacherRef):
 
 
 def label_with_teacher(
-    cfg: RunConfig, store: Store, dataset_ids: list[str], *, on_progress: Callable[[int, int], None] | None = None
+    cfg: RunConfig, store: Store, dataset_ids: list[str], *, on_progress: Callable[[int, int], None] | None = None,
+    sample: Sequence[str] = (), check_sample: Callable[[], None] | None = None, sample_only: bool = False,
 ) -> LabelReport:
-    """Label every question of the datasets that the configured teacher has not labeled yet."""
+    """Label every question of the datasets that the configured teacher has not labeled yet.
+
+    sample, check_sample, sample_only: label a sample first and check it before the rest (see
+    label_questions and kdflow.gate.sample_first)."""
     ref = teacher_ref(cfg, store, dataset_ids)
     store.execute("upsert_teacher", teacher_key=ref.key, spec=json.dumps(ref.spec),
                   model_path=str(ref.model_dir) if ref.model_dir else None)
     return label_questions(
         store, lambda: open_backend(cfg, ref), dataset_ids, ref.key,
         commit_every=max(cfg.teacher.batch_size * 8, 256), on_progress=on_progress,
+        sample=sample, check_sample=check_sample, sample_only=sample_only,
     )

@@ -35,9 +35,14 @@ import pandas as pd
 import pyarrow as pa
 
 from kdflow.config import ValidationConfig
+from kdflow.errors import KdflowError
 from kdflow.records import LETTERS, MAX_OPTIONS
 
 Level = Literal["row", "dataset"]
+
+
+class AccuracySplitEmpty(KdflowError, ValueError):
+    """None of validation.accuracy_splits has labeled rows, so the teacher-accuracy floor cannot be measured."""
 
 REQUIRED_COLUMNS = (
     "question_id",
@@ -171,7 +176,8 @@ CHECKS: tuple[_Check, ...] = (
     ),
     _Check(
         "teacher_accuracy", "ExpectColumnMeanToBeBetween", "dataset",
-        "A teacher near chance on the training split has nothing to teach; distilling it only adds noise.",
+        "A teacher near chance on questions it was not trained on has nothing to teach; distilling it only adds "
+        "noise.",
         lambda cfg, f: {"column": "correct", "min_value": f.min_accuracy},
         observed=lambda r, f, cfg: (
             f"accuracy {_num(r.get('observed_value'), '.1%')} on {f.accuracy_rows} {f.accuracy_split} rows, "
@@ -345,16 +351,22 @@ def derive_columns(labels: pd.DataFrame, cfg: ValidationConfig) -> tuple[pd.Data
     frame["position_excess"] = np.where(on_slot, excess[np.where(on_slot, predicted, 0).astype(int)], np.nan)
     worst = int(np.argmax(excess))
 
-    # Teacher accuracy on the training split (all rows when no training rows were labeled).
-    train = (labels["split"] == "train").to_numpy(dtype=bool, na_value=False)
-    scope = train if train.any() else np.ones(n, dtype=bool)
+    # Teacher accuracy on held-out splits only: a prepared teacher was fine-tuned on train.
+    scope = labels["split"].isin(cfg.accuracy_splits).to_numpy(dtype=bool, na_value=False)
+    splits = "/".join(cfg.accuracy_splits)
+    if not scope.any():
+        raise AccuracySplitEmpty(
+            f"no labeled {splits} rows to measure the teacher's accuracy on: set data.splits.val above 0, "
+            "or list a split that has labels in validation.accuracy_splits (train only if the teacher was not "
+            "prepared on it)"
+        )
     frame["correct"] = np.where(scope, (predicted == answer).astype(np.float64), np.nan)
     with np.errstate(divide="ignore"):
         chance = float(np.nanmean(np.where(n_options[scope] >= 1, 1.0 / n_options[scope], np.nan)))
     facts = Facts(
         rows=n,
         accuracy_rows=int(scope.sum()),
-        accuracy_split="train" if train.any() else "labeled (no train split)",
+        accuracy_split=splits,
         chance=chance,
         min_accuracy=cfg.min_teacher_accuracy if cfg.min_teacher_accuracy is not None else (1 + chance) / 2,
         worst_position=LETTERS[worst],

@@ -24,9 +24,18 @@ WITH wide AS (
            max(value) FILTER (WHERE name = 'nll')               AS nll,
            max(value) FILTER (WHERE name = 'brier')             AS brier,
            max(value) FILTER (WHERE name = 'ece')               AS ece,
+           max(value) FILTER (WHERE name = 'ece_calibrated')    AS ece_calibrated,
+           max(value) FILTER (WHERE name = 'nll_calibrated')    AS nll_calibrated,
+           max(value) FILTER (WHERE name = 'temperature')       AS temperature,
            max(value) FILTER (WHERE name = 'latency_ms_mean')   AS latency_ms_mean,
            max(value) FILTER (WHERE name = 'latency_ms_median') AS latency_ms_median,
+           max(value) FILTER (WHERE name = 'latency_ms_p25')    AS latency_ms_p25,
+           max(value) FILTER (WHERE name = 'latency_ms_p75')    AS latency_ms_p75,
            max(value) FILTER (WHERE name = 'latency_ms_p95')    AS latency_ms_p95,
+           max(value) FILTER (WHERE name = 'latency_rounds')    AS latency_rounds,
+           max(value) FILTER (WHERE name = 'speedup')           AS speedup,
+           max(value) FILTER (WHERE name = 'speedup_lo')        AS speedup_lo,
+           max(value) FILTER (WHERE name = 'speedup_hi')        AS speedup_hi,
            max(value) FILTER (WHERE name = 'throughput_qps')    AS throughput_qps,
            max(value) FILTER (WHERE name = 'params_total')      AS params_total,
            max(value) FILTER (WHERE name = 'params_active')     AS params_active
@@ -39,21 +48,26 @@ ORDER BY CASE model_role WHEN 'teacher' THEN 0 WHEN 'student' THEN 1 WHEN 'stude
                          WHEN 'student_init' THEN 3 ELSE 4 END, model_role;
 
 -- name: tradeoff_table
--- The seed's trade-off table: teacher and distilled student, parameters, latency (median, batch size 1),
--- speed-up over the teacher, accuracy and accuracy lost against the teacher.
+-- The seed's trade-off table: teacher and distilled student, parameters, latency (median of interleaved
+-- batch-1 rounds, with its quartiles), speed-up over the teacher (ratio of the medians, with the paired-
+-- bootstrap 95% interval evaluation stored), accuracy and accuracy lost against the teacher.
 WITH overall AS (
     SELECT model_role,
            max(value) FILTER (WHERE name = 'params_total')      AS params_total,
            max(value) FILTER (WHERE name = 'params_active')     AS params_active,
            max(value) FILTER (WHERE name = 'latency_ms_median') AS latency_ms,
+           max(value) FILTER (WHERE name = 'latency_ms_p25')    AS latency_ms_p25,
+           max(value) FILTER (WHERE name = 'latency_ms_p75')    AS latency_ms_p75,
+           max(value) FILTER (WHERE name = 'speedup_lo')        AS speedup_lo,
+           max(value) FILTER (WHERE name = 'speedup_hi')        AS speedup_hi,
            max(value) FILTER (WHERE name = 'accuracy')          AS accuracy
     FROM metrics
     WHERE eval_id = $eval_id AND category = '*' AND model_role IN ('teacher', 'student')
     GROUP BY model_role
 ),
 teacher AS (SELECT * FROM overall WHERE model_role = 'teacher')
-SELECT o.model_role, o.params_total, o.params_active, o.latency_ms,
-       t.latency_ms / nullif(o.latency_ms, 0) AS speedup,
+SELECT o.model_role, o.params_total, o.params_active, o.latency_ms, o.latency_ms_p25, o.latency_ms_p75,
+       t.latency_ms / nullif(o.latency_ms, 0) AS speedup, o.speedup_lo, o.speedup_hi,
        o.accuracy,
        t.accuracy - o.accuracy AS accuracy_loss
 FROM overall o CROSS JOIN teacher t

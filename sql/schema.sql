@@ -150,6 +150,19 @@ CREATE TABLE IF NOT EXISTS quarantine (
     detail        VARCHAR
 );
 
+CREATE TABLE IF NOT EXISTS teacher_calibrations (
+    validation_id  VARCHAR PRIMARY KEY,     -- the gate verdict (label set and thresholds) it was fitted with
+    teacher_key    VARCHAR NOT NULL,
+    temperature    DOUBLE,                  -- NULL: no validation labels to fit on
+    n_questions    BIGINT NOT NULL,         -- validation questions the temperature was fitted on
+    nll_raw        DOUBLE,
+    nll_calibrated DOUBLE,
+    ece_raw        DOUBLE,
+    ece_calibrated DOUBLE,
+    note           VARCHAR,
+    created_at     TIMESTAMP NOT NULL DEFAULT current_timestamp
+);
+
 CREATE TABLE IF NOT EXISTS models (
     model_id    VARCHAR PRIMARY KEY,        -- role + content hash of what produced it
     run_id      VARCHAR,

@@ -23,3 +23,37 @@ FROM validation_results WHERE validation_id = $validation_id ORDER BY success, l
 
 -- name: quarantine_count
 SELECT count(DISTINCT question_id) FROM quarantine WHERE validation_id = $validation_id;
+
+-- name: gate_sample_questions
+-- The fail-fast sample: up to $limit questions of the datasets, those of the accuracy splits ($splits)
+-- first, then the rest, each group in a fixed pseudo-random order (md5 of the id: stable across runs and
+-- DuckDB versions, and unrelated to how ids sort, which often follows subject or source file).
+SELECT question_id
+FROM (
+    SELECT q.question_id, min(CASE WHEN list_contains($splits, q.split) THEN 0 ELSE 1 END) AS rank
+    FROM questions q
+    WHERE list_contains($dataset_ids, q.dataset_id)
+    GROUP BY q.question_id
+)
+ORDER BY rank, md5(question_id)
+LIMIT $limit;
+
+-- name: sample_labels
+-- The labels of the fail-fast sample, with the columns the gate's checks read.
+SELECT q.question_id, l.teacher_key, q.split, q.category, q.answer, len(q.options) AS n_options,
+       l.probs, l.confidence, l.predicted, l.coverage, l.entropy
+FROM questions q
+JOIN soft_labels l
+  ON l.question_id = q.question_id AND l.teacher_key = $teacher_key AND l.question_hash = q.question_hash
+WHERE list_contains($dataset_ids, q.dataset_id) AND list_contains($question_ids, q.question_id)
+ORDER BY q.question_id;
+
+-- name: find_calibration
+SELECT temperature, n_questions, nll_raw, nll_calibrated, ece_raw, ece_calibrated, note
+FROM teacher_calibrations WHERE validation_id = $validation_id;
+
+-- name: insert_calibration
+INSERT OR IGNORE INTO teacher_calibrations
+    (validation_id, teacher_key, temperature, n_questions, nll_raw, nll_calibrated, ece_raw, ece_calibrated, note)
+VALUES ($validation_id, $teacher_key, $temperature, $n_questions, $nll_raw, $nll_calibrated, $ece_raw,
+        $ece_calibrated, $note);

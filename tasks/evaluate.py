@@ -1,4 +1,4 @@
-"""Prefect tasks: evaluate teacher and students on the test split, then publish the report."""
+"""Prefect tasks: evaluate teacher and students (tau chosen on validation, reported on test), then report."""
 
 from __future__ import annotations
 
@@ -10,22 +10,26 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from kdflow.config import RunConfig
 from kdflow.runs import stage
 from kdflow.store import Store
-from kdflow.teacher import teacher_ref
+from kdflow.teacher import open_backend, teacher_ref
 
 
 @task(name="evaluate", tags=["gpu"])
 def evaluate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_key: str,
-                  models: dict[str, str]) -> str:
+                  models: dict[str, str], validation_id: str | None = None) -> str:
+    """Returns the eval_id; `validation_id` names the gate verdict whose calibration temperature applies."""
+    from kdflow.calibration import stored_calibration
     from kdflow.evaluation import evaluate
 
     store = Store(cfg.home_dir)
     with stage(store, run_id, "evaluate") as record:
         ref = teacher_ref(cfg, store, dataset_ids)
+        calibration = stored_calibration(store, validation_id) if validation_id else None
         eval_id = evaluate(
             store, run_id=run_id, dataset_ids=dataset_ids, teacher_key=teacher_key,
             models={role: Path(path) for role, path in models.items()},
-            teacher_model_dir=ref.model_dir if cfg.teacher.backend == "hf" else None,
+            open_teacher=lambda: open_backend(cfg, ref),
             scoring=cfg.scoring, cfg=cfg.evaluation, device=cfg.student.device,
+            teacher_temperature=calibration.temperature if calibration else None,
         )
         record.detail = {"eval_id": eval_id}
     get_run_logger().info("evaluated %s on the test split: %s", ", ".join(["teacher", *models]), eval_id)

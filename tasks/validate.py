@@ -19,7 +19,9 @@ def validate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_k
     with stage(store, run_id, "validate") as record:
         result = run_gate(cfg, store, dataset_ids, teacher_key, run_id=run_id)
         record.reused = result.reused
-        record.detail = {"validation_id": result.validation_id, "success": result.success}
+        record.detail = {"validation_id": result.validation_id, "success": result.success,
+                         "temperature": result.calibration.temperature,
+                         "ece_raw": result.calibration.ece_raw, "ece_calibrated": result.calibration.ece_calibrated}
     rows = store.fetch("validation_results", validation_id=result.validation_id)
     create_table_artifact(
         key="validation",

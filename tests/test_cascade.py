@@ -184,3 +184,27 @@ def test_sweep_scales_to_50k():
     points = sweep(conf, rng.random(n) < 0.92, rng.random(n) < 0.95, 0.035, 0.060)
     assert len(points) == np.unique(conf).size + 2
     assert [p.teacher_calls for p in points[1:]] == list(range(n + 1))  # distinct floats: one more each
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cascade_latency_is_never_below_the_students_with_one_statistic(seed):
+    # Both latencies are one statistic (a median) of timings: every tau costs at least the student.
+    rng = np.random.default_rng(seed)
+    n = 500
+    student_median, teacher_median = float(rng.uniform(0.001, 0.01)), float(rng.uniform(0.0005, 0.05))
+    points = sweep(rng.random(n), rng.random(n) < 0.7, rng.random(n) < 0.9, student_median, teacher_median)
+    for p in points:
+        assert p.mean_latency_s >= student_median
+        assert p.mean_latency_s == pytest.approx(student_median + p.share_to_teacher * teacher_median, rel=1e-12)
+
+
+def test_extra_taus_are_evaluated_like_observed_ones():
+    # A threshold chosen on another split (0.65 lies between observed confidences) gets its own point.
+    points = sweep(CONF, STUDENT_OK, TEACHER_OK, 1.0, 3.0, extra_taus=[0.65])
+    extra = next(p for p in points if p.tau == 0.65)
+    # Deferred: the confidences below 0.65 (0.5, 0.5, 0.6), all right for the teacher; the rest right for
+    # the student: 6 of 6, the same outcome as tau 0.7 since no confidence lies in [0.65, 0.7).
+    assert (extra.teacher_calls, extra.accuracy, extra.mean_latency_s) == (3, 1.0, 1.0 + 3 * 3.0 / 6)
+    assert len(points) == len(sweep(CONF, STUDENT_OK, TEACHER_OK, 1.0, 3.0)) + 1
+    with pytest.raises(ValueError, match="extra_taus"):
+        sweep(CONF, STUDENT_OK, TEACHER_OK, 1.0, 3.0, extra_taus=[float("nan")])

@@ -7,6 +7,7 @@ the store (questions, teacher labels, model rows, training metrics, a run) with 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +18,26 @@ import pyarrow as pa
 import pytest
 import torch
 
+from kdflow.backends.hf import HFBackend
 from kdflow.config import EvaluationConfig, RunConfig, ScoringConfig
-from kdflow.evaluation import EvaluationError, evaluate
+from kdflow.evaluation import (
+    CascadeChoice,
+    EvaluationError,
+    ModelResult,
+    cascade_rows,
+    choose_cascade_tau,
+    evaluate,
+    time_interleaved,
+)
+from kdflow.metrics import expected_calibration_error, latency_summary
 from kdflow.modeling import build_model, save_pretrained
 from kdflow.runs import start_run
 from kdflow.scoring import encode, option_logits, to_soft_labels
 from kdflow.store import Store
 
 SCORING = ScoringConfig()
-EVAL_CFG = EvaluationConfig(batch_size=2, latency_questions=3, latency_warmup=1, ece_bins=5, cascade_target_gap=0.0)
+EVAL_CFG = EvaluationConfig(batch_size=2, latency_questions=6, latency_warmup=1, latency_min_rounds=2, ece_bins=5,
+                            cascade_target_gap=0.0)
 TEACHER_KEY = "t-test"
 DATASET_ID = "tiny@0"
 ODD_CATEGORY = '<b>Tom & "Jerry"</b> | $x$'
@@ -39,6 +51,10 @@ TEACHER_PROBS = {
     "q4": [0.9, 0.05, 0.03, 0.02],
 }
 TEACHER_LATENCY_MS = {"q0": 10.0, "q1": 12.0, "q2": 11.0, "q3": 9.0, "q4": 13.0}
+# The same five questions again in the validation split (v0..v4), labeled right on every one.
+VAL_PROBS = {"v" + k[1:]: v for k, v in {"q0": [0.8, 0.1, 0.1], "q1": [0.1, 0.7, 0.1, 0.1],
+                                          "q2": [0.1, 0.6, 0.1, 0.1, 0.1], "q3": [0.2, 0.8],
+                                          "q4": [0.9, 0.05, 0.03, 0.02]}.items()}
 
 
 @dataclass(frozen=True)
@@ -46,6 +62,7 @@ class Seeded:
     home: Path
     run_id: str
     models: dict[str, Path]
+    teacher_dir: Path
 
 
 def _questions_table(questions: list[dict]) -> pa.Table:
@@ -63,31 +80,34 @@ def _questions_table(questions: list[dict]) -> pa.Table:
 
 
 def _labels_table() -> pa.Table:
-    ids = list(TEACHER_PROBS)
+    labels = TEACHER_PROBS | VAL_PROBS
+    ids = list(labels)
     return pa.table({
         "question_id": ids,
         "teacher_key": [TEACHER_KEY] * len(ids),
         "question_hash": ["h-" + i for i in ids],
-        "probs": [TEACHER_PROBS[i] for i in ids],
-        "confidence": [max(TEACHER_PROBS[i]) for i in ids],
-        "predicted": [int(np.argmax(TEACHER_PROBS[i])) for i in ids],
+        "probs": [labels[i] for i in ids],
+        "confidence": [max(labels[i]) for i in ids],
+        "predicted": [int(np.argmax(labels[i])) for i in ids],
         "coverage": [1.0] * len(ids),
         "entropy": [0.5] * len(ids),
         "reasoning": pa.array([None] * len(ids), pa.string()),
-        "latency_ms": [TEACHER_LATENCY_MS[i] for i in ids],
+        "latency_ms": [TEACHER_LATENCY_MS.get(i, 10.0) for i in ids],
     })
 
 
 def seed_store(home: Path, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions) -> Seeded:
-    """Questions (5 test, 1 train), teacher labels, three student directories, a run and training metrics."""
+    """Questions (5 test, 5 val, 1 train), teacher labels, a teacher and three student directories, a run and
+    training metrics."""
     store = Store(home)
     questions = [dict(q, split="test") for q in tiny_questions]
     questions[4]["category"] = ODD_CATEGORY
+    questions += [dict(q, question_id="v" + q["question_id"][1:], split="val") for q in tiny_questions]
     questions.append(dict(tiny_questions[0], question_id="t0", split="train"))
     store.execute("insert_questions", _questions_table(questions), dataset_id=DATASET_ID)
     store.execute("insert_labels", _labels_table())
     models = {"student": save_pretrained(tiny_model, tiny_tokenizer, home / "models" / "student" / "final")}
-    for seed, role in ((1, "student_init"), (2, "student_hard")):
+    for seed, role in ((1, "student_init"), (2, "student_hard"), (3, "teacher")):
         torch.manual_seed(seed)
         models[role] = save_pretrained(build_model(tiny_arch, tiny_tokenizer), tiny_tokenizer,
                                        home / "models" / role / "final")
@@ -100,12 +120,24 @@ def seed_store(home: Path, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions
         "val_accuracy": [None, 0.4, 0.6],
     })
     store.execute("insert_training_metrics", steps, model_id="student-abc")
-    return Seeded(home=home, run_id=run_id, models=models)
+    teacher_dir = models.pop("teacher")
+    return Seeded(home=home, run_id=run_id, models=models, teacher_dir=teacher_dir)
+
+
+def open_tiny_teacher(teacher_dir: Path):
+    """The teacher's backend as evaluation opens it: an HF model directory, timed, never rescored."""
+    from kdflow.modeling import load_pretrained
+
+    def open_backend() -> HFBackend:
+        model, tokenizer = load_pretrained(str(teacher_dir), device="cpu")
+        return HFBackend(model, tokenizer, SCORING, batch_size=2, device="cpu")
+
+    return open_backend
 
 
 def run_evaluation(seeded: Seeded, **overrides) -> str:
     kwargs = dict(run_id=seeded.run_id, dataset_ids=[DATASET_ID], teacher_key=TEACHER_KEY, models=seeded.models,
-                  teacher_model_dir=None, scoring=SCORING, cfg=EVAL_CFG, device="cpu")
+                  open_teacher=open_tiny_teacher(seeded.teacher_dir), scoring=SCORING, cfg=EVAL_CFG, device="cpu")
     return evaluate(Store(seeded.home), **{**kwargs, **overrides})
 
 
@@ -174,10 +206,17 @@ def test_metrics_match_a_hand_count_of_the_predictions(evaluated):
     assert _metric(con, eval_id, "teacher", "kl") == pytest.approx(0.0, abs=1e-12)
     lo, hi = _metric(con, eval_id, "student", "accuracy_lo"), _metric(con, eval_id, "student", "accuracy_hi")
     assert 0 <= lo <= accuracy <= hi <= 1
-    # The teacher was not loaded: its latency is its labels' (median of 9..13 ms).
-    assert _metric(con, eval_id, "teacher", "latency_ms_median") == pytest.approx(11.0)
-    assert _metric(con, eval_id, "student", "latency_ms_p95") > 0
-    assert _metric(con, eval_id, "student", "throughput_qps") > 0
+    # Both timed by the same interleaved rounds: the teacher's labeling latency (9..13 ms) is not used.
+    assert _metric(con, eval_id, "teacher", "latency_rounds") == _metric(con, eval_id, "student", "latency_rounds")
+    assert _metric(con, eval_id, "teacher", "params_total") > 0
+    for role in ("teacher", "student"):
+        p25, p50, p75 = (_metric(con, eval_id, role, f"latency_ms_{q}") for q in ("p25", "median", "p75"))
+        assert 0 < p25 <= p50 <= p75 <= _metric(con, eval_id, role, "latency_ms_p95")
+        assert _metric(con, eval_id, role, "throughput_qps") > 0
+    speedup = _metric(con, eval_id, "student", "speedup")
+    assert speedup == pytest.approx(_metric(con, eval_id, "teacher", "latency_ms_median")
+                                    / _metric(con, eval_id, "student", "latency_ms_median"))
+    assert _metric(con, eval_id, "student", "speedup_lo") <= speedup <= _metric(con, eval_id, "student", "speedup_hi")
     assert _metric(con, eval_id, "student", "params_total") == _metric(con, eval_id, "student", "params_active") > 0
 
 
@@ -186,8 +225,9 @@ def test_every_metric_is_stored_per_model_and_category(evaluated):
     names = {r[0] for r in con.execute("SELECT DISTINCT name FROM metrics WHERE eval_id = ? AND category = '*' "
                                        "AND model_role = 'student'", [eval_id]).fetchall()}
     assert names == {"n", "accuracy", "accuracy_lo", "accuracy_hi", "retention", "agreement", "kl", "nll", "brier",
-                     "ece", "latency_ms_mean", "latency_ms_median", "latency_ms_p95", "throughput_qps",
-                     "params_total", "params_active"}
+                     "ece", "latency_ms_mean", "latency_ms_median", "latency_ms_p25", "latency_ms_p75",
+                     "latency_ms_p95", "latency_rounds", "throughput_qps", "params_total", "params_active",
+                     "speedup", "speedup_lo", "speedup_hi"}
     per_category = con.execute("SELECT model_role, count(DISTINCT category) FROM metrics WHERE eval_id = ? "
                                "AND category <> '*' GROUP BY ALL ORDER BY 1", [eval_id]).fetchall()
     assert per_category == [(r, 5) for r in ("student", "student_hard", "student_init", "teacher")]
@@ -198,15 +238,86 @@ def test_every_metric_is_stored_per_model_and_category(evaluated):
     assert bins == [(r, 5, 5) for r in ("student", "student_hard", "student_init", "teacher")]
 
 
-def test_cascade_points_are_stored_with_exactly_one_chosen(evaluated):
+def test_cascade_points_are_stored_with_exactly_one_chosen_on_validation(evaluated):
     _, eval_id, con = evaluated
-    points = con.execute("SELECT tau, accuracy, share_to_teacher, pareto, chosen FROM cascade_points "
+    points = con.execute("SELECT tau, accuracy, share_to_teacher, latency_ms, pareto, chosen FROM cascade_points "
                          "WHERE eval_id = ? ORDER BY tau", [eval_id]).fetchall()
     assert points[0][0] == 0.0 and points[0][2] == 0.0
     assert points[-1][2] == 1.0 and points[-1][1] == pytest.approx(0.8)  # all to the teacher
-    assert sum(p[4] for p in points) == 1
-    chosen = next(p for p in points if p[4])
-    assert chosen[1] >= 0.8 - 1e-9 and chosen[3]  # gap 0: as good as the teacher, and on the front
+    assert sum(p[5] for p in points) == 1
+    spec = json.loads(con.execute("SELECT spec FROM evaluations WHERE eval_id = ?", [eval_id]).fetchone()[0])
+    assert spec["cascade"]["chosen_on"] == "val" and spec["cascade"]["n_val"] == 5
+    # On validation the teacher is right on all five: gap 0 asks the cascade for 100% there.
+    assert spec["cascade"]["val_teacher_accuracy"] == 1.0 and spec["cascade"]["val_accuracy"] == 1.0
+    chosen = next(p for p in points if p[5])
+    assert chosen[0] == spec["cascade"]["tau"]
+
+
+def test_cascade_latency_uses_the_students_statistic_and_never_undercuts_it(evaluated):
+    _, eval_id, con = evaluated
+    student = _metric(con, eval_id, "student", "latency_ms_median")
+    teacher = _metric(con, eval_id, "teacher", "latency_ms_median")
+    points = con.execute("SELECT share_to_teacher, latency_ms FROM cascade_points WHERE eval_id = ?",
+                         [eval_id]).fetchall()
+    for share, latency in points:
+        assert latency >= student
+        assert latency == pytest.approx(student + share * teacher, rel=1e-12)
+
+
+def _result(role: str, test_probs, val_probs, median_s: float) -> ModelResult:
+    return ModelResult(role, np.asarray(test_probs, dtype=float), latency_summary([median_s]), None, None, None,
+                       None if val_probs is None else np.asarray(val_probs, dtype=float))
+
+
+def test_tau_is_chosen_on_validation_and_reported_on_test():
+    # Validation: the student is right whenever it is confident (>= 0.6): the cheapest tau keeping the
+    # teacher's 100% defers only the 0.55 question. Test: the student is wrong on its 0.7 question too, so
+    # choosing on test would have picked a higher tau; the reported test accuracy is the honest 2 of 3.
+    val_gold, test_gold = np.array([0, 0, 0]), np.array([0, 0, 0])
+    student = _result("student", [[0.9, 0.1], [0.3, 0.7], [0.45, 0.55]], [[0.9, 0.1], [0.6, 0.4], [0.45, 0.55]], 0.01)
+    teacher = _result("teacher", [[0.9, 0.1]] * 3, [[0.9, 0.1]] * 3, 0.03)
+    choice = choose_cascade_tau(student, teacher, val_gold, target_gap=0.0)
+    assert choice.tau == 0.6 and choice.n_val == 3 and choice.val_accuracy == 1.0
+    rows = cascade_rows(student, teacher, test_gold, choice)
+    chosen = [r for r in rows if r["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["tau"] == 0.6
+    assert chosen[0]["accuracy"] == pytest.approx(2 / 3) and chosen[0]["share_to_teacher"] == pytest.approx(1 / 3)
+    best_on_test = max(rows, key=lambda r: (r["accuracy"], -r["latency_ms"]))
+    assert best_on_test["tau"] > 0.6 and best_on_test["accuracy"] == 1.0  # what choosing on test would report
+    empty = choose_cascade_tau(dataclasses.replace(student, val_probs=None), teacher, np.array([], int), 0.0)
+    assert empty == CascadeChoice(None, 0, None, None, empty.reason) and "data.splits.val" in empty.reason
+    assert not any(r["chosen"] for r in cascade_rows(student, teacher, test_gold, empty))
+
+
+class _FakeBackend:
+    """Takes `cost` seconds of a fake clock per question; records the order it was called in."""
+
+    def __init__(self, clock: list[float], cost: float, name: str, calls: list[str]) -> None:
+        self.clock, self.cost, self.name, self.calls = clock, cost, name, calls
+
+    def score(self, questions):
+        self.clock[0] += self.cost * len(questions)
+        self.calls.append(self.name)
+        return [None] * len(questions)
+
+
+def test_interleaved_timing_alternates_and_respects_its_stops():
+    clock, calls = [0.0], []
+    backends = {"teacher": _FakeBackend(clock, 0.03, "t", calls), "student": _FakeBackend(clock, 0.01, "s", calls)}
+    cfg = EvaluationConfig(latency_questions=50, latency_warmup=2, latency_min_rounds=8, latency_budget_s=100.0)
+    timing = time_interleaved(backends, [{"q": 1}], cfg, clock=lambda: clock[0])
+    assert calls[:6] == ["t", "s", "s", "t", "t", "s"]  # the order alternates round by round
+    # Constant costs: the interval has width 0 at the first check, after latency_min_rounds rounds.
+    assert timing.stopped_by == "precision" and timing.seconds["student"].size == 8
+    assert timing.speedup().ratio == pytest.approx(3.0)
+    clock[0], calls[:] = 0.0, []
+    budget = time_interleaved(backends, [{"q": 1}], cfg.model_copy(update={"latency_budget_s": 0.2}),
+                              clock=lambda: clock[0])
+    assert budget.stopped_by == "budget" and budget.seconds["teacher"].size == 3  # 2 warm-up + 3 rounds = 0.2 s
+    clock[0] = 0.0
+    capped = time_interleaved(backends, [{"q": 1}], cfg.model_copy(update={"latency_questions": 5}),
+                              clock=lambda: clock[0])
+    assert capped.stopped_by == "rounds" and capped.seconds["teacher"].size == 5
 
 
 def test_evaluation_row_and_models(evaluated):
@@ -216,22 +327,33 @@ def test_evaluation_row_and_models(evaluated):
     assert run_id == seeded.run_id
     assert spec["teacher_key"] == TEACHER_KEY and spec["dataset_ids"] == [DATASET_ID]
     assert spec["models"] == {role: str(path) for role, path in seeded.models.items()}
-    assert spec["teacher_timing"] == "labels" and spec["n_questions"] == 5
+    assert spec["timing"]["method"] == "interleaved batch-1 rounds" and spec["n_questions"] == 5
     linked = con.execute("SELECT model_role, model_id FROM evaluation_models WHERE eval_id = ? ORDER BY 1",
                          [eval_id]).fetchall()
     assert linked == [("student", "student-abc"), ("student_hard", None), ("student_init", None), ("teacher", None)]
 
 
-def test_cap_and_a_measured_teacher(tmp_path, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions):
+def test_cap(tmp_path, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions):
     seeded = seed_store(tmp_path, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions)
     eval_id = run_evaluation(seeded, models={"student": seeded.models["student"]},
-                             teacher_model_dir=seeded.models["student_init"],
-                             cfg=EVAL_CFG.model_copy(update={"max_questions": 3}))
+                             cfg=EVAL_CFG.model_copy(update={"max_questions": 3}), teacher_temperature=2.0)
     con = duckdb.connect(str(tmp_path / "kdflow.duckdb"), read_only=True)
     ids = con.execute("SELECT DISTINCT question_id FROM predictions WHERE eval_id = ? ORDER BY 1", [eval_id]).fetchall()
     assert ids == [("q0",), ("q1",), ("q2",)]
-    assert _metric(con, eval_id, "teacher", "params_total") > 0  # loaded, so counted and timed
-    assert json.loads(con.execute("SELECT spec FROM evaluations").fetchone()[0])["teacher_timing"] == "measured"
+    assert json.loads(con.execute("SELECT spec FROM evaluations").fetchone()[0])["cascade"]["n_val"] == 3
+    # Calibration before and after, on the test questions evaluated (q0..q2; the teacher is wrong on q2).
+    probs = np.zeros((3, 5))
+    for i, q in enumerate(("q0", "q1", "q2")):
+        probs[i, : len(TEACHER_PROBS[q])] = TEACHER_PROBS[q]
+    tempered = probs ** 0.5 / (probs ** 0.5).sum(axis=1, keepdims=True)
+    correct = np.array([True, True, False])
+    assert _metric(con, eval_id, "teacher", "temperature") == 2.0
+    assert _metric(con, eval_id, "teacher", "ece") == pytest.approx(
+        expected_calibration_error(probs.max(axis=1), correct, EVAL_CFG.ece_bins))
+    assert _metric(con, eval_id, "teacher", "ece_calibrated") == pytest.approx(
+        expected_calibration_error(tempered.max(axis=1), correct, EVAL_CFG.ece_bins))
+    assert _metric(con, eval_id, "teacher", "nll_calibrated") == pytest.approx(
+        -np.mean(np.log(tempered[[0, 1, 2], [0, 1, 1]])))
 
 
 def test_missing_inputs_say_what_to_run(tmp_path, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions):

@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 
 from kdflow.metrics import (
+    apply_temperature,
+    fit_temperature,
+    median_ratio_ci,
     PROB_FLOOR,
     accuracy_ci,
     agreement,
@@ -221,6 +224,7 @@ def test_latency_summary():
     assert summary.mean_s == pytest.approx(0.4)
     assert summary.median_s == pytest.approx(0.3)
     assert summary.p95_s == pytest.approx(0.88)
+    assert (summary.p25_s, summary.p75_s) == pytest.approx((0.2, 0.4))
     with pytest.raises(ValueError, match="non-empty"):
         latency_summary([])
     with pytest.raises(ValueError, match="finite and non-negative"):
@@ -231,3 +235,67 @@ def test_throughput():
     assert throughput(100, 4.0) == 25.0
     with pytest.raises(ValueError, match="positive duration"):
         throughput(100, 0.0)
+
+
+def test_median_ratio_ci_is_paired_and_brackets_the_ratio():
+    rng = np.random.default_rng(1)
+    # The machine's load moves both models together round by round; the teacher is 2x the student.
+    load = rng.uniform(1.0, 3.0, size=200)
+    student = 0.01 * load * rng.uniform(0.95, 1.05, size=200)
+    teacher = 0.02 * load * rng.uniform(0.95, 1.05, size=200)
+    ci = median_ratio_ci(teacher, student)
+    assert ci.n == 200 and ci.lo <= ci.ratio <= ci.hi
+    assert ci.ratio == pytest.approx(np.median(teacher) / np.median(student))
+    assert 1.8 < ci.lo and ci.hi < 2.2
+    assert median_ratio_ci(teacher, student) == ci  # deterministic
+    # Unpaired (shuffled) the same timings give a much wider interval: pairing is what removes the load.
+    unpaired = median_ratio_ci(rng.permutation(teacher), student)
+    assert unpaired.relative_half_width > 2 * ci.relative_half_width
+    with pytest.raises(ValueError, match="one length"):
+        median_ratio_ci([0.1, 0.2], [0.1])
+    with pytest.raises(ValueError, match="finite and positive"):
+        median_ratio_ci([0.1, 0.0], [0.1, 0.1])
+
+
+def test_apply_temperature_keeps_the_argmax_and_padding():
+    probs = np.array([[0.7, 0.2, 0.1, 0.0], [0.25, 0.25, 0.5, 0.0]])
+    softer = apply_temperature(probs, 2.0)
+    np.testing.assert_allclose(softer.sum(axis=1), 1.0)
+    assert (softer[:, 3] == 0).all() and (softer.argmax(axis=1) == probs.argmax(axis=1)).all()
+    assert softer[0, 0] < 0.7  # T > 1 softens
+    np.testing.assert_allclose(apply_temperature(probs, 1.0), probs, atol=1e-12)
+    # q proportional to p ** (1 / T): for row 0 at T = 2, sqrt(0.7) / (sqrt(0.7) + sqrt(0.2) + sqrt(0.1))
+    assert softer[0, 0] == pytest.approx(math.sqrt(0.7) / (math.sqrt(0.7) + math.sqrt(0.2) + math.sqrt(0.1)))
+    with pytest.raises(ValueError, match="positive number"):
+        apply_temperature(probs, 0.0)
+
+
+def _synthetic_teacher(temperature: float, n: int = 4000, k: int = 4, seed: int = 0):
+    """True logits z; gold drawn from softmax(z); the teacher reports softmax(z * temperature)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, 1.5, size=(n, k))
+    true = np.exp(logits - logits.max(axis=1, keepdims=True))
+    true /= true.sum(axis=1, keepdims=True)
+    gold = np.array([rng.choice(k, p=row) for row in true])
+    reported = np.exp(temperature * logits - (temperature * logits).max(axis=1, keepdims=True))
+    return reported / reported.sum(axis=1, keepdims=True), gold
+
+
+@pytest.mark.parametrize("distortion", [0.4, 1.0, 2.5])
+def test_fit_temperature_recovers_a_known_temperature(distortion):
+    # The teacher's logits are the true ones times `distortion`: dividing by T = distortion undoes it.
+    probs, gold = _synthetic_teacher(distortion)
+    assert fit_temperature(probs, gold) == pytest.approx(distortion, rel=0.1)
+
+
+def test_temperature_scaling_lowers_the_ece_of_an_over_confident_teacher():
+    probs, gold = _synthetic_teacher(3.0, seed=1)
+    held_out, held_gold = _synthetic_teacher(3.0, seed=2)
+    temperature = fit_temperature(probs, gold)
+    assert temperature > 1  # over-confident: it softens
+    before = expected_calibration_error(*top_label(held_out, held_gold))
+    calibrated = apply_temperature(held_out, temperature)
+    after = expected_calibration_error(*top_label(calibrated, held_gold))
+    assert after < before / 3
+    assert nll(calibrated, held_gold) < nll(held_out, held_gold)
+    assert (calibrated.argmax(axis=1) == held_out.argmax(axis=1)).all()  # accuracy unchanged

@@ -28,7 +28,8 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from test_evaluation import Seeded, run_evaluation
 seeded = json.loads(sys.argv[1])
-run_evaluation(Seeded(Path(seeded["home"]), seeded["run_id"], {k: Path(v) for k, v in seeded["models"].items()}))
+run_evaluation(Seeded(Path(seeded["home"]), seeded["run_id"], {k: Path(v) for k, v in seeded["models"].items()},
+                      Path(seeded["teacher_dir"])))
 """
 REPORT = """
 import sys
@@ -54,7 +55,8 @@ def built(tmp_path_factory, tiny_model, tiny_tokenizer, tiny_arch, tiny_question
     home = tmp_path_factory.mktemp("home")
     seeded = seed_store(home, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions)
     arguments = json.dumps({"home": str(home), "run_id": seeded.run_id,
-                            "models": {k: str(v) for k, v in seeded.models.items()}})
+                            "models": {k: str(v) for k, v in seeded.models.items()},
+                            "teacher_dir": str(seeded.teacher_dir)})
     with stage(Store(home), seeded.run_id, "evaluate"):
         _python(EVALUATE, arguments, str(ROOT / "tests"))
     html_path = Path(_python(REPORT, str(home), seeded.run_id))
@@ -71,7 +73,7 @@ def test_report_is_built_in_a_new_process_from_the_database(built):
         assert heading in page
     images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)">', page)
     assert [alt for alt, _ in images] == ["accuracy per category", "reliability diagrams",
-                                         "cascade accuracy against mean latency", "training curves"]
+                                         "cascade accuracy on test against latency", "training curves"]
     assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for _, data in images)
     assert "student (hard labels only)" in page and "<td>evaluate</td><td>completed</td>" in page
     assert '<tr class="chosen">' in page
@@ -91,9 +93,13 @@ def test_markdown_summary_has_the_headline_tables_and_threshold(built):
     _, _, html_path = built
     markdown = (html_path.parent / "summary.md").read_text(encoding="utf-8")
     assert "- teacher accuracy: **80.0%**" in markdown
-    assert "| teacher | – / – | 11.0 ms | 1.00x | 80.0% | – |" in markdown
+    assert re.search(r"\| teacher \| \d+(\.\d+)?K / \d+(\.\d+)?K \| [\d.]+ ms \(IQR [\d.]+ ms–[\d.]+ ms\) \| 1\.00x "
+                     r"\| 80\.0% \| – \|", markdown)
+    assert re.search(r"\| student \(distilled\) \| .* \| [\d.]+x \([\d.]+–[\d.]+\) \|", markdown)
     assert "## Per category" in markdown and "| science | 1 | 0.0% |" in markdown
-    assert re.search(r"Chosen threshold \*\*tau = 0\.\d{4}\*\*", markdown)
+    assert "## Calibration" in markdown and "not calibrated" in markdown  # no temperature was passed
+    assert re.search(r"Threshold tau = 0\.\d{4}, chosen on 5 validation questions", markdown)
+    assert "interleaved rounds" in markdown
 
 
 def test_summary_numbers_and_terminal_screen(built):
@@ -102,11 +108,17 @@ def test_summary_numbers_and_terminal_screen(built):
     summary = load_summary(store, run_id)
     assert summary.teacher_accuracy == pytest.approx(0.8) and summary.n_questions == 5
     assert summary.retention == pytest.approx(summary.student_accuracy / 0.8)
-    assert summary.cascade_tau is not None and summary.cascade_accuracy == pytest.approx(0.8)
+    assert summary.cascade_tau is not None and summary.cascade_val_questions == 5
+    # Same statistic everywhere: the cascade never looks faster than the student it always runs.
+    assert summary.cascade_latency_ms >= summary.student_latency_ms
+    assert summary.cascade_latency_ms == pytest.approx(
+        summary.student_latency_ms + summary.cascade_share_to_teacher * summary.teacher_latency_ms)
+    assert summary.speedup_lo <= summary.speedup <= summary.speedup_hi
     console = Console(record=True, width=100)
     print_summary(console, dataclasses.replace(summary, run_name="[bold]odd[/bold] run"))
     screen = console.export_text()
     assert "[bold]odd[/bold] run" in screen and "80.0%" in screen and f"{summary.cascade_tau:.4f}" in screen
+    assert "chosen on 5 validation questions" in screen
     paths = build_report(store, run_id, out_dir=home / "elsewhere")
     assert paths.html.parent == home / "elsewhere" and set(paths.tables) == {"distillation-tradeoff",
                                                                            "distillation-categories"}
@@ -135,3 +147,20 @@ def test_report_renders_in_headless_chromium(built, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert screenshot.stat().st_size > 10_000
+
+
+def test_noisy_timings_are_flagged_in_the_latency_note(built):
+    from kdflow.report import _latency_note, load_report_data
+
+    home, run_id, _ = built
+    data = load_report_data(Store(home, read_only=True), run_id)
+
+    def timed(models, role, p25, median, p75):
+        return [dict(m, latency_ms_p25=p25, latency_ms_median=median, latency_ms_p75=p75)
+                if m["model_role"] == role else m for m in models]
+
+    quiet = timed(timed(data.models, "teacher", 2.0, 2.1, 2.2), "student", 1.0, 1.05, 1.1)
+    assert "Warning" not in _latency_note(dataclasses.replace(data, models=quiet))
+    # A busy machine: preempted calls make a second, slow cluster in the teacher's timings.
+    busy = timed(quiet, "teacher", 2.0, 9.0, 14.0)
+    assert "timings were noisy (teacher IQR 2.00 ms–14.0 ms" in _latency_note(dataclasses.replace(data, models=busy))

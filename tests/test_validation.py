@@ -218,6 +218,29 @@ def test_teacher_at_chance_fails_the_accuracy_floor():
     assert "teacher_accuracy: accuracy" in outcome.failure_message()
 
 
+def test_teacher_accuracy_is_measured_on_validation_not_on_the_split_it_trained_on(clean):
+    # A prepared teacher that memorised its training split and is at chance elsewhere: measured on train
+    # (as kdflow once did) it passes; measured on the validation split it fails.
+    df = clean.copy()
+    train = (df["split"] == "train").to_numpy()
+    held_out = make_labels(accuracy=0.2, seed=3)
+    df.loc[~train, ["answer", "predicted"]] = held_out.loc[~train, ["answer", "predicted"]].to_numpy()
+    df.loc[train, "predicted"] = df.loc[train, "answer"]
+    df["probs"] = [[0.7 if i == p else 0.3 / (k - 1) for i in range(k)]
+                   for p, k in zip(df["predicted"], df["n_options"])]
+    df["confidence"] = 0.7
+    outcome = validate_labels(df, CFG)
+    assert "teacher_accuracy" in outcome.failed and not outcome.success
+    assert f"on {int((df['split'] == 'val').sum())} val rows" in outcome.failure_message()
+    on_train = validate_labels(df, CFG.model_copy(update={"accuracy_splits": ["train"]}))
+    assert "teacher_accuracy" not in on_train.failed
+
+
+def test_no_labeled_rows_in_the_accuracy_splits_names_the_settings(clean):
+    with pytest.raises(validation.AccuracySplitEmpty, match=r"data\.splits\.val.*validation\.accuracy_splits"):
+        derive_columns(clean[clean["split"] == "train"], CFG)
+
+
 def test_one_hot_labels_are_degenerate(clean):
     def one_hot(row: pd.Series) -> list[float]:
         return [float(i == row["predicted"]) for i in range(row["n_options"])]
@@ -243,7 +266,7 @@ def test_derived_columns_summarise_list_probabilities():
         {
             "question_id": ["a", "b", "c", "d"],
             "teacher_key": "t",
-            "split": "train",
+            "split": "val",
             "answer": [0, 1, 0, 0],
             "n_options": [3, 2, 2, 2],
             "probs": [np.array([0.2, 0.5, 0.3]), [0.5, 0.5], None, []],
@@ -289,3 +312,167 @@ def test_import_does_not_load_great_expectations():
     code = "import sys, kdflow.validation; print('great_expectations' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# ---------------------------------------------------------------- fail fast: a labeled sample first
+
+
+class _CountingBackend:
+    """A tiny real teacher (random weights: at chance) that records which questions it scored."""
+
+    def __init__(self, teacher_dir: Path, scored: list[str]) -> None:
+        from kdflow.backends.hf import HFBackend
+        from kdflow.config import ScoringConfig
+        from kdflow.modeling import load_pretrained
+
+        model, tokenizer = load_pretrained(str(teacher_dir))
+        self.backend = HFBackend(model, tokenizer, ScoringConfig(), batch_size=32, device="cpu")
+        self.scored = scored
+
+    def score(self, questions):
+        self.scored += [q["question_id"] for q in questions]
+        return self.backend.score(questions)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def test_a_failing_sample_stops_labeling_and_its_labels_are_kept(tmp_path, clean):
+    from helpers import labeling_world
+
+    from kdflow.config import RunConfig
+    from kdflow.gate import SampleGateFailed, sample_first
+    from kdflow.labeling import label_questions
+
+    world = labeling_world(tmp_path, 200)
+    store, dataset_ids, key = world["store"], world["dataset_ids"], "t-sample"
+    scored: list[str] = []
+
+    def label(cfg: RunConfig):
+        plan = sample_first(cfg, store, dataset_ids, key)
+        report = label_questions(store, lambda: _CountingBackend(world["teacher"], scored), dataset_ids, key,
+                                 commit_every=16, sample=plan.question_ids, check_sample=plan.check)
+        return plan, report
+
+    strict = RunConfig(validation=ValidationConfig(sample_questions=40))
+    with pytest.raises(SampleGateFailed, match=r"sample of 40 questions \(validation\.sample_questions\)") as info:
+        label(strict)
+    assert "teacher_accuracy" in str(info.value) and "validation.sample_questions: 0" in str(info.value)
+    plan = sample_first(strict, store, dataset_ids, key)
+    assert sorted(scored) == sorted(plan.question_ids)  # only the sample was scored ...
+    with store.connect() as con:
+        kept = {r[0] for r in con.execute("SELECT question_id FROM soft_labels WHERE teacher_key = ?",
+                                          [key]).fetchall()}
+        splits = dict(con.execute("SELECT question_id, split FROM questions").fetchall())
+    assert kept == set(plan.question_ids)  # ... and its labels are kept
+    n_val = sum(s == "val" for s in splits.values())
+    assert [splits[q] for q in plan.question_ids[:n_val]] == ["val"] * n_val  # the accuracy split comes first
+
+    # The cause fixed (here: thresholds any teacher meets), labeling continues from the sample's labels.
+    lenient = strict.model_copy(update={"validation": ValidationConfig(
+        sample_questions=40, min_teacher_accuracy=0.0, max_position_share_excess=1.0, max_entropy_ratio=1.0,
+        min_coverage=0.0)})
+    scored.clear()
+    checked_plan, report = label(lenient)
+    assert checked_plan.checked == {"questions": 40, "passed": True}
+    assert report.newly_labeled == 160 and len(scored) == 160 and not set(scored) & kept
+    assert sample_first(lenient.model_copy(update={"validation": ValidationConfig(sample_questions=0)}),
+                        store, dataset_ids, key) is None
+
+
+# ---------------------------------------------------------------- teacher calibration with the gate
+
+
+def _store_with_labels(home: Path, labels: pd.DataFrame):
+    import pyarrow as pa
+
+    from kdflow.store import Store
+
+    store = Store(home)
+    n = len(labels)
+    store.execute("insert_questions", pa.table({
+        "question_id": labels["question_id"], "dataset": ["d"] * n, "split": labels["split"], "category": ["c"] * n,
+        "question": ["q"] * n, "options": [["x"] * k for k in labels["n_options"]],
+        "answer": pa.array(labels["answer"], pa.int32()), "metadata": ["{}"] * n,
+        "question_hash": "h-" + labels["question_id"],
+    }), dataset_id="d@0")
+    store.execute("insert_labels", pa.table({
+        "question_id": labels["question_id"], "teacher_key": labels["teacher_key"],
+        "question_hash": "h-" + labels["question_id"], "probs": labels["probs"],
+        "confidence": labels["confidence"], "predicted": labels["predicted"], "coverage": labels["coverage"],
+        "entropy": labels["entropy"], "reasoning": pa.array([None] * n, pa.string()),
+        "latency_ms": pa.array([None] * n, pa.float64()),
+    }))
+    return store
+
+
+def _sharpen(labels: pd.DataFrame, power: float) -> pd.DataFrame:
+    """The same teacher, over-confident: probabilities raised to `power` and renormalised."""
+    probs = [np.asarray(p) ** power / np.sum(np.asarray(p) ** power) for p in labels["probs"]]
+    return labels.assign(probs=[p.tolist() for p in probs], confidence=[p.max() for p in probs])
+
+
+def test_the_gate_fits_and_stores_the_teachers_temperature_on_validation(tmp_path, clean):
+    from kdflow.calibration import stored_calibration, with_calibrated_probs
+    from kdflow.config import RunConfig
+    from kdflow.gate import run_gate
+
+    labels = _sharpen(make_labels(n=2000, seed=5, accuracy=0.6), 4.0)
+    store = _store_with_labels(tmp_path, labels)
+    cfg = RunConfig(home=str(tmp_path), validation=ValidationConfig(sample_questions=0, min_teacher_accuracy=0.3))
+    result = run_gate(cfg, store, ["d@0"], "teacher-1")
+    fit = result.calibration
+    val = labels["split"] == "val"
+    assert fit.n_questions == int(val.sum()) and fit.note.startswith("fitted on")
+    assert fit.temperature > 1.5  # over-confident: softened
+    assert fit.ece_calibrated < fit.ece_raw and fit.nll_calibrated < fit.nll_raw
+    assert stored_calibration(store, result.validation_id) == fit
+    again = run_gate(cfg, store, ["d@0"], "teacher-1")
+    assert again.reused and again.calibration == fit
+    # Training examples carry both: the raw label and the calibrated target.
+    example = {"question_id": "q", "probs": [0.9, 0.05, 0.05]}
+    (both,) = with_calibrated_probs([example], fit.temperature)
+    assert both["raw_probs"] == [0.9, 0.05, 0.05] and both["probs"][0] < 0.9
+    assert with_calibrated_probs([example], None)[0]["probs"] == example["probs"]
+
+
+def test_no_validation_labels_means_no_temperature_and_says_why():
+    from kdflow.calibration import fit_calibration
+
+    fit = fit_calibration([{"split": "train", "answer": 0, "probs": [0.9, 0.1]}])
+    assert fit.temperature is None and "data.splits.val" in fit.note
+
+
+def test_no_sample_when_it_would_hold_every_question(tmp_path):
+    from helpers import labeling_world
+
+    from kdflow.config import RunConfig
+    from kdflow.gate import sample_first
+
+    world = labeling_world(tmp_path, 120)
+    cfg = RunConfig(validation=ValidationConfig(sample_questions=120))
+    assert sample_first(cfg, world["store"], world["dataset_ids"], "t") is None
+    plan = sample_first(cfg.model_copy(update={"validation": ValidationConfig(sample_questions=119)}),
+                        world["store"], world["dataset_ids"], "t")
+    assert plan is not None and len(plan.question_ids) == 119
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_label_flow_stops_on_a_failing_sample_as_a_failed_gate(tmp_path):
+    from flows.stages import ingest_flow, label_flow
+
+    from kdflow.config import load_config
+    from kdflow.gate import SampleGateFailed
+    from kdflow.store import Store
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(root / "configs" / "tiny.yaml", [f"home={tmp_path}", "validation.min_teacher_accuracy=0.999"])
+    ingest_flow(cfg)
+    with pytest.raises(SampleGateFailed, match=r"(?s)sample of 300 questions .* on \d+ val rows, floor 99\.9%"):
+        label_flow(cfg)
+    with Store(tmp_path, read_only=True).connect() as con:
+        assert con.execute("SELECT count(*) FROM questions").fetchone()[0] == 600
+        assert con.execute("SELECT count(*) FROM soft_labels").fetchone()[0] == 300  # the sample, kept
+        status, detail = con.execute("SELECT status, detail FROM stage_runs WHERE stage = 'label'").fetchone()
+    assert status == "failed" and '"passed": false' in detail
