@@ -192,6 +192,14 @@ def _points(home: Path, sweep_id: str) -> list[dict]:
     return [{"point_id": r[0], "teacher": r[2], "teacher_key": r[3], "trained": r[9]} for r in rows]
 
 
+def _completed_students(home: Path) -> set[str]:
+    import duckdb
+
+    with duckdb.connect(str(home / "kdflow.duckdb"), read_only=True) as con:
+        rows = con.execute("SELECT model_id FROM models WHERE role = 'student' AND status = 'completed'").fetchall()
+    return {r[0] for r in rows}
+
+
 @pytest.fixture(scope="module")
 def first_sweep(tmp_path_factory, prefect_harness):
     from flows.sweep import sweep
@@ -246,10 +254,13 @@ def test_killed_sweep_resumes_training_only_the_missing_students(first_sweep):
             "--set", "sweep.training.alpha=[0.2, 0.4, 0.6, 0.8]", "--set", "training.max_steps=40"]
     worker = subprocess.Popen(args, env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     finals = lambda: [d for d in (home / "models").glob("student-*") if (d / "final" / "config.json").exists()]
-    before = {d.name for d in finals()}
-    sigkill_when(worker, lambda: len({d.name for d in finals()} - before) >= 2, "two new students", timeout=600)
+    completed = lambda: _completed_students(home)
+    before, before_dirs = completed(), {d.name for d in finals()}
+    # Two new exported students: the first of them is recorded completed before the second starts.
+    sigkill_when(worker, lambda: len({d.name for d in finals()} - before_dirs) >= 2, "two new students", timeout=600)
 
-    done = {d.name for d in finals()} - before
+    done = completed() - before
+    assert done, "a student finished before the kill"
     result = subprocess.run(args, env=worker_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     store = Store(home, read_only=True)
