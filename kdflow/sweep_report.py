@@ -309,13 +309,23 @@ def build_sweep_report(store: Store, sweep_id: str, out_dir: Path | None = None)
     return SweepReportPaths(html_path, md_path, artifact_table(c), c)
 
 
+# The terminal keeps what fits 100 columns: the HTML report has every column.
+TERMINAL_STUDENTS: list[Column] = [STUDENT_COLUMNS[i] for i in (0, 1, 2, 4, 5, 7)]
+TERMINAL_TEACHERS: list[Column] = [TEACHER_COLUMNS[i] for i in (0, 2, 3, 4)]
+TERMINAL_PAIRS: list[Column] = [PAIR_COLUMNS[i] for i in (0, 1, 2, 5)]
+
+
 def print_sweep(console: Console, c: SweepComparison, html_path: Path | None = None) -> None:
     """The comparison on the terminal: students (best first), teachers, significant pairs."""
-    for title, columns, rows in (("students", STUDENT_COLUMNS, c.students), ("teachers", TEACHER_COLUMNS, c.teachers),
-                                 ("significant differences (exact McNemar, Holm)", PAIR_COLUMNS, c.significant)):
+    for title, columns, rows in (("students", TERMINAL_STUDENTS, c.students),
+                                 ("teachers", TERMINAL_TEACHERS, c.teachers),
+                                 ("significant differences (exact McNemar, Holm)", TERMINAL_PAIRS, c.significant)):
+        if not rows:
+            console.print(f"sweep {rich_escape(c.sweep_id)}: {title}: none")
+            continue
         table = Table(title=f"sweep {rich_escape(c.sweep_id)}: {title}", title_justify="left")
-        for name, _ in columns:
-            table.add_column(name)
+        for i, (name, _) in enumerate(columns):
+            table.add_column(name, ratio=3 if i == 0 else None, overflow="fold")
         for row in rows:
             table.add_row(*(rich_escape(fmt(row)) for _, fmt in columns))
         console.print(table)

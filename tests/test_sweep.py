@@ -271,3 +271,14 @@ def test_killed_sweep_resumes_training_only_the_missing_students(first_sweep):
     trained = [p for p in points if p["trained"]]
     assert reused == done, "the students finished before the kill are reused, not retrained"
     assert len(trained) == 5 - len(done)
+
+
+def test_the_sweep_is_served_as_a_manual_deployment_with_its_config():
+    from flows.serve import deployments
+
+    cfg = load_config(ROOT / "configs" / "demo-sweep.yaml")
+    sweep = next(d for d in deployments(cfg) if d.name == "demo-sweep-sweep")
+    assert not sweep.schedules and "manual" in sweep.tags
+    assert load_config(ROOT / "configs" / "demo-sweep.yaml").model_dump() == type(cfg).model_validate(
+        sweep.parameters["cfg"]).model_dump()
+    assert len(expand_grid(cfg)) == 3 * 2 * 3 + 1  # 3 alphas x 2 temperatures x (2 teachers + ensemble) + baseline
