@@ -266,7 +266,9 @@ def expand_grid(cfg: RunConfig) -> list[SweepPoint]:
 # ---------------------------------------------------------------- comparison statistics
 
 
-def mcnemar_exact(correct_a: Sequence[bool] | np.ndarray, correct_b: Sequence[bool] | np.ndarray) -> tuple[int, int, float]:
+def mcnemar_exact(
+    correct_a: Sequence[bool] | np.ndarray, correct_b: Sequence[bool] | np.ndarray
+) -> tuple[int, int, float]:
     """Exact (binomial) McNemar test of two classifiers on the same questions (McNemar 1947).
 
     Only the discordant questions carry information: b = A right and B wrong, c = A wrong and B right.

@@ -40,7 +40,9 @@ def teacher_labels(choice: TeacherChoice, sweep_id: str, dataset_ids: list[str])
     return ref, validation_id
 
 
-def ensemble_labels(cfg: RunConfig, sweep_id: str, dataset_ids: list[str], members: list[Member]) -> tuple[TeacherRef, str]:
+def ensemble_labels(
+    cfg: RunConfig, sweep_id: str, dataset_ids: list[str], members: list[Member]
+) -> tuple[TeacherRef, str]:
     """Combine the members' validated labels, then validate the ensemble's labels like any teacher's."""
     store = Store(cfg.home_dir)
     ens = cfg.sweep.ensemble
