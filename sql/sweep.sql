@@ -88,3 +88,6 @@ ORDER BY q.question_id;
 
 -- name: sweep_dataset_ids
 SELECT dataset_id FROM run_datasets WHERE run_id = $run_id ORDER BY dataset_id;
+
+-- name: sweep_validation_ids
+SELECT validation_id FROM validation_runs WHERE teacher_key = $teacher_key;

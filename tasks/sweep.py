@@ -14,7 +14,7 @@ from kdflow.errors import GateFailed
 from kdflow.runs import stage
 from kdflow.store import Store
 from kdflow.sweep import ENSEMBLE, PointResult, SweepPoint, TeacherChoice, run_point
-from kdflow.teacher import TeacherRef, teacher_ref
+from kdflow.teacher import TeacherRef, finished_model_dir, prepared_teacher_id, teacher_ref
 from tasks.label import prepare_teacher_task, run_label_stage
 from tasks.progress import ui_progress
 from tasks.retry import RETRY_DELAYS, retry_if_transient
@@ -25,16 +25,23 @@ def teacher_labels(choice: TeacherChoice, sweep_id: str, dataset_ids: list[str])
     """Prepare (if asked), label and validate with one teacher of the sweep: (its reference, validation id).
 
     The stage tasks of the main flow run unchanged; their stage records are folded into one
-    `teacher <name>` stage of the sweep run, since a run records each stage name once."""
+    `teacher <name>` stage of the sweep run (a run records each stage name once), `reused` when the
+    teacher was prepared, every question labeled and the labels' verdict given before."""
     cfg = choice.cfg
     store = Store(cfg.home_dir)
     with stage(store, sweep_id, f"teacher {choice.name}") as record:
-        if cfg.teacher.prepare.enabled or cfg.teacher.model is None:
+        needs_prep = cfg.teacher.prepare.enabled or cfg.teacher.model is None
+        prepared = not needs_prep or finished_model_dir(store, prepared_teacher_id(cfg, dataset_ids)) is not None
+        if needs_prep:
             prepare_teacher_task(cfg, None, dataset_ids)
+        ref = teacher_ref(cfg, store, dataset_ids)
+        labeled = store.fetch_one("label_counts", dataset_ids=dataset_ids, teacher_key=ref.key)[1]
+        verdicts = {r[0] for r in store.fetch("sweep_validation_ids", teacher_key=ref.key)}
         key = run_label_stage(cfg, None, dataset_ids)
         validation_id = _validated(cfg, dataset_ids, key, choice.name)
-        ref = teacher_ref(cfg, store, dataset_ids)
-        record.detail = {"teacher_key": key, "validation_id": validation_id}
+        new_labels = store.fetch_one("label_counts", dataset_ids=dataset_ids, teacher_key=key)[1] - labeled
+        record.reused = prepared and new_labels == 0 and validation_id in verdicts
+        record.detail = {"teacher_key": key, "labeled": new_labels, "validation_id": validation_id}
     store.execute("insert_sweep_teacher", sweep_id=sweep_id, name=choice.name, teacher_key=key,
                   validation_id=validation_id, spec=_json(ref.spec))
     return ref, validation_id

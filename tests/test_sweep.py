@@ -244,6 +244,7 @@ def test_second_sweep_trains_and_evaluates_nothing(first_sweep):
     statuses = {stage: status for stage, status, _s, _d in Store(home, read_only=True).fetch("stage_timings",
                                                                                              run_id=sweep_id)}
     assert all(statuses[f"point {p['point_id']}"] == "reused" for p in again), statuses
+    assert all(statuses[f"teacher {name}"] == "reused" for name in ("a", "b", ENSEMBLE)), statuses
 
 
 @pytest.mark.slow
