@@ -3,6 +3,8 @@ one grid point (train + evaluate), and the comparison report."""
 
 from __future__ import annotations
 
+import threading
+from contextlib import ExitStack
 from pathlib import Path
 
 from prefect import task
@@ -24,21 +26,22 @@ from tasks.validate import validate_task
 def teacher_labels(choice: TeacherChoice, sweep_id: str, dataset_ids: list[str]) -> tuple[TeacherRef, str]:
     """Prepare (if asked), label and validate with one teacher of the sweep: (its reference, validation id).
 
-    The stage tasks of the main flow run unchanged; their stage records are folded into one
-    `teacher <name>` stage of the sweep run (a run records each stage name once), `reused` when the
-    teacher was prepared, every question labeled and the labels' verdict given before."""
+    The stage tasks of the main flow run unchanged, recording `prepare_teacher`, `label` and `validate` on
+    the sweep run; a run keeps one record per stage name, so the next teacher's replace these, and each
+    teacher's outcome is its `teacher <name>` stage: `reused` when the teacher was prepared, every question
+    labeled and the labels' verdict given before."""
     cfg = choice.cfg
     store = Store(cfg.home_dir)
     with stage(store, sweep_id, f"teacher {choice.name}") as record:
         needs_prep = cfg.teacher.prepare.enabled or cfg.teacher.model is None
         prepared = not needs_prep or finished_model_dir(store, prepared_teacher_id(cfg, dataset_ids)) is not None
         if needs_prep:
-            prepare_teacher_task(cfg, None, dataset_ids)
+            prepare_teacher_task(cfg, sweep_id, dataset_ids)
         ref = teacher_ref(cfg, store, dataset_ids)
         labeled = store.fetch_one("label_counts", dataset_ids=dataset_ids, teacher_key=ref.key)[1]
         verdicts = {r[0] for r in store.fetch("sweep_validation_ids", teacher_key=ref.key)}
-        key = run_label_stage(cfg, None, dataset_ids)
-        validation_id = _validated(cfg, dataset_ids, key, choice.name)
+        key = run_label_stage(cfg, sweep_id, dataset_ids)
+        validation_id = _validated(cfg, sweep_id, dataset_ids, key, choice.name)
         new_labels = store.fetch_one("label_counts", dataset_ids=dataset_ids, teacher_key=key)[1] - labeled
         record.reused = prepared and new_labels == 0 and validation_id in verdicts
         record.detail = {"teacher_key": key, "labeled": new_labels, "validation_id": validation_id}
@@ -55,7 +58,7 @@ def ensemble_labels(
     ens = cfg.sweep.ensemble
     with stage(store, sweep_id, f"teacher {ENSEMBLE}") as record:
         key, added = ensemble_task(cfg, dataset_ids, members)
-        validation_id = _validated(cfg, dataset_ids, key, ENSEMBLE)
+        validation_id = _validated(cfg, sweep_id, dataset_ids, key, ENSEMBLE)
         record.reused = added == 0
         record.detail = {"teacher_key": key, "labeled": added, "validation_id": validation_id}
     spec = ensemble_spec(members, ens.method, ens.weights)
@@ -70,9 +73,9 @@ def ensemble_task(cfg: RunConfig, dataset_ids: list[str], members: list[Member])
     return build_ensemble_labels(Store(cfg.home_dir), dataset_ids, members, ens.method, ens.weights)
 
 
-def _validated(cfg: RunConfig, dataset_ids: list[str], key: str, name: str) -> str:
+def _validated(cfg: RunConfig, sweep_id: str, dataset_ids: list[str], key: str, name: str) -> str:
     try:
-        return validate_task(cfg, None, dataset_ids, key)
+        return validate_task(cfg, sweep_id, dataset_ids, key)
     except GateFailed as e:
         raise GateFailed(f"teacher {name!r} of the sweep: {e}") from e
 
@@ -83,13 +86,20 @@ def _json(data: object) -> str:
     return json.dumps(data, sort_keys=True, default=str)
 
 
+# Starting a stage updates the run's row; DuckDB refuses two concurrent updates of one row ("Conflict on
+# update"), so points starting together on the thread pool take turns for that one statement.
+_RUN_ROW = threading.Lock()
+
+
 @task(name="sweep-point", task_run_name="sweep-point-{point.point_id}", tags=["gpu"], retries=1,
       retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
 def sweep_point_task(point: SweepPoint, sweep_id: str, dataset_ids: list[str], teacher: TeacherRef,
                      validation_id: str) -> PointResult:
     """Train (or reuse) and evaluate (or reuse) one student of the grid; a retry resumes its checkpoint."""
     store = Store(point.cfg.home_dir)
-    with stage(store, sweep_id, f"point {point.point_id}") as record:
+    with ExitStack() as stack:
+        with _RUN_ROW:
+            record = stack.enter_context(stage(store, sweep_id, f"point {point.point_id}"))
         result = run_point(point, store, dataset_ids, teacher, validation_id, sweep_id=sweep_id,
                            on_progress=ui_progress(f"training-{point.point_id}", point.label))
         record.reused = not result.trained and not result.evaluated

@@ -205,8 +205,9 @@ def first_sweep(tmp_path_factory, prefect_harness):
     from flows.sweep import sweep
 
     home = tmp_path_factory.mktemp("sweep")
+    # Two workers: labeling goes through the sharded path, and two students train at once on the thread pool.
     cfg = tiny(f"home={home}", "sweep.training.alpha=[0.3, 0.7]", TWO_TEACHERS, "sweep.ensemble.enabled=true",
-               "sweep.ensemble.method=geometric")
+               "sweep.ensemble.method=geometric", "orchestration.n_workers=2")
     return home, cfg, sweep(cfg)
 
 
