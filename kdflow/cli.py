@@ -175,7 +175,7 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 @app.command()
 def sweep(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Train and evaluate the grid of students in the config's `sweep:` section (and its teachers), then compare them."""
+    """Train and evaluate the grid of students in the config's `sweep:` section (and its teachers); compare them."""
     from kdflow.config import ConfigError
     from kdflow.sweep import expand_grid
 
