@@ -122,9 +122,11 @@ def stop_server(files: ServerFiles, *, timeout_s: float = 30.0) -> str | None:
 
 
 def deployments(cfg: RunConfig, *, cron: str | None = NIGHTLY_CRON) -> list:
-    """The main flow on a schedule, and each stage as a manual-only deployment, all with this config."""
+    """The main flow on a schedule, and each stage and the sweep (the config's `sweep:` section) as manual-only
+    deployments, all with this config."""
     from flows.distill import distill
     from flows.stages import STAGE_FLOWS
+    from flows.sweep import sweep
 
     params = {"cfg": cfg.model_dump(mode="json", exclude_defaults=True)}
     # The sources always: the UI's run form shows only given values ("No items in this list" otherwise).
@@ -132,6 +134,7 @@ def deployments(cfg: RunConfig, *, cron: str | None = NIGHTLY_CRON) -> list:
     main = distill.to_deployment(name=f"{cfg.name}-nightly", cron=cron, parameters=params, tags=["kdflow"])
     manual = [f.to_deployment(name=f"{cfg.name}-{name}", parameters=params, tags=["kdflow", "manual"])
               for name, f in STAGE_FLOWS.items()]
+    manual.append(sweep.to_deployment(name=f"{cfg.name}-sweep", parameters=params, tags=["kdflow", "manual"]))
     return [main, *manual]
 
 

@@ -181,6 +181,8 @@ def _run_flow(flow_name: str, cfg, **kwargs):
 
     if flow_name == "distill":
         from flows.distill import distill as flow_fn
+    elif flow_name == "sweep":
+        from flows.sweep import sweep as flow_fn
     else:
         from flows.stages import STAGE_FLOWS
 
@@ -224,6 +226,25 @@ def _print_run_footer(store, run_id: str) -> None:
     # Only a server outlives the run; an ephemeral one's UI link would lead nowhere.
     if PREFECT_API_URL.value() and PREFECT_UI_URL.value() and flow_run_id:
         console.print(f"Prefect UI: {PREFECT_UI_URL.value()}/runs/flow-run/{flow_run_id}", soft_wrap=True)
+
+
+@app.command()
+def sweep(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Train and evaluate the grid of students in the config's `sweep:` section (and its teachers); compare them."""
+    from kdflow.config import ConfigError
+    from kdflow.sweep import expand_grid
+
+    cfg = _load(config, set_)
+    try:
+        expand_grid(cfg)  # a bad point is a config error before anything runs
+    except ConfigError as e:
+        raise _fail(str(e)) from None
+    sweep_id = _run_flow("sweep", cfg)
+    from kdflow.store import Store
+    from kdflow.sweep_report import load_comparison, print_sweep, sweep_report_dir
+
+    store = Store(cfg.home_dir, read_only=True)
+    print_sweep(_console(), load_comparison(store, sweep_id), sweep_report_dir(store, sweep_id) / "sweep.html")
 
 
 @app.command()

@@ -411,6 +411,49 @@ class OrchestrationConfig(Strict):
     retries: int = Field(2, ge=0, description="retries of transient failures (backends, file systems)")
 
 
+class EnsembleConfig(Strict):
+    """A teacher made of the sweep's teachers: their validated labels combined per question."""
+
+    enabled: bool = Field(False, description="also label with the ensemble of sweep.teachers and distil from it")
+    method: Literal["mean", "geometric"] = Field(
+        "mean", description="mean: weighted mean of the probabilities; geometric: weighted mean of the "
+        "log-probabilities, renormalised over the options"
+    )
+    weights: list[float] | None = Field(
+        None, description="one positive weight per entry of sweep.teachers, in order (default: equal)"
+    )
+
+
+class SweepConfig(Strict):
+    """`kdflow sweep`: many students from the same teacher labels, and several teachers, in one report.
+
+    `training` and `student` mirror those sections, each setting given as a list of values; the grid is
+    their cartesian product, e.g. `training: {alpha: [0.3, 0.7], temperature: [1, 2]}` or
+    `student: {architecture: {hidden_size: [16, 32]}, lora: {r: [4, 8]}}`.
+    """
+
+    training: dict[str, Any] = Field(default_factory=dict, description="training setting -> list of values")
+    student: dict[str, Any] = Field(default_factory=dict, description="student setting (nested) -> list of values")
+    teachers: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="teachers to label with, each `name` plus `teacher` settings that replace the base "
+        "teacher's (default: the `teacher` section alone)",
+    )
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+    baseline: bool = Field(True, description="add the hard-label student (alpha = 1, CE only) once per student setting")
+    latency_budget_ms: float | None = Field(
+        None, gt=0, description="the report's recommendation: the most accurate student at or under this latency"
+    )
+    significance: float = Field(0.05, gt=0, lt=1, description="family-wise level of the pairwise McNemar tests (Holm)")
+
+    @model_validator(mode="after")
+    def _known_paths(self) -> SweepConfig:
+        from kdflow.sweep import check_sweep_section
+
+        check_sweep_section(self)
+        return self
+
+
 class RunConfig(Strict):
     """Everything one distillation run needs."""
 
@@ -424,6 +467,7 @@ class RunConfig(Strict):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig, description="`kdflow sweep` only: the grid and teachers")
 
     @property
     def home_dir(self) -> Path:

@@ -14,8 +14,10 @@ SPEC = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
 
 def test_deployment_parameters_are_the_demo_config():
     demo = load_config(ROOT / "configs" / "demo.yaml")
+    sweep = load_config(ROOT / "configs" / "demo-sweep.yaml")  # the sweep deployment's own config
     for deployment in SPEC["deployments"]:
-        assert RunConfig.model_validate(deployment["parameters"]["cfg"]) == demo, deployment["name"]
+        expected = sweep if deployment["name"] == "demo-sweep" else demo
+        assert RunConfig.model_validate(deployment["parameters"]["cfg"]) == expected, deployment["name"]
 
 
 def test_entrypoints_exist_and_only_the_main_flow_is_scheduled():

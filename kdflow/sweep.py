@@ -1,0 +1,387 @@
+"""Sweeps: the grid of students one set of teacher labels trains, and the statistics that compare them.
+
+A sweep names settings of `training` and `student` with a list of values each; the grid is their
+cartesian product, crossed with the teachers (`sweep.teachers`, plus their ensemble when enabled), and
+each point is a fully validated RunConfig. The hard-label student (alpha = 1: CE on the gold answer only,
+no KD term) is added once per student setting, on the first teacher's validated questions.
+
+Comparison statistics are pure functions over arrays: the accuracy-vs-latency Pareto front, the best
+setting under a latency budget, and exact McNemar tests between settings on the same test questions with
+Holm's step-down correction for the number of pairs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, get_args
+
+import numpy as np
+from pydantic import BaseModel, ValidationError
+
+from kdflow.config import ConfigError, RunConfig, SweepConfig, TeacherConfig
+
+if TYPE_CHECKING:
+    from kdflow.store import Store
+    from kdflow.teacher import TeacherRef
+
+SWEPT_SECTIONS = ("training", "student")
+# Set by the sweep itself: the baseline is one point of the grid, not a second student of every point.
+NOT_SWEPT = {"training.hard_label_baseline"}
+ENSEMBLE = "ensemble"
+_TEACHER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+# ---------------------------------------------------------------- paths and validation
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds (also through `X | None`), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def setting_paths(model: type[BaseModel], prefix: str) -> tuple[set[str], set[str]]:
+    """(leaf setting paths, sub-section paths) of a config model, dotted under `prefix`."""
+    leaves: set[str] = set()
+    sections: set[str] = set()
+    for name, field in model.model_fields.items():
+        path = f"{prefix}.{name}"
+        sub = _model_of(field.annotation)
+        if sub is not None:
+            sections.add(path)
+            more_leaves, more_sections = setting_paths(sub, path)
+            leaves |= more_leaves
+            sections |= more_sections
+        else:
+            leaves.add(path)
+    return leaves, sections
+
+
+def _unknown(path: str, known: set[str], where: str) -> str:
+    close = difflib.get_close_matches(path, sorted(known), n=1, cutoff=0.6)
+    hint = f"; did you mean sweep.{close[0]}?" if close else f"; sweepable settings are under {where}"
+    return f"sweep.{path}: no such setting{hint}"
+
+
+def sweep_axes(sweep: SweepConfig) -> list[tuple[str, list[Any]]]:
+    """[(setting path, values)] in the order given; raises ValueError naming a bad path or value list."""
+    axes: list[tuple[str, list[Any]]] = []
+    for section in SWEPT_SECTIONS:
+        model = RunConfig.model_fields[section].annotation
+        leaves, sections = setting_paths(model, section)
+        leaves -= NOT_SWEPT
+
+        def walk(node: dict[str, Any], prefix: str) -> None:
+            for key, value in node.items():
+                path = f"{prefix}.{key}"
+                if path in sections and isinstance(value, dict):
+                    walk(value, path)
+                elif path in leaves:
+                    if not isinstance(value, list) or not value:
+                        raise ValueError(f"sweep.{path} must be a non-empty list of values, e.g. [{value!r}]")
+                    seen = [json.dumps(v, sort_keys=True) for v in value]
+                    if len(set(seen)) != len(seen):
+                        raise ValueError(f"sweep.{path} lists a value twice: {value}")
+                    axes.append((path, value))
+                elif path in NOT_SWEPT:
+                    raise ValueError(f"sweep.{path} cannot be swept: sweep.baseline adds the hard-label student")
+                elif path in sections:
+                    raise ValueError(f"sweep.{path} is a section: give its settings, e.g. sweep.{path}.<key>: [...]")
+                else:
+                    raise ValueError(_unknown(path, leaves | sections, f"sweep.{section}"))
+
+        walk(getattr(sweep, section), section)
+    return axes
+
+
+def check_sweep_section(sweep: SweepConfig) -> None:
+    """Validate what the sweep section can check alone: paths, value lists, teacher entries, weights."""
+    sweep_axes(sweep)
+    names: list[str] = []
+    for i, entry in enumerate(sweep.teachers):
+        where = f"sweep.teachers[{i}]"
+        extra = sorted(set(entry) - {"name", "teacher"})
+        if extra:
+            raise ValueError(f"{where}: unknown key(s) {extra}; an entry is `name` plus `teacher` settings")
+        name = entry.get("name")
+        if not isinstance(name, str) or not _TEACHER_NAME.match(name):
+            raise ValueError(f"{where}.name must be a short name of letters, digits, '_', '.' or '-', got {name!r}")
+        if name == ENSEMBLE:
+            raise ValueError(f"{where}.name: {ENSEMBLE!r} is the combined teacher's name (sweep.ensemble)")
+        if name in names:
+            raise ValueError(f"{where}.name: {name!r} is used twice")
+        names.append(name)
+        overrides = entry.get("teacher", {})
+        if not isinstance(overrides, dict):
+            raise ValueError(f"{where}.teacher must be a mapping of teacher settings")
+        for key in overrides:
+            if key not in TeacherConfig.model_fields:
+                raise ValueError(_unknown(f"teachers[{i}].teacher.{key}",
+                                          {f"teachers[{i}].teacher.{k}" for k in TeacherConfig.model_fields},
+                                          "teacher"))
+    ens = sweep.ensemble
+    if ens.enabled and len(names) < 2:
+        raise ValueError("sweep.ensemble.enabled needs at least two entries in sweep.teachers")
+    if ens.weights is not None:
+        if len(ens.weights) != len(names):
+            raise ValueError(f"sweep.ensemble.weights has {len(ens.weights)} values for {len(names)} teachers")
+        if any(not w > 0 for w in ens.weights):
+            raise ValueError(f"sweep.ensemble.weights must all be positive, got {ens.weights}")
+
+
+# ---------------------------------------------------------------- grid expansion
+
+
+@dataclass(frozen=True)
+class TeacherChoice:
+    """One labeling teacher of the sweep: its name and the run config that labels with it."""
+
+    name: str
+    cfg: RunConfig
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One student of the grid: trained from `teacher`'s labels with `cfg` (swept `settings` applied)."""
+
+    point_id: str
+    teacher: str
+    settings: dict[str, Any]
+    baseline: bool
+    cfg: RunConfig
+
+    @property
+    def label(self) -> str:
+        parts = [f"{_short(path, self.settings)}={_fmt(value)}" for path, value in self.settings.items()]
+        return " ".join([f"teacher={self.teacher}", *parts]) + (" (hard labels)" if self.baseline else "")
+
+
+def _short(path: str, settings: dict[str, Any]) -> str:
+    """The last part of a setting path, unless another setting of the point ends the same way."""
+    tail = path.rsplit(".", 1)[-1]
+    clash = sum(1 for p in settings if p.rsplit(".", 1)[-1] == tail) > 1
+    return path if clash else tail
+
+
+def _fmt(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def _set(data: dict[str, Any], path: str, value: Any) -> None:
+    node = data
+    *parents, leaf = path.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def _validated(data: dict[str, Any], where: str) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"{where} is not a valid configuration: {problems}") from None
+
+
+def _base_data(cfg: RunConfig) -> dict[str, Any]:
+    data = cfg.model_dump(mode="json", exclude={"sweep"})
+    data["training"]["hard_label_baseline"] = False
+    return data
+
+
+def sweep_teachers(cfg: RunConfig) -> list[TeacherChoice]:
+    """The labeling teachers: each sweep.teachers entry over the base teacher, or the base teacher alone."""
+    base = _base_data(cfg)
+    if not cfg.sweep.teachers:
+        return [TeacherChoice("teacher", _validated(base, "the teacher section"))]
+    choices = []
+    for i, entry in enumerate(cfg.sweep.teachers):
+        data = dict(base, teacher=_merge(base["teacher"], entry.get("teacher", {})))
+        choices.append(TeacherChoice(entry["name"], _validated(data, f"sweep.teachers[{i}] ({entry['name']})")))
+    return choices
+
+
+def _point_id(teacher: str, point_cfg: RunConfig) -> str:
+    spec = {"teacher": teacher, "training": point_cfg.training.model_dump(mode="json"),
+            "student": point_cfg.student.model_dump(mode="json")}
+    return "p-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def expand_grid(cfg: RunConfig) -> list[SweepPoint]:
+    """Every point of the sweep, each a validated RunConfig; raises ConfigError naming a bad point.
+
+    Order: per teacher (then the ensemble), the cartesian product of the axes in the order given; then the
+    hard-label baselines. Points that come out identical (e.g. alpha = 1 listed in the grid and the
+    baseline) appear once.
+    """
+    try:
+        axes = sweep_axes(cfg.sweep)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    teachers = [t.name for t in sweep_teachers(cfg)] + ([ENSEMBLE] if cfg.sweep.ensemble.enabled else [])
+    base = _base_data(cfg)
+    points: list[SweepPoint] = []
+    seen: set[str] = set()
+
+    def add(teacher: str, settings: dict[str, Any], baseline: bool) -> None:
+        data = json.loads(json.dumps(base))
+        for path, value in settings.items():
+            _set(data, path, value)
+        point_cfg = _validated(data, f"sweep point teacher={teacher} {settings}")
+        point_id = _point_id(teacher, point_cfg)
+        if point_id not in seen:
+            seen.add(point_id)
+            points.append(SweepPoint(point_id, teacher, settings, baseline or point_cfg.training.alpha == 1.0,
+                                     point_cfg))
+
+    combos = list(itertools.product(*(values for _, values in axes)))
+    for teacher in teachers:
+        for combo in combos:
+            add(teacher, {path: value for (path, _), value in zip(axes, combo)}, baseline=False)
+    if cfg.sweep.baseline:
+        student_axes = [(path, values) for path, values in axes if path.startswith("student.")]
+        for combo in itertools.product(*(values for _, values in student_axes)):
+            settings = {path: value for (path, _), value in zip(student_axes, combo)}
+            add(teachers[0], {"training.alpha": 1.0, **settings}, baseline=True)
+    return points
+
+
+# ---------------------------------------------------------------- comparison statistics
+
+
+def mcnemar_exact(
+    correct_a: Sequence[bool] | np.ndarray, correct_b: Sequence[bool] | np.ndarray
+) -> tuple[int, int, float]:
+    """Exact (binomial) McNemar test of two classifiers on the same questions (McNemar 1947).
+
+    Only the discordant questions carry information: b = A right and B wrong, c = A wrong and B right.
+    Under H0 (equal accuracy) b ~ Binomial(b + c, 1/2); the two-sided p-value is
+    min(1, 2 * P[X <= min(b, c)]), computed by scipy.stats.binomtest. Returns (b, c, p); p = 1 when
+    b + c = 0. Raises ValueError when the arrays differ in length.
+    """
+    from scipy.stats import binomtest
+
+    a, b_ = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    if a.shape != b_.shape:
+        raise ValueError(f"McNemar needs answers to the same questions: {a.shape} vs {b_.shape}")
+    b = int(np.sum(a & ~b_))
+    c = int(np.sum(~a & b_))
+    if b + c == 0:
+        return b, c, 1.0
+    return b, c, float(binomtest(min(b, c), b + c, 0.5, alternative="two-sided").pvalue)
+
+
+def holm(pvalues: Sequence[float], level: float) -> tuple[list[float], list[bool]]:
+    """Holm's step-down adjustment (Holm 1979): (adjusted p-values, rejected at family-wise `level`).
+
+    Sorted ascending, the i-th smallest (0-based) of m p-values is multiplied by (m - i), capped at 1 and
+    made monotone; a hypothesis is rejected when its adjusted p-value is at most `level`.
+    """
+    m = len(pvalues)
+    order = np.argsort(pvalues, kind="stable")
+    adjusted = np.empty(m)
+    running = 0.0
+    for rank, idx in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * float(pvalues[idx])))
+        adjusted[idx] = running
+    return adjusted.tolist(), [bool(p <= level) for p in adjusted]
+
+
+def pareto_front(latency: Sequence[float], accuracy: Sequence[float]) -> list[bool]:
+    """Which points no other point beats: none at most as slow and at least as accurate, better in one."""
+    lat, acc = np.asarray(latency, dtype=float), np.asarray(accuracy, dtype=float)
+    front = []
+    for i in range(len(lat)):
+        dominated = np.any((lat <= lat[i]) & (acc >= acc[i]) & ((lat < lat[i]) | (acc > acc[i])))
+        front.append(not bool(dominated))
+    return front
+
+
+def best_under_budget(latency: Sequence[float], accuracy: Sequence[float], budget_ms: float | None) -> int | None:
+    """Index of the most accurate point with latency <= budget (all points when None); ties: the faster."""
+    candidates = [i for i in range(len(latency)) if budget_ms is None or latency[i] <= budget_ms]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda i: (-accuracy[i], latency[i]))
+
+
+# ---------------------------------------------------------------- one point: train (or reuse), evaluate (or reuse)
+
+
+@dataclass(frozen=True)
+class PointResult:
+    point_id: str
+    model_id: str
+    model_path: str
+    eval_id: str
+    trained: bool
+    evaluated: bool
+
+
+def ensure_sweep_tables(store: Store) -> None:
+    store.execute("create_sweep_tables")
+
+
+def _eval_key(point: SweepPoint, model_id: str, teacher_key: str, dataset_ids: list[str]) -> str:
+    cfg = point.cfg
+    spec = {"model": model_id, "teacher": teacher_key, "datasets": sorted(dataset_ids),
+            "scoring": cfg.scoring.model_dump(mode="json"), "evaluation": cfg.evaluation.model_dump(mode="json"),
+            "device": cfg.student.device}
+    return "se-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_point(
+    point: SweepPoint,
+    store: Store,
+    dataset_ids: list[str],
+    teacher: TeacherRef,
+    validation_id: str,
+    *,
+    sweep_id: str,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> PointResult:
+    """Train the point's student unless a finished one with the same inputs is stored (the student id of
+    kdflow.distill), evaluate it on the test split unless the same evaluation is stored, and record the
+    point under the sweep. A student killed mid-training resumes from its last checkpoint."""
+    from kdflow.distill import student_id, train_students
+
+    dirs, reused = train_students(point.cfg, store, dataset_ids, teacher, validation_id, run_id=sweep_id,
+                                  resume=True, progress=False, on_progress=on_progress)
+    model_id = student_id(point.cfg, "student", teacher, validation_id)
+    eval_key = _eval_key(point, model_id, teacher.key, dataset_ids)
+    found = store.fetch_one("find_sweep_evaluation", eval_key=eval_key)
+    if found is not None:
+        eval_id, evaluated = found[0], False
+    else:
+        from kdflow.evaluation import evaluate
+
+        cfg = point.cfg
+        eval_id = evaluate(store, run_id=sweep_id, dataset_ids=dataset_ids, teacher_key=teacher.key,
+                           models={"student": dirs["student"]}, teacher_model_dir=None, scoring=cfg.scoring,
+                           cfg=cfg.evaluation, device=cfg.student.device)
+        store.execute("insert_sweep_evaluation", eval_key=eval_key, eval_id=eval_id)
+        evaluated = True
+    result = PointResult(point.point_id, model_id, str(dirs["student"]), eval_id,
+                         trained="student" not in reused, evaluated=evaluated)
+    store.execute("insert_sweep_point", sweep_id=sweep_id, point_id=point.point_id, label=point.label,
+                  teacher=point.teacher, teacher_key=teacher.key, settings=json.dumps(point.settings),
+                  baseline=point.baseline, model_id=model_id, model_path=result.model_path, eval_id=eval_id,
+                  trained=result.trained)
+    return result
