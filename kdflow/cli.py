@@ -7,6 +7,7 @@ non-zero exit code, never a traceback: 2 = bad config or input, 3 = the data-qua
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -46,7 +47,7 @@ def _offline_defaults() -> None:
 def _fail(message: str, code: int = EXIT_INPUT) -> typer.Exit:
     from rich.console import Console
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -113,6 +114,21 @@ def runs(
     print_runs(_console(), store, limit)
 
 
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """Prefect logs a failed flow or task run with the exception's traceback; for a KdflowError (a user
+    error whose message says what to do) keep Prefect's one-line record and drop the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from kdflow.errors import KdflowError
+
+        if record.exc_info and isinstance(record.exc_info[1], KdflowError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
 def _run_flow(flow_name: str, cfg, **kwargs):
     """Run a flow with Prefect's offline defaults; user errors become messages and exit codes."""
     from kdflow.errors import GateFailed, KdflowError
@@ -123,6 +139,9 @@ def _run_flow(flow_name: str, cfg, **kwargs):
         from flows.stages import STAGE_FLOWS
 
         flow_fn = STAGE_FLOWS[flow_name]
+    quiet = _UserErrorsWithoutTraceback()
+    for name in _PREFECT_RUN_LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
     try:
         return flow_fn(cfg, **kwargs)
     except GateFailed as e:
@@ -131,6 +150,9 @@ def _run_flow(flow_name: str, cfg, **kwargs):
         raise _fail(str(e)) from None
     except KeyboardInterrupt:
         raise _fail("cancelled: the run is marked cancelled; committed work is kept and reused", 130) from None
+    finally:
+        for name in _PREFECT_RUN_LOGGERS:
+            logging.getLogger(name).removeFilter(quiet)
 
 
 @app.command()

@@ -25,6 +25,7 @@ import pyarrow as pa
 from kdflow import cascade, metrics
 from kdflow.config import EvaluationConfig, ScoringConfig
 from kdflow.errors import KdflowError
+from kdflow.sources import ModelSource
 from kdflow.store import Store
 
 STUDENT_ROLES = ("student_init", "student", "student_hard")
@@ -106,15 +107,15 @@ def evaluate(
     dataset_ids: list[str],
     teacher_key: str,
     models: dict[str, Path],
-    teacher_model_dir: Path | None,
+    teacher_model: ModelSource | None,
     scoring: ScoringConfig,
     cfg: EvaluationConfig,
     device: str = "cpu",
 ) -> str:
     """Evaluate the teacher and the students in `models` ({role: model dir}) on the test split.
 
-    Roles: student_init, student (required), student_hard. The teacher is timed with `teacher_model_dir`
-    when given, else with its labels' latency_ms (amortised over the labeling batches). Returns the eval_id.
+    Roles: student_init, student (required), student_hard. The teacher is timed with `teacher_model` (its
+    weights, kdflow.teacher.teacher_source) when given, else with its labels' latency_ms (amortised over the labeling batches). Returns the eval_id.
     """
     unknown = sorted(set(models) - set(STUDENT_ROLES))
     if unknown or "student" not in models:
@@ -131,7 +132,7 @@ def evaluate(
             "and check that data.splits.test is above 0"
         )
     width = max(len(q["options"]) for q in questions)
-    results = [_teacher_result(questions, width, teacher_model_dir, scoring, cfg, device)]
+    results = [_teacher_result(questions, width, teacher_model, scoring, cfg, device)]
     results += [
         _student_result(role, models[role], questions, width, scoring, cfg, device)
         for role in STUDENT_ROLES
@@ -141,8 +142,8 @@ def evaluate(
     spec = {
         "models": {role: str(path) for role, path in models.items()},
         "teacher_key": teacher_key,
-        "teacher_model_dir": str(teacher_model_dir) if teacher_model_dir else None,
-        "teacher_timing": "measured" if teacher_model_dir else "labels",
+        "teacher_model": teacher_model.describe() if teacher_model else None,
+        "teacher_timing": "measured" if teacher_model else "labels",
         "dataset_ids": dataset_ids,
         "n_questions": len(questions),
         "device": device,
@@ -166,16 +167,16 @@ def _padded(rows: Sequence[Sequence[float]], width: int) -> np.ndarray:
 def _teacher_result(
     questions: list[dict[str, Any]],
     width: int,
-    model_dir: Path | None,
+    source: ModelSource | None,
     scoring: ScoringConfig,
     cfg: EvaluationConfig,
     device: str,
 ) -> ModelResult:
     probs = _padded([q["teacher_probs"] for q in questions], width)
-    if model_dir is None:
+    if source is None:
         return ModelResult("teacher", probs, _speed_from_labels(questions), None, None)
-    _, speed, params = _timed(model_dir, questions, scoring, cfg, device, score_all=False)
-    return ModelResult("teacher", probs, speed, params, model_dir)
+    _, speed, params = _timed(source, questions, scoring, cfg, device, score_all=False)
+    return ModelResult("teacher", probs, speed, params, Path(source.name_or_path))
 
 
 def _speed_from_labels(questions: list[dict[str, Any]]) -> Speed:
@@ -198,12 +199,12 @@ def _student_result(
     cfg: EvaluationConfig,
     device: str,
 ) -> ModelResult:
-    probs, speed, params = _timed(path, questions, scoring, cfg, device, score_all=True)
+    probs, speed, params = _timed(ModelSource(str(path)), questions, scoring, cfg, device, score_all=True)
     return ModelResult(role, _padded(probs, width), speed, params, path)
 
 
 def _timed(
-    path: Path,
+    source: ModelSource,
     questions: list[dict[str, Any]],
     scoring: ScoringConfig,
     cfg: EvaluationConfig,
@@ -216,9 +217,9 @@ def _timed(
     One model is loaded at a time and released before the next, so a GPU holds only one.
     """
     from kdflow.backends.hf import HFBackend
-    from kdflow.modeling import count_parameters, load_pretrained
+    from kdflow.modeling import count_parameters, load_model
 
-    model, tokenizer = load_pretrained(str(path), device=device)
+    model, tokenizer = load_model(source, device=device)
     backend = HFBackend(model, tokenizer, scoring, batch_size=cfg.batch_size, device=model.device)
     try:
         probs = [s.label.probs for s in backend.score(questions)] if score_all else []

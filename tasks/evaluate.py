@@ -10,7 +10,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from kdflow.config import RunConfig
 from kdflow.runs import stage
 from kdflow.store import Store
-from kdflow.teacher import teacher_ref
+from kdflow.teacher import teacher_ref, teacher_source
 
 
 @task(name="evaluate", tags=["gpu"])
@@ -24,7 +24,7 @@ def evaluate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_k
         eval_id = evaluate(
             store, run_id=run_id, dataset_ids=dataset_ids, teacher_key=teacher_key,
             models={role: Path(path) for role, path in models.items()},
-            teacher_model_dir=ref.model_dir if cfg.teacher.backend == "hf" else None,
+            teacher_model=teacher_source(cfg, ref) if cfg.teacher.backend == "hf" else None,
             scoring=cfg.scoring, cfg=cfg.evaluation, device=cfg.student.device,
         )
         record.detail = {"eval_id": eval_id}

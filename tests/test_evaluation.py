@@ -19,7 +19,7 @@ import torch
 
 from kdflow.config import EvaluationConfig, RunConfig, ScoringConfig
 from kdflow.evaluation import EvaluationError, evaluate
-from kdflow.modeling import build_model, save_pretrained
+from kdflow.modeling import ModelSource, build_model, save_pretrained
 from kdflow.runs import start_run
 from kdflow.scoring import encode, option_logits, to_soft_labels
 from kdflow.store import Store
@@ -105,7 +105,7 @@ def seed_store(home: Path, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions
 
 def run_evaluation(seeded: Seeded, **overrides) -> str:
     kwargs = dict(run_id=seeded.run_id, dataset_ids=[DATASET_ID], teacher_key=TEACHER_KEY, models=seeded.models,
-                  teacher_model_dir=None, scoring=SCORING, cfg=EVAL_CFG, device="cpu")
+                  teacher_model=None, scoring=SCORING, cfg=EVAL_CFG, device="cpu")
     return evaluate(Store(seeded.home), **{**kwargs, **overrides})
 
 
@@ -225,7 +225,7 @@ def test_evaluation_row_and_models(evaluated):
 def test_cap_and_a_measured_teacher(tmp_path, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions):
     seeded = seed_store(tmp_path, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions)
     eval_id = run_evaluation(seeded, models={"student": seeded.models["student"]},
-                             teacher_model_dir=seeded.models["student_init"],
+                             teacher_model=ModelSource(str(seeded.models["student_init"])),
                              cfg=EVAL_CFG.model_copy(update={"max_questions": 3}))
     con = duckdb.connect(str(tmp_path / "kdflow.duckdb"), read_only=True)
     ids = con.execute("SELECT DISTINCT question_id FROM predictions WHERE eval_id = ? ORDER BY 1", [eval_id]).fetchall()
