@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -159,16 +160,16 @@ def _advice(source: ModelSource, error: BaseException) -> str:
     """What to do about a transformers load error, by what it says."""
     text = str(error)
     if "sentencepiece" in text or "tiktoken" in text:
-        return ("its tokenizer is a SentencePiece or tiktoken model that transformers converts: "
+        return ("Its tokenizer is a SentencePiece or tiktoken model that transformers converts: "
                 "pip install sentencepiece protobuf (or tiktoken)")
     if isinstance(error, ImportError):
-        return "install the package the message names"
+        return "Install the package the message names"
     if source.gguf_file or source.name_or_path.endswith(".gguf"):
-        return "check that the file is a complete GGUF model of an architecture transformers supports"
+        return "Check that the file is a complete GGUF model of an architecture transformers supports"
     if source.is_local:
-        return "the directory needs config.json, the weights and the tokenizer files (see save_pretrained)"
+        return "The directory needs config.json, the weights and the tokenizer files (see save_pretrained)"
     return (
-        "it is not in the local Hugging Face cache and the hub did not serve it: check the id and revision; "
+        "It is not in the local Hugging Face cache and the hub did not serve it: check the id and revision; "
         "on an offline machine or for a gated repo, download it first (`hf download ID --local-dir DIR`, "
         "HF_TOKEN for gated repos) and pass DIR"
     )
@@ -185,8 +186,9 @@ def _dequantised() -> dict[str, Any]:
 
 
 # Errors transformers and the libraries under it raise for weights or tokenizers that cannot be read.
+# struct.error: a truncated GGUF file.
 _LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, RuntimeError, ImportError,
-                                                  SafetensorError)
+                                                  SafetensorError, struct.error)
 
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
