@@ -8,11 +8,15 @@ and takes the tokens after the prompt's own tokens, as lm-evaluation-harness doe
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from kdflow.backends.hf import HFBackend
 from kdflow.config import RunConfig, ScoringConfig
+from kdflow.datasets import run_dataset_ids
 from kdflow.modeling import ModelSource, load_model, save_pretrained
 from kdflow.records import LETTERS
 from kdflow.store import Store
@@ -212,3 +216,38 @@ def test_gguf_teacher_saves_a_dequantised_copy_that_loads_back_the_same(smol, tm
         before = smol.model(torch.tensor([ids])).logits
         after = model(torch.tensor([ids])).logits
     assert torch.equal(before, after)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_kdflow_run_with_the_gguf_teacher_end_to_end(smollm2, tmp_path):
+    """configs/smollm2-gguf.yaml through the real Prefect flow: the GGUF teacher is prepared for two steps and
+    saved de-quantised (safetensors), labels 48 MMLU-layout questions from that copy, and a from_teacher
+    student (3 of its 30 layers) is distilled and evaluated."""
+    import shutil
+
+    from flows.distill import distill
+    from kdflow.config import load_config
+
+    directory, gguf_file = smollm2
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(root / "configs" / "smollm2-gguf.yaml", [
+        f"home={tmp_path / 'home'}", f"teacher.model={directory}", f"teacher.gguf_file={gguf_file}",
+        f"data.sources=[{{path: {root / 'configs' / 'data' / 'mmlu-sample.jsonl'}, format: mmlu}}]",
+    ])
+    run_id = distill(cfg)
+    store = Store(cfg.home_dir, read_only=True)
+    stages = {stage: status for stage, status, _s, _d in store.fetch("stage_timings", run_id=run_id)}
+    assert set(stages.values()) == {"completed"} and "prepare_teacher" in stages, stages
+
+    prepared = next((cfg.home_dir / "models").glob("teacher-*/final"))
+    assert (prepared / "model.safetensors").is_file() and not list(prepared.glob("*.gguf"))
+    ref = teacher_ref(cfg, store, run_dataset_ids(cfg, store))
+    assert ref.model_dir == prepared and teacher_source(cfg, ref) == ModelSource(str(prepared))
+    with store.connect() as con:
+        assert con.execute("SELECT count(*) FROM soft_labels WHERE teacher_key = ?", [ref.key]).fetchone()[0] == 48
+    student = next((cfg.home_dir / "models").glob("student-*/final"))
+    config = json.loads((student / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3 and "quantization_config" not in config
+    assert (cfg.home_dir / "reports" / run_id / "report.html").is_file()
+    shutil.rmtree(cfg.home_dir / "models")  # about 2.5 GB of weights, optimizer states and checkpoints
