@@ -218,6 +218,19 @@ def test_gguf_teacher_saves_a_dequantised_copy_that_loads_back_the_same(smol, tm
     assert torch.equal(before, after)
 
 
+def test_plan_reads_the_gguf_teachers_shape(smollm2):
+    """`kdflow plan` sizes a GGUF teacher from the file's metadata, as a directory or as the file itself."""
+    from kdflow.config import load_config
+    from kdflow.planning import plan
+
+    directory, gguf_file = smollm2
+    for model in ([f"teacher.model={directory}", f"teacher.gguf_file={gguf_file}"],
+                  [f"teacher.model={directory / gguf_file}", "teacher.gguf_file=null"]):
+        cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "smollm2-gguf.yaml", model)
+        label, _ = plan(cfg, questions=1000, tokens_per_question=200)
+        assert label.model == str(model[0].split("=", 1)[1]) and 130e6 < label.flops / (2 * 1000 * 200) < 140e6
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_kdflow_run_with_the_gguf_teacher_end_to_end(smollm2, tmp_path):
