@@ -218,6 +218,25 @@ def test_gguf_teacher_saves_a_dequantised_copy_that_loads_back_the_same(smol, tm
     assert torch.equal(before, after)
 
 
+@pytest.mark.slow
+def test_students_built_from_an_unprepared_gguf_teacher_get_its_weights_and_tokenizer(smol, smollm2, tmp_path):
+    """from_teacher copies layers of the teacher loaded from its GGUF file; a fresh student reads with the
+    teacher's tokenizer, from the same file (the paths that used to drop gguf_file)."""
+    from kdflow.config import StudentConfig
+    from kdflow.modeling import load_tokenizer
+    from kdflow.students import init_student
+
+    directory, gguf_file = smollm2
+    cfg = RunConfig.model_validate({"home": str(tmp_path), "teacher": {"model": str(directory), "gguf_file": gguf_file}})
+    source = teacher_source(cfg, teacher_ref(cfg, Store(cfg.home_dir), []))
+    student, tokenizer = init_student(StudentConfig(init="from_teacher", layer_stride=10, device="cpu"), teacher=source)
+    assert student.config.num_hidden_layers == 3
+    for kept, copied in zip((0, 10, 20), student.model.layers, strict=True):
+        assert torch.equal(copied.mlp.down_proj.weight, smol.model.model.layers[kept].mlp.down_proj.weight)
+    text = "The following are multiple choice questions (with answers) about astronomy."
+    assert tokenizer(text)["input_ids"] == load_tokenizer(source)(text)["input_ids"] == smol.tokenizer(text)["input_ids"]
+
+
 def test_plan_reads_the_gguf_teachers_shape(smollm2):
     """`kdflow plan` sizes a GGUF teacher from the file's metadata, as a directory or as the file itself."""
     from kdflow.config import load_config
