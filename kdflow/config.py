@@ -221,7 +221,9 @@ class StudentConfig(Strict):
     )
     model: str | None = Field(None, description="init: pretrained: hub id, local directory or .gguf file")
     revision: str | None = None
-    gguf_file: str | None = Field(None, description="init: pretrained: a GGUF file inside `model`, de-quantised on load")
+    gguf_file: str | None = Field(
+        None, description="init: pretrained: a GGUF file inside `model`, de-quantised on load"
+    )
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -115,7 +115,8 @@ def evaluate(
     """Evaluate the teacher and the students in `models` ({role: model dir}) on the test split.
 
     Roles: student_init, student (required), student_hard. The teacher is timed with `teacher_model` (its
-    weights, kdflow.teacher.teacher_source) when given, else with its labels' latency_ms (amortised over the labeling batches). Returns the eval_id.
+    weights, kdflow.teacher.teacher_source) when given, else with its labels' latency_ms (amortised over the
+    labeling batches). Returns the eval_id.
     """
     unknown = sorted(set(models) - set(STUDENT_ROLES))
     if unknown or "student" not in models:

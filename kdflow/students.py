@@ -57,7 +57,9 @@ def init_student(
         model = build_model(cfg.architecture, tokenizer).to(device=device, dtype=dtype)
     else:
         if teacher is None:
-            raise ValueError("student.init: from_teacher needs the teacher's weights (a hub id, directory or GGUF file)")
+            raise ValueError(
+                "student.init: from_teacher needs the teacher's weights (a hub id, directory or GGUF file)"
+            )
         # The teacher is loaded on the CPU, already in the student's dtype: only kept layers reach the device.
         dtype_name = str(dtype).removeprefix("torch.")
         full, tokenizer = load_model(teacher, dtype=dtype_name, device="cpu")

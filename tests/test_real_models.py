@@ -26,10 +26,12 @@ from kdflow.teacher import teacher_ref, teacher_source
 QUESTIONS = [
     ("astronomy", "Which planet is closest to the Sun?", ["Venus", "Mercury", "Earth", "Mars"], 1),
     ("astronomy", "What is the largest planet in the Solar System?", ["Saturn", "Neptune", "Jupiter", "Uranus"], 2),
-    ("biology", "Which organelle produces most of a cell's ATP?", ["Nucleus", "Ribosome", "Golgi apparatus", "Mitochondrion"], 3),
+    ("biology", "Which organelle produces most of a cell's ATP?",
+     ["Nucleus", "Ribosome", "Golgi apparatus", "Mitochondrion"], 3),
     ("biology", "DNA is made of units called", ["amino acids", "nucleotides", "fatty acids", "monosaccharides"], 1),
     ("chemistry", "What is the chemical symbol for sodium?", ["Na", "So", "Sd", "S"], 0),
-    ("chemistry", "Which gas makes up most of Earth's atmosphere?", ["Oxygen", "Carbon dioxide", "Nitrogen", "Argon"], 2),
+    ("chemistry", "Which gas makes up most of Earth's atmosphere?",
+     ["Oxygen", "Carbon dioxide", "Nitrogen", "Argon"], 2),
     ("physics", "The SI unit of force is the", ["joule", "newton", "watt", "pascal"], 1),
     ("physics", "Which colour of visible light has the longest wavelength?", ["Red", "Green", "Blue", "Violet"], 0),
     ("mathematics", "What is the derivative of x squared?", ["x", "2x", "x squared", "2"], 1),
@@ -44,12 +46,16 @@ QUESTIONS = [
     ("computer science", "Which data structure works first in, first out?", ["Stack", "Queue", "Tree", "Heap"], 1),
     ("computer science", "Binary search on a sorted list takes time proportional to",
      ["n", "n squared", "log n", "1"], 2),
-    ("economics", "When demand rises and supply stays the same, the price usually", ["falls", "rises", "stays the same", "becomes zero"], 1),
+    ("economics", "When demand rises and supply stays the same, the price usually",
+     ["falls", "rises", "stays the same", "becomes zero"], 1),
     ("anatomy", "How many chambers does the human heart have?", ["Two", "Three", "Four", "Five"], 2),
     ("philosophy", "Who wrote 'The Republic'?", ["Aristotle", "Plato", "Socrates", "Kant"], 1),
-    ("literature", "Who wrote 'Romeo and Juliet'?", ["Charles Dickens", "Jane Austen", "William Shakespeare", "Mark Twain"], 2),
-    ("nutrition", "Which vitamin does the skin make in sunlight?", ["Vitamin A", "Vitamin C", "Vitamin D", "Vitamin K"], 2),
-    ("electrical engineering", "Ohm's law relates voltage, current and", ["power", "resistance", "frequency", "charge"], 1),
+    ("literature", "Who wrote 'Romeo and Juliet'?",
+     ["Charles Dickens", "Jane Austen", "William Shakespeare", "Mark Twain"], 2),
+    ("nutrition", "Which vitamin does the skin make in sunlight?",
+     ["Vitamin A", "Vitamin C", "Vitamin D", "Vitamin K"], 2),
+    ("electrical engineering", "Ohm's law relates voltage, current and",
+     ["power", "resistance", "frequency", "charge"], 1),
 ]
 ROWS = [
     {"question_id": f"q{i}", "category": c, "question": q, "options": o, "answer": a}
@@ -227,14 +233,16 @@ def test_students_built_from_an_unprepared_gguf_teacher_get_its_weights_and_toke
     from kdflow.students import init_student
 
     directory, gguf_file = smollm2
-    cfg = RunConfig.model_validate({"home": str(tmp_path), "teacher": {"model": str(directory), "gguf_file": gguf_file}})
+    cfg = RunConfig.model_validate({"home": str(tmp_path),
+                                    "teacher": {"model": str(directory), "gguf_file": gguf_file}})
     source = teacher_source(cfg, teacher_ref(cfg, Store(cfg.home_dir), []))
     student, tokenizer = init_student(StudentConfig(init="from_teacher", layer_stride=10, device="cpu"), teacher=source)
     assert student.config.num_hidden_layers == 3
     for kept, copied in zip((0, 10, 20), student.model.layers, strict=True):
         assert torch.equal(copied.mlp.down_proj.weight, smol.model.model.layers[kept].mlp.down_proj.weight)
     text = "The following are multiple choice questions (with answers) about astronomy."
-    assert tokenizer(text)["input_ids"] == load_tokenizer(source)(text)["input_ids"] == smol.tokenizer(text)["input_ids"]
+    expected = smol.tokenizer(text)["input_ids"]
+    assert tokenizer(text)["input_ids"] == load_tokenizer(source)(text)["input_ids"] == expected
 
 
 def test_plan_reads_the_gguf_teachers_shape(smollm2):

@@ -55,7 +55,9 @@ class HFBackend:
         self.revision = revision
 
     @classmethod
-    def from_config(cls, teacher: TeacherConfig, scoring: ScoringConfig, source: ModelSource | None = None) -> HFBackend:
+    def from_config(
+        cls, teacher: TeacherConfig, scoring: ScoringConfig, source: ModelSource | None = None
+    ) -> HFBackend:
         """Load the teacher from `source` (see kdflow.teacher.teacher_source), by default `teacher.model`
         as configured; `teacher` gives the device, dtype and batch size."""
         source = source or configured_source(teacher, "teacher")
