@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
 import os
 import random
 import subprocess
@@ -155,12 +157,25 @@ def test_a_broken_gguf_file_is_one_line(gguf_dir, name):
 
 
 def test_gguf_without_its_package_says_what_to_install(gguf_dir, monkeypatch):
-    import importlib.util
-
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
     message = _load_error(ModelSource(str(gguf_dir), gguf_file="garbage.gguf", setting="teacher"))
     assert "needs the gguf package" in message and "pip install 'gguf>=0.10'" in message
+
+
+def test_a_sentencepiece_tokenizer_without_its_packages_says_what_to_install(tmp_path, tiny_model, tiny_tokenizer):
+    """A directory whose tokenizer is only a SentencePiece model (no tokenizer.json): transformers needs
+    sentencepiece (or tiktoken) to convert it, neither of which kdflow requires."""
+    if importlib.util.find_spec("sentencepiece") is not None:
+        pytest.skip("sentencepiece is installed here")
+    path = save_pretrained(tiny_model, tiny_tokenizer, tmp_path / "m")
+    (path / "tokenizer.json").unlink()
+    (path / "tokenizer.model").write_bytes(bytes(100))
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "LlamaTokenizer"}))
+    message = _load_error(ModelSource(str(path), setting="student"))
+    assert "cannot load the tokenizer of student.model" in message
+    assert "pip install sentencepiece protobuf (or tiktoken)" in message
 
 
 def test_unknown_hub_id_offline_is_one_line(monkeypatch):
