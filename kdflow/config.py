@@ -12,16 +12,25 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 class ConfigError(ValueError):
     """A configuration problem, phrased so the user knows what to change."""
+
+
+def _switch_word(value: Any) -> Any:
+    """YAML 1.1 reads a bare on/off/yes/no as a boolean: take it back as the word "on" or "off"."""
+    return ("on" if value else "off") if isinstance(value, bool) else value
+
+
+# A setting whose values are words including "on" and "off", safe to write unquoted in YAML and --set.
+OnOffAuto = Annotated[Literal["auto", "on", "off"], BeforeValidator(_switch_word)]
 
 
 class Strict(BaseModel):
@@ -234,7 +243,7 @@ class ScoringConfig(Strict):
     )
     cloze_template: str = Field("Question: {question}\nAnswer:", description="context before each option text")
     length_normalise: bool = Field(True, description="cloze: divide an option's log-likelihood by its length in characters")
-    chat_template: Literal["auto", "on", "off"] = Field(
+    chat_template: OnOffAuto = Field(
         "auto", description="letter mode: wrap the prompt in the tokenizer's chat template (auto: when it has one)"
     )
     max_length: int = Field(1024, ge=16, description="prompts longer than this are truncated from the left")
@@ -286,9 +295,15 @@ class TeacherPrepConfig(Strict):
 
 class TeacherConfig(Strict):
     backend: Literal["hf", "vllm", "openai"] = "hf"
-    model: str | None = Field(None, description="hub id or local directory; None builds `architecture` fresh")
+    model: str | None = Field(
+        None, description="hub id, local directory or .gguf file; None builds `architecture` fresh"
+    )
     revision: str | None = None
-    gguf_file: str | None = Field(None, description="load this GGUF file from `model` through transformers")
+    gguf_file: str | None = Field(
+        None,
+        description="a GGUF file inside `model` (directory or hub repo), de-quantised on load; a prepared teacher "
+        "is saved as safetensors",
+    )
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -305,6 +320,8 @@ class TeacherConfig(Strict):
     def _backend_needs_model(self) -> TeacherConfig:
         if self.backend != "hf" and self.model is None:
             raise ValueError(f"teacher.backend={self.backend} needs teacher.model (a hub id, path or served name)")
+        if self.gguf_file is not None and self.model is None:
+            raise ValueError("teacher.gguf_file names a file inside teacher.model, which is not set: set both")
         return self
 
 
@@ -312,8 +329,11 @@ class StudentConfig(Strict):
     init: Literal["pretrained", "fresh", "from_teacher"] = Field(
         "fresh", description="pretrained: `model`; fresh: `architecture`; from_teacher: every k-th teacher layer"
     )
-    model: str | None = Field(None, description="hub id or local directory for init: pretrained")
+    model: str | None = Field(None, description="init: pretrained: hub id, local directory or .gguf file")
     revision: str | None = None
+    gguf_file: str | None = Field(
+        None, description="init: pretrained: a GGUF file inside `model`, de-quantised on load"
+    )
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -325,6 +345,11 @@ class StudentConfig(Strict):
     def _init_needs_model(self) -> StudentConfig:
         if self.init == "pretrained" and self.model is None:
             raise ValueError("student.init: pretrained needs student.model (a hub id or local directory)")
+        if self.gguf_file is not None and self.init != "pretrained":
+            raise ValueError(
+                f"student.gguf_file is read by init: pretrained only, and init is {self.init}; remove it "
+                "(init: from_teacher loads the teacher's weights, teacher.gguf_file included)"
+            )
         return self
 
 

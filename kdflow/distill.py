@@ -20,7 +20,7 @@ from kdflow.calibration import stored_calibration, with_calibrated_probs
 from kdflow.config import RunConfig
 from kdflow.errors import KdflowError
 from kdflow.store import Store
-from kdflow.teacher import TeacherRef, corpus_tokenizer, finished_model_dir, split_examples
+from kdflow.teacher import TeacherRef, corpus_tokenizer, finished_model_dir, split_examples, teacher_source
 
 METRIC_COLUMNS = ["step", "epoch", "loss", "ce", "kd", "lr", "grad_norm", "samples_per_s", "val_accuracy"]
 
@@ -43,9 +43,9 @@ def student_id(cfg: RunConfig, role: str, teacher: TeacherRef, validation_id: st
 def _tokenizer_for(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher: TeacherRef):
     """A fresh student reads text like the teacher: reuse the teacher's tokenizer when we have its files."""
     if teacher.model_dir is not None:
-        from transformers import AutoTokenizer
+        from kdflow.modeling import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(str(teacher.model_dir))
+        return load_tokenizer(teacher_source(cfg, teacher))
     return corpus_tokenizer(store, dataset_ids, cfg.student.architecture.vocab_size)
 
 
@@ -109,14 +109,15 @@ def train_students(
         calibration = stored_calibration(store, validation_id)
         examples = with_calibrated_probs(examples, calibration.temperature if calibration else None)
     val_examples = split_examples(store, dataset_ids, "val")
-    tokenizer = _tokenizer_for(cfg, store, dataset_ids, teacher) if cfg.student.init != "pretrained" else None
+    tokenizer = _tokenizer_for(cfg, store, dataset_ids, teacher) if cfg.student.init == "fresh" else None
+    teacher_weights = teacher_source(cfg, teacher) if cfg.student.init == "from_teacher" else None
 
     for role in roles:
         if role in dirs:
             continue
         model_id = student_id(cfg, role, teacher, validation_id)
         torch.manual_seed(cfg.training.seed)
-        model, tok = init_student(cfg.student, tokenizer=tokenizer, teacher_dir=teacher.model_dir,
+        model, tok = init_student(cfg.student, tokenizer=tokenizer, teacher=teacher_weights,
                                   seed=cfg.training.seed)
         out_dir = cfg.home_dir / "models" / model_id
         spec = json.dumps({"student": cfg.student.model_dump(mode="json"), "teacher_key": teacher.key,

@@ -33,6 +33,7 @@ import pyarrow as pa
 from kdflow import cascade, metrics
 from kdflow.config import EvaluationConfig, ScoringConfig
 from kdflow.errors import KdflowError
+from kdflow.sources import ModelSource
 from kdflow.store import Store
 
 STUDENT_ROLES = ("student_init", "student", "student_hard")

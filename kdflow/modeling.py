@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -28,6 +31,7 @@ from transformers import (
 
 from kdflow.config import ArchitectureConfig
 from kdflow.records import LETTERS
+from kdflow.sources import ModelLoadError, ModelSource, load_args
 
 PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
@@ -36,10 +40,6 @@ SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
 _SPACE = "Ġ"
 _SPACED_LETTERS = frozenset(_SPACE + letter for letter in LETTERS)
 _MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + len(LETTERS)
-
-
-class ModelLoadError(ValueError):
-    """A model or tokenizer could not be loaded; the message names it and says what to do."""
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -151,8 +151,92 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return resolved
 
 
-def _looks_local(name_or_path: str) -> bool:
-    return name_or_path.startswith((".", "/", "~")) or Path(name_or_path).expanduser().exists()
+def _one_line(error: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(error).split()).rstrip(".")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _advice(source: ModelSource, error: BaseException) -> str:
+    """What to do about a transformers load error, by what it says."""
+    text = str(error)
+    if "sentencepiece" in text or "tiktoken" in text:
+        return ("Its tokenizer is a SentencePiece or tiktoken model that transformers converts: "
+                "pip install sentencepiece protobuf (or tiktoken)")
+    if isinstance(error, ImportError):
+        return "Install the package the message names"
+    if source.gguf_file or source.name_or_path.endswith(".gguf"):
+        return "Check that the file is a complete GGUF model of an architecture transformers supports"
+    if source.is_local:
+        return "The directory needs config.json, the weights and the tokenizer files (see save_pretrained)"
+    return (
+        "It is not in the local Hugging Face cache and the hub did not serve it: check the id and revision; "
+        "on an offline machine or for a gated repo, download it first (`hf download ID --local-dir DIR`, "
+        "HF_TOKEN for gated repos) and pass DIR"
+    )
+
+
+def _dequantised() -> dict[str, Any]:
+    """from_pretrained arguments that unpack GGUF weights into a plain model (trainable, saved as
+    safetensors); transformers versions without GgufConfig always unpack them."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+# Errors transformers and the libraries under it raise for weights or tokenizers that cannot be read.
+# struct.error: a truncated GGUF file.
+_LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, RuntimeError, ImportError,
+                                                  SafetensorError, struct.error)
+
+
+def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+    """The tokenizer of `source` (from its GGUF file when it has one), with a pad token.
+
+    Tokenizers without a pad token get eos as pad (padding is always masked, so any id would do).
+    Raises ModelLoadError, one line naming the model and what to do.
+    """
+    name_or_path, gguf_file = load_args(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name_or_path, revision=source.revision, trust_remote_code=source.trust_remote_code, gguf_file=gguf_file
+        )
+    except _LOAD_ERRORS as e:
+        raise ModelLoadError(
+            f"cannot load the tokenizer of {source.describe()}: {_one_line(e)}. {_advice(source, e)}"
+        ) from e
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"the tokenizer of {source.describe()} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    source: ModelSource, *, dtype: str = "auto", device: str = "auto"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a hub id, a local directory or a GGUF file, in eval mode.
+
+    This is the one way kdflow loads pretrained weights: teacher labeling, teacher preparation, students
+    initialised from a pretrained model or from the teacher, evaluation and routing all come here, so a
+    GGUF file is honoured everywhere. GGUF weights are de-quantised into `dtype`. Raises ModelLoadError
+    (a KdflowError: one line naming the model and what to install or change) for anything that cannot load.
+    """
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    tokenizer = load_tokenizer(source)
+    name_or_path, gguf_file = load_args(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, revision=source.revision, trust_remote_code=source.trust_remote_code,
+            gguf_file=gguf_file, dtype=torch_dtype, device_map={"": torch_device},
+            **(_dequantised() if gguf_file else {}),
+        )
+    except _LOAD_ERRORS as e:
+        raise ModelLoadError(f"cannot load {source.describe()}: {_one_line(e)}. {_advice(source, e)}") from e
+    model.eval()
+    return model, tokenizer
 
 
 def load_pretrained(
@@ -164,45 +248,9 @@ def load_pretrained(
     trust_remote_code: bool = False,
     gguf_file: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a hub id or a local directory, in eval mode.
-
-    A GGUF checkpoint loads through transformers (`gguf_file` inside `name_or_path`) and is dequantised.
-    Tokenizers without a pad token get eos as pad (padding is always masked, so any id would do).
-    """
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    local = _looks_local(name_or_path)
-    if local:
-        path = Path(name_or_path).expanduser()
-        if not path.is_dir():
-            raise ModelLoadError(
-                f"model directory {name_or_path!r} does not exist; check the path, or give a Hugging Face hub id"
-            )
-        name_or_path = str(path)
-    common = dict(revision=revision, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **common)
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=torch_dtype, device_map={"": torch_device}, **common
-        )
-    except (OSError, ValueError, KeyError) as e:
-        what = f"model {name_or_path!r}" + (f" at revision {revision}" if revision else "")
-        what += f" (gguf file {gguf_file})" if gguf_file else ""
-        if local:
-            advice = "the directory needs config.json, the weights and the tokenizer files (see save_pretrained)"
-        else:
-            advice = (
-                "it is not in the local Hugging Face cache and the hub did not serve it: check the id and revision; "
-                "on an offline machine or for a gated repo, download it first (`hf download ID --local-dir DIR`, "
-                "HF_TOKEN for gated repos) and pass DIR"
-            )
-        raise ModelLoadError(f"cannot load {what}: {str(e).rstrip('.')}. {advice}") from e
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ModelLoadError(f"tokenizer of {name_or_path!r} has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
-    model.eval()
-    return model, tokenizer
+    """`load_model` for a model named by its parts (a directory kdflow saved, a hub id ...)."""
+    source = ModelSource(name_or_path, gguf_file=gguf_file, revision=revision, trust_remote_code=trust_remote_code)
+    return load_model(source, dtype=dtype, device=device)
 
 
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:

@@ -78,8 +78,12 @@ def _config_from_preset(name: str) -> Any | None:
     return AutoConfig.for_model(values.pop("model_type"), **values)
 
 
-def load_model_config(name: str | None, architecture: ArchitectureConfig, *, trust_remote_code: bool = False) -> Any:
-    """A transformers config for `name` (local dir, preset, then hub) or for the fresh `architecture`.
+def load_model_config(
+    name: str | None, architecture: ArchitectureConfig, *, trust_remote_code: bool = False,
+    gguf_file: str | None = None,
+) -> Any:
+    """A transformers config for `name` (local dir, preset, then hub; a GGUF file's own metadata when
+    `gguf_file` is given or `name` is a .gguf file) or for the fresh `architecture`.
 
     Presets come before the hub so planning the well-known models needs no network."""
     if name is None:
@@ -87,6 +91,18 @@ def load_model_config(name: str | None, architecture: ArchitectureConfig, *, tru
 
         return architecture_config(architecture, vocab_size=architecture.vocab_size)
     from transformers import AutoConfig
+
+    if gguf_file or name.endswith(".gguf"):
+        from kdflow.sources import ModelSource, load_args
+
+        source = ModelSource(name, gguf_file=gguf_file)
+        name_or_path, file = load_args(source)
+        try:
+            return AutoConfig.from_pretrained(name_or_path, gguf_file=file, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise KdflowError(
+                f"cannot read the config of {source.describe()} from its GGUF file: {' '.join(str(e).split())}"
+            ) from e
 
     if not Path(name).expanduser().is_dir():
         preset = _config_from_preset(name)
@@ -169,11 +185,13 @@ def plan(cfg: RunConfig, *, questions: int, tokens_per_question: float, gpu_name
     teacher_name = cfg.teacher.model
     teacher = model_shape(teacher_name or "teacher (fresh)",
                           load_model_config(teacher_name, cfg.teacher.architecture,
-                                            trust_remote_code=cfg.teacher.trust_remote_code))
+                                            trust_remote_code=cfg.teacher.trust_remote_code,
+                                            gguf_file=cfg.teacher.gguf_file))
     student_name = cfg.student.model if cfg.student.init == "pretrained" else None
     student = model_shape(student_name or "student (fresh)",
                           load_model_config(student_name, cfg.student.architecture,
-                                            trust_remote_code=cfg.student.trust_remote_code))
+                                            trust_remote_code=cfg.student.trust_remote_code,
+                                            gguf_file=cfg.student.gguf_file))
     fp8 = cfg.teacher.vllm.quantization == "fp8" or (teacher_name or "").upper().endswith("-FP8")
     label = plan_labeling(teacher, questions=questions, tokens_per_question=tokens_per_question, gpu=gpu,
                           weight_bytes=1.0 if fp8 else 2.0, utilisation=utilisation,

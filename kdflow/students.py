@@ -5,7 +5,7 @@
 - from_teacher: the teacher with layers 0, k, 2k, ... kept (DistilBERT's initialisation): embeddings, kept
   decoder layers, final norm and LM head are copied, so training starts from the teacher's knowledge.
 
-`export_student` writes the trained student so that `modeling.load_pretrained` reads it back.
+`export_student` writes the trained student so that `modeling.load_model` reads it back.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdflow.config import LoraConfig, StudentConfig
-from kdflow.modeling import build_model, load_pretrained, resolve_device, resolve_dtype, save_pretrained
+from kdflow.modeling import ModelSource, build_model, load_model, resolve_device, resolve_dtype, save_pretrained
+from kdflow.sources import configured_source
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -29,13 +30,14 @@ def init_student(
     cfg: StudentConfig,
     *,
     tokenizer: PreTrainedTokenizerBase | None = None,
-    teacher_dir: Path | None = None,
+    teacher: ModelSource | None = None,
     seed: int = 0,
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """The untrained student on `cfg.device` and its tokenizer; `seed` fixes fresh weights and LoRA init.
 
     `tokenizer` is needed for init: fresh (the teacher's or the dataset's); pretrained and from_teacher
-    students bring their own. `teacher_dir` is the teacher's model directory, for init: from_teacher.
+    students bring their own. `teacher` is where the teacher's weights are (kdflow.teacher.teacher_source),
+    for init: from_teacher. Raises ModelLoadError when a model cannot be loaded.
     """
     if cfg.lora.enabled and not cfg.lora.merge_on_export and cfg.init != "pretrained":
         raise ValueError(
@@ -46,10 +48,7 @@ def init_student(
     dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(seed)
     if cfg.init == "pretrained":
-        model, tokenizer = load_pretrained(
-            str(cfg.model), revision=cfg.revision, dtype=cfg.dtype, device=cfg.device,
-            trust_remote_code=cfg.trust_remote_code,
-        )
+        model, tokenizer = load_model(configured_source(cfg, "student"), dtype=cfg.dtype, device=cfg.device)
     elif cfg.init == "fresh":
         if tokenizer is None:
             raise ValueError(
@@ -57,13 +56,15 @@ def init_student(
             )
         model = build_model(cfg.architecture, tokenizer).to(device=device, dtype=dtype)
     else:
-        if teacher_dir is None:
-            raise ValueError("student.init: from_teacher needs the teacher's model directory (a local teacher)")
+        if teacher is None:
+            raise ValueError(
+                "student.init: from_teacher needs the teacher's weights (a hub id, directory or GGUF file)"
+            )
         # The teacher is loaded on the CPU, already in the student's dtype: only kept layers reach the device.
         dtype_name = str(dtype).removeprefix("torch.")
-        teacher, tokenizer = load_pretrained(str(teacher_dir), dtype=dtype_name, device="cpu")
-        model = every_kth_layer(teacher, cfg.layer_stride).to(device=device, dtype=dtype)
-        del teacher
+        full, tokenizer = load_model(teacher, dtype=dtype_name, device="cpu")
+        model = every_kth_layer(full, cfg.layer_stride).to(device=device, dtype=dtype)
+        del full
     if cfg.lora.enabled:
         model = with_lora(model, cfg.lora)
     return model, tokenizer

@@ -17,6 +17,7 @@ from typing import Any
 from kdflow.config import RunConfig, TrainingConfig
 from kdflow.errors import KdflowError
 from kdflow.labeling import LabelReport, label_questions, teacher_key, teacher_spec
+from kdflow.sources import ModelLoadError, ModelSource, configured_source
 from kdflow.store import Store
 
 
@@ -41,6 +42,7 @@ def prepared_teacher_id(cfg: RunConfig, dataset_ids: list[str]) -> str:
         {
             "base": base,
             "revision": t.revision,
+            "gguf_file": t.gguf_file,
             "prepare": t.prepare.model_dump(mode="json"),
             "scoring": cfg.scoring.model_dump(mode="json"),
             "datasets": sorted(dataset_ids),
@@ -71,11 +73,14 @@ def _server_identity(cfg: RunConfig, store: Store, spec: dict[str, Any]) -> dict
             if recorded == spec and server.get("base_url") == base_url:
                 return server
         return server_identity(cfg.teacher)  # nothing recorded: the retries, then "is the server running?"
+def is_prepared(cfg: RunConfig) -> bool:
+    """Whether the teacher that labels is one kdflow prepares (fine-tunes, or builds from an architecture)."""
+    return cfg.teacher.prepare.enabled or cfg.teacher.model is None
 
 
 def teacher_ref(cfg: RunConfig, store: Store, dataset_ids: list[str]) -> TeacherRef:
     """The teacher this config labels with; a teacher needing preparation must have been prepared."""
-    if cfg.teacher.prepare.enabled or cfg.teacher.model is None:
+    if is_prepared(cfg):
         if cfg.teacher.backend != "hf":
             raise KdflowError("teacher.prepare needs teacher.backend: hf (preparation fine-tunes with transformers)")
         model_id = prepared_teacher_id(cfg, dataset_ids)
@@ -88,12 +93,28 @@ def teacher_ref(cfg: RunConfig, store: Store, dataset_ids: list[str]) -> Teacher
         model_ref, model_dir = model_id, Path(row[0])
     else:
         model_ref = cfg.teacher.model
-        local = Path(model_ref).expanduser()
-        model_dir = local.resolve() if local.exists() else None
+        model_dir = configured_source(cfg.teacher, "teacher").local_dir
+        model_dir = model_dir if model_dir is not None and model_dir.exists() else None
     spec = teacher_spec(cfg.teacher, cfg.scoring, model_ref)
     if cfg.teacher.backend == "openai":
         spec["server"] = _server_identity(cfg, store, spec)  # another server (or other weights behind it) relabels
     return TeacherRef(model_ref=model_ref, model_dir=model_dir, key=teacher_key(spec), spec=spec)
+
+
+def teacher_source(cfg: RunConfig, ref: TeacherRef) -> ModelSource:
+    """The teacher's weights for loading with transformers: the prepared directory (safetensors) when kdflow
+    prepares the teacher, else `teacher.model` as the user shipped it (GGUF file, revision and all).
+
+    Every place that loads the teacher (hf labeling, from_teacher students, evaluation's timing, routing)
+    takes its weights from here. Raises ModelLoadError when a prepared teacher has no directory.
+    """
+    if not is_prepared(cfg):
+        return configured_source(cfg.teacher, "teacher")
+    if ref.model_dir is None:
+        raise ModelLoadError(
+            f"the prepared teacher {ref.model_ref} has no model directory: run `kdflow label` to prepare it"
+        )
+    return ModelSource(str(ref.model_dir))
 
 
 def split_examples(store: Store, dataset_ids: list[str], split: str) -> list[dict[str, Any]]:
@@ -119,7 +140,7 @@ def prepare_teacher(
 
     import torch
 
-    from kdflow.modeling import build_model, count_parameters, load_pretrained, resolve_device
+    from kdflow.modeling import build_model, count_parameters, load_model, resolve_device
     from kdflow.training import train
 
     t = cfg.teacher
@@ -129,10 +150,8 @@ def prepare_teacher(
         tokenizer = corpus_tokenizer(store, dataset_ids, t.architecture.vocab_size)
         model = build_model(t.architecture, tokenizer)
     else:
-        model, tokenizer = load_pretrained(
-            t.model, revision=t.revision, dtype=t.dtype, device=t.device,
-            trust_remote_code=t.trust_remote_code, gguf_file=t.gguf_file,
-        )
+        # A GGUF base is de-quantised on load, so the prepared copy saves as plain safetensors.
+        model, tokenizer = load_model(configured_source(t, "teacher"), dtype=t.dtype, device=t.device)
     model.to(resolve_device(t.device))
     store.execute(
         "upsert_model", model_id=model_id, run_id=run_id, role="teacher", path=str(out_dir / "final"),
@@ -172,7 +191,7 @@ def open_backend(cfg: RunConfig, ref: TeacherRef):
     if cfg.teacher.backend == "hf":
         from kdflow.backends.hf import HFBackend
 
-        return HFBackend.from_config(cfg.teacher, cfg.scoring, str(ref.model_dir) if ref.model_dir else None)
+        return HFBackend.from_config(cfg.teacher, cfg.scoring, teacher_source(cfg, ref))
     if cfg.teacher.backend == "vllm":
         from kdflow.backends.vllm import VLLMBackend
 

@@ -39,6 +39,28 @@ def test_overrides_apply_with_yaml_types(tmp_path):
     assert cfg.student.lora.target_modules == ["q_proj", "v_proj"]
 
 
+@pytest.mark.parametrize("word", ["on", "off", "yes", "no", "true", "false", "'on'", "'off'", "auto"])
+def test_on_off_words_survive_yaml_booleans(tmp_path, word):
+    """YAML 1.1 reads a bare on/off/yes/no as a boolean; chat_template takes it back as the word."""
+    expected = {"on": "on", "yes": "on", "true": "on", "off": "off", "no": "off", "false": "off"}.get(
+        word.strip("'"), word.strip("'"))
+    path = tmp_path / "c.yaml"
+    path.write_text(f"scoring:\n  chat_template: {word}\n")
+    assert load_config(path).scoring.chat_template == expected
+    assert load_config(None, [f"scoring.chat_template={word}"]).scoring.chat_template == expected
+    with pytest.raises(ConfigError, match="scoring.chat_template"):
+        load_config(None, ["scoring.chat_template=sometimes"])
+
+
+def test_gguf_file_needs_the_model_it_lies_in():
+    with pytest.raises(ConfigError, match="teacher.gguf_file names a file inside teacher.model"):
+        load_config(None, ["teacher.gguf_file=m.gguf"])
+    with pytest.raises(ConfigError, match="student.gguf_file is read by init: pretrained only"):
+        load_config(None, ["student.init=from_teacher", "student.gguf_file=m.gguf"])
+    cfg = load_config(None, ["student.init=pretrained", "student.model=/m", "student.gguf_file=m.gguf"])
+    assert cfg.student.gguf_file == "m.gguf"
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

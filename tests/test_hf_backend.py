@@ -9,7 +9,7 @@ import torch
 from kdflow.backends.base import ScoredQuestion, TeacherBackend
 from kdflow.backends.hf import HFBackend
 from kdflow.config import ScoringConfig, TeacherConfig
-from kdflow.modeling import ModelLoadError, save_pretrained
+from kdflow.modeling import ModelLoadError, ModelSource, save_pretrained
 from kdflow.scoring import encode, option_logits, to_soft_labels
 
 
@@ -67,7 +67,7 @@ def test_reasoning_is_generated(tiny_model, tiny_tokenizer, tiny_questions):
 def test_from_config_loads_a_prepared_teacher(tmp_path, tiny_model, tiny_tokenizer, tiny_questions):
     path = save_pretrained(tiny_model, tiny_tokenizer, tmp_path / "teacher")
     teacher = TeacherConfig(batch_size=2, device="cpu")
-    backend = HFBackend.from_config(teacher, ScoringConfig(), str(path))
+    backend = HFBackend.from_config(teacher, ScoringConfig(), ModelSource(str(path)))
     parts = backend.key_parts()
     assert parts["backend"] == "hf" and parts["model"] == str(path) and parts["weights"]
     loaded = backend.score(tiny_questions)

@@ -1,17 +1,26 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from kdflow.config import ArchitectureConfig
+from kdflow.config import ArchitectureConfig, StudentConfig, TeacherConfig
+from kdflow.errors import KdflowError
 from kdflow.modeling import (
     ModelLoadError,
+    ModelSource,
     build_model,
     count_parameters,
+    load_model,
     load_pretrained,
     resolve_device,
     resolve_dtype,
@@ -20,6 +29,7 @@ from kdflow.modeling import (
     weights_fingerprint,
 )
 from kdflow.records import LETTERS
+from kdflow.sources import configured_source
 
 
 def _corpus(n: int, seed: int = 0) -> list[str]:
@@ -108,6 +118,81 @@ def test_directory_without_model_is_a_clear_error(tmp_path):
     assert "config.json" in str(info.value) and str(tmp_path) in str(info.value)
 
 
+def _load_error(source: ModelSource) -> str:
+    """The message of the ModelLoadError loading `source` raises; it must be one line."""
+    with pytest.raises(ModelLoadError) as info:
+        load_model(source, device="cpu")
+    message = str(info.value)
+    assert "\n" not in message and isinstance(info.value, KdflowError)
+    return message
+
+
+@pytest.fixture
+def gguf_dir(tmp_path):
+    """A directory holding GGUF files: one garbage, one truncated after the magic bytes."""
+    (tmp_path / "garbage.gguf").write_bytes(bytes(range(256)) * 8)
+    (tmp_path / "truncated.gguf").write_bytes(b"GGUF\x03\x00\x00\x00rest")
+    return tmp_path
+
+
+def test_model_load_errors_name_the_setting_and_what_to_change(gguf_dir, tmp_path):
+    message = _load_error(ModelSource(str(gguf_dir), gguf_file="model.Q4.gguf", setting="teacher"))
+    assert "no file 'model.Q4.gguf'" in message and "it holds garbage.gguf, truncated.gguf" in message
+    assert "set teacher.gguf_file" in message
+    message = _load_error(ModelSource(str(gguf_dir), setting="student"))
+    assert "has no config.json but holds GGUF weights" in message and "set student.gguf_file: garbage.gguf" in message
+    message = _load_error(ModelSource(str(tmp_path / "nowhere"), gguf_file="m.gguf", setting="teacher"))
+    assert "does not exist; check teacher.model" in message
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    message = _load_error(ModelSource(str(tmp_path / "weights.bin"), setting="teacher"))
+    assert "is a file; teacher.model must be a model directory, a hub id or a .gguf file" in message
+
+
+@pytest.mark.parametrize("name", ["garbage.gguf", "truncated.gguf"])
+def test_a_broken_gguf_file_is_one_line(gguf_dir, name):
+    for source in (ModelSource(str(gguf_dir), gguf_file=name, setting="teacher"),
+                   ModelSource(str(gguf_dir / name), setting="teacher")):  # the file itself as the model
+        message = _load_error(source)
+        assert message.startswith("cannot load") and name in message and "complete GGUF model" in message
+
+
+def test_gguf_without_its_package_says_what_to_install(gguf_dir, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    message = _load_error(ModelSource(str(gguf_dir), gguf_file="garbage.gguf", setting="teacher"))
+    assert "needs the gguf package" in message and "pip install 'gguf>=0.10'" in message
+
+
+def test_a_sentencepiece_tokenizer_without_its_packages_says_what_to_install(tmp_path, tiny_model, tiny_tokenizer):
+    """A directory whose tokenizer is only a SentencePiece model (no tokenizer.json): transformers needs
+    sentencepiece (or tiktoken) to convert it, neither of which kdflow requires."""
+    if importlib.util.find_spec("sentencepiece") is not None:
+        pytest.skip("sentencepiece is installed here")
+    path = save_pretrained(tiny_model, tiny_tokenizer, tmp_path / "m")
+    (path / "tokenizer.json").unlink()
+    (path / "tokenizer.model").write_bytes(bytes(100))
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "LlamaTokenizer"}))
+    message = _load_error(ModelSource(str(path), setting="student"))
+    assert "cannot load the tokenizer of student.model" in message
+    assert "pip install sentencepiece protobuf (or tiktoken)" in message
+
+
+def test_unknown_hub_id_offline_is_one_line(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    message = _load_error(ModelSource("kdflow-tests/no-such-model", setting="teacher"))
+    assert "teacher.model 'kdflow-tests/no-such-model'" in message and "hf download ID --local-dir DIR" in message
+
+
+def test_configured_source_names_the_missing_setting():
+    with pytest.raises(ModelLoadError, match="student.model is not set"):
+        configured_source(StudentConfig(init="fresh"), "student")
+    source = configured_source(TeacherConfig(model="/m/x.gguf"), "teacher")
+    assert source.describe() == "teacher.model '/m/x.gguf'"
+
+
 def test_resolve_device_and_dtype():
     cpu = torch.device("cpu")
     assert resolve_device("cpu") == cpu
@@ -146,3 +231,20 @@ def test_count_parameters_moe():
     assert total == sum(p.numel() for p in model.parameters())
     assert active == total - experts + experts * 2 // 8
     assert active < total
+
+
+def test_kdflow_run_with_an_unloadable_teacher_is_one_line_and_exit_2(gguf_dir, tmp_path):
+    """Through the CLI and the Prefect flow: no traceback (neither ours nor Prefect's log of it)."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    done = subprocess.run(
+        [sys.executable, "-m", "kdflow.cli", "run", "-c", str(root / "configs" / "tiny.yaml"),
+         "--set", f"home={tmp_path / 'home'}", "--set", "teacher.prepare.enabled=false",
+         "--set", f"teacher.model={gguf_dir}", "--set", "teacher.gguf_file=missing.gguf"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=root,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert "Traceback" not in output
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no file 'missing.gguf'" in errors[0] and "set teacher.gguf_file" in errors[0], output

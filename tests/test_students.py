@@ -9,7 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from kdflow.checkpoints import latest_checkpoint, load_checkpoint
 from kdflow.config import ArchitectureConfig, LoraConfig, StudentConfig, TrainingConfig
-from kdflow.modeling import build_model, load_pretrained, save_pretrained
+from kdflow.modeling import ModelSource, build_model, load_pretrained, save_pretrained
 from kdflow.scoring import encode, option_logits
 from kdflow.students import every_kth_layer, init_student
 from kdflow.training import build_optimizer, train, warmup_cosine
@@ -74,13 +74,13 @@ def test_from_teacher_keeps_every_kth_layer(family, tok):
 
 def test_from_teacher_student_trains_and_exports(tok, examples, base_dir, tmp_path):
     cfg = StudentConfig(init="from_teacher", layer_stride=3, device="cpu")
-    model, student_tok = init_student(cfg, teacher_dir=base_dir)
+    model, student_tok = init_student(cfg, teacher=ModelSource(str(base_dir)))
     assert model.config.num_hidden_layers == 2  # layers 0 and 3 of 4
     result = _train(model, student_tok, examples, tmp_path)
     exported, _ = load_pretrained(str(result.final_dir), device="cpu")
     assert exported.config.num_hidden_layers == 2
     assert torch.allclose(_scores(exported, tok), _scores(model, tok), atol=1e-6)
-    with pytest.raises(ValueError, match="teacher's model directory"):
+    with pytest.raises(ValueError, match="teacher's weights"):
         init_student(cfg)
 
 
@@ -88,7 +88,7 @@ def test_from_teacher_needs_model_layers(tok, tmp_path):
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64))
     save_pretrained(gpt2, tok, tmp_path)
     with pytest.raises(ValueError, match="model.layers"):
-        init_student(StudentConfig(init="from_teacher", device="cpu"), teacher_dir=tmp_path)
+        init_student(StudentConfig(init="from_teacher", device="cpu"), teacher=ModelSource(str(tmp_path)))
 
 
 def _lora_student(base_dir, merge: bool = True):

@@ -18,8 +18,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdflow.backends.base import ScoredQuestion
 from kdflow.config import ScoringConfig, TeacherConfig
-from kdflow.modeling import ModelLoadError, load_pretrained, weights_fingerprint
+from kdflow.modeling import ModelSource, load_model, weights_fingerprint
 from kdflow.scoring import EncodedQuestion, collate, option_logits, to_soft_labels, tokenize
+from kdflow.sources import configured_source
 
 
 class HFBackend:
@@ -54,23 +55,13 @@ class HFBackend:
         self.revision = revision
 
     @classmethod
-    def from_config(cls, teacher: TeacherConfig, scoring: ScoringConfig, model_dir: str | None = None) -> HFBackend:
-        """Load the teacher from `model_dir` (a prepared teacher) or else `teacher.model`."""
-        source = model_dir or teacher.model
-        if source is None:
-            raise ModelLoadError(
-                "the hf teacher has no weights: set teacher.model to a hub id or a local directory, "
-                "or enable teacher.prepare so a prepared teacher directory is passed in"
-            )
-        revision = None if model_dir else teacher.revision
-        model, tokenizer = load_pretrained(
-            source,
-            revision=revision,
-            dtype=teacher.dtype,
-            device=teacher.device,
-            trust_remote_code=teacher.trust_remote_code,
-            gguf_file=None if model_dir else teacher.gguf_file,
-        )
+    def from_config(
+        cls, teacher: TeacherConfig, scoring: ScoringConfig, source: ModelSource | None = None
+    ) -> HFBackend:
+        """Load the teacher from `source` (see kdflow.teacher.teacher_source), by default `teacher.model`
+        as configured; `teacher` gives the device, dtype and batch size."""
+        source = source or configured_source(teacher, "teacher")
+        model, tokenizer = load_model(source, dtype=teacher.dtype, device=teacher.device)
         return cls(
             model,
             tokenizer,
@@ -78,8 +69,8 @@ class HFBackend:
             batch_size=teacher.batch_size,
             device=model.device,
             reasoning_max_tokens=teacher.reasoning_max_tokens if teacher.reasoning else None,
-            model_id=source,
-            revision=revision,
+            model_id=source.name_or_path,
+            revision=source.revision,
         )
 
     def key_parts(self) -> dict[str, Any]:
