@@ -46,11 +46,12 @@ def sweep_grid(cfg: RunConfig, sweep_id: str, dataset_ids: list[str], points: li
     futures: list[PrefectFuture] = []
     first_of_group: dict[str, PrefectFuture] = {}
     task = sweep_point_task.with_options(retries=cfg.orchestration.retries)
+    refs = {name: ref for name, (ref, _) in teachers.items()}
     for point in points:
         ref, validation_id = teachers[point.teacher]
         group = json.dumps([point.teacher, point.cfg.student.model_dump(mode="json")], sort_keys=True)
         before = [allow_failure(first_of_group[group])] if group in first_of_group else None
-        future = task.submit(point, sweep_id, dataset_ids, ref, validation_id, wait_for=before)
+        future = task.submit(point, sweep_id, dataset_ids, ref, validation_id, cfg, refs, wait_for=before)
         first_of_group.setdefault(group, future)
         futures.append(future)
     results, errors = [], []

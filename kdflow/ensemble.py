@@ -125,3 +125,31 @@ def build_ensemble_labels(
     if rows_out:
         store.execute("insert_labels", pa.Table.from_pylist(rows_out, schema=LABEL_COLUMNS))
     return key, len(rows_out)
+
+
+class EnsembleBackend:
+    """The ensemble teacher as a backend: every member scores the questions in turn and `combine` pools
+    their distributions, so timing it measures what answering with the ensemble costs (the members' sum).
+
+    members: opened backends, in the order of `weights`; closed with this backend.
+    """
+
+    def __init__(self, members: Sequence[Any], weights: Sequence[float], method: Method) -> None:
+        self.members, self.weights, self.method = list(members), list(weights), method
+
+    def score(self, questions: Sequence[dict[str, Any]]) -> list[Any]:
+        from kdflow.backends.base import ScoredQuestion
+
+        scored = [member.score(questions) for member in self.members]
+        return [
+            ScoredQuestion(combine([s[i].label.probs for s in scored], self.weights, self.method),
+                           sum(s[i].latency_ms for s in scored))
+            for i in range(len(questions))
+        ]
+
+    def key_parts(self) -> dict[str, Any]:
+        return {"ensemble": [m.key_parts() for m in self.members], "method": self.method, "weights": self.weights}
+
+    def close(self) -> None:
+        for member in self.members:
+            member.close()

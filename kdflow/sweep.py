@@ -335,6 +335,28 @@ class PointResult:
     evaluated: bool
 
 
+def open_teacher_backend(cfg: RunConfig, teacher: str, refs: dict[str, TeacherRef]) -> Any:
+    """The backend of a point's teacher, opened to time it against the point's student: a member teacher's
+    own backend, or for the ensemble every member's backend (kdflow.ensemble.EnsembleBackend)."""
+    from kdflow.ensemble import EnsembleBackend
+    from kdflow.teacher import open_backend
+
+    choices = sweep_teachers(cfg)
+    if teacher != ENSEMBLE:
+        choice = next(c for c in choices if c.name == teacher)
+        return open_backend(choice.cfg, refs[teacher])
+    members: list[Any] = []
+    try:
+        for choice in choices:
+            members.append(open_backend(choice.cfg, refs[choice.name]))
+    except BaseException:
+        for member in members:
+            member.close()
+        raise
+    ens = cfg.sweep.ensemble
+    return EnsembleBackend(members, ens.weights or [1.0] * len(members), ens.method)
+
+
 def ensure_sweep_tables(store: Store) -> None:
     store.execute("create_sweep_tables")
 
@@ -355,6 +377,7 @@ def run_point(
     validation_id: str,
     *,
     sweep_id: str,
+    open_teacher: Callable[[], Any],
     on_progress: Callable[[int, int], None] | None = None,
 ) -> PointResult:
     """Train the point's student unless a finished one with the same inputs is stored (the student id of
@@ -374,7 +397,7 @@ def run_point(
 
         cfg = point.cfg
         eval_id = evaluate(store, run_id=sweep_id, dataset_ids=dataset_ids, teacher_key=teacher.key,
-                           models={"student": dirs["student"]}, teacher_model_dir=None, scoring=cfg.scoring,
+                           models={"student": dirs["student"]}, open_teacher=open_teacher, scoring=cfg.scoring,
                            cfg=cfg.evaluation, device=cfg.student.device)
         store.execute("insert_sweep_evaluation", eval_key=eval_key, eval_id=eval_id)
         evaluated = True

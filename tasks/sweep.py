@@ -15,7 +15,7 @@ from kdflow.ensemble import Member, build_ensemble_labels, ensemble_spec
 from kdflow.errors import GateFailed
 from kdflow.runs import stage
 from kdflow.store import Store
-from kdflow.sweep import ENSEMBLE, PointResult, SweepPoint, TeacherChoice, run_point
+from kdflow.sweep import ENSEMBLE, PointResult, SweepPoint, TeacherChoice, open_teacher_backend, run_point
 from kdflow.teacher import TeacherRef, finished_model_dir, prepared_teacher_id, teacher_ref
 from tasks.label import prepare_teacher_task, run_label_stage
 from tasks.progress import ui_progress
@@ -94,13 +94,16 @@ _RUN_ROW = threading.Lock()
 @task(name="sweep-point", task_run_name="sweep-point-{point.point_id}", tags=["gpu"], retries=1,
       retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
 def sweep_point_task(point: SweepPoint, sweep_id: str, dataset_ids: list[str], teacher: TeacherRef,
-                     validation_id: str) -> PointResult:
-    """Train (or reuse) and evaluate (or reuse) one student of the grid; a retry resumes its checkpoint."""
+                     validation_id: str, cfg: RunConfig, refs: dict[str, TeacherRef]) -> PointResult:
+    """Train (or reuse) and evaluate (or reuse) one student of the grid; a retry resumes its checkpoint.
+    `cfg` is the sweep's config and `refs` every teacher's labels: the point's teacher is reopened from them
+    to be timed against its student."""
     store = Store(point.cfg.home_dir)
     with ExitStack() as stack:
         with _RUN_ROW:
             record = stack.enter_context(stage(store, sweep_id, f"point {point.point_id}"))
         result = run_point(point, store, dataset_ids, teacher, validation_id, sweep_id=sweep_id,
+                           open_teacher=lambda: open_teacher_backend(cfg, point.teacher, refs),
                            on_progress=ui_progress(f"training-{point.point_id}", point.label))
         record.reused = not result.trained and not result.evaluated
         record.detail = {"label": point.label, "model_id": result.model_id, "eval_id": result.eval_id,

@@ -284,3 +284,30 @@ def test_the_sweep_is_served_as_a_manual_deployment_with_its_config():
     assert load_config(ROOT / "configs" / "demo-sweep.yaml").model_dump() == type(cfg).model_validate(
         sweep.parameters["cfg"]).model_dump()
     assert len(expand_grid(cfg)) == 3 * 2 * 3 + 1  # 3 alphas x 2 temperatures x (2 teachers + ensemble) + baseline
+
+
+def test_the_ensemble_backend_pools_what_its_members_score(tiny_model, tiny_tokenizer, tiny_questions):
+    """Timing an ensemble teacher runs every member: its label is `combine` of what each member scores."""
+    import copy
+
+    import torch
+
+    from kdflow.backends.hf import HFBackend
+    from kdflow.config import ScoringConfig
+    from kdflow.ensemble import EnsembleBackend
+
+    other = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    scoring = ScoringConfig(mode="cloze", length_normalise=False)
+    a, b = (HFBackend(m, tiny_tokenizer, scoring, batch_size=8, device="cpu") for m in (tiny_model, other))
+    ensemble = EnsembleBackend([a, b], [1.0, 3.0], "geometric")
+    pooled = ensemble.score(tiny_questions)
+    alone = [a.score(tiny_questions), b.score(tiny_questions)]
+    assert len(pooled) == len(tiny_questions)
+    for i, scored in enumerate(pooled):
+        expected = combine([alone[0][i].label.probs, alone[1][i].label.probs], [1.0, 3.0], "geometric")
+        assert scored.label.probs == pytest.approx(expected.probs, abs=1e-6)
+        assert scored.latency_ms > 0
+    assert alone[0][0].label.probs != pytest.approx(alone[1][0].label.probs, abs=1e-3)  # the members differ
