@@ -69,7 +69,7 @@ def lock_holder(message: str) -> str:
     try:
         import psutil
 
-        command = " ".join(psutil.Process(pid).cmdline())[:120]
+        command = " ".join(" ".join(psutil.Process(pid).cmdline()).split())[:120]  # one line
     except Exception:  # gone already, another user's process, or no psutil: the pid alone still helps
         command = ""
     return f"process {pid}" + (f" ({command})" if command else "")
