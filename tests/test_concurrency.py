@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
+import duckdb
 import pytest
 import torch
 
@@ -51,8 +56,6 @@ def test_a_briefly_held_database_is_waited_for(tmp_path):
     holder = _hold_database(tmp_path)
     try:
         # The reader retries while the holder lives; releasing it lets the read through.
-        import threading
-
         threading.Timer(1.0, holder.stdin.close).start()
         assert store.fetch("list_runs", limit=5) == []
     finally:
@@ -169,3 +172,120 @@ def test_the_teacher_key_follows_the_weights_not_the_path(tmp_path):
     save_pretrained(other, tokenizer, world["teacher"])
     after = teacher_spec(teacher, scoring, str(world["teacher"]))
     assert after["model"] == before["model"] and after["weights"] != before["weights"]
+
+
+# End to end: `kdflow run` processes on one home, each with its temporary Prefect server.
+
+STABLE_METRICS = ("accuracy", "retention", "agreement", "kl", "nll", "ece", "brier", "n")
+
+
+def _kdflow_run(home: Path, *overrides: str) -> subprocess.Popen:
+    sets = [a for o in overrides for a in ("--set", o)]
+    # A session of its own: a SIGKILL of the group takes the temporary Prefect server down with the run.
+    return subprocess.Popen([*KDFLOW, "run", "-c", str(ROOT / "configs" / "tiny.yaml"), *sets],
+                            env={**worker_env(), "KDFLOW_HOME": str(home)}, cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finished(proc: subprocess.Popen) -> str:
+    output = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0 and "Traceback" not in output, output[-4000:]
+    return output
+
+
+def _outcome(home: Path) -> dict:
+    """What a home's runs produced, by training.alpha: labels, student weights and the stable metrics."""
+    from safetensors.torch import load_file
+
+    store = Store(home, read_only=True)
+    with store.connect() as con:
+        labels = con.execute("SELECT question_id, probs FROM soft_labels ORDER BY question_id").fetchall()
+        assert con.execute("SELECT count(*) FROM questions").fetchone() == (600,), "nothing ingested twice"
+        runs = con.execute("SELECT run_id, config_json::JSON->'training'->>'alpha' FROM runs "
+                           "WHERE status = 'completed' ORDER BY started_at").fetchall()
+        by_alpha = {}
+        for run_id, alpha in runs:
+            metrics = con.execute(
+                "SELECT m.model_role, m.category, m.name, m.value FROM metrics m JOIN evaluations e USING (eval_id) "
+                "WHERE e.run_id = ? AND list_contains(?, m.name) ORDER BY ALL", [run_id, list(STABLE_METRICS)],
+            ).fetchall()
+            [spec] = con.execute("SELECT spec FROM evaluations WHERE run_id = ?", [run_id]).fetchone()
+            models = json.loads(spec)["models"]
+            by_alpha[alpha] = {"metrics": metrics, "students": {
+                role: load_file(str(Path(path) / "model.safetensors")) for role, path in sorted(models.items())}}
+    return {"labels": labels, "runs": by_alpha}
+
+
+def _assert_same(outcome: dict, reference: dict) -> None:
+    assert [q for q, _ in outcome["labels"]] == [q for q, _ in reference["labels"]], "same labels, none twice"
+    for (_, probs), (_, expected) in zip(outcome["labels"], reference["labels"]):
+        assert probs == pytest.approx(expected, abs=1e-6)
+    assert outcome["runs"].keys() == reference["runs"].keys()
+    for alpha, run in outcome["runs"].items():
+        expected = reference["runs"][alpha]
+        assert [m[:3] for m in run["metrics"]] == [m[:3] for m in expected["metrics"]]
+        assert [m[3] for m in run["metrics"]] == pytest.approx([m[3] for m in expected["metrics"]], abs=1e-6), alpha
+        assert run["students"].keys() == expected["students"].keys()
+        for role, weights in run["students"].items():
+            for name, tensor in expected["students"][role].items():
+                assert torch.allclose(weights[name], tensor, atol=1e-6), (alpha, role, name)
+
+
+@pytest.mark.slow  # four tiny runs, each with its own temporary Prefect server
+def test_two_runs_started_together_on_one_home_both_complete_like_sequential_runs(tmp_path):
+    together = tmp_path / "together"
+    first = _kdflow_run(together)
+    time.sleep(1.0)
+    second = _kdflow_run(together, "training.alpha=0.7")
+    seen_running = False
+    while first.poll() is None or second.poll() is None:
+        listed = subprocess.run([*KDFLOW, "runs"], env={**worker_env(), "KDFLOW_HOME": str(together)},
+                                capture_output=True, text=True, timeout=300)
+        if listed.returncode == 2 and "no kdflow database" in listed.stderr:
+            continue  # before the first run created it
+        assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+        seen_running = seen_running or "running" in listed.stdout
+    outputs = _finished(first) + _finished(second)
+    assert seen_running, "`kdflow runs` showed a run in progress"
+    assert "is queued: home" in outputs, "one run said it waits for the other"
+
+    one_by_one = tmp_path / "one-by-one"
+    _finished(_kdflow_run(one_by_one))
+    _finished(_kdflow_run(one_by_one, "training.alpha=0.7"))
+    outcome = _outcome(together)
+    assert len(outcome["runs"]) == 2, outcome["runs"].keys()
+    _assert_same(outcome, _outcome(one_by_one))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    home = tmp_path_factory.mktemp("uninterrupted")
+    _finished(_kdflow_run(home))
+    return _outcome(home)
+
+
+@pytest.mark.slow  # per stage: a run killed there and the run that finishes its work
+@pytest.mark.parametrize("stage", ["ingest", "prepare_teacher", "label", "validate", "train", "evaluate"])
+def test_a_run_killed_in_any_stage_resumes_to_the_uninterrupted_result(stage, uninterrupted, tmp_path):
+    killed = _kdflow_run(tmp_path)
+    reached = None
+    while reached is None:
+        assert killed.poll() is None, f"the run ended before {stage}: {killed.communicate()[0][-3000:]}"
+        if (tmp_path / "kdflow.duckdb").exists():
+            try:
+                # One look that gives up at once while the run holds the file (the store would wait).
+                with duckdb.connect(str(tmp_path / "kdflow.duckdb"), read_only=True) as con:
+                    reached = con.execute("SELECT status FROM stage_runs WHERE stage = ?", [stage]).fetchone()
+            except duckdb.Error:
+                reached = None
+        time.sleep(0.05)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.communicate(timeout=60)
+
+    output = _finished(_kdflow_run(tmp_path))
+    store = Store(tmp_path, read_only=True)
+    statuses = [r[2] for r in store.fetch("list_runs", limit=5)]
+    assert statuses == ["completed", "crashed"], (stage, reached, statuses, output[-2000:])
+    _assert_same(_outcome(tmp_path), uninterrupted)
+
+
