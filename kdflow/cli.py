@@ -163,8 +163,7 @@ def _run_flow(flow_name: str, cfg, **kwargs):
     # With a server, the flow queues on the server's limit first, then on the home lock; without one the
     # flow takes the home lock itself, and taking it here already (re-entered by the flow) keeps a queued
     # run from starting a temporary Prefect server on the same PREFECT_HOME as the run it waits for.
-    queued = nullcontext() if get_current_settings().api.url else home_lock(
-        cfg.home_dir, on_wait=_notice)
+    queued = nullcontext() if get_current_settings().api.url else home_lock(cfg.home_dir, on_wait=_notice)
     if flow_name == "distill":
         from flows.distill import distill as flow_fn
     else:
