@@ -1,8 +1,9 @@
 """The data-quality gate between labeling and training, with its verdict kept in the store.
 
-The verdict is tied to the exact label set (a digest of question ids, question texts and every label value:
-probabilities, confidence, prediction, coverage, entropy) and the thresholds, so an unchanged label set is
-not re-validated, and any new or changed label, even one rewritten in place, forces a new verdict.
+The verdict is tied to the exact label set (a digest of question ids, texts, gold answers, splits and
+categories and every label value: probabilities, confidence, prediction, coverage, entropy) and the
+thresholds, so an unchanged label set is not re-validated, and any new or changed label or gold answer,
+even one rewritten in place, forces a new verdict.
 """
 
 from __future__ import annotations

@@ -156,6 +156,15 @@ def test_labels_rewritten_in_place_are_validated_again(tmp_path):
     again = run_gate(cfg, store, world["dataset_ids"], key)
     assert not again.reused and not again.success and again.validation_id != first.validation_id
     assert "sum" in again.message
+    with store.connect() as con:  # a gold answer changed in place is also new content
+        con.execute("UPDATE questions SET answer = (answer + 1) % len(options) WHERE hash(question_id) % 7 = 0")
+    assert not run_gate(cfg, store, world["dataset_ids"], key).reused
+    # Students are keyed on the verdict, so none trained on the old values is reused.
+    from kdflow.distill import student_id
+    from kdflow.teacher import TeacherRef
+
+    ref = TeacherRef(model_ref="t", model_dir=None, key=key, spec={})
+    assert student_id(cfg, "student", ref, first.validation_id) != student_id(cfg, "student", ref, again.validation_id)
 
 
 def test_the_teacher_key_follows_the_weights_not_the_path(tmp_path):
