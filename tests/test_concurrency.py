@@ -102,6 +102,31 @@ def test_a_second_run_on_a_home_waits_and_says_for_which_run(tmp_path):
     assert "Ctrl-C" in said[0]
 
 
+def test_a_queued_run_shows_as_queued_and_ctrl_c_cancels_it(tmp_path):
+    from kdflow.runs import recorded_run
+
+    holder = _holder(f"""
+        from kdflow.homelock import home_lock
+        lock = home_lock({str(tmp_path)!r}, run_id="nightly-1")
+        lock.__enter__()
+    """)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"home={tmp_path}"])
+    store = Store(tmp_path)
+    seen = []
+
+    def interrupted(message: str) -> None:  # the user presses Ctrl-C while the run waits
+        seen.append(store.fetch("list_runs", limit=5)[0][2])
+        raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(KeyboardInterrupt), recorded_run(store, cfg, on_wait=interrupted):
+            pytest.fail("a queued run ran")
+    finally:
+        _release(holder)
+    assert seen == ["queued"]
+    assert [(r[2], r[7]) for r in store.fetch("list_runs", limit=5)] == [("cancelled", None)], "no stage ran"
+
+
 def test_a_killed_run_is_marked_crashed_and_its_stage_closed(tmp_path):
     runner = _holder(f"""
         from kdflow.config import load_config
@@ -120,12 +145,14 @@ def test_a_killed_run_is_marked_crashed_and_its_stage_closed(tmp_path):
     assert mark_crashed_runs(store) == [], "a live run is left alone"
     runner.send_signal(signal.SIGKILL)
     runner.wait(timeout=60)
-    runner.stdin.close(), runner.stdout.close(), runner.stderr.close()
+    for stream in (runner.stdin, runner.stdout, runner.stderr):
+        stream.close()
 
     done = subprocess.run([*KDFLOW, "runs"], env={**worker_env(), "KDFLOW_HOME": str(tmp_path)},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "crashed" in done.stdout, done.stdout + done.stderr
-    _, _, _, status, _, error, *_ = (run_id, *store.fetch_one("get_run", run_id=run_id)[1:])
+    run = store.fetch_one("get_run", run_id=run_id)
+    status, error = run[3], run[5]
     assert status == "crashed" and f"process {runner.pid}" in error
     assert store.fetch("stage_timings", run_id=run_id)[0][:2] == ("train", "crashed")
 
