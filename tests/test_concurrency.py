@@ -215,11 +215,17 @@ def test_the_teacher_key_follows_the_weights_not_the_path(tmp_path):
 STABLE_METRICS = ("accuracy", "retention", "agreement", "kl", "nll", "ece", "brier", "n")
 
 
+def _serverless_env(home: Path) -> dict[str, str]:
+    """A `kdflow` process without a Prefect server: it starts its own temporary one."""
+    env = {k: v for k, v in worker_env().items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    return {**env, "KDFLOW_HOME": str(home)}
+
+
 def _kdflow_run(home: Path, *overrides: str) -> subprocess.Popen:
     sets = [a for o in overrides for a in ("--set", o)]
     # A session of its own: a SIGKILL of the group takes the temporary Prefect server down with the run.
     return subprocess.Popen([*KDFLOW, "run", "-c", str(ROOT / "configs" / "tiny.yaml"), *sets],
-                            env={**worker_env(), "KDFLOW_HOME": str(home)}, cwd=ROOT, start_new_session=True,
+                            env=_serverless_env(home), cwd=ROOT, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -275,7 +281,7 @@ def test_two_runs_started_together_on_one_home_both_complete_like_sequential_run
     second = _kdflow_run(together, "training.alpha=0.7")
     seen_running = False
     while first.poll() is None or second.poll() is None:
-        listed = subprocess.run([*KDFLOW, "runs"], env={**worker_env(), "KDFLOW_HOME": str(together)},
+        listed = subprocess.run([*KDFLOW, "runs"], env=_serverless_env(together),
                                 capture_output=True, text=True, timeout=300)
         if listed.returncode == 2 and "no kdflow database" in listed.stderr:
             continue  # before the first run created it
@@ -291,6 +297,16 @@ def test_two_runs_started_together_on_one_home_both_complete_like_sequential_run
     outcome = _outcome(together)
     assert len(outcome["runs"]) == 2, outcome["runs"].keys()
     _assert_same(outcome, _outcome(one_by_one))
+
+
+@pytest.mark.slow  # two tiny runs at once, each starting a temporary Prefect server
+def test_runs_on_two_homes_at_once_use_separate_prefect_databases(tmp_path):
+    runs = [_kdflow_run(tmp_path / name) for name in ("a", "b")]
+    for proc in runs:
+        assert "database is locked" not in _finished(proc)
+    for name in ("a", "b"):
+        assert (tmp_path / name / "prefect" / "prefect.db").is_file()
+        assert [r[2] for r in Store(tmp_path / name, read_only=True).fetch("list_runs", limit=5)] == ["completed"]
 
 
 @pytest.fixture(scope="module")
