@@ -7,7 +7,6 @@ kdflow/scoring.py.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
