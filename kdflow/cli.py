@@ -126,12 +126,14 @@ def runs(
 ) -> None:
     """List runs with status, per-stage durations and headline metrics (runs whose process died: crashed)."""
     from kdflow.runs import mark_crashed_runs
-    from kdflow.store import Store, StoreError
+    from kdflow.store import DB_NAME, Store, StoreError
     from kdflow.terminal import print_runs
 
     cfg = _load(config, set_)
+    if not (cfg.home_dir / DB_NAME).exists():  # an empty listing, not an error (and no database created)
+        _console().print(f"no runs recorded in {cfg.home_dir / DB_NAME} yet: start one with `kdflow run`")
+        return
     try:
-        Store(cfg.home_dir, read_only=True)  # says "no database here" instead of creating one
         mark_crashed_runs(Store(cfg.home_dir))
         store = Store(cfg.home_dir, read_only=True)
     except StoreError as e:
