@@ -143,7 +143,7 @@ def runs(
 
 def _own_prefect_home(home: Path) -> None:
     """Without a Prefect server every run starts a temporary one on $PREFECT_HOME/prefect.db (SQLite); two
-    runs at once on one machine shared ~/.prefect's file and failed with "database is locked". Each
+    runs at once on one machine would share ~/.prefect's file and can fail with "database is locked". Each
     KDFLOW_HOME gets its own PREFECT_HOME (the user's profiles are still read); runs on one home are
     queued by the home lock before their temporary servers start (see `_run_flow`)."""
     if os.environ.get("PREFECT_API_URL") or os.environ.get("PREFECT_HOME") or "prefect" in sys.modules:
