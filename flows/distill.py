@@ -13,10 +13,8 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.runlock import guarded_run
 from kdflow.config import RunConfig
-from kdflow.runs import recorded_run
-from kdflow.store import Store
-from tasks.common import current_flow_run_id
 from tasks.evaluate import evaluate_task, report_task
 from tasks.ingest import ingest_task
 from tasks.label import prepare_teacher_task, run_label_stage
@@ -27,7 +25,7 @@ from tasks.validate import validate_task
 @flow(name="distill", flow_run_name="distill-{cfg.name}", retries=0)
 def distill(cfg: RunConfig) -> str:
     """Distil the configured teacher into the student; returns the run id (see `kdflow report RUN_ID`)."""
-    with recorded_run(Store(cfg.home_dir), cfg, flow_run_id=current_flow_run_id()) as run_id:
+    with guarded_run(cfg) as run_id:
         dataset_ids = ingest_task(cfg, run_id)
         if cfg.teacher.prepare.enabled or cfg.teacher.model is None:
             prepare_teacher_task(cfg, run_id, dataset_ids)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.runlock import guarded_run
 from kdflow.config import RunConfig
 from kdflow.datasets import run_dataset_ids
 from kdflow.distill import find_students
-from kdflow.runs import recorded_run
 from kdflow.store import Store
 from kdflow.teacher import teacher_ref
-from tasks.common import current_flow_run_id
 from tasks.evaluate import evaluate_task, report_task
 from tasks.ingest import ingest_task
 from tasks.label import prepare_teacher_task, run_label_stage
@@ -32,13 +31,13 @@ def _inputs(cfg: RunConfig, run_id: str) -> tuple[Store, list[str]]:
 
 @flow(name="ingest", flow_run_name="ingest-{cfg.name}")
 def ingest_flow(cfg: RunConfig) -> list[str]:
-    with recorded_run(Store(cfg.home_dir), cfg, flow_run_id=current_flow_run_id()) as run_id:
+    with guarded_run(cfg) as run_id:
         return ingest_task(cfg, run_id)
 
 
 @flow(name="label", flow_run_name="label-{cfg.name}")
 def label_flow(cfg: RunConfig) -> str:
-    with recorded_run(Store(cfg.home_dir), cfg, flow_run_id=current_flow_run_id()) as run_id:
+    with guarded_run(cfg) as run_id:
         _, dataset_ids = _inputs(cfg, run_id)
         if cfg.teacher.prepare.enabled or cfg.teacher.model is None:
             prepare_teacher_task(cfg, run_id, dataset_ids)
@@ -47,14 +46,14 @@ def label_flow(cfg: RunConfig) -> str:
 
 @flow(name="validate", flow_run_name="validate-{cfg.name}")
 def validate_flow(cfg: RunConfig) -> str:
-    with recorded_run(Store(cfg.home_dir), cfg, flow_run_id=current_flow_run_id()) as run_id:
+    with guarded_run(cfg) as run_id:
         store, dataset_ids = _inputs(cfg, run_id)
         return validate_task(cfg, run_id, dataset_ids, teacher_ref(cfg, store, dataset_ids).key)
 
 
 @flow(name="train", flow_run_name="train-{cfg.name}")
 def train_flow(cfg: RunConfig, resume: bool = True) -> dict[str, str]:
-    with recorded_run(Store(cfg.home_dir), cfg, flow_run_id=current_flow_run_id()) as run_id:
+    with guarded_run(cfg) as run_id:
         store, dataset_ids = _inputs(cfg, run_id)
         validation_id = validate_task(cfg, run_id, dataset_ids, teacher_ref(cfg, store, dataset_ids).key)
         return train_task(cfg, run_id, dataset_ids, validation_id, resume=resume)
@@ -62,7 +61,7 @@ def train_flow(cfg: RunConfig, resume: bool = True) -> dict[str, str]:
 
 @flow(name="evaluate", flow_run_name="evaluate-{cfg.name}")
 def evaluate_flow(cfg: RunConfig) -> str:
-    with recorded_run(Store(cfg.home_dir), cfg, flow_run_id=current_flow_run_id()) as run_id:
+    with guarded_run(cfg) as run_id:
         store, dataset_ids = _inputs(cfg, run_id)
         ref = teacher_ref(cfg, store, dataset_ids)
         validation_id = validate_task(cfg, run_id, dataset_ids, ref.key)

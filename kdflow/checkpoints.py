@@ -1,4 +1,4 @@
-"""Training checkpoints: safetensors and JSON only, written atomically, the last few kept.
+"""Training checkpoints: safetensors and JSON only, written atomically, the newest one kept.
 
 Nothing is pickled, so a checkpoint from an untrusted place cannot run code when loaded. One checkpoint
 is a directory `checkpoints/step-N/` holding:
@@ -15,7 +15,10 @@ is a directory `checkpoints/step-N/` holding:
     config.json            the full run configuration (nanoGPT's habit: a checkpoint explains itself)
 
 A checkpoint is written to a hidden temporary directory and renamed into place, so a process killed at
-any moment leaves either the complete checkpoint or none; `latest_checkpoint` ignores the leftovers.
+any moment leaves either the complete checkpoint or none; `latest_checkpoint` ignores the leftovers. As
+the newest checkpoint is always complete, it is the only one resume needs: older ones are deleted once a
+newer one is in place (an 81M-parameter student's checkpoint is ~1 GB, two thirds of it Adam's moments),
+and `discard_checkpoints` deletes the last one when the model it led to is recorded as finished.
 
 `save_checkpoint` / `load_checkpoint` work on a model and optimizer in this process. `write_checkpoint` /
 `read_checkpoint` move the plain tensors and numbers, for callers that assemble them first: training in
@@ -183,7 +186,7 @@ class Checkpoint:
     state: TrainState
 
 
-def write_checkpoint(directory: str | Path, checkpoint: Checkpoint, *, config: dict[str, Any], keep: int = 2) -> Path:
+def write_checkpoint(directory: str | Path, checkpoint: Checkpoint, *, config: dict[str, Any], keep: int = 1) -> Path:
     """Write `directory/step-<state.step>/` atomically and delete all but the newest `keep` checkpoints."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -225,6 +228,16 @@ def write_checkpoint(directory: str | Path, checkpoint: Checkpoint, *, config: d
     for _, old in step_dirs(directory)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def discard_checkpoints(out_dir: str | Path) -> int:
+    """Delete `out_dir/checkpoints` (a finished model's: resume will never read them); returns bytes freed."""
+    directory = Path(out_dir) / "checkpoints"
+    if not directory.is_dir():
+        return 0
+    freed = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+    shutil.rmtree(directory, ignore_errors=True)
+    return freed
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -284,7 +297,7 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainState,
     config: dict[str, Any],
-    keep: int = 2,
+    keep: int = 1,
 ) -> Path:
     """Checkpoint a model and optimizer of this process (see `write_checkpoint`)."""
     checkpoint = Checkpoint(

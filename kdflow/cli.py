@@ -16,7 +16,20 @@ from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(
+class _Kdflow(typer.Typer):
+    """The app; a user error that escapes a command (a database another process holds too long, ...) ends
+    as its one-line message and exit 2, like the errors the commands catch themselves."""
+
+    def __call__(self, *args, **kwargs):
+        from kdflow.errors import KdflowError
+
+        try:
+            return super().__call__(*args, **kwargs)
+        except KdflowError as e:
+            raise SystemExit(_print_error(str(e), EXIT_INPUT)) from None
+
+
+app = _Kdflow(
     help="Distil a large teacher model into a small, fast student for multiple-choice questions.",
     no_args_is_help=False,
     add_completion=False,
@@ -49,11 +62,21 @@ def _offline_defaults() -> None:
     logging.getLogger("kdflow").setLevel(logging.INFO)
 
 
-def _fail(message: str, code: int = EXIT_INPUT) -> typer.Exit:
+def _print_error(message: str, code: int) -> int:
     from rich.console import Console
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    return code
+
+
+def _notice(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True).print(f"[bold yellow]waiting:[/] {message}", highlight=False)
+
+
+def _fail(message: str, code: int = EXIT_INPUT) -> typer.Exit:
+    return typer.Exit(_print_error(message, code))
 
 
 def _load(config: Path | None, overrides: list[str] | None):
@@ -122,12 +145,17 @@ def runs(
     set_: SetOpt = None,
     limit: Annotated[int, typer.Option(help="how many recent runs")] = 20,
 ) -> None:
-    """List runs with status, per-stage durations and headline metrics."""
+    """List runs with status, per-stage durations and headline metrics (runs whose process died: crashed)."""
+    from kdflow.runs import mark_crashed_runs
+    from kdflow.store import DB_NAME, Store, StoreError
     from kdflow.terminal import print_runs
-    from kdflow.store import Store, StoreError
 
     cfg = _load(config, set_)
+    if not (cfg.home_dir / DB_NAME).exists():  # an empty listing, not an error (and no database created)
+        _console().print(f"no runs recorded in {cfg.home_dir / DB_NAME} yet: start one with `kdflow run`")
+        return
     try:
+        mark_crashed_runs(Store(cfg.home_dir))
         store = Store(cfg.home_dir, read_only=True)
     except StoreError as e:
         raise _fail(str(e)) from None
@@ -173,12 +201,31 @@ def _without_tracebacks_for_user_errors() -> None:
         logger = logging.getLogger(name)
         if _USER_ERROR_FILTER not in logger.filters:
             logger.addFilter(_USER_ERROR_FILTER)
+def _own_prefect_home(home: Path) -> None:
+    """Without a Prefect server every run starts a temporary one on $PREFECT_HOME/prefect.db (SQLite); two
+    runs at once on one machine would share ~/.prefect's file and can fail with "database is locked". Each
+    KDFLOW_HOME gets its own PREFECT_HOME (the user's profiles are still read); runs on one home are
+    queued by the home lock before their temporary servers start (see `_run_flow`)."""
+    if os.environ.get("PREFECT_API_URL") or os.environ.get("PREFECT_HOME") or "prefect" in sys.modules:
+        return
+    os.environ.setdefault("PREFECT_PROFILES_PATH", str(Path.home() / ".prefect" / "profiles.toml"))
+    os.environ["PREFECT_HOME"] = str(Path(home).resolve() / "prefect")
 
 
 def _run_flow(flow_name: str, cfg, **kwargs):
     """Run a flow with Prefect's offline defaults; user errors become messages and exit codes."""
-    from kdflow.errors import GateFailed, KdflowError, TransientError
+    from contextlib import nullcontext
 
+    from kdflow.errors import GateFailed, KdflowError, TransientError
+    from kdflow.homelock import home_lock
+
+    _own_prefect_home(cfg.home_dir)
+    from prefect.settings import get_current_settings
+
+    # With a server, the flow queues on the server's limit first, then on the home lock; without one the
+    # flow takes the home lock itself, and taking it here already (re-entered by the flow) keeps a queued
+    # run from starting a temporary Prefect server on the same PREFECT_HOME as the run it waits for.
+    queued = nullcontext() if get_current_settings().api.url else home_lock(cfg.home_dir, on_wait=_notice)
     if flow_name == "distill":
         from flows.distill import distill as flow_fn
     elif flow_name == "sweep":
@@ -189,7 +236,8 @@ def _run_flow(flow_name: str, cfg, **kwargs):
         flow_fn = STAGE_FLOWS[flow_name]
     _without_tracebacks_for_user_errors()
     try:
-        return flow_fn(cfg, **kwargs)
+        with queued:
+            return flow_fn(cfg, **kwargs)
     except GateFailed as e:
         raise _fail(str(e), EXIT_GATE) from None
     except (KdflowError, LookupError) as e:

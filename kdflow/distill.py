@@ -94,6 +94,7 @@ def train_students(
 
     import torch
 
+    from kdflow.checkpoints import discard_checkpoints
     from kdflow.distributed import launch_training
     from kdflow.modeling import count_parameters
     from kdflow.students import export_student, init_student
@@ -139,6 +140,7 @@ def train_students(
         total, active = count_parameters(model)
         store.execute("upsert_model", model_id=model_id, run_id=run_id, role=role, path=str(final),
                       spec=spec, n_params=total, n_active=active, status="completed")
+        discard_checkpoints(out_dir)  # recorded as finished: nothing will resume it
         dirs[role] = final
     return {role: dirs[role] for role in roles}, reused
 

@@ -1,7 +1,9 @@
 """The data-quality gate between labeling and training, with its verdict kept in the store.
 
-The verdict is tied to the exact label set (a digest of question ids and texts) and the thresholds, so an
-unchanged label set is not re-validated, and any new or changed label forces a new verdict.
+The verdict is tied to the exact label set (a digest of question ids, texts, gold answers, splits and
+categories and every label value: probabilities, confidence, prediction, coverage, entropy) and the
+thresholds, so an unchanged label set is not re-validated, and any new or changed label or gold answer,
+even one rewritten in place, forces a new verdict.
 
 Fail fast: before the teacher labels everything, `sample_first` names a sample of
 `validation.sample_questions` questions (the accuracy splits first) that labeling does first, and a check

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from kdflow.backends.base import ScoredQuestion, TeacherBackend
 from kdflow.config import ScoringConfig, TeacherConfig
+from kdflow.fingerprints import weights_fingerprint
 from kdflow.records import SOFT_LABEL_SCHEMA
 from kdflow.store import Store
 
@@ -34,6 +35,8 @@ def teacher_spec(teacher: TeacherConfig, scoring: ScoringConfig, model_ref: str)
         "enable_thinking": teacher.enable_thinking,
         "reasoning": teacher.reasoning_max_tokens if teacher.reasoning else None,
         "scoring": scoring.model_dump(mode="json", exclude={"max_length"}),
+        # A local path names a place, not weights: other weights copied there must not reuse its labels.
+        "weights": weights_fingerprint(model_ref),
     }
 
 

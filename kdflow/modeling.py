@@ -7,7 +7,6 @@ kdflow/scoring.py.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from collections.abc import Iterable
@@ -30,6 +29,7 @@ from transformers import (
 )
 
 from kdflow.config import ArchitectureConfig
+from kdflow.fingerprints import weights_fingerprint  # noqa: F401  (the backends import it from here)
 from kdflow.records import LETTERS
 from kdflow.sources import ModelLoadError, ModelSource, load_args
 
@@ -260,25 +260,6 @@ def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
-
-
-def weights_fingerprint(path: str | Path) -> str | None:
-    """A short hash of a local model directory's config and weight files; None when it is no directory.
-
-    It reads each file's size and first MiB (the header and the embeddings), so retraining the model in
-    place changes it while a 100 GB checkpoint is not read in full.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        return None
-    digest = hashlib.sha256()
-    for file in sorted(path.glob("*")):
-        if file.suffix in {".safetensors", ".gguf", ".bin", ".json"} and file.is_file():
-            digest.update(file.name.encode())
-            digest.update(str(file.stat().st_size).encode())
-            with file.open("rb") as handle:
-                digest.update(handle.read(1 << 20))
-    return digest.hexdigest()[:16]
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -1,12 +1,20 @@
 """The DuckDB system of record under KDFLOW_HOME.
 
-One file, opened per unit of work: DuckDB allows one writing process, so a run's stages share the
-process and short-lived connections, while workers on other machines write Parquet shards that the flow
-loads. Bulk data moves as Arrow tables registered under the name the query reads (`incoming`).
+One file, opened per unit of work: DuckDB lets one process at a time hold the file open for writing
+(readers in other processes are locked out too), so every query or transaction opens, works and closes,
+and a process that finds the file held retries with backoff for a bounded time
+(KDFLOW_DB_LOCK_TIMEOUT seconds, default 60) before saying which process holds it. Runs that share a home
+are serialised by the home lock (kdflow/homelock.py), so the store only ever waits for short transactions
+of another process. Workers on other machines write Parquet shards that the flow loads. Bulk data moves as
+Arrow tables registered under the name the query reads (`incoming`).
 """
 
 from __future__ import annotations
 
+import os
+import random
+import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,14 +23,56 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from kdflow.errors import KdflowError
 from kdflow.sqlfiles import sql
 
 SCHEMA_VERSION = 1
 DB_NAME = "kdflow.duckdb"
 
 
-class StoreError(RuntimeError):
+LOCK_TIMEOUT_ENV = "KDFLOW_DB_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT_S = 60.0
+
+
+class StoreError(KdflowError):
     """The database could not be opened or written; says which file and what to do."""
+
+
+class StoreLocked(StoreError):
+    """Another process held the database file for longer than the lock timeout."""
+
+
+def lock_timeout_s() -> float:
+    """Seconds to keep retrying a database file held by another process (KDFLOW_DB_LOCK_TIMEOUT)."""
+    raw = os.environ.get(LOCK_TIMEOUT_ENV, "")
+    if not raw:
+        return DEFAULT_LOCK_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise StoreError(f"{LOCK_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    if value < 0:
+        raise StoreError(f"{LOCK_TIMEOUT_ENV}={raw!r} must be 0 or more seconds")
+    return value
+
+
+def _is_lock_conflict(e: duckdb.Error) -> bool:
+    return "Could not set lock" in str(e) or "Conflicting lock" in str(e)
+
+
+def lock_holder(message: str) -> str:
+    """'process 123 (python -m kdflow run ...)' from DuckDB's lock error text, or 'another process'."""
+    found = re.search(r"\(PID (\d+)\)", message)
+    if found is None:
+        return "another process"
+    pid = int(found.group(1))
+    try:
+        import psutil
+
+        command = " ".join(" ".join(psutil.Process(pid).cmdline()).split())[:120]  # one line
+    except Exception:  # gone already, another user's process, or no psutil: the pid alone still helps
+        command = ""
+    return f"process {pid}" + (f" ({command})" if command else "")
 
 
 class Store:
@@ -50,15 +100,28 @@ class Store:
         if current < SCHEMA_VERSION:
             con.execute(sql("record_schema_version"), {"version": SCHEMA_VERSION})
 
+    def _open(self) -> duckdb.DuckDBPyConnection:
+        """Open the file, retrying with jittered exponential backoff (50 ms doubling to 1 s) while another
+        process holds it; raises StoreLocked naming that process after `lock_timeout_s()` seconds."""
+        deadline = time.monotonic() + lock_timeout_s()
+        delay = 0.05
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=self.read_only)
+            except duckdb.IOException as e:
+                if not _is_lock_conflict(e):
+                    raise StoreError(f"cannot open {self.path}: {e}") from e
+                if time.monotonic() + delay > deadline:
+                    raise StoreLocked(
+                        f"{self.path} is held by {lock_holder(str(e))} (waited {lock_timeout_s():g} s): wait for "
+                        f"it to finish, or set {LOCK_TIMEOUT_ENV} to wait longer"
+                    ) from None
+                time.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 1.0)
+
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        try:
-            con = duckdb.connect(str(self.path), read_only=self.read_only)
-        except duckdb.IOException as e:
-            raise StoreError(
-                f"cannot open {self.path}: {e}. Another process may be writing it (one writer at a time); "
-                "wait for it or point KDFLOW_HOME elsewhere"
-            ) from e
+        con = self._open()
         try:
             yield con
         finally:

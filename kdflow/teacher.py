@@ -140,6 +140,7 @@ def prepare_teacher(
 
     import torch
 
+    from kdflow.checkpoints import discard_checkpoints
     from kdflow.modeling import build_model, count_parameters, load_model, resolve_device
     from kdflow.training import train
 
@@ -183,6 +184,7 @@ def prepare_teacher(
                          "val_accuracy": result.best_val_accuracy}),
         n_params=total, n_active=active, status="completed",
     )
+    discard_checkpoints(out_dir)  # recorded as finished: nothing will resume it
     return Path(result.final_dir), False
 
 

@@ -41,8 +41,15 @@ WHERE list_contains($dataset_ids, q.dataset_id)
 ORDER BY q.question_id;
 
 -- name: labels_digest
--- Identifies a label set by content, so a validation verdict or a trained student can be reused.
-SELECT coalesce(sha256(string_agg(l.question_id || ':' || l.question_hash, ',' ORDER BY l.question_id)), '')
+-- Identifies a label set by content, so a validation verdict or a trained student can be reused: the
+-- questions (id, text hash, gold answer, split, category) and every label value the gate checks or
+-- training reads (NULLs hash as '~').
+SELECT coalesce(sha256(string_agg(
+    concat_ws(':', l.question_id, l.question_hash, CAST(q.answer AS VARCHAR), q.split, coalesce(q.category, '~'),
+              CAST(l.probs AS VARCHAR), coalesce(CAST(l.confidence AS VARCHAR), '~'),
+              coalesce(CAST(l.predicted AS VARCHAR), '~'), coalesce(CAST(l.coverage AS VARCHAR), '~'),
+              coalesce(CAST(l.entropy AS VARCHAR), '~')),
+    ',' ORDER BY l.question_id)), '')
 FROM questions q
 JOIN soft_labels l
   ON l.question_id = q.question_id AND l.teacher_key = $teacher_key AND l.question_hash = q.question_hash

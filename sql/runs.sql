@@ -1,8 +1,25 @@
 -- Runs and their stages.
 
 -- name: insert_run
-INSERT INTO runs (run_id, name, config_json, config_hash, status, flow_run_id)
-VALUES ($run_id, $name, $config_json, $config_hash, 'running', $flow_run_id);
+-- A run starts queued: it waits for the home's run lock before its first stage.
+INSERT INTO runs (run_id, name, config_json, config_hash, status, flow_run_id, pid, host, process_started)
+VALUES ($run_id, $name, $config_json, $config_hash, 'queued', $flow_run_id, $pid, $host, $process_started);
+
+-- name: set_run_running
+UPDATE runs SET status = 'running' WHERE run_id = $run_id AND status = 'queued';
+
+-- name: unfinished_runs
+-- Runs that claim to be queued or running, with the process that claimed it.
+SELECT run_id, pid, host, process_started FROM runs WHERE status IN ('queued', 'running');
+
+-- name: mark_run_crashed
+UPDATE runs SET status = 'crashed', error = $error, finished_at = current_timestamp
+WHERE run_id = $run_id AND status IN ('queued', 'running');
+
+-- name: close_crashed_stages
+UPDATE stage_runs
+SET status = 'crashed', finished_at = current_timestamp, seconds = epoch(current_timestamp) - epoch(started_at)
+WHERE run_id = $run_id AND status = 'running';
 
 -- name: set_run_stage
 UPDATE runs SET stage = $stage WHERE run_id = $run_id;

@@ -11,18 +11,22 @@ CREATE TABLE IF NOT EXISTS runs (
     name         VARCHAR NOT NULL,
     config_json  JSON NOT NULL,
     config_hash  VARCHAR NOT NULL,
-    status       VARCHAR NOT NULL,          -- running | completed | failed | cancelled
+    status       VARCHAR NOT NULL,          -- queued | running | completed | failed | cancelled | crashed
     stage        VARCHAR,                   -- the stage running, or the one that failed
     error        VARCHAR,
     flow_run_id  VARCHAR,                   -- the Prefect flow run, when run through Prefect
     started_at   TIMESTAMP NOT NULL DEFAULT current_timestamp,
     finished_at  TIMESTAMP
 );
+-- The process that runs it, so a run whose process died is found and marked crashed (older files: added).
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS pid INTEGER;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS host VARCHAR;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS process_started DOUBLE;  -- the process's start, epoch seconds
 
 CREATE TABLE IF NOT EXISTS stage_runs (
     run_id      VARCHAR NOT NULL,
     stage       VARCHAR NOT NULL,
-    status      VARCHAR NOT NULL,           -- completed | reused | failed | cancelled
+    status      VARCHAR NOT NULL,           -- running | completed | reused | failed | cancelled | crashed
     started_at  TIMESTAMP NOT NULL,
     finished_at TIMESTAMP,
     seconds     DOUBLE,

@@ -97,13 +97,13 @@ def test_nothing_is_pickled(tok, tmp_path):
     assert all(torch.equal(loaded.best_weights[k], v) for k, v in best.items())
 
 
-def test_only_the_newest_complete_checkpoints_are_kept(tok, tmp_path):
+def test_only_the_newest_complete_checkpoint_is_kept(tok, tmp_path):
     model, optimizer, scheduler = _setup(tok)
     assert latest_checkpoint(tmp_path / "missing") is None
     for step in range(1, 5):
         save_checkpoint(tmp_path, model=model, optimizer=optimizer, scheduler=scheduler,
                         state=TrainState(step=step), config={})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-3", "step-4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-4"]
     # What a killed writer leaves behind: a temporary directory, or a step directory without its state file.
     (tmp_path / ".tmp-step-5-123").mkdir()
     (tmp_path / "step-6").mkdir()

@@ -227,3 +227,54 @@ def test_a_failed_gate_is_logged_once_without_traceback(first_run):
     assert failed[0].getMessage().startswith("GateFailed: the data-quality gate failed")
     states = [r.getMessage() for r in logs.records if r.getMessage().startswith("Finished in state Failed")]
     assert states and all(s.endswith("(GateFailed, logged above)") for s in states), states
+
+
+@pytest.mark.slow
+def test_a_deployment_run_and_a_manual_run_at_once_on_one_home_both_complete(first_run, tmp_path):
+    """The nightly deployment on a process worker and a manual `kdflow run`, started together on one home:
+    they queue on the home's global concurrency limit and both complete."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.runlock import home_limit_name
+
+    home, _ = first_run
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "KDFLOW_PROJECT_DIR": str(ROOT),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "KDFLOW_HOME": str(home),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    prefect = [sys.executable, "-m", "prefect"]
+    subprocess.run([*prefect, "work-pool", "create", "kdflow-process", "--type", "process"],
+                   env=env, cwd=ROOT, check=False, capture_output=True, timeout=120)
+    deploy = subprocess.run(
+        [*prefect, "--no-prompt", "deploy", "--name", "demo-nightly", "--prefect-file",
+         str(ROOT / "deployments" / "prefect.yaml")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+
+    cfg = tiny(home, "training.alpha=0.6")  # new students: both runs have real work to do
+    nightly = run_deployment("distill/demo-nightly", parameters={"cfg": cfg.model_dump(mode="json")}, timeout=0)
+    worker = subprocess.Popen([*prefect, "worker", "start", "--pool", "kdflow-process", "--run-once"],
+                              env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    manual = subprocess.run(
+        [sys.executable, "-c", "from kdflow.cli import app; app(prog_name='kdflow')", "run", "-c",
+         str(ROOT / "configs" / "tiny.yaml"), "--set", "training.alpha=0.6"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    worker_log = worker.communicate(timeout=900)[0]
+    assert manual.returncode == 0, manual.stdout[-3000:] + manual.stderr[-3000:]
+
+    async def server_side():
+        async with get_client() as client:
+            state = (await client.read_flow_run(nightly.id)).state
+            limit = await client.read_global_concurrency_limit_by_name(home_limit_name(home))
+            return state, limit
+
+    state, limit = asyncio.run(server_side())
+    assert state.is_completed(), worker_log[-4000:]
+    assert limit.limit == 1 and limit.active_slots == 0, "the home's limit was used and released"
+    store = Store(home, read_only=True)
+    flow_runs = {r[8]: r[2] for r in store.fetch("list_runs", limit=50)}
+    assert flow_runs.get(str(nightly.id)) == "completed"
+    assert sum(1 for r in store.fetch("list_runs", limit=50) if r[2] == "completed") >= 3
+    shutil.rmtree(tmp_path, ignore_errors=True)

@@ -65,3 +65,23 @@ def test_malformed_sql_files_name_file_and_line(text, message):
     with pytest.raises(SqlFileError) as e:
         parse_sql(text, "x.sql")
     assert message in str(e.value) and "x.sql" in str(e.value)
+
+
+def test_a_database_from_before_run_processes_were_recorded_gets_the_columns(tmp_path):
+    Store(tmp_path)
+    con = duckdb.connect(str(tmp_path / "kdflow.duckdb"))
+    for column in ("pid", "host", "process_started"):
+        con.execute(f"ALTER TABLE runs DROP COLUMN {column}")
+    con.close()
+    store = Store(tmp_path)
+    with store.connect() as con:
+        columns = {r[0] for r in con.execute("DESCRIBE runs").fetchall()}
+    assert {"pid", "host", "process_started"} <= columns
+
+
+@pytest.mark.parametrize("value", ["soon", "-1"])
+def test_a_bad_lock_timeout_is_named(tmp_path, monkeypatch, value):
+    store = Store(tmp_path)
+    monkeypatch.setenv("KDFLOW_DB_LOCK_TIMEOUT", value)
+    with pytest.raises(StoreError, match=f"KDFLOW_DB_LOCK_TIMEOUT='{value}'"):
+        store.fetch("list_runs", limit=1)
