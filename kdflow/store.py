@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +30,12 @@ from kdflow.sqlfiles import sql
 SCHEMA_VERSION = 1
 DB_NAME = "kdflow.duckdb"
 
+
+# Threads of one process (the sweep's and sharded labeling's thread pools) take turns with the file: DuckDB's
+# Python client shares one database instance between a process's connections, and opening, registering an
+# Arrow table on and closing them from several threads at once races ("python_arrow_scan does not exist",
+# "Conflict on update"). Re-entrant, so a unit of work may nest a query.
+_IN_PROCESS = threading.RLock()
 
 LOCK_TIMEOUT_ENV = "KDFLOW_DB_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT_S = 60.0
@@ -121,11 +128,12 @@ class Store:
 
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        con = self._open()
-        try:
-            yield con
-        finally:
-            con.close()
+        with _IN_PROCESS:
+            con = self._open()
+            try:
+                yield con
+            finally:
+                con.close()
 
     def fetch(self, query: str, /, **params: Any) -> list[tuple]:
         with self.connect() as con:
