@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -128,11 +128,39 @@ class ScoringConfig(Strict):
         description="prefix of the letter prompt; empty string to drop it",
     )
     cloze_template: str = Field("Question: {question}\nAnswer:", description="context before each option text")
-    length_normalise: bool = Field(True, description="cloze: divide an option's log-likelihood by its length in characters")
-    chat_template: Literal["auto", "on", "off"] = Field(
-        "auto", description="letter mode: wrap the prompt in the tokenizer's chat template (auto: when it has one)"
+    length_normalise: bool = Field(
+        True,
+        description="cloze: also predict by log-likelihood per character (lm-evaluation-harness acc_norm), "
+        "reported next to plain accuracy; soft labels always come from the summed log-likelihoods",
     )
-    max_length: int = Field(1024, ge=16, description="prompts longer than this are truncated from the left")
+    chat_template: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="letter mode, every backend: wrap the prompt in the model's chat template (auto: when its "
+        "tokenizer or server has one); thinking is always off; cloze scores plain text",
+    )
+    system_prompt: str | None = Field(
+        None,
+        description="letter mode with a chat template: a system message before the question (None: none is "
+        "sent, so a template that writes a default system prompt, as SmolLM2's does, still writes it)",
+    )
+    letter_forms: Literal["natural", "sum"] = Field(
+        "natural",
+        description="letter mode: natural scores the token the tokenizer produces for the answer letter right "
+        "after the prompt (' A' after 'Answer:', 'A' starting a chat answer); sum adds the other form's "
+        "probability too",
+    )
+    max_length: int = Field(
+        1024,
+        ge=16,
+        description="tokens per scored row; a longer prompt keeps its BOS, chat frame, option lines and answer "
+        "cue and loses the middle of its question text (counted and reported per labeling run)",
+    )
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as a boolean.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class LoraConfig(Strict):
@@ -186,7 +214,11 @@ class TeacherConfig(Strict):
     batch_size: int = Field(64, ge=1)
     reasoning: bool = Field(False, description="also generate a short rationale, stored with the label")
     reasoning_max_tokens: int = Field(64, ge=1)
-    enable_thinking: bool = Field(False, description="Qwen3-style chat templates: leave thinking off for scoring")
+    enable_thinking: bool = Field(
+        False,
+        description="Qwen3-style chat templates: scoring prompts always render with thinking off, and letter mode "
+        "refuses true (the first generated token would be '<think>', not a letter)",
+    )
     prepare: TeacherPrepConfig = Field(default_factory=TeacherPrepConfig)
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
     openai: OpenAIServerConfig = Field(default_factory=OpenAIServerConfig)
@@ -287,6 +319,16 @@ class RunConfig(Strict):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    @model_validator(mode="after")
+    def _letter_needs_thinking_off(self) -> RunConfig:
+        if self.scoring.mode == "letter" and self.teacher.enable_thinking:
+            raise ValueError(
+                "teacher.enable_thinking: true cannot be used with scoring.mode: letter: letter scoring reads the "
+                "first token the model generates, which would be '<think>', not an option letter; set "
+                "teacher.enable_thinking: false or use scoring.mode: cloze"
+            )
+        return self
 
     @property
     def home_dir(self) -> Path:

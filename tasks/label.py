@@ -33,7 +33,7 @@ def label_task(cfg: RunConfig, run_id: str, dataset_ids: list[str]) -> str:
         report = label_with_teacher(cfg, store, dataset_ids, on_progress=both(bar, ui_progress("labeling", run_id)))
         record.reused = report.newly_labeled == 0
         record.detail = {"teacher_key": report.teacher_key, "labeled": report.newly_labeled, "total": report.total,
-                         "seconds": round(report.seconds, 2)}
+                         "truncated": report.truncated, "seconds": round(report.seconds, 2)}
     return report.teacher_key
 
 

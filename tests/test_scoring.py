@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from kdflow.config import ArchitectureConfig, ScoringConfig
+from kdflow.errors import KdflowError
 from kdflow.modeling import build_model
 from kdflow.prompts import cloze_context, cloze_continuation, letter_prompt
 from kdflow.records import LETTERS
@@ -55,19 +57,27 @@ def other_models(tiny_tokenizer) -> dict[str, torch.nn.Module]:
 
 
 def _hand_letter(model, tokenizer, q, cfg=LETTER) -> list[float]:
+    """After "Answer:" the natural letter token is " A" (byte-level "ĠA"); `sum` adds "A"."""
     ids = tokenizer(letter_prompt(q["question"], q["options"], q["category"], cfg))["input_ids"]
     with torch.no_grad():
         log_probs = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1], dim=-1)
-    forms = [(tokenizer.convert_tokens_to_ids(L), tokenizer.convert_tokens_to_ids("Ġ" + L)) for L in LETTERS]
-    return [torch.logsumexp(log_probs[list(forms[i])], 0).item() for i in range(len(q["options"]))]
+    forms = [[tokenizer.convert_tokens_to_ids("Ġ" + L)] for L in LETTERS]
+    if cfg.letter_forms == "sum":
+        forms = [f + [tokenizer.convert_tokens_to_ids(L)] for f, L in zip(forms, LETTERS)]
+    return [torch.logsumexp(log_probs[forms[i]], 0).item() for i in range(len(q["options"]))]
+
+
+def _joint(tokenizer, context: str, option: str) -> tuple[list[int], list[int]]:
+    """lm-evaluation-harness's split: encode context + " option" whole, cut at len(encode(context))."""
+    ctx = tokenizer(context)["input_ids"]
+    return ctx, tokenizer(context + " " + option)["input_ids"][len(ctx) :]
 
 
 def _per_option(model, tokenizer, q) -> torch.Tensor:
     """Each option's summed log-probability from a plain causal pass over context + that option alone."""
-    context = tokenizer(cloze_context(q["question"], q["category"], CLOZE))["input_ids"]
     totals = []
     for option in q["options"]:
-        cont = tokenizer(cloze_continuation(option), add_special_tokens=False)["input_ids"]
+        context, cont = _joint(tokenizer, cloze_context(q["question"], q["category"], CLOZE), option)
         log_probs = torch.log_softmax(model(torch.tensor([context + cont])).logits[0], dim=-1)
         totals.append(log_probs[torch.arange(len(context) - 1, len(context) - 1 + len(cont)), cont].sum())
     return torch.stack(totals)
@@ -86,12 +96,13 @@ def _check(scores, expected_rows):
         assert torch.isneginf(scores[i, k:]).all()
 
 
-def test_letter_matches_hand_computation(model, tiny_tokenizer, tiny_questions):
-    batch = encode(tiny_questions, tiny_tokenizer, LETTER)
+@pytest.mark.parametrize("cfg", [LETTER, ScoringConfig(letter_forms="sum")], ids=["natural", "sum"])
+def test_letter_matches_hand_computation(cfg, model, tiny_tokenizer, tiny_questions):
+    batch = encode(tiny_questions, tiny_tokenizer, cfg)
     assert batch.option_mask.shape == (5, 5) and batch.n_options.tolist() == [3, 4, 5, 2, 4]
     with torch.no_grad():
         out = option_logits(model, batch)
-    expected = [_hand_letter(model, tiny_tokenizer, q) for q in tiny_questions]
+    expected = [_hand_letter(model, tiny_tokenizer, q, cfg) for q in tiny_questions]
     _check(out.scores, expected)
     mass = torch.tensor([math.log(sum(math.exp(v) for v in row)) for row in expected])
     assert torch.allclose(out.log_mass, mass, atol=1e-5)
@@ -105,8 +116,12 @@ def test_cloze_matches_hand_computation(cfg, model, tiny_tokenizer, tiny_questio
     with torch.no_grad():
         out = option_logits(model, batch)
     assert out.log_mass is None
-    expected = [_hand_cloze(model, tiny_tokenizer, q, cfg.length_normalise) for q in tiny_questions]
-    _check(out.scores, expected)
+    # Scores (and so soft labels) are the summed log-likelihoods; per-character ones only rank.
+    _check(out.scores, [_hand_cloze(model, tiny_tokenizer, q, normalise=False) for q in tiny_questions])
+    if cfg.length_normalise:
+        _check(out.normalised, [_hand_cloze(model, tiny_tokenizer, q, normalise=True) for q in tiny_questions])
+    else:
+        assert out.normalised is None
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -187,23 +202,64 @@ def test_gradients_reach_the_model(cfg, tiny_model, tiny_tokenizer, tiny_questio
     assert student.get_input_embeddings().weight.grad.abs().sum() > 0
 
 
-def test_both_letter_forms_are_combined(tiny_tokenizer):
-    ids = letter_token_ids(tiny_tokenizer, 3)
-    assert ids[0] == (tiny_tokenizer.convert_tokens_to_ids("A"), tiny_tokenizer.convert_tokens_to_ids("ĠA"))
-    assert len({i for pair in ids for i in pair}) == 6
+def test_letter_scores_the_natural_token_after_the_prompt(tiny_tokenizer, tiny_questions):
+    # After "Answer:" the tokenizer writes " A"; at the start of a chat answer "A". Only that form is scored
+    # by default: adding the unnatural form adds its prior (a model that puts mass on "A" glued to
+    # "Answer:" would look like it answers A).
+    q = tiny_questions[1]
+    spaced = [tiny_tokenizer.convert_tokens_to_ids("Ġ" + L) for L in "ABCD"]
+    bare = [tiny_tokenizer.convert_tokens_to_ids(L) for L in "ABCD"]
+    (plain,) = tokenize([q], tiny_tokenizer, LETTER)
+    assert plain.letter_ids == tuple((i,) for i in spaced)
+    (summed,) = tokenize([q], tiny_tokenizer, ScoringConfig(letter_forms="sum"))
+    assert summed.letter_ids == tuple(zip(spaced, bare))
+    chat = copy.deepcopy(tiny_tokenizer)
+    chat.chat_template = CHAT_TEMPLATE
+    (chatted,) = tokenize([q], chat, LETTER)
+    assert chatted.letter_ids == tuple((i,) for i in bare)
+    # A template ending in a space or newline: the letter follows it bare.
+    (newline,) = tokenize([q], tiny_tokenizer, ScoringConfig(letter_template="{question}\n{options}\nAnswer:\n"))
+    assert newline.letter_ids == tuple((i,) for i in bare)
+
+
+class _FixedNextToken(torch.nn.Module):
+    """A causal LM whose next-token logits are `logits` at every position, whatever the input."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, logits_to_keep=0):
+        keep = logits_to_keep or input_ids.shape[1]
+        return types.SimpleNamespace(logits=self.logits.expand(input_ids.shape[0], keep, -1))
+
+
+def test_letter_sum_does_not_shift_a_prior_onto_one_letter(tiny_tokenizer, tiny_questions):
+    # Mass on the bare "A" (a form that never follows "Answer:"), the natural " A".." D" equally likely:
+    # natural scoring sees no preference; summing both forms would answer A with high confidence.
+    logits = torch.zeros(len(tiny_tokenizer))
+    logits[tiny_tokenizer.convert_tokens_to_ids("A")] = 8.0
+    net = _FixedNextToken(logits)
+    q = tiny_questions[1]
+    natural = to_soft_labels(option_logits(net, encode([q], tiny_tokenizer, LETTER)))[0]
+    summed = to_soft_labels(option_logits(net, encode([q], tiny_tokenizer, ScoringConfig(letter_forms="sum"))))[0]
+    assert natural.probs == pytest.approx([0.25] * 4)
+    assert summed.predicted == 0 and summed.confidence > 0.9
 
 
 def test_coinciding_letter_forms_count_once(model, tiny_tokenizer, tiny_questions):
-    # Stripping the text makes "A" and " A" the same token: that id must be counted once, not twice.
+    # A normaliser that drops spaces makes "A" and " A" the same token: with letter_forms sum it counts once.
     stripped = copy.deepcopy(tiny_tokenizer)
-    stripped.backend_tokenizer.normalizer = normalizers.Strip()
+    stripped.backend_tokenizer.normalizer = normalizers.Replace(" ", "")
     a, b = stripped.convert_tokens_to_ids(["A", "B"])
-    assert letter_token_ids(stripped, 2) == ((a,), (b,))
+    cfg = ScoringConfig(letter_forms="sum")
     q = tiny_questions[1]
-    ids = stripped(letter_prompt(q["question"], q["options"], q["category"], LETTER))["input_ids"]
+    (encoded,) = tokenize([q], stripped, cfg)
+    assert encoded.letter_ids[:2] == ((a,), (b,))
+    ids = stripped(letter_prompt(q["question"], q["options"], q["category"], cfg))["input_ids"]
     with torch.no_grad():
         log_probs = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1], dim=-1)
-        scores = option_logits(model, encode([q], stripped, LETTER)).scores[0]
+        scores = option_logits(model, encode([q], stripped, cfg)).scores[0]
     expected = log_probs[[stripped.convert_tokens_to_ids(L) for L in "ABCD"]]
     assert torch.allclose(scores, expected, atol=1e-5)
 
@@ -214,7 +270,7 @@ def test_multi_token_letter_is_a_clear_error(tiny_questions):
     bare.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bare.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bare, pad_token="a")
-    with pytest.raises(ScoringError, match="' A' is not a single token"):
+    with pytest.raises(ScoringError, match=r"question 0 \(q0\): the answer letter ' A' .* not one token"):
         encode(tiny_questions, tokenizer, LETTER)
 
 
@@ -229,25 +285,22 @@ def test_chat_template_is_applied_with_thinking_off(tiny_tokenizer, tiny_questio
         assert list(row) == chat(expected, add_special_tokens=False)["input_ids"]
     plain = tokenize([q], chat, ScoringConfig(chat_template="off"))[0].row
     assert list(plain) == chat(prompt)["input_ids"]
-    with pytest.raises(ScoringError, match="no chat template"):
+    with pytest.raises(KdflowError, match="no chat template"):
         tokenize([q], tiny_tokenizer, ScoringConfig(chat_template="on"))
+    # A system prompt is the first message; cloze never uses the template.
+    system = tokenize([q], chat, ScoringConfig(system_prompt="Answer with a letter."))[0].row
+    with_system = "<|im_start|>system\nAnswer with a letter.<|im_end|>\n" + expected
+    assert list(system) == chat(with_system, add_special_tokens=False)["input_ids"]
+    cloze = tokenize([q], chat, ScoringConfig(mode="cloze", chat_template="on"))[0]
+    assert list(cloze.context) == chat(cloze_context(q["question"], q["category"], CLOZE))["input_ids"]
 
 
-def test_truncation_keeps_answer_position_and_options(tiny_tokenizer, tiny_questions):
-    q = tiny_questions[4]
-    letter_row = tokenize([q], tiny_tokenizer, ScoringConfig(max_length=16))[0].row
-    full = tiny_tokenizer(letter_prompt(q["question"], q["options"], q["category"], LETTER))["input_ids"]
-    assert list(letter_row) == full[-16:]
-    q = dict(q, options=[f"{o}, {o}" for o in q["options"]])  # options of 16+ tokens together (min max_length)
-    conts = [tiny_tokenizer(cloze_continuation(o), add_special_tokens=False)["input_ids"] for o in q["options"]]
-    packed = [t for cont in conts for t in cont]
-    context = tiny_tokenizer(cloze_context(q["question"], q["category"], CLOZE))["input_ids"]
-    max_length = len(packed) + 3
-    encoded = tokenize([q], tiny_tokenizer, ScoringConfig(mode="cloze", max_length=max_length))[0]
-    assert list(encoded.row) == context[-3:] + packed and list(encoded.context) == context[-3:]
-    assert [list(row) for row in encoded.option_rows] == [context[-3:] + cont for cont in conts]
-    with pytest.raises(ScoringError, match=r"question 0 \(q4\).*raise scoring.max_length or use scoring.mode: letter"):
-        tokenize([q], tiny_tokenizer, ScoringConfig(mode="cloze", max_length=len(packed)))
+def test_thinking_with_letter_mode_is_refused_at_config_time():
+    from kdflow.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="enable_thinking.*letter.*'<think>', not an option letter"):
+        load_config(None, ["teacher.enable_thinking=true", "scoring.mode=letter"])
+    assert load_config(None, ["teacher.enable_thinking=true", "scoring.mode=cloze"]).teacher.enable_thinking
 
 
 def test_bad_questions_are_rejected(tiny_tokenizer):
