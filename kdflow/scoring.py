@@ -240,19 +240,30 @@ def _fit(
         return encoded, False
     text = question.strip()
     chars_per_token = len(text) / max(1, len(tokenizer(text, add_special_tokens=False)["input_ids"]))
-    keep = len(text)
+    too_long = keep = len(text)
     while True:
         # Cut characters in proportion to the tokens over budget (a margin, and at least one, per round).
         keep = max(0, min(keep - 1, int(keep - (length - cfg.max_length) * chars_per_token * 1.05)))
         length, encoded = encode_with(trim_middle(text, keep) if keep else "")
         if length <= cfg.max_length:
-            return encoded, True
+            break
         if keep == 0:
             raise ScoringError(
                 f"{name} does not fit scoring.max_length = {cfg.max_length} tokens even with its question text "
                 f"removed (the prompt frame, options and answer cue alone take {length}); raise "
                 "scoring.max_length"
             )
+        too_long = keep
+    # Bisect between what fits and what did not, to keep as much of the question as fits.
+    fits = keep
+    while too_long - fits > 1:
+        middle = (fits + too_long) // 2
+        length, candidate = encode_with(trim_middle(text, middle))
+        if length <= cfg.max_length:
+            fits, encoded = middle, candidate
+        else:
+            too_long = middle
+    return encoded, True
 
 
 def _letter_forms(

@@ -329,3 +329,156 @@ def test_works_through_a_lora_wrapper(tiny_model, tiny_tokenizer, tiny_questions
     out.scores.masked_fill(~batch.option_mask, 0.0).sum().backward()
     lora = [p for name, p in student.named_parameters() if "lora_" in name]
     assert lora and all(p.grad is not None for p in lora)
+
+
+# --- cloze tokenisation: context and option encoded together, split at the context (lm-eval) ------------
+
+SP_TEXTS = [
+    cloze_context(q["question"], q["category"], CLOZE) + " " + " ".join(q["options"])
+    for q in [
+        {"question": "Which river flows through the capital?", "category": "", "options": ["The long river", "The sea", "A mountain"]},
+        {"question": "What colour is the sky at noon?", "category": "", "options": ["Green", "Blue", "Red"]},
+        {"question": "Who built the old stone bridge?", "category": "", "options": ["The Romans", "Nobody"]},
+    ]
+]
+
+
+def _sentencepiece_style(layout: str) -> PreTrainedTokenizerFast:
+    """A SentencePiece-style BPE ("▁" marks a space, byte fallback, <s> prepended) in one of two layouts.
+
+    prepend: the Llama-2 / Mistral-v0.1 tokenizer.json (a Prepend("▁") + Replace(" ", "▁") normaliser and no
+    pre-tokenizer): " option" alone encodes as "▁", "▁option". metaspace: a Metaspace pre-tokenizer
+    (prepend_scheme "first", as newer conversions write it).
+    """
+    from tokenizers import processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=["▁"])
+    tok.train_from_iterator(SP_TEXTS * 30, trainer)
+    if layout == "prepend":
+        tok.pre_tokenizer = None
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+SP_QUESTIONS = [
+    {"question_id": "sp0", "question": "Which river flows through the capital?", "category": "",
+     "options": ["The long river", "The sea", "A mountain"]},
+    {"question_id": "sp1", "question": "What colour is the sky at noon?", "category": "",
+     "options": ["Green", "Blue", "Red"]},
+]
+
+
+@pytest.mark.parametrize("layout", ["prepend", "metaspace"])
+def test_cloze_options_are_encoded_jointly_with_the_context(layout):
+    tokenizer = _sentencepiece_style(layout)
+    stray = tokenizer.convert_tokens_to_ids("▁")
+    for e, q in zip(tokenize(SP_QUESTIONS, tokenizer, CLOZE_SUM), SP_QUESTIONS):
+        context = cloze_context(q["question"], q["category"], CLOZE)
+        assert list(e.context) == tokenizer(context)["input_ids"] and e.context[0] == tokenizer.bos_token_id
+        for row, option in zip(e.option_rows, q["options"]):
+            ctx, cont = _joint(tokenizer, context, option)
+            assert list(row) == ctx + cont
+            # The option starts with its first word ("▁The", all in the vocabulary), never with a lone "▁".
+            assert tokenizer.convert_ids_to_tokens(row[len(ctx)]) == "▁" + option.split()[0]
+            alone = tokenizer(" " + option, add_special_tokens=False)["input_ids"]
+            # What encoding " option" on its own gives: a stray "▁" first with the Prepend layout.
+            assert (alone == [stray, *cont]) if layout == "prepend" else (alone == cont)
+
+
+@pytest.mark.parametrize("layout", ["prepend", "metaspace"])
+def test_packed_cloze_equals_unpacked_with_a_sentencepiece_tokenizer(layout):
+    tokenizer = _sentencepiece_style(layout)
+    torch.manual_seed(0)
+    net = _sharpen(build_model(ArchitectureConfig(family="llama", hidden_size=32, num_layers=2, num_heads=4,
+                                                  num_kv_heads=2), tokenizer))
+    encoded = tokenize(SP_QUESTIONS, tokenizer, CLOZE)
+    with torch.no_grad():
+        out = option_logits(net, collate(encoded, pad_id=tokenizer.pad_token_id))
+        for i, e in enumerate(encoded):
+            context = len(e.context)
+            for j, row in enumerate(e.option_rows):
+                log_probs = torch.log_softmax(net(torch.tensor([list(row)])).logits[0], dim=-1)
+                targets = torch.tensor(row[context:])
+                alone = log_probs[torch.arange(context - 1, len(row) - 1), targets].sum()
+                assert torch.isclose(out.scores[i, j], alone, atol=1e-5)
+                assert torch.isclose(out.normalised[i, j], alone / len(SP_QUESTIONS[i]["options"][j]), atol=1e-5)
+
+
+def test_trailing_whitespace_of_the_context_moves_to_the_option(tiny_tokenizer):
+    # A cloze template ending in a newline: the newline is encoded with the option (lm-eval _encode_pair).
+    cfg = ScoringConfig(mode="cloze", cloze_template="Question: {question}\nAnswer:\n", length_normalise=False)
+    q = {"question": "Which is it?", "category": "", "options": ["Blue", "Red"]}
+    (e,) = tokenize([q], tiny_tokenizer, cfg)
+    assert list(e.context) == tiny_tokenizer("Question: Which is it?\nAnswer:")["input_ids"]
+    whole = tiny_tokenizer("Question: Which is it?\nAnswer:\n Blue")["input_ids"]
+    assert list(e.option_rows[0]) == whole
+
+
+@pytest.mark.parametrize("cfg", [CLOZE, CLOZE_SUM], ids=["normalised", "sum"])
+def test_cloze_soft_labels_are_the_summed_likelihood_distribution(cfg, model, tiny_tokenizer, tiny_questions):
+    # The soft label is softmax(summed log-likelihoods) with or without length normalisation, which only
+    # adds predicted_norm (acc_norm's choice).
+    with torch.no_grad():
+        labels = to_soft_labels(option_logits(model, encode(tiny_questions, tiny_tokenizer, cfg)))
+    for label, q in zip(labels, tiny_questions):
+        summed = torch.tensor(_hand_cloze(model, tiny_tokenizer, q, normalise=False))
+        assert label.probs == pytest.approx(torch.softmax(summed, 0).tolist(), abs=1e-5)
+        per_char = _hand_cloze(model, tiny_tokenizer, q, normalise=True)
+        expected_norm = max(range(len(per_char)), key=per_char.__getitem__) if cfg.length_normalise else None
+        assert label.predicted_norm == expected_norm
+
+
+# --- truncation: keep BOS, frame, options and cue; cut the question's middle; count it -----------------
+
+LONG_QUESTION = {
+    "question_id": "long-x",
+    "category": "history",
+    "question": "Read the passage. " + "The old stone bridge stood over the river for many years. " * 30
+    + "QUESTION: who built the bridge?",
+    "options": ["The Romans", "A baker", "Nobody", "The king"],
+    "answer": 0,
+}
+
+
+def test_letter_truncation_keeps_bos_frame_options_and_cue(tiny_tokenizer, tiny_questions):
+    chat = copy.deepcopy(tiny_tokenizer)
+    chat.chat_template = CHAT_TEMPLATE
+    for tokenizer, cfg in [(tiny_tokenizer, ScoringConfig(max_length=128)),
+                           (chat, ScoringConfig(max_length=192, system_prompt="Answer with a letter."))]:
+        encoded = tokenize([LONG_QUESTION, tiny_questions[0]], tokenizer, cfg)
+        long, short = encoded
+        assert len(long.row) <= cfg.max_length and long.truncated and not short.truncated
+        text = tokenizer.decode(long.row)
+        options = "\nA. The Romans\nB. A baker\nC. Nobody\nD. The king\nAnswer:"
+        if tokenizer is chat:
+            assert text.startswith("<|im_start|>system\nAnswer with a letter.<|im_end|>\n<|im_start|>user\n")
+            assert text.endswith(options + "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        else:
+            assert long.row[0] == tokenizer.bos_token_id
+            assert text.endswith(options)
+        # The start (instructions) and the end (the question asked) survive; the middle is elided.
+        assert "Read the passage." in text and "QUESTION: who built the bridge?" in text and " ... " in text
+        assert long.letter_ids == tokenize([tiny_questions[1]], tokenizer, cfg)[0].letter_ids
+
+
+def test_cloze_truncation_keeps_bos_cue_and_every_option(tiny_tokenizer):
+    cfg = ScoringConfig(mode="cloze", max_length=64)
+    (e,) = tokenize([LONG_QUESTION], tiny_tokenizer, cfg)
+    assert e.truncated and len(e.row) <= 64 and e.row[0] == tiny_tokenizer.bos_token_id
+    context = tiny_tokenizer.decode(e.context)
+    assert context.startswith("<|bos|>Question: Read the") and context.endswith("QUESTION: who built the bridge?\nAnswer:")
+    for row, option in zip(e.option_rows, LONG_QUESTION["options"]):
+        assert tiny_tokenizer.decode(row[len(e.context):]) == " " + option
+
+
+def test_a_question_that_cannot_fit_names_itself_and_max_length(tiny_tokenizer):
+    many = dict(LONG_QUESTION, options=[f"option number {i} of many" for i in range(12)])
+    with pytest.raises(ScoringError, match=r"question 0 \(long-x\) does not fit scoring.max_length = 40"):
+        tokenize([many], tiny_tokenizer, ScoringConfig(max_length=40))
+    with pytest.raises(ScoringError, match=r"question 0 \(long-x\) does not fit scoring.max_length = 40"):
+        tokenize([many], tiny_tokenizer, ScoringConfig(mode="cloze", max_length=40))
