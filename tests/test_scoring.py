@@ -303,6 +303,17 @@ def test_thinking_with_letter_mode_is_refused_at_config_time():
     assert load_config(None, ["teacher.enable_thinking=true", "scoring.mode=cloze"]).teacher.enable_thinking
 
 
+def test_chat_template_off_in_yaml_is_off(tmp_path):
+    # YAML 1.1 reads a bare off/on as false/true.
+    path = tmp_path / "c.yaml"
+    path.write_text("scoring:\n  chat_template: off\n")
+    from kdflow.config import load_config
+
+    assert load_config(path).scoring.chat_template == "off"
+    path.write_text("scoring:\n  chat_template: on\n")
+    assert load_config(path).scoring.chat_template == "on"
+
+
 def test_bad_questions_are_rejected(tiny_tokenizer):
     with pytest.raises(ScoringError, match="2..26 options"):
         encode([{"question": "q?", "options": ["only one"], "category": ""}], tiny_tokenizer, LETTER)
