@@ -14,12 +14,10 @@ WHERE list_contains($dataset_ids, q.dataset_id)
 ORDER BY q.question_id;
 
 -- name: insert_labels
-INSERT OR IGNORE INTO soft_labels
-    (question_id, teacher_key, question_hash, probs, confidence, predicted, coverage, entropy, reasoning, latency_ms,
-     truncated, predicted_norm)
-SELECT question_id, teacher_key, question_hash, probs, confidence, predicted, coverage, entropy, reasoning, latency_ms,
-       truncated, predicted_norm
-FROM incoming;
+-- Columns are matched by name: a batch without the later columns (truncated, predicted_norm) gets their
+-- defaults.
+INSERT OR IGNORE INTO soft_labels BY NAME
+SELECT * FROM incoming;
 
 -- name: label_counts
 -- truncated: labels whose prompt was cut to fit scoring.max_length.
