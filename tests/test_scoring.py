@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import types
 
@@ -493,3 +494,35 @@ def test_a_question_that_cannot_fit_names_itself_and_max_length(tiny_tokenizer):
         tokenize([many], tiny_tokenizer, ScoringConfig(max_length=40))
     with pytest.raises(ScoringError, match=r"question 0 \(long-x\) does not fit scoring.max_length = 40"):
         tokenize([many], tiny_tokenizer, ScoringConfig(mode="cloze", max_length=40))
+
+
+# --- real tokenizers: SmolLM2 (byte-level BPE, chat template) and Gemma-3 (SentencePiece, BOS) ------------
+
+
+@functools.cache
+def _real_tokenizer(directory, gguf_file):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+
+
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_real_tokenizers_split_like_lm_eval_and_score_the_natural_letter(model, request, tiny_questions):
+    tokenizer = _real_tokenizer(*request.getfixturevalue(model))
+    space = "Ġ" if model == "smollm2" else "▁"
+    for e, q in zip(tokenize(tiny_questions, tokenizer, CLOZE), tiny_questions):
+        context = cloze_context(q["question"], q["category"], CLOZE)
+        ctx = tokenizer(context)["input_ids"]
+        assert list(e.context) == ctx
+        for row, option in zip(e.option_rows, q["options"]):
+            assert list(row) == tokenizer(context + " " + option)["input_ids"]  # lm-eval's whole encoding
+            # Here the option encodes alike on its own: the joint split keeps what already matched lm-eval.
+            assert list(row[len(ctx):]) == tokenizer(" " + option, add_special_tokens=False)["input_ids"]
+    (plain,) = tokenize(tiny_questions[1:2], tokenizer, ScoringConfig(chat_template="off"))
+    assert [tokenizer.convert_ids_to_tokens(list(f)) for f in plain.letter_ids] == [[space + L] for L in "ABCD"]
+    (auto,) = tokenize(tiny_questions[1:2], tokenizer, LETTER)
+    if model == "smollm2":  # a chat template: auto uses it, and the answer starts with a bare letter
+        assert tokenizer.decode(auto.row).endswith("Answer:<|im_end|>\n<|im_start|>assistant\n")
+        assert [tokenizer.convert_ids_to_tokens(list(f)) for f in auto.letter_ids] == [[L] for L in "ABCD"]
+    else:  # no chat template: auto is the plain prompt, with the tokenizer's BOS
+        assert auto == plain and plain.row[0] == tokenizer.bos_token_id
