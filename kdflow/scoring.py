@@ -321,16 +321,6 @@ def _letter_encoding(
     return result
 
 
-def letter_token_ids(
-    tokenizer: PreTrainedTokenizerBase, cfg: ScoringConfig, n_letters: int = MAX_OPTIONS
-) -> tuple[tuple[int, ...], ...]:
-    """The scored letter ids of the first `n_letters` letters after a prompt rendered from `cfg` (for
-    backends that see no token ids, such as a server's top log-probabilities)."""
-    options = [f"option {i}" for i in range(n_letters)]
-    render = render_letter("question", options, "", tokenizer, cfg)
-    return _letter_encoding([render], tokenizer, cfg, [n_letters], ["the letter probe"])[0][1]
-
-
 def _tokenize_letter(
     checked: list[tuple[str, list[str], str]],
     names: list[str],

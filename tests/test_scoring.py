@@ -19,7 +19,6 @@ from kdflow.scoring import (
     ScoringError,
     collate,
     encode,
-    letter_token_ids,
     option_logits,
     to_soft_labels,
     tokenize,
