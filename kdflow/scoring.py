@@ -287,38 +287,52 @@ def _letter_forms(
     return tuple(ids)
 
 
+def _last_line(text: str) -> str:
+    """The prompt's end from its last newline followed by text (what the letter's token can depend on)."""
+    at = text.rstrip().rfind("\n")
+    return text[at:] if at >= 0 else text
+
+
 def _letter_encoding(
     renders: Sequence[Rendered], tokenizer: PreTrainedTokenizerBase, cfg: ScoringConfig, n_options: Sequence[int],
     names: Sequence[str],
 ) -> list[tuple[list[int], tuple[tuple[int, ...], ...]]]:
-    """Per prompt: its token ids and, per option, the ids of its scored letter forms (batched encodes)."""
+    """Per prompt: its token ids and, per option, the ids of its scored letter forms.
+
+    The letter's token is worked out on a whole prompt (prompt + letter encoded together, see
+    `_letter_forms`) once per distinct last line ("\nAnswer:", a chat template's generation prompt):
+    tokenizers do not merge across a newline into the line after it, and encoding every prompt once per
+    letter would multiply the tokenisation work by the number of options.
+    """
     special = renders[0].add_special_tokens if renders else True
     prompt_ids = _ids(tokenizer, [r.text for r in renders], special)
-    texts, spans = [], []
-    for r, n in zip(renders, n_options):
-        spans.append(len(texts))
-        for letter in LETTERS[:n]:
-            natural = letter_continuation(r, letter)
-            texts.append(r.text + natural)
-            if cfg.letter_forms == "sum":
-                texts.append(r.text + other_letter_form(natural))
-    encoded = _ids(tokenizer, texts, special)
     per_letter = 2 if cfg.letter_forms == "sum" else 1
-    result = []
-    for r, ids, n, at, name in zip(renders, prompt_ids, n_options, spans, names):
-        letters = []
-        for i, letter in enumerate(LETTERS[:n]):
-            lo = at + i * per_letter
+    first: dict[str, int] = {}
+    wanted: dict[str, int] = {}
+    for i, (r, n) in enumerate(zip(renders, n_options)):
+        key = _last_line(r.text)
+        first.setdefault(key, i)
+        wanted[key] = max(wanted.get(key, 0), n)
+    letters_by_key: dict[str, tuple[tuple[int, ...], ...]] = {}
+    for key, i in first.items():
+        r, forms_of = renders[i], []
+        for letter in LETTERS[: wanted[key]]:
             natural = letter_continuation(r, letter)
-            forms = [natural, other_letter_form(natural)][:per_letter]
-            letters.append(_letter_forms(r, ids, encoded[lo : lo + per_letter], forms, name))
+            forms_of.append([natural, other_letter_form(natural)][:per_letter])
+        encoded = _ids(tokenizer, [r.text + form for forms in forms_of for form in forms], special)
+        letters = tuple(
+            _letter_forms(r, prompt_ids[i], encoded[j * per_letter : (j + 1) * per_letter], forms, names[i])
+            for j, forms in enumerate(forms_of)
+        )
         flat = [t for forms in letters for t in forms]
         if len(flat) != len(set(flat)):
             raise ScoringError(
-                f"{name}: two option letters map to the same token id after this prompt; use scoring.mode: cloze"
+                f"{names[i]}: two option letters map to the same token id after this prompt; use scoring.mode: cloze"
             )
-        result.append((ids, tuple(letters)))
-    return result
+        letters_by_key[key] = letters
+    return [
+        (ids, letters_by_key[_last_line(r.text)][:n]) for r, ids, n in zip(renders, prompt_ids, n_options)
+    ]
 
 
 def _tokenize_letter(
