@@ -116,7 +116,7 @@ class ArchitectureConfig(Strict):
 
 
 class ScoringConfig(Strict):
-    """How a model's opinion about the options is read out (design.md: one abstraction for all)."""
+    """How a model's opinion about the options is read out: one renderer and one scoring rule for every backend."""
 
     mode: Literal["letter", "cloze"] = Field("letter", description="letter: one pass, option letters; cloze: option texts")
     letter_template: str = Field(
