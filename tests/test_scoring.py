@@ -525,3 +525,21 @@ def test_real_tokenizers_split_like_lm_eval_and_score_the_natural_letter(model, 
         assert [tokenizer.convert_ids_to_tokens(list(f)) for f in auto.letter_ids] == [[L] for L in "ABCD"]
     else:  # no chat template: auto is the plain prompt, with the tokenizer's BOS
         assert auto == plain and plain.row[0] == tokenizer.bos_token_id
+
+
+def test_server_prompt_is_what_the_local_renderer_sends(tiny_tokenizer, tiny_questions):
+    from kdflow.prompts import CHAT_TEMPLATE_KWARGS, server_prompt
+
+    q = tiny_questions[0]
+    cfg = ScoringConfig(system_prompt="Answer with a letter.")
+    sent = server_prompt(q["question"], q["options"], q["category"], cfg)
+    assert sent.prompt == letter_prompt(q["question"], q["options"], q["category"], cfg)
+    assert sent.messages == [{"role": "system", "content": "Answer with a letter."},
+                             {"role": "user", "content": sent.prompt}]
+    # A server rendering these messages with CHAT_TEMPLATE_KWARGS produces the hf backend's row.
+    chat = copy.deepcopy(tiny_tokenizer)
+    chat.chat_template = CHAT_TEMPLATE
+    text = chat.apply_chat_template(sent.messages, tokenize=False, add_generation_prompt=True, **CHAT_TEMPLATE_KWARGS)
+    assert list(tokenize([q], chat, cfg)[0].row) == chat(text, add_special_tokens=False)["input_ids"]
+    cloze = server_prompt(q["question"], q["options"], q["category"], CLOZE)
+    assert cloze.messages == [] and cloze.prompt == cloze_context(q["question"], q["category"], CLOZE)
