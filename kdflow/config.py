@@ -230,7 +230,7 @@ class ArchitectureConfig(Strict):
 
 
 class ScoringConfig(Strict):
-    """How a model's opinion about the options is read out (design.md: one abstraction for all)."""
+    """How a model's opinion about the options is read out: one renderer and one scoring rule for every backend."""
 
     mode: Literal["letter", "cloze"] = Field("letter", description="letter: one pass, option letters; cloze: option texts")
     letter_template: str = Field(
@@ -242,11 +242,33 @@ class ScoringConfig(Strict):
         description="prefix of the letter prompt; empty string to drop it",
     )
     cloze_template: str = Field("Question: {question}\nAnswer:", description="context before each option text")
-    length_normalise: bool = Field(True, description="cloze: divide an option's log-likelihood by its length in characters")
-    chat_template: OnOffAuto = Field(
-        "auto", description="letter mode: wrap the prompt in the tokenizer's chat template (auto: when it has one)"
+    length_normalise: bool = Field(
+        True,
+        description="cloze: also predict by log-likelihood per character (lm-evaluation-harness acc_norm), "
+        "reported next to plain accuracy; soft labels always come from the summed log-likelihoods",
     )
-    max_length: int = Field(1024, ge=16, description="prompts longer than this are truncated from the left")
+    chat_template: OnOffAuto = Field(
+        "auto",
+        description="letter mode, every backend: wrap the prompt in the model's chat template (auto: when its "
+        "tokenizer or server has one); thinking is always off; cloze scores plain text",
+    )
+    system_prompt: str | None = Field(
+        None,
+        description="letter mode with a chat template: a system message before the question (None: none is "
+        "sent, so a template that writes a default system prompt, as SmolLM2's does, still writes it)",
+    )
+    letter_forms: Literal["natural", "sum"] = Field(
+        "natural",
+        description="letter mode: natural scores the token the tokenizer produces for the answer letter right "
+        "after the prompt (' A' after 'Answer:', 'A' starting a chat answer); sum adds the other form's "
+        "probability too",
+    )
+    max_length: int = Field(
+        1024,
+        ge=16,
+        description="tokens per scored row; a longer prompt keeps its BOS, chat frame, option lines and answer "
+        "cue and loses the middle of its question text (counted and reported per labeling run)",
+    )
 
 
 class LoraConfig(Strict):
@@ -311,7 +333,11 @@ class TeacherConfig(Strict):
     batch_size: int = Field(64, ge=1)
     reasoning: bool = Field(False, description="also generate a short rationale, stored with the label")
     reasoning_max_tokens: int = Field(64, ge=1)
-    enable_thinking: bool = Field(False, description="Qwen3-style chat templates: leave thinking off for scoring")
+    enable_thinking: bool = Field(
+        False,
+        description="Qwen3-style chat templates: scoring prompts always render with thinking off, and letter mode "
+        "refuses true (the first generated token would be '<think>', not a letter)",
+    )
     prepare: TeacherPrepConfig = Field(default_factory=TeacherPrepConfig)
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
     openai: OpenAIServerConfig = Field(default_factory=OpenAIServerConfig)
@@ -493,6 +519,16 @@ class RunConfig(Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="`kdflow sweep` only: the grid and teachers")
+
+    @model_validator(mode="after")
+    def _letter_needs_thinking_off(self) -> RunConfig:
+        if self.scoring.mode == "letter" and self.teacher.enable_thinking:
+            raise ValueError(
+                "teacher.enable_thinking: true cannot be used with scoring.mode: letter: letter scoring reads the "
+                "first token the model generates, which would be '<think>', not an option letter; set "
+                "teacher.enable_thinking: false or use scoring.mode: cloze"
+            )
+        return self
 
     @property
     def home_dir(self) -> Path:

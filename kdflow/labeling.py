@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,11 +23,19 @@ from kdflow.fingerprints import weights_fingerprint
 from kdflow.records import SOFT_LABEL_SCHEMA
 from kdflow.store import Store
 
-LABEL_COLUMNS = SOFT_LABEL_SCHEMA.append(pa.field("question_hash", pa.string()))
+LABEL_COLUMNS = pa.schema(
+    [
+        *SOFT_LABEL_SCHEMA,
+        pa.field("question_hash", pa.string()),
+        pa.field("truncated", pa.bool_()),
+        pa.field("predicted_norm", pa.int32()),
+    ]
+)
 
 
 def teacher_spec(teacher: TeacherConfig, scoring: ScoringConfig, model_ref: str) -> dict[str, Any]:
-    """Everything that changes what the teacher says about a question (and nothing that does not)."""
+    """Everything that changes what the teacher says about a question (and nothing that does not): the
+    scoring settings include max_length, since a longer limit keeps question text a shorter one cut."""
     return {
         "backend": teacher.backend,
         "model": model_ref,
@@ -34,7 +43,7 @@ def teacher_spec(teacher: TeacherConfig, scoring: ScoringConfig, model_ref: str)
         "gguf_file": teacher.gguf_file,
         "enable_thinking": teacher.enable_thinking,
         "reasoning": teacher.reasoning_max_tokens if teacher.reasoning else None,
-        "scoring": scoring.model_dump(mode="json", exclude={"max_length"}),
+        "scoring": scoring.model_dump(mode="json"),
         # A local path names a place, not weights: other weights copied there must not reuse its labels.
         "weights": weights_fingerprint(model_ref),
     }
@@ -46,10 +55,14 @@ def teacher_key(spec: dict[str, Any]) -> str:
 
 @dataclass
 class LabelReport:
+    """total: questions of the datasets; truncated: how many of their labels (this teacher) came from a
+    prompt cut to fit scoring.max_length."""
+
     teacher_key: str
     total: int
     newly_labeled: int
     seconds: float
+    truncated: int = 0
 
 
 def labels_table(rows: Sequence[dict[str, Any]], scored: Sequence[ScoredQuestion], key: str) -> pa.Table:
@@ -66,6 +79,8 @@ def labels_table(rows: Sequence[dict[str, Any]], scored: Sequence[ScoredQuestion
             "reasoning": [s.reasoning for s in scored],
             "latency_ms": [s.latency_ms for s in scored],
             "question_hash": [r["question_hash"] for r in rows],
+            "truncated": [s.truncated for s in scored],
+            "predicted_norm": [s.label.predicted_norm for s in scored],
         },
         schema=LABEL_COLUMNS,
     )
@@ -120,5 +135,18 @@ def label_questions(
     finally:
         if backend is not None:
             backend.close()
-    total_labeled = store.fetch_one("label_counts", dataset_ids=dataset_ids, teacher_key=key)[0]
-    return LabelReport(teacher_key=key, total=total_labeled, newly_labeled=done, seconds=time.perf_counter() - start)
+    total, _, truncated = store.fetch_one("label_counts", dataset_ids=dataset_ids, teacher_key=key)
+    warn_truncated(truncated, total)
+    return LabelReport(
+        teacher_key=key, total=total, newly_labeled=done, seconds=time.perf_counter() - start, truncated=truncated
+    )
+
+
+def warn_truncated(truncated: int, total: int) -> None:
+    """Warn when labels came from prompts cut to fit scoring.max_length (a UserWarning, so it reaches logs)."""
+    if truncated:
+        warnings.warn(
+            f"{truncated} of {total} questions had prompts longer than scoring.max_length and were labeled with the "
+            "middle of their question text cut out; raise scoring.max_length to score them whole",
+            stacklevel=2,
+        )

@@ -22,6 +22,9 @@ class SoftLabel:
     predicted: int
     coverage: float
     entropy: float
+    # cloze with length normalisation: the option with the best log-likelihood per character
+    # (lm-evaluation-harness acc_norm), a prediction rule reported beside `predicted`, never a target.
+    predicted_norm: int | None = None
 
 
 def logsumexp(values: Sequence[float]) -> float:
@@ -33,7 +36,12 @@ def logsumexp(values: Sequence[float]) -> float:
     return top + math.log(sum(math.exp(v - top) for v in finite))
 
 
-def soft_label_from_logprobs(option_logprobs: Sequence[float | None], *, normalised: bool = False) -> SoftLabel:
+def soft_label_from_logprobs(
+    option_logprobs: Sequence[float | None],
+    *,
+    normalised: bool = False,
+    rank_by: Sequence[float | None] | None = None,
+) -> SoftLabel:
     """Build a soft label from one log-probability per option.
 
     `option_logprobs[i]` is the log-probability the model gave option i (None or <= -1e4 when the backend
@@ -41,7 +49,8 @@ def soft_label_from_logprobs(option_logprobs: Sequence[float | None], *, normali
     mass they carry before renormalising is the coverage: low coverage means the model wanted to answer
     something else. Cloze scores are already a distribution over options (`normalised=True`, coverage 1).
     Options with no log-probability get probability 0; if none has one, the label is uniform with
-    coverage 0 so validation can catch it.
+    coverage 0 so validation can catch it. `rank_by` (one score per option, e.g. log-likelihood per
+    character) sets `predicted_norm` to its argmax; the probabilities never depend on it.
     """
     n = len(option_logprobs)
     if n < 2:
@@ -58,4 +67,17 @@ def soft_label_from_logprobs(option_logprobs: Sequence[float | None], *, normali
         coverage = 1.0 if normalised else min(1.0, math.exp(total))
     predicted = max(range(n), key=probs.__getitem__)
     entropy = -sum(p * math.log(p) for p in probs if p > 0.0)
-    return SoftLabel(probs=probs, confidence=probs[predicted], predicted=predicted, coverage=coverage, entropy=entropy)
+    predicted_norm = None
+    if rank_by is not None:
+        if len(rank_by) != n:
+            raise ValueError(f"rank_by has {len(rank_by)} scores for {n} options")
+        ranked = [v if v is not None and math.isfinite(v) else -math.inf for v in rank_by]
+        predicted_norm = max(range(n), key=ranked.__getitem__)
+    return SoftLabel(
+        probs=probs,
+        confidence=probs[predicted],
+        predicted=predicted,
+        coverage=coverage,
+        entropy=entropy,
+        predicted_norm=predicted_norm,
+    )

@@ -18,13 +18,14 @@ WHERE list_contains($dataset_ids, q.dataset_id)
 ORDER BY q.question_id;
 
 -- name: insert_labels
-INSERT OR IGNORE INTO soft_labels
-    (question_id, teacher_key, question_hash, probs, confidence, predicted, coverage, entropy, reasoning, latency_ms)
-SELECT question_id, teacher_key, question_hash, probs, confidence, predicted, coverage, entropy, reasoning, latency_ms
-FROM incoming;
+-- Columns are matched by name: a batch without the later columns (truncated, predicted_norm) gets their
+-- defaults.
+INSERT OR IGNORE INTO soft_labels BY NAME
+SELECT * FROM incoming;
 
 -- name: label_counts
-SELECT count(*) AS questions, count(l.question_id) AS labeled
+-- truncated: labels whose prompt was cut to fit scoring.max_length.
+SELECT count(*) AS questions, count(l.question_id) AS labeled, count(*) FILTER (WHERE l.truncated) AS truncated
 FROM questions q
 LEFT JOIN soft_labels l
   ON l.question_id = q.question_id AND l.teacher_key = $teacher_key AND l.question_hash = q.question_hash

@@ -121,6 +121,11 @@ CREATE TABLE IF NOT EXISTS soft_labels (
     created_at    TIMESTAMP NOT NULL DEFAULT current_timestamp,
     PRIMARY KEY (question_id, teacher_key, question_hash)
 );
+-- Added after the first release (databases created before get them here):
+-- truncated: the prompt exceeded scoring.max_length and lost the middle of its question text;
+-- predicted_norm: cloze with length normalisation, the option with the best log-likelihood per character.
+ALTER TABLE soft_labels ADD COLUMN IF NOT EXISTS truncated BOOLEAN DEFAULT false;
+ALTER TABLE soft_labels ADD COLUMN IF NOT EXISTS predicted_norm INTEGER;
 
 CREATE TABLE IF NOT EXISTS validation_runs (
     validation_id  VARCHAR PRIMARY KEY,

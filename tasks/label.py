@@ -48,7 +48,8 @@ def label_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], sample_only:
             record.detail = {"sample": plan.checked} if plan and plan.checked else {}
         record.reused = report.newly_labeled == 0
         record.detail |= {"teacher_key": report.teacher_key, "labeled": report.newly_labeled,
-                          "total": report.total, "seconds": round(report.seconds, 2)}
+                          "total": report.total, "truncated": report.truncated,
+                          "seconds": round(report.seconds, 2)}
     get_run_logger().info("teacher %s: %s new labels in %.1f s, %s questions labeled in all%s", report.teacher_key,
                           f"{report.newly_labeled:,}", report.seconds, f"{report.total:,}",
                           " (nothing left to label: all reused)" if record.reused else "")

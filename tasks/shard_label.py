@@ -23,6 +23,7 @@ from prefect.utilities.annotations import allow_failure
 
 from kdflow.config import RunConfig
 from kdflow.errors import KdflowError
+from kdflow.labeling import warn_truncated
 from kdflow.progress import progress_bar
 from kdflow.runs import stage
 from kdflow.sharding import ShardError, ShardPlan, engine_groups, label_shard, load_shards, plan_shards
@@ -164,9 +165,10 @@ def label_sharded(cfg: RunConfig, run_id: str, dataset_ids: list[str]) -> str:
                 f"{len(errors)} of {len(futures)} labeling shards failed after retries (first: {errors[0]!r}); "
                 f"the {len(finished)} finished ones are stored: run the label stage again to label the rest"
             ) from errors[0]
-        total = store.fetch_one("label_counts", dataset_ids=dataset_ids, teacher_key=plan.teacher_key)[0]
+        total, _, truncated = store.fetch_one("label_counts", dataset_ids=dataset_ids, teacher_key=plan.teacher_key)
+        warn_truncated(truncated, total)
         record.reused = not plan.shards
-        record.detail = {"teacher_key": plan.teacher_key, "labeled": labeled, "total": total,
+        record.detail = {"teacher_key": plan.teacher_key, "labeled": labeled, "total": total, "truncated": truncated,
                          "shards": len(plan.shards), "workers": worker_count(cfg),
                          "task_runner": cfg.orchestration.task_runner, "seconds": round(time.perf_counter() - start, 2)}
     get_run_logger().info("teacher %s: %s new labels in %s shards on %s, %s questions labeled in all", plan.teacher_key,

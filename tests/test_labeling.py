@@ -11,11 +11,14 @@ import label_worker
 import pytest
 from helpers import labeling_world, sigkill_when, worker_env
 
+import torch
+
 from kdflow.backends.hf import HFBackend
-from kdflow.config import DemoSource, ScoringConfig, SourceConfig, SplitConfig
+from kdflow.config import DemoSource, ScoringConfig, SourceConfig, SplitConfig, load_config
 from kdflow.datasets import ingest_source
-from kdflow.labeling import label_questions
-from kdflow.modeling import load_pretrained
+from kdflow.labeling import label_questions, teacher_key, teacher_spec
+from kdflow.modeling import build_model, load_pretrained, train_tokenizer
+from kdflow.scoring import tokenize
 from kdflow.store import Store
 
 WORKER = Path(__file__).with_name("label_worker.py")
@@ -76,3 +79,47 @@ def test_a_labeling_killed_midway_then_rerun_has_one_label_per_question(world, t
     assert resumed.keys() == reference.keys() and len(resumed) == N_QUESTIONS
     assert all(resumed[q] == pytest.approx(partial[q], abs=0) for q in partial), "a committed label changed"
     assert all(resumed[q] == pytest.approx(reference[q], abs=1e-5) for q in reference)
+
+
+LONG_PROMPTS = Path(__file__).parent / "fixtures" / "long_prompts"
+
+
+@pytest.mark.parametrize("mode", ["letter", "cloze"])
+def test_long_prompts_keep_bos_options_and_cue_and_are_counted(mode, tmp_path):
+    # tiny_long.yaml: max_length 128 and one question (long-1) whose passage alone is ~3,500 characters.
+    cfg = load_config(LONG_PROMPTS / "tiny_long.yaml", [f"scoring.mode={mode}"])
+    source = cfg.data.sources[0].model_copy(update={"path": str(LONG_PROMPTS / "long_passage.jsonl")})
+    store = Store(tmp_path / "home")
+    dataset_id = ingest_source(store, source, cfg.data.splits).dataset_id
+    rows = store.arrow("unlabeled_questions", dataset_ids=[dataset_id], teacher_key="none").to_pylist()
+    tokenizer = train_tokenizer([" ".join([r["question"], *r["options"]]) for r in rows], 512)
+    torch.manual_seed(0)
+    model = build_model(cfg.teacher.architecture, tokenizer)
+
+    long = next(r for r in rows if r["question"].startswith("Read the passage"))
+    (encoded,) = tokenize([long], tokenizer, cfg.scoring)
+    assert encoded.truncated and len(encoded.row) <= 128 and encoded.row[0] == tokenizer.bos_token_id
+    text = tokenizer.decode(encoded.row)
+    assert "QUESTION: According to the passage, which animal did the farmers keep?" in text
+    if mode == "letter":
+        assert text.endswith("\nA. goats\nB. horses\nC. camels\nD. ducks\nAnswer:")
+    else:
+        assert tokenizer.decode(encoded.context).endswith("keep?\nAnswer:")
+        assert [tokenizer.decode(r[len(encoded.context):]) for r in encoded.option_rows] == [
+            " goats", " horses", " camels", " ducks"]
+
+    key = teacher_key(teacher_spec(cfg.teacher, cfg.scoring, "tiny-long"))
+    backend = HFBackend(model, tokenizer, cfg.scoring, batch_size=8, device="cpu")
+    with pytest.warns(UserWarning, match="1 of 3 questions had prompts longer than scoring.max_length"):
+        report = label_questions(store, lambda: backend, [dataset_id], key)
+    assert report.newly_labeled == 3 and report.truncated == 1
+    with store.connect() as con:
+        stored = con.execute("SELECT question_id, truncated FROM soft_labels ORDER BY question_id").fetchall()
+    assert [t for q, t in stored if q == long["question_id"]] == [True] and sum(t for _, t in stored) == 1
+
+
+def test_max_length_is_part_of_the_teacher_key():
+    # A longer limit keeps question text a shorter one cut, so it must relabel.
+    cfg = load_config(LONG_PROMPTS / "tiny_long.yaml")
+    longer = cfg.scoring.model_copy(update={"max_length": 256})
+    assert teacher_key(teacher_spec(cfg.teacher, cfg.scoring, "m")) != teacher_key(teacher_spec(cfg.teacher, longer, "m"))

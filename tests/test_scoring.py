@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import types
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from kdflow.config import ArchitectureConfig, ScoringConfig
+from kdflow.errors import KdflowError
 from kdflow.modeling import build_model
 from kdflow.prompts import cloze_context, cloze_continuation, letter_prompt
 from kdflow.records import LETTERS
@@ -16,7 +19,6 @@ from kdflow.scoring import (
     ScoringError,
     collate,
     encode,
-    letter_token_ids,
     option_logits,
     to_soft_labels,
     tokenize,
@@ -55,19 +57,27 @@ def other_models(tiny_tokenizer) -> dict[str, torch.nn.Module]:
 
 
 def _hand_letter(model, tokenizer, q, cfg=LETTER) -> list[float]:
+    """After "Answer:" the natural letter token is " A" (byte-level "ĠA"); `sum` adds "A"."""
     ids = tokenizer(letter_prompt(q["question"], q["options"], q["category"], cfg))["input_ids"]
     with torch.no_grad():
         log_probs = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1], dim=-1)
-    forms = [(tokenizer.convert_tokens_to_ids(L), tokenizer.convert_tokens_to_ids("Ġ" + L)) for L in LETTERS]
-    return [torch.logsumexp(log_probs[list(forms[i])], 0).item() for i in range(len(q["options"]))]
+    forms = [[tokenizer.convert_tokens_to_ids("Ġ" + L)] for L in LETTERS]
+    if cfg.letter_forms == "sum":
+        forms = [f + [tokenizer.convert_tokens_to_ids(L)] for f, L in zip(forms, LETTERS)]
+    return [torch.logsumexp(log_probs[forms[i]], 0).item() for i in range(len(q["options"]))]
+
+
+def _joint(tokenizer, context: str, option: str) -> tuple[list[int], list[int]]:
+    """lm-evaluation-harness's split: encode context + " option" whole, cut at len(encode(context))."""
+    ctx = tokenizer(context)["input_ids"]
+    return ctx, tokenizer(context + " " + option)["input_ids"][len(ctx) :]
 
 
 def _per_option(model, tokenizer, q) -> torch.Tensor:
     """Each option's summed log-probability from a plain causal pass over context + that option alone."""
-    context = tokenizer(cloze_context(q["question"], q["category"], CLOZE))["input_ids"]
     totals = []
     for option in q["options"]:
-        cont = tokenizer(cloze_continuation(option), add_special_tokens=False)["input_ids"]
+        context, cont = _joint(tokenizer, cloze_context(q["question"], q["category"], CLOZE), option)
         log_probs = torch.log_softmax(model(torch.tensor([context + cont])).logits[0], dim=-1)
         totals.append(log_probs[torch.arange(len(context) - 1, len(context) - 1 + len(cont)), cont].sum())
     return torch.stack(totals)
@@ -86,12 +96,13 @@ def _check(scores, expected_rows):
         assert torch.isneginf(scores[i, k:]).all()
 
 
-def test_letter_matches_hand_computation(model, tiny_tokenizer, tiny_questions):
-    batch = encode(tiny_questions, tiny_tokenizer, LETTER)
+@pytest.mark.parametrize("cfg", [LETTER, ScoringConfig(letter_forms="sum")], ids=["natural", "sum"])
+def test_letter_matches_hand_computation(cfg, model, tiny_tokenizer, tiny_questions):
+    batch = encode(tiny_questions, tiny_tokenizer, cfg)
     assert batch.option_mask.shape == (5, 5) and batch.n_options.tolist() == [3, 4, 5, 2, 4]
     with torch.no_grad():
         out = option_logits(model, batch)
-    expected = [_hand_letter(model, tiny_tokenizer, q) for q in tiny_questions]
+    expected = [_hand_letter(model, tiny_tokenizer, q, cfg) for q in tiny_questions]
     _check(out.scores, expected)
     mass = torch.tensor([math.log(sum(math.exp(v) for v in row)) for row in expected])
     assert torch.allclose(out.log_mass, mass, atol=1e-5)
@@ -105,8 +116,12 @@ def test_cloze_matches_hand_computation(cfg, model, tiny_tokenizer, tiny_questio
     with torch.no_grad():
         out = option_logits(model, batch)
     assert out.log_mass is None
-    expected = [_hand_cloze(model, tiny_tokenizer, q, cfg.length_normalise) for q in tiny_questions]
-    _check(out.scores, expected)
+    # Scores (and so soft labels) are the summed log-likelihoods; per-character ones only rank.
+    _check(out.scores, [_hand_cloze(model, tiny_tokenizer, q, normalise=False) for q in tiny_questions])
+    if cfg.length_normalise:
+        _check(out.normalised, [_hand_cloze(model, tiny_tokenizer, q, normalise=True) for q in tiny_questions])
+    else:
+        assert out.normalised is None
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -187,23 +202,64 @@ def test_gradients_reach_the_model(cfg, tiny_model, tiny_tokenizer, tiny_questio
     assert student.get_input_embeddings().weight.grad.abs().sum() > 0
 
 
-def test_both_letter_forms_are_combined(tiny_tokenizer):
-    ids = letter_token_ids(tiny_tokenizer, 3)
-    assert ids[0] == (tiny_tokenizer.convert_tokens_to_ids("A"), tiny_tokenizer.convert_tokens_to_ids("ĠA"))
-    assert len({i for pair in ids for i in pair}) == 6
+def test_letter_scores_the_natural_token_after_the_prompt(tiny_tokenizer, tiny_questions):
+    # After "Answer:" the tokenizer writes " A"; at the start of a chat answer "A". Only that form is scored
+    # by default: adding the unnatural form adds its prior (a model that puts mass on "A" glued to
+    # "Answer:" would look like it answers A).
+    q = tiny_questions[1]
+    spaced = [tiny_tokenizer.convert_tokens_to_ids("Ġ" + L) for L in "ABCD"]
+    bare = [tiny_tokenizer.convert_tokens_to_ids(L) for L in "ABCD"]
+    (plain,) = tokenize([q], tiny_tokenizer, LETTER)
+    assert plain.letter_ids == tuple((i,) for i in spaced)
+    (summed,) = tokenize([q], tiny_tokenizer, ScoringConfig(letter_forms="sum"))
+    assert summed.letter_ids == tuple(zip(spaced, bare))
+    chat = copy.deepcopy(tiny_tokenizer)
+    chat.chat_template = CHAT_TEMPLATE
+    (chatted,) = tokenize([q], chat, LETTER)
+    assert chatted.letter_ids == tuple((i,) for i in bare)
+    # A template ending in a space or newline: the letter follows it bare.
+    (newline,) = tokenize([q], tiny_tokenizer, ScoringConfig(letter_template="{question}\n{options}\nAnswer:\n"))
+    assert newline.letter_ids == tuple((i,) for i in bare)
+
+
+class _FixedNextToken(torch.nn.Module):
+    """A causal LM whose next-token logits are `logits` at every position, whatever the input."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, logits_to_keep=0):
+        keep = logits_to_keep or input_ids.shape[1]
+        return types.SimpleNamespace(logits=self.logits.expand(input_ids.shape[0], keep, -1))
+
+
+def test_letter_sum_does_not_shift_a_prior_onto_one_letter(tiny_tokenizer, tiny_questions):
+    # Mass on the bare "A" (a form that never follows "Answer:"), the natural " A".." D" equally likely:
+    # natural scoring sees no preference; summing both forms would answer A with high confidence.
+    logits = torch.zeros(len(tiny_tokenizer))
+    logits[tiny_tokenizer.convert_tokens_to_ids("A")] = 8.0
+    net = _FixedNextToken(logits)
+    q = tiny_questions[1]
+    natural = to_soft_labels(option_logits(net, encode([q], tiny_tokenizer, LETTER)))[0]
+    summed = to_soft_labels(option_logits(net, encode([q], tiny_tokenizer, ScoringConfig(letter_forms="sum"))))[0]
+    assert natural.probs == pytest.approx([0.25] * 4)
+    assert summed.predicted == 0 and summed.confidence > 0.9
 
 
 def test_coinciding_letter_forms_count_once(model, tiny_tokenizer, tiny_questions):
-    # Stripping the text makes "A" and " A" the same token: that id must be counted once, not twice.
+    # A normaliser that drops spaces makes "A" and " A" the same token: with letter_forms sum it counts once.
     stripped = copy.deepcopy(tiny_tokenizer)
-    stripped.backend_tokenizer.normalizer = normalizers.Strip()
+    stripped.backend_tokenizer.normalizer = normalizers.Replace(" ", "")
     a, b = stripped.convert_tokens_to_ids(["A", "B"])
-    assert letter_token_ids(stripped, 2) == ((a,), (b,))
+    cfg = ScoringConfig(letter_forms="sum")
     q = tiny_questions[1]
-    ids = stripped(letter_prompt(q["question"], q["options"], q["category"], LETTER))["input_ids"]
+    (encoded,) = tokenize([q], stripped, cfg)
+    assert encoded.letter_ids[:2] == ((a,), (b,))
+    ids = stripped(letter_prompt(q["question"], q["options"], q["category"], cfg))["input_ids"]
     with torch.no_grad():
         log_probs = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1], dim=-1)
-        scores = option_logits(model, encode([q], stripped, LETTER)).scores[0]
+        scores = option_logits(model, encode([q], stripped, cfg)).scores[0]
     expected = log_probs[[stripped.convert_tokens_to_ids(L) for L in "ABCD"]]
     assert torch.allclose(scores, expected, atol=1e-5)
 
@@ -214,7 +270,7 @@ def test_multi_token_letter_is_a_clear_error(tiny_questions):
     bare.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bare.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bare, pad_token="a")
-    with pytest.raises(ScoringError, match="' A' is not a single token"):
+    with pytest.raises(ScoringError, match=r"question 0 \(q0\): the answer letter ' A' .* not one token"):
         encode(tiny_questions, tokenizer, LETTER)
 
 
@@ -229,25 +285,33 @@ def test_chat_template_is_applied_with_thinking_off(tiny_tokenizer, tiny_questio
         assert list(row) == chat(expected, add_special_tokens=False)["input_ids"]
     plain = tokenize([q], chat, ScoringConfig(chat_template="off"))[0].row
     assert list(plain) == chat(prompt)["input_ids"]
-    with pytest.raises(ScoringError, match="no chat template"):
+    with pytest.raises(KdflowError, match="no chat template"):
         tokenize([q], tiny_tokenizer, ScoringConfig(chat_template="on"))
+    # A system prompt is the first message; cloze never uses the template.
+    system = tokenize([q], chat, ScoringConfig(system_prompt="Answer with a letter."))[0].row
+    with_system = "<|im_start|>system\nAnswer with a letter.<|im_end|>\n" + expected
+    assert list(system) == chat(with_system, add_special_tokens=False)["input_ids"]
+    cloze = tokenize([q], chat, ScoringConfig(mode="cloze", chat_template="on"))[0]
+    assert list(cloze.context) == chat(cloze_context(q["question"], q["category"], CLOZE))["input_ids"]
 
 
-def test_truncation_keeps_answer_position_and_options(tiny_tokenizer, tiny_questions):
-    q = tiny_questions[4]
-    letter_row = tokenize([q], tiny_tokenizer, ScoringConfig(max_length=16))[0].row
-    full = tiny_tokenizer(letter_prompt(q["question"], q["options"], q["category"], LETTER))["input_ids"]
-    assert list(letter_row) == full[-16:]
-    q = dict(q, options=[f"{o}, {o}" for o in q["options"]])  # options of 16+ tokens together (min max_length)
-    conts = [tiny_tokenizer(cloze_continuation(o), add_special_tokens=False)["input_ids"] for o in q["options"]]
-    packed = [t for cont in conts for t in cont]
-    context = tiny_tokenizer(cloze_context(q["question"], q["category"], CLOZE))["input_ids"]
-    max_length = len(packed) + 3
-    encoded = tokenize([q], tiny_tokenizer, ScoringConfig(mode="cloze", max_length=max_length))[0]
-    assert list(encoded.row) == context[-3:] + packed and list(encoded.context) == context[-3:]
-    assert [list(row) for row in encoded.option_rows] == [context[-3:] + cont for cont in conts]
-    with pytest.raises(ScoringError, match=r"question 0 \(q4\).*raise scoring.max_length or use scoring.mode: letter"):
-        tokenize([q], tiny_tokenizer, ScoringConfig(mode="cloze", max_length=len(packed)))
+def test_thinking_with_letter_mode_is_refused_at_config_time():
+    from kdflow.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="enable_thinking.*letter.*'<think>', not an option letter"):
+        load_config(None, ["teacher.enable_thinking=true", "scoring.mode=letter"])
+    assert load_config(None, ["teacher.enable_thinking=true", "scoring.mode=cloze"]).teacher.enable_thinking
+
+
+def test_chat_template_off_in_yaml_is_off(tmp_path):
+    # YAML 1.1 reads a bare off/on as false/true.
+    path = tmp_path / "c.yaml"
+    path.write_text("scoring:\n  chat_template: off\n")
+    from kdflow.config import load_config
+
+    assert load_config(path).scoring.chat_template == "off"
+    path.write_text("scoring:\n  chat_template: on\n")
+    assert load_config(path).scoring.chat_template == "on"
 
 
 def test_bad_questions_are_rejected(tiny_tokenizer):
@@ -276,3 +340,206 @@ def test_works_through_a_lora_wrapper(tiny_model, tiny_tokenizer, tiny_questions
     out.scores.masked_fill(~batch.option_mask, 0.0).sum().backward()
     lora = [p for name, p in student.named_parameters() if "lora_" in name]
     assert lora and all(p.grad is not None for p in lora)
+
+
+# --- cloze tokenisation: context and option encoded together, split at the context (lm-eval) ------------
+
+SP_TEXTS = [
+    cloze_context(q["question"], q["category"], CLOZE) + " " + " ".join(q["options"])
+    for q in [
+        {"question": "Which river flows through the capital?", "category": "", "options": ["The long river", "The sea", "A mountain"]},
+        {"question": "What colour is the sky at noon?", "category": "", "options": ["Green", "Blue", "Red"]},
+        {"question": "Who built the old stone bridge?", "category": "", "options": ["The Romans", "Nobody"]},
+    ]
+]
+
+
+def _sentencepiece_style(layout: str) -> PreTrainedTokenizerFast:
+    """A SentencePiece-style BPE ("▁" marks a space, byte fallback, <s> prepended) in one of two layouts.
+
+    prepend: the Llama-2 / Mistral-v0.1 tokenizer.json (a Prepend("▁") + Replace(" ", "▁") normaliser and no
+    pre-tokenizer): " option" alone encodes as "▁", "▁option". metaspace: a Metaspace pre-tokenizer
+    (prepend_scheme "first", as newer conversions write it).
+    """
+    from tokenizers import processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=["▁"])
+    tok.train_from_iterator(SP_TEXTS * 30, trainer)
+    if layout == "prepend":
+        tok.pre_tokenizer = None
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+SP_QUESTIONS = [
+    {"question_id": "sp0", "question": "Which river flows through the capital?", "category": "",
+     "options": ["The long river", "The sea", "A mountain"]},
+    {"question_id": "sp1", "question": "What colour is the sky at noon?", "category": "",
+     "options": ["Green", "Blue", "Red"]},
+]
+
+
+@pytest.mark.parametrize("layout", ["prepend", "metaspace"])
+def test_cloze_options_are_encoded_jointly_with_the_context(layout):
+    tokenizer = _sentencepiece_style(layout)
+    stray = tokenizer.convert_tokens_to_ids("▁")
+    for e, q in zip(tokenize(SP_QUESTIONS, tokenizer, CLOZE_SUM), SP_QUESTIONS):
+        context = cloze_context(q["question"], q["category"], CLOZE)
+        assert list(e.context) == tokenizer(context)["input_ids"] and e.context[0] == tokenizer.bos_token_id
+        for row, option in zip(e.option_rows, q["options"]):
+            ctx, cont = _joint(tokenizer, context, option)
+            assert list(row) == ctx + cont
+            # The option starts with its first word ("▁The", all in the vocabulary), never with a lone "▁".
+            assert tokenizer.convert_ids_to_tokens(row[len(ctx)]) == "▁" + option.split()[0]
+            alone = tokenizer(" " + option, add_special_tokens=False)["input_ids"]
+            # What encoding " option" on its own gives: a stray "▁" first with the Prepend layout.
+            assert (alone == [stray, *cont]) if layout == "prepend" else (alone == cont)
+
+
+@pytest.mark.parametrize("layout", ["prepend", "metaspace"])
+def test_packed_cloze_equals_unpacked_with_a_sentencepiece_tokenizer(layout):
+    tokenizer = _sentencepiece_style(layout)
+    torch.manual_seed(0)
+    net = _sharpen(build_model(ArchitectureConfig(family="llama", hidden_size=32, num_layers=2, num_heads=4,
+                                                  num_kv_heads=2), tokenizer))
+    encoded = tokenize(SP_QUESTIONS, tokenizer, CLOZE)
+    with torch.no_grad():
+        out = option_logits(net, collate(encoded, pad_id=tokenizer.pad_token_id))
+        for i, e in enumerate(encoded):
+            context = len(e.context)
+            for j, row in enumerate(e.option_rows):
+                log_probs = torch.log_softmax(net(torch.tensor([list(row)])).logits[0], dim=-1)
+                targets = torch.tensor(row[context:])
+                alone = log_probs[torch.arange(context - 1, len(row) - 1), targets].sum()
+                assert torch.isclose(out.scores[i, j], alone, atol=1e-5)
+                assert torch.isclose(out.normalised[i, j], alone / len(SP_QUESTIONS[i]["options"][j]), atol=1e-5)
+
+
+def test_trailing_whitespace_of_the_context_moves_to_the_option(tiny_tokenizer):
+    # A cloze template ending in a newline: the newline is encoded with the option (lm-eval _encode_pair).
+    cfg = ScoringConfig(mode="cloze", cloze_template="Question: {question}\nAnswer:\n", length_normalise=False)
+    q = {"question": "Which is it?", "category": "", "options": ["Blue", "Red"]}
+    (e,) = tokenize([q], tiny_tokenizer, cfg)
+    assert list(e.context) == tiny_tokenizer("Question: Which is it?\nAnswer:")["input_ids"]
+    whole = tiny_tokenizer("Question: Which is it?\nAnswer:\n Blue")["input_ids"]
+    assert list(e.option_rows[0]) == whole
+
+
+@pytest.mark.parametrize("cfg", [CLOZE, CLOZE_SUM], ids=["normalised", "sum"])
+def test_cloze_soft_labels_are_the_summed_likelihood_distribution(cfg, model, tiny_tokenizer, tiny_questions):
+    # The soft label is softmax(summed log-likelihoods) with or without length normalisation, which only
+    # adds predicted_norm (acc_norm's choice).
+    with torch.no_grad():
+        labels = to_soft_labels(option_logits(model, encode(tiny_questions, tiny_tokenizer, cfg)))
+    for label, q in zip(labels, tiny_questions):
+        summed = torch.tensor(_hand_cloze(model, tiny_tokenizer, q, normalise=False))
+        assert label.probs == pytest.approx(torch.softmax(summed, 0).tolist(), abs=1e-5)
+        per_char = _hand_cloze(model, tiny_tokenizer, q, normalise=True)
+        expected_norm = max(range(len(per_char)), key=per_char.__getitem__) if cfg.length_normalise else None
+        assert label.predicted_norm == expected_norm
+
+
+# --- truncation: keep BOS, frame, options and cue; cut the question's middle; count it -----------------
+
+LONG_QUESTION = {
+    "question_id": "long-x",
+    "category": "history",
+    "question": "Read the passage. " + "The old stone bridge stood over the river for many years. " * 30
+    + "QUESTION: who built the bridge?",
+    "options": ["The Romans", "A baker", "Nobody", "The king"],
+    "answer": 0,
+}
+
+
+def test_letter_truncation_keeps_bos_frame_options_and_cue(tiny_tokenizer, tiny_questions):
+    chat = copy.deepcopy(tiny_tokenizer)
+    chat.chat_template = CHAT_TEMPLATE
+    for tokenizer, cfg in [(tiny_tokenizer, ScoringConfig(max_length=128)),
+                           (chat, ScoringConfig(max_length=192, system_prompt="Answer with a letter."))]:
+        encoded = tokenize([LONG_QUESTION, tiny_questions[0]], tokenizer, cfg)
+        long, short = encoded
+        assert len(long.row) <= cfg.max_length and long.truncated and not short.truncated
+        text = tokenizer.decode(long.row)
+        options = "\nA. The Romans\nB. A baker\nC. Nobody\nD. The king\nAnswer:"
+        if tokenizer is chat:
+            assert text.startswith("<|im_start|>system\nAnswer with a letter.<|im_end|>\n<|im_start|>user\n")
+            assert text.endswith(options + "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        else:
+            assert long.row[0] == tokenizer.bos_token_id
+            assert text.endswith(options)
+        # The start (instructions) and the end (the question asked) survive; the middle is elided.
+        assert "Read the passage." in text and "QUESTION: who built the bridge?" in text and " ... " in text
+        assert long.letter_ids == tokenize([tiny_questions[1]], tokenizer, cfg)[0].letter_ids
+
+
+def test_cloze_truncation_keeps_bos_cue_and_every_option(tiny_tokenizer):
+    cfg = ScoringConfig(mode="cloze", max_length=64)
+    (e,) = tokenize([LONG_QUESTION], tiny_tokenizer, cfg)
+    assert e.truncated and len(e.row) <= 64 and e.row[0] == tiny_tokenizer.bos_token_id
+    context = tiny_tokenizer.decode(e.context)
+    assert context.startswith("<|bos|>Question: Read the") and context.endswith("QUESTION: who built the bridge?\nAnswer:")
+    for row, option in zip(e.option_rows, LONG_QUESTION["options"]):
+        assert tiny_tokenizer.decode(row[len(e.context):]) == " " + option
+
+
+def test_a_question_that_cannot_fit_names_itself_and_max_length(tiny_tokenizer):
+    many = dict(LONG_QUESTION, options=[f"option number {i} of many" for i in range(12)])
+    with pytest.raises(ScoringError, match=r"question 0 \(long-x\) does not fit scoring.max_length = 40"):
+        tokenize([many], tiny_tokenizer, ScoringConfig(max_length=40))
+    with pytest.raises(ScoringError, match=r"question 0 \(long-x\) does not fit scoring.max_length = 40"):
+        tokenize([many], tiny_tokenizer, ScoringConfig(mode="cloze", max_length=40))
+
+
+# --- real tokenizers: SmolLM2 (byte-level BPE, chat template) and Gemma-3 (SentencePiece, BOS) ------------
+
+
+@functools.cache
+def _real_tokenizer(directory, gguf_file):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+
+
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_real_tokenizers_split_like_lm_eval_and_score_the_natural_letter(model, request, tiny_questions):
+    tokenizer = _real_tokenizer(*request.getfixturevalue(model))
+    space = "Ġ" if model == "smollm2" else "▁"
+    for e, q in zip(tokenize(tiny_questions, tokenizer, CLOZE), tiny_questions):
+        context = cloze_context(q["question"], q["category"], CLOZE)
+        ctx = tokenizer(context)["input_ids"]
+        assert list(e.context) == ctx
+        for row, option in zip(e.option_rows, q["options"]):
+            assert list(row) == tokenizer(context + " " + option)["input_ids"]  # lm-eval's whole encoding
+            # Here the option encodes alike on its own: the joint split keeps what already matched lm-eval.
+            assert list(row[len(ctx):]) == tokenizer(" " + option, add_special_tokens=False)["input_ids"]
+    (plain,) = tokenize(tiny_questions[1:2], tokenizer, ScoringConfig(chat_template="off"))
+    assert [tokenizer.convert_ids_to_tokens(list(f)) for f in plain.letter_ids] == [[space + L] for L in "ABCD"]
+    (auto,) = tokenize(tiny_questions[1:2], tokenizer, LETTER)
+    if model == "smollm2":  # a chat template: auto uses it, and the answer starts with a bare letter
+        assert tokenizer.decode(auto.row).endswith("Answer:<|im_end|>\n<|im_start|>assistant\n")
+        assert [tokenizer.convert_ids_to_tokens(list(f)) for f in auto.letter_ids] == [[L] for L in "ABCD"]
+    else:  # no chat template: auto is the plain prompt, with the tokenizer's BOS
+        assert auto == plain and plain.row[0] == tokenizer.bos_token_id
+
+
+def test_server_prompt_is_what_the_local_renderer_sends(tiny_tokenizer, tiny_questions):
+    from kdflow.prompts import CHAT_TEMPLATE_KWARGS, server_prompt
+
+    q = tiny_questions[0]
+    cfg = ScoringConfig(system_prompt="Answer with a letter.")
+    sent = server_prompt(q["question"], q["options"], q["category"], cfg)
+    assert sent.prompt == letter_prompt(q["question"], q["options"], q["category"], cfg)
+    assert sent.messages == [{"role": "system", "content": "Answer with a letter."},
+                             {"role": "user", "content": sent.prompt}]
+    # A server rendering these messages with CHAT_TEMPLATE_KWARGS produces the hf backend's row.
+    chat = copy.deepcopy(tiny_tokenizer)
+    chat.chat_template = CHAT_TEMPLATE
+    text = chat.apply_chat_template(sent.messages, tokenize=False, add_generation_prompt=True, **CHAT_TEMPLATE_KWARGS)
+    assert list(tokenize([q], chat, cfg)[0].row) == chat(text, add_special_tokens=False)["input_ids"]
+    cloze = server_prompt(q["question"], q["options"], q["category"], CLOZE)
+    assert cloze.messages == [] and cloze.prompt == cloze_context(q["question"], q["category"], CLOZE)

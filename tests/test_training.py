@@ -164,7 +164,9 @@ def test_grad_accumulation_matches_a_bigger_batch(tok, labeled, tmp_path):
     for key in ("loss", "ce", "kd", "grad_norm", "epoch", "lr"):
         assert [r[key] for r in small_rows] == pytest.approx([r[key] for r in big_rows], rel=1e-4), key
     big_weights, small_weights = big.state_dict(), small.state_dict()
-    assert all(torch.allclose(big_weights[k], small_weights[k], atol=1e-5) for k in big_weights)
+    # float32 sums in another order: summed (not per-character) cloze log-likelihoods give larger gradients,
+    # and the weights differ by ~2e-5 after 8 Adam steps.
+    assert all(torch.allclose(big_weights[k], small_weights[k], atol=1e-4) for k in big_weights)
 
 
 def test_early_stopping_stops_and_exports_the_best_weights(tok, tmp_path):

@@ -17,7 +17,7 @@ from kdflow.backends.base import TeacherBackend
 from kdflow.backends.vllm import VLLMBackend, cloze_label_from_request_outputs, labels_from_request_outputs
 from kdflow.config import ScoringConfig, TeacherConfig
 from kdflow.errors import KdflowError
-from kdflow.scoring import encode, option_logits, to_soft_labels
+from kdflow.scoring import encode, option_logits, to_soft_labels, tokenize
 
 
 # --- vLLM's output shapes (vllm/logprobs.py, vllm/outputs.py) ---------------------------------------------
@@ -96,15 +96,18 @@ def _softmax(values: list[float]) -> list[float]:
     return [math.exp(v - max(values)) / total for v in values]
 
 
-def test_cloze_sums_the_option_tokens_and_normalises():
+def test_cloze_sums_the_option_tokens_and_normalisation_only_ranks():
     # Context is 3 tokens; option 0 has 2 tokens, option 1 one token.
     a = _cloze_output([1, 10, 11, 20, 21], [None, -5.0, -5.0, -1.0, -2.0])
     b = _cloze_output([1, 10, 11, 30], [None, -5.0, -5.0, -4.0])
-    raw = cloze_label_from_request_outputs([a, b], targets=[2, 1], norms=[1.0, 1.0])
+    raw = cloze_label_from_request_outputs([a, b], targets=[2, 1])
     assert raw.probs == pytest.approx(_softmax([-3.0, -4.0]))
-    assert raw.coverage == 1.0
-    normed = cloze_label_from_request_outputs([a, b], targets=[2, 1], norms=[6.0, 2.0])
-    assert normed.probs == pytest.approx(_softmax([-3.0 / 6.0, -4.0 / 2.0]))
+    assert raw.coverage == 1.0 and raw.predicted == 0 and raw.predicted_norm is None
+    # Option lengths 1 and 8 characters: per character option 1 (-0.5) beats option 0 (-3); only
+    # predicted_norm follows that rule, the label stays the summed-likelihood distribution.
+    normed = cloze_label_from_request_outputs([a, b], targets=[2, 1], norms=[1.0, 8.0])
+    assert normed.probs == pytest.approx(_softmax([-3.0, -4.0]))
+    assert normed.predicted == 0 and normed.predicted_norm == 1
 
 
 def test_cloze_missing_token_is_absent_and_long_options_stay_valid():
@@ -155,16 +158,8 @@ class FakeLLM:
 
     def generate(self, prompts, sampling_params, use_tqdm=True):
         self.calls.append(("generate", sampling_params))
+        self.prompts.extend(list(p["prompt_token_ids"]) for p in prompts)
         return [self._run(list(p["prompt_token_ids"]), sampling_params) for p in prompts]
-
-    def chat(self, messages, sampling_params, use_tqdm=True, chat_template_kwargs=None):
-        self.calls.append(("chat", chat_template_kwargs))
-        texts = [
-            self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True, **chat_template_kwargs)
-            for m in messages
-        ]
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [self._run(row, sampling_params) for row in ids]
 
     def _log_probs(self, ids: list[int]) -> torch.Tensor:
         with torch.inference_mode():
@@ -196,6 +191,7 @@ def fake_vllm(monkeypatch, tiny_model, tiny_tokenizer):
 
     def make_llm(**engine_args):
         state["llm"] = FakeLLM(tiny_model, state["tokenizer"], engine_args)
+        state["llm"].prompts = state.setdefault("prompts", [])
         return state["llm"]
 
     module.LLM = make_llm
@@ -245,7 +241,7 @@ def test_old_vllm_falls_back_to_top_logprobs(fake_vllm, tiny_model, tiny_tokeniz
         assert sum(s.label.probs) == pytest.approx(1.0)
 
 
-def test_chat_template_with_thinking_flag_and_reasoning(fake_vllm, tiny_model, tiny_tokenizer, tiny_questions):
+def test_chat_prompts_are_the_hf_rows_with_thinking_off(fake_vllm, tiny_model, tiny_tokenizer, tiny_questions):
     chat_tokenizer = copy.deepcopy(tiny_tokenizer)
     chat_tokenizer.chat_template = (
         "{% for m in messages %}user: {{ m['content'] }}\n{% endfor %}"
@@ -253,15 +249,20 @@ def test_chat_template_with_thinking_flag_and_reasoning(fake_vllm, tiny_model, t
     )
     fake_vllm["tokenizer"] = chat_tokenizer
     teacher = TeacherConfig(backend="vllm", model="tiny", reasoning=True, reasoning_max_tokens=3)
-    scoring = ScoringConfig(chat_template="auto")
-    scored = VLLMBackend(teacher, scoring).score(tiny_questions)
-    calls = fake_vllm["llm"].calls
-    assert [kind for kind, _ in calls] == ["chat", "chat"]
-    assert calls[0][1] == {"enable_thinking": False}
-    # The chat prompt is what the hf scoring renders too (its template call also turns thinking off).
-    for s, ref in zip(scored, _reference(tiny_questions, tiny_model, chat_tokenizer, scoring)):
-        assert s.label.probs == pytest.approx(ref.probs, abs=1e-5)
-        assert isinstance(s.reasoning, str)
+    for mode in ("auto", "on", "off"):
+        scoring = ScoringConfig(chat_template=mode, system_prompt="Be brief.")
+        fake_vllm["prompts"] = []
+        scored = VLLMBackend(teacher, scoring).score(tiny_questions)
+        # Both backends render through kdflow.prompts: vLLM gets exactly the hf rows as token ids, with the
+        # chat template (auto: the tokenizer has one), the system message and thinking off.
+        rows = [list(e.row) for e in tokenize(tiny_questions, chat_tokenizer, scoring)]
+        assert fake_vllm["prompts"][: len(rows)] == rows
+        text = chat_tokenizer.decode(rows[0])
+        assert (text.startswith("user: Be brief.") and text.endswith("assistant: <nothink>")) == (mode != "off")
+        assert [kind for kind, _ in fake_vllm["llm"].calls] == ["generate", "generate"]
+        for s, ref in zip(scored, _reference(tiny_questions, tiny_model, chat_tokenizer, scoring)):
+            assert s.label.probs == pytest.approx(ref.probs, abs=1e-5)
+            assert isinstance(s.reasoning, str)
 
 
 def test_chat_template_on_needs_one(fake_vllm):

@@ -22,11 +22,13 @@ class ScoredQuestion:
     questions in it (amortised cost; evaluation times questions one at a time separately). Reasoning
     generation is not included.
     reasoning: the short rationale generated after the prompt when the backend was asked for one, else None.
+    truncated: the prompt was longer than scoring.max_length and lost part of its question text.
     """
 
     label: SoftLabel
     latency_ms: float
     reasoning: str | None = None
+    truncated: bool = False
 
 
 @runtime_checkable

@@ -103,7 +103,9 @@ class HFBackend:
             latency_ms = (time.perf_counter() - start) * 1000 / len(chunk)
             reasoning = self._reason(chunk) if self.reasoning_max_tokens else [None] * len(chunk)
             for i, label, text in zip(indices, labels, reasoning):
-                results[i] = ScoredQuestion(label=label, latency_ms=latency_ms, reasoning=text)
+                results[i] = ScoredQuestion(
+                    label=label, latency_ms=latency_ms, reasoning=text, truncated=encoded[i].truncated
+                )
         return results  # type: ignore[return-value]  # every slot was filled above
 
     def _buckets(self, encoded: Sequence[EncodedQuestion]) -> Iterator[list[int]]:

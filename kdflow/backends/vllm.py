@@ -5,15 +5,16 @@ built, never at module import, so the conversions below are tested on any machin
 vLLM's documented shape.
 
 - letter: one prefill per question; `SamplingParams(logprob_token_ids=...)` returns the log-probabilities
-  of exactly the option letters ("A" and " A" forms), whatever their rank. vLLM's default
+  of exactly the option letters (the token each letter gets right after the prompt), whatever their rank. vLLM's default
   `logprobs_mode="raw_logprobs"` is a log-softmax over the whole vocabulary, so the mass on the letters is
   the coverage. Builds without `logprob_token_ids` fall back to the top 20 tokens, where a letter outside
   them counts as absent (less coverage, never a made-up probability).
-- cloze: one request per option with `prompt_logprobs`, summing the option tokens' log-probabilities.
+- cloze: one request per option (context + option, encoded jointly and split as kdflow.scoring does) with
+  `prompt_logprobs`, summing the option tokens' log-probabilities.
 
-Prompts are the token ids of kdflow.scoring.tokenize (same rendering, BOS handling and left truncation as
-the hf backend), except chat prompts, which `LLM.chat` renders with `chat_template_kwargs` so that Qwen3's
-`enable_thinking` is honoured.
+Every prompt, chat-templated or not, is the token ids of kdflow.scoring.tokenize: the same renderer
+(kdflow.prompts: chat template decision, thinking off, system prompt), BOS handling, letter tokens and
+truncation as the hf backend, so both backends score identical rows.
 
 Data parallelism within a node (teacher.vllm.data_parallel_size > 1) is NOT done here: one VLLMBackend
 drives one engine. The caller starts data_parallel_size independent processes, each with its own
@@ -33,9 +34,8 @@ from kdflow.backends.base import ScoredQuestion
 from kdflow.config import ScoringConfig, TeacherConfig
 from kdflow.errors import KdflowError
 from kdflow.modeling import weights_fingerprint
-from kdflow.prompts import letter_prompt
-from kdflow.records import MAX_OPTIONS
-from kdflow.scoring import letter_token_ids, tokenize
+from kdflow.prompts import tokenizer_has_chat_template, uses_chat_template
+from kdflow.scoring import EncodedQuestion, tokenize
 from kdflow.softlabels import SoftLabel, logsumexp, soft_label_from_logprobs
 
 # The fallback's top-k: vLLM's default max_logprobs cap.
@@ -65,34 +65,32 @@ def labels_from_request_outputs(
 
 
 def cloze_label_from_request_outputs(
-    outputs: Sequence[Any], targets: Sequence[int], norms: Sequence[float]
+    outputs: Sequence[Any], targets: Sequence[int], norms: Sequence[float] = ()
 ) -> SoftLabel:
     """One question's cloze soft label from its options' RequestOutputs (prompt_logprobs requested).
 
     Option i's prompt ends with its `targets[i]` option tokens; their log-probabilities, read from
     `prompt_logprobs` (a list with None for the first prompt token, then dict token id -> Logprob that
-    always holds the prompt token), are summed and divided by `norms[i]`. An option with a token missing
+    always holds the prompt token), are summed: the label is the softmax of the sums. With `norms` (option
+    lengths in characters), `predicted_norm` ranks the sums divided by them. An option with a token missing
     is absent.
     """
-    if not len(outputs) == len(targets) == len(norms):
+    if len(outputs) != len(targets) or (norms and len(norms) != len(targets)):
         raise ValueError(f"{len(outputs)} outputs for {len(targets)} targets and {len(norms)} norms")
     scores: list[float] = []
-    for output, target, norm in zip(outputs, targets, norms):
+    for output, target in zip(outputs, targets):
         ids = list(output.prompt_token_ids)
         positions = output.prompt_logprobs or []
         total = 0.0
         for j in range(len(ids) - target, len(ids)):
             entry = positions[j].get(ids[j]) if j < len(positions) and positions[j] else None
             total = total + entry.logprob if entry is not None else -math.inf
-        scores.append(total / norm)
-    return _cloze_label(scores)
-
-
-def _cloze_label(scores: list[float]) -> SoftLabel:
+        scores.append(total)
     # Softmax is shift-invariant; shifting keeps long options above softlabels' "missing" floor
     # (as kdflow.scoring.to_soft_labels does).
     top = max((s for s in scores if math.isfinite(s)), default=0.0)
-    return soft_label_from_logprobs([s - top for s in scores], normalised=True)
+    rank_by = [s / n for s, n in zip(scores, norms)] if norms else None
+    return soft_label_from_logprobs([s - top for s in scores], normalised=True, rank_by=rank_by)
 
 
 class VLLMBackend:
@@ -126,20 +124,13 @@ class VLLMBackend:
             seed=0,
         )
         self._tokenizer = self._llm.get_tokenizer()
-        self._chat = self._uses_chat_template()
+        # Refuse chat_template: on without a template before any work (tokenize would, later).
+        uses_chat_template(tokenizer_has_chat_template(self._tokenizer), scoring)
         try:
             self._sampling_params(max_tokens=1, temperature=0.0, logprob_token_ids=[0])
             self._token_ids_supported = True
         except TypeError:
             self._token_ids_supported = False
-
-    def _uses_chat_template(self) -> bool:
-        if self._scoring.mode != "letter":
-            return False
-        has_template = bool(getattr(self._tokenizer, "chat_template", None))
-        if self._scoring.chat_template == "on" and not has_template:
-            raise KdflowError("scoring.chat_template is 'on' but this model's tokenizer has no chat template")
-        return self._scoring.chat_template == "on" or (self._scoring.chat_template == "auto" and has_template)
 
     def _letter_params(self, ids: list[int]) -> Any:
         # One kind of request per engine: mixing logprob_token_ids and top-k requests in one batch lets one
@@ -149,14 +140,7 @@ class VLLMBackend:
         return self._sampling_params(max_tokens=1, temperature=0.0, logprobs=FALLBACK_TOP_LOGPROBS)
 
     def _generate(self, prompts: list[Any], params: Any) -> list[Any]:
-        """Token-id prompts through LLM.generate, or conversations through LLM.chat (chat template)."""
-        if self._chat:
-            return self._llm.chat(
-                prompts,
-                params,
-                use_tqdm=False,
-                chat_template_kwargs={"enable_thinking": self._teacher.enable_thinking},
-            )
+        """Token-id prompts (plain dicts: vLLM's TokensPrompt TypedDict, in every version) through LLM.generate."""
         return self._llm.generate(prompts, params, use_tqdm=False)
 
     def score(self, questions: Sequence[Mapping[str, Any]]) -> list[ScoredQuestion]:
@@ -164,40 +148,30 @@ class VLLMBackend:
         if not questions:
             return []
         start = time.perf_counter()
+        encoded = tokenize(questions, self._tokenizer, self._scoring)
         if self._scoring.mode == "letter":
-            labels, prompts = self._score_letter(questions)
+            labels, prompts = self._score_letter(encoded)
         else:
-            labels, prompts = self._score_cloze(questions)
+            labels, prompts = self._score_cloze(encoded)
         latency_ms = (time.perf_counter() - start) * 1000.0 / len(questions)
         reasoning: list[str | None] = [None] * len(questions)
         if self._teacher.reasoning:
             params = self._sampling_params(max_tokens=self._teacher.reasoning_max_tokens, temperature=0.0)
             reasoning = [o.outputs[0].text.strip() if o.outputs else None for o in self._generate(prompts, params)]
-        return [ScoredQuestion(label=label, latency_ms=latency_ms, reasoning=r) for label, r in zip(labels, reasoning)]
+        return [
+            ScoredQuestion(label=label, latency_ms=latency_ms, reasoning=r, truncated=e.truncated)
+            for label, r, e in zip(labels, reasoning, encoded)
+        ]
 
-    def _score_letter(self, questions: Sequence[Mapping[str, Any]]) -> tuple[list[SoftLabel], list[Any]]:
-        """Labels, and the prompts they came from (conversations for chat, else token-id prompts)."""
-        if self._chat:
-            for i, q in enumerate(questions):
-                if not isinstance(q.get("question"), str) or not 2 <= len(q.get("options") or []) <= MAX_OPTIONS:
-                    raise KdflowError(
-                        f"question {i} ({q.get('question_id', 'no id')}) needs a question string and "
-                        f"2..{MAX_OPTIONS} options"
-                    )
-            letters = letter_token_ids(self._tokenizer, max(len(q["options"]) for q in questions))
-            option_ids = [letters[: len(q["options"])] for q in questions]
-            prompts: list[Any] = [[{"role": "user", "content": self._letter_prompt(q)}] for q in questions]
-        else:
-            encoded = tokenize(questions, self._tokenizer, self._scoring)
-            option_ids = [e.letter_ids for e in encoded]
-            # A plain dict is vLLM's TokensPrompt (a TypedDict), in every version.
-            prompts = [{"prompt_token_ids": list(e.row)} for e in encoded]
+    def _score_letter(self, encoded: Sequence[EncodedQuestion]) -> tuple[list[SoftLabel], list[Any]]:
+        """Labels, and the token-id prompts they came from."""
+        option_ids = [e.letter_ids for e in encoded]
+        prompts: list[Any] = [{"prompt_token_ids": list(e.row)} for e in encoded]
         ids = sorted({t for options in option_ids for forms in options for t in forms})
         return labels_from_request_outputs(self._generate(prompts, self._letter_params(ids)), option_ids), prompts
 
-    def _score_cloze(self, questions: Sequence[Mapping[str, Any]]) -> tuple[list[SoftLabel], list[Any]]:
+    def _score_cloze(self, encoded: Sequence[EncodedQuestion]) -> tuple[list[SoftLabel], list[Any]]:
         """Labels, and each question's context as a token-id prompt (what reasoning continues)."""
-        encoded = tokenize(questions, self._tokenizer, self._scoring)
         # vLLM takes no custom attention mask, so each option keeps its own row: context + option.
         rows = [{"prompt_token_ids": list(row)} for e in encoded for row in e.option_rows]
         # prompt_logprobs=1 returns the prompt token's own log-probability (plus the top one) at each position.
@@ -208,10 +182,6 @@ class VLLMBackend:
             at += e.n_options
         contexts = [{"prompt_token_ids": list(e.context)} for e in encoded]
         return labels, contexts
-
-    def _letter_prompt(self, q: Mapping[str, Any]) -> str:
-        options = [str(o) for o in q["options"]]
-        return letter_prompt(q["question"], options, str(q.get("category") or ""), self._scoring)
 
     def key_parts(self) -> dict[str, Any]:
         """Backend, model id or path, revision, weights fingerprint (local directories) and quantization."""
