@@ -86,6 +86,17 @@ def test_letter_forms_combine_and_server_minus_inf_is_absent():
     assert letter_label_from_top_logprobs(None, 4).probs == [0.25] * 4
 
 
+def test_only_the_natural_letter_form_is_scored_unless_the_server_writes_only_the_other():
+    top = {"A": math.log(0.3), " A": math.log(0.1), " B": math.log(0.3), "B": math.log(0.05)}
+    spaced = letter_label_from_top_logprobs(top, 2, natural_spaced=True)  # after "Answer:"
+    assert spaced.probs == pytest.approx([0.25, 0.75]) and spaced.coverage == pytest.approx(0.4)
+    bare = letter_label_from_top_logprobs(top, 2, natural_spaced=False)  # the start of a chat answer
+    assert bare.probs == pytest.approx([0.3 / 0.35, 0.05 / 0.35])
+    only_bare = {"A": math.log(0.2), "B": math.log(0.6)}  # a tokenizer that splits the space off
+    assert letter_label_from_top_logprobs(only_bare, 2, natural_spaced=True).probs == pytest.approx([0.25, 0.75])
+    assert letter_label_from_top_logprobs(top, 2).probs == pytest.approx([0.4 / 0.75, 0.35 / 0.75])  # sum
+
+
 def test_continuation_tokens_are_found_by_offset_even_after_a_bos():
     prompt = "Q: sky?\nAnswer: blue sky"
     context = len("Q: sky?\nAnswer:")

@@ -157,13 +157,6 @@ def _largest_gap(ours: list[list[float]], direct: list[list[float]]) -> float:
     return max(abs(a - b) for x, y in zip(ours, direct, strict=True) for a, b in zip(x, y, strict=True))
 
 
-LETTER_SUM_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="letter mode today log-sum-exps the 'A' and ' A' forms; the issue asks for the one form the "
-           "tokenizer writes after the prompt (the prior of the other form moves probabilities by up to ~0.005)",
-)
-
-
 def test_smollm2_loads_from_its_gguf_directory_as_a_plain_model(smol, smollm2):
     directory, gguf_file = smollm2
     assert type(smol.model).__name__ == "LlamaForCausalLM" and smol.model.config.num_hidden_layers == 30
@@ -171,7 +164,6 @@ def test_smollm2_loads_from_its_gguf_directory_as_a_plain_model(smol, smollm2):
     assert smol.tokenizer.chat_template and smol.model_id == str(directory)
 
 
-@LETTER_SUM_XFAIL
 def test_smollm2_letter_matches_direct_computation(smol):
     ours = kdflow_probs(smol, LETTER)
     direct = [direct_letter_probs(smol, row, chat=False) for row in ROWS]
@@ -197,7 +189,6 @@ def test_gemma3_loads_with_its_sentencepiece_tokenizer(gemma):
     assert pieces[-1] == "▁A", pieces
 
 
-@LETTER_SUM_XFAIL
 def test_gemma3_letter_matches_direct_computation(gemma):
     ours = kdflow_probs(gemma, LETTER)
     direct = [direct_letter_probs(gemma, row, chat=False) for row in ROWS]

@@ -16,14 +16,15 @@ At start the backend probes the server once (`OpenAIBackend.__init__`):
 
 What is sent:
 - letter, completions: {"model", "prompt", "max_tokens": 1, "temperature": 0, "logprobs": top_logprobs}.
-- letter, chat: the messages of `letter_messages` with {"logprobs": true, "top_logprobs": N,
-  "chat_template_kwargs": {"enable_thinking": false}} (vLLM, SGLang and llama-server read
-  chat_template_kwargs; thinking stays off for scoring).
+- letter, chat: the messages of `kdflow.prompts.chat_messages` (the one renderer: optional system
+  prompt, then the letter prompt) with {"logprobs": true, "top_logprobs": N, "chat_template_kwargs":
+  {"enable_thinking": false}} (vLLM, SGLang and llama-server read chat_template_kwargs; thinking stays
+  off for scoring).
 - cloze: one request per option, {"prompt": context + " option", "max_tokens": 1, "echo": true,
   "logprobs": 1, "temperature": 0}. max_tokens is 1, not 0: llama-cpp-python reads 0 as "no limit" and
   echoes the generated text after the prompt, so the tokens past the prompt (usage.prompt_tokens) are
-  dropped; the option's tokens are found by text_offset, summed and divided by the option's length when
-  scoring.length_normalise. A server that ignores echo but takes vLLM's {"prompt_logprobs": 1} is read
+  dropped; the option's tokens are found by text_offset and summed: the soft label is the softmax of the
+  summed log-likelihoods (per-character ones only pick `predicted_norm` when scoring.length_normalise). A server that ignores echo but takes vLLM's {"prompt_logprobs": 1} is read
   from choices[0].prompt_logprobs instead (offsets from the decoded token texts). Every request has a
   small max_tokens and the client's timeout.
 - reasoning (teacher.reasoning): one more request continuing the prompt for reasoning_max_tokens tokens.
@@ -34,7 +35,8 @@ Log-probability shapes read (the first generated token's top tokens):
 - chat style: choices[0].logprobs.content[0].top_logprobs = [{token, logprob, bytes?, id?}] (every chat
   endpoint, and llama-server's /completions).
 Token spellings "B", " B", "ĠB" (byte-level BPE) and "▁B" (SentencePiece) all read as letter B (bare or
-spaced form); "token_id:N" (vLLM's return_tokens_as_token_ids) is read through its `bytes` when present.
+spaced form); as in the hf backend only the form natural after the prompt is scored (spaced after
+"Answer:", bare at the start of a chat answer) unless scoring.letter_forms is sum; "token_id:N" (vLLM's return_tokens_as_token_ids) is read through its `bytes` when present.
 An empty or unrecognised shape raises ServerReplyError quoting the reply (shortened), never a uniform
 label. After the first COVERAGE_CHECK_QUESTIONS questions of a letter run, a mean coverage below
 teacher.openai.min_coverage stops the run with the top tokens the server returned and the setting to change.
@@ -66,7 +68,7 @@ import httpx
 from kdflow.backends.base import ScoredQuestion
 from kdflow.config import OpenAIServerConfig, ScoringConfig, TeacherConfig
 from kdflow.errors import KdflowError, TransientError
-from kdflow.prompts import cloze_context, cloze_continuation, letter_prompt
+from kdflow.prompts import CHAT_TEMPLATE_KWARGS, Rendered, chat_messages, cloze_context, cloze_continuation, letter_continuation, letter_prompt
 from kdflow.records import LETTERS, MAX_OPTIONS
 from kdflow.softlabels import SoftLabel, logsumexp, soft_label_from_logprobs
 
@@ -113,18 +115,26 @@ def letter_index(token: str, n_options: int) -> tuple[int, bool] | None:
     return None
 
 
-def letter_label_from_top_logprobs(top: Mapping[str, float] | None, n_options: int) -> SoftLabel:
+def letter_label_from_top_logprobs(
+    top: Mapping[str, float] | None, n_options: int, natural_spaced: bool | None = None
+) -> SoftLabel:
     """A letter soft label from one position's top log-probabilities (token text -> log-probability).
 
-    Option i is the log-sum-exp of its letter's bare ("B") and spaced (" B", "ĠB", "▁B") forms; one form
-    spelled twice keeps its highest value. A form not listed, or listed as -9999 (a server's -inf), is
-    absent; no letter at all gives a uniform label with coverage 0.
+    natural_spaced: the form the prompt's tokenizer writes the answer letter in (True: " B", "ĠB", "▁B"
+    after a cue such as "Answer:"; False: "B" at the start of a chat answer), as the hf backend scores it.
+    Only that form is read, unless the reply holds no letter in it and only the other form, as a server
+    whose tokenizer splits the space off writes it. None sums both forms (`scoring.letter_forms: sum`).
+    One form spelled twice keeps its highest value. A form not listed, or listed as -9999 (a server's
+    -inf), is absent; no letter at all gives a uniform label with coverage 0.
     """
     forms: dict[tuple[int, bool], float] = {}
     for token, value in (top or {}).items():
         found = letter_index(token, n_options)
         if found is not None and value is not None and value > SERVER_MISSING_LOGPROB:
             forms[found] = max(value, forms.get(found, -math.inf))
+    if natural_spaced is not None:
+        spaced = natural_spaced if any(s == natural_spaced for _, s in forms) else not natural_spaced
+        forms = {k: v for k, v in forms.items() if k[1] == spaced}
     option_lps = [logsumexp([v for (i, _), v in forms.items() if i == option]) for option in range(n_options)]
     return soft_label_from_logprobs(option_lps)
 
@@ -244,18 +254,13 @@ def continuation_logprob(logprobs: Mapping[str, Any], prompt: str, context_chars
     return total
 
 
-def letter_messages(
-    question: str, options: Sequence[str], category: str, scoring: ScoringConfig
-) -> list[dict[str, str]]:
-    """The chat messages of a letter question: the letter prompt as the one user message."""
-    return [{"role": "user", "content": letter_prompt(question, options, category, scoring)}]
-
-
-def _cloze_label(scores: list[float]) -> SoftLabel:
-    # Softmax is shift-invariant; shifting keeps long options above softlabels' "missing" floor
-    # (as kdflow.scoring.to_soft_labels does).
-    top = max((s for s in scores if math.isfinite(s)), default=0.0)
-    return soft_label_from_logprobs([s - top for s in scores], normalised=True)
+def _cloze_label(sums: list[float], options: Sequence[str], scoring: ScoringConfig) -> SoftLabel:
+    """The options' distribution from their summed log-likelihoods, as the hf backend computes it; with
+    scoring.length_normalise the per-character argmax is `predicted_norm` (a prediction rule, not a label)."""
+    # Softmax is shift-invariant; shifting keeps long options above softlabels' "missing" floor.
+    top = max((v for v in sums if math.isfinite(v)), default=0.0)
+    rank_by = ([v / max(1, len(o.strip())) for v, o in zip(sums, options)] if scoring.length_normalise else None)
+    return soft_label_from_logprobs([v - top for v in sums], normalised=True, rank_by=rank_by)
 
 
 def _server_message(response: httpx.Response) -> str:
@@ -526,7 +531,7 @@ class OpenAIBackend:
     ) -> tuple[dict[str, float], float]:
         """The answer token's top log-probabilities (token text -> value) and the request's ms."""
         if chat:
-            body = self._chat_body(letter_messages(text, options, category, self._scoring), 1)
+            body = self._chat_body(chat_messages(text, options, category, self._scoring), 1)
             body.update(logprobs=True, top_logprobs=self._server.top_logprobs)
             answer, latency_ms = self._http.request("POST", "/chat/completions", body)
         else:
@@ -537,7 +542,11 @@ class OpenAIBackend:
 
     def _letter(self, text: str, options: list[str], category: str, *, chat: bool) -> tuple[SoftLabel, float]:
         top, latency_ms = self._letter_top(text, options, category, chat=chat)
-        return letter_label_from_top_logprobs(top, len(options)), latency_ms
+        natural_spaced = None
+        if self._scoring.letter_forms == "natural":
+            prompt = Rendered(text="" if chat else letter_prompt(text, options, category, self._scoring), chat=chat)
+            natural_spaced = letter_continuation(prompt, "A").startswith(" ")
+        return letter_label_from_top_logprobs(top, len(options), natural_spaced), latency_ms
 
     def _option_logprob(self, context: str, option: str) -> tuple[float, float]:
         prompt = context + cloze_continuation(option)
@@ -555,13 +564,12 @@ class OpenAIBackend:
 
     def _cloze(self, context: str, options: list[str]) -> tuple[SoftLabel, float]:
         """One echoed request per option; latency is the sum of their (successful) request times."""
-        scores, latency_ms = [], 0.0
+        sums, latency_ms = [], 0.0
         for option in options:
             value, elapsed_ms = self._option_logprob(context, option)
             latency_ms += elapsed_ms
-            norm = float(max(1, len(option.strip()))) if self._scoring.length_normalise else 1.0
-            scores.append(value / norm)
-        return _cloze_label(scores), latency_ms
+            sums.append(value)
+        return _cloze_label(sums, options, self._scoring), latency_ms
 
     def _first_choice(self, answer: Mapping[str, Any]) -> dict[str, Any]:
         choices = answer.get("choices")
@@ -575,7 +583,7 @@ class OpenAIBackend:
             "messages": messages,
             "max_tokens": max_tokens,
             "temperature": 0,
-            "chat_template_kwargs": {"enable_thinking": False},
+            "chat_template_kwargs": CHAT_TEMPLATE_KWARGS,
         }
 
     def _reason(self, text: str, options: list[str], category: str) -> str | None:
@@ -583,7 +591,7 @@ class OpenAIBackend:
             return None
         max_tokens = self._teacher.reasoning_max_tokens
         if self._chat:
-            body = self._chat_body(letter_messages(text, options, category, self._scoring), max_tokens)
+            body = self._chat_body(chat_messages(text, options, category, self._scoring), max_tokens)
             answer, _ = self._http.request("POST", "/chat/completions", body)
             return ((self._first_choice(answer).get("message") or {}).get("content") or "").strip()
         prompt = (letter_prompt(text, options, category, self._scoring) if self._scoring.mode == "letter"
