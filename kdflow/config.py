@@ -221,7 +221,8 @@ class ArchitectureConfig(Strict):
 
 
 class ScoringConfig(Strict):
-    """How a model's opinion about the options is read out (design.md: one abstraction for all)."""
+    """How a model's opinion about the options is read out: one prompt and one scoring rule shared by every
+    backend (hf, vllm, openai) and by teacher and student, so their probabilities are comparable."""
 
     mode: Literal["letter", "cloze"] = Field("letter", description="letter: one pass, option letters; cloze: option texts")
     letter_template: str = Field(
