@@ -345,7 +345,11 @@ class TrainingConfig(Strict):
     grad_accum: int = Field(1, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="share of the steps spent warming the lr up from 0")
+    lr_schedule: Literal["cosine", "linear", "constant_with_warmup"] = Field(
+        "cosine", description="learning-rate decay after the warm-up (transformers' get_scheduler): cosine or linear "
+        "to 0 at the last step, or constant",
+    )
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 0
     eval_every: int = Field(200, ge=1, description="validation-split accuracy every N optimizer steps")
