@@ -322,7 +322,8 @@ def _table(columns: Sequence[Column], rows: Sequence[Row], *, row_class: Callabl
     """A table for the template's `table` macro: header names and per row a CSS class and the cell texts."""
     return {
         "head": [name for name, _ in columns],
-        "rows": [{"cls": row_class(row) if row_class else "", "cells": [fmt(row) for _, fmt in columns]} for row in rows],
+        "rows": [{"cls": row_class(row) if row_class else "", "cells": [fmt(row) for _, fmt in columns]}
+                 for row in rows],
     }
 
 
