@@ -255,7 +255,8 @@ class OpenAIServerConfig(Strict):
     model: str | None = Field(None, description="model name the server expects (default: model)")
     api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key")
     concurrency: int = Field(8, ge=1, description="requests in flight at once")
-    max_retries: int = Field(5, ge=0, description="retries on 429 and 5xx, with exponential backoff")
+    max_retries: int = Field(5, ge=0, description="retries on connection errors, 429 and 5xx: after the server's "
+                             "Retry-After (at most 120 s), else exponential backoff with jitter from 0.5 s up to 30 s")
     timeout_s: float = Field(60.0, gt=0, description="seconds one request may take before it is retried")
     top_logprobs: int = Field(
         20, ge=1, description="letter mode: top tokens asked for (OpenAI caps at 20; vllm serve --max-logprobs allows more)"
