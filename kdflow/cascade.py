@@ -7,7 +7,7 @@ deferred question additionally costs the teacher's latency, so
 Both models' latencies must be the same statistic of timings taken the same way (evaluation passes the
 medians of interleaved batch-1 rounds); then every point's latency is >= the student's, so the cascade
 can never look faster than the student it always runs. Where the student's cost does not matter (it runs
-anyway, or only teacher calls are billed), rank points by `teacher_calls` instead.
+anyway, or only teacher calls are billed), rank points by `share_to_teacher` instead.
 
 The sweep sorts questions by student confidence once; the questions deferred at any tau are then a prefix
 of that order, so every point comes from cumulative sums: O(N log N) for all thresholds together.
@@ -32,8 +32,7 @@ class CascadePoint:
 
     tau: defer to the teacher when student confidence < tau.
     accuracy: share of questions answered correctly by the cascade.
-    share_to_teacher: teacher_calls / N.
-    teacher_calls: questions deferred to the teacher (the cost when only teacher calls count).
+    share_to_teacher: questions deferred to the teacher / N (the cost when only teacher calls count).
     mean_latency_s: seconds per question under the module's cost model.
     pareto: no other point has >= accuracy and <= latency with at least one strict.
     """
@@ -41,7 +40,6 @@ class CascadePoint:
     tau: float
     accuracy: float
     share_to_teacher: float
-    teacher_calls: int
     mean_latency_s: float
     pareto: bool
 
@@ -145,7 +143,6 @@ def sweep(
             tau=float(taus[i]),
             accuracy=float(hits[i] / n),
             share_to_teacher=float(deferred[i] / n),
-            teacher_calls=int(deferred[i]),
             mean_latency_s=float(latency[i]),
             pareto=bool(pareto[i]),
         )

@@ -285,7 +285,8 @@ class OpenAIServerConfig(Strict):
     model: str | None = Field(None, description="model name the server expects (default: model)")
     api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key")
     concurrency: int = Field(8, ge=1, description="requests in flight at once")
-    max_retries: int = Field(5, ge=0, description="retries on 429 and 5xx, with exponential backoff")
+    max_retries: int = Field(5, ge=0, description="retries on connection errors, 429 and 5xx: after the server's "
+                             "Retry-After (at most 120 s), else exponential backoff with jitter from 0.5 s up to 30 s")
     timeout_s: float = Field(60.0, gt=0, description="seconds one request may take before it is retried")
     top_logprobs: int = Field(
         20, ge=1, description="letter mode: top tokens asked for (OpenAI caps at 20; vllm serve --max-logprobs allows more)"
@@ -395,7 +396,11 @@ class TrainingConfig(Strict):
     grad_accum: int = Field(1, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="share of the steps spent warming the lr up from 0")
+    lr_schedule: Literal["cosine", "linear", "constant_with_warmup"] = Field(
+        "cosine", description="learning-rate decay after the warm-up (transformers' get_scheduler): cosine or linear "
+        "to 0 at the last step, or constant",
+    )
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 0
     eval_every: int = Field(200, ge=1, description="validation-split accuracy every N optimizer steps")

@@ -37,7 +37,6 @@ from kdflow.sources import ModelSource
 from kdflow.store import Store
 
 STUDENT_ROLES = ("student_init", "student", "student_hard")
-TIMED_ROLES = ("teacher", "student")
 OVERALL = "*"
 # Throughput is timed over this many full batches: enough to amortise the first batch's set-up.
 THROUGHPUT_BATCHES = 4

@@ -10,7 +10,7 @@ Throughput is FLOPs / (GPUs x peak x utilisation): utilisation is a stated assum
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +202,3 @@ def plan(cfg: RunConfig, *, questions: int, tokens_per_question: float, gpu_name
                           utilisation=utilisation, processes=cfg.training.num_processes)
     return [label, train]
 
-
-def plan_rows(plans: list[StagePlan]) -> list[dict[str, Any]]:
-    return [asdict(p) for p in plans]

@@ -16,9 +16,9 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from string import Template
 from typing import Any
 
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from rich.console import Console
 from rich.markup import escape as rich_escape
 from rich.table import Table
@@ -26,7 +26,10 @@ from rich.table import Table
 from kdflow.errors import KdflowError
 from kdflow.store import Store
 
-TEMPLATE = Path(__file__).resolve().parent / "templates" / "report.html"
+TEMPLATE = "report.html"
+# StrictUndefined: a name the template uses but render_html does not pass fails loudly instead of rendering empty.
+_TEMPLATES = Environment(loader=PackageLoader("kdflow", "templates"), autoescape=select_autoescape(["html"]),
+                         undefined=StrictUndefined)
 ROLE_NAMES = {
     "teacher": "teacher",
     "student": "student (distilled)",
@@ -315,30 +318,18 @@ STAGE_COLUMNS: list[Column] = [
 # ---------------------------------------------------------------- HTML
 
 
-def _html_table(
-    columns: Sequence[Column], rows: Sequence[Row], *, row_class: Callable[[Row], str] | None = None
-) -> str:
-    if not rows:
-        return '<p class="note">no data</p>'
-    head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns)
-    body = []
-    for row in rows:
-        cls = row_class(row) if row_class else ""
-        cells = "".join(f"<td>{html.escape(fmt(row))}</td>" for _, fmt in columns)
-        body.append(f'<tr class="{cls}">{cells}</tr>' if cls else f"<tr>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+def _table(columns: Sequence[Column], rows: Sequence[Row], *, row_class: Callable[[Row], str] | None = None) -> Row:
+    """A table for the template's `table` macro: header names and per row a CSS class and the cell texts."""
+    return {
+        "head": [name for name, _ in columns],
+        "rows": [{"cls": row_class(row) if row_class else "", "cells": [fmt(row) for _, fmt in columns]}
+                 for row in rows],
+    }
 
 
-def _img(png: bytes | None, alt: str) -> str:
-    if png is None:
-        return f'<p class="note">{html.escape(alt)}: no data</p>'
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-
-
-def _card(value: str, label: str) -> str:
-    return (f'<div class="card"><div class="value">{html.escape(value)}</div>'
-            f'<div class="label">{html.escape(label)}</div></div>')
+def _img(png: bytes | None, alt: str) -> Row:
+    """A plot for the template's `img` macro: base64 PNG (None: no data) and its alt text."""
+    return {"png": None if png is None else base64.b64encode(png).decode("ascii"), "alt": alt}
 
 
 def _cascade_rows(points: list[Row]) -> list[Row]:
@@ -392,10 +383,6 @@ def _calibration_sentence(data: ReportData) -> str:
     )
 
 
-def _cascade_text(data: ReportData, summary: Summary) -> str:
-    return f"<p>{html.escape(_cascade_sentence(data, summary))}</p>"
-
-
 def _cascade_sentence(data: ReportData, summary: Summary) -> str:
     gap = _pts(data.spec["evaluation"]["cascade_target_gap"]).lstrip("+")
     chosen = data.spec.get("cascade") or {}
@@ -411,35 +398,39 @@ def _cascade_sentence(data: ReportData, summary: Summary) -> str:
 
 
 def render_html(data: ReportData, summary: Summary) -> str:
-    """The whole page; every value passes html.escape (tables, cards, alt texts, title)."""
+    """The whole page from templates/report.html; jinja2's autoescape escapes every value (tables, cards, alt
+    texts, title), so user text such as category and run names cannot inject markup."""
     title = f"kdflow report: {summary.run_name or data.run_id}"
     meta = (f"run {data.run_id} · evaluation {summary.eval_id} · {data.evaluation['created_at']:%Y-%m-%d %H:%M} · "
             f"{summary.n_questions:,} test questions · teacher {data.spec['teacher_key']}")
-    headline = "".join([
-        _card(_pct(summary.teacher_accuracy), "teacher accuracy"),
-        _card(_pct(summary.student_accuracy), "student accuracy"),
-        _card(_pct(summary.retention), "of the teacher's accuracy retained"),
-        _card(_times_ci(summary.speedup, summary.speedup_lo, summary.speedup_hi), "faster than the teacher (95% CI)"),
-        _card("–" if summary.cascade_tau is None else f"{summary.cascade_tau:.3f}", "cascade threshold tau"),
-    ])
+    headline = [
+        {"value": value, "label": label}
+        for value, label in [
+            (_pct(summary.teacher_accuracy), "teacher accuracy"),
+            (_pct(summary.student_accuracy), "student accuracy"),
+            (_pct(summary.retention), "of the teacher's accuracy retained"),
+            (_times_ci(summary.speedup, summary.speedup_lo, summary.speedup_hi), "faster than the teacher (95% CI)"),
+            ("–" if summary.cascade_tau is None else f"{summary.cascade_tau:.3f}", "cascade threshold tau"),
+        ]
+    ]
     plots = _Plots()
-    return Template(TEMPLATE.read_text(encoding="utf-8")).substitute(
-        title=html.escape(title),
-        meta=html.escape(meta),
+    return _TEMPLATES.get_template(TEMPLATE).render(
+        title=title,
+        meta=meta,
         headline=headline,
-        tradeoff=_html_table(TRADEOFF_COLUMNS, data.tradeoff),
-        latency_note=html.escape(_latency_note(data)),
-        models=_html_table(MODEL_COLUMNS, data.models),
-        category_table=_html_table(CATEGORY_COLUMNS, data.categories),
+        tradeoff=_table(TRADEOFF_COLUMNS, data.tradeoff),
+        latency_note=_latency_note(data),
+        models=_table(MODEL_COLUMNS, data.models),
+        category_table=_table(CATEGORY_COLUMNS, data.categories),
         category_plot=_img(plots.category(data.category_accuracy), "accuracy per category"),
-        calibration_text=html.escape(_calibration_sentence(data)),
+        calibration_text=_calibration_sentence(data),
         reliability_plot=_img(plots.reliability(data.reliability, data.models), "reliability diagrams"),
-        cascade_text=_cascade_text(data, summary),
+        cascade_text=_cascade_sentence(data, summary),
         cascade_plot=_img(plots.cascade(data.cascade, data.models), "cascade accuracy on test against latency"),
-        cascade_table=_html_table(CASCADE_COLUMNS, _cascade_rows(data.cascade),
-                                  row_class=lambda r: "chosen" if r["chosen"] else ""),
+        cascade_table=_table(CASCADE_COLUMNS, _cascade_rows(data.cascade),
+                             row_class=lambda r: "chosen" if r["chosen"] else ""),
         training_plot=_img(plots.training(data.training), "training curves"),
-        stages=_html_table(STAGE_COLUMNS, data.stages),
+        stages=_table(STAGE_COLUMNS, data.stages),
     )
 
 

@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from transformers import PreTrainedTokenizerBase
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import PreTrainedTokenizerBase, get_scheduler
 from transformers.utils import logging as hf_logging
 
 from kdflow.checkpoints import TrainState, latest_checkpoint, trainable_state
@@ -92,25 +93,12 @@ def total_steps(cfg: TrainingConfig, n_examples: int) -> int:
     return max(1, math.ceil(cfg.epochs * n_examples / (cfg.batch_size * cfg.grad_accum)))
 
 
-def lr_factor(step: int, *, warmup_steps: int, total: int) -> float:
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based).
-
-    Linear warm-up that reaches the peak at step `warmup_steps` without spending a step at lr 0
-    (nanoGPT's (step + 1) / (warmup + 1)), then a cosine decay towards 0 at step `total`.
-    """
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    progress = (step - warmup_steps) / max(1, total - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def warmup_cosine(
-    optimizer: torch.optim.Optimizer, *, warmup_steps: int, total: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """The schedule of `lr_factor` as a torch scheduler (its state is plain numbers, saved as JSON)."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup_steps=warmup_steps, total=total)
-    )
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, total: int) -> LambdaLR:
+    """transformers' `cfg.lr_schedule` over `total` optimizer steps after a linear warm-up of
+    ceil(cfg.warmup_ratio * total) steps (transformers' convention: warm-up step s of W runs at s / W of the
+    peak, so the first step of a warm-up runs at lr 0). Its state is plain numbers, saved in checkpoints."""
+    warmup_steps = math.ceil(cfg.warmup_ratio * total)
+    return get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
@@ -469,7 +457,6 @@ def train(
     data = _dataset(examples, tokenizer, scoring, with_probs=with_probs)
     val = _dataset(val_examples, tokenizer, scoring, with_probs=False) if val_examples else None
     steps = total_steps(cfg, len(examples))
-    warmup_steps = math.ceil(cfg.warmup_ratio * steps)
     if not processes.is_main:
         on_metrics = on_checkpoint = None
         progress = False
@@ -482,7 +469,7 @@ def train(
     wrapped = processes.wrap(model)
     model.train()
     optimizer = build_optimizer(model, cfg)
-    scheduler = warmup_cosine(optimizer, warmup_steps=warmup_steps, total=steps)
+    scheduler = build_scheduler(optimizer, cfg, steps)
 
     # 3. Resume (weights, optimizer, schedule, RNG, data position) or start over.
     state = TrainState()

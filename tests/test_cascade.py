@@ -42,7 +42,6 @@ def test_hand_computed_sweep():
     for point, (tau, hits, calls, latency, pareto) in zip(points, EXPECTED, strict=True):
         assert point.tau == tau
         assert point.accuracy == pytest.approx(hits / 6, abs=1e-12)
-        assert point.teacher_calls == calls
         assert point.share_to_teacher == pytest.approx(calls / 6, abs=1e-12)
         assert point.mean_latency_s == pytest.approx(latency, abs=1e-12)
         assert point.pareto is pareto
@@ -51,9 +50,9 @@ def test_hand_computed_sweep():
 def test_extremes_are_all_student_and_all_teacher():
     points = sweep(CONF, STUDENT_OK, TEACHER_OK, 0.035, 0.060)
     first, last = points[0], points[-1]
-    assert (first.tau, first.teacher_calls, first.accuracy) == (0.0, 0, pytest.approx(4 / 6))
+    assert (first.tau, first.share_to_teacher, first.accuracy) == (0.0, 0.0, pytest.approx(4 / 6))
     assert first.mean_latency_s == pytest.approx(0.035)
-    assert last.tau > max(CONF) and last.teacher_calls == 6 and last.accuracy == pytest.approx(5 / 6)
+    assert last.tau > max(CONF) and last.share_to_teacher == 1.0 and last.accuracy == pytest.approx(5 / 6)
     assert last.mean_latency_s == pytest.approx(0.095)  # the student still runs first
     assert not route(CONF, first.tau).any() and route(CONF, last.tau).all()
 
@@ -61,11 +60,11 @@ def test_extremes_are_all_student_and_all_teacher():
 def test_constant_confidence_and_zero_confidence():
     points = sweep([0.8, 0.8, 0.8], [1, 0, 1], [1, 1, 1], 1.0, 2.0)
     assert [p.tau for p in points] == [0.0, 0.8, np.nextafter(0.8, 1.0)]
-    assert [p.teacher_calls for p in points] == [0, 0, 3]
+    assert [p.share_to_teacher for p in points] == [0.0, 0.0, 1.0]
     # a confidence of exactly 0 is the tau = 0 point itself, and nothing has confidence < 0
     points = sweep([0.0, 1.0], [0, 1], [1, 1], 1.0, 1.0)
     assert [p.tau for p in points] == [0.0, 1.0, np.nextafter(1.0, 2.0)]
-    assert [p.teacher_calls for p in points] == [0, 1, 2]
+    assert [p.share_to_teacher for p in points] == [0.0, 0.5, 1.0]
     assert [p.accuracy for p in points] == [0.5, 1.0, 1.0]
     assert [p.pareto for p in points] == [True, True, False]
 
@@ -81,7 +80,7 @@ def test_pareto_marks_ties_and_dominance():
     points = sweep([0.3, 0.6, 0.9], [0, 1, 0], [1, 0, 1], 1.0, [0.0, 2.0, 2.0])
     # tau 0 / 0.3: hits 1, latency 1; tau 0.6: defers q0 -> hits 2, latency 1 (same cost, better)
     # tau 0.9: + q1 -> hits 1, latency 5/3; above: + q2 -> hits 2, latency 7/3
-    assert [p.teacher_calls for p in points] == [0, 0, 1, 2, 3]
+    assert [p.share_to_teacher * 3 for p in points] == pytest.approx([0, 0, 1, 2, 3])
     assert [p.accuracy for p in points] == pytest.approx([1 / 3, 1 / 3, 2 / 3, 1 / 3, 2 / 3])
     assert [p.mean_latency_s for p in points] == pytest.approx([1, 1, 1, 5 / 3, 7 / 3])
     assert [p.pareto for p in points] == [False, False, True, False, False]
@@ -106,8 +105,8 @@ def test_choose_threshold_prefers_accuracy_on_equal_cost():
 
 def test_choose_threshold_none_and_round_off():
     points = [
-        CascadePoint(tau=0.0, accuracy=0.47, share_to_teacher=0.0, teacher_calls=0, mean_latency_s=1.0, pareto=True),
-        CascadePoint(tau=1.1, accuracy=0.52, share_to_teacher=1.0, teacher_calls=100, mean_latency_s=2.0, pareto=True),
+        CascadePoint(tau=0.0, accuracy=0.47, share_to_teacher=0.0, mean_latency_s=1.0, pareto=True),
+        CascadePoint(tau=1.1, accuracy=0.52, share_to_teacher=1.0, mean_latency_s=2.0, pareto=True),
     ]
     # 0.52 - 0.05 = 0.47000000000000003 in floating point; the 0.47 point must still qualify
     assert choose_threshold(points, 0.52, 0.05).tau == 0.0
@@ -170,7 +169,6 @@ def test_sweep_matches_brute_force(seed):
     for point, (tau, acc, calls, lat), front in zip(points, rows, pareto, strict=True):
         assert point.tau == tau
         assert point.accuracy == pytest.approx(acc, abs=1e-12)
-        assert point.teacher_calls == calls
         assert point.share_to_teacher == pytest.approx(calls / n, abs=1e-12)
         assert point.mean_latency_s == pytest.approx(lat, rel=1e-9)
         assert point.pareto is front
@@ -183,7 +181,7 @@ def test_sweep_scales_to_50k():
     conf = rng.random(n)
     points = sweep(conf, rng.random(n) < 0.92, rng.random(n) < 0.95, 0.035, 0.060)
     assert len(points) == np.unique(conf).size + 2
-    assert [p.teacher_calls for p in points[1:]] == list(range(n + 1))  # distinct floats: one more each
+    assert [round(p.share_to_teacher * n) for p in points[1:]] == list(range(n + 1))  # distinct floats: one more each
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -204,7 +202,7 @@ def test_extra_taus_are_evaluated_like_observed_ones():
     extra = next(p for p in points if p.tau == 0.65)
     # Deferred: the confidences below 0.65 (0.5, 0.5, 0.6), all right for the teacher; the rest right for
     # the student: 6 of 6, the same outcome as tau 0.7 since no confidence lies in [0.65, 0.7).
-    assert (extra.teacher_calls, extra.accuracy, extra.mean_latency_s) == (3, 1.0, 1.0 + 3 * 3.0 / 6)
+    assert (extra.share_to_teacher, extra.accuracy, extra.mean_latency_s) == (3 / 6, 1.0, 1.0 + 3 * 3.0 / 6)
     assert len(points) == len(sweep(CONF, STUDENT_OK, TEACHER_OK, 1.0, 3.0)) + 1
     with pytest.raises(ValueError, match="extra_taus"):
         sweep(CONF, STUDENT_OK, TEACHER_OK, 1.0, 3.0, extra_taus=[float("nan")])

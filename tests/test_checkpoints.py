@@ -19,7 +19,7 @@ from kdflow.checkpoints import (
 from kdflow.config import LoraConfig, TrainingConfig
 from kdflow.scoring import encode, option_logits
 from kdflow.students import with_lora
-from kdflow.training import build_optimizer, warmup_cosine
+from kdflow.training import build_optimizer, build_scheduler
 
 CFG = TrainingConfig(learning_rate=1e-2, weight_decay=0.1)
 
@@ -39,7 +39,7 @@ def _setup(tok, seed=0, lora=False):
     if lora:
         model = with_lora(model, LoraConfig(enabled=True, r=2))
     optimizer = build_optimizer(model, CFG)
-    return model, optimizer, warmup_cosine(optimizer, warmup_steps=2, total=10)
+    return model, optimizer, build_scheduler(optimizer, CFG.model_copy(update={"warmup_ratio": 0.2}), 10)
 
 
 def _step(model, optimizer, scheduler, batch):

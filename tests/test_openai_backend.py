@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from kdflow.backends.base import TeacherBackend
 from kdflow.backends.hf import HFBackend
 from kdflow.backends.openai import (
     OpenAIBackend,
+    ServerClient,
     ServerReplyError,
     ServerUnreachable,
     continuation_logprob,
@@ -187,6 +189,40 @@ def test_retries_then_succeeds(status, retry_after, serve, tiny_questions):
     stub.fail_next(2, status, retry_after=retry_after)
     (scored,) = backend.score(tiny_questions[:1])
     assert len(stub.bodies) - probe == 3 and sum(scored.label.probs) == pytest.approx(1.0)
+
+
+def _waits(monkeypatch) -> list[float]:
+    """The seconds this thread sleeps from now on (recorded, not slept); other threads sleep as usual."""
+    waits, caller, real_sleep = [], threading.current_thread(), time.sleep
+    monkeypatch.setattr(time, "sleep",
+                        lambda s: waits.append(s) if threading.current_thread() is caller else real_sleep(s))
+    return waits
+
+
+@pytest.mark.parametrize("retry_after,expected", [(3, 3.0), (10_000, openai_backend.RETRY_AFTER_MAX_S)])
+def test_retry_after_is_honoured_up_to_a_cap(retry_after, expected, serve, monkeypatch):
+    stub = serve()
+    client = ServerClient(_teacher(stub.base_url, max_retries=2).openai)
+    stub.fail_next(3, 429, retry_after=retry_after)
+    waits = _waits(monkeypatch)
+    with pytest.raises(TransientError, match="failed after 3 attempts; last error: HTTP 429"):
+        client.request("POST", "/completions", {})
+    assert waits == [expected, expected]
+
+
+def test_backoff_doubles_with_jitter_up_to_a_cap(serve, monkeypatch):
+    monkeypatch.setattr(openai_backend, "BACKOFF_BASE_S", 1.0)
+    monkeypatch.setattr(openai_backend, "BACKOFF_MAX_S", 4.0)
+    stub = serve()
+    client = ServerClient(_teacher(stub.base_url, max_retries=5).openai)
+    stub.fail_next(6, 503)
+    waits = _waits(monkeypatch)
+    with pytest.raises(TransientError, match="failed after 6 attempts; last error: HTTP 503"):
+        client.request("POST", "/completions", {})
+    # retry k waits min(4, 2^k) times a factor in [0.5, 1]
+    assert len(waits) == 5
+    for wait, full in zip(waits, [1, 2, 4, 4, 4], strict=True):
+        assert full / 2 <= wait <= full
 
 
 def test_gives_up_after_max_retries_with_a_transient_error(serve, tiny_questions):

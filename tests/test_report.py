@@ -83,10 +83,22 @@ def test_user_text_is_escaped_everywhere(built):
     _, _, html_path = built
     page = html_path.read_text(encoding="utf-8")
     assert ODD_CATEGORY not in page and RUN_NAME not in page
-    assert "&lt;b&gt;Tom &amp; &quot;Jerry&quot;&lt;/b&gt; | $x$" in page
+    assert "&lt;b&gt;Tom &amp; &#34;Jerry&#34;&lt;/b&gt; | $x$" in page  # jinja2's entity for a double quote
     assert "kdflow report: T&amp;C &lt;run&gt;" in page
     markdown = (html_path.parent / "summary.md").read_text(encoding="utf-8")
     assert "| &lt;b&gt;Tom &amp; &quot;Jerry&quot;&lt;/b&gt; \\| $x$ |" in markdown
+
+
+def test_script_in_a_category_name_is_escaped_in_the_page(built):
+    from kdflow.report import load_report_data, render_html, summarize
+
+    home, run_id, _ = built
+    data = load_report_data(Store(home, read_only=True), run_id)
+    script = "<script>alert(1)</script>"
+    data = dataclasses.replace(data, categories=[dict(row, category=script) for row in data.categories])
+    page = render_html(data, summarize(data))
+    assert script not in page and "<script" not in page
+    assert "<td>&lt;script&gt;alert(1)&lt;/script&gt;</td>" in page
 
 
 def test_markdown_summary_has_the_headline_tables_and_threshold(built):

@@ -12,7 +12,7 @@ from kdflow.config import ArchitectureConfig, LoraConfig, StudentConfig, Trainin
 from kdflow.modeling import ModelSource, build_model, load_pretrained, save_pretrained
 from kdflow.scoring import encode, option_logits
 from kdflow.students import every_kth_layer, init_student
-from kdflow.training import build_optimizer, train, warmup_cosine
+from kdflow.training import build_optimizer, build_scheduler, train
 
 RECIPE = TrainingConfig(alpha=0.5, max_steps=4, batch_size=8, learning_rate=1e-2, checkpoint_every=4)
 
@@ -109,7 +109,7 @@ def test_lora_student_trains_adapters_only_and_exports_merged(tok, examples, bas
     adapter_model, _ = _lora_student(base_dir)
     optimizer = build_optimizer(adapter_model, RECIPE)
     load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"), adapter_model, optimizer,
-                    warmup_cosine(optimizer, warmup_steps=0, total=4))
+                    build_scheduler(optimizer, RECIPE, 4))
     merged, _ = load_pretrained(str(result.final_dir), device="cpu")
     assert not any("lora" in name for name in load_file(str(result.final_dir / "model.safetensors")))
     base, _ = load_pretrained(str(base_dir), device="cpu")

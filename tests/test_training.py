@@ -18,11 +18,11 @@ from kdflow.config import ScoringConfig, TrainingConfig
 from kdflow.errors import KdflowError
 from kdflow.modeling import load_pretrained
 from kdflow.training import (
+    build_scheduler,
     DELIVER_EVERY,
     DataOrder,
     TrainingCancelled,
     TrainingDiverged,
-    lr_factor,
     total_steps,
     train,
 )
@@ -129,13 +129,28 @@ def test_seeded_runs_are_identical(tok, labeled, tmp_path):
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
 
-def test_warmup_then_cosine_schedule():
-    # warm-up of 2 steps reaches the peak at step 2, then a cosine over the remaining 8 steps.
-    pinned = {0: 1 / 3, 1: 2 / 3, 2: 1.0, 4: 0.5 * (1 + math.cos(math.pi / 4)), 6: 0.5}
+def _lrs(cfg: TrainingConfig, total: int) -> list[float]:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_scheduler(optimizer, cfg, total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_warmup_then_decay_schedules():
+    # warm-up of 2 steps (0.2 of 10) from 0 reaches the peak at step 2, then decays over the remaining 8 steps.
+    cosine = _lrs(TrainingConfig(warmup_ratio=0.2), 10)
+    pinned = {0: 0.0, 1: 0.5, 2: 1.0, 4: 0.5 * (1 + math.cos(math.pi / 4)), 6: 0.5}
     pinned[9] = 0.5 * (1 + math.cos(math.pi * 7 / 8))
-    for step, value in pinned.items():
-        assert lr_factor(step, warmup_steps=2, total=10) == pytest.approx(value)
-    assert lr_factor(0, warmup_steps=0, total=10) == 1.0
+    assert [cosine[step] for step in pinned] == pytest.approx(list(pinned.values()))
+    linear = _lrs(TrainingConfig(warmup_ratio=0.2, lr_schedule="linear"), 10)
+    assert linear == pytest.approx([0, 0.5] + [1 - k / 8 for k in range(8)])
+    constant = _lrs(TrainingConfig(warmup_ratio=0.2, lr_schedule="constant_with_warmup"), 10)
+    assert constant == pytest.approx([0, 0.5] + [1] * 8)
+    assert _lrs(TrainingConfig(warmup_ratio=0.0), 10)[0] == 1.0
     assert total_steps(TrainingConfig(epochs=2, batch_size=8, grad_accum=2), 100) == 13
     assert total_steps(TrainingConfig(epochs=2, max_steps=5), 100) == 5
 
@@ -143,7 +158,7 @@ def test_warmup_then_cosine_schedule():
 def test_logged_learning_rates_follow_the_schedule(tok, labeled, tmp_path):
     cfg = TrainingConfig(max_steps=10, batch_size=2, learning_rate=0.01, warmup_ratio=0.2)
     _, _, rows = _run(tok, labeled[0], cfg, tmp_path)
-    assert [r["lr"] for r in rows] == pytest.approx([0.01 * lr_factor(s, warmup_steps=2, total=10) for s in range(10)])
+    assert [r["lr"] for r in rows] == pytest.approx([0.01 * f for f in _lrs(cfg, 10)])
 
 
 def test_data_order_is_a_seeded_permutation_per_epoch():

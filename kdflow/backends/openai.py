@@ -57,13 +57,13 @@ import json
 import logging
 import math
 import os
-import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import httpx
+import tenacity
 
 from kdflow.backends.base import ScoredQuestion
 from kdflow.config import OpenAIServerConfig, ScoringConfig, TeacherConfig
@@ -293,6 +293,27 @@ def _retry_after_s(response: httpx.Response) -> float | None:
         return None
 
 
+class _Retryable(Exception):
+    """A failed attempt that ServerClient.request retries: its description, whether it could not connect,
+    and the server's Retry-After in seconds."""
+
+    def __init__(self, problem: str, *, unreachable: bool = False, retry_after: float | None = None) -> None:
+        super().__init__(problem)
+        self.problem, self.unreachable, self.retry_after = problem, unreachable, retry_after
+
+
+def _server_wait(backoff: tenacity.wait.wait_base) -> Callable[[tenacity.RetryCallState], float]:
+    """Wait what the server's Retry-After asks (at most RETRY_AFTER_MAX_S), else `backoff`."""
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        failure = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(failure, _Retryable) and failure.retry_after is not None:
+            return min(failure.retry_after, RETRY_AFTER_MAX_S)
+        return backoff(state)
+
+    return wait
+
+
 class ServerClient:
     """JSON requests to one OpenAI-compatible server with retries, the API key and its redaction."""
 
@@ -313,48 +334,59 @@ class ServerClient:
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[dict[str, Any], float]:
         """The JSON object answered to `method path` (with retries) and the successful attempt's ms.
 
+        Up to teacher.openai.max_retries retries of connection errors, 429 and 5xx (tenacity), each after
+        the server's Retry-After (capped at RETRY_AFTER_MAX_S) or else an exponential backoff with jitter:
+        min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2^retry) scaled by a uniform factor in [0.5, 1].
         Raises KdflowError for a 4xx other than 429 or a body that is not a JSON object, ServerUnreachable
         when the last attempt could not connect, TransientError for other failures after the retries.
         """
         url = self.base_url + path
-        attempt = 0
-        while True:
-            retry_after, unreachable = None, False
-            start = time.perf_counter()
+        half = {"multiplier": BACKOFF_BASE_S / 2, "max": BACKOFF_MAX_S / 2}
+        # half fixed + half uniformly random: the backoff times a factor in [0.5, 1]
+        backoff = tenacity.wait_exponential(**half) + tenacity.wait_random_exponential(**half)
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self._server.max_retries + 1),
+            retry=tenacity.retry_if_exception_type(_Retryable),
+            wait=_server_wait(backoff),
+        )
+        try:
+            return retrying(self._attempt, method, url, body)
+        except tenacity.RetryError as e:
+            attempts = e.last_attempt.attempt_number
+            failure = cast(_Retryable, e.last_attempt.exception())  # only _Retryable failures are retried
+            problem = self.redact(failure.problem)
+            if failure.unreachable:
+                raise ServerUnreachable(
+                    f"cannot connect to {url} after {attempts} attempts ({problem}): is the server running? "
+                    "Start it or fix teacher.openai.base_url"
+                ) from None
+            raise TransientError(f"{url} failed after {attempts} attempts; last error: {problem}") from None
+
+    def _attempt(self, method: str, url: str, body: dict[str, Any] | None) -> tuple[dict[str, Any], float]:
+        """One request; raises _Retryable for what `request` retries."""
+        start = time.perf_counter()
+        try:
+            response = self._client.request(method, url, json=body)
+        except httpx.TransportError as e:
+            raise _Retryable(f"{type(e).__name__}: {e}",
+                             unreachable=isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout))) from e
+        elapsed_ms = (time.perf_counter() - start) * 1000.0
+        if response.is_success:
             try:
-                response = self._client.request(method, url, json=body)
-            except httpx.TransportError as e:
-                problem = f"{type(e).__name__}: {e}"
-                unreachable = isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout))
-            else:
-                elapsed_ms = (time.perf_counter() - start) * 1000.0
-                if response.is_success:
-                    try:
-                        answer = response.json()
-                    except ValueError:
-                        answer = None
-                    if not isinstance(answer, dict):
-                        raise ServerReplyError(f"{url} answered with something other than a JSON object: "
-                                               f"{self.redact(response.text[:REPLY_QUOTE_CHARS])!r}")
-                    return answer, elapsed_ms
-                message = self.redact(_server_message(response))
-                if response.status_code != 429 and response.status_code < 500:
-                    raise KdflowError(
-                        f"the server at {url} rejected the request (HTTP {response.status_code}): {message}. "
-                        "Check teacher.model / teacher.openai (model name, base_url, top_logprobs) and the API key."
-                    )
-                problem = f"HTTP {response.status_code}: {message}"
-                retry_after = _retry_after_s(response)
-            if attempt == self._server.max_retries:
-                if unreachable:
-                    raise ServerUnreachable(
-                        f"cannot connect to {url} after {attempt + 1} attempts ({self.redact(problem)}): is the "
-                        "server running? Start it or fix teacher.openai.base_url"
-                    )
-                raise TransientError(f"{url} failed after {attempt + 1} attempts; last error: {self.redact(problem)}")
-            backoff = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt) * random.uniform(0.5, 1.0)
-            time.sleep(min(retry_after, RETRY_AFTER_MAX_S) if retry_after is not None else backoff)
-            attempt += 1
+                answer = response.json()
+            except ValueError:
+                answer = None
+            if not isinstance(answer, dict):
+                raise ServerReplyError(f"{url} answered with something other than a JSON object: "
+                                       f"{self.redact(response.text[:REPLY_QUOTE_CHARS])!r}")
+            return answer, elapsed_ms
+        message = self.redact(_server_message(response))
+        if response.status_code != 429 and response.status_code < 500:
+            raise KdflowError(
+                f"the server at {url} rejected the request (HTTP {response.status_code}): {message}. "
+                "Check teacher.model / teacher.openai (model name, base_url, top_logprobs) and the API key."
+            )
+        raise _Retryable(f"HTTP {response.status_code}: {message}", retry_after=_retry_after_s(response))
 
     def served_model(self, model: str, *, log_list: bool = True) -> dict[str, Any]:
         """The /models entry of `model` (the whole list logged when `log_list`); refuses a name not listed."""
