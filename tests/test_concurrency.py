@@ -315,35 +315,37 @@ def test_runs_on_two_homes_at_once_use_separate_prefect_databases(tmp_path):
         assert [r[2] for r in Store(tmp_path / name, read_only=True).fetch("list_runs", limit=5)] == ["completed"]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict:
-    home = tmp_path_factory.mktemp("uninterrupted")
-    _finished(_kdflow_run(home))
-    return _outcome(home)
+STAGES = ["ingest", "prepare_teacher", "label", "validate", "train", "evaluate"]
 
 
-@pytest.mark.slow  # per stage: a run killed there and the run that finishes its work
-@pytest.mark.parametrize("stage", ["ingest", "prepare_teacher", "label", "validate", "train", "evaluate"])
-def test_a_run_killed_in_any_stage_resumes_to_the_uninterrupted_result(stage, uninterrupted, tmp_path):
-    killed = _kdflow_run(tmp_path)
-    reached = None
-    while reached is None:
-        assert killed.poll() is None, f"the run ended before {stage}: {killed.communicate()[0][-3000:]}"
-        if (tmp_path / "kdflow.duckdb").exists():
-            try:
-                # One look that gives up at once while the run holds the file (the store would wait).
-                with duckdb.connect(str(tmp_path / "kdflow.duckdb"), read_only=True) as con:
-                    reached = con.execute("SELECT status FROM stage_runs WHERE stage = ?", [stage]).fetchone()
-            except duckdb.Error:
-                reached = None
-        time.sleep(0.05)
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.communicate(timeout=60)
-
-    output = _finished(_kdflow_run(tmp_path))
-    store = Store(tmp_path, read_only=True)
-    statuses = [r[2] for r in store.fetch("list_runs", limit=5)]
-    assert statuses == ["completed", "crashed"], (stage, reached, statuses, output[-2000:])
-    _assert_same(_outcome(tmp_path), uninterrupted)
+def _stage_records(home: Path, stage: str) -> int | None:
+    """How many runs have started `stage` so far; None while a run holds the file (one look, no waiting)."""
+    if not (home / "kdflow.duckdb").exists():
+        return 0
+    try:
+        with duckdb.connect(str(home / "kdflow.duckdb"), read_only=True) as con:
+            return con.execute("SELECT count(*) FROM stage_runs WHERE stage = ?", [stage]).fetchone()[0]
+    except duckdb.Error:
+        return None
 
 
+@pytest.mark.slow  # an uninterrupted tiny run, then one run killed in each stage in turn and one that finishes
+def test_a_run_killed_in_every_stage_in_turn_resumes_to_the_uninterrupted_result(tmp_path):
+    """One home, a SIGKILL as each stage starts (each re-run resumes what the killed one left), then a run
+    that finishes: the same labels, student weights and metrics as an uninterrupted run, nothing twice."""
+    reference = tmp_path / "uninterrupted"
+    _finished(_kdflow_run(reference))
+    home = tmp_path / "killed"
+    for stage in STAGES:
+        before = _stage_records(home, stage) or 0
+        killed = _kdflow_run(home)
+        while (_stage_records(home, stage) or before) <= before:
+            assert killed.poll() is None, f"the run ended before {stage}: {killed.communicate()[0][-3000:]}"
+            time.sleep(0.05)
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.communicate(timeout=60)
+
+    output = _finished(_kdflow_run(home))
+    statuses = [r[2] for r in Store(home, read_only=True).fetch("list_runs", limit=10)]
+    assert statuses == ["completed"] + ["crashed"] * len(STAGES), (statuses, output[-2000:])
+    _assert_same(_outcome(home), _outcome(reference))

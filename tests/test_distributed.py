@@ -74,7 +74,11 @@ def _assert_same_curve(rows: list[dict], reference: list[dict]) -> None:
 def _assert_same_weights(path, reference_path) -> None:
     weights, expected = load_file(str(path)), load_file(str(reference_path))
     assert weights.keys() == expected.keys()
-    assert all(torch.allclose(weights[k], expected[k], atol=1e-5) for k in expected)
+    gaps = {k: float((weights[k] - expected[k]).abs().max()) for k in expected}
+    # 1e-4, not 1e-5: the all-reduce sums gradients in another order, and an embedding row that the batch
+    # barely touches gets a near-zero gradient whose rounding Adam scales up to a step of ~lr (seen: 2.9e-5 on
+    # embed_tokens after 6 steps, every other tensor within 4e-7).
+    assert max(gaps.values()) <= 1e-4, sorted(gaps.items(), key=lambda kv: -kv[1])[:3]
 
 
 @pytest.mark.slow  # one launch of two worker processes
