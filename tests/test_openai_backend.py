@@ -570,7 +570,7 @@ def test_a_real_llama_server_agrees_with_the_hf_backend_on_the_same_weights(llam
     directory, gguf = smollm2
     questions = generate_demo_questions(40, seed=1).to_pylist()
     served_teacher = TeacherConfig(backend="openai", model=SERVED, openai={"base_url": llama_server, "concurrency": 1})
-    local_teacher = TeacherConfig(model=directory, gguf_file=gguf, device="cpu", dtype="float32", batch_size=8)
+    local_teacher = TeacherConfig(model=str(directory), gguf_file=gguf, device="cpu", dtype="float32", batch_size=8)
     scoring = ScoringConfig(mode="letter", chat_template="on")
     served = OpenAIBackend(served_teacher, scoring)
     assert served.chat and served.key_parts()["base_url"] == llama_server
