@@ -25,7 +25,7 @@ import torch
 from distributed import Client, LocalCluster
 
 from kdflow.config import ArchitectureConfig, DemoSource, RunConfig, SourceConfig, SplitConfig
-from kdflow.datasets import ingest_source
+from kdflow.ingest.datasets import ingest_source
 from kdflow.modeling import build_model, save_pretrained, train_tokenizer
 from kdflow.runs import start_run
 from kdflow.store import Store
@@ -48,7 +48,7 @@ def prepare(root: Path, n_questions: int) -> tuple[Path, Path, list[str]]:
 
 def warm_up() -> None:
     """Import what a shard needs, so the first shard does not pay for it inside the timing."""
-    import kdflow.backends.hf  # noqa: F401
+    import kdflow.label.backends.hf  # noqa: F401
     import tasks.shard_label  # noqa: F401
 
 

@@ -10,10 +10,10 @@ from prefect import flow
 
 from flows.runlock import guarded_run
 from kdflow.config import RunConfig
-from kdflow.datasets import run_dataset_ids
-from kdflow.distill import find_students
+from kdflow.ingest.datasets import run_dataset_ids
+from kdflow.train.students_run import find_students
 from kdflow.store import Store
-from kdflow.teacher import teacher_ref
+from kdflow.label.teacher import teacher_ref
 from tasks.evaluate import evaluate_task, report_task
 from tasks.ingest import ingest_task
 from tasks.label import prepare_teacher_task, run_label_stage

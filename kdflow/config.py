@@ -504,7 +504,7 @@ class SweepConfig(Strict):
 
     @model_validator(mode="after")
     def _known_paths(self) -> SweepConfig:
-        from kdflow.sweep import check_sweep_section
+        from kdflow.sweep.grid import check_sweep_section
 
         check_sweep_section(self)
         return self

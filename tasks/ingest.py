@@ -6,7 +6,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from kdflow.config import RunConfig
-from kdflow.datasets import ingest
+from kdflow.ingest.datasets import ingest
 from kdflow.errors import KdflowError
 from kdflow.runs import stage
 from kdflow.store import Store

@@ -64,7 +64,7 @@ def test_second_run_reuses_teacher_labels_validation_and_students(first_run):
 @pytest.mark.slow
 def test_transient_labeling_failure_is_retried(first_run, monkeypatch):
     """A backend that fails once (a lost server) is retried by Prefect and the labels complete."""
-    import kdflow.teacher as teacher_module
+    import kdflow.label.teacher as teacher_module
     from flows.stages import label_flow
 
     home, _ = first_run

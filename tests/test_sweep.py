@@ -15,11 +15,11 @@ import pytest
 from helpers import sigkill_when, worker_env
 
 from kdflow.config import ConfigError, DemoSource, SourceConfig, SplitConfig, load_config
-from kdflow.datasets import ingest_source
-from kdflow.ensemble import Member, build_ensemble_labels, combine, ensemble_key
-from kdflow.labeling import LABEL_COLUMNS
+from kdflow.ingest.datasets import ingest_source
+from kdflow.sweep.ensemble import Member, build_ensemble_labels, combine, ensemble_key
+from kdflow.label.labeling import LABEL_COLUMNS
 from kdflow.store import Store
-from kdflow.sweep import ENSEMBLE, best_under_budget, expand_grid, holm, mcnemar_exact, pareto_front
+from kdflow.sweep.grid import ENSEMBLE, best_under_budget, expand_grid, holm, mcnemar_exact, pareto_front
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -213,7 +213,7 @@ def first_sweep(tmp_path_factory, prefect_harness):
 
 @pytest.mark.slow
 def test_sweep_flow_trains_every_point_and_reports(first_sweep):
-    from kdflow.sweep_report import load_comparison
+    from kdflow.report.sweep_report import load_comparison
 
     home, cfg, sweep_id = first_sweep
     points = _points(home, sweep_id)
@@ -292,9 +292,9 @@ def test_the_ensemble_backend_pools_what_its_members_score(tiny_model, tiny_toke
 
     import torch
 
-    from kdflow.backends.hf import HFBackend
+    from kdflow.label.backends.hf import HFBackend
     from kdflow.config import ScoringConfig
-    from kdflow.ensemble import EnsembleBackend
+    from kdflow.sweep.ensemble import EnsembleBackend
 
     other = copy.deepcopy(tiny_model)
     with torch.no_grad():

@@ -28,7 +28,7 @@ from kdflow.config import ConfigError, RunConfig, SweepConfig, TeacherConfig
 
 if TYPE_CHECKING:
     from kdflow.store import Store
-    from kdflow.teacher import TeacherRef
+    from kdflow.label.teacher import TeacherRef
 
 SWEPT_SECTIONS = ("training", "student")
 # Set by the sweep itself: the baseline is one point of the grid, not a second student of every point.
@@ -337,9 +337,9 @@ class PointResult:
 
 def open_teacher_backend(cfg: RunConfig, teacher: str, refs: dict[str, TeacherRef]) -> Any:
     """The backend of a point's teacher, opened to time it against the point's student: a member teacher's
-    own backend, or for the ensemble every member's backend (kdflow.ensemble.EnsembleBackend)."""
-    from kdflow.ensemble import EnsembleBackend
-    from kdflow.teacher import open_backend
+    own backend, or for the ensemble every member's backend (kdflow.sweep.ensemble.EnsembleBackend)."""
+    from kdflow.sweep.ensemble import EnsembleBackend
+    from kdflow.label.teacher import open_backend
 
     choices = sweep_teachers(cfg)
     if teacher != ENSEMBLE:
@@ -381,9 +381,9 @@ def run_point(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> PointResult:
     """Train the point's student unless a finished one with the same inputs is stored (the student id of
-    kdflow.distill), evaluate it on the test split unless the same evaluation is stored, and record the
+    kdflow.train.students_run), evaluate it on the test split unless the same evaluation is stored, and record the
     point under the sweep. A student killed mid-training resumes from its last checkpoint."""
-    from kdflow.distill import student_id, train_students
+    from kdflow.train.students_run import student_id, train_students
 
     dirs, reused = train_students(point.cfg, store, dataset_ids, teacher, validation_id, run_id=sweep_id,
                                   resume=True, progress=False, on_progress=on_progress)
@@ -393,7 +393,7 @@ def run_point(
     if found is not None:
         eval_id, evaluated = found[0], False
     else:
-        from kdflow.evaluation import evaluate
+        from kdflow.evaluate.evaluation import evaluate
 
         cfg = point.cfg
         eval_id = evaluate(store, run_id=sweep_id, dataset_ids=dataset_ids, teacher_key=teacher.key,

@@ -8,12 +8,12 @@ optimizer steps and logs, evaluates, checkpoints and exports.
 
 Options are scored with kdflow.scoring, the same code that labels with the teacher and evaluates, so
 the student learns exactly the numbers it is judged on. Data order is a seeded permutation per epoch and
-all state lives in checkpoints (kdflow/checkpoints.py), so a killed run resumes onto the same trajectory:
+all state lives in checkpoints (kdflow/train/checkpoints.py), so a killed run resumes onto the same trajectory:
 bit for bit on the CPU.
 
 The same loop runs in one process or, under a launcher, in several (DDP, or FSDP when cfg.fsdp):
 `training.batch_size` stays the global micro-batch, each process trains on its slice of it, and only the
-main process reports and writes; kdflow/distributed.py holds the collectives and the launcher.
+main process reports and writes; kdflow/train/distributed.py holds the collectives and the launcher.
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedTokenizerBase, get_scheduler
 from transformers.utils import logging as hf_logging
 
-from kdflow.checkpoints import TrainState, latest_checkpoint, trainable_state
+from kdflow.train.checkpoints import TrainState, latest_checkpoint, trainable_state
 from kdflow.config import ScoringConfig, TrainingConfig
-from kdflow.distributed import Processes, join, whole_tensor
+from kdflow.train.distributed import Processes, join, whole_tensor
 from kdflow.errors import KdflowError
-from kdflow.losses import LossParts, distillation_loss
+from kdflow.train.losses import LossParts, distillation_loss
 from kdflow.scoring import EncodedQuestion, ScoringBatch, collate, option_logits, tokenize
-from kdflow.students import export_student
+from kdflow.train.students import export_student
 
 # Metric rows reach `on_metrics` in batches: one database write per 50 steps, not per step.
 DELIVER_EVERY = 50
@@ -440,7 +440,7 @@ def train(
     Under a launcher (torchrun, accelerate launch: WORLD_SIZE = cfg.num_processes) every process calls
     this with the same arguments; each moves the model to its own device, the main process alone calls
     on_metrics and on_checkpoint and writes, and any process's should_stop stops them all.
-    `kdflow.distributed.launch_training` starts such processes from a single one.
+    `kdflow.train.distributed.launch_training` starts such processes from a single one.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)

@@ -1,6 +1,6 @@
 """Student training in several processes: DDP, or FSDP (FSDP2) for students too big for one device.
 
-kdflow/training.py runs the same loop in every process; what differs sits behind `Processes`, which `join`
+kdflow/train/recipe.py runs the same loop in every process; what differs sits behind `Processes`, which `join`
 sets up from the launcher's environment (WORLD_SIZE, RANK, LOCAL_RANK) through accelerate: gloo on the
 CPU, nccl on GPUs, one GPU per process.
 
@@ -25,7 +25,7 @@ DuckDB store):
     stop               created by the parent when should_stop() says so; the workers stop after the step
     workers.log        the workers' output
 
-The parent starts `python -m torch.distributed.run --standalone ... -m kdflow.distributed RUN_DIR`, relays
+The parent starts `python -m torch.distributed.run --standalone ... -m kdflow.train.distributed RUN_DIR`, relays
 the events to its callbacks as they come (so metrics reach DuckDB during the run), and removes RUN_DIR
 after a finished run.
 """
@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from kdflow.checkpoints import (
+from kdflow.train.checkpoints import (
     Checkpoint,
     CheckpointError,
     TrainState,
@@ -70,7 +70,7 @@ from kdflow.errors import KdflowError, TransientError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from kdflow.training import TrainResult
+    from kdflow.train.recipe import TrainResult
 
 EXAMPLES_SCHEMA = pa.schema(
     [
@@ -286,7 +286,7 @@ def join(cfg: TrainingConfig, device: torch.device) -> Processes:
     if world == 1 and cfg.num_processes > 1:
         raise KdflowError(
             f"training.num_processes is {cfg.num_processes}, but this is a single process: `kdflow train` starts "
-            "the processes itself (kdflow.distributed.launch_training), or start this program with torchrun / "
+            "the processes itself (kdflow.train.distributed.launch_training), or start this program with torchrun / "
             f"accelerate launch --num_processes {cfg.num_processes}; or set training.num_processes: 1"
         )
     if world != cfg.num_processes:
@@ -336,14 +336,14 @@ def launch_training(
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """`kdflow.training.train` in cfg.num_processes processes on this machine: same arguments, same result,
+    """`kdflow.train.recipe.train` in cfg.num_processes processes on this machine: same arguments, same result,
     same exceptions (a worker lost without a word raises TransientError, so orchestration retries it).
 
     The callbacks run here, as the main worker reports. The caller's model is only read: it is saved for
     the workers and moved to the CPU, freeing its device for them. Under a launcher already, or with one
     process, this is `train` itself.
     """
-    from kdflow.training import total_steps, train
+    from kdflow.train.recipe import total_steps, train
 
     if cfg.num_processes == 1 or launched_world_size() > 1:
         return train(
@@ -376,7 +376,7 @@ def launch_training(
 
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.num_processes}",
-        "-m", "kdflow.distributed", str(run_dir),
+        "-m", "kdflow.train.distributed", str(run_dir),
     ]
     # The workers import the kdflow this process runs, wherever it is installed from.
     root = str(Path(__file__).resolve().parents[1])
@@ -426,7 +426,7 @@ def _stopping_on_error(workers: subprocess.Popen) -> Iterator[None]:
 @contextlib.contextmanager
 def _bar(total: int, enabled: bool) -> Iterator[Callable[[dict[str, Any]], None]]:
     """The training progress bar, fed with the last metric row of each delivery."""
-    from kdflow.training import step_bar, step_status
+    from kdflow.train.recipe import step_bar, step_status
 
     with step_bar(total, 0, enabled) as show:
         yield lambda row: show(row["step"], step_status(row))
@@ -451,14 +451,14 @@ class _EventReader:
 
 def _reraised() -> dict[str, type[Exception]]:
     """Exceptions a worker reports by name and the parent raises again as they were."""
-    from kdflow.training import TrainingDiverged
+    from kdflow.train.recipe import TrainingDiverged
 
     return {cls.__name__: cls for cls in (TrainingDiverged, CheckpointError, KdflowError, ValueError)}
 
 
 def _outcome(event: dict[str, Any] | None, returncode: int, log: Path, seconds: float) -> TrainResult:
     """The TrainResult the main worker reported, or its exception raised here."""
-    from kdflow.training import TrainingCancelled, TrainResult
+    from kdflow.train.recipe import TrainingCancelled, TrainResult
 
     if event is None:
         tail = log.read_text(encoding="utf-8", errors="replace")[-3000:] if log.exists() else ""
@@ -532,7 +532,7 @@ def _read_examples(path: Path) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------------
-# A worker: `python -m kdflow.distributed RUN_DIR`, one of the processes torchrun starts
+# A worker: `python -m kdflow.train.distributed RUN_DIR`, one of the processes torchrun starts
 
 
 class _Events:
@@ -547,7 +547,7 @@ class _Events:
 
 
 def _worker(run_dir: Path) -> None:
-    from kdflow.training import TrainingCancelled, train
+    from kdflow.train.recipe import TrainingCancelled, train
 
     spec = json.loads((run_dir / "spec.json").read_text(encoding="utf-8"))
     events = _Events(run_dir / _EVENTS)
