@@ -1,6 +1,6 @@
 """Training in two CPU processes (gloo) follows the single-process run: same loss curve, checkpoints, resume.
 
-The slow tests launch real workers through `launch_training` (torchrun, `python -m kdflow.train.distributed`),
+The slow tests launch real workers through `launch_training` (torchrun, `python -m kdflow.train.launcher`),
 as `kdflow train` does with training.num_processes: 2; each launch costs ~15 s of process start-up.
 """
 
@@ -16,7 +16,8 @@ from toy_training import one_thread  # noqa: F401 (autouse fixture)
 
 from kdflow.train.checkpoints import read_checkpoint
 from kdflow.config import LoraConfig, TrainingConfig
-from kdflow.train.distributed import Processes, _EventReader, _outcome, join, launch_training
+from kdflow.train.distributed import Processes, join
+from kdflow.train.launcher import _EventReader, _outcome, launch_training
 from kdflow.errors import KdflowError, TransientError
 from kdflow.modeling import load_pretrained
 from kdflow.train.students import with_lora

@@ -13,47 +13,26 @@ CPU, nccl on GPUs, one GPU per process.
 - FSDP shards every decoder layer, then the rest, with torch's `fully_shard`, on the CPU as on GPUs
   (accelerate's FSDP integration refuses CPU processes, and CPU processes are what the tests run).
 
-`launch_training` is the parent side, what `kdflow train` uses when training.num_processes > 1. The data
-contract with the workers lives in RUN_DIR = out_dir/launch, and it is all the workers read (never the
-DuckDB store):
-
-    model/             the caller's model as built: config, every weight, the LoRA setup, the tokenizer
-    examples.parquet   training examples (EXAMPLES_SCHEMA); val.parquet the validation ones, if any
-    spec.json          training and scoring settings, out_dir, resume, merge_lora, the device type
-    events.jsonl       written by the main worker: metric rows, checkpoints, then the result, a
-                       cancellation or an error, one JSON object per line
-    stop               created by the parent when should_stop() says so; the workers stop after the step
-    workers.log        the workers' output
-
-The parent starts `python -m torch.distributed.run --standalone ... -m kdflow.train.distributed RUN_DIR`, relays
-the events to its callbacks as they come (so metrics reach DuckDB during the run), and removes RUN_DIR
-after a finished run.
+`kdflow.train.launcher` starts the processes and runs the worker entry point in each of them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import shutil
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from kdflow.train.checkpoints import (
     Checkpoint,
-    CheckpointError,
     TrainState,
     check_fits,
     read_checkpoint,
@@ -64,29 +43,11 @@ from kdflow.train.checkpoints import (
     trainable_state,
     write_checkpoint,
 )
-from kdflow.config import ScoringConfig, TrainingConfig
-from kdflow.errors import KdflowError, TransientError
+from kdflow.config import TrainingConfig
+from kdflow.errors import KdflowError
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
 
-    from kdflow.train.recipe import TrainResult
 
-EXAMPLES_SCHEMA = pa.schema(
-    [
-        ("question_id", pa.string()),
-        ("question", pa.string()),
-        ("options", pa.list_(pa.string())),
-        ("category", pa.string()),
-        ("answer", pa.int64()),
-        ("probs", pa.list_(pa.float64())),
-    ]
-)
-# How often the parent looks for new events and asks should_stop.
-POLL_SECONDS = 0.2
-# Seconds the workers get to exit after the parent asks them to.
-TERMINATE_GRACE_S = 30
-_EVENTS, _STOP, _LOG = "events.jsonl", "stop", "workers.log"
 
 
 def launched_world_size() -> int:
@@ -106,7 +67,7 @@ def _shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return whole
 
 
-def _transformers_model(model: torch.nn.Module) -> torch.nn.Module:
+def transformers_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -143,7 +104,7 @@ class Processes:
             from torch.distributed.fsdp import fully_shard
 
             mesh = init_device_mesh(self.device.type, (self.world_size,))
-            blocks = set(getattr(_transformers_model(model), "_no_split_modules", None) or ())
+            blocks = set(getattr(transformers_model(model), "_no_split_modules", None) or ())
             # One unit per decoder layer: only one layer's weights are ever whole at a time.
             for module in [m for m in model.modules() if type(m).__name__ in blocks]:
                 fully_shard(module, mesh=mesh)
@@ -286,7 +247,7 @@ def join(cfg: TrainingConfig, device: torch.device) -> Processes:
     if world == 1 and cfg.num_processes > 1:
         raise KdflowError(
             f"training.num_processes is {cfg.num_processes}, but this is a single process: `kdflow train` starts "
-            "the processes itself (kdflow.train.distributed.launch_training), or start this program with torchrun / "
+            "the processes itself (kdflow.train.launcher.launch_training), or start this program with torchrun / "
             f"accelerate launch --num_processes {cfg.num_processes}; or set training.num_processes: 1"
         )
     if world != cfg.num_processes:
@@ -314,275 +275,3 @@ def join(cfg: TrainingConfig, device: torch.device) -> Processes:
         device=launched.device, rank=launched.process_index, world_size=launched.num_processes, fsdp=cfg.fsdp,
         control=control,
     )
-
-
-# --------------------------------------------------------------------------------------------------
-# The parent: write the contract, start the workers, relay their events
-
-
-def launch_training(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    examples: Sequence[Mapping[str, Any]],
-    cfg: TrainingConfig,
-    scoring: ScoringConfig,
-    *,
-    out_dir: Path,
-    val_examples: Sequence[Mapping[str, Any]] | None = None,
-    resume: bool = False,
-    merge_lora: bool = True,
-    on_metrics: Callable[[list[dict[str, Any]]], None] | None = None,
-    on_checkpoint: Callable[[int, Path, dict[str, Any]], None] | None = None,
-    progress: bool = True,
-    should_stop: Callable[[], bool] | None = None,
-) -> TrainResult:
-    """`kdflow.train.recipe.train` in cfg.num_processes processes on this machine: same arguments, same result,
-    same exceptions (a worker lost without a word raises TransientError, so orchestration retries it).
-
-    The callbacks run here, as the main worker reports. The caller's model is only read: it is saved for
-    the workers and moved to the CPU, freeing its device for them. Under a launcher already, or with one
-    process, this is `train` itself.
-    """
-    from kdflow.train.recipe import total_steps, train
-
-    if cfg.num_processes == 1 or launched_world_size() > 1:
-        return train(
-            model, tokenizer, examples, cfg, scoring, out_dir=out_dir, val_examples=val_examples, resume=resume,
-            merge_lora=merge_lora, on_metrics=on_metrics, on_checkpoint=on_checkpoint, progress=progress,
-            should_stop=should_stop,
-        )
-    if not examples:
-        raise ValueError("no training examples; check the split fractions and the labeled questions")
-    started = time.perf_counter()
-    out_dir = Path(out_dir).resolve()
-    run_dir = out_dir / "launch"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    device_type = next(model.parameters()).device.type
-    _save_model(model, tokenizer, run_dir / "model")
-    model.to("cpu")
-    _write_examples(examples, run_dir / "examples.parquet")
-    if val_examples:
-        _write_examples(list(val_examples)[: cfg.eval_questions], run_dir / "val.parquet")
-    spec = {
-        "training": cfg.model_dump(mode="json"),
-        "scoring": scoring.model_dump(mode="json"),
-        "out_dir": str(out_dir),
-        "resume": resume,
-        "merge_lora": merge_lora,
-        "device": device_type,
-    }
-    (run_dir / "spec.json").write_text(json.dumps(spec, indent=2), encoding="utf-8")
-
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.num_processes}",
-        "-m", "kdflow.train.distributed", str(run_dir),
-    ]
-    # The workers import the kdflow this process runs, wherever it is installed from.
-    root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    with (run_dir / _LOG).open("wb") as log:
-        workers = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    events = _EventReader(run_dir / _EVENTS)
-    outcome: dict[str, Any] | None = None
-    with _stopping_on_error(workers), _bar(total_steps(cfg, len(examples)), progress) as show:
-        while True:
-            running = workers.poll() is None
-            for event in events.read():
-                if event["kind"] == "metrics":
-                    show(event["rows"][-1])
-                    if on_metrics is not None:
-                        on_metrics(event["rows"])
-                elif event["kind"] == "checkpoint":
-                    if on_checkpoint is not None:
-                        on_checkpoint(event["step"], Path(event["path"]), event["metrics"])
-                else:
-                    outcome = event
-            if not running:
-                break
-            if should_stop is not None and not (run_dir / _STOP).exists() and should_stop():
-                (run_dir / _STOP).touch()
-            time.sleep(POLL_SECONDS)
-    result = _outcome(outcome, workers.returncode, run_dir / _LOG, time.perf_counter() - started)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return result
-
-
-@contextlib.contextmanager
-def _stopping_on_error(workers: subprocess.Popen) -> Iterator[None]:
-    """If the parent fails (a callback raises, Ctrl-C), the workers must not train on unattended."""
-    try:
-        yield
-    except BaseException:
-        workers.terminate()  # torchrun passes it on to the workers
-        try:
-            workers.wait(TERMINATE_GRACE_S)
-        except subprocess.TimeoutExpired:
-            workers.kill()
-            workers.wait()
-        raise
-
-
-@contextlib.contextmanager
-def _bar(total: int, enabled: bool) -> Iterator[Callable[[dict[str, Any]], None]]:
-    """The training progress bar, fed with the last metric row of each delivery."""
-    from kdflow.train.recipe import step_bar, step_status
-
-    with step_bar(total, 0, enabled) as show:
-        yield lambda row: show(row["step"], step_status(row))
-
-
-class _EventReader:
-    """Complete lines appended to the events file since the last read (a line being written waits)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.offset = path, 0
-
-    def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        with self.path.open("rb") as handle:
-            handle.seek(self.offset)
-            text = handle.read()
-        complete = text[: text.rfind(b"\n") + 1]
-        self.offset += len(complete)
-        return [json.loads(line) for line in complete.splitlines()]
-
-
-def _reraised() -> dict[str, type[Exception]]:
-    """Exceptions a worker reports by name and the parent raises again as they were."""
-    from kdflow.train.recipe import TrainingDiverged
-
-    return {cls.__name__: cls for cls in (TrainingDiverged, CheckpointError, KdflowError, ValueError)}
-
-
-def _outcome(event: dict[str, Any] | None, returncode: int, log: Path, seconds: float) -> TrainResult:
-    """The TrainResult the main worker reported, or its exception raised here."""
-    from kdflow.train.recipe import TrainingCancelled, TrainResult
-
-    if event is None:
-        tail = log.read_text(encoding="utf-8", errors="replace")[-3000:] if log.exists() else ""
-        raise TransientError(
-            f"the training workers exited with code {returncode} before reporting a result; their log, {log}, "
-            f"ends with:\n{tail}"
-        )
-    if event["kind"] == "cancelled":
-        raise TrainingCancelled(event["step"], Path(event["checkpoint"]))
-    if event["kind"] == "error":
-        cls = _reraised().get(event["type"])
-        if cls is None:
-            raise RuntimeError(f"a training worker failed: {event['type']}: {event['message']} (traceback in {log})")
-        raise cls(event["message"])
-    return TrainResult(
-        steps=event["steps"],
-        val_accuracy=event["val_accuracy"],
-        best_val_accuracy=event["best_val_accuracy"],
-        best_step=event["best_step"],
-        stopped_early=event["stopped_early"],
-        samples_per_s=event["samples_per_s"],
-        seconds=seconds,
-        final_dir=Path(event["final_dir"]),
-        metrics=event["metrics"],
-    )
-
-
-def _save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
-    """The model exactly as the caller built it: architecture, every weight (frozen ones too), the LoRA
-    setup, which parameters train, and the tokenizer. Any initialisation (fresh, pretrained, from_teacher)
-    travels the same way."""
-    from peft import PeftModel
-    from safetensors.torch import save_model
-
-    path.mkdir()
-    _transformers_model(model).config.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    if isinstance(model, PeftModel):
-        model.peft_config[model.active_adapter].save_pretrained(path / "adapter")
-    save_model(model, str(path / "weights.safetensors"))
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    meta = {"dtype": dtype, "trainable": sorted(trainable_state(model))}
-    (path / "kdflow.json").write_text(json.dumps(meta), encoding="utf-8")
-
-
-def _load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """The model `_save_model` wrote, on `device`."""
-    from peft import PeftConfig, get_peft_model
-    from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    meta = json.loads((path / "kdflow.json").read_text(encoding="utf-8"))
-    with device:
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=getattr(torch, meta["dtype"]))
-    if (path / "adapter").is_dir():
-        model = get_peft_model(model, PeftConfig.from_pretrained(str(path / "adapter")))
-    load_model(model, str(path / "weights.safetensors"), device=str(device))
-    trainable = set(meta["trainable"])
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in trainable)
-    return model, AutoTokenizer.from_pretrained(path)
-
-
-def _write_examples(examples: Sequence[Mapping[str, Any]], path: Path) -> None:
-    rows = [{column: example.get(column) for column in EXAMPLES_SCHEMA.names} for example in examples]
-    pq.write_table(pa.Table.from_pylist(rows, schema=EXAMPLES_SCHEMA), path)
-
-
-def _read_examples(path: Path) -> list[dict[str, Any]]:
-    return pq.read_table(path).to_pylist()
-
-
-# --------------------------------------------------------------------------------------------------
-# A worker: `python -m kdflow.train.distributed RUN_DIR`, one of the processes torchrun starts
-
-
-class _Events:
-    """The main worker's reports to the parent, one JSON line each, appended whole."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def write(self, kind: str, **fields: Any) -> None:
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"kind": kind, **fields}, default=str) + "\n")
-
-
-def _worker(run_dir: Path) -> None:
-    from kdflow.train.recipe import TrainingCancelled, train
-
-    spec = json.loads((run_dir / "spec.json").read_text(encoding="utf-8"))
-    events = _Events(run_dir / _EVENTS)
-    main = int(os.environ.get("RANK", "0")) == 0
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if spec["device"] == "cuda" else "cpu")
-    val_file = run_dir / "val.parquet"
-    try:
-        model, tokenizer = _load_model(run_dir / "model", device)
-        result = train(
-            model, tokenizer, _read_examples(run_dir / "examples.parquet"),
-            TrainingConfig.model_validate(spec["training"]), ScoringConfig.model_validate(spec["scoring"]),
-            out_dir=Path(spec["out_dir"]), val_examples=_read_examples(val_file) if val_file.exists() else None,
-            resume=spec["resume"], merge_lora=spec["merge_lora"], progress=False,
-            should_stop=(run_dir / _STOP).exists,
-            on_metrics=lambda rows: events.write("metrics", rows=rows),
-            on_checkpoint=lambda step, path, metrics: events.write("checkpoint", step=step, path=path, metrics=metrics),
-        )
-    except TrainingCancelled as e:
-        if main:
-            events.write("cancelled", step=e.step, checkpoint=e.checkpoint)
-        return
-    except Exception as e:
-        reraised = _reraised()
-        if main:
-            reported = next((c.__name__ for c in type(e).__mro__ if c.__name__ in reraised), type(e).__name__)
-            events.write("error", type=reported, message=str(e))
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if main:
-        fields = ("steps", "val_accuracy", "best_val_accuracy", "best_step", "stopped_early", "samples_per_s",
-                  "final_dir", "metrics")
-        events.write("result", **{name: getattr(result, name) for name in fields})
-
-
-if __name__ == "__main__":
-    _worker(Path(sys.argv[1]))

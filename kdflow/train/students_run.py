@@ -96,7 +96,7 @@ def train_students(
     import torch
 
     from kdflow.train.checkpoints import discard_checkpoints
-    from kdflow.train.distributed import launch_training
+    from kdflow.train.launcher import launch_training
     from kdflow.modeling import count_parameters
     from kdflow.train.students import export_student, init_student
     from kdflow.train.recipe import total_steps
