@@ -227,11 +227,11 @@ def _run_flow(flow_name: str, cfg, **kwargs):
     # run from starting a temporary Prefect server on the same PREFECT_HOME as the run it waits for.
     queued = nullcontext() if get_current_settings().api.url else home_lock(cfg.home_dir, on_wait=_notice)
     if flow_name == "distill":
-        from flows.distill import distill as flow_fn
+        from kdflow.flows.distill import distill as flow_fn
     elif flow_name == "sweep":
-        from flows.sweep import sweep as flow_fn
+        from kdflow.flows.sweep import sweep as flow_fn
     else:
-        from flows.stages import STAGE_FLOWS
+        from kdflow.flows.stages import STAGE_FLOWS
 
         flow_fn = STAGE_FLOWS[flow_name]
     _without_tracebacks_for_user_errors()
@@ -452,7 +452,7 @@ def serve(
     cfg = _load(config, set_)
     if not os.environ.get("PREFECT_API_URL"):
         raise _fail("serving needs a Prefect server: start one with `kdflow ui`, then export the PREFECT_API_URL it prints")
-    from flows.serve import serve as serve_all
+    from kdflow.flows.serve import serve as serve_all
 
     serve_all(cfg, cron=cron)
 
@@ -466,7 +466,7 @@ def ui(
     set_: SetOpt = None,
 ) -> None:
     """Start a local Prefect server with its UI (or find the running one) and print its URL."""
-    from flows.serve import ServerFiles, start_server, stop_server
+    from kdflow.flows.serve import ServerFiles, start_server, stop_server
 
     cfg = _load(config, set_)
     files = ServerFiles.of_home(cfg.home_dir)

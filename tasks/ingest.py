@@ -10,7 +10,7 @@ from kdflow.ingest.datasets import ingest
 from kdflow.errors import KdflowError
 from kdflow.runs import stage
 from kdflow.store import Store
-from tasks.retry import RETRY_DELAYS, retry_if_transient
+from kdflow.tasks.retry import RETRY_DELAYS, retry_if_transient
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)

@@ -12,9 +12,9 @@ from kdflow.label.sharding import uses_shards
 from kdflow.store import Store
 from kdflow.label.preparation import prepare_teacher
 from kdflow.label.teacher import label_with_teacher, teacher_ref
-from tasks.progress import both, ui_progress
-from tasks.retry import RETRY_DELAYS, retry_if_transient
-from tasks.shard_label import label_sharded_flow
+from kdflow.tasks.progress import both, ui_progress
+from kdflow.tasks.retry import RETRY_DELAYS, retry_if_transient
+from kdflow.tasks.shard_label import label_sharded_flow
 
 
 @task(name="prepare-teacher", tags=["gpu"], retries=1, retry_delay_seconds=RETRY_DELAYS,

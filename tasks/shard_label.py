@@ -28,8 +28,8 @@ from kdflow.progress import progress_bar
 from kdflow.runs import stage
 from kdflow.label.sharding import ShardError, ShardPlan, engine_groups, label_shard, load_shards, plan_shards
 from kdflow.store import Store
-from tasks.progress import both, ui_progress
-from tasks.retry import RETRY_DELAYS, retry_if_transient
+from kdflow.tasks.progress import both, ui_progress
+from kdflow.tasks.retry import RETRY_DELAYS, retry_if_transient
 
 
 @task(name="label-shard", tags=["gpu"], retries=2, retry_delay_seconds=RETRY_DELAYS,

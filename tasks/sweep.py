@@ -19,10 +19,10 @@ from kdflow.sweep.grid import ENSEMBLE, PointResult, SweepPoint, TeacherChoice, 
 from kdflow.label.preparation import prepared_teacher_id
 from kdflow.label.teacher import TeacherRef, teacher_ref
 from kdflow.train.data import finished_model_dir
-from tasks.label import prepare_teacher_task, run_label_stage
-from tasks.progress import ui_progress
-from tasks.retry import RETRY_DELAYS, retry_if_transient
-from tasks.validate import validate_task
+from kdflow.tasks.label import prepare_teacher_task, run_label_stage
+from kdflow.tasks.progress import ui_progress
+from kdflow.tasks.retry import RETRY_DELAYS, retry_if_transient
+from kdflow.tasks.validate import validate_task
 
 
 def teacher_labels(choice: TeacherChoice, sweep_id: str, dataset_ids: list[str]) -> tuple[TeacherRef, str]:

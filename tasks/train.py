@@ -9,8 +9,8 @@ from kdflow.train.students_run import train_students
 from kdflow.runs import stage
 from kdflow.store import Store
 from kdflow.label.teacher import teacher_ref
-from tasks.progress import ui_progress
-from tasks.retry import RETRY_DELAYS, retry_if_transient
+from kdflow.tasks.progress import ui_progress
+from kdflow.tasks.retry import RETRY_DELAYS, retry_if_transient
 
 
 @task(name="train", tags=["gpu"], retries=1, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)

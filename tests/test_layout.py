@@ -4,11 +4,12 @@ way, so no module imports one that imports it back, at the top or inside a funct
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Where each installed package's source lies in the repository.
-PACKAGES = {"kdflow": ROOT / "kdflow", "flows": ROOT / "flows", "tasks": ROOT / "tasks"}
+# Where each installed package's source lies in the repository (pyproject's package-dir).
+PACKAGES = {"kdflow": ROOT / "kdflow", "kdflow.flows": ROOT / "flows", "kdflow.tasks": ROOT / "tasks"}
 
 
 def _modules() -> dict[str, Path]:
@@ -20,6 +21,11 @@ def _modules() -> dict[str, Path]:
                 parts.pop()
             found[".".join(parts)] = path
     return found
+
+
+def _packages() -> set[str]:
+    """Every folder with an __init__.py, as the package name it installs under."""
+    return {name for name, path in _modules().items() if path.name == "__init__.py"}
 
 
 def _imports(path: Path, known: set[str]) -> set[str]:
@@ -86,3 +92,11 @@ def test_no_import_cycles_in_the_core_flows_or_tasks():
     graph = import_graph()
     assert "kdflow.train.recipe" in graph and "kdflow.label.teacher" in graph  # the walk found the package
     assert cycles(graph) == []
+
+
+def test_every_package_installs_inside_the_kdflow_namespace():
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    assert set(setuptools["packages"]) == _packages()
+    assert all(name == "kdflow" or name.startswith("kdflow.") for name in setuptools["packages"])
+    assert setuptools["package-dir"] == {name: str(path.relative_to(ROOT)) for name, path in PACKAGES.items()
+                                         if name != "kdflow"}

@@ -257,7 +257,7 @@ def test_kdflow_run_with_the_gguf_teacher_end_to_end(smollm2, tmp_path):
     student (3 of its 30 layers) is distilled and evaluated."""
     import shutil
 
-    from flows.distill import distill
+    from kdflow.flows.distill import distill
     from kdflow.config import load_config
 
     directory, gguf_file = smollm2

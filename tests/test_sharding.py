@@ -257,7 +257,7 @@ def test_shards_of_one_engine_group_never_overlap(prefect_harness, tmp_path, mon
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from kdflow.label.sharding import Shard, ShardPlan
-    from tasks.shard_label import submit_shards
+    from kdflow.tasks.shard_label import submit_shards
 
     runs: list[tuple[int, str, float, float]] = []
 
@@ -269,7 +269,7 @@ def test_shards_of_one_engine_group_never_overlap(prefect_harness, tmp_path, mon
             raise ValueError("this engine crashed for good")
         return out_path
 
-    monkeypatch.setattr("tasks.shard_label.label_shard", fake_label_shard)
+    monkeypatch.setattr("kdflow.tasks.shard_label.label_shard", fake_label_shard)
     cfg = vllm_config(tmp_path)
     plan = ShardPlan("t-x", None, [Shard(i, f"in-{i}", f"out-{i}", 1, i % 2) for i in range(6)])
 
@@ -290,8 +290,8 @@ def test_shards_of_one_engine_group_never_overlap(prefect_harness, tmp_path, mon
 def test_a_failed_shard_fails_the_stage_and_a_rerun_labels_the_rest(
     prefect_harness, world, reference, tmp_path, monkeypatch, one_thread
 ):
-    from tasks import shard_label
-    from tasks.label import run_label_stage
+    from kdflow.tasks import shard_label
+    from kdflow.tasks.label import run_label_stage
 
     cfg, store = fresh(world, tmp_path / "home", n_workers=2)
     real = shard_label.label_shard
@@ -361,7 +361,7 @@ def dask_cluster():
 def test_dask_workers_label_like_one_process_even_when_one_dies(
     prefect_harness, dask_cluster, world, reference, tmp_path
 ):
-    from tasks.label import run_label_stage
+    from kdflow.tasks.label import run_label_stage
 
     address = dask_cluster.scheduler.address
     for name, plugins in (("steady", []), ("killed", [KillOnce(str(tmp_path / "killed.flag"))])):
@@ -381,7 +381,7 @@ def test_task_runner_follows_the_orchestration_config(monkeypatch):
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
 
-    from tasks.shard_label import build_task_runner
+    from kdflow.tasks.shard_label import build_task_runner
 
     threads = build_task_runner(RunConfig(orchestration={"n_workers": 3}))
     assert isinstance(threads, ThreadPoolTaskRunner) and threads._max_workers == 3
@@ -409,7 +409,7 @@ def test_ray_runner_when_ray_is_installed():
     pytest.importorskip("prefect_ray")
     from prefect_ray import RayTaskRunner
 
-    from tasks.shard_label import build_task_runner, placement
+    from kdflow.tasks.shard_label import build_task_runner, placement
 
     local = build_task_runner(RunConfig(orchestration={"task_runner": "ray", "n_workers": 2}))
     assert isinstance(local, RayTaskRunner) and local.init_kwargs["num_cpus"] == 2
@@ -427,7 +427,7 @@ def test_ray_runner_when_ray_is_installed():
 def test_gpu_shards_ask_dask_for_a_gpu_slot():
     import dask
 
-    from tasks.shard_label import placement
+    from kdflow.tasks.shard_label import placement
 
     with placement(RunConfig(teacher={"device": "cuda"}, orchestration={"task_runner": "dask"})):
         assert dask.get_annotations() == {"resources": {"GPU": 1}}
@@ -438,7 +438,7 @@ def test_gpu_shards_ask_dask_for_a_gpu_slot():
 @pytest.mark.slow
 def test_ray_workers_label_like_one_process(prefect_harness, world, reference, tmp_path):
     pytest.importorskip("prefect_ray")
-    from tasks.label import run_label_stage
+    from kdflow.tasks.label import run_label_stage
 
     cfg, store = fresh(world, tmp_path / "home", task_runner="ray", n_workers=2)
     assert run_label_stage(cfg, start_run(store, cfg), world["dataset_ids"]) == reference[0]

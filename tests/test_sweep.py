@@ -202,7 +202,7 @@ def _completed_students(home: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def first_sweep(tmp_path_factory, prefect_harness):
-    from flows.sweep import sweep
+    from kdflow.flows.sweep import sweep
 
     home = tmp_path_factory.mktemp("sweep")
     # Two workers: labeling goes through the sharded path, and two students train at once on the thread pool.
@@ -236,7 +236,7 @@ def test_sweep_flow_trains_every_point_and_reports(first_sweep):
 
 @pytest.mark.slow
 def test_second_sweep_trains_and_evaluates_nothing(first_sweep):
-    from flows.sweep import sweep
+    from kdflow.flows.sweep import sweep
 
     home, cfg, first_id = first_sweep
     sweep_id = sweep(cfg)
@@ -276,7 +276,7 @@ def test_killed_sweep_resumes_training_only_the_missing_students(first_sweep):
 
 
 def test_the_sweep_is_served_as_a_manual_deployment_with_its_config():
-    from flows.serve import deployments
+    from kdflow.flows.serve import deployments
 
     cfg = load_config(ROOT / "configs" / "demo-sweep.yaml")
     sweep = next(d for d in deployments(cfg) if d.name == "demo-sweep-sweep")
