@@ -7,6 +7,7 @@ Tables: reads validation_runs, soft_labels, quarantine, questions, predictions, 
 run_datasets; writes sweep_teachers, sweep_points and sweep_evaluations (sql/sweep.sql), and for an
 ensemble teachers and soft_labels.
 
-Modules: grid (the grid, one point's run, McNemar/Holm/Pareto statistics), ensemble (the labels of
-several teachers combined per question).
+Modules: axes (which settings a sweep may name; kdflow.config checks a sweep section with it), grid (the
+grid, one point's run, McNemar/Holm/Pareto statistics), ensemble (the labels of several teachers
+combined per question).
 """

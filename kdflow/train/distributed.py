@@ -1,7 +1,7 @@
 """Student training in several processes: DDP, or FSDP (FSDP2) for students too big for one device.
 
-kdflow/train/recipe.py runs the same loop in every process; what differs sits behind `Processes`, which `join`
-sets up from the launcher's environment (WORLD_SIZE, RANK, LOCAL_RANK) through accelerate: gloo on the
+kdflow/train/recipe.py runs the same loop in every process; what differs sits behind `Processes`, which
+`join` sets up from the launcher's environment (WORLD_SIZE, RANK, LOCAL_RANK) through accelerate: gloo on the
 CPU, nccl on GPUs, one GPU per process.
 
 - `training.batch_size` is the GLOBAL micro-batch. Every process draws the same seeded batch of example

@@ -12,9 +12,10 @@ DuckDB store):
     stop               created by the parent when should_stop() says so; the workers stop after the step
     workers.log        the workers' output
 
-The parent starts `python -m torch.distributed.run --standalone ... -m kdflow.train.launcher RUN_DIR`, relays
-the events to its callbacks as they come (so metrics reach DuckDB during the run), and removes RUN_DIR
-after a finished run.
+The parent starts `python -m torch.distributed.run --standalone ... -m kdflow.train.launcher RUN_DIR`,
+relays the events to its callbacks as they come (so metrics reach DuckDB during the run), and removes
+RUN_DIR after a finished run. Each worker runs `_worker` (this module as __main__): the recipe's `train`
+over the contract, with the collectives of kdflow.train.distributed.
 """
 
 from __future__ import annotations
