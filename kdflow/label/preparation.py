@@ -3,6 +3,10 @@
 Preparation follows torchtune's finding that a task-tuned teacher distills better. A prepared teacher is
 identified by a digest of everything that shaped it (base model or architecture, preparation settings,
 scoring, dataset versions), so a second run with the same config reuses the checkpoint.
+
+It belongs to the label stage, not to training: its only product is the model that labels, its identity
+is part of the teacher key, and `kdflow label` runs it first. It reuses the train stage's recipe
+(kdflow.train.recipe.train) for the fine-tuning; the reverse import never happens.
 """
 
 from __future__ import annotations
