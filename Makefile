@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 # setuptools' "Editable installation" notice (a top-level folder named like a package may shadow it) is
 # is informational; pip shows it as a warning on every install.
 	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -c constraints-cpu.txt -e ".[dev]"
-	$(PY) -c "import kdflow, torch, prefect, duckdb, great_expectations, transformers"
+	$(PY) -c "import kdflow.flows.distill, kdflow.tasks.label, torch, duckdb, great_expectations, transformers"
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from bench._common import SummaryRow, num, parser, publish, spread, timed
-from kdflow.backends.hf import HFBackend
+from kdflow.label.backends.hf import HFBackend
 from kdflow.config import ScoringConfig, TeacherConfig
 from kdflow.data.demo import generate_demo_questions
 from kdflow.modeling import build_model, count_parameters, train_tokenizer
@@ -31,7 +31,7 @@ NAME = "flops"
 TEACHER = TeacherConfig()
 ARCH = TEACHER.architecture
 MATMUL_ITERATIONS = 20
-# Padding is measured on one label-stage commit batch (kdflow.labeling's commit_every), which is what one
+# Padding is measured on one label-stage commit batch (kdflow.label.labeling's commit_every), which is what one
 # HFBackend.score call buckets; the timed runs use fewer questions, to keep the benchmark short.
 PADDING_QUESTIONS = 1024
 

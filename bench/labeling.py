@@ -4,7 +4,7 @@
 
 The headline is what `kdflow label` does on the demo: every demo question scored by the demo teacher with
 the hf backend (length-bucketed batches of teacher.batch_size) and committed to a fresh DuckDB store by
-kdflow.labeling.label_questions, in questions/s and token positions/s (the positions the forward passes
+kdflow.label.labeling.label_questions, in questions/s and token positions/s (the positions the forward passes
 run, padding excluded). The comparison is the same model scoring one question per forward pass, the way
 a hand-written loop over questions would: rounds alternate a batched and a one-at-a-time pass over
 samples of the same questions, and the ratio is the median of the per-round ratios.
@@ -21,17 +21,17 @@ from typing import Any
 import torch
 
 from bench._common import SummaryRow, num, parser, publish, spread, timed
-from kdflow.backends.hf import HFBackend
+from kdflow.label.backends.hf import HFBackend
 from kdflow.config import DemoSource, SourceConfig, SplitConfig, load_config
-from kdflow.datasets import ingest_source
-from kdflow.labeling import label_questions, teacher_key
+from kdflow.ingest.datasets import ingest_source
+from kdflow.label.labeling import label_questions, teacher_key
 from kdflow.modeling import build_model, load_pretrained, train_tokenizer
 from kdflow.scoring import tokenize
 from kdflow.store import Store
 
 NAME = "labeling"
 DEMO = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
-COMMIT_EVERY = max(DEMO.teacher.batch_size * 8, 256)  # as kdflow.teacher.label_with_teacher commits
+COMMIT_EVERY = max(DEMO.teacher.batch_size * 8, 256)  # as kdflow.label.teacher.label_with_teacher commits
 
 
 def teacher(rows: list[dict[str, Any]], model_dir: str | None) -> tuple[torch.nn.Module, Any]:

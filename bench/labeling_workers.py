@@ -25,11 +25,11 @@ import torch
 from distributed import Client, LocalCluster
 
 from kdflow.config import ArchitectureConfig, DemoSource, RunConfig, SourceConfig, SplitConfig
-from kdflow.datasets import ingest_source
+from kdflow.ingest.datasets import ingest_source
 from kdflow.modeling import build_model, save_pretrained, train_tokenizer
 from kdflow.runs import start_run
 from kdflow.store import Store
-from tasks.label import run_label_stage
+from kdflow.tasks.label import run_label_stage
 
 RESULTS = Path(__file__).resolve().parent / "results" / "labeling_workers.json"
 ARCH = ArchitectureConfig(hidden_size=128, num_layers=4, num_heads=4, vocab_size=2048)
@@ -48,8 +48,8 @@ def prepare(root: Path, n_questions: int) -> tuple[Path, Path, list[str]]:
 
 def warm_up() -> None:
     """Import what a shard needs, so the first shard does not pay for it inside the timing."""
-    import kdflow.backends.hf  # noqa: F401
-    import tasks.shard_label  # noqa: F401
+    import kdflow.label.backends.hf  # noqa: F401
+    import kdflow.tasks.shard_label  # noqa: F401
 
 
 def label_with_workers(root: Path, template: Path, teacher: Path, dataset_ids: list[str], workers: int,

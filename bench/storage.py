@@ -4,9 +4,9 @@
 
 The store must never be what a run waits for, so its rates are measured at the seed's 50K questions
 through the product's own calls, each repeat into a fresh home:
-- ingest: kdflow.datasets.ingest_source on the demo source (generation included, also timed alone);
+- ingest: kdflow.ingest.datasets.ingest_source on the demo source (generation included, also timed alone);
 - write: insert_labels with an Arrow `incoming` table, as one bulk insert and in the label stage's
-  commits of 1024 (one transaction each, kdflow.labeling's default), and what one Store connection costs
+  commits of 1024 (one transaction each, kdflow.label.labeling's default), and what one Store connection costs
   to open (each Store call opens one);
 - read: labels_with_questions (the join validation and training read);
 - validate: validate_labels on what was read; the Great Expectations import is timed apart, in a fresh
@@ -28,13 +28,13 @@ from typing import Any
 from bench._common import SummaryRow, num, parser, publish, spread, teacher_like_labels, timed
 from kdflow.config import DemoSource, SourceConfig, SplitConfig, ValidationConfig
 from kdflow.data.demo import generate_demo_questions
-from kdflow.datasets import ingest_source
-from kdflow.labeling import labels_table
+from kdflow.ingest.datasets import ingest_source
+from kdflow.label.labeling import labels_table
 from kdflow.store import Store
-from kdflow.validation import validate_labels
+from kdflow.validate.validation import validate_labels
 
 NAME = "storage"
-COMMIT_EVERY = 1024  # kdflow.labeling.label_questions' default commit batch
+COMMIT_EVERY = 1024  # kdflow.label.labeling.label_questions' default commit batch
 CONNECTIONS = 20
 GX_IMPORT = "import time; t = time.perf_counter(); import great_expectations; print(time.perf_counter() - t)"
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from bench._common import SummaryRow, alternate, num, parser, publish, spread, timed
-from kdflow.backends.hf import HFBackend
+from kdflow.label.backends.hf import HFBackend
 from kdflow.config import ArchitectureConfig, ScoringConfig, TrainingConfig
 from kdflow.data.demo import generate_demo_questions
 from kdflow.modeling import build_model, load_pretrained, train_tokenizer
@@ -59,7 +59,7 @@ DONE_WHEN = {"agreement": 0.995, "max_abs_loglik_diff": 1e-4, "speedup": 1.5}
 
 def fine_tuned_model(root: Path, rows: Sequence[dict[str, Any]], tokenizer: Any, mode: str, steps: int) -> Any:
     """The demo architecture on `tokenizer`, fine-tuned in `mode` with kdflow's recipe; returns the model."""
-    from kdflow.training import train
+    from kdflow.train.recipe import train
 
     torch.manual_seed(0)
     model = build_model(ARCH, tokenizer)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.runlock import guarded_run
+from kdflow.flows.runlock import guarded_run
 from kdflow.config import RunConfig
-from tasks.evaluate import evaluate_task, report_task
-from tasks.ingest import ingest_task
-from tasks.label import prepare_teacher_task, run_label_stage
-from tasks.train import train_task
-from tasks.validate import validate_task
+from kdflow.tasks.evaluate import evaluate_task, report_task
+from kdflow.tasks.ingest import ingest_task
+from kdflow.tasks.label import prepare_teacher_task, run_label_stage
+from kdflow.tasks.train import train_task
+from kdflow.tasks.validate import validate_task
 
 
 @flow(name="distill", flow_run_name="distill-{cfg.name}", retries=0)

@@ -24,7 +24,7 @@ from kdflow.config import RunConfig
 from kdflow.homelock import waiting_message
 from kdflow.runs import recorded_run
 from kdflow.store import Store
-from tasks.common import current_flow_run_id
+from kdflow.tasks.common import current_flow_run_id
 
 # A holder's slot is leased and renewed while it lives; a killed holder frees it after this long.
 LEASE_S = 60.0

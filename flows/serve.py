@@ -124,9 +124,9 @@ def stop_server(files: ServerFiles, *, timeout_s: float = 30.0) -> str | None:
 def deployments(cfg: RunConfig, *, cron: str | None = NIGHTLY_CRON) -> list:
     """The main flow on a schedule, and each stage and the sweep (the config's `sweep:` section) as manual-only
     deployments, all with this config."""
-    from flows.distill import distill
-    from flows.stages import STAGE_FLOWS
-    from flows.sweep import sweep
+    from kdflow.flows.distill import distill
+    from kdflow.flows.stages import STAGE_FLOWS
+    from kdflow.flows.sweep import sweep
 
     params = {"cfg": cfg.model_dump(mode="json", exclude_defaults=True)}
     # The sources always: the UI's run form shows only given values ("No items in this list" otherwise).

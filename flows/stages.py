@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.runlock import guarded_run
+from kdflow.flows.runlock import guarded_run
 from kdflow.config import RunConfig
-from kdflow.datasets import run_dataset_ids
-from kdflow.distill import find_students
+from kdflow.ingest.datasets import run_dataset_ids
+from kdflow.train.students_run import find_students
 from kdflow.store import Store
-from kdflow.teacher import teacher_ref
-from tasks.evaluate import evaluate_task, report_task
-from tasks.ingest import ingest_task
-from tasks.label import prepare_teacher_task, run_label_stage
-from tasks.train import train_task
-from tasks.validate import validate_task
+from kdflow.label.teacher import teacher_ref
+from kdflow.tasks.evaluate import evaluate_task, report_task
+from kdflow.tasks.ingest import ingest_task
+from kdflow.tasks.label import prepare_teacher_task, run_label_stage
+from kdflow.tasks.train import train_task
+from kdflow.tasks.validate import validate_task
 
 
 def _inputs(cfg: RunConfig, run_id: str) -> tuple[Store, list[str]]:

@@ -17,16 +17,16 @@ from prefect.task_runners import TaskRunner
 from prefect.utilities.annotations import allow_failure
 
 from kdflow.config import RunConfig, TeacherConfig
-from kdflow.ensemble import Member
+from kdflow.sweep.ensemble import Member
 from kdflow.errors import KdflowError
 from kdflow.runs import recorded_run
 from kdflow.store import Store
-from kdflow.sweep import ENSEMBLE, PointResult, SweepPoint, ensure_sweep_tables, expand_grid, sweep_teachers
-from kdflow.teacher import TeacherRef
-from tasks.common import current_flow_run_id
-from tasks.ingest import ingest_task
-from tasks.shard_label import build_task_runner, shared_api
-from tasks.sweep import ensemble_labels, sweep_point_task, sweep_report_task, teacher_labels
+from kdflow.sweep.grid import ENSEMBLE, PointResult, SweepPoint, ensure_sweep_tables, expand_grid, sweep_teachers
+from kdflow.label.teacher import TeacherRef
+from kdflow.tasks.common import current_flow_run_id
+from kdflow.tasks.ingest import ingest_task
+from kdflow.tasks.shard_label import build_task_runner, shared_api
+from kdflow.tasks.sweep import ensemble_labels, sweep_point_task, sweep_report_task, teacher_labels
 
 
 class SweepError(KdflowError):

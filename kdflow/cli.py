@@ -111,9 +111,9 @@ def ingest(
     from pydantic import ValidationError
 
     from kdflow.config import ConfigError, SourceConfig
-    from kdflow.datasets import ingest as ingest_all
-    from kdflow.ingest import IngestError
-    from kdflow.terminal import print_ingest
+    from kdflow.ingest.datasets import ingest as ingest_all
+    from kdflow.ingest.load import IngestError
+    from kdflow.report.terminal import print_ingest
     from kdflow.store import Store
 
     cfg = _load(config, set_)
@@ -148,7 +148,7 @@ def runs(
     """List runs with status, per-stage durations and headline metrics (runs whose process died: crashed)."""
     from kdflow.runs import mark_crashed_runs
     from kdflow.store import DB_NAME, Store, StoreError
-    from kdflow.terminal import print_runs
+    from kdflow.report.terminal import print_runs
 
     cfg = _load(config, set_)
     if not (cfg.home_dir / DB_NAME).exists():  # an empty listing, not an error (and no database created)
@@ -227,11 +227,11 @@ def _run_flow(flow_name: str, cfg, **kwargs):
     # run from starting a temporary Prefect server on the same PREFECT_HOME as the run it waits for.
     queued = nullcontext() if get_current_settings().api.url else home_lock(cfg.home_dir, on_wait=_notice)
     if flow_name == "distill":
-        from flows.distill import distill as flow_fn
+        from kdflow.flows.distill import distill as flow_fn
     elif flow_name == "sweep":
-        from flows.sweep import sweep as flow_fn
+        from kdflow.flows.sweep import sweep as flow_fn
     else:
-        from flows.stages import STAGE_FLOWS
+        from kdflow.flows.stages import STAGE_FLOWS
 
         flow_fn = STAGE_FLOWS[flow_name]
     _without_tracebacks_for_user_errors()
@@ -253,7 +253,7 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Run the whole pipeline as a Prefect flow (ephemeral Prefect when no server is configured)."""
     cfg = _load(config, set_)
     run_id = _run_flow("distill", cfg)
-    from kdflow.report import load_summary, print_summary
+    from kdflow.report.run_report import load_summary, print_summary
     from kdflow.store import Store
 
     store = Store(cfg.home_dir, read_only=True)
@@ -263,7 +263,7 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 def _print_run_footer(store, run_id: str) -> None:
     """The last lines of `kdflow run`: what to paste into the next command, and where to look."""
-    from kdflow.report import report_dir
+    from kdflow.report.run_report import report_dir
 
     console = _console()
     console.print(f"run id: {run_id}", soft_wrap=True)
@@ -280,7 +280,7 @@ def _print_run_footer(store, run_id: str) -> None:
 def sweep(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Train and evaluate the grid of students in the config's `sweep:` section (and its teachers); compare them."""
     from kdflow.config import ConfigError
-    from kdflow.sweep import expand_grid
+    from kdflow.sweep.grid import expand_grid
 
     cfg = _load(config, set_)
     try:
@@ -289,7 +289,7 @@ def sweep(config: ConfigOpt = None, set_: SetOpt = None) -> None:
         raise _fail(str(e)) from None
     sweep_id = _run_flow("sweep", cfg)
     from kdflow.store import Store
-    from kdflow.sweep_report import load_comparison, print_sweep, sweep_report_dir
+    from kdflow.report.sweep_report import load_comparison, print_sweep, sweep_report_dir
 
     store = Store(cfg.home_dir, read_only=True)
     print_sweep(_console(), load_comparison(store, sweep_id), sweep_report_dir(store, sweep_id) / "sweep.html")
@@ -335,7 +335,7 @@ def report(
     set_: SetOpt = None,
 ) -> None:
     """Rebuild a run's HTML and markdown report from the database alone."""
-    from kdflow.report import build_report, print_summary
+    from kdflow.report.run_report import build_report, print_summary
     from kdflow.store import Store, StoreError
 
     cfg = _load(config, set_)
@@ -358,11 +358,11 @@ def route(
 ) -> None:
     """Answer questions with the cascade: the student, or the teacher when the student is unsure."""
     cfg = _load(config, set_)
-    from kdflow.datasets import run_dataset_ids
+    from kdflow.ingest.datasets import run_dataset_ids
     from kdflow.errors import KdflowError
-    from kdflow.routing import answer, chosen_cascade, read_questions
+    from kdflow.evaluate.routing import answer, chosen_cascade, read_questions
     from kdflow.store import Store, StoreError
-    from kdflow.teacher import open_backend, teacher_ref
+    from kdflow.label.teacher import open_backend, teacher_ref
 
     if source == "-":
         questions, problems = read_questions(sys.stdin, "stdin")
@@ -381,7 +381,7 @@ def route(
         store = Store(cfg.home_dir, read_only=True)
         cascade = chosen_cascade(store)
         ref = teacher_ref(cfg, store, run_dataset_ids(cfg, store))
-        from kdflow.backends.hf import HFBackend
+        from kdflow.label.backends.hf import HFBackend
         from kdflow.modeling import load_pretrained
 
         model, tokenizer = load_pretrained(str(cascade.student_dir), device=cfg.student.device)
@@ -452,7 +452,7 @@ def serve(
     cfg = _load(config, set_)
     if not os.environ.get("PREFECT_API_URL"):
         raise _fail("serving needs a Prefect server: start one with `kdflow ui`, then export the PREFECT_API_URL it prints")
-    from flows.serve import serve as serve_all
+    from kdflow.flows.serve import serve as serve_all
 
     serve_all(cfg, cron=cron)
 
@@ -466,7 +466,7 @@ def ui(
     set_: SetOpt = None,
 ) -> None:
     """Start a local Prefect server with its UI (or find the running one) and print its URL."""
-    from flows.serve import ServerFiles, start_server, stop_server
+    from kdflow.flows.serve import ServerFiles, start_server, stop_server
 
     cfg = _load(config, set_)
     files = ServerFiles.of_home(cfg.home_dir)

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from kdflow.sweep.axes import check_sweep_section
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
@@ -504,9 +506,7 @@ class SweepConfig(Strict):
 
     @model_validator(mode="after")
     def _known_paths(self) -> SweepConfig:
-        from kdflow.sweep import check_sweep_section
-
-        check_sweep_section(self)
+        check_sweep_section(self, RunConfig, TeacherConfig)
         return self
 
 

@@ -1,5 +1,5 @@
 -- The report of one run, read from the store alone: its latest evaluation and what produced the models.
--- Metric names are those kdflow/evaluation.py writes (long format: one row per model, category, name).
+-- Metric names are those kdflow/evaluate/evaluation.py writes (long format: one row per model, category, name).
 
 -- name: report_evaluation
 -- The run's latest evaluation, with the run's name and status.

@@ -10,15 +10,15 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from kdflow.config import RunConfig
 from kdflow.runs import stage
 from kdflow.store import Store
-from kdflow.teacher import open_backend, teacher_ref
+from kdflow.label.teacher import open_backend, teacher_ref
 
 
 @task(name="evaluate", tags=["gpu"])
 def evaluate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_key: str,
                   models: dict[str, str], validation_id: str | None = None) -> str:
     """Returns the eval_id; `validation_id` names the gate verdict whose calibration temperature applies."""
-    from kdflow.calibration import stored_calibration
-    from kdflow.evaluation import evaluate
+    from kdflow.validate.calibration import stored_calibration
+    from kdflow.evaluate.evaluation import evaluate
 
     store = Store(cfg.home_dir)
     with stage(store, run_id, "evaluate") as record:
@@ -38,7 +38,7 @@ def evaluate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_k
 
 @task(name="report")
 def report_task(cfg: RunConfig, run_id: str) -> str:
-    from kdflow.report import build_report
+    from kdflow.report.run_report import build_report
 
     store = Store(cfg.home_dir)
     with stage(store, run_id, "report") as record:

@@ -6,11 +6,11 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from kdflow.config import RunConfig
-from kdflow.datasets import ingest
+from kdflow.ingest.datasets import ingest
 from kdflow.errors import KdflowError
 from kdflow.runs import stage
 from kdflow.store import Store
-from tasks.retry import RETRY_DELAYS, retry_if_transient
+from kdflow.tasks.retry import RETRY_DELAYS, retry_if_transient
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)

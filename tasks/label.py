@@ -5,15 +5,16 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from kdflow.config import RunConfig
-from kdflow.gate import sample_first
+from kdflow.validate.gate import sample_first
 from kdflow.progress import progress_bar
 from kdflow.runs import stage
-from kdflow.sharding import uses_shards
+from kdflow.label.sharding import uses_shards
 from kdflow.store import Store
-from kdflow.teacher import label_with_teacher, prepare_teacher, teacher_ref
-from tasks.progress import both, ui_progress
-from tasks.retry import RETRY_DELAYS, retry_if_transient
-from tasks.shard_label import label_sharded_flow
+from kdflow.label.preparation import prepare_teacher
+from kdflow.label.teacher import label_with_teacher, teacher_ref
+from kdflow.tasks.progress import both, ui_progress
+from kdflow.tasks.retry import RETRY_DELAYS, retry_if_transient
+from kdflow.tasks.shard_label import label_sharded_flow
 
 
 @task(name="prepare-teacher", tags=["gpu"], retries=1, retry_delay_seconds=RETRY_DELAYS,

@@ -23,13 +23,13 @@ from prefect.utilities.annotations import allow_failure
 
 from kdflow.config import RunConfig
 from kdflow.errors import KdflowError
-from kdflow.labeling import warn_truncated
+from kdflow.label.labeling import warn_truncated
 from kdflow.progress import progress_bar
 from kdflow.runs import stage
-from kdflow.sharding import ShardError, ShardPlan, engine_groups, label_shard, load_shards, plan_shards
+from kdflow.label.sharding import ShardError, ShardPlan, engine_groups, label_shard, load_shards, plan_shards
 from kdflow.store import Store
-from tasks.progress import both, ui_progress
-from tasks.retry import RETRY_DELAYS, retry_if_transient
+from kdflow.tasks.progress import both, ui_progress
+from kdflow.tasks.retry import RETRY_DELAYS, retry_if_transient
 
 
 @task(name="label-shard", tags=["gpu"], retries=2, retry_delay_seconds=RETRY_DELAYS,
@@ -57,7 +57,7 @@ def build_task_runner(cfg: RunConfig) -> TaskRunner:
     if engine_groups(cfg.teacher) > 1 and (orch.address or orch.task_runner == "ray"):
         raise KdflowError(
             "teacher.vllm.data_parallel_size > 1 runs engines on this node only; on a cluster set it to 1 and "
-            "give each worker its own GPU group (see kdflow/sharding.py)"
+            "give each worker its own GPU group (see kdflow/label/sharding.py)"
         )
     if orch.task_runner == "threads":
         return ThreadPoolTaskRunner(max_workers=workers)

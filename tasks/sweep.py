@@ -11,16 +11,18 @@ from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from kdflow.config import RunConfig
-from kdflow.ensemble import Member, build_ensemble_labels, ensemble_spec
+from kdflow.sweep.ensemble import Member, build_ensemble_labels, ensemble_spec
 from kdflow.errors import GateFailed
 from kdflow.runs import stage
 from kdflow.store import Store
-from kdflow.sweep import ENSEMBLE, PointResult, SweepPoint, TeacherChoice, open_teacher_backend, run_point
-from kdflow.teacher import TeacherRef, finished_model_dir, prepared_teacher_id, teacher_ref
-from tasks.label import prepare_teacher_task, run_label_stage
-from tasks.progress import ui_progress
-from tasks.retry import RETRY_DELAYS, retry_if_transient
-from tasks.validate import validate_task
+from kdflow.sweep.grid import ENSEMBLE, PointResult, SweepPoint, TeacherChoice, open_teacher_backend, run_point
+from kdflow.label.preparation import prepared_teacher_id
+from kdflow.label.teacher import TeacherRef, teacher_ref
+from kdflow.train.data import finished_model_dir
+from kdflow.tasks.label import prepare_teacher_task, run_label_stage
+from kdflow.tasks.progress import ui_progress
+from kdflow.tasks.retry import RETRY_DELAYS, retry_if_transient
+from kdflow.tasks.validate import validate_task
 
 
 def teacher_labels(choice: TeacherChoice, sweep_id: str, dataset_ids: list[str]) -> tuple[TeacherRef, str]:
@@ -113,7 +115,7 @@ def sweep_point_task(point: SweepPoint, sweep_id: str, dataset_ids: list[str], t
 
 @task(name="sweep-report")
 def sweep_report_task(cfg: RunConfig, sweep_id: str) -> str:
-    from kdflow.sweep_report import build_sweep_report
+    from kdflow.report.sweep_report import build_sweep_report
 
     store = Store(cfg.home_dir)
     with stage(store, sweep_id, "report") as record:

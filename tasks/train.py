@@ -5,12 +5,12 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from kdflow.config import RunConfig
-from kdflow.distill import train_students
+from kdflow.train.students_run import train_students
 from kdflow.runs import stage
 from kdflow.store import Store
-from kdflow.teacher import teacher_ref
-from tasks.progress import ui_progress
-from tasks.retry import RETRY_DELAYS, retry_if_transient
+from kdflow.label.teacher import teacher_ref
+from kdflow.tasks.progress import ui_progress
+from kdflow.tasks.retry import RETRY_DELAYS, retry_if_transient
 
 
 @task(name="train", tags=["gpu"], retries=1, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)

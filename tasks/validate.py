@@ -7,7 +7,7 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 
 from kdflow.config import RunConfig
 from kdflow.errors import GateFailed
-from kdflow.gate import run_gate
+from kdflow.validate.gate import run_gate
 from kdflow.runs import stage
 from kdflow.store import Store
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from kdflow.config import ArchitectureConfig, DemoSource, SourceConfig, SplitConfig
-from kdflow.datasets import ingest_source
+from kdflow.ingest.datasets import ingest_source
 from kdflow.modeling import build_model, save_pretrained, train_tokenizer
 from kdflow.store import Store
 

@@ -1,7 +1,7 @@
 """A labeling worker the SIGKILL test runs and kills.
 
 `python tests/label_worker.py HOME TEACHER_DIR DATASET_ID [--delay S]` labels every question of the dataset
-in HOME with the hf teacher in TEACHER_DIR through kdflow.labeling.label_questions,
+in HOME with the hf teacher in TEACHER_DIR through kdflow.label.labeling.label_questions,
 committing every COMMIT_EVERY questions and appending the running count to HOME/progress after each
 commit; sleeping S seconds per scored batch gives a test time to kill it between (or during) commits.
 """
@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from kdflow.backends.base import ScoredQuestion
-from kdflow.backends.hf import HFBackend
+from kdflow.label.backends.base import ScoredQuestion
+from kdflow.label.backends.hf import HFBackend
 from kdflow.config import ScoringConfig
-from kdflow.labeling import label_questions, teacher_key
+from kdflow.label.labeling import label_questions, teacher_key
 from kdflow.modeling import load_pretrained
 from kdflow.store import Store
 

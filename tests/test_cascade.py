@@ -1,11 +1,11 @@
-"""kdflow.cascade: a sweep worked out by hand, Pareto marking, threshold choice, and a brute-force check."""
+"""kdflow.evaluate.cascade: a sweep worked out by hand, Pareto marking, threshold choice, and a brute-force check."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kdflow.cascade import CascadePoint, choose_threshold, route, sweep
+from kdflow.evaluate.cascade import CascadePoint, choose_threshold, route, sweep
 
 # Six questions; student 1 s, teacher 3 s per question.
 #   question         q0    q1    q2    q3    q4    q5

@@ -19,7 +19,7 @@ import torch
 from helpers import labeling_world, worker_env
 from kdflow.config import ArchitectureConfig, ScoringConfig, TeacherConfig, load_config
 from kdflow.homelock import home_lock
-from kdflow.labeling import teacher_spec
+from kdflow.label.labeling import teacher_spec
 from kdflow.modeling import build_model, save_pretrained
 from kdflow.runs import mark_crashed_runs
 from kdflow.store import Store, StoreLocked
@@ -167,9 +167,9 @@ def test_a_killed_run_is_marked_crashed_and_its_stage_closed(tmp_path):
 
 def test_labels_rewritten_in_place_are_validated_again(tmp_path):
     """The gate's verdict is keyed on the label values: corrupted values get a new (failing) verdict."""
-    from kdflow.backends.hf import HFBackend
-    from kdflow.gate import run_gate
-    from kdflow.labeling import label_questions
+    from kdflow.label.backends.hf import HFBackend
+    from kdflow.validate.gate import run_gate
+    from kdflow.label.labeling import label_questions
     from kdflow.modeling import load_pretrained
 
     world = labeling_world(tmp_path, 120)
@@ -195,8 +195,8 @@ def test_labels_rewritten_in_place_are_validated_again(tmp_path):
         con.execute("UPDATE questions SET answer = (answer + 1) % len(options) WHERE hash(question_id) % 7 = 0")
     assert not run_gate(cfg, store, world["dataset_ids"], key).reused
     # Students are keyed on the verdict, so none trained on the old values is reused.
-    from kdflow.distill import student_id
-    from kdflow.teacher import TeacherRef
+    from kdflow.train.students_run import student_id
+    from kdflow.label.teacher import TeacherRef
 
     ref = TeacherRef(model_ref="t", model_dir=None, key=key, spec={})
     assert student_id(cfg, "student", ref, first.validation_id) != student_id(cfg, "student", ref, again.validation_id)

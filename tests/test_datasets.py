@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from kdflow.cli import app
 from kdflow.config import RunConfig, SourceConfig
-from kdflow.datasets import ingest, run_dataset_ids
+from kdflow.ingest.datasets import ingest, run_dataset_ids
 from kdflow.store import Store
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "ingest"

@@ -25,14 +25,15 @@ def test_entrypoints_exist_and_only_the_main_flow_is_scheduled():
 
     for deployment in SPEC["deployments"]:
         module, _, name = deployment["entrypoint"].partition(":")
-        flow = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), name)
+        # flows/x.py installs as kdflow.flows.x (pyproject package-dir)
+        flow = getattr(importlib.import_module("kdflow." + module.removesuffix(".py").replace("/", ".")), name)
         assert callable(flow), deployment["entrypoint"]
         assert bool(deployment.get("schedules")) == deployment["name"].endswith("nightly")
 
 
 def test_the_run_form_shows_the_sources():
     """The UI renders a deployment's form from its parameters and the flow's schema: both name the sources."""
-    from flows.serve import deployments
+    from kdflow.flows.serve import deployments
 
     demo = load_config(ROOT / "configs" / "demo.yaml")
     expected = [{"demo": {"n_questions": 50000, "seed": 0}}]

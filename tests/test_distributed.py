@@ -1,6 +1,6 @@
 """Training in two CPU processes (gloo) follows the single-process run: same loss curve, checkpoints, resume.
 
-The slow tests launch real workers through `launch_training` (torchrun, `python -m kdflow.distributed`),
+The slow tests launch real workers through `launch_training` (torchrun, `python -m kdflow.train.launcher`),
 as `kdflow train` does with training.num_processes: 2; each launch costs ~15 s of process start-up.
 """
 
@@ -14,13 +14,14 @@ import toy_training as toy
 from safetensors.torch import load_file
 from toy_training import one_thread  # noqa: F401 (autouse fixture)
 
-from kdflow.checkpoints import read_checkpoint
+from kdflow.train.checkpoints import read_checkpoint
 from kdflow.config import LoraConfig, TrainingConfig
-from kdflow.distributed import Processes, _EventReader, _outcome, join, launch_training
+from kdflow.train.distributed import Processes, join
+from kdflow.train.launcher import _EventReader, _outcome, launch_training
 from kdflow.errors import KdflowError, TransientError
 from kdflow.modeling import load_pretrained
-from kdflow.students import with_lora
-from kdflow.training import TrainingCancelled, TrainingDiverged, train
+from kdflow.train.students import with_lora
+from kdflow.train.recipe import TrainingCancelled, TrainingDiverged, train
 
 # A global micro-batch of 8 (4 per process), accumulated twice: both processes' slices and the
 # accumulation are exercised. Steps 3 and 6 validate and checkpoint.

@@ -18,9 +18,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from kdflow.backends.hf import HFBackend
+from kdflow.label.backends.hf import HFBackend
 from kdflow.config import EvaluationConfig, RunConfig, ScoringConfig
-from kdflow.evaluation import (
+from kdflow.evaluate.evaluation import (
     CascadeChoice,
     EvaluationError,
     ModelResult,
@@ -29,7 +29,7 @@ from kdflow.evaluation import (
     evaluate,
     time_interleaved,
 )
-from kdflow.metrics import expected_calibration_error, latency_summary
+from kdflow.evaluate.metrics import expected_calibration_error, latency_summary
 from kdflow.modeling import build_model, save_pretrained
 from kdflow.runs import start_run
 from kdflow.scoring import encode, option_logits, to_soft_labels

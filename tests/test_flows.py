@@ -30,7 +30,7 @@ def stages(store: Store, run_id: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     """One full run of the main flow, shared by the tests that build on its teacher and labels."""
-    from flows.distill import distill
+    from kdflow.flows.distill import distill
 
     home = tmp_path_factory.mktemp("home")
     run_id = distill(tiny(home))
@@ -52,7 +52,7 @@ def test_main_flow_runs_end_to_end_and_records_everything(first_run):
 
 @pytest.mark.slow
 def test_second_run_reuses_teacher_labels_validation_and_students(first_run):
-    from flows.distill import distill
+    from kdflow.flows.distill import distill
 
     home, _ = first_run
     run_id = distill(tiny(home))
@@ -64,8 +64,8 @@ def test_second_run_reuses_teacher_labels_validation_and_students(first_run):
 @pytest.mark.slow
 def test_transient_labeling_failure_is_retried(first_run, monkeypatch):
     """A backend that fails once (a lost server) is retried by Prefect and the labels complete."""
-    import kdflow.teacher as teacher_module
-    from flows.stages import label_flow
+    import kdflow.label.teacher as teacher_module
+    from kdflow.flows.stages import label_flow
 
     home, _ = first_run
     real_open = teacher_module.open_backend
@@ -88,7 +88,7 @@ def test_transient_labeling_failure_is_retried(first_run, monkeypatch):
 
 @pytest.mark.slow
 def test_changed_prompt_relabels_and_unchanged_does_not(first_run):
-    from flows.stages import label_flow
+    from kdflow.flows.stages import label_flow
 
     home, _ = first_run
     store = Store(home)
@@ -105,7 +105,7 @@ def test_changed_prompt_relabels_and_unchanged_does_not(first_run):
 
 @pytest.mark.slow
 def test_failed_gate_stops_the_flow_before_training(first_run):
-    from flows.distill import distill
+    from kdflow.flows.distill import distill
 
     home, _ = first_run
     with pytest.raises(GateFailed, match="teacher_accuracy"):
@@ -239,7 +239,7 @@ def test_a_deployment_run_and_a_manual_run_at_once_on_one_home_both_complete(fir
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL
 
-    from flows.runlock import home_limit_name
+    from kdflow.flows.runlock import home_limit_name
 
     home, _ = first_run
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "KDFLOW_PROJECT_DIR": str(ROOT),

@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from kdflow.backends.base import ScoredQuestion, TeacherBackend
-from kdflow.backends.hf import HFBackend
+from kdflow.label.backends.base import ScoredQuestion, TeacherBackend
+from kdflow.label.backends.hf import HFBackend
 from kdflow.config import ScoringConfig, TeacherConfig
 from kdflow.modeling import ModelLoadError, ModelSource, save_pretrained
 from kdflow.scoring import encode, option_logits, to_soft_labels

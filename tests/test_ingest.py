@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kdflow.config import DemoSource, GenericMapping, SourceConfig
-from kdflow.ingest import IngestError, LoadedSource, load_source
+from kdflow.ingest.load import IngestError, LoadedSource, load_source
 from kdflow.ingest.layouts import shuffle_order
 from kdflow.ingest.readers import read_csv, read_json
 from kdflow.records import QUESTION_SCHEMA, REJECTED_SCHEMA
@@ -423,6 +423,6 @@ def test_demo_source():
 
 
 def test_core_does_not_import_prefect_or_datasets():
-    code = "import sys, kdflow.ingest, kdflow.splits; print(sorted({'prefect', 'datasets'} & set(sys.modules)))"
+    code = "import sys, kdflow.ingest.load, kdflow.ingest.splits; print(sorted({'prefect', 'datasets'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from kdflow.cli import app
 from kdflow.config import GenericMapping, SourceConfig, load_config
-from kdflow.ingest import IngestError, load_source
+from kdflow.ingest.load import IngestError, load_source
 from kdflow.ingest.answers import AnswerSemanticsError, Vote, choose_reading
 from kdflow.ingest.layouts import numpy_list
 

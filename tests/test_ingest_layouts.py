@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kdflow.config import SourceConfig
-from kdflow.ingest import load_source
+from kdflow.ingest.load import load_source
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ingest"
 

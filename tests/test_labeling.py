@@ -13,10 +13,10 @@ from helpers import labeling_world, sigkill_when, worker_env
 
 import torch
 
-from kdflow.backends.hf import HFBackend
+from kdflow.label.backends.hf import HFBackend
 from kdflow.config import DemoSource, ScoringConfig, SourceConfig, SplitConfig, load_config
-from kdflow.datasets import ingest_source
-from kdflow.labeling import label_questions, teacher_key, teacher_spec
+from kdflow.ingest.datasets import ingest_source
+from kdflow.label.labeling import label_questions, teacher_key, teacher_spec
 from kdflow.modeling import build_model, load_pretrained, train_tokenizer
 from kdflow.scoring import tokenize
 from kdflow.store import Store

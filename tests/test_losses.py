@@ -1,4 +1,4 @@
-"""kdflow.losses against an independent float64 reference, hand-computed values and properties."""
+"""kdflow.train.losses against an independent float64 reference, hand-computed values and properties."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdflow.losses import REVERSE_KL_LOG_FLOOR, distillation_loss, kd_divergence
+from kdflow.train.losses import REVERSE_KL_LOG_FLOOR, distillation_loss, kd_divergence
 
 KINDS = ["forward_kl", "reverse_kl", "jsd"]
 

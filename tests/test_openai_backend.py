@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-import kdflow.backends.openai as openai_backend
-from kdflow.backends.base import TeacherBackend
-from kdflow.backends.hf import HFBackend
-from kdflow.backends.openai import (
+import kdflow.label.backends.openai as openai_backend
+from kdflow.label.backends.base import TeacherBackend
+from kdflow.label.backends.hf import HFBackend
+from kdflow.label.backends.openai import (
     OpenAIBackend,
     ServerClient,
     ServerReplyError,
@@ -36,7 +36,7 @@ from kdflow.backends.openai import (
 from kdflow.config import ScoringConfig, TeacherConfig, load_config
 from kdflow.errors import KdflowError, TransientError
 from kdflow.store import Store
-from kdflow.teacher import teacher_ref
+from kdflow.label.teacher import teacher_ref
 from openai_stub_server import StubServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -370,7 +370,7 @@ def _expected_letters(recorded_choice: dict, spaced: bool) -> list[float]:
 def test_recorded_chat_replies_give_the_servers_letters(server, setting, serve, caplog):
     stub = _replay(serve, server, chat="chat letter on /v1/chat/completions",
                    completions="letter on /v1/completions")
-    with caplog.at_level("INFO", logger="kdflow.backends.openai"):
+    with caplog.at_level("INFO", logger="kdflow.label.backends.openai"):
         backend = OpenAIBackend(_replay_teacher(stub), ScoringConfig(chat_template=setting))
     assert backend.chat  # auto: chat answers readably, so it is preferred
     assert f"{stub.base_url} serves {SERVED}" in caplog.text

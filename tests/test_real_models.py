@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdflow.backends.hf import HFBackend
+from kdflow.label.backends.hf import HFBackend
 from kdflow.config import RunConfig, ScoringConfig
-from kdflow.datasets import run_dataset_ids
+from kdflow.ingest.datasets import run_dataset_ids
 from kdflow.modeling import ModelSource, load_model, save_pretrained
 from kdflow.records import LETTERS
 from kdflow.store import Store
-from kdflow.teacher import teacher_ref, teacher_source
+from kdflow.label.teacher import teacher_ref, teacher_source
 
 # MMLU-shaped questions written for these tests (subject, question, four options, gold index).
 QUESTIONS = [
@@ -221,7 +221,7 @@ def test_students_built_from_an_unprepared_gguf_teacher_get_its_weights_and_toke
     teacher's tokenizer, from the same file (the paths that used to drop gguf_file)."""
     from kdflow.config import StudentConfig
     from kdflow.modeling import load_tokenizer
-    from kdflow.students import init_student
+    from kdflow.train.students import init_student
 
     directory, gguf_file = smollm2
     cfg = RunConfig.model_validate({"home": str(tmp_path),
@@ -257,7 +257,7 @@ def test_kdflow_run_with_the_gguf_teacher_end_to_end(smollm2, tmp_path):
     student (3 of its 30 layers) is distilled and evaluated."""
     import shutil
 
-    from flows.distill import distill
+    from kdflow.flows.distill import distill
     from kdflow.config import load_config
 
     directory, gguf_file = smollm2

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from kdflow.report import ReportError, build_report, load_summary, print_summary, report_dir
+from kdflow.report.run_report import ReportError, build_report, load_summary, print_summary, report_dir
 from kdflow.runs import stage
 from kdflow.store import Store
 from test_evaluation import ODD_CATEGORY, RUN_NAME, seed_store
@@ -33,7 +33,7 @@ run_evaluation(Seeded(Path(seeded["home"]), seeded["run_id"], {k: Path(v) for k,
 """
 REPORT = """
 import sys
-from kdflow.report import build_report
+from kdflow.report.run_report import build_report
 from kdflow.store import Store
 sys.stdout.write(str(build_report(Store(sys.argv[1], read_only=True), sys.argv[2]).html))
 """
@@ -90,7 +90,7 @@ def test_user_text_is_escaped_everywhere(built):
 
 
 def test_script_in_a_category_name_is_escaped_in_the_page(built):
-    from kdflow.report import load_report_data, render_html, summarize
+    from kdflow.report.run_report import load_report_data, render_html, summarize
 
     home, run_id, _ = built
     data = load_report_data(Store(home, read_only=True), run_id)
@@ -162,7 +162,7 @@ def test_report_renders_in_headless_chromium(built, tmp_path):
 
 
 def test_noisy_timings_are_flagged_in_the_latency_note(built):
-    from kdflow.report import _latency_note, load_report_data
+    from kdflow.report.run_report import _latency_note, load_report_data
 
     home, run_id, _ = built
     data = load_report_data(Store(home, read_only=True), run_id)

@@ -25,7 +25,7 @@ from helpers import labeling_world
 from kdflow.config import RunConfig
 from kdflow.errors import KdflowError, TransientError
 from kdflow.runs import start_run
-from kdflow.sharding import (
+from kdflow.label.sharding import (
     ShardError,
     gpu_group,
     label_shard,
@@ -35,7 +35,7 @@ from kdflow.sharding import (
     uses_shards,
 )
 from kdflow.store import Store
-from kdflow.teacher import label_with_teacher
+from kdflow.label.teacher import label_with_teacher
 
 N_QUESTIONS = 240
 SHARD_SIZE = 50
@@ -78,7 +78,7 @@ def duckdb_count(store: Store, key: str) -> int:
 
 @pytest.fixture(scope="module")
 def reference(world, tmp_path_factory) -> tuple[str, pa.Table]:
-    """The single-process labels (kdflow.teacher.label_with_teacher) every sharded run must reproduce."""
+    """The single-process labels (kdflow.label.teacher.label_with_teacher) every sharded run must reproduce."""
     cfg, store = fresh(world, tmp_path_factory.mktemp("reference") / "home")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -152,7 +152,7 @@ def test_a_present_out_file_means_done(world, tmp_path, monkeypatch):
     cfg, store = fresh(world, tmp_path / "home")
     shard = plan_shards(cfg, store, world["dataset_ids"]).shards[0]
     Path(shard.out_path).write_bytes(b"finished elsewhere")
-    monkeypatch.setattr("kdflow.sharding.open_backend", lambda *a: pytest.fail("a done shard was scored again"))
+    monkeypatch.setattr("kdflow.label.sharding.open_backend", lambda *a: pytest.fail("a done shard was scored again"))
     assert label_shard(cfg, None, shard.in_path, shard.out_path) == shard.out_path
 
 
@@ -167,7 +167,7 @@ def test_a_failed_shard_leaves_no_out_file(world, tmp_path, monkeypatch):
         def close(self):
             pass
 
-    monkeypatch.setattr("kdflow.sharding.open_backend", lambda *a: Broken())
+    monkeypatch.setattr("kdflow.label.sharding.open_backend", lambda *a: Broken())
     with pytest.raises(OSError):
         label_shard(cfg, None, shard.in_path, shard.out_path)
     assert not list(Path(shard.out_path).parent.iterdir())
@@ -223,12 +223,12 @@ def test_each_engine_process_sees_only_its_gpu_group(tmp_path, monkeypatch):
         calls.append((command, env["CUDA_VISIBLE_DEVICES"], RunConfig.model_validate_json(input)))
         return subprocess.CompletedProcess(command, exit_codes.pop(0))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr("kdflow.sharding.subprocess.run", fake_run)
+    monkeypatch.setattr("kdflow.label.sharding.subprocess.run", fake_run)
     out = str(tmp_path / "out.parquet")
     assert label_shard(cfg, None, "in.parquet", out, rank=1) == out
     command, devices, child_cfg = calls[0]
     assert devices == "2,3" and child_cfg == cfg
-    assert command[:3] == [sys.executable, "-m", "kdflow.sharding"] and command[3:5] == ["in.parquet", out]
+    assert command[:3] == [sys.executable, "-m", "kdflow.label.sharding"] and command[3:5] == ["in.parquet", out]
     with pytest.raises(TransientError):
         label_shard(cfg, None, "in.parquet", out, rank=0)
     with pytest.raises(ShardError, match="configuration error"):
@@ -238,8 +238,8 @@ def test_each_engine_process_sees_only_its_gpu_group(tmp_path, monkeypatch):
 
 
 def test_the_engine_process_entry_labels_a_shard(world, reference, tmp_path, monkeypatch):
-    """`python -m kdflow.sharding` in a child process (here with the hf backend, so it runs on a CPU)."""
-    from kdflow.sharding import _score_in_engine_process
+    """`python -m kdflow.label.sharding` in a child process (here with the hf backend, so it runs on a CPU)."""
+    from kdflow.label.sharding import _score_in_engine_process
 
     cfg, store = fresh(world, tmp_path / "home")
     shard = plan_shards(cfg, store, world["dataset_ids"]).shards[-1]
@@ -256,8 +256,8 @@ def test_shards_of_one_engine_group_never_overlap(prefect_harness, tmp_path, mon
     from prefect import flow
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from kdflow.sharding import Shard, ShardPlan
-    from tasks.shard_label import submit_shards
+    from kdflow.label.sharding import Shard, ShardPlan
+    from kdflow.tasks.shard_label import submit_shards
 
     runs: list[tuple[int, str, float, float]] = []
 
@@ -269,7 +269,7 @@ def test_shards_of_one_engine_group_never_overlap(prefect_harness, tmp_path, mon
             raise ValueError("this engine crashed for good")
         return out_path
 
-    monkeypatch.setattr("tasks.shard_label.label_shard", fake_label_shard)
+    monkeypatch.setattr("kdflow.tasks.shard_label.label_shard", fake_label_shard)
     cfg = vllm_config(tmp_path)
     plan = ShardPlan("t-x", None, [Shard(i, f"in-{i}", f"out-{i}", 1, i % 2) for i in range(6)])
 
@@ -290,8 +290,8 @@ def test_shards_of_one_engine_group_never_overlap(prefect_harness, tmp_path, mon
 def test_a_failed_shard_fails_the_stage_and_a_rerun_labels_the_rest(
     prefect_harness, world, reference, tmp_path, monkeypatch, one_thread
 ):
-    from tasks import shard_label
-    from tasks.label import run_label_stage
+    from kdflow.tasks import shard_label
+    from kdflow.tasks.label import run_label_stage
 
     cfg, store = fresh(world, tmp_path / "home", n_workers=2)
     real = shard_label.label_shard
@@ -332,7 +332,7 @@ class KillOnce(distributed.WorkerPlugin):
         self.flag = flag
 
     def setup(self, worker):
-        import kdflow.sharding as sharding
+        import kdflow.label.sharding as sharding
 
         real, flag = sharding.open_backend, self.flag
 
@@ -361,7 +361,7 @@ def dask_cluster():
 def test_dask_workers_label_like_one_process_even_when_one_dies(
     prefect_harness, dask_cluster, world, reference, tmp_path
 ):
-    from tasks.label import run_label_stage
+    from kdflow.tasks.label import run_label_stage
 
     address = dask_cluster.scheduler.address
     for name, plugins in (("steady", []), ("killed", [KillOnce(str(tmp_path / "killed.flag"))])):
@@ -381,7 +381,7 @@ def test_task_runner_follows_the_orchestration_config(monkeypatch):
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
 
-    from tasks.shard_label import build_task_runner
+    from kdflow.tasks.shard_label import build_task_runner
 
     threads = build_task_runner(RunConfig(orchestration={"n_workers": 3}))
     assert isinstance(threads, ThreadPoolTaskRunner) and threads._max_workers == 3
@@ -409,7 +409,7 @@ def test_ray_runner_when_ray_is_installed():
     pytest.importorskip("prefect_ray")
     from prefect_ray import RayTaskRunner
 
-    from tasks.shard_label import build_task_runner, placement
+    from kdflow.tasks.shard_label import build_task_runner, placement
 
     local = build_task_runner(RunConfig(orchestration={"task_runner": "ray", "n_workers": 2}))
     assert isinstance(local, RayTaskRunner) and local.init_kwargs["num_cpus"] == 2
@@ -427,7 +427,7 @@ def test_ray_runner_when_ray_is_installed():
 def test_gpu_shards_ask_dask_for_a_gpu_slot():
     import dask
 
-    from tasks.shard_label import placement
+    from kdflow.tasks.shard_label import placement
 
     with placement(RunConfig(teacher={"device": "cuda"}, orchestration={"task_runner": "dask"})):
         assert dask.get_annotations() == {"resources": {"GPU": 1}}
@@ -438,7 +438,7 @@ def test_gpu_shards_ask_dask_for_a_gpu_slot():
 @pytest.mark.slow
 def test_ray_workers_label_like_one_process(prefect_harness, world, reference, tmp_path):
     pytest.importorskip("prefect_ray")
-    from tasks.label import run_label_stage
+    from kdflow.tasks.label import run_label_stage
 
     cfg, store = fresh(world, tmp_path / "home", task_runner="ray", n_workers=2)
     assert run_label_stage(cfg, start_run(store, cfg), world["dataset_ids"]) == reference[0]

@@ -7,12 +7,12 @@ from safetensors.torch import load_file
 from toy_training import one_thread  # noqa: F401 (autouse fixture)
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from kdflow.checkpoints import latest_checkpoint, load_checkpoint
+from kdflow.train.checkpoints import latest_checkpoint, load_checkpoint
 from kdflow.config import ArchitectureConfig, LoraConfig, StudentConfig, TrainingConfig
 from kdflow.modeling import ModelSource, build_model, load_pretrained, save_pretrained
 from kdflow.scoring import encode, option_logits
-from kdflow.students import every_kth_layer, init_student
-from kdflow.training import build_optimizer, build_scheduler, train
+from kdflow.train.students import every_kth_layer, init_student
+from kdflow.train.recipe import build_optimizer, build_scheduler, train
 
 RECIPE = TrainingConfig(alpha=0.5, max_steps=4, batch_size=8, learning_rate=1e-2, checkpoint_every=4)
 

@@ -15,11 +15,11 @@ import pytest
 from helpers import sigkill_when, worker_env
 
 from kdflow.config import ConfigError, DemoSource, SourceConfig, SplitConfig, load_config
-from kdflow.datasets import ingest_source
-from kdflow.ensemble import Member, build_ensemble_labels, combine, ensemble_key
-from kdflow.labeling import LABEL_COLUMNS
+from kdflow.ingest.datasets import ingest_source
+from kdflow.sweep.ensemble import Member, build_ensemble_labels, combine, ensemble_key
+from kdflow.label.labeling import LABEL_COLUMNS
 from kdflow.store import Store
-from kdflow.sweep import ENSEMBLE, best_under_budget, expand_grid, holm, mcnemar_exact, pareto_front
+from kdflow.sweep.grid import ENSEMBLE, best_under_budget, expand_grid, holm, mcnemar_exact, pareto_front
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -202,7 +202,7 @@ def _completed_students(home: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def first_sweep(tmp_path_factory, prefect_harness):
-    from flows.sweep import sweep
+    from kdflow.flows.sweep import sweep
 
     home = tmp_path_factory.mktemp("sweep")
     # Two workers: labeling goes through the sharded path, and two students train at once on the thread pool.
@@ -213,7 +213,7 @@ def first_sweep(tmp_path_factory, prefect_harness):
 
 @pytest.mark.slow
 def test_sweep_flow_trains_every_point_and_reports(first_sweep):
-    from kdflow.sweep_report import load_comparison
+    from kdflow.report.sweep_report import load_comparison
 
     home, cfg, sweep_id = first_sweep
     points = _points(home, sweep_id)
@@ -236,7 +236,7 @@ def test_sweep_flow_trains_every_point_and_reports(first_sweep):
 
 @pytest.mark.slow
 def test_second_sweep_trains_and_evaluates_nothing(first_sweep):
-    from flows.sweep import sweep
+    from kdflow.flows.sweep import sweep
 
     home, cfg, first_id = first_sweep
     sweep_id = sweep(cfg)
@@ -276,7 +276,7 @@ def test_killed_sweep_resumes_training_only_the_missing_students(first_sweep):
 
 
 def test_the_sweep_is_served_as_a_manual_deployment_with_its_config():
-    from flows.serve import deployments
+    from kdflow.flows.serve import deployments
 
     cfg = load_config(ROOT / "configs" / "demo-sweep.yaml")
     sweep = next(d for d in deployments(cfg) if d.name == "demo-sweep-sweep")
@@ -292,9 +292,9 @@ def test_the_ensemble_backend_pools_what_its_members_score(tiny_model, tiny_toke
 
     import torch
 
-    from kdflow.backends.hf import HFBackend
+    from kdflow.label.backends.hf import HFBackend
     from kdflow.config import ScoringConfig
-    from kdflow.ensemble import EnsembleBackend
+    from kdflow.sweep.ensemble import EnsembleBackend
 
     other = copy.deepcopy(tiny_model)
     with torch.no_grad():

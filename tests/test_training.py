@@ -13,11 +13,11 @@ from helpers import sigkill_when, worker_env
 from safetensors.torch import load_file
 from toy_training import one_thread  # noqa: F401 (autouse fixture)
 
-from kdflow.checkpoints import latest_checkpoint
+from kdflow.train.checkpoints import latest_checkpoint
 from kdflow.config import ScoringConfig, TrainingConfig
 from kdflow.errors import KdflowError
 from kdflow.modeling import load_pretrained
-from kdflow.training import (
+from kdflow.train.recipe import (
     build_scheduler,
     DELIVER_EVERY,
     DataOrder,

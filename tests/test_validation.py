@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kdflow import validation
+from kdflow.validate import validation
 from kdflow.config import ValidationConfig
-from kdflow.validation import CHECKS, QUARANTINE_CHECK, derive_columns, validate_labels
+from kdflow.validate.validation import CHECKS, QUARANTINE_CHECK, derive_columns, validate_labels
 
 CFG = ValidationConfig()
 
@@ -309,7 +309,7 @@ def test_fifty_thousand_rows_validate_quickly(clean):
 
 
 def test_import_does_not_load_great_expectations():
-    code = "import sys, kdflow.validation; print('great_expectations' in sys.modules)"
+    code = "import sys, kdflow.validate.validation; print('great_expectations' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -321,7 +321,7 @@ class _CountingBackend:
     """A tiny real teacher (random weights: at chance) that records which questions it scored."""
 
     def __init__(self, teacher_dir: Path, scored: list[str]) -> None:
-        from kdflow.backends.hf import HFBackend
+        from kdflow.label.backends.hf import HFBackend
         from kdflow.config import ScoringConfig
         from kdflow.modeling import load_pretrained
 
@@ -341,8 +341,8 @@ def test_a_failing_sample_stops_labeling_and_its_labels_are_kept(tmp_path, clean
     from helpers import labeling_world
 
     from kdflow.config import RunConfig
-    from kdflow.gate import SampleGateFailed, sample_first
-    from kdflow.labeling import label_questions
+    from kdflow.validate.gate import SampleGateFailed, sample_first
+    from kdflow.label.labeling import label_questions
 
     world = labeling_world(tmp_path, 200)
     store, dataset_ids, key = world["store"], world["dataset_ids"], "t-sample"
@@ -413,9 +413,9 @@ def _sharpen(labels: pd.DataFrame, power: float) -> pd.DataFrame:
 
 
 def test_the_gate_fits_and_stores_the_teachers_temperature_on_validation(tmp_path, clean):
-    from kdflow.calibration import stored_calibration, with_calibrated_probs
+    from kdflow.validate.calibration import stored_calibration, with_calibrated_probs
     from kdflow.config import RunConfig
-    from kdflow.gate import run_gate
+    from kdflow.validate.gate import run_gate
 
     labels = _sharpen(make_labels(n=2000, seed=5, accuracy=0.6), 4.0)
     store = _store_with_labels(tmp_path, labels)
@@ -437,7 +437,7 @@ def test_the_gate_fits_and_stores_the_teachers_temperature_on_validation(tmp_pat
 
 
 def test_no_validation_labels_means_no_temperature_and_says_why():
-    from kdflow.calibration import fit_calibration
+    from kdflow.validate.calibration import fit_calibration
 
     fit = fit_calibration([{"split": "train", "answer": 0, "probs": [0.9, 0.1]}])
     assert fit.temperature is None and "data.splits.val" in fit.note
@@ -447,7 +447,7 @@ def test_no_sample_when_it_would_hold_every_question(tmp_path):
     from helpers import labeling_world
 
     from kdflow.config import RunConfig
-    from kdflow.gate import sample_first
+    from kdflow.validate.gate import sample_first
 
     world = labeling_world(tmp_path, 120)
     cfg = RunConfig(validation=ValidationConfig(sample_questions=120))
@@ -460,10 +460,10 @@ def test_no_sample_when_it_would_hold_every_question(tmp_path):
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_the_label_flow_stops_on_a_failing_sample_as_a_failed_gate(tmp_path):
-    from flows.stages import ingest_flow, label_flow
+    from kdflow.flows.stages import ingest_flow, label_flow
 
     from kdflow.config import load_config
-    from kdflow.gate import SampleGateFailed
+    from kdflow.validate.gate import SampleGateFailed
     from kdflow.store import Store
 
     root = Path(__file__).resolve().parent.parent

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from kdflow.backends.base import TeacherBackend
-from kdflow.backends.vllm import VLLMBackend, cloze_label_from_request_outputs, labels_from_request_outputs
+from kdflow.label.backends.base import TeacherBackend
+from kdflow.label.backends.vllm import VLLMBackend, cloze_label_from_request_outputs, labels_from_request_outputs
 from kdflow.config import ScoringConfig, TeacherConfig
 from kdflow.errors import KdflowError
 from kdflow.scoring import encode, option_logits, to_soft_labels, tokenize

@@ -119,7 +119,7 @@ def worker_examples() -> tuple[list[dict], list[dict]]:
 
 
 def run_worker(out_dir: Path, resume: bool, step_delay: float) -> None:
-    from kdflow.training import train
+    from kdflow.train.recipe import train
 
     torch.set_num_threads(1)  # as in the test process: the same thread count keeps results bit-identical
     tok = tokenizer()

@@ -34,9 +34,9 @@ import pyarrow.parquet as pq
 
 from kdflow.config import RunConfig, TeacherConfig
 from kdflow.errors import KdflowError, TransientError
-from kdflow.labeling import LABEL_COLUMNS, labels_table
+from kdflow.label.labeling import LABEL_COLUMNS, labels_table
 from kdflow.store import Store
-from kdflow.teacher import TeacherRef, open_backend, teacher_ref
+from kdflow.label.teacher import TeacherRef, open_backend, teacher_ref
 
 # The teacher key travels inside each input shard, so a worker needs only the file.
 KEY_METADATA = b"kdflow.teacher_key"
@@ -189,7 +189,7 @@ def _score_in_engine_process(cfg: RunConfig, model_dir: str | None, in_path: str
     """Run `_score_shard` in a child process that sees only GPU group `rank`."""
     devices = gpu_group(rank, cfg.teacher.vllm.tensor_parallel_size, os.environ.get("CUDA_VISIBLE_DEVICES"))
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=devices)
-    command = [sys.executable, "-m", "kdflow.sharding", in_path, out_path, model_dir or ""]
+    command = [sys.executable, "-m", "kdflow.label.sharding", in_path, out_path, model_dir or ""]
     done = subprocess.run(command, input=cfg.model_dump_json(), text=True, env=env, check=False)
     if done.returncode == _USER_ERROR_EXIT:
         raise ShardError(
@@ -223,7 +223,7 @@ def load_shards(store: Store, key: str, paths: list[str] | list[Path]) -> None:
 
 
 def _main(argv: list[str]) -> int:
-    """Child-process entry of a data-parallel vLLM engine: `python -m kdflow.sharding IN OUT [MODEL_DIR]`."""
+    """Child-process entry of a data-parallel vLLM engine: `python -m kdflow.label.sharding IN OUT [MODEL_DIR]`."""
     from kdflow.modeling import ModelLoadError
 
     in_path, out_path, model_dir = argv[0], argv[1], (argv[2] if len(argv) > 2 else "") or None

@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from kdflow.backends.base import ScoredQuestion, TeacherBackend
+from kdflow.label.backends.base import ScoredQuestion, TeacherBackend
 from kdflow.config import ScoringConfig, TeacherConfig
 from kdflow.fingerprints import weights_fingerprint
 from kdflow.records import SOFT_LABEL_SCHEMA

@@ -8,7 +8,7 @@ valid: they are keyed by question content, not by version), and a version that s
 never reused: it is stored again.
 
 All sources of a run are loaded before anything is stored, so questions can be compared across them by
-their normalised content (kdflow.splits.normalised_key):
+their normalised content (kdflow.ingest.splits.normalised_key):
 - the split of a question is a function of that content, so its copies share one split everywhere;
 - a question in two sources with the same gold answer is kept in both and recorded in
   question_duplicates (and counted in the summary);
@@ -26,9 +26,9 @@ from dataclasses import dataclass, field, replace
 import pyarrow as pa
 
 from kdflow.config import RunConfig, SourceConfig, SplitConfig
-from kdflow.ingest import LoadedSource, load_source
+from kdflow.ingest.load import LoadedSource, load_source
 from kdflow.records import REJECTED_SCHEMA
-from kdflow.splits import assign_splits, normalise_text, normalised_key
+from kdflow.ingest.splits import assign_splits, normalise_text, normalised_key
 from kdflow.store import Store
 
 

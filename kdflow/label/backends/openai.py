@@ -65,7 +65,7 @@ from typing import Any, cast
 import httpx
 import tenacity
 
-from kdflow.backends.base import ScoredQuestion
+from kdflow.label.backends.base import ScoredQuestion
 from kdflow.config import OpenAIServerConfig, ScoringConfig, TeacherConfig
 from kdflow.errors import KdflowError, TransientError
 from kdflow.prompts import CHAT_TEMPLATE_KWARGS, Rendered, chat_messages, cloze_context, cloze_continuation, letter_continuation, letter_prompt

@@ -16,11 +16,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from kdflow.calibration import stored_calibration, with_calibrated_probs
+from kdflow.validate.calibration import stored_calibration, with_calibrated_probs
 from kdflow.config import RunConfig
 from kdflow.errors import KdflowError
 from kdflow.store import Store
-from kdflow.teacher import TeacherRef, corpus_tokenizer, finished_model_dir, split_examples, teacher_source
+from kdflow.label.teacher import TeacherRef, teacher_source
+from kdflow.train.data import corpus_tokenizer, finished_model_dir, split_examples
 
 METRIC_COLUMNS = ["step", "epoch", "loss", "ce", "kd", "lr", "grad_norm", "samples_per_s", "val_accuracy"]
 
@@ -94,11 +95,11 @@ def train_students(
 
     import torch
 
-    from kdflow.checkpoints import discard_checkpoints
-    from kdflow.distributed import launch_training
+    from kdflow.train.checkpoints import discard_checkpoints
+    from kdflow.train.launcher import launch_training
     from kdflow.modeling import count_parameters
-    from kdflow.students import export_student, init_student
-    from kdflow.training import total_steps
+    from kdflow.train.students import export_student, init_student
+    from kdflow.train.recipe import total_steps
 
     examples = store.arrow(
         "distillation_examples", dataset_ids=dataset_ids, teacher_key=teacher.key,

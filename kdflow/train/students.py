@@ -36,7 +36,7 @@ def init_student(
     """The untrained student on `cfg.device` and its tokenizer; `seed` fixes fresh weights and LoRA init.
 
     `tokenizer` is needed for init: fresh (the teacher's or the dataset's); pretrained and from_teacher
-    students bring their own. `teacher` is where the teacher's weights are (kdflow.teacher.teacher_source),
+    students bring their own. `teacher` is where the teacher's weights are (kdflow.label.teacher.teacher_source),
     for init: from_teacher. Raises ModelLoadError when a model cannot be loaded.
     """
     if cfg.lora.enabled and not cfg.lora.merge_on_export and cfg.init != "pretrained":

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from kdflow.backends.base import TeacherBackend
-from kdflow.cascade import route
+from kdflow.label.backends.base import TeacherBackend
+from kdflow.evaluate.cascade import route
 from kdflow.errors import KdflowError
 from kdflow.records import LETTERS, MAX_OPTIONS
 from kdflow.store import Store

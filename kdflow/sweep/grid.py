@@ -12,131 +12,25 @@ Holm's step-down correction for the number of pairs.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import itertools
 import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
-from kdflow.config import ConfigError, RunConfig, SweepConfig, TeacherConfig
+from kdflow.config import ConfigError, RunConfig
+from kdflow.sweep.axes import ENSEMBLE, sweep_axes
 
 if TYPE_CHECKING:
     from kdflow.store import Store
-    from kdflow.teacher import TeacherRef
-
-SWEPT_SECTIONS = ("training", "student")
-# Set by the sweep itself: the baseline is one point of the grid, not a second student of every point.
-NOT_SWEPT = {"training.hard_label_baseline"}
-ENSEMBLE = "ensemble"
-_TEACHER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    from kdflow.label.teacher import TeacherRef
 
 
 # ---------------------------------------------------------------- paths and validation
-
-
-def _model_of(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model a field holds (also through `X | None`), else None."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in get_args(annotation):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    return None
-
-
-def setting_paths(model: type[BaseModel], prefix: str) -> tuple[set[str], set[str]]:
-    """(leaf setting paths, sub-section paths) of a config model, dotted under `prefix`."""
-    leaves: set[str] = set()
-    sections: set[str] = set()
-    for name, field in model.model_fields.items():
-        path = f"{prefix}.{name}"
-        sub = _model_of(field.annotation)
-        if sub is not None:
-            sections.add(path)
-            more_leaves, more_sections = setting_paths(sub, path)
-            leaves |= more_leaves
-            sections |= more_sections
-        else:
-            leaves.add(path)
-    return leaves, sections
-
-
-def _unknown(path: str, known: set[str], where: str) -> str:
-    close = difflib.get_close_matches(path, sorted(known), n=1, cutoff=0.6)
-    hint = f"; did you mean sweep.{close[0]}?" if close else f"; sweepable settings are under {where}"
-    return f"sweep.{path}: no such setting{hint}"
-
-
-def sweep_axes(sweep: SweepConfig) -> list[tuple[str, list[Any]]]:
-    """[(setting path, values)] in the order given; raises ValueError naming a bad path or value list."""
-    axes: list[tuple[str, list[Any]]] = []
-    for section in SWEPT_SECTIONS:
-        model = RunConfig.model_fields[section].annotation
-        leaves, sections = setting_paths(model, section)
-        leaves -= NOT_SWEPT
-
-        def walk(node: dict[str, Any], prefix: str) -> None:
-            for key, value in node.items():
-                path = f"{prefix}.{key}"
-                if path in sections and isinstance(value, dict):
-                    walk(value, path)
-                elif path in leaves:
-                    if not isinstance(value, list) or not value:
-                        raise ValueError(f"sweep.{path} must be a non-empty list of values, e.g. [{value!r}]")
-                    seen = [json.dumps(v, sort_keys=True) for v in value]
-                    if len(set(seen)) != len(seen):
-                        raise ValueError(f"sweep.{path} lists a value twice: {value}")
-                    axes.append((path, value))
-                elif path in NOT_SWEPT:
-                    raise ValueError(f"sweep.{path} cannot be swept: sweep.baseline adds the hard-label student")
-                elif path in sections:
-                    raise ValueError(f"sweep.{path} is a section: give its settings, e.g. sweep.{path}.<key>: [...]")
-                else:
-                    raise ValueError(_unknown(path, leaves | sections, f"sweep.{section}"))
-
-        walk(getattr(sweep, section), section)
-    return axes
-
-
-def check_sweep_section(sweep: SweepConfig) -> None:
-    """Validate what the sweep section can check alone: paths, value lists, teacher entries, weights."""
-    sweep_axes(sweep)
-    names: list[str] = []
-    for i, entry in enumerate(sweep.teachers):
-        where = f"sweep.teachers[{i}]"
-        extra = sorted(set(entry) - {"name", "teacher"})
-        if extra:
-            raise ValueError(f"{where}: unknown key(s) {extra}; an entry is `name` plus `teacher` settings")
-        name = entry.get("name")
-        if not isinstance(name, str) or not _TEACHER_NAME.match(name):
-            raise ValueError(f"{where}.name must be a short name of letters, digits, '_', '.' or '-', got {name!r}")
-        if name == ENSEMBLE:
-            raise ValueError(f"{where}.name: {ENSEMBLE!r} is the combined teacher's name (sweep.ensemble)")
-        if name in names:
-            raise ValueError(f"{where}.name: {name!r} is used twice")
-        names.append(name)
-        overrides = entry.get("teacher", {})
-        if not isinstance(overrides, dict):
-            raise ValueError(f"{where}.teacher must be a mapping of teacher settings")
-        for key in overrides:
-            if key not in TeacherConfig.model_fields:
-                raise ValueError(_unknown(f"teachers[{i}].teacher.{key}",
-                                          {f"teachers[{i}].teacher.{k}" for k in TeacherConfig.model_fields},
-                                          "teacher"))
-    ens = sweep.ensemble
-    if ens.enabled and len(names) < 2:
-        raise ValueError("sweep.ensemble.enabled needs at least two entries in sweep.teachers")
-    if ens.weights is not None:
-        if len(ens.weights) != len(names):
-            raise ValueError(f"sweep.ensemble.weights has {len(ens.weights)} values for {len(names)} teachers")
-        if any(not w > 0 for w in ens.weights):
-            raise ValueError(f"sweep.ensemble.weights must all be positive, got {ens.weights}")
 
 
 # ---------------------------------------------------------------- grid expansion
@@ -232,7 +126,7 @@ def expand_grid(cfg: RunConfig) -> list[SweepPoint]:
     baseline) appear once.
     """
     try:
-        axes = sweep_axes(cfg.sweep)
+        axes = sweep_axes(cfg.sweep, RunConfig)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     teachers = [t.name for t in sweep_teachers(cfg)] + ([ENSEMBLE] if cfg.sweep.ensemble.enabled else [])
@@ -337,9 +231,9 @@ class PointResult:
 
 def open_teacher_backend(cfg: RunConfig, teacher: str, refs: dict[str, TeacherRef]) -> Any:
     """The backend of a point's teacher, opened to time it against the point's student: a member teacher's
-    own backend, or for the ensemble every member's backend (kdflow.ensemble.EnsembleBackend)."""
-    from kdflow.ensemble import EnsembleBackend
-    from kdflow.teacher import open_backend
+    own backend, or for the ensemble every member's backend (kdflow.sweep.ensemble.EnsembleBackend)."""
+    from kdflow.sweep.ensemble import EnsembleBackend
+    from kdflow.label.teacher import open_backend
 
     choices = sweep_teachers(cfg)
     if teacher != ENSEMBLE:
@@ -381,9 +275,9 @@ def run_point(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> PointResult:
     """Train the point's student unless a finished one with the same inputs is stored (the student id of
-    kdflow.distill), evaluate it on the test split unless the same evaluation is stored, and record the
+    kdflow.train.students_run), evaluate it on the test split unless the same evaluation is stored, and record the
     point under the sweep. A student killed mid-training resumes from its last checkpoint."""
-    from kdflow.distill import student_id, train_students
+    from kdflow.train.students_run import student_id, train_students
 
     dirs, reused = train_students(point.cfg, store, dataset_ids, teacher, validation_id, run_id=sweep_id,
                                   resume=True, progress=False, on_progress=on_progress)
@@ -393,7 +287,7 @@ def run_point(
     if found is not None:
         eval_id, evaluated = found[0], False
     else:
-        from kdflow.evaluation import evaluate
+        from kdflow.evaluate.evaluation import evaluate
 
         cfg = point.cfg
         eval_id = evaluate(store, run_id=sweep_id, dataset_ids=dataset_ids, teacher_key=teacher.key,

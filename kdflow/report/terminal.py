@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kdflow.datasets import DatasetReport
+from kdflow.ingest.datasets import DatasetReport
 from kdflow.store import Store
 
 

@@ -27,11 +27,11 @@ from rich.console import Console
 from rich.markup import escape as rich_escape
 from rich.table import Table
 
-from kdflow import metrics
+from kdflow.evaluate import metrics
 from kdflow.config import RunConfig
 from kdflow.errors import KdflowError
 from kdflow.store import Store
-from kdflow.sweep import best_under_budget, holm, mcnemar_exact, pareto_front
+from kdflow.sweep.grid import best_under_budget, holm, mcnemar_exact, pareto_front
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "sweep.html"
 Row = dict[str, Any]

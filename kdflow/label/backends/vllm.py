@@ -30,7 +30,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kdflow.backends.base import ScoredQuestion
+from kdflow.label.backends.base import ScoredQuestion
 from kdflow.config import ScoringConfig, TeacherConfig
 from kdflow.errors import KdflowError
 from kdflow.modeling import weights_fingerprint

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from kdflow import metrics
+from kdflow.evaluate import metrics
 from kdflow.store import Store
 
 CALIBRATION_SPLIT = "val"

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kdflow.backends.base import ScoredQuestion
+from kdflow.label.backends.base import ScoredQuestion
 from kdflow.config import ScoringConfig, TeacherConfig
 from kdflow.modeling import ModelSource, load_model, weights_fingerprint
 from kdflow.scoring import EncodedQuestion, collate, option_logits, to_soft_labels, tokenize
@@ -58,7 +58,7 @@ class HFBackend:
     def from_config(
         cls, teacher: TeacherConfig, scoring: ScoringConfig, source: ModelSource | None = None
     ) -> HFBackend:
-        """Load the teacher from `source` (see kdflow.teacher.teacher_source), by default `teacher.model`
+        """Load the teacher from `source` (see kdflow.label.teacher.teacher_source), by default `teacher.model`
         as configured; `teacher` gives the device, dtype and batch size."""
         source = source or configured_source(teacher, "teacher")
         model, tokenizer = load_model(source, dtype=teacher.dtype, device=teacher.device)

@@ -28,7 +28,7 @@ from kdflow.store import Store
 
 TEMPLATE = "report.html"
 # StrictUndefined: a name the template uses but render_html does not pass fails loudly instead of rendering empty.
-_TEMPLATES = Environment(loader=PackageLoader("kdflow", "templates"), autoescape=select_autoescape(["html"]),
+_TEMPLATES = Environment(loader=PackageLoader("kdflow.report", "templates"), autoescape=select_autoescape(["html"]),
                          undefined=StrictUndefined)
 ROLE_NAMES = {
     "teacher": "teacher",

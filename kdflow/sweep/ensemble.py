@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from kdflow.labeling import LABEL_COLUMNS
+from kdflow.label.labeling import LABEL_COLUMNS
 from kdflow.softlabels import SoftLabel, soft_label_from_logprobs
 from kdflow.store import Store
 
@@ -138,7 +138,7 @@ class EnsembleBackend:
         self.members, self.weights, self.method = list(members), list(weights), method
 
     def score(self, questions: Sequence[dict[str, Any]]) -> list[Any]:
-        from kdflow.backends.base import ScoredQuestion
+        from kdflow.label.backends.base import ScoredQuestion
 
         scored = [member.score(questions) for member in self.members]
         return [

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from kdflow import cascade, metrics
+from kdflow.evaluate import cascade, metrics
 from kdflow.config import EvaluationConfig, ScoringConfig
 from kdflow.errors import KdflowError
 from kdflow.sources import ModelSource
@@ -154,7 +154,7 @@ def evaluate(
     backend (anything with score(questions) and close(), the one that labeled); it is used only to time
     the teacher against the distilled student. The cascade's tau is chosen on the validation split
     (`spec.cascade` says how many questions; none when the split is empty). With `teacher_temperature`
-    (fitted on the validation split, kdflow.calibration) the teacher's test ECE and NLL are also stored
+    (fitted on the validation split, kdflow.validate.calibration) the teacher's test ECE and NLL are also stored
     after calibration (ece_calibrated, nll_calibrated, temperature). Returns the eval_id.
     """
     unknown = sorted(set(models) - set(STUDENT_ROLES))
@@ -275,7 +275,7 @@ def _score_and_time(
 
 
 def _open_student(path: Path, scoring: ScoringConfig, cfg: EvaluationConfig, device: str) -> Any:
-    from kdflow.backends.hf import HFBackend
+    from kdflow.label.backends.hf import HFBackend
     from kdflow.modeling import load_pretrained
 
     model, tokenizer = load_pretrained(str(path), device=device)

@@ -8,12 +8,13 @@ optimizer steps and logs, evaluates, checkpoints and exports.
 
 Options are scored with kdflow.scoring, the same code that labels with the teacher and evaluates, so
 the student learns exactly the numbers it is judged on. Data order is a seeded permutation per epoch and
-all state lives in checkpoints (kdflow/checkpoints.py), so a killed run resumes onto the same trajectory:
+all state lives in checkpoints (kdflow/train/checkpoints.py), so a killed run resumes onto the same trajectory:
 bit for bit on the CPU.
 
 The same loop runs in one process or, under a launcher, in several (DDP, or FSDP when cfg.fsdp):
 `training.batch_size` stays the global micro-batch, each process trains on its slice of it, and only the
-main process reports and writes; kdflow/distributed.py holds the collectives and the launcher.
+main process reports and writes; kdflow/train/distributed.py holds the collectives, kdflow/train/launcher.py
+the launcher.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,13 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedTokenizerBase, get_scheduler
 from transformers.utils import logging as hf_logging
 
-from kdflow.checkpoints import TrainState, latest_checkpoint, trainable_state
+from kdflow.train.checkpoints import TrainState, latest_checkpoint, trainable_state
 from kdflow.config import ScoringConfig, TrainingConfig
-from kdflow.distributed import Processes, join, whole_tensor
+from kdflow.train.distributed import Processes, join, whole_tensor
 from kdflow.errors import KdflowError
-from kdflow.losses import LossParts, distillation_loss
+from kdflow.train.losses import LossParts, distillation_loss
 from kdflow.scoring import EncodedQuestion, ScoringBatch, collate, option_logits, tokenize
-from kdflow.students import export_student
+from kdflow.train.students import export_student
 
 # Metric rows reach `on_metrics` in batches: one database write per 50 steps, not per step.
 DELIVER_EVERY = 50
@@ -407,6 +408,121 @@ def _check_resumable(checkpoint: Path, cfg: TrainingConfig, scoring: ScoringConf
 # The recipe
 
 
+
+@dataclass
+class _Run:
+    """What the steps of one training share: the model and its optimizer, the processes, the progress
+    (state, data order) and where rows and checkpoints go."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    processes: Processes
+    state: TrainState
+    checkpoint_dir: Path
+    run_config: dict[str, Any]
+    order: DataOrder
+    on_metrics: Callable[[list[dict[str, Any]]], None] | None
+    on_checkpoint: Callable[[int, Path, dict[str, Any]], None] | None
+    pending: list[dict[str, Any]] = field(default_factory=list)
+
+    def deliver(self) -> None:
+        """Hand the pending metric rows to on_metrics."""
+        # Every process materialises the (all-reduced) rows, so a diverged loss stops all of them.
+        rows = _materialise(self.pending)
+        self.pending.clear()
+        if rows:
+            self.state.metrics = rows[-1]
+            if self.on_metrics is not None:
+                self.on_metrics(rows)
+
+    def checkpoint(self) -> Path:
+        """Deliver the pending rows, save a checkpoint of everything a resume needs; returns its directory."""
+        self.deliver()
+        state = self.state
+        state.epoch, state.position = self.order.epoch, self.order.position
+        path = self.processes.save_checkpoint(
+            self.checkpoint_dir, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+            state=state, config=self.run_config,
+        )
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(state.step, path, state.metrics)
+        return path
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """The trainable weights, whole (gathered from every process's shards under FSDP)."""
+        return self.processes.full(trainable_state(self.model))
+
+
+def _loop(
+    run: _Run, wrapped: torch.nn.Module, data: _Dataset, val: _Dataset | None, cfg: TrainingConfig, steps: int,
+    progress: bool, should_stop: Callable[[], bool] | None,
+) -> tuple[int, float]:
+    """Optimizer steps until `steps` (or early stopping): one iteration is one optimizer step over grad_accum
+    micro-batches. Returns (samples trained, seconds spent in steps); raises TrainingCancelled after a
+    checkpoint when should_stop says so in any process."""
+    state, order, processes = run.state, run.order, run.processes
+    samples_per_step = cfg.batch_size * cfg.grad_accum
+    trained_samples, train_seconds = 0, 0.0
+    finished = state.step >= steps or state.stopped_early
+    with step_bar(steps, state.step, progress) as show:
+        while not finished:
+            step_started = time.perf_counter()
+            parts = _optimizer_step(run.model, wrapped, data, order, run.optimizer, run.scheduler, cfg, processes)
+            state.step += 1
+            seconds = time.perf_counter() - step_started
+            trained_samples, train_seconds = trained_samples + samples_per_step, train_seconds + seconds
+            row = {"step": state.step, "epoch": order.epochs_done, **parts,
+                   "samples_per_s": samples_per_step / seconds, "val_accuracy": None}
+            finished = state.step >= steps
+            if val is not None and (state.step % cfg.eval_every == 0 or finished):
+                row["val_accuracy"] = evaluate_accuracy(
+                    wrapped, val, batch_size=cfg.batch_size, device=processes.device, processes=processes
+                )
+                _track_validation(state, row["val_accuracy"], run.snapshot, cfg.early_stopping_patience)
+                finished = finished or state.stopped_early
+            run.pending.append(row)
+
+            show(state.step, step_status(row) if state.step % DISPLAY_EVERY == 0 or finished else None)
+            saved = None
+            if state.step % cfg.checkpoint_every == 0 or finished:
+                saved = run.checkpoint()
+            elif len(run.pending) >= DELIVER_EVERY:
+                run.deliver()
+            if not finished and processes.any(should_stop is not None and should_stop()):
+                raise TrainingCancelled(state.step, saved or run.checkpoint())
+    run.deliver()
+    return trained_samples, train_seconds
+
+
+def _export(
+    run: _Run, export_model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path, *,
+    merge_lora: bool, progress: bool,
+) -> Path:
+    """The main process writes out_dir/final: the best-validation weights when early stopping is on, else
+    the last ones, which FSDP first gathers from every process's shards. Returns out_dir/final."""
+    state, processes = run.state, run.processes
+    weights = state.best_weights if state.best_weights is not None and state.best_step != state.step else None
+    if processes.fsdp and weights is None:
+        weights = run.snapshot()
+    final_dir = out_dir / "final"
+    if processes.is_main:
+        if weights is not None:
+            with torch.no_grad():
+                for name, param in trainable_state(export_model).items():
+                    param.copy_(weights[name])
+        export_model.eval()
+        staging = out_dir / ".final-tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        with _transformers_bars(progress):
+            export_student(export_model, tokenizer, staging, merge_lora=merge_lora)
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(staging, final_dir)
+    run.model.eval()
+    processes.barrier()
+    return final_dir
+
+
 def train(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -440,7 +556,7 @@ def train(
     Under a launcher (torchrun, accelerate launch: WORLD_SIZE = cfg.num_processes) every process calls
     this with the same arguments; each moves the model to its own device, the main process alone calls
     on_metrics and on_checkpoint and writes, and any process's should_stop stops them all.
-    `kdflow.distributed.launch_training` starts such processes from a single one.
+    `kdflow.train.launcher.launch_training` starts such processes from a single one.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -479,84 +595,12 @@ def train(
     elif not resume and processes.is_main:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     processes.barrier()
-    order = DataOrder(len(examples), cfg.seed, state.epoch, state.position)
-    samples_per_step = cfg.batch_size * cfg.grad_accum
+    run = _Run(model, optimizer, scheduler, processes, state, checkpoint_dir, run_config,
+               DataOrder(len(examples), cfg.seed, state.epoch, state.position), on_metrics, on_checkpoint)
 
-    pending: list[dict[str, Any]] = []
-
-    def deliver() -> None:
-        # Every process materialises the (all-reduced) rows, so a diverged loss stops all of them.
-        rows = _materialise(pending)
-        pending.clear()
-        if rows:
-            state.metrics = rows[-1]
-            if on_metrics is not None:
-                on_metrics(rows)
-
-    def checkpoint() -> Path:
-        deliver()
-        state.epoch, state.position = order.epoch, order.position
-        path = processes.save_checkpoint(
-            checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler, state=state, config=run_config
-        )
-        if on_checkpoint is not None:
-            on_checkpoint(state.step, path, state.metrics)
-        return path
-
-    def snapshot() -> dict[str, torch.Tensor]:
-        return processes.full(trainable_state(model))
-
-    # 4. The loop: one iteration is one optimizer step over grad_accum micro-batches.
-    trained_samples, train_seconds = 0, 0.0
-    finished = state.step >= steps or state.stopped_early
-    with step_bar(steps, state.step, progress) as show:
-        while not finished:
-            step_started = time.perf_counter()
-            parts = _optimizer_step(model, wrapped, data, order, optimizer, scheduler, cfg, processes)
-            state.step += 1
-            seconds = time.perf_counter() - step_started
-            trained_samples, train_seconds = trained_samples + samples_per_step, train_seconds + seconds
-            row = {"step": state.step, "epoch": order.epochs_done, **parts,
-                   "samples_per_s": samples_per_step / seconds, "val_accuracy": None}
-            finished = state.step >= steps
-            if val is not None and (state.step % cfg.eval_every == 0 or finished):
-                row["val_accuracy"] = evaluate_accuracy(
-                    wrapped, val, batch_size=cfg.batch_size, device=processes.device, processes=processes
-                )
-                _track_validation(state, row["val_accuracy"], snapshot, cfg.early_stopping_patience)
-                finished = finished or state.stopped_early
-            pending.append(row)
-
-            show(state.step, step_status(row) if state.step % DISPLAY_EVERY == 0 or finished else None)
-            saved = None
-            if state.step % cfg.checkpoint_every == 0 or finished:
-                saved = checkpoint()
-            elif len(pending) >= DELIVER_EVERY:
-                deliver()
-            if not finished and processes.any(should_stop is not None and should_stop()):
-                raise TrainingCancelled(state.step, saved or checkpoint())
-    deliver()
-
-    # 5. Export (the main process): the best-validation weights when early stopping is on, else the last
-    # ones, which FSDP first gathers from every process's shards.
-    weights = state.best_weights if state.best_weights is not None and state.best_step != state.step else None
-    if processes.fsdp and weights is None:
-        weights = snapshot()
-    final_dir = out_dir / "final"
-    if processes.is_main:
-        if weights is not None:
-            with torch.no_grad():
-                for name, param in trainable_state(export_model).items():
-                    param.copy_(weights[name])
-        export_model.eval()
-        staging = out_dir / ".final-tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        with _transformers_bars(progress):
-            export_student(export_model, tokenizer, staging, merge_lora=merge_lora)
-        shutil.rmtree(final_dir, ignore_errors=True)
-        os.replace(staging, final_dir)
-    model.eval()
-    processes.barrier()
+    # 4. The loop, then 5. the export.
+    trained_samples, train_seconds = _loop(run, wrapped, data, val, cfg, steps, progress, should_stop)
+    final_dir = _export(run, export_model, tokenizer, out_dir, merge_lora=merge_lora, progress=progress)
 
     return TrainResult(
         steps=state.step,

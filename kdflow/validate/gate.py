@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from kdflow.calibration import Calibration, calibrate
+from kdflow.validate.calibration import Calibration, calibrate
 from kdflow.config import RunConfig
 from kdflow.errors import GateFailed, KdflowError
 from kdflow.store import Store
@@ -53,7 +53,7 @@ def run_gate(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher_key: 
         calibration = calibrate(store, validation_id, teacher_key, labels.to_pylist())
         return GateResult(validation_id, success, message or "", docs, reused=True, calibration=calibration)
 
-    from kdflow.validation import validate_labels
+    from kdflow.validate.validation import validate_labels
 
     validation_id = "v-" + uuid.uuid4().hex[:12]
     outcome = validate_labels(
@@ -117,7 +117,7 @@ def sample_first(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher_k
     plan = SamplePlan(ids, lambda: None)
 
     def check() -> None:
-        from kdflow.validation import validate_labels
+        from kdflow.validate.validation import validate_labels
 
         labels = store.arrow("sample_labels", dataset_ids=dataset_ids, teacher_key=teacher_key, question_ids=ids)
         if labels.num_rows == 0:

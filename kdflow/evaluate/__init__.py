@@ -1,0 +1,12 @@
+"""Stage 5, evaluate: students and teacher on the test split, and the cascade between them.
+
+In: the test split's questions, the trained students and the teacher. Out: per-question predictions,
+metrics overall and by category with confidence intervals, reliability bins, latency per model, and the
+student-teacher cascade curve (accuracy against teacher calls as the confidence threshold moves).
+Tables: reads questions, soft_labels, models, evaluations and cascade_points (routing); writes
+evaluations, evaluation_models, predictions, metrics, reliability_bins and cascade_points
+(sql/evaluation.sql, sql/routing.sql).
+
+Modules: evaluation (the stage), metrics (accuracy, calibration and their intervals as pure functions),
+cascade (the threshold sweep), routing (answering with the student and deferring to the teacher).
+"""

@@ -1,0 +1,18 @@
+"""Stage 2, label: the teacher scores every question's options into a soft label.
+
+In: the questions of the run's datasets and the `teacher` and `scoring` config. Out: one soft label (a
+probability distribution over the question's options, plus the teacher's raw scores) per question, under
+the teacher's key, which changes with anything that changes the labels (model, weights, prompt, scoring).
+Tables: reads questions, models (a prepared teacher's directory) and teachers; writes teachers and
+soft_labels (sql/labels.sql), and for a prepared teacher its row in models (sql/models.sql).
+
+Modules: teacher (which teacher labels, where its weights are, the backend factory, label with it),
+labeling (the resumable batch loop over unlabeled questions), sharding (the same over Parquet shards in
+worker processes), backends/ (hf, vllm, an OpenAI-compatible server: one scoring function for all),
+preparation (fine-tuning the teacher on the task before it labels).
+
+Teacher preparation lives here rather than in the train stage: its one product is the model that labels,
+its identity is part of the teacher key, `kdflow label` runs it first, and nothing downstream of the
+labels depends on how it was made. It borrows the train stage's recipe (kdflow.train.recipe.train) for
+the fine-tuning itself; the train stage trains students on validated labels and never imports this one.
+"""

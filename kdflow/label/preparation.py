@@ -1,0 +1,106 @@
+"""Teacher preparation: the teacher fine-tuned on the task's training split before it labels.
+
+Preparation follows torchtune's finding that a task-tuned teacher distills better. A prepared teacher is
+identified by a digest of everything that shaped it (base model or architecture, preparation settings,
+scoring, dataset versions), so a second run with the same config reuses the checkpoint.
+
+It belongs to the label stage, not to training: its only product is the model that labels, its identity
+is part of the teacher key, and `kdflow label` runs it first. It reuses the train stage's recipe
+(kdflow.train.recipe.train) for the fine-tuning; the reverse import never happens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from kdflow.config import RunConfig, TrainingConfig
+from kdflow.sources import configured_source
+from kdflow.store import Store
+from kdflow.train.data import corpus_tokenizer, finished_model_dir, split_examples
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepared_teacher_id(cfg: RunConfig, dataset_ids: list[str]) -> str:
+    t = cfg.teacher
+    base = t.model or t.architecture.model_dump(mode="json")
+    return "teacher-" + _digest(
+        {
+            "base": base,
+            "revision": t.revision,
+            "gguf_file": t.gguf_file,
+            "prepare": t.prepare.model_dump(mode="json"),
+            "scoring": cfg.scoring.model_dump(mode="json"),
+            "datasets": sorted(dataset_ids),
+            "splits": cfg.data.splits.model_dump(mode="json"),
+            "seed": cfg.training.seed,
+        }
+    )
+
+
+def is_prepared(cfg: RunConfig) -> bool:
+    """Whether the teacher that labels is one kdflow prepares (fine-tunes, or builds from an architecture)."""
+    return cfg.teacher.prepare.enabled or cfg.teacher.model is None
+
+
+def prepare_teacher(
+    cfg: RunConfig, store: Store, dataset_ids: list[str], *, run_id: str | None = None, progress: bool = True
+) -> tuple[Path, bool]:
+    """Fine-tune the teacher on the training split's gold answers; returns (model dir, reused)."""
+    model_id = prepared_teacher_id(cfg, dataset_ids)
+    if (found := finished_model_dir(store, model_id)) is not None:
+        return found, True  # before the imports below: torch and transformers take seconds to load
+
+    import torch
+
+    from kdflow.train.checkpoints import discard_checkpoints
+    from kdflow.modeling import build_model, count_parameters, load_model, resolve_device
+    from kdflow.train.recipe import train
+
+    t = cfg.teacher
+    out_dir = cfg.home_dir / "models" / model_id
+    torch.manual_seed(cfg.training.seed)
+    if t.model is None:
+        tokenizer = corpus_tokenizer(store, dataset_ids, t.architecture.vocab_size)
+        model = build_model(t.architecture, tokenizer)
+    else:
+        # A GGUF base is de-quantised on load, so the prepared copy saves as plain safetensors.
+        model, tokenizer = load_model(configured_source(t, "teacher"), dtype=t.dtype, device=t.device)
+    model.to(resolve_device(t.device))
+    store.execute(
+        "upsert_model", model_id=model_id, run_id=run_id, role="teacher", path=str(out_dir / "final"),
+        spec=json.dumps({"prepare": t.prepare.model_dump(mode="json"), "base": t.model}),
+        n_params=None, n_active=None, status="training",
+    )
+    train_examples = split_examples(store, dataset_ids, "train")
+    if t.prepare.max_train_questions:
+        train_examples = train_examples[: t.prepare.max_train_questions]
+    recipe = TrainingConfig(
+        alpha=1.0,
+        hard_label_baseline=False,
+        epochs=t.prepare.epochs,
+        batch_size=t.prepare.batch_size,
+        learning_rate=t.prepare.learning_rate,
+        seed=cfg.training.seed,
+        eval_every=max(1, cfg.training.eval_every),
+        eval_questions=cfg.training.eval_questions,
+        checkpoint_every=cfg.training.checkpoint_every,
+    )
+    result = train(
+        model, tokenizer, train_examples, recipe, cfg.scoring, out_dir=out_dir,
+        val_examples=split_examples(store, dataset_ids, "val"), resume=True, progress=progress,
+    )
+    total, active = count_parameters(model)
+    store.execute(
+        "upsert_model", model_id=model_id, run_id=run_id, role="teacher", path=str(result.final_dir),
+        spec=json.dumps({"prepare": t.prepare.model_dump(mode="json"), "base": t.model,
+                         "val_accuracy": result.best_val_accuracy}),
+        n_params=total, n_active=active, status="completed",
+    )
+    discard_checkpoints(out_dir)  # recorded as finished: nothing will resume it
+    return Path(result.final_dir), False

@@ -1,0 +1,117 @@
+"""Which teacher labels the questions: a hub model as it is, or one prepared (fine-tuned) on the task first
+(kdflow.label.preparation); where its weights lie, the backend that scores with them, and labeling with it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdflow.config import RunConfig
+from kdflow.errors import KdflowError
+from kdflow.label.labeling import LabelReport, label_questions, teacher_key, teacher_spec
+from kdflow.label.preparation import is_prepared, prepared_teacher_id
+from kdflow.sources import ModelLoadError, ModelSource, configured_source
+from kdflow.store import Store
+
+
+@dataclass(frozen=True)
+class TeacherRef:
+    """What labels: `model_ref` names the weights (hub id, or prepared model id), `model_dir` where they lie."""
+
+    model_ref: str
+    model_dir: Path | None
+    key: str
+    spec: dict[str, Any]
+
+
+def _server_identity(cfg: RunConfig, store: Store, spec: dict[str, Any]) -> dict[str, Any]:
+    """The served model's identity from the server; when it is down (after labeling, for training, validation
+    and evaluation), the identity recorded with the latest teacher of the same spec and base_url."""
+    from kdflow.label.backends.openai import ServerUnreachable, server_identity
+
+    try:
+        return server_identity(cfg.teacher, max_retries=0)
+    except ServerUnreachable:
+        base_url = cfg.teacher.openai.base_url.rstrip("/")
+        for _key, recorded in store.fetch("teacher_specs"):
+            recorded = json.loads(recorded) if isinstance(recorded, str) else recorded
+            server = recorded.pop("server", None) or {}
+            if recorded == spec and server.get("base_url") == base_url:
+                return server
+        return server_identity(cfg.teacher)  # nothing recorded: the retries, then "is the server running?"
+
+
+def teacher_ref(cfg: RunConfig, store: Store, dataset_ids: list[str]) -> TeacherRef:
+    """The teacher this config labels with; a teacher needing preparation must have been prepared."""
+    if is_prepared(cfg):
+        if cfg.teacher.backend != "hf":
+            raise KdflowError("teacher.prepare needs teacher.backend: hf (preparation fine-tunes with transformers)")
+        model_id = prepared_teacher_id(cfg, dataset_ids)
+        row = store.fetch_one("find_completed_model", model_id=model_id)
+        if row is None:
+            raise KdflowError(
+                f"the teacher {model_id} has not been prepared yet: run `kdflow label` (prepares it first) "
+                "or enable teacher.prepare"
+            )
+        model_ref, model_dir = model_id, Path(row[0])
+    else:
+        model_ref = cfg.teacher.model
+        model_dir = configured_source(cfg.teacher, "teacher").local_dir
+        model_dir = model_dir if model_dir is not None and model_dir.exists() else None
+    spec = teacher_spec(cfg.teacher, cfg.scoring, model_ref)
+    if cfg.teacher.backend == "openai":
+        spec["server"] = _server_identity(cfg, store, spec)  # another server (or other weights behind it) relabels
+    return TeacherRef(model_ref=model_ref, model_dir=model_dir, key=teacher_key(spec), spec=spec)
+
+
+def teacher_source(cfg: RunConfig, ref: TeacherRef) -> ModelSource:
+    """The teacher's weights for loading with transformers: the prepared directory (safetensors) when kdflow
+    prepares the teacher, else `teacher.model` as the user shipped it (GGUF file, revision and all).
+
+    Every place that loads the teacher (hf labeling, from_teacher students, evaluation's timing, routing)
+    takes its weights from here. Raises ModelLoadError when a prepared teacher has no directory.
+    """
+    if not is_prepared(cfg):
+        return configured_source(cfg.teacher, "teacher")
+    if ref.model_dir is None:
+        raise ModelLoadError(
+            f"the prepared teacher {ref.model_ref} has no model directory: run `kdflow label` to prepare it"
+        )
+    return ModelSource(str(ref.model_dir))
+
+
+def open_backend(cfg: RunConfig, ref: TeacherRef):
+    """The configured backend over the teacher's weights (imports the backend's libraries lazily)."""
+    if cfg.teacher.backend == "hf":
+        from kdflow.label.backends.hf import HFBackend
+
+        return HFBackend.from_config(cfg.teacher, cfg.scoring, teacher_source(cfg, ref))
+    if cfg.teacher.backend == "vllm":
+        from kdflow.label.backends.vllm import VLLMBackend
+
+        return VLLMBackend(cfg.teacher, cfg.scoring)
+    from kdflow.label.backends.openai import OpenAIBackend
+
+    return OpenAIBackend(cfg.teacher, cfg.scoring)
+
+
+def label_with_teacher(
+    cfg: RunConfig, store: Store, dataset_ids: list[str], *, on_progress: Callable[[int, int], None] | None = None,
+    sample: Sequence[str] = (), check_sample: Callable[[], None] | None = None, sample_only: bool = False,
+) -> LabelReport:
+    """Label every question of the datasets that the configured teacher has not labeled yet.
+
+    sample, check_sample, sample_only: label a sample first and check it before the rest (see
+    label_questions and kdflow.validate.gate.sample_first)."""
+    ref = teacher_ref(cfg, store, dataset_ids)
+    store.execute("upsert_teacher", teacher_key=ref.key, spec=json.dumps(ref.spec),
+                  model_path=str(ref.model_dir) if ref.model_dir else None)
+    return label_questions(
+        store, lambda: open_backend(cfg, ref), dataset_ids, ref.key,
+        commit_every=max(cfg.teacher.batch_size * 8, 256), on_progress=on_progress,
+        sample=sample, check_sample=check_sample, sample_only=sample_only,
+    )

@@ -1,0 +1,13 @@
+"""Sweeps: a grid of students trained and evaluated on one set of teacher labels, and their comparison.
+
+In: the config's `sweep` section (settings with lists of values, teachers, an optional ensemble). Out:
+one validated RunConfig per grid point, each point's student trained (kdflow.train) and evaluated
+(kdflow.evaluate), an ensemble teacher's labels when asked, and the statistics that compare points.
+Tables: reads validation_runs, soft_labels, quarantine, questions, predictions, metrics and
+run_datasets; writes sweep_teachers, sweep_points and sweep_evaluations (sql/sweep.sql), and for an
+ensemble teachers and soft_labels.
+
+Modules: axes (which settings a sweep may name; kdflow.config checks a sweep section with it), grid (the
+grid, one point's run, McNemar/Holm/Pareto statistics), ensemble (the labels of several teachers
+combined per question).
+"""

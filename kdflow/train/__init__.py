@@ -1,0 +1,13 @@
+"""Stage 4, train: students learn the validated soft labels by knowledge distillation.
+
+In: the validated (not quarantined) labels of the train and val splits and the `student` and `training`
+config. Out: one model directory per student (safetensors weights, tokenizer, config) and its training
+curve; a hard-label baseline student when `training.hard_label_baseline` asks for it.
+Tables: reads questions, soft_labels, quarantine and models (a finished student is reused); writes
+models, checkpoints and training_metrics (sql/models.sql).
+
+Modules: students_run (which students a config trains, their ids, recording them), recipe (the training
+loop, top to bottom), losses (KD loss against the soft labels), students (building or loading a student),
+checkpoints (resumable checkpoints), data (the questions of a split, a tokenizer for models built from
+scratch), launcher (one training across several processes) and distributed (what those processes share).
+"""

@@ -1,0 +1,11 @@
+"""Stage 3, validate: the data-quality gate between the teacher's labels and training.
+
+In: the soft labels of one teacher key over the run's datasets. Out: a validation run with the result of
+every check (Great Expectations suites plus kdflow's own checks), the labels quarantined with a reason,
+a pass/fail verdict that stops the pipeline on failure, and the teacher's fitted calibration temperature.
+Tables: reads questions and soft_labels; writes validation_runs, validation_results, quarantine and
+teacher_calibrations (sql/validation.sql).
+
+Modules: validation (the checks and the quarantine), gate (the verdict, and checking a labeled sample
+before the rest is labeled), calibration (temperature scaling fitted on the validation split).
+"""

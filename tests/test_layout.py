@@ -1,0 +1,102 @@
+"""The package's shape: every import between kdflow's own modules (the core, flows and tasks) points one
+way, so no module imports one that imports it back, at the top or inside a function."""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Where each installed package's source lies in the repository (pyproject's package-dir).
+PACKAGES = {"kdflow": ROOT / "kdflow", "kdflow.flows": ROOT / "flows", "kdflow.tasks": ROOT / "tasks"}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for name, folder in PACKAGES.items():
+        for path in folder.rglob("*.py"):
+            parts = [name, *path.relative_to(folder).with_suffix("").parts]
+            if parts[-1] == "__init__":
+                parts.pop()
+            found[".".join(parts)] = path
+    return found
+
+
+def _packages() -> set[str]:
+    """Every folder with an __init__.py, as the package name it installs under."""
+    return {name for name, path in _modules().items() if path.name == "__init__.py"}
+
+
+def _imports(path: Path, known: set[str]) -> set[str]:
+    """The project modules `path` imports anywhere in it (a package import counts for the package's
+    __init__, `from package import module` for the module)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+    return out & known
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    known = set(modules)
+    return {name: _imports(path, known) - {name} for name, path in modules.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per strongly connected component of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_cycle_finder_sees_a_cycle_through_a_function_level_import():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles_in_the_core_flows_or_tasks():
+    graph = import_graph()
+    assert "kdflow.train.recipe" in graph and "kdflow.label.teacher" in graph  # the walk found the package
+    assert cycles(graph) == []
+
+
+def test_every_package_installs_inside_the_kdflow_namespace():
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    assert set(setuptools["packages"]) == _packages()
+    assert all(name == "kdflow" or name.startswith("kdflow.") for name in setuptools["packages"])
+    assert setuptools["package-dir"] == {name: str(path.relative_to(ROOT)) for name, path in PACKAGES.items()
+                                         if name != "kdflow"}
