@@ -96,7 +96,11 @@ def test_no_import_cycles_in_the_core_flows_or_tasks():
 
 def test_every_package_installs_inside_the_kdflow_namespace():
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
-    assert set(setuptools["packages"]) == _packages()
+    # Folders of data files only (templates) are listed too, with their files in package-data.
+    data_only = {name for name in setuptools["packages"] if name not in PACKAGES
+                 and not (ROOT / name.replace(".", "/") / "__init__.py").exists()}
+    assert data_only <= set(setuptools["package-data"]) and all(name.startswith("kdflow.") for name in data_only)
+    assert set(setuptools["packages"]) - data_only == _packages()
     assert all(name == "kdflow" or name.startswith("kdflow.") for name in setuptools["packages"])
     assert setuptools["package-dir"] == {name: str(path.relative_to(ROOT)) for name, path in PACKAGES.items()
                                          if name != "kdflow"}
