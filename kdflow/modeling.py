@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,13 @@ SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
 _SPACE = "Ġ"
 _SPACED_LETTERS = frozenset(_SPACE + letter for letter in LETTERS)
 _MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + len(LETTERS)
+
+
+# transformers builds a pretrained model's modules on the meta device by patching torch for the duration of
+# `from_pretrained`, process-wide: a model built in another thread meanwhile (a sweep's students train on a
+# thread pool) gets meta parameters ("Cannot copy out of meta tensor"). Every construction of modules in
+# kdflow holds this lock; re-entrant, so a loader may build inside it.
+MODEL_CONSTRUCTION = threading.RLock()
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -126,7 +134,8 @@ def build_model(arch: ArchitectureConfig, tokenizer: PreTrainedTokenizerBase) ->
         special_ids={"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                      "pad_token_id": tokenizer.pad_token_id},
     )
-    return LlamaForCausalLM(config) if arch.family == "llama" else Qwen3ForCausalLM(config)
+    with MODEL_CONSTRUCTION:
+        return LlamaForCausalLM(config) if arch.family == "llama" else Qwen3ForCausalLM(config)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -228,11 +237,12 @@ def load_model(
     tokenizer = load_tokenizer(source)
     name_or_path, gguf_file = load_args(source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, revision=source.revision, trust_remote_code=source.trust_remote_code,
-            gguf_file=gguf_file, dtype=torch_dtype, device_map={"": torch_device},
-            **(_dequantised() if gguf_file else {}),
-        )
+        with MODEL_CONSTRUCTION:
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path, revision=source.revision, trust_remote_code=source.trust_remote_code,
+                gguf_file=gguf_file, dtype=torch_dtype, device_map={"": torch_device},
+                **(_dequantised() if gguf_file else {}),
+            )
     except _LOAD_ERRORS as e:
         raise ModelLoadError(f"cannot load {source.describe()}: {_one_line(e)}. {_advice(source, e)}") from e
     model.eval()

@@ -20,7 +20,15 @@ from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdflow.config import LoraConfig, StudentConfig
-from kdflow.modeling import ModelSource, build_model, load_model, resolve_device, resolve_dtype, save_pretrained
+from kdflow.modeling import (
+    MODEL_CONSTRUCTION,
+    ModelSource,
+    build_model,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+    save_pretrained,
+)
 from kdflow.sources import configured_source
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -109,7 +117,8 @@ def with_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, config)
+        with MODEL_CONSTRUCTION:  # new adapter modules, never built while another thread loads on meta
+            return get_peft_model(model, config)
     except ValueError as e:
         names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ValueError(
