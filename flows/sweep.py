@@ -21,7 +21,7 @@ from kdflow.sweep.ensemble import Member
 from kdflow.errors import KdflowError
 from kdflow.runs import recorded_run
 from kdflow.store import Store
-from kdflow.sweep.grid import ENSEMBLE, PointResult, SweepPoint, ensure_sweep_tables, expand_grid, sweep_teachers
+from kdflow.sweep.grid import ENSEMBLE, PointResult, SweepPoint, expand_grid, sweep_teachers
 from kdflow.label.teacher import TeacherRef
 from kdflow.tasks.common import current_flow_run_id
 from kdflow.tasks.ingest import ingest_task
@@ -73,7 +73,6 @@ def sweep(cfg: RunConfig) -> str:
     """Train and compare the configured grid of students; returns the sweep's run id."""
     points = expand_grid(cfg)
     store = Store(cfg.home_dir)
-    ensure_sweep_tables(store)
     with recorded_run(store, cfg, flow_run_id=current_flow_run_id()) as sweep_id:
         dataset_ids = ingest_task(cfg, sweep_id)
         teachers: dict[str, tuple[TeacherRef, str]] = {}

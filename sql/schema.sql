@@ -261,6 +261,34 @@ CREATE TABLE IF NOT EXISTS evaluation_models (
     PRIMARY KEY (eval_id, model_role)
 );
 
+-- The sweep (kdflow sweep): its teachers, its grid points, and evaluations reused across sweeps.
+CREATE TABLE IF NOT EXISTS sweep_teachers (
+    sweep_id      VARCHAR NOT NULL,         -- the run id of the sweep
+    name          VARCHAR NOT NULL,         -- sweep.teachers[].name, or 'ensemble'
+    teacher_key   VARCHAR NOT NULL,
+    validation_id VARCHAR NOT NULL,
+    spec          JSON NOT NULL,
+    PRIMARY KEY (sweep_id, name)
+);
+CREATE TABLE IF NOT EXISTS sweep_points (
+    sweep_id    VARCHAR NOT NULL,
+    point_id    VARCHAR NOT NULL,           -- hash of teacher name, training and student settings
+    label       VARCHAR NOT NULL,
+    teacher     VARCHAR NOT NULL,
+    teacher_key VARCHAR NOT NULL,
+    settings    JSON NOT NULL,              -- the swept setting paths and their values
+    baseline    BOOLEAN NOT NULL,
+    model_id    VARCHAR,
+    model_path  VARCHAR,
+    eval_id     VARCHAR,
+    trained     BOOLEAN,                    -- false: the student was reused from an earlier run
+    PRIMARY KEY (sweep_id, point_id)
+);
+CREATE TABLE IF NOT EXISTS sweep_evaluations (
+    eval_key VARCHAR PRIMARY KEY,           -- hash of the student model, teacher labels, datasets, settings
+    eval_id  VARCHAR NOT NULL
+);
+
 -- name: schema_version
 SELECT coalesce(max(version), 0) FROM schema_version;
 

@@ -1,33 +1,5 @@
 -- Sweeps: the teachers and grid points of each sweep run, and which evaluation scored each student.
 
--- name: create_sweep_tables
-CREATE TABLE IF NOT EXISTS sweep_teachers (
-    sweep_id      VARCHAR NOT NULL,         -- the run id of the sweep
-    name          VARCHAR NOT NULL,         -- sweep.teachers[].name, or 'ensemble'
-    teacher_key   VARCHAR NOT NULL,
-    validation_id VARCHAR NOT NULL,
-    spec          JSON NOT NULL,
-    PRIMARY KEY (sweep_id, name)
-);
-CREATE TABLE IF NOT EXISTS sweep_points (
-    sweep_id    VARCHAR NOT NULL,
-    point_id    VARCHAR NOT NULL,           -- hash of teacher name, training and student settings
-    label       VARCHAR NOT NULL,
-    teacher     VARCHAR NOT NULL,
-    teacher_key VARCHAR NOT NULL,
-    settings    JSON NOT NULL,              -- the swept setting paths and their values
-    baseline    BOOLEAN NOT NULL,
-    model_id    VARCHAR,
-    model_path  VARCHAR,
-    eval_id     VARCHAR,
-    trained     BOOLEAN,                    -- false: the student was reused from an earlier run
-    PRIMARY KEY (sweep_id, point_id)
-);
-CREATE TABLE IF NOT EXISTS sweep_evaluations (
-    eval_key VARCHAR PRIMARY KEY,           -- hash of the student model, teacher labels, datasets, settings
-    eval_id  VARCHAR NOT NULL
-);
-
 -- name: insert_sweep_teacher
 INSERT OR REPLACE INTO sweep_teachers VALUES ($sweep_id, $name, $teacher_key, $validation_id, $spec);
 

@@ -251,10 +251,6 @@ def open_teacher_backend(cfg: RunConfig, teacher: str, refs: dict[str, TeacherRe
     return EnsembleBackend(members, ens.weights or [1.0] * len(members), ens.method)
 
 
-def ensure_sweep_tables(store: Store) -> None:
-    store.execute("create_sweep_tables")
-
-
 def _eval_key(point: SweepPoint, model_id: str, teacher_key: str, dataset_ids: list[str]) -> str:
     cfg = point.cfg
     spec = {"model": model_id, "teacher": teacher_key, "datasets": sorted(dataset_ids),
