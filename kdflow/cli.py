@@ -209,7 +209,9 @@ def _own_prefect_home(home: Path) -> None:
     if os.environ.get("PREFECT_API_URL") or os.environ.get("PREFECT_HOME") or "prefect" in sys.modules:
         return
     os.environ.setdefault("PREFECT_PROFILES_PATH", str(Path.home() / ".prefect" / "profiles.toml"))
-    os.environ["PREFECT_HOME"] = str(Path(home).resolve() / "prefect")
+    prefect_home = Path(home).resolve() / "prefect"
+    prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level (and warns)
+    os.environ["PREFECT_HOME"] = str(prefect_home)
 
 
 def _run_flow(flow_name: str, cfg, **kwargs):

@@ -309,7 +309,9 @@ def test_two_runs_started_together_on_one_home_both_complete_like_sequential_run
 def test_runs_on_two_homes_at_once_use_separate_prefect_databases(tmp_path):
     runs = [_kdflow_run(tmp_path / name) for name in ("a", "b")]
     for proc in runs:
-        assert "database is locked" not in _finished(proc)
+        output = _finished(proc)
+        assert "database is locked" not in output
+        assert "Failed to create the Prefect home" not in output  # the homes did not exist before the runs
     for name in ("a", "b"):
         assert (tmp_path / name / "prefect" / "prefect.db").is_file()
         assert [r[2] for r in Store(tmp_path / name, read_only=True).fetch("list_runs", limit=5)] == ["completed"]
