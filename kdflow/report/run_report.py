@@ -28,7 +28,7 @@ from kdflow.store import Store
 
 TEMPLATE = "report.html"
 # StrictUndefined: a name the template uses but render_html does not pass fails loudly instead of rendering empty.
-_TEMPLATES = Environment(loader=PackageLoader("kdflow.report", "templates"), autoescape=select_autoescape(["html"]),
+TEMPLATES = Environment(loader=PackageLoader("kdflow.report", "templates"), autoescape=select_autoescape(["html"]),
                          undefined=StrictUndefined)
 ROLE_NAMES = {
     "teacher": "teacher",
@@ -318,7 +318,7 @@ STAGE_COLUMNS: list[Column] = [
 # ---------------------------------------------------------------- HTML
 
 
-def _table(columns: Sequence[Column], rows: Sequence[Row], *, row_class: Callable[[Row], str] | None = None) -> Row:
+def page_table(columns: Sequence[Column], rows: Sequence[Row], *, row_class: Callable[[Row], str] | None = None) -> Row:
     """A table for the template's `table` macro: header names and per row a CSS class and the cell texts."""
     return {
         "head": [name for name, _ in columns],
@@ -327,7 +327,7 @@ def _table(columns: Sequence[Column], rows: Sequence[Row], *, row_class: Callabl
     }
 
 
-def _img(png: bytes | None, alt: str) -> Row:
+def page_img(png: bytes | None, alt: str) -> Row:
     """A plot for the template's `img` macro: base64 PNG (None: no data) and its alt text."""
     return {"png": None if png is None else base64.b64encode(png).decode("ascii"), "alt": alt}
 
@@ -414,23 +414,23 @@ def render_html(data: ReportData, summary: Summary) -> str:
         ]
     ]
     plots = _Plots()
-    return _TEMPLATES.get_template(TEMPLATE).render(
+    return TEMPLATES.get_template(TEMPLATE).render(
         title=title,
         meta=meta,
         headline=headline,
-        tradeoff=_table(TRADEOFF_COLUMNS, data.tradeoff),
+        tradeoff=page_table(TRADEOFF_COLUMNS, data.tradeoff),
         latency_note=_latency_note(data),
-        models=_table(MODEL_COLUMNS, data.models),
-        category_table=_table(CATEGORY_COLUMNS, data.categories),
-        category_plot=_img(plots.category(data.category_accuracy), "accuracy per category"),
+        models=page_table(MODEL_COLUMNS, data.models),
+        category_table=page_table(CATEGORY_COLUMNS, data.categories),
+        category_plot=page_img(plots.category(data.category_accuracy), "accuracy per category"),
         calibration_text=_calibration_sentence(data),
-        reliability_plot=_img(plots.reliability(data.reliability, data.models), "reliability diagrams"),
+        reliability_plot=page_img(plots.reliability(data.reliability, data.models), "reliability diagrams"),
         cascade_text=_cascade_sentence(data, summary),
-        cascade_plot=_img(plots.cascade(data.cascade, data.models), "cascade accuracy on test against latency"),
-        cascade_table=_table(CASCADE_COLUMNS, _cascade_rows(data.cascade),
+        cascade_plot=page_img(plots.cascade(data.cascade, data.models), "cascade accuracy on test against latency"),
+        cascade_table=page_table(CASCADE_COLUMNS, _cascade_rows(data.cascade),
                              row_class=lambda r: "chosen" if r["chosen"] else ""),
-        training_plot=_img(plots.training(data.training), "training curves"),
-        stages=_table(STAGE_COLUMNS, data.stages),
+        training_plot=page_img(plots.training(data.training), "training curves"),
+        stages=page_table(STAGE_COLUMNS, data.stages),
     )
 
 

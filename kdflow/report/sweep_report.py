@@ -10,8 +10,6 @@ their labels of the same test questions.
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
 import re
@@ -19,7 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from string import Template
 from typing import Any
 
 import numpy as np
@@ -30,10 +27,10 @@ from rich.table import Table
 from kdflow.evaluate import metrics
 from kdflow.config import RunConfig
 from kdflow.errors import KdflowError
+from kdflow.report.run_report import TEMPLATES, page_img, page_table
 from kdflow.store import Store
 from kdflow.sweep.grid import best_under_budget, holm, mcnemar_exact, pareto_front
 
-TEMPLATE = Path(__file__).resolve().parent / "templates" / "sweep.html"
 Row = dict[str, Any]
 Column = tuple[str, Callable[[Row], str]]
 
@@ -208,18 +205,6 @@ def _notes(c: SweepComparison) -> list[str]:
             "in latency by measurement noise only."]
 
 
-def _html_table(columns: Sequence[Column], rows: Sequence[Row], row_class: Callable[[Row], str] | None = None) -> str:
-    if not rows:
-        return '<p class="note">none</p>'
-    head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns)
-    body = []
-    for row in rows:
-        cells = "".join(f"<td>{html.escape(fmt(row))}</td>" for _, fmt in columns)
-        cls = row_class(row) if row_class else ""
-        body.append(f'<tr class="{cls}">{cells}</tr>' if cls else f"<tr>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
 def _pareto_plot(c: SweepComparison) -> str:
     """Accuracy (with its CI) against latency for every student, the Pareto front joined, as an inline PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -227,7 +212,7 @@ def _pareto_plot(c: SweepComparison) -> str:
 
     rows = [r for r in c.students if r.get("latency_ms_mean") is not None and r.get("accuracy") is not None]
     if not rows:
-        return '<p class="note">no evaluated students</p>'
+        return page_img(None, "accuracy against latency")
     fig = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
@@ -249,19 +234,19 @@ def _pareto_plot(c: SweepComparison) -> str:
     ax.legend(fontsize=8)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img alt="accuracy against latency" src="data:image/png;base64,{data}">'
+    return page_img(buf.getvalue(), "accuracy against latency")
 
 
 def render_html(c: SweepComparison) -> str:
-    return Template(TEMPLATE.read_text(encoding="utf-8")).substitute(
-        title=html.escape(f"kdflow sweep: {c.name}"),
-        meta=html.escape(f"sweep {c.sweep_id} · {len(c.students)} students · {len(c.teachers)} teachers"),
-        notes="".join(f"<p>{html.escape(n)}</p>" for n in _notes(c)),
-        students=_html_table(STUDENT_COLUMNS, c.students, lambda r: "best" if r.get("best") else ""),
+    """The page from templates/sweep.html; jinja2's autoescape escapes every value."""
+    return TEMPLATES.get_template("sweep.html").render(
+        title=f"kdflow sweep: {c.name}",
+        meta=f"sweep {c.sweep_id} · {len(c.students)} students · {len(c.teachers)} teachers",
+        notes=_notes(c),
+        students=page_table(STUDENT_COLUMNS, c.students, row_class=lambda r: "best" if r.get("best") else ""),
         pareto_plot=_pareto_plot(c),
-        teachers=_html_table(TEACHER_COLUMNS, c.teachers),
-        pairs=_html_table(PAIR_COLUMNS, c.significant),
+        teachers=page_table(TEACHER_COLUMNS, c.teachers),
+        pairs=page_table(PAIR_COLUMNS, c.significant),
     )
 
 
