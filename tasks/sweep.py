@@ -3,8 +3,6 @@ one grid point (train + evaluate), and the comparison report."""
 
 from __future__ import annotations
 
-import threading
-from contextlib import ExitStack
 from pathlib import Path
 
 from prefect import task
@@ -88,11 +86,6 @@ def _json(data: object) -> str:
     return json.dumps(data, sort_keys=True, default=str)
 
 
-# Starting a stage updates the run's row; DuckDB refuses two concurrent updates of one row ("Conflict on
-# update"), so points starting together on the thread pool take turns for that one statement.
-_RUN_ROW = threading.Lock()
-
-
 @task(name="sweep-point", task_run_name="sweep-point-{point.point_id}", tags=["gpu"], retries=1,
       retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
 def sweep_point_task(point: SweepPoint, sweep_id: str, dataset_ids: list[str], teacher: TeacherRef,
@@ -101,9 +94,9 @@ def sweep_point_task(point: SweepPoint, sweep_id: str, dataset_ids: list[str], t
     `cfg` is the sweep's config and `refs` every teacher's labels: the point's teacher is reopened from them
     to be timed against its student."""
     store = Store(point.cfg.home_dir)
-    with ExitStack() as stack:
-        with _RUN_ROW:
-            record = stack.enter_context(stage(store, sweep_id, f"point {point.point_id}"))
+    # Points on the thread pool start stages on the same run row at once; the store's in-process lock makes
+    # their transactions take turns, so DuckDB never sees two concurrent updates of it.
+    with stage(store, sweep_id, f"point {point.point_id}") as record:
         result = run_point(point, store, dataset_ids, teacher, validation_id, sweep_id=sweep_id,
                            open_teacher=lambda: open_teacher_backend(cfg, point.teacher, refs),
                            on_progress=ui_progress(f"training-{point.point_id}", point.label))
