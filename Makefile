@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PY) -m pip install -q -c constraints-cpu.txt --index-url $(TORCH_INDEX) --timeout 20 --retries 1 torch \
 		|| $(PY) -m pip install -q -c constraints-cpu.txt torch  # that index unreachable: the plain pin
 # setuptools' "Editable installation" notice (a top-level folder named like a package may shadow it) is
-# is informational; pip shows it as a warning on every install.
+# informational; pip shows it as a warning on every install.
 	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -c constraints-cpu.txt -e ".[dev]"
 	$(PY) -c "import kdflow.flows.distill, kdflow.tasks.label, torch, duckdb, great_expectations, transformers"
 	touch $(STAMP)
