@@ -12,31 +12,24 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, model_validator
 
 from kdflow.sweep.axes import check_sweep_section
+from kdflow.config.base import ConfigError, OnOffAuto, Strict
+
+# The public names, importable from kdflow.config whichever module of the package holds them.
+__all__ = [
+    "ConfigError", "Strict", "OnOffAuto", "GenericMapping", "DemoSource", "SampleConfig", "SOURCE_FORMATS",
+    "SourceConfig", "default_source_names", "SplitConfig", "DataConfig", "ArchitectureConfig", "ScoringConfig",
+    "LoraConfig", "OpenAIServerConfig", "VLLMConfig", "TeacherPrepConfig", "TeacherConfig", "StudentConfig",
+    "TrainingConfig", "ValidationConfig", "EvaluationConfig", "OrchestrationConfig", "EnsembleConfig",
+    "SweepConfig", "RunConfig", "DEFAULT_CONFIG", "apply_overrides", "load_config",
+]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
-
-
-class ConfigError(ValueError):
-    """A configuration problem, phrased so the user knows what to change."""
-
-
-def _switch_word(value: Any) -> Any:
-    """YAML 1.1 reads a bare on/off/yes/no as a boolean: take it back as the word "on" or "off"."""
-    return ("on" if value else "off") if isinstance(value, bool) else value
-
-
-# A setting whose values are words including "on" and "off", safe to write unquoted in YAML and --set.
-OnOffAuto = Annotated[Literal["auto", "on", "off"], BeforeValidator(_switch_word)]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class GenericMapping(Strict):
