@@ -2,6 +2,10 @@
 
 Every field has a default and a help text; unknown keys are errors that name the key, so a typo never
 silently falls back to a default. Stages receive the parts they need; nothing else reads YAML.
+
+Modules: base (ConfigError, the Strict base model), data (sources and splits), models (teacher and
+student), stages (scoring, training, validation, evaluation, orchestration), run (RunConfig and the sweep
+section), loading (YAML file + overrides -> RunConfig). Every public name is importable from kdflow.config.
 """
 
 from __future__ import annotations
