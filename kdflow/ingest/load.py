@@ -27,9 +27,8 @@ from kdflow.config import SourceConfig
 from kdflow.errors import KdflowError
 from kdflow.ingest.answers import AnswerSemanticsError, Reading, Vote, choose_reading, resolve
 from kdflow.ingest.cells import Rejected, emptiness, repeated_options
-from kdflow.ingest.layouts import (
-    DETECT_ROWS, LAYOUTS, Mapped, Mapper, check_encodable, detect_layout, mapper_for, mapping_columns,
-)
+from kdflow.ingest.detect import DETECT_ROWS, detect_layout
+from kdflow.ingest.layouts import LAYOUTS, Mapped, Mapper, check_encodable, mapper_for, mapping_columns
 from kdflow.ingest.readers import READERS, Row, rows_from_records, to_utf8
 from kdflow.records import QUESTION_SCHEMA, REJECTED_SCHEMA
 from kdflow.ingest.splits import normalise_text, normalised_key
