@@ -522,6 +522,3 @@ for _info in app.registered_commands:
 def main() -> None:
     app(prog_name="kdflow")
 
-
-if __name__ == "__main__":
-    sys.exit(main())
