@@ -16,6 +16,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from kdflow.cli.console import EXIT_GATE, EXIT_INPUT, _console, _fail, _notice, _print_error
+
+
 class _Kdflow(typer.Typer):
     """The app; a user error that escapes a command (a database another process holds too long, ...) ends
     as its one-line message and exit 2, like the errors the commands catch themselves."""
@@ -43,8 +46,6 @@ SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", "-s", metavar="KEY=VALUE", help="override a config key: --set training.epochs=2 (repeatable)"),
 ]
-EXIT_INPUT = 2
-EXIT_GATE = 3
 
 
 @app.callback()
@@ -62,23 +63,6 @@ def _offline_defaults() -> None:
     logging.getLogger("kdflow").setLevel(logging.INFO)
 
 
-def _print_error(message: str, code: int) -> int:
-    from rich.console import Console
-
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
-    return code
-
-
-def _notice(message: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True, soft_wrap=True).print(f"[bold yellow]waiting:[/] {message}", highlight=False)
-
-
-def _fail(message: str, code: int = EXIT_INPUT) -> typer.Exit:
-    return typer.Exit(_print_error(message, code))
-
-
 def _load(config: Path | None, overrides: list[str] | None):
     from kdflow.config import ConfigError, load_config
 
@@ -86,12 +70,6 @@ def _load(config: Path | None, overrides: list[str] | None):
         return load_config(config, overrides or [])
     except ConfigError as e:
         raise _fail(str(e)) from None
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(highlight=False)
 
 
 @app.command()
@@ -521,4 +499,3 @@ for _info in app.registered_commands:
 
 def main() -> None:
     app(prog_name="kdflow")
-
