@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from kdflow.cli.console import EXIT_INPUT, _console, _fail, _print_error
+from kdflow.cli.help import _Command, _Group
 from kdflow.cli.running import _run_flow
 
 
@@ -380,28 +381,6 @@ def ui(
         console.print(f"server data (PREFECT_HOME): {files.prefect_home}", soft_wrap=True)
         console.print("stop it with: kdflow ui --stop", soft_wrap=True)
     console.print(f"to send runs to it: export PREFECT_API_URL={url}", soft_wrap=True)
-
-
-class _PlainHelp:
-    """Help screens without typer's type labels where they tell a user nothing: a flag takes no value
-    (typer showed `--help <bool>`), and an argument's metavar already says what it takes (`<list[str]>`)."""
-
-    def get_params(self, ctx):
-        params = super().get_params(ctx)
-        for param in params:
-            if isinstance(param, typer.core.TyperArgument) and param.metavar:
-                param.display_type_rich = lambda ctx: None
-            elif getattr(param, "is_flag", False) and param.metavar is None:
-                param.metavar = ""
-        return params
-
-
-class _Command(_PlainHelp, typer.core.TyperCommand):
-    pass
-
-
-class _Group(_PlainHelp, typer.core.TyperGroup):
-    pass
 
 
 app.info.cls = _Group
