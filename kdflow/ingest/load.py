@@ -5,9 +5,9 @@ UTF-8, detected cp1252), reads them (readers.py), maps each record of the detect
 which also lists the rejection reason codes), and hands the rows to collect.py, which decides once for
 the whole source how its answer column is written (answers.py), resolves every answer, rejects duplicates
 and returns Arrow tables. Every row that does not become a question is kept in `rejected` with a reason;
-a source whose rows are all rejected is not an error here - the caller decides. Problems that make a source unusable as a whole (a missing file,
-an unknown layout, an answer column the values do not settle, an encoding that cannot be read) raise
-IngestError with the file and what to do. Splits are assigned later (kdflow.ingest.splits), so `split` is "".
+a source whose rows are all rejected is not an error here - the caller decides. Problems that make a
+source unusable as a whole (a missing file, an unknown layout, an answer column the values do not settle,
+an encoding that cannot be read) raise IngestError with the file and what to do. Splits are assigned later (kdflow.ingest.splits), so `split` is "".
 """
 
 from __future__ import annotations
