@@ -14,7 +14,7 @@ import pytest
 
 from kdflow.config import DemoSource, GenericMapping, SourceConfig
 from kdflow.ingest.load import IngestError, LoadedSource, load_source
-from kdflow.ingest.layouts import shuffle_order
+from kdflow.ingest.cells import shuffle_order
 from kdflow.ingest.readers import read_csv, read_json
 from kdflow.records import QUESTION_SCHEMA, REJECTED_SCHEMA
 

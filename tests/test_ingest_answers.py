@@ -16,7 +16,7 @@ from kdflow.cli import app
 from kdflow.config import GenericMapping, SourceConfig, load_config
 from kdflow.ingest.load import IngestError, load_source
 from kdflow.ingest.answers import AnswerSemanticsError, Vote, choose_reading
-from kdflow.ingest.layouts import numpy_list
+from kdflow.ingest.cells import numpy_list
 
 REPORTED = Path(__file__).parent / "fixtures" / "ingest" / "reported"  # inputs kdflow once read wrong
 

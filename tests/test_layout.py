@@ -1,5 +1,6 @@
 """The package's shape: every import between kdflow's own modules (the core, flows and tasks) points one
-way, so no module imports one that imports it back, at the top or inside a function."""
+way, so no module imports one that imports it back, at the top or inside a function; and no module or
+function in kdflow/ is too long to read in one sitting."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Where each installed package's source lies in the repository (pyproject's package-dir).
 PACKAGES = {"kdflow": ROOT / "kdflow", "kdflow.flows": ROOT / "flows", "kdflow.tasks": ROOT / "tasks"}
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 80  # from the `def` line to the last line of the body (decorators not counted)
 
 
 def _modules() -> dict[str, Path]:
@@ -91,6 +94,7 @@ def test_the_cycle_finder_sees_a_cycle_through_a_function_level_import():
 def test_no_import_cycles_in_the_core_flows_or_tasks():
     graph = import_graph()
     assert "kdflow.train.recipe" in graph and "kdflow.label.teacher" in graph  # the walk found the package
+    assert "kdflow.config.loading" in graph["kdflow.config"]  # ... and the imports of a package's __init__
     assert cycles(graph) == []
 
 
@@ -104,3 +108,34 @@ def test_every_package_installs_inside_the_kdflow_namespace():
     assert all(name == "kdflow" or name.startswith("kdflow.") for name in setuptools["packages"])
     assert setuptools["package-dir"] == {name: str(path.relative_to(ROOT)) for name, path in PACKAGES.items()
                                          if name != "kdflow"}
+
+
+def too_long(source: str, name: str) -> list[str]:
+    """`name: N lines` when the source is over MAX_MODULE_LINES, and `name:LINE function: N lines` for every
+    function or method over MAX_FUNCTION_LINES (nested ones included)."""
+    found = []
+    lines = len(source.splitlines())
+    if lines > MAX_MODULE_LINES:
+        found.append(f"{name}: {lines} lines")
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = node.end_lineno - node.lineno + 1
+            if length > MAX_FUNCTION_LINES:
+                found.append(f"{name}:{node.lineno} {node.name}: {length} lines")
+    return found
+
+
+def test_the_length_check_counts_modules_and_functions_from_def_to_end():
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES - 1))
+    fits = f"@decorator\ndef f():\n{body}"  # def + 79 lines: 80
+    assert too_long(fits, "m.py") == []
+    method = "".join(f"        x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    assert too_long(f"class C:\n    def g(self):\n{method}", "m.py") == ["m.py:2 g: 81 lines"]  # def + 80 lines
+    assert too_long("x = 1\n" * (MAX_MODULE_LINES + 1), "m.py") == [f"m.py: {MAX_MODULE_LINES + 1} lines"]
+
+
+def test_no_module_in_kdflow_over_400_lines_nor_function_over_80():
+    found = []
+    for path in sorted((ROOT / "kdflow").rglob("*.py")):
+        found += too_long(path.read_text(encoding="utf-8"), path.relative_to(ROOT).as_posix())
+    assert found == [], "split these by responsibility:\n" + "\n".join(found)

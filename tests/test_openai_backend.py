@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-import kdflow.label.backends.openai as openai_backend
+import kdflow.label.backends.openai.client as openai_client
 from kdflow.label.backends.base import TeacherBackend
 from kdflow.label.backends.hf import HFBackend
 from kdflow.label.backends.openai import (
@@ -64,7 +64,7 @@ def serve(tiny_model, tiny_tokenizer):
 
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch):
-    monkeypatch.setattr(openai_backend, "BACKOFF_BASE_S", 0.001)
+    monkeypatch.setattr(openai_client, "BACKOFF_BASE_S", 0.001)
 
 
 def _teacher(base_url: str, **openai) -> TeacherConfig:
@@ -199,7 +199,7 @@ def _waits(monkeypatch) -> list[float]:
     return waits
 
 
-@pytest.mark.parametrize("retry_after,expected", [(3, 3.0), (10_000, openai_backend.RETRY_AFTER_MAX_S)])
+@pytest.mark.parametrize("retry_after,expected", [(3, 3.0), (10_000, openai_client.RETRY_AFTER_MAX_S)])
 def test_retry_after_is_honoured_up_to_a_cap(retry_after, expected, serve, monkeypatch):
     stub = serve()
     client = ServerClient(_teacher(stub.base_url, max_retries=2).openai)
@@ -211,8 +211,8 @@ def test_retry_after_is_honoured_up_to_a_cap(retry_after, expected, serve, monke
 
 
 def test_backoff_doubles_with_jitter_up_to_a_cap(serve, monkeypatch):
-    monkeypatch.setattr(openai_backend, "BACKOFF_BASE_S", 1.0)
-    monkeypatch.setattr(openai_backend, "BACKOFF_MAX_S", 4.0)
+    monkeypatch.setattr(openai_client, "BACKOFF_BASE_S", 1.0)
+    monkeypatch.setattr(openai_client, "BACKOFF_MAX_S", 4.0)
     stub = serve()
     client = ServerClient(_teacher(stub.base_url, max_retries=5).openai)
     stub.fail_next(6, 503)
@@ -496,7 +496,7 @@ def test_the_server_is_part_of_the_teacher_key(serve, tmp_path):
     assert ref(first.base_url).key == labeled.key
     with pytest.raises(ServerUnreachable, match="after 2 attempts.*is the server running"):
         ref(f"http://127.0.0.1:{_closed_port()}/v1")  # nothing recorded for it
-    parts = openai_backend.server_identity(_replay_teacher(second))
+    parts = openai_client.server_identity(_replay_teacher(second))
     assert parts["base_url"] == second.base_url and parts["meta"]["n_params"] == 134515008 and "created" not in parts
     backend = OpenAIBackend(_replay_teacher(second), ScoringConfig())
     assert backend.key_parts() == parts

@@ -16,9 +16,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kdflow.validate import validation
+from kdflow.validate import checks, validation
 from kdflow.config import ValidationConfig
-from kdflow.validate.validation import CHECKS, QUARANTINE_CHECK, derive_columns, validate_labels
+from kdflow.validate.checks import CHECKS, QUARANTINE_CHECK, derive_columns
+from kdflow.validate.validation import validate_labels
 
 CFG = ValidationConfig()
 
@@ -237,7 +238,7 @@ def test_teacher_accuracy_is_measured_on_validation_not_on_the_split_it_trained_
 
 
 def test_no_labeled_rows_in_the_accuracy_splits_names_the_settings(clean):
-    with pytest.raises(validation.AccuracySplitEmpty, match=r"data\.splits\.val.*validation\.accuracy_splits"):
+    with pytest.raises(checks.AccuracySplitEmpty, match=r"data\.splits\.val.*validation\.accuracy_splits"):
         derive_columns(clean[clean["split"] == "train"], CFG)
 
 

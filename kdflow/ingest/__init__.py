@@ -6,7 +6,8 @@ become a question with the reason.
 Tables: reads datasets (an unchanged source is reused); writes datasets, dataset_reading, questions,
 question_notes, question_duplicates and rejected_rows (sql/ingest.sql).
 
-Modules: load (one source read into Arrow tables: readers decode files, layouts map records, answers
-settle the answer column), splits (the split of each question from its content alone), datasets (store a
+Modules: load (one source read into Arrow tables: readers decode files, detect recognises the layout,
+layouts map records with cells reading each value, collect gathers the rows and answers settles the
+answer column), splits (the split of each question from its content alone), datasets (store a
 loaded source as a dataset version and report it).
 """

@@ -65,57 +65,26 @@ Reason codes (a rejected row's reason is "<code>: <detail>"):
 
 from __future__ import annotations
 
-import ast
-import hashlib
-import io
-import json
-import math
-import tokenize
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from kdflow.config import GenericMapping
 from kdflow.ingest.answers import as_number
-from kdflow.records import LETTERS, MAX_OPTIONS
+from kdflow.ingest.cells import (
+    ABSENT, Rejected, _category, _literal, _metadata, _options, _question, _source_id, _with_passage, content_key,
+    emptiness, shuffle_order,
+)
+from kdflow.ingest.detect import _ANSWER_COLUMNS, _CATEGORY_COLUMNS, _QUESTION_COLUMNS, _first, _option_family
 
 LAYOUTS = (
     "mmlu", "arc", "csqa", "openbookqa", "sciq", "option_columns", "medmcqa", "hellaswag", "piqa", "winogrande",
     "race", "quality", "truthfulqa_mc1", "generic",
 )
-DETECT_ROWS = 20
-"""Layout detection looks at this many parsed records and takes the most common answer."""
 
-ABSENT: Any = object()
-"""A column the record does not have (distinct from a null value)."""
 _MMLU = GenericMapping(question="question", options="choices", answer="answer", category="subject")
 _LABELLED_COLUMNS = frozenset({"id", "question", "question_stem", "question_concept", "choices", "answerKey"})
-_OPTION_NAMES = [f"option {letter}" for letter in LETTERS]
 _SCIQ_OPTIONS = ("correct_answer", "distractor1", "distractor2", "distractor3")
-_QUESTION_COLUMNS = ("question", "input", "prompt", "stem", "Question")
-_ANSWER_COLUMNS = ("answer", "target", "label", "correct", "answerKey", "Answer", "cop")
-_CATEGORY_COLUMNS = ("subject", "category", "subject_name", "topic")
-_OPTION_FAMILIES: tuple[Callable[[int], str], ...] = (
-    lambda i: LETTERS[i],
-    lambda i: f"option_{LETTERS[i].lower()}",
-    lambda i: f"answer_{LETTERS[i].lower()}",
-    lambda i: f"choice_{LETTERS[i].lower()}",
-    lambda i: f"choice{i + 1}",
-    lambda i: f"choice_{i + 1}",
-    lambda i: f"option{i + 1}",
-    lambda i: f"option_{i + 1}",
-    lambda i: f"op{LETTERS[i].lower()}",
-    lambda i: f"ending{i}",
-)
-
-
-class Rejected(Exception):
-    """A row that cannot become a question; `reason` is "<code>: <detail>"."""
-
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(f"{code}: {detail}")
-        self.reason = f"{code}: {detail}"
 
 
 @dataclass(slots=True)
@@ -156,241 +125,6 @@ class Mapper:
 
     def __call__(self, record: dict[str, Any]) -> Mapped:
         return self.map(record)
-
-
-def _option_family(columns: Iterable[str]) -> list[str]:
-    """The longest run of option columns (A, B, ... or option_a, option_b, ...) present, or []."""
-    present = set(columns)
-    best: list[str] = []
-    for family in _OPTION_FAMILIES:
-        names = []
-        for i in range(MAX_OPTIONS):
-            name = family(i)
-            if name not in present:
-                break
-            names.append(name)
-        if len(names) >= 2 and len(names) > len(best):
-            best = names
-    return best
-
-
-def _first(columns: Iterable[str], candidates: Iterable[str]) -> str | None:
-    present = set(columns)
-    return next((c for c in candidates if c in present), None)
-
-
-def _detect_one(record: dict[str, Any]) -> str | None:
-    question = record.get("question")
-    if isinstance(question, dict) and "stem" in question:
-        if "question_concept" in question:
-            return "csqa"
-        return "openbookqa" if "fact1" in record else "arc"
-    if "question_stem" in record and "choices" in record:
-        return "openbookqa"
-    if "correct_answer" in record and "distractor1" in record:
-        return "sciq"
-    if "choices" in record and "answerKey" in record:
-        return "csqa" if "question_concept" in record else "arc"
-    if "mc1_targets" in record and "question" in record:
-        return "truthfulqa_mc1"
-    if {"goal", "sol1", "sol2", "label"} <= record.keys():
-        return "piqa"
-    if {"sentence", "option1", "option2", "answer"} <= record.keys():
-        return "winogrande"
-    context = "ctx" in record or "startphrase" in record
-    if context and ("endings" in record or "ending0" in record) and "label" in record:
-        return "hellaswag"
-    if {"question", "opa", "opb", "cop"} <= record.keys():
-        return "medmcqa"
-    if {"article", "question", "options", "answer"} <= record.keys():
-        return "race"
-    if {"question", "options", "gold_label"} <= record.keys():
-        return "quality"
-    if {"question", "choices", "answer"} <= record.keys():
-        return "mmlu"
-    if {"question", "options", "answer"} <= record.keys():
-        return "generic"
-    if _first(record, _QUESTION_COLUMNS) and _first(record, _ANSWER_COLUMNS) and _option_family(record):
-        return "option_columns"
-    return None
-
-
-def detect_layout(records: Iterable[dict[str, Any]]) -> str | None:
-    """The most common layout among the records (the caller passes the first DETECT_ROWS), or None."""
-    votes = Counter(layout for layout in map(_detect_one, records) if layout is not None)
-    return votes.most_common(1)[0][0] if votes else None
-
-
-def content_key(question: str, options: list[str]) -> str:
-    """A stable id for a question without one: same text and options -> same id on every machine."""
-    return hashlib.sha256(json.dumps([question, options]).encode()).hexdigest()[:16]
-
-
-def shuffle_order(key: str, n: int) -> list[int]:
-    """A permutation of range(n) derived from sha256 only, so it never depends on Python's RNG or version."""
-    return sorted(range(n), key=lambda i: hashlib.sha256(f"{key}\0{i}".encode()).digest())
-
-
-def emptiness(value: Any) -> str | None:
-    """Why a value counts as absent ("missing", "null", "NaN", "blank"), or None when it has content."""
-    if value is ABSENT:
-        return "missing"
-    if value is None:
-        return "null"
-    if isinstance(value, float) and math.isnan(value):
-        return "NaN"
-    if isinstance(value, str) and not value.strip():
-        return "blank"
-    return None
-
-
-def _question(value: Any, column: str) -> str:
-    if type(value) is str and value.strip():
-        return value.strip()
-    why = emptiness(value)
-    if why is not None:
-        raise Rejected("empty_question", f"'{column}' is {why}")
-    if isinstance(value, (dict, list)):
-        raise Rejected("empty_question", f"'{column}' holds a {type(value).__name__}, not text")
-    return str(value).strip()
-
-
-def _with_passage(question: str, record: dict[str, Any], column: str | None) -> str:
-    """The question preceded by its passage and a blank line, when the layout has one and it is not empty."""
-    if column is None:
-        return question
-    value = record.get(column, ABSENT)
-    if emptiness(value) is not None:
-        return question
-    return f"{str(value).strip()}\n\n{question}"
-
-
-class NumpyListError(ValueError):
-    """A cell that looks like a NumPy-printed array but is not one that can be read back."""
-
-
-def numpy_list(text: str) -> list[Any] | None:
-    """Read a list NumPy prints without commas (str(ndarray), what pandas' to_csv writes for an array
-    column): ['a' 'b c' "it's"] -> ['a', 'b c', "it's"]. None when the text is not of that form.
-
-    Python's tokenizer splits the elements, so quotes, commas and spaces inside the strings are kept; a
-    numeric array ([1 2 3]) reads as numbers. Raises NumpyListError for a bracketed run of adjacent
-    literals that cannot be read back (e.g. an array NumPy shortened with "...").
-    """
-    try:
-        tokens = [t for t in tokenize.generate_tokens(io.StringIO(text.strip()).readline)
-                  if t.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.ENDMARKER, tokenize.INDENT,
-                                    tokenize.DEDENT)]
-    except (tokenize.TokenError, SyntaxError, IndentationError):
-        return None
-    if len(tokens) < 4 or tokens[0].string != "[" or tokens[-1].string != "]":
-        return None
-    inner = tokens[1:-1]
-    if any(t.string == "," for t in inner):
-        return None  # a list with commas is a Python literal, read elsewhere
-    values: list[Any] = []
-    for token in inner:
-        if token.type in (tokenize.STRING, tokenize.NUMBER):
-            values.append(ast.literal_eval(token.string))
-        elif sum(t.type == tokenize.STRING for t in inner) >= 2:  # adjacent strings: NumPy's spelling
-            raise NumpyListError(f"unexpected {token.string!r} between the elements")
-        else:
-            return None
-    return values if len(values) >= 2 else None
-
-
-def _literal(value: Any, column: str) -> Any:
-    """Decode a list or dict written as text (CSV cells): JSON, a Python literal (pandas' to_csv of a
-    list), or a NumPy-printed array (pandas' to_csv of an array column)."""
-    if not isinstance(value, str) or value.lstrip()[:1] not in ("[", "{"):
-        return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        pass
-    try:
-        numpy = numpy_list(value)
-    except NumpyListError as e:
-        raise Rejected(
-            "bad_options",
-            f"'{column}' looks like a NumPy array printed without commas (['a' 'b']) but cannot be read back "
-            f"({e}); write the list as JSON (df.to_json, or .tolist() before to_csv)",
-        ) from None
-    if numpy is not None:
-        return numpy
-    try:
-        return ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return value
-
-
-def _option_text(value: Any, name: str) -> str:
-    why = emptiness(value)
-    if why is not None:
-        raise Rejected("empty_option", f"{name} is {why}")
-    if isinstance(value, (dict, list)):
-        raise Rejected("bad_options", f"{name} is a {type(value).__name__}, not text")
-    return str(value).strip()
-
-
-def _options(values: list[Any], names: list[str] | None = None) -> list[str]:
-    """Option texts; repeats are allowed here (the caller rejects a row only when its gold text repeats)."""
-    n = len(values)
-    if n < 2:
-        raise Rejected("too_few_options", f"{n} option{'' if n == 1 else 's'} (need 2..{MAX_OPTIONS})")
-    if n > MAX_OPTIONS:
-        raise Rejected("too_many_options", f"{n} options (need 2..{MAX_OPTIONS})")
-    names = names or _OPTION_NAMES
-    options = [v.strip() if type(v) is str else _option_text(v, names[i]) for i, v in enumerate(values)]
-    if not all(options):
-        raise Rejected("empty_option", f"{names[options.index('')]} is blank")
-    return options
-
-
-def repeated_options(options: list[str], answer: int) -> str | None:
-    """None when every option is distinct; otherwise a note naming the repeats.
-
-    Raises Rejected("ambiguous_answer") when the gold option's text repeats: the answer then names two
-    options and cannot be scored.
-    """
-    if len(set(options)) == len(options):
-        return None
-    gold = options[answer]
-    same = [LETTERS[i] for i, text in enumerate(options) if text == gold]
-    if len(same) > 1:
-        raise Rejected("ambiguous_answer", f"the gold answer {gold!r} is options {', '.join(same)}")
-    counts = Counter(options)
-    return "repeated options: " + ", ".join(f"{text!r} x{n}" for text, n in counts.items() if n > 1)
-
-
-def _source_id(record: dict[str, Any], column: str) -> str:
-    value = record.get(column, ABSENT)
-    why = emptiness(value)
-    if why is not None:
-        raise Rejected("missing_id", f"'{column}' is {why}")
-    return str(value).strip()
-
-
-def _category(value: Any) -> str:
-    return "" if emptiness(value) is not None else str(value).strip()
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN and infinities become null: JSON has no spelling for them and DuckDB would refuse the text."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _metadata(record: dict[str, Any], used: Iterable[str]) -> str:
-    rest = {k: v for k, v in record.items() if k not in used}
-    if not rest:
-        return "{}"
-    return json.dumps(_json_safe(rest), ensure_ascii=False, sort_keys=True, default=str)
 
 
 def _generic_map(mapping: GenericMapping) -> Callable[[dict[str, Any]], Mapped]:

@@ -31,7 +31,7 @@ class TeacherRef:
 def _server_identity(cfg: RunConfig, store: Store, spec: dict[str, Any]) -> dict[str, Any]:
     """The served model's identity from the server; when it is down (after labeling, for training, validation
     and evaluation), the identity recorded with the latest teacher of the same spec and base_url."""
-    from kdflow.label.backends.openai import ServerUnreachable, server_identity
+    from kdflow.label.backends.openai.client import ServerUnreachable, server_identity
 
     try:
         return server_identity(cfg.teacher, max_retries=0)

@@ -107,26 +107,10 @@ def launch_training(
     if not examples:
         raise ValueError("no training examples; check the split fractions and the labeled questions")
     started = time.perf_counter()
-    out_dir = Path(out_dir).resolve()
-    run_dir = out_dir / "launch"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    device_type = next(model.parameters()).device.type
-    _save_model(model, tokenizer, run_dir / "model")
-    model.to("cpu")
-    _write_examples(examples, run_dir / "examples.parquet")
-    if val_examples:
-        _write_examples(list(val_examples)[: cfg.eval_questions], run_dir / "val.parquet")
-    spec = {
-        "training": cfg.model_dump(mode="json"),
-        "scoring": scoring.model_dump(mode="json"),
-        "out_dir": str(out_dir),
-        "resume": resume,
-        "merge_lora": merge_lora,
-        "device": device_type,
-    }
-    (run_dir / "spec.json").write_text(json.dumps(spec, indent=2), encoding="utf-8")
-
+    run_dir = _prepare_run_dir(
+        model, tokenizer, examples, val_examples, cfg, scoring, Path(out_dir).resolve(), resume=resume,
+        merge_lora=merge_lora,
+    )
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.num_processes}",
         "-m", "kdflow.train.launcher", str(run_dir),
@@ -159,6 +143,42 @@ def launch_training(
     result = _outcome(outcome, workers.returncode, run_dir / _LOG, time.perf_counter() - started)
     shutil.rmtree(run_dir, ignore_errors=True)
     return result
+
+
+def _prepare_run_dir(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Mapping[str, Any]],
+    val_examples: Sequence[Mapping[str, Any]] | None,
+    cfg: TrainingConfig,
+    scoring: ScoringConfig,
+    out_dir: Path,
+    *,
+    resume: bool,
+    merge_lora: bool,
+) -> Path:
+    """A fresh out_dir/launch folder holding what the workers read: the model (saved, then moved to the
+    CPU to free its device), the examples, at most cfg.eval_questions validation examples, and spec.json
+    (the settings and the model's device type)."""
+    run_dir = out_dir / "launch"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    device_type = next(model.parameters()).device.type
+    _save_model(model, tokenizer, run_dir / "model")
+    model.to("cpu")
+    _write_examples(examples, run_dir / "examples.parquet")
+    if val_examples:
+        _write_examples(list(val_examples)[: cfg.eval_questions], run_dir / "val.parquet")
+    spec = {
+        "training": cfg.model_dump(mode="json"),
+        "scoring": scoring.model_dump(mode="json"),
+        "out_dir": str(out_dir),
+        "resume": resume,
+        "merge_lora": merge_lora,
+        "device": device_type,
+    }
+    (run_dir / "spec.json").write_text(json.dumps(spec, indent=2), encoding="utf-8")
+    return run_dir
 
 
 @contextlib.contextmanager

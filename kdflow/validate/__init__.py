@@ -6,6 +6,7 @@ a pass/fail verdict that stops the pipeline on failure, and the teacher's fitted
 Tables: reads questions and soft_labels; writes validation_runs, validation_results, quarantine and
 teacher_calibrations (sql/validation.sql).
 
-Modules: validation (the checks and the quarantine), gate (the verdict, and checking a labeled sample
-before the rest is labeled), calibration (temperature scaling fitted on the validation split).
+Modules: checks (the table of checks and the columns they read), validation (running them through
+Great Expectations, the quarantine), gate (the verdict, and checking a labeled sample before the rest
+is labeled), calibration (temperature scaling fitted on the validation split).
 """

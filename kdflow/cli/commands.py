@@ -16,6 +16,11 @@ from typing import Annotated, Optional
 
 import typer
 
+from kdflow.cli.console import EXIT_INPUT, _console, _fail, _print_error
+from kdflow.cli.help import _Command, _Group
+from kdflow.cli.running import _run_flow
+
+
 class _Kdflow(typer.Typer):
     """The app; a user error that escapes a command (a database another process holds too long, ...) ends
     as its one-line message and exit 2, like the errors the commands catch themselves."""
@@ -43,8 +48,6 @@ SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", "-s", metavar="KEY=VALUE", help="override a config key: --set training.epochs=2 (repeatable)"),
 ]
-EXIT_INPUT = 2
-EXIT_GATE = 3
 
 
 @app.callback()
@@ -62,23 +65,6 @@ def _offline_defaults() -> None:
     logging.getLogger("kdflow").setLevel(logging.INFO)
 
 
-def _print_error(message: str, code: int) -> int:
-    from rich.console import Console
-
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
-    return code
-
-
-def _notice(message: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True, soft_wrap=True).print(f"[bold yellow]waiting:[/] {message}", highlight=False)
-
-
-def _fail(message: str, code: int = EXIT_INPUT) -> typer.Exit:
-    return typer.Exit(_print_error(message, code))
-
-
 def _load(config: Path | None, overrides: list[str] | None):
     from kdflow.config import ConfigError, load_config
 
@@ -86,12 +72,6 @@ def _load(config: Path | None, overrides: list[str] | None):
         return load_config(config, overrides or [])
     except ConfigError as e:
         raise _fail(str(e)) from None
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(highlight=False)
 
 
 @app.command()
@@ -160,94 +140,6 @@ def runs(
     except StoreError as e:
         raise _fail(str(e)) from None
     print_runs(_console(), store, limit)
-
-
-class _NoUserErrorTraceback(logging.Filter):
-    """Prefect logs an exception leaving a task four times (task failed, task state, flow failed, flow state),
-    each with its repr and the first two with a traceback. A KdflowError is an expected outcome (a failed
-    gate, bad input) whose message says it all: it is logged once, as its message without a traceback; the
-    flow's repeat is dropped and the "Finished in state Failed(...)" lines only name the error."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: dict[str, str] = {}  # first line of each logged message -> its exception type
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from kdflow.errors import KdflowError
-
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, KdflowError):
-            record.exc_info, record.exc_text = None, None
-            key = str(exc).split("\n", 1)[0]
-            if key in self.seen:
-                return False
-            self.seen[key] = type(exc).__name__
-            record.msg, record.args = "%s: %s", (type(exc).__name__, exc)
-            return True
-        message = record.getMessage()
-        if message.startswith("Finished in state "):
-            for key, name in self.seen.items():
-                if key in message:
-                    record.msg, record.args = "%s (%s, logged above)", (message.split("(", 1)[0], name)
-        return True
-
-
-_USER_ERROR_FILTER = _NoUserErrorTraceback()
-
-
-def _without_tracebacks_for_user_errors() -> None:
-    _USER_ERROR_FILTER.seen.clear()  # once per run, not once per process
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logger = logging.getLogger(name)
-        if _USER_ERROR_FILTER not in logger.filters:
-            logger.addFilter(_USER_ERROR_FILTER)
-def _own_prefect_home(home: Path) -> None:
-    """Without a Prefect server every run starts a temporary one on $PREFECT_HOME/prefect.db (SQLite); two
-    runs at once on one machine would share ~/.prefect's file and can fail with "database is locked". Each
-    KDFLOW_HOME gets its own PREFECT_HOME (the user's profiles are still read); runs on one home are
-    queued by the home lock before their temporary servers start (see `_run_flow`)."""
-    if os.environ.get("PREFECT_API_URL") or os.environ.get("PREFECT_HOME") or "prefect" in sys.modules:
-        return
-    os.environ.setdefault("PREFECT_PROFILES_PATH", str(Path.home() / ".prefect" / "profiles.toml"))
-    prefect_home = Path(home).resolve() / "prefect"
-    prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level (and warns)
-    os.environ["PREFECT_HOME"] = str(prefect_home)
-
-
-def _run_flow(flow_name: str, cfg, **kwargs):
-    """Run a flow with Prefect's offline defaults; user errors become messages and exit codes."""
-    from contextlib import nullcontext
-
-    from kdflow.errors import GateFailed, KdflowError, TransientError
-    from kdflow.homelock import home_lock
-
-    _own_prefect_home(cfg.home_dir)
-    from prefect.settings import get_current_settings
-
-    # With a server, the flow queues on the server's limit first, then on the home lock; without one the
-    # flow takes the home lock itself, and taking it here already (re-entered by the flow) keeps a queued
-    # run from starting a temporary Prefect server on the same PREFECT_HOME as the run it waits for.
-    queued = nullcontext() if get_current_settings().api.url else home_lock(cfg.home_dir, on_wait=_notice)
-    if flow_name == "distill":
-        from kdflow.flows.distill import distill as flow_fn
-    elif flow_name == "sweep":
-        from kdflow.flows.sweep import sweep as flow_fn
-    else:
-        from kdflow.flows.stages import STAGE_FLOWS
-
-        flow_fn = STAGE_FLOWS[flow_name]
-    _without_tracebacks_for_user_errors()
-    try:
-        with queued:
-            return flow_fn(cfg, **kwargs)
-    except GateFailed as e:
-        raise _fail(str(e), EXIT_GATE) from None
-    except (KdflowError, LookupError) as e:
-        raise _fail(str(e)) from None
-    except TransientError as e:
-        raise _fail(f"{e}; committed work is kept and a re-run resumes from it", 1) from None
-    except KeyboardInterrupt:
-        raise _fail("cancelled: the run is marked cancelled; committed work is kept and reused", 130) from None
 
 
 @app.command()
@@ -491,28 +383,6 @@ def ui(
     console.print(f"to send runs to it: export PREFECT_API_URL={url}", soft_wrap=True)
 
 
-class _PlainHelp:
-    """Help screens without typer's type labels where they tell a user nothing: a flag takes no value
-    (typer showed `--help <bool>`), and an argument's metavar already says what it takes (`<list[str]>`)."""
-
-    def get_params(self, ctx):
-        params = super().get_params(ctx)
-        for param in params:
-            if isinstance(param, typer.core.TyperArgument) and param.metavar:
-                param.display_type_rich = lambda ctx: None
-            elif getattr(param, "is_flag", False) and param.metavar is None:
-                param.metavar = ""
-        return params
-
-
-class _Command(_PlainHelp, typer.core.TyperCommand):
-    pass
-
-
-class _Group(_PlainHelp, typer.core.TyperGroup):
-    pass
-
-
 app.info.cls = _Group
 for _info in app.registered_commands:
     if _info.cls in (None, typer.core.TyperCommand):
@@ -521,7 +391,3 @@ for _info in app.registered_commands:
 
 def main() -> None:
     app(prog_name="kdflow")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

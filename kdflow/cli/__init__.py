@@ -1,0 +1,11 @@
+"""The `kdflow` command line (typer): `app` and `main`, from kdflow.cli.commands.
+
+Modules: commands (the app and one function per command), console (messages, errors and exit codes),
+running (a pipeline flow run under Prefect from the command line), help (plainer help screens).
+"""
+
+from __future__ import annotations
+
+from kdflow.cli.commands import app, main
+
+__all__ = ["app", "main"]

@@ -1,0 +1,146 @@
+"""Reading a run configuration: a YAML file (default: configs/demo.yaml) plus `--set key.sub=value`
+overrides, validated into a RunConfig. Errors name where the value came from (the --set, or file:line),
+the key and what is wrong, and suggest the closest key for a misspelt one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, get_args
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from kdflow.config.base import ConfigError
+from kdflow.config.run import RunConfig
+
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+
+
+def _parse_value(text: str) -> Any:
+    """Override values are YAML scalars or flow collections (`3`, `true`, `[a, b]`, `null`); anything
+    else, such as a prompt template containing ': ', stays the text it was."""
+    if not text.strip():
+        return ""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, (dict, list)) and not text.lstrip().startswith(("[", "{")):
+        return text
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` overrides to raw config data (before validation)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r} is not of the form key.sub=value")
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return data
+
+
+def _key_lines(node: yaml.Node | None, prefix: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
+    """{key path: 1-based line} of every key and list item in a composed YAML document."""
+    lines: dict[tuple[Any, ...], int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = (*prefix, key_node.value)
+            lines[path] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines[(*prefix, index)] = item.start_mark.line + 1
+            lines.update(_key_lines(item, (*prefix, index)))
+    return lines
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The config section (pydantic model) a location path points into, or None past the models."""
+    model: Any = RunConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        candidates = [field.annotation, *get_args(field.annotation)]
+        candidates += [arg for c in candidates for arg in get_args(c)]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _suggestion(loc: tuple[Any, ...]) -> str:
+    """'; did you mean a.b?' for a misspelt key, from the keys its section does have (difflib)."""
+    section = _model_at(loc[:-1])
+    if section is None or not isinstance(loc[-1], str):
+        return ""
+    close = difflib.get_close_matches(loc[-1], list(section.model_fields), n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f"; did you mean {'.'.join(str(p) for p in (*loc[:-1], close[0]))}?"
+
+
+def _value_origin(loc: tuple[Any, ...], overrides: list[str], lines: dict[tuple[Any, ...], int], path: str) -> str:
+    """Where a value at `loc` came from: the last --set that wrote it or a section holding it, else the
+    file line of the deepest key given there, else the file (a default value)."""
+    for item in reversed(overrides):
+        keys = tuple(item.partition("=")[0].strip().split("."))
+        named = tuple(p for p in loc if not isinstance(p, int))
+        if named[: len(keys)] == keys or keys[: len(named)] == named:
+            return f"--set {item}"
+    for depth in range(len(loc), 0, -1):
+        if loc[:depth] in lines:
+            return f"{path}:{lines[loc[:depth]]}"
+    return path
+
+
+def _format_errors(error: ValidationError, path: str, overrides: list[str] | None = None,
+                   lines: dict[tuple[Any, ...], int] | None = None) -> str:
+    """One line per problem: origin (`--set key=value`, file:line or the file), key, what is wrong."""
+    problems = []
+    for err in error.errors():
+        loc = tuple(err["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        origin = _value_origin(loc, overrides or [], lines or {}, path)
+        if err["type"] == "extra_forbidden":
+            problems.append(f"  - {origin}: {where}: unknown key{_suggestion(loc)} (see README 'Configuration')")
+        else:
+            problems.append(f"  - {origin}: {where}: {err['msg']}")
+    return "\n".join(["invalid configuration:", *problems])
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (default: configs/demo.yaml), apply overrides and validate it."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
+    try:
+        data = yaml.safe_load(text) or {}
+        lines = _key_lines(yaml.compose(text))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        raise ConfigError(f"config file {where}: not valid YAML: {what}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, str(path), overrides, lines)) from e

@@ -1,0 +1,95 @@
+"""RunConfig, everything one run needs (every section together, its home folder and content digests), and
+the `sweep` section beside it, whose checks are handed RunConfig itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from kdflow.config.base import Strict
+from kdflow.config.data import DataConfig
+from kdflow.config.models import StudentConfig, TeacherConfig
+from kdflow.config.stages import EvaluationConfig, OrchestrationConfig, ScoringConfig, TrainingConfig, ValidationConfig
+from kdflow.sweep.axes import check_sweep_section
+
+
+class EnsembleConfig(Strict):
+    """A teacher made of the sweep's teachers: their validated labels combined per question."""
+
+    enabled: bool = Field(False, description="also label with the ensemble of sweep.teachers and distil from it")
+    method: Literal["mean", "geometric"] = Field(
+        "mean", description="mean: weighted mean of the probabilities; geometric: weighted mean of the "
+        "log-probabilities, renormalised over the options"
+    )
+    weights: list[float] | None = Field(
+        None, description="one positive weight per entry of sweep.teachers, in order (default: equal)"
+    )
+
+
+class SweepConfig(Strict):
+    """`kdflow sweep`: many students from the same teacher labels, and several teachers, in one report.
+
+    `training` and `student` mirror those sections, each setting given as a list of values; the grid is
+    their cartesian product, e.g. `training: {alpha: [0.3, 0.7], temperature: [1, 2]}` or
+    `student: {architecture: {hidden_size: [16, 32]}, lora: {r: [4, 8]}}`.
+    """
+
+    training: dict[str, Any] = Field(default_factory=dict, description="training setting -> list of values")
+    student: dict[str, Any] = Field(default_factory=dict, description="student setting (nested) -> list of values")
+    teachers: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="teachers to label with, each `name` plus `teacher` settings that replace the base "
+        "teacher's (default: the `teacher` section alone)",
+    )
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+    baseline: bool = Field(True, description="add the hard-label student (alpha = 1, CE only) once per student setting")
+    latency_budget_ms: float | None = Field(
+        None, gt=0, description="the report's recommendation: the most accurate student at or under this latency"
+    )
+    significance: float = Field(0.05, gt=0, lt=1, description="family-wise level of the pairwise McNemar tests (Holm)")
+
+    @model_validator(mode="after")
+    def _known_paths(self) -> SweepConfig:
+        check_sweep_section(self, RunConfig, TeacherConfig)
+        return self
+
+
+class RunConfig(Strict):
+    """Everything one distillation run needs."""
+
+    name: str = Field("demo", description="run name, shown in the Prefect UI and reports")
+    home: str | None = Field(None, description="KDFLOW_HOME: database, models, reports (default: $KDFLOW_HOME or ./.kdflow)")
+    data: DataConfig = Field(default_factory=DataConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig, description="`kdflow sweep` only: the grid and teachers")
+
+    @model_validator(mode="after")
+    def _letter_needs_thinking_off(self) -> RunConfig:
+        if self.scoring.mode == "letter" and self.teacher.enable_thinking:
+            raise ValueError(
+                "teacher.enable_thinking: true cannot be used with scoring.mode: letter: letter scoring reads the "
+                "first token the model generates, which would be '<think>', not an option letter; set "
+                "teacher.enable_thinking: false or use scoring.mode: cloze"
+            )
+        return self
+
+    @property
+    def home_dir(self) -> Path:
+        return Path(self.home or os.environ.get("KDFLOW_HOME") or ".kdflow").expanduser().resolve()
+
+    def digest(self, *parts: str) -> str:
+        """A short content hash of the whole config, or of the named top-level sections only."""
+        data = self.model_dump(mode="json", include=set(parts) if parts else None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

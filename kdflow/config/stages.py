@@ -1,0 +1,142 @@
+"""The settings of the pipeline's stages: `scoring` (prompt rendering and how options are scored, for
+every backend), `training` (the KD loss, optimiser and schedule), `validation` (the data-quality gate's
+thresholds), `evaluation` (test accuracy, latency timing, the cascade) and `orchestration` (task runner,
+shards, retries).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from kdflow.config.base import OnOffAuto, Strict
+
+
+class ScoringConfig(Strict):
+    """How a model's opinion about the options is read out: one renderer and one scoring rule for every backend."""
+
+    mode: Literal["letter", "cloze"] = Field("letter", description="letter: one pass, option letters; cloze: option texts")
+    letter_template: str = Field(
+        "{description}{question}\n{options}\nAnswer:",
+        description="letter prompt; {options} renders as 'A. text' lines (lm-evaluation-harness MMLU style)",
+    )
+    description: str = Field(
+        "The following are multiple choice questions (with answers) about {category}.\n\n",
+        description="prefix of the letter prompt; empty string to drop it",
+    )
+    cloze_template: str = Field("Question: {question}\nAnswer:", description="context before each option text")
+    length_normalise: bool = Field(
+        True,
+        description="cloze: also predict by log-likelihood per character (lm-evaluation-harness acc_norm), "
+        "reported next to plain accuracy; soft labels always come from the summed log-likelihoods",
+    )
+    chat_template: OnOffAuto = Field(
+        "auto",
+        description="letter mode, every backend: wrap the prompt in the model's chat template (auto: when its "
+        "tokenizer or server has one); thinking is always off; cloze scores plain text",
+    )
+    system_prompt: str | None = Field(
+        None,
+        description="letter mode with a chat template: a system message before the question (None: none is "
+        "sent, so a template that writes a default system prompt, as SmolLM2's does, still writes it)",
+    )
+    letter_forms: Literal["natural", "sum"] = Field(
+        "natural",
+        description="letter mode: natural scores the token the tokenizer produces for the answer letter right "
+        "after the prompt (' A' after 'Answer:', 'A' starting a chat answer); sum adds the other form's "
+        "probability too",
+    )
+    max_length: int = Field(
+        1024,
+        ge=16,
+        description="tokens per scored row; a longer prompt keeps its BOS, chat frame, option lines and answer "
+        "cue and loses the middle of its question text (counted and reported per labeling run)",
+    )
+
+
+class TrainingConfig(Strict):
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of CE on the gold answer; 1 - alpha weighs the KD term")
+    temperature: float = Field(1.0, gt=0, description="softening temperature T (the KD term is scaled by T^2)")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="interpolation of the generalised JSD")
+    soft_labels: Literal["calibrated", "raw"] = Field(
+        "calibrated", description="KD targets: the teacher's probabilities after the temperature fitted on the "
+        "validation split (calibrated), or as labeled (raw); raw when there is no validation split",
+    )
+    hard_label_baseline: bool = Field(True, description="also train the alpha=1 ablation at the same step budget")
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    batch_size: int = Field(32, ge=1, description="global micro-batch: split across training processes")
+    grad_accum: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="share of the steps spent warming the lr up from 0")
+    lr_schedule: Literal["cosine", "linear", "constant_with_warmup"] = Field(
+        "cosine", description="learning-rate decay after the warm-up (transformers' get_scheduler): cosine or linear "
+        "to 0 at the last step, or constant",
+    )
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+    eval_every: int = Field(200, ge=1, description="validation-split accuracy every N optimizer steps")
+    eval_questions: int = Field(1000, ge=1, description="validation questions used for each periodic check")
+    early_stopping_patience: int | None = Field(None, ge=1, description="stop after N checks without improvement")
+    checkpoint_every: int = Field(500, ge=1)
+    num_processes: int = Field(1, ge=1, description="> 1 launches DDP/FSDP through accelerate")
+    fsdp: bool = False
+
+
+class ValidationConfig(Strict):
+    prob_sum_tolerance: float = Field(1e-4, gt=0)
+    confidence_tolerance: float = Field(1e-6, gt=0)
+    min_coverage: float = Field(0.5, ge=0, le=1, description="coverage floor for a row")
+    min_coverage_share: float = Field(0.95, ge=0, le=1, description="share of rows that must reach min_coverage")
+    max_position_share_excess: float = Field(
+        0.15, ge=0, le=1, description="a predicted position may exceed its gold share by at most this much"
+    )
+    min_teacher_accuracy: float | None = Field(
+        None, ge=0, le=1, description="default: halfway from chance to 1, on the labeled rows of accuracy_splits"
+    )
+    accuracy_splits: list[Literal["train", "val", "test"]] = Field(
+        default_factory=lambda: ["val"], min_length=1,
+        description="splits the teacher-accuracy floor is measured on; a prepared teacher is fine-tuned on train, "
+        "so train would flatter it",
+    )
+    sample_questions: int = Field(
+        300, ge=0, description="label this many questions first (validation split first) and stop before "
+        "labeling the rest if the gate's dataset checks fail on them; 0 labels everything first",
+    )
+    min_entropy_ratio: float = Field(0.02, ge=0, le=1, description="mean entropy / max entropy must exceed this")
+    max_entropy_ratio: float = Field(0.98, ge=0, le=1, description="... and stay below this")
+    max_quarantine_share: float = Field(0.05, ge=0, le=1, description="more quarantined rows than this fails the gate")
+
+
+class EvaluationConfig(Strict):
+    batch_size: int = Field(64, ge=1)
+    max_questions: int | None = Field(
+        None, ge=1, description="cap on test questions, and on the validation questions tau is chosen on (default: all)"
+    )
+    latency_questions: int = Field(
+        1000, ge=1, description="at most this many timed rounds; a round times teacher and student on one question "
+        "(the precision stop and latency_budget_s usually end timing sooner)",
+    )
+    latency_warmup: int = Field(8, ge=0, description="untimed rounds first (caches, lazy initialisation)")
+    latency_min_rounds: int = Field(16, ge=1, description="timed rounds before the precision stop may end timing")
+    latency_target_rel_ci: float = Field(
+        0.05, gt=0, description="stop timing once the speed-up's 95% interval is within +- this share of it"
+    )
+    latency_budget_s: float = Field(
+        120.0, gt=0, description="wall-clock cap on all timing rounds together; timing stops when it is spent"
+    )
+    ece_bins: int = Field(15, ge=2)
+    cascade_target_gap: float = Field(
+        0.01, ge=0, le=1, description="pick the cheapest tau within this of the teacher, on the validation split"
+    )
+
+
+class OrchestrationConfig(Strict):
+    task_runner: Literal["threads", "dask", "ray"] = "threads"
+    address: str | None = Field(None, description="scheduler address for dask/ray (default: a local cluster)")
+    n_workers: int = Field(1, ge=1)
+    shard_size: int = Field(5000, ge=1, description="questions per labeling shard")
+    retries: int = Field(2, ge=0, description="retries of transient failures (backends, file systems)")
