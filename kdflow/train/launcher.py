@@ -40,7 +40,7 @@ from transformers import PreTrainedTokenizerBase
 from kdflow.config import ScoringConfig, TrainingConfig
 from kdflow.errors import KdflowError, TransientError
 from kdflow.train.checkpoints import CheckpointError, trainable_state
-from kdflow.train.distributed import join, launched_world_size, transformers_model
+from kdflow.train.distributed import launched_world_size, transformers_model
 from kdflow.train.recipe import (
     TrainingCancelled,
     TrainingDiverged,
