@@ -27,7 +27,8 @@ from rich.table import Table
 from kdflow.evaluate import metrics
 from kdflow.config import RunConfig
 from kdflow.errors import KdflowError
-from kdflow.report.run_report import TEMPLATES, page_img, page_table
+from kdflow.report.formatting import page_img, page_table
+from kdflow.report.run_report import TEMPLATES
 from kdflow.store import Store
 from kdflow.evaluate.significance import mcnemar_exact
 from kdflow.sweep.grid import best_under_budget, holm, pareto_front
