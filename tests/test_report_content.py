@@ -186,7 +186,7 @@ def test_gain_recovered_and_paired_tests_against_the_untrained_student():
     teacher = {q: i < 30 for i, q in enumerate(ids)}
     student = {q: i < 20 for i, q in enumerate(ids)}
     hard = {q: i < 19 or i == 39 for i, q in enumerate(ids)}
-    untrained = {q: i % 4 == 0 for i, q in enumerate(ids)}
+    untrained = {q: i == 39 for i, q in enumerate(ids)}
     rows = [{"model_role": r, "question_id": q, "correct": c[q]}
             for r, c in (("teacher", teacher), ("student", student), ("student_hard", hard),
                          ("student_init", untrained)) for q in ids]
@@ -200,7 +200,8 @@ def test_gain_recovered_and_paired_tests_against_the_untrained_student():
     text = significance_sentence(list(found.values()))
     assert text.startswith("Not significant at the 5% level") and "student (distilled) vs student (hard labels only)" in text
     significant = text[text.index("Significant: "):]
-    assert "student (distilled) vs teacher (-25.0 pts, p = 0.002)" in significant
+    assert "student (distilled) vs teacher (-25.0 pts, p = 0.00195)" in significant
+    assert "vs student (untrained: before training) (+47.5 pts, p < 0.0001)" in significant
     assert "recovers 50.0% of the teacher's advantage" in gain_sentence(0.4, 0.3, 0.5)
     assert "worse than before training" in gain_sentence(0.2, 0.3, 0.5)
 

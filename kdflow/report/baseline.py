@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from kdflow.evaluate.significance import mcnemar_exact
-from kdflow.report.formatting import pct, pts, role
+from kdflow.report.formatting import p_value, pct, pts, role
 
 UNTRAINED = "student_init"
 # Two-sided level at which a paired difference is called significant (each comparison on its own).
@@ -55,10 +55,10 @@ class Comparison:
         return f"{role(self.first)} vs {role(self.second)}"
 
     def sentence(self) -> str:
-        """'student (distilled) vs teacher: -3.0 pts, p = 0.41 (exact McNemar, 200 paired questions): not
+        """'student (distilled) vs teacher: -3.0 pts, p = 0.412 (exact McNemar, 200 paired questions): not
         significant at the 5% level'."""
         verdict = "significant" if self.significant else "not significant"
-        return (f"{self.label}: {pts(self.difference)}, p = {self.p_value:.3g} (exact McNemar, {self.n:,} paired "
+        return (f"{self.label}: {pts(self.difference)}, {p_value(self.p_value)} (exact McNemar, {self.n:,} paired "
                 f"questions): {verdict} at the {SIGNIFICANCE_LEVEL:.0%} level")
 
 
@@ -125,9 +125,9 @@ def significance_sentence(comparisons: Sequence[Comparison]) -> str:
     parts = []
     if unclear:
         parts.append("Not significant at the 5% level (the test split cannot tell these apart): "
-                     + "; ".join(f"{c.label} ({pts(c.difference)}, p = {c.p_value:.2g})" for c in unclear) + ".")
+                     + "; ".join(f"{c.label} ({pts(c.difference)}, {p_value(c.p_value)})" for c in unclear) + ".")
     if clear:
-        parts.append("Significant: " + "; ".join(f"{c.label} ({pts(c.difference)}, p = {c.p_value:.2g})"
+        parts.append("Significant: " + "; ".join(f"{c.label} ({pts(c.difference)}, {p_value(c.p_value)})"
                                                   for c in clear) + ".")
     return " ".join(parts) + (" Exact McNemar tests on the same questions, each at the 5% level without "
                               "adjustment for the number of comparisons.")

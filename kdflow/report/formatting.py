@@ -90,6 +90,11 @@ def accuracy_with_ci(accuracy: float | None, n: float | None, lo: float | None, 
     return f"{pct(accuracy)} ({round(accuracy * n):,}/{int(n):,}; {ci(lo, hi)})"
 
 
+def p_value(p: float) -> str:
+    """'p = 0.0504' (three significant digits, so 0.0504 does not read as 0.05), 'p < 0.0001' below that."""
+    return "p < 0.0001" if p < 1e-4 else f"p = {p:.3g}"
+
+
 def plain(text: str) -> str:
     """Text matplotlib shows as written: a '$' would otherwise start mathtext."""
     return str(text).replace("$", r"\$")

@@ -18,6 +18,7 @@ from kdflow.report.formatting import (
     ms,
     ms_iqr,
     num,
+    p_value,
     params,
     pct,
     pts,
@@ -70,7 +71,7 @@ COMPARISON_COLUMNS: list[Column] = [
     ("first − second", lambda c: pts(c.difference)),
     ("only first right", lambda c: f"{c.only_first:,}"),
     ("only second right", lambda c: f"{c.only_second:,}"),
-    ("p (exact McNemar)", lambda c: f"{c.p_value:.3g}"),
+    ("p (exact McNemar)", lambda c: p_value(c.p_value).removeprefix("p = ").removeprefix("p ")),
     ("at the 5% level", lambda c: "significant" if c.significant else "not significant"),
 ]
 CATEGORY_COLUMNS: list[Column] = [
