@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kdflow.report.data import Summary
 from kdflow.report.formatting import (
     Column,
     Row,
@@ -165,8 +166,8 @@ def calibration_sentence(teacher: Row) -> str:
     )
 
 
-def cascade_sentence(spec: Mapping[str, Any], summary: Any) -> str:
-    """What the chosen threshold does on the test split; `summary` is the report's Summary."""
+def cascade_sentence(spec: Mapping[str, Any], summary: Summary) -> str:
+    """What the chosen threshold does on the test split."""
     gap = pts(spec["evaluation"]["cascade_target_gap"]).lstrip("+")
     chosen = spec.get("cascade") or {}
     if summary.cascade_tau is None:
