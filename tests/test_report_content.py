@@ -154,6 +154,10 @@ def test_many_categories_are_a_sorted_dot_plot_with_intervals_few_are_bars():
     assert len(labels) == 57 and all(label.endswith("(20)") for label in labels)
     # Sorted by student - teacher, which grows with i here: the largest difference at the bottom.
     assert labels[0] == "subject_56 (20)" and labels[-1] == "subject_00 (20)"
+    fig.canvas.draw()
+    for text in (ax.xaxis.label, *ax.get_yticklabels()):  # nothing cut off at the figure's edges
+        box = text.get_window_extent(fig.canvas.get_renderer())
+        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1, text.get_text()
     few = plots.category_figure(_category_rows(5)).axes[0]
     assert sum(isinstance(c, BarContainer) for c in few.containers) == 2
 

@@ -101,8 +101,8 @@ def _category_dots(rows: Sequence[Row]) -> Any:
     ax.set_yticks(range(len(order)), [plain(f"{c} ({int(n[c]) if n[c] is not None else '?'})") for c in order],
                   fontsize="small")
     ax.set(xlim=(0, 1), ylim=(-0.7, len(order) - 0.3),
-           xlabel="accuracy with 95% Wilson interval; categories sorted by student − teacher, student furthest "
-                  "behind at the top")
+           xlabel="accuracy with 95% Wilson interval\n"
+                  "categories sorted by student − teacher: the student furthest behind at the top")
     ax.grid(axis="x", alpha=0.3)
     _legend_right(ax)
     return fig
