@@ -168,7 +168,7 @@ def test_many_categories_are_a_sorted_dot_plot_with_intervals_few_are_bars():
 def test_cascade_axis_fits_the_points_and_marks_student_and_teacher_alone():
     points = [{"tau": t, "accuracy": 0.5 + 0.2 * t, "share_to_teacher": t, "latency_ms": 1.5 + 1.5 * t,
                "pareto": True, "chosen": t == 0.5} for t in (0.0, 0.25, 0.5, 0.75, 1.0)]
-    models = [{"model_role": "teacher", "accuracy": 0.72, "latency_ms_median": 1.5},
+    models = [{"model_role": "teacher", "accuracy": 0.72, "latency_ms_median": 2.9},
               {"model_role": "student", "accuracy": 0.5, "latency_ms_median": 1.5 / 2}]
     ax = plots.cascade_figure(points, models).axes[0]
     lo, hi = ax.get_xlim()
@@ -176,6 +176,11 @@ def test_cascade_axis_fits_the_points_and_marks_student_and_teacher_alone():
     labels = ax.get_legend_handles_labels()[1]
     assert "student alone" in labels and "teacher alone" in labels
     assert {t.get_text() for t in ax.texts} == {"student alone", "teacher alone"}
+    fig = ax.figure
+    fig.canvas.draw()
+    for text in ax.texts:  # labels stay inside the axes, clear of the legend beside it
+        assert ax.get_window_extent().contains(*text.get_window_extent().p0), text.get_text()
+        assert ax.get_window_extent().contains(*text.get_window_extent().p1), text.get_text()
     student_alone = next(line for line in ax.get_lines() if line.get_label() == "student alone")
     assert list(student_alone.get_xdata()) == [0.75] and list(student_alone.get_ydata()) == [0.5]
 

@@ -140,14 +140,18 @@ def cascade_figure(points: Sequence[Row], models: Sequence[Row]) -> Any | None:
     for p in (p for p in points if p["chosen"]):
         ax.plot(p["latency_ms"], p["accuracy"], marker="*", markersize=16, color="tab:red", linestyle="none",
                 label=f"chosen tau = {p['tau']:.3f}")
-    for name, marker, colour in (("student", "s", "tab:purple"), ("teacher", "D", "tab:green")):
+    # The student alone is the leftmost, usually lowest point (every cascade runs it): its label goes up and
+    # right. The teacher alone is usually the highest and can sit near the right edge (the all-to-teacher
+    # cascade costs only the student's time more): its label goes down and left.
+    for name, marker, colour, side in (("student", "s", "tab:purple", 1), ("teacher", "D", "tab:green", -1)):
         m = next((m for m in models if m["model_role"] == name), {})
         if m.get("latency_ms_median") is not None and m.get("accuracy") is not None:
             label = f"{name} alone"
             ax.plot(m["latency_ms_median"], m["accuracy"], marker=marker, markersize=8, color=colour,
                     linestyle="none", label=label)
             ax.annotate(label, (m["latency_ms_median"], m["accuracy"]), textcoords="offset points",
-                        xytext=(6, 6), fontsize="small", color=colour)
+                        xytext=(6 * side, 6 * side), ha="left" if side > 0 else "right",
+                        va="bottom" if side > 0 else "top", fontsize="small", color=colour)
             xs.append(m["latency_ms_median"])
     lo, hi = min(xs), max(xs)
     pad = X_PAD * (hi - lo) if hi > lo else 0.05 * max(abs(hi), 1e-3)
