@@ -81,8 +81,8 @@ def print_summary(console: Console, summary: Summary) -> None:
                   pct(gain_recovered(summary.cascade_accuracy, untrained, teacher)))
     table.add_row("latency (median, batch 1)", ms(summary.teacher_latency_ms), "–", ms(summary.student_latency_ms),
                   ms(summary.cascade_latency_ms))
-    table.add_row("speed-up (95% CI)", "1.00x", "–", times_ci(summary.speedup, summary.speedup_lo, summary.speedup_hi),
-                  times(summary.cascade_speedup))
+    speedup = times_ci(summary.speedup, summary.speedup_lo, summary.speedup_hi)
+    table.add_row("speed-up (95% CI)", "1.00x", "–", speedup, times(summary.cascade_speedup))
     table.add_row("sent to teacher", "100.0%", "–", "0.0%", pct(summary.cascade_share_to_teacher))
     console.print(table)
     tau = ("none chosen" if summary.cascade_tau is None
