@@ -2,8 +2,8 @@
 -- Metric names are those kdflow/evaluate/evaluation.py writes (long format: one row per model, category, name).
 
 -- name: report_evaluation
--- The run's latest evaluation, with the run's name and status.
-SELECT e.eval_id, e.spec, e.created_at, r.name AS run_name, r.status AS run_status
+-- The run's latest evaluation, with the run's name, status and config (the loss weights of its students).
+SELECT e.eval_id, e.spec, e.created_at, r.name AS run_name, r.status AS run_status, r.config_json AS run_config
 FROM evaluations e
 LEFT JOIN runs r ON r.run_id = e.run_id
 WHERE e.run_id = $run_id
@@ -74,19 +74,26 @@ FROM overall o CROSS JOIN teacher t
 ORDER BY o.model_role = 'student', o.model_role;
 
 -- name: category_table
--- Per category: questions, teacher and distilled-student accuracy, and the gap (teacher - student).
+-- Per category: questions, teacher and distilled-student accuracy with their 95% Wilson intervals, and the
+-- signed difference student - teacher (negative: the student is worse). Largest categories first, so the
+-- +-100-point differences of categories with one or two questions do not lead the table.
 WITH acc AS (
     SELECT category,
-           max(value) FILTER (WHERE model_role = 'teacher' AND name = 'n')        AS n,
-           max(value) FILTER (WHERE model_role = 'teacher' AND name = 'accuracy') AS teacher_accuracy,
-           max(value) FILTER (WHERE model_role = 'student' AND name = 'accuracy') AS student_accuracy
+           max(value) FILTER (WHERE model_role = 'teacher' AND name = 'n')           AS n,
+           max(value) FILTER (WHERE model_role = 'teacher' AND name = 'accuracy')    AS teacher_accuracy,
+           max(value) FILTER (WHERE model_role = 'teacher' AND name = 'accuracy_lo') AS teacher_lo,
+           max(value) FILTER (WHERE model_role = 'teacher' AND name = 'accuracy_hi') AS teacher_hi,
+           max(value) FILTER (WHERE model_role = 'student' AND name = 'accuracy')    AS student_accuracy,
+           max(value) FILTER (WHERE model_role = 'student' AND name = 'accuracy_lo') AS student_lo,
+           max(value) FILTER (WHERE model_role = 'student' AND name = 'accuracy_hi') AS student_hi
     FROM metrics
     WHERE eval_id = $eval_id AND category <> '*'
     GROUP BY category
 )
-SELECT category, n, teacher_accuracy, student_accuracy, teacher_accuracy - student_accuracy AS gap
+SELECT category, n, teacher_accuracy, teacher_lo, teacher_hi, student_accuracy, student_lo, student_hi,
+       student_accuracy - teacher_accuracy AS student_minus_teacher
 FROM acc
-ORDER BY gap DESC NULLS LAST, category;
+ORDER BY n DESC NULLS LAST, category;
 
 -- name: category_accuracy
 -- Accuracy with its 95% interval per model and category (the per-category plot).
@@ -119,3 +126,10 @@ FROM evaluation_models em
 JOIN training_metrics t ON t.model_id = em.model_id
 WHERE em.eval_id = $eval_id
 ORDER BY em.model_role, t.step;
+
+-- name: paired_correct
+-- Whether each model answered each test question correctly, for paired tests between models (McNemar).
+SELECT model_role, question_id, correct
+FROM predictions
+WHERE eval_id = $eval_id
+ORDER BY model_role, question_id;

@@ -20,15 +20,9 @@ import torch
 
 from kdflow.label.backends.hf import HFBackend
 from kdflow.config import EvaluationConfig, RunConfig, ScoringConfig
-from kdflow.evaluate.evaluation import (
-    CascadeChoice,
-    EvaluationError,
-    ModelResult,
-    cascade_rows,
-    choose_cascade_tau,
-    evaluate,
-    time_interleaved,
-)
+from kdflow.evaluate.evaluation import EvaluationError, evaluate
+from kdflow.evaluate.rows import CascadeChoice, ModelResult, cascade_rows, choose_cascade_tau
+from kdflow.evaluate.timing import time_interleaved
 from kdflow.evaluate.metrics import expected_calibration_error, latency_summary
 from kdflow.modeling import build_model, save_pretrained
 from kdflow.runs import start_run

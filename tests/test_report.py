@@ -68,12 +68,15 @@ def test_report_is_built_in_a_new_process_from_the_database(built):
     assert html_path == report_dir(Store(home), run_id) / "report.html"
     assert html_path.parent.parent == home / "reports"
     page = html_path.read_text(encoding="utf-8")
-    assert page.count("<table>") == 5  # trade-off, all models, categories, cascade, stages
-    for heading in ("Teacher vs distilled student", "Accuracy per category", "Calibration", "Cascade", "Training"):
+    # trade-off, all models, against the untrained student, paired tests, categories, cascade, validation
+    # accuracy (two points: a table, not a plot), stages
+    assert page.count("<table>") == 8
+    for heading in ("Teacher vs distilled student", "Against the untrained student", "Accuracy per category",
+                    "Calibration", "Cascade", "Training", "Validation accuracy during training"):
         assert heading in page
     images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)">', page)
     assert [alt for alt, _ in images] == ["accuracy per category", "reliability diagrams",
-                                         "cascade accuracy on test against latency", "training curves"]
+                                         "cascade accuracy on test against latency", "training loss"]
     assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for _, data in images)
     assert "student (hard labels only)" in page and "<td>evaluate</td><td>completed</td>" in page
     assert '<tr class="chosen">' in page
@@ -108,7 +111,8 @@ def test_markdown_summary_has_the_headline_tables_and_threshold(built):
     assert re.search(r"\| teacher \| \d+(\.\d+)?K / \d+(\.\d+)?K \| [\d.]+ ms \(IQR [\d.]+ ms–[\d.]+ ms\) \| 1\.00x "
                      r"\| 80\.0% \| – \|", markdown)
     assert re.search(r"\| student \(distilled\) \| .* \| [\d.]+x \([\d.]+–[\d.]+\) \|", markdown)
-    assert "## Per category" in markdown and "| science | 1 | 0.0% |" in markdown
+    assert "## Per category" in markdown
+    assert "| science | 1 | 0.0% (0/1; 0.0–79.3%) | 0.0% (0/1; 0.0–79.3%) | +0.0 pts | fewer than 10" in markdown
     assert "## Calibration" in markdown and "not calibrated" in markdown  # no temperature was passed
     assert re.search(r"Threshold tau = 0\.\d{4}, chosen on 5 validation questions", markdown)
     assert "interleaved rounds" in markdown
@@ -154,7 +158,7 @@ def test_report_renders_in_headless_chromium(built, tmp_path):
     screenshot = tmp_path / "report.png"
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "check_report_browser.py"), str(html_path),
-         "--screenshot", str(screenshot), "--min-tables", "5", "--min-images", "4"],
+         "--screenshot", str(screenshot), "--min-tables", "8", "--min-images", "4"],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr
@@ -162,7 +166,8 @@ def test_report_renders_in_headless_chromium(built, tmp_path):
 
 
 def test_noisy_timings_are_flagged_in_the_latency_note(built):
-    from kdflow.report.run_report import _latency_note, load_report_data
+    from kdflow.report.run_report import load_report_data
+    from kdflow.report.sections import latency_note
 
     home, run_id, _ = built
     data = load_report_data(Store(home, read_only=True), run_id)
@@ -172,7 +177,42 @@ def test_noisy_timings_are_flagged_in_the_latency_note(built):
                 if m["model_role"] == role else m for m in models]
 
     quiet = timed(timed(data.models, "teacher", 2.0, 2.1, 2.2), "student", 1.0, 1.05, 1.1)
-    assert "Warning" not in _latency_note(dataclasses.replace(data, models=quiet))
+    assert "Warning" not in latency_note(data.spec, quiet)
     # A busy machine: preempted calls make a second, slow cluster in the teacher's timings.
     busy = timed(quiet, "teacher", 2.0, 9.0, 14.0)
-    assert "timings were noisy (teacher IQR 2.00 ms–14.0 ms" in _latency_note(dataclasses.replace(data, models=busy))
+    assert "timings were noisy (teacher IQR 2.00 ms–14.0 ms" in latency_note(data.spec, busy)
+
+
+def test_untrained_baseline_and_significance_in_page_markdown_and_terminal(built):
+    home, run_id, html_path = built
+    page = html_path.read_text(encoding="utf-8")
+    markdown = (html_path.parent / "summary.md").read_text(encoding="utf-8")
+    summary = load_summary(Store(home, read_only=True), run_id)
+    assert summary.untrained_accuracy is not None
+    assert summary.gain_recovered == pytest.approx((summary.student_accuracy - summary.untrained_accuracy)
+                                                   / (summary.teacher_accuracy - summary.untrained_accuracy))
+    assert [(c.first, c.second) for c in summary.comparisons] == [
+        ("student", "student_hard"), ("student", "student_init"), ("student", "teacher")]
+    assert all(c.n == 5 and not c.significant for c in summary.comparisons)  # 5 questions tell nothing apart
+    for text in (page, markdown):
+        assert "Not significant at the 5% level" in text and "exact McNemar" in text.replace("Exact", "exact")
+        assert "gain recovered" in text and "student (untrained: before training)" in text
+    assert re.search(r"- untrained student accuracy: \d+\.\d%; gain recovered .*: \*\*-?\d+\.\d%\*\*", markdown)
+    console = Console(record=True, width=140)
+    print_summary(console, summary)
+    screen = console.export_text()
+    assert "untrained student" in screen and "gain recovered" in screen
+    assert "student (distilled) vs teacher:" in screen and "not significant at the 5% level" in screen
+
+
+def test_a_report_written_in_the_report_stage_does_not_list_it_as_running(built, tmp_path):
+    import shutil
+
+    home, run_id, _ = built
+    copy = tmp_path / "home"
+    shutil.copytree(home, copy)
+    store = Store(copy)
+    with stage(store, run_id, "report"):
+        paths = build_report(store, run_id)
+    page = paths.html.read_text(encoding="utf-8")
+    assert "<td>report</td><td>writing this report</td>" in page and "<td>running</td>" not in page

@@ -7,6 +7,8 @@ Tables: reads questions, soft_labels, models, evaluations and cascade_points (ro
 evaluations, evaluation_models, predictions, metrics, reliability_bins and cascade_points
 (sql/evaluation.sql, sql/routing.sql).
 
-Modules: evaluation (the stage), metrics (accuracy, calibration and their intervals as pure functions),
-cascade (the threshold sweep), routing (answering with the student and deferring to the teacher).
+Modules: evaluation (the stage: scores every model and stores one evaluation), timing (interleaved batch-1
+latency and throughput), rows (the stored rows: predictions, metrics, reliability bins, cascade points),
+metrics (accuracy, calibration and their intervals as pure functions), significance (paired tests between
+models), cascade (the threshold sweep), routing (answering with the student and deferring to the teacher).
 """

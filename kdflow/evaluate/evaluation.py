@@ -18,11 +18,9 @@ report built later (in another process) sees a whole evaluation or none.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,100 +28,30 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from kdflow.evaluate import cascade, metrics
 from kdflow.config import EvaluationConfig, ScoringConfig
+from kdflow.evaluate.rows import (
+    CASCADE_SCHEMA,
+    EVAL_MODEL_SCHEMA,
+    METRIC_SCHEMA,
+    PREDICTION_SCHEMA,
+    RELIABILITY_SCHEMA,
+    ModelResult,
+    arrow_table,
+    cascade_rows,
+    choose_cascade_tau,
+    metric_rows,
+    prediction_rows,
+    reliability_rows,
+)
+from kdflow.evaluate.timing import Timing, throughput, time_interleaved
 from kdflow.errors import KdflowError
-from kdflow.sources import ModelSource
 from kdflow.store import Store
 
 STUDENT_ROLES = ("student_init", "student", "student_hard")
-OVERALL = "*"
-# Throughput is timed over this many full batches: enough to amortise the first batch's set-up.
-THROUGHPUT_BATCHES = 4
-# The precision stop is checked every this many rounds (a bootstrap costs a few ms).
-PRECISION_CHECK_EVERY = 8
-
-PREDICTION_SCHEMA = pa.schema(
-    [
-        ("model_role", pa.string()),
-        ("question_id", pa.string()),
-        ("probs", pa.list_(pa.float64())),
-        ("predicted", pa.int32()),
-        ("confidence", pa.float64()),
-        ("correct", pa.bool_()),
-    ]
-)
-METRIC_SCHEMA = pa.schema(
-    [("model_role", pa.string()), ("category", pa.string()), ("name", pa.string()), ("value", pa.float64())]
-)
-RELIABILITY_SCHEMA = pa.schema(
-    [
-        ("model_role", pa.string()),
-        ("bin", pa.int32()),
-        ("lower", pa.float64()),
-        ("upper", pa.float64()),
-        ("n", pa.int64()),
-        ("confidence", pa.float64()),
-        ("accuracy", pa.float64()),
-    ]
-)
-CASCADE_SCHEMA = pa.schema(
-    [
-        ("tau", pa.float64()),
-        ("accuracy", pa.float64()),
-        ("share_to_teacher", pa.float64()),
-        ("latency_ms", pa.float64()),
-        ("pareto", pa.bool_()),
-        ("chosen", pa.bool_()),
-    ]
-)
-EVAL_MODEL_SCHEMA = pa.schema([("model_role", pa.string()), ("path", pa.string())])
-
 
 class EvaluationError(KdflowError):
     """Evaluation cannot start: missing labels, test questions or students; the message says what to run."""
 
-
-@dataclass(frozen=True)
-class Timing:
-    """Interleaved batch-1 timings: seconds[role] [R] per timed round, paired by index across roles.
-
-    stopped_by: 'rounds' (latency_questions reached), 'precision' (the speed-up interval is narrow enough)
-    or 'budget' (latency_budget_s spent).
-    """
-
-    seconds: dict[str, np.ndarray]
-    warmup: int
-    stopped_by: str
-    wall_s: float
-
-    def summary(self, role: str) -> metrics.LatencySummary:
-        return metrics.latency_summary(self.seconds[role])
-
-    def speedup(self) -> metrics.RatioCI:
-        """Teacher median over student median, with its paired-bootstrap 95% interval."""
-        return metrics.median_ratio_ci(self.seconds["teacher"], self.seconds["student"])
-
-
-@dataclass(frozen=True)
-class ModelResult:
-    """One model's answers: probs [N, K] on test (zero-padded past each question's options), val_probs
-    [M, K] on the validation split where the cascade needs them, its timing summary when it was timed."""
-
-    role: str
-    probs: np.ndarray
-    latency: metrics.LatencySummary | None
-    throughput_qps: float | None
-    params: tuple[int, int] | None
-    path: Path | None
-    val_probs: np.ndarray | None = None
-
-    @property
-    def confidence(self) -> np.ndarray:
-        return self.probs.max(axis=1)
-
-    def correct(self, gold: np.ndarray) -> np.ndarray:
-        return metrics.predicted(self.probs) == gold
 
 
 @dataclass(frozen=True)
@@ -257,8 +185,8 @@ def _score_and_time(
         teacher = open_teacher()
         try:
             timing = time_interleaved({"teacher": teacher, "student": kept}, test.questions, cfg)
-            teacher_qps = _throughput(teacher, test.questions, cfg)
-            student_qps = _throughput(kept, test.questions, cfg)
+            teacher_qps = throughput(teacher, test.questions, cfg)
+            student_qps = throughput(kept, test.questions, cfg)
             model = getattr(teacher, "model", None)
             teacher_params = count_parameters(model) if model is not None else None
         finally:
@@ -282,229 +210,6 @@ def _open_student(path: Path, scoring: ScoringConfig, cfg: EvaluationConfig, dev
     return HFBackend(model, tokenizer, scoring, batch_size=cfg.batch_size, device=model.device)
 
 
-@contextlib.contextmanager
-def _one_cpu_thread() -> Iterator[None]:
-    """Batch-1 CPU latency on one thread: small matrices gain nothing from more, and a shared machine's
-    load then slows every model alike instead of whichever happens to be timed during a spike."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def time_interleaved(
-    backends: Mapping[str, Any],
-    questions: Sequence[Mapping[str, Any]],
-    cfg: EvaluationConfig,
-    *,
-    clock: Callable[[], float] = time.perf_counter,
-) -> Timing:
-    """Time `backends` ({role: backend}, roles 'teacher' and 'student') at batch size 1, interleaved.
-
-    Round r gives every backend question r (questions repeat when there are fewer), in the roles' order
-    on even rounds and reversed on odd ones. Each timing is the wall-clock time of one score([question])
-    call, which returns Python floats, so the device has finished. Stops after cfg.latency_questions
-    timed rounds, after cfg.latency_budget_s seconds of rounds (warm-up included; at least one timed
-    round), or once the speed-up's interval is within cfg.latency_target_rel_ci, checked every
-    PRECISION_CHECK_EVERY rounds from cfg.latency_min_rounds on.
-    """
-    if not questions:
-        raise ValueError("timing needs at least one question")
-    roles = list(backends)
-    seconds: dict[str, list[float]] = {role: [] for role in roles}
-    start = clock()
-    stopped_by = "rounds"
-    with _one_cpu_thread():
-        for r in range(cfg.latency_warmup + cfg.latency_questions):
-            question = questions[r % len(questions)]
-            for role in roles if r % 2 == 0 else roles[::-1]:
-                t0 = clock()
-                backends[role].score([question])
-                if r >= cfg.latency_warmup:
-                    seconds[role].append(clock() - t0)
-            timed = r + 1 - cfg.latency_warmup
-            if timed >= 1 and clock() - start >= cfg.latency_budget_s:
-                stopped_by = "budget"
-                break
-            if timed >= cfg.latency_min_rounds and timed % PRECISION_CHECK_EVERY == 0 and _precise(seconds, cfg):
-                stopped_by = "precision"
-                break
-    return Timing({role: np.asarray(v) for role, v in seconds.items()}, cfg.latency_warmup, stopped_by,
-                  clock() - start)
-
-
-def _precise(seconds: dict[str, list[float]], cfg: EvaluationConfig) -> bool:
-    teacher, student = np.asarray(seconds["teacher"]), np.asarray(seconds["student"])
-    if (teacher <= 0).any() or (student <= 0).any():
-        return False
-    return metrics.median_ratio_ci(teacher, student).relative_half_width <= cfg.latency_target_rel_ci
-
-
-def _throughput(backend: Any, questions: list[dict[str, Any]], cfg: EvaluationConfig) -> float:
-    """Questions per second over THROUGHPUT_BATCHES batches of cfg.batch_size (the backend batches them)."""
-    sample = questions[: cfg.batch_size * THROUGHPUT_BATCHES]
-    start = time.perf_counter()
-    backend.score(sample)
-    return metrics.throughput(len(sample), max(time.perf_counter() - start, 1e-9))
-
-
-# ---------------------------------------------------------------- metrics and storage
-
-
-def metric_rows(
-    result: ModelResult,
-    gold: np.ndarray,
-    categories: Sequence[str],
-    teacher: ModelResult,
-    n_bins: int,
-    speedup: metrics.RatioCI | None = None,
-    temperature: float | None = None,
-) -> list[dict[str, Any]]:
-    """The long-format metric rows of one model (category '*' is overall); latency rows only when timed;
-    with `temperature`, also ECE and NLL of its probabilities tempered by it (calibration, before/after)."""
-    correct = result.correct(gold)
-    teacher_accuracy = float(teacher.correct(gold).mean())
-    accuracy, lo, hi = metrics.accuracy_ci(correct)
-    confidence = result.confidence
-    overall: dict[str, float | None] = {
-        "n": len(gold),
-        "accuracy": accuracy,
-        "accuracy_lo": lo,
-        "accuracy_hi": hi,
-        "retention": metrics.retention(accuracy, teacher_accuracy) if teacher_accuracy > 0 else None,
-        "agreement": metrics.agreement(result.probs, teacher.probs),
-        "kl": metrics.mean_kl(teacher.probs, result.probs),
-        "nll": metrics.nll(result.probs, gold),
-        "brier": metrics.brier(result.probs, gold),
-        "ece": metrics.expected_calibration_error(confidence, correct, n_bins),
-        "throughput_qps": result.throughput_qps,
-        "params_total": result.params[0] if result.params else None,
-        "params_active": result.params[1] if result.params else None,
-    }
-    if result.latency is not None:
-        lat = result.latency
-        overall |= {
-            "latency_ms_mean": lat.mean_s * 1000,
-            "latency_ms_median": lat.median_s * 1000,
-            "latency_ms_p25": lat.p25_s * 1000,
-            "latency_ms_p75": lat.p75_s * 1000,
-            "latency_ms_p95": lat.p95_s * 1000,
-            "latency_rounds": lat.n,
-        }
-    if speedup is not None:
-        overall |= {"speedup": speedup.ratio, "speedup_lo": speedup.lo, "speedup_hi": speedup.hi}
-    if temperature is not None:
-        calibrated = metrics.apply_temperature(result.probs, temperature)
-        overall |= {
-            "temperature": temperature,
-            "ece_calibrated": metrics.expected_calibration_error(calibrated.max(axis=1), correct, n_bins),
-            "nll_calibrated": metrics.nll(calibrated, gold),
-        }
-    rows = [_row(result.role, OVERALL, name, value) for name, value in overall.items() if value is not None]
-    for c in metrics.category_accuracy(correct, categories):
-        per_category = {"n": c.n, "accuracy": c.accuracy, "accuracy_lo": c.lo, "accuracy_hi": c.hi}
-        rows += [_row(result.role, c.category, name, value) for name, value in per_category.items()]
-    return rows
-
-
-def _row(role: str, category: str, name: str, value: float) -> dict[str, Any]:
-    return {"model_role": role, "category": category, "name": name, "value": float(value)}
-
-
-def _prediction_rows(result: ModelResult, questions: list[dict[str, Any]], gold: np.ndarray) -> list[dict[str, Any]]:
-    chosen = metrics.predicted(result.probs)
-    return [
-        {
-            "model_role": result.role,
-            "question_id": q["question_id"],
-            "probs": result.probs[i, : len(q["options"])].tolist(),
-            "predicted": int(chosen[i]),
-            "confidence": float(result.probs[i, chosen[i]]),
-            "correct": bool(chosen[i] == gold[i]),
-        }
-        for i, q in enumerate(questions)
-    ]
-
-
-def _reliability_rows(result: ModelResult, gold: np.ndarray, n_bins: int) -> list[dict[str, Any]]:
-    curve = metrics.reliability_curve(result.confidence, result.correct(gold), n_bins)
-    return [
-        {
-            "model_role": result.role,
-            "bin": i,
-            "lower": b.lower,
-            "upper": b.upper,
-            "n": b.count,
-            "confidence": b.mean_confidence if b.count else None,
-            "accuracy": b.accuracy if b.count else None,
-        }
-        for i, b in enumerate(curve)
-    ]
-
-
-@dataclass(frozen=True)
-class CascadeChoice:
-    """tau chosen on the validation split (None when it has no questions or no tau reaches the target)."""
-
-    tau: float | None
-    n_val: int
-    val_accuracy: float | None
-    val_teacher_accuracy: float | None
-    reason: str
-
-
-def choose_cascade_tau(
-    student: ModelResult, teacher: ModelResult, val_gold: np.ndarray, target_gap: float
-) -> CascadeChoice:
-    """The cheapest tau within target_gap of the teacher on the validation split, with the same latency
-    statistic (medians) as the test sweep; never looks at the test split."""
-    if student.val_probs is None or teacher.val_probs is None or val_gold.size == 0:
-        return CascadeChoice(None, 0, None, None,
-                             "no validation questions labeled: set data.splits.val above 0 to choose tau")
-    s_ok = metrics.predicted(student.val_probs) == val_gold
-    t_ok = metrics.predicted(teacher.val_probs) == val_gold
-    points = cascade.sweep(student.val_probs.max(axis=1), s_ok, t_ok, _median(student), _median(teacher))
-    chosen = cascade.choose_threshold(points, float(t_ok.mean()), target_gap)
-    if chosen is None:
-        return CascadeChoice(None, int(val_gold.size), None, float(t_ok.mean()),
-                             f"no tau keeps the cascade within {target_gap:g} of the teacher on validation")
-    return CascadeChoice(chosen.tau, int(val_gold.size), chosen.accuracy, float(t_ok.mean()),
-                         "cheapest tau within the target gap on the validation split")
-
-
-def _median(result: ModelResult) -> float:
-    if result.latency is None:
-        raise ValueError(f"{result.role} was not timed")
-    return result.latency.median_s
-
-
-def cascade_rows(
-    student: ModelResult, teacher: ModelResult, gold: np.ndarray, choice: CascadeChoice
-) -> list[dict[str, Any]]:
-    """Every threshold of the student-first cascade on the test split, plus the tau chosen on validation
-    (flagged chosen); latency = student median + share deferred x teacher median."""
-    student_correct, teacher_correct = student.correct(gold), teacher.correct(gold)
-    points = cascade.sweep(
-        student.confidence, student_correct, teacher_correct, _median(student), _median(teacher),
-        extra_taus=[choice.tau] if choice.tau is not None else [],
-    )
-    return [
-        {
-            "tau": p.tau,
-            "accuracy": p.accuracy,
-            "share_to_teacher": p.share_to_teacher,
-            "latency_ms": p.mean_latency_s * 1000,
-            "pareto": p.pareto,
-            "chosen": p.tau == choice.tau,
-        }
-        for p in points
-    ]
-
-
 def _save(
     store: Store,
     eval_id: str,
@@ -526,28 +231,24 @@ def _save(
                                 "val_teacher_accuracy": choice.val_teacher_accuracy, "reason": choice.reason}}
     speedup = timing.speedup()
     tables: Mapping[str, pa.Table] = {
-        "insert_evaluation_models": _table(
+        "insert_evaluation_models": arrow_table(
             [{"model_role": r.role, "path": str(r.path) if r.path else None} for r in results], EVAL_MODEL_SCHEMA
         ),
-        "insert_predictions": _table(
-            [row for r in results for row in _prediction_rows(r, questions, gold)], PREDICTION_SCHEMA
+        "insert_predictions": arrow_table(
+            [row for r in results for row in prediction_rows(r, questions, gold)], PREDICTION_SCHEMA
         ),
-        "insert_metrics": _table(
+        "insert_metrics": arrow_table(
             [row for r in results for row in metric_rows(
                 r, gold, categories, teacher, cfg.ece_bins, speedup if r.role == "student" else None,
                 spec["teacher_temperature"] if r.role == "teacher" else None)],
             METRIC_SCHEMA,
         ),
-        "insert_reliability_bins": _table(
-            [row for r in results for row in _reliability_rows(r, gold, cfg.ece_bins)], RELIABILITY_SCHEMA
+        "insert_reliability_bins": arrow_table(
+            [row for r in results for row in reliability_rows(r, gold, cfg.ece_bins)], RELIABILITY_SCHEMA
         ),
-        "insert_cascade_points": _table(cascade_rows(student, teacher, gold, choice), CASCADE_SCHEMA),
+        "insert_cascade_points": arrow_table(cascade_rows(student, teacher, gold, choice), CASCADE_SCHEMA),
     }
     with store.transaction() as tx:
         tx.execute("insert_evaluation", eval_id=eval_id, run_id=run_id, spec=json.dumps(spec))
         for name, table in tables.items():
             tx.execute(name, table, eval_id=eval_id)
-
-
-def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=schema)

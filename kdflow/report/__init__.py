@@ -3,8 +3,12 @@
 In: a run id or a sweep id. Out: a self-contained HTML page and a markdown summary under
 KDFLOW_HOME/reports/, and tables on the terminal.
 Tables: reads runs, stage_runs, datasets, teachers, models, training_metrics, evaluations,
-evaluation_models, metrics, reliability_bins, cascade_points and the sweep tables (sql/report.sql,
-sql/sweep.sql); writes none.
+evaluation_models, metrics, predictions, reliability_bins, cascade_points and the sweep tables
+(sql/report.sql, sql/sweep.sql); writes none.
 
-Modules: run_report (one run), sweep_report (a sweep's comparison), terminal (ingest and run listings).
+Modules: run_report (one run: builds the HTML page and markdown), data (reads a run's evaluation, headline
+numbers), run_summary (markdown summary and terminal screen), sections (the page's tables and sentences),
+baseline (the untrained student: gain recovered, paired McNemar tests), training (loss terms, smoothing),
+plots (matplotlib figures), formatting (numbers as text), sweep_report (a sweep's comparison), terminal
+(ingest and run listings).
 """

@@ -27,9 +27,11 @@ from rich.table import Table
 from kdflow.evaluate import metrics
 from kdflow.config import RunConfig
 from kdflow.errors import KdflowError
-from kdflow.report.run_report import TEMPLATES, page_img, page_table
+from kdflow.report.formatting import page_img, page_table
+from kdflow.report.run_report import TEMPLATES
 from kdflow.store import Store
-from kdflow.sweep.grid import best_under_budget, holm, mcnemar_exact, pareto_front
+from kdflow.evaluate.significance import mcnemar_exact
+from kdflow.sweep.grid import best_under_budget, holm, pareto_front
 
 Row = dict[str, Any]
 Column = tuple[str, Callable[[Row], str]]

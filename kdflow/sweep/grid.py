@@ -160,28 +160,6 @@ def expand_grid(cfg: RunConfig) -> list[SweepPoint]:
 # ---------------------------------------------------------------- comparison statistics
 
 
-def mcnemar_exact(
-    correct_a: Sequence[bool] | np.ndarray, correct_b: Sequence[bool] | np.ndarray
-) -> tuple[int, int, float]:
-    """Exact (binomial) McNemar test of two classifiers on the same questions (McNemar 1947).
-
-    Only the discordant questions carry information: b = A right and B wrong, c = A wrong and B right.
-    Under H0 (equal accuracy) b ~ Binomial(b + c, 1/2); the two-sided p-value is
-    min(1, 2 * P[X <= min(b, c)]), computed by scipy.stats.binomtest. Returns (b, c, p); p = 1 when
-    b + c = 0. Raises ValueError when the arrays differ in length.
-    """
-    from scipy.stats import binomtest
-
-    a, b_ = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
-    if a.shape != b_.shape:
-        raise ValueError(f"McNemar needs answers to the same questions: {a.shape} vs {b_.shape}")
-    b = int(np.sum(a & ~b_))
-    c = int(np.sum(~a & b_))
-    if b + c == 0:
-        return b, c, 1.0
-    return b, c, float(binomtest(min(b, c), b + c, 0.5, alternative="two-sided").pvalue)
-
-
 def holm(pvalues: Sequence[float], level: float) -> tuple[list[float], list[bool]]:
     """Holm's step-down adjustment (Holm 1979): (adjusted p-values, rejected at family-wise `level`).
 

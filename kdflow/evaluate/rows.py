@@ -1,0 +1,233 @@
+"""An evaluation's stored rows: predictions, long-format metrics, reliability bins and the cascade sweep.
+
+In: each model's probabilities on the test (and validation) split as ModelResult. Out: lists of row dicts
+and their Arrow schemas, in the shape of the predictions, metrics, reliability_bins and cascade_points
+tables (sql/evaluation.sql inserts them). Pure: reads and writes no tables itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from kdflow.evaluate import cascade, metrics
+
+OVERALL = "*"
+
+PREDICTION_SCHEMA = pa.schema(
+    [
+        ("model_role", pa.string()),
+        ("question_id", pa.string()),
+        ("probs", pa.list_(pa.float64())),
+        ("predicted", pa.int32()),
+        ("confidence", pa.float64()),
+        ("correct", pa.bool_()),
+    ]
+)
+METRIC_SCHEMA = pa.schema(
+    [("model_role", pa.string()), ("category", pa.string()), ("name", pa.string()), ("value", pa.float64())]
+)
+RELIABILITY_SCHEMA = pa.schema(
+    [
+        ("model_role", pa.string()),
+        ("bin", pa.int32()),
+        ("lower", pa.float64()),
+        ("upper", pa.float64()),
+        ("n", pa.int64()),
+        ("confidence", pa.float64()),
+        ("accuracy", pa.float64()),
+    ]
+)
+CASCADE_SCHEMA = pa.schema(
+    [
+        ("tau", pa.float64()),
+        ("accuracy", pa.float64()),
+        ("share_to_teacher", pa.float64()),
+        ("latency_ms", pa.float64()),
+        ("pareto", pa.bool_()),
+        ("chosen", pa.bool_()),
+    ]
+)
+EVAL_MODEL_SCHEMA = pa.schema([("model_role", pa.string()), ("path", pa.string())])
+
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    """One model's answers: probs [N, K] on test (zero-padded past each question's options), val_probs
+    [M, K] on the validation split where the cascade needs them, its timing summary when it was timed."""
+
+    role: str
+    probs: np.ndarray
+    latency: metrics.LatencySummary | None
+    throughput_qps: float | None
+    params: tuple[int, int] | None
+    path: Path | None
+    val_probs: np.ndarray | None = None
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.probs.max(axis=1)
+
+    def correct(self, gold: np.ndarray) -> np.ndarray:
+        return metrics.predicted(self.probs) == gold
+
+
+
+def metric_rows(
+    result: ModelResult,
+    gold: np.ndarray,
+    categories: Sequence[str],
+    teacher: ModelResult,
+    n_bins: int,
+    speedup: metrics.RatioCI | None = None,
+    temperature: float | None = None,
+) -> list[dict[str, Any]]:
+    """The long-format metric rows of one model (category '*' is overall); latency rows only when timed;
+    with `temperature`, also ECE and NLL of its probabilities tempered by it (calibration, before/after)."""
+    correct = result.correct(gold)
+    teacher_accuracy = float(teacher.correct(gold).mean())
+    accuracy, lo, hi = metrics.accuracy_ci(correct)
+    confidence = result.confidence
+    overall: dict[str, float | None] = {
+        "n": len(gold),
+        "accuracy": accuracy,
+        "accuracy_lo": lo,
+        "accuracy_hi": hi,
+        "retention": metrics.retention(accuracy, teacher_accuracy) if teacher_accuracy > 0 else None,
+        "agreement": metrics.agreement(result.probs, teacher.probs),
+        "kl": metrics.mean_kl(teacher.probs, result.probs),
+        "nll": metrics.nll(result.probs, gold),
+        "brier": metrics.brier(result.probs, gold),
+        "ece": metrics.expected_calibration_error(confidence, correct, n_bins),
+        "throughput_qps": result.throughput_qps,
+        "params_total": result.params[0] if result.params else None,
+        "params_active": result.params[1] if result.params else None,
+    }
+    if result.latency is not None:
+        lat = result.latency
+        overall |= {
+            "latency_ms_mean": lat.mean_s * 1000,
+            "latency_ms_median": lat.median_s * 1000,
+            "latency_ms_p25": lat.p25_s * 1000,
+            "latency_ms_p75": lat.p75_s * 1000,
+            "latency_ms_p95": lat.p95_s * 1000,
+            "latency_rounds": lat.n,
+        }
+    if speedup is not None:
+        overall |= {"speedup": speedup.ratio, "speedup_lo": speedup.lo, "speedup_hi": speedup.hi}
+    if temperature is not None:
+        calibrated = metrics.apply_temperature(result.probs, temperature)
+        overall |= {
+            "temperature": temperature,
+            "ece_calibrated": metrics.expected_calibration_error(calibrated.max(axis=1), correct, n_bins),
+            "nll_calibrated": metrics.nll(calibrated, gold),
+        }
+    rows = [_row(result.role, OVERALL, name, value) for name, value in overall.items() if value is not None]
+    for c in metrics.category_accuracy(correct, categories):
+        per_category = {"n": c.n, "accuracy": c.accuracy, "accuracy_lo": c.lo, "accuracy_hi": c.hi}
+        rows += [_row(result.role, c.category, name, value) for name, value in per_category.items()]
+    return rows
+
+
+def _row(role: str, category: str, name: str, value: float) -> dict[str, Any]:
+    return {"model_role": role, "category": category, "name": name, "value": float(value)}
+
+
+def prediction_rows(result: ModelResult, questions: list[dict[str, Any]], gold: np.ndarray) -> list[dict[str, Any]]:
+    chosen = metrics.predicted(result.probs)
+    return [
+        {
+            "model_role": result.role,
+            "question_id": q["question_id"],
+            "probs": result.probs[i, : len(q["options"])].tolist(),
+            "predicted": int(chosen[i]),
+            "confidence": float(result.probs[i, chosen[i]]),
+            "correct": bool(chosen[i] == gold[i]),
+        }
+        for i, q in enumerate(questions)
+    ]
+
+
+def reliability_rows(result: ModelResult, gold: np.ndarray, n_bins: int) -> list[dict[str, Any]]:
+    curve = metrics.reliability_curve(result.confidence, result.correct(gold), n_bins)
+    return [
+        {
+            "model_role": result.role,
+            "bin": i,
+            "lower": b.lower,
+            "upper": b.upper,
+            "n": b.count,
+            "confidence": b.mean_confidence if b.count else None,
+            "accuracy": b.accuracy if b.count else None,
+        }
+        for i, b in enumerate(curve)
+    ]
+
+
+@dataclass(frozen=True)
+class CascadeChoice:
+    """tau chosen on the validation split (None when it has no questions or no tau reaches the target)."""
+
+    tau: float | None
+    n_val: int
+    val_accuracy: float | None
+    val_teacher_accuracy: float | None
+    reason: str
+
+
+def choose_cascade_tau(
+    student: ModelResult, teacher: ModelResult, val_gold: np.ndarray, target_gap: float
+) -> CascadeChoice:
+    """The cheapest tau within target_gap of the teacher on the validation split, with the same latency
+    statistic (medians) as the test sweep; never looks at the test split."""
+    if student.val_probs is None or teacher.val_probs is None or val_gold.size == 0:
+        return CascadeChoice(None, 0, None, None,
+                             "no validation questions labeled: set data.splits.val above 0 to choose tau")
+    s_ok = metrics.predicted(student.val_probs) == val_gold
+    t_ok = metrics.predicted(teacher.val_probs) == val_gold
+    points = cascade.sweep(student.val_probs.max(axis=1), s_ok, t_ok, _median(student), _median(teacher))
+    chosen = cascade.choose_threshold(points, float(t_ok.mean()), target_gap)
+    if chosen is None:
+        return CascadeChoice(None, int(val_gold.size), None, float(t_ok.mean()),
+                             f"no tau keeps the cascade within {target_gap:g} of the teacher on validation")
+    return CascadeChoice(chosen.tau, int(val_gold.size), chosen.accuracy, float(t_ok.mean()),
+                         "cheapest tau within the target gap on the validation split")
+
+
+def _median(result: ModelResult) -> float:
+    if result.latency is None:
+        raise ValueError(f"{result.role} was not timed")
+    return result.latency.median_s
+
+
+def cascade_rows(
+    student: ModelResult, teacher: ModelResult, gold: np.ndarray, choice: CascadeChoice
+) -> list[dict[str, Any]]:
+    """Every threshold of the student-first cascade on the test split, plus the tau chosen on validation
+    (flagged chosen); latency = student median + share deferred x teacher median."""
+    student_correct, teacher_correct = student.correct(gold), teacher.correct(gold)
+    points = cascade.sweep(
+        student.confidence, student_correct, teacher_correct, _median(student), _median(teacher),
+        extra_taus=[choice.tau] if choice.tau is not None else [],
+    )
+    return [
+        {
+            "tau": p.tau,
+            "accuracy": p.accuracy,
+            "share_to_teacher": p.share_to_teacher,
+            "latency_ms": p.mean_latency_s * 1000,
+            "pareto": p.pareto,
+            "chosen": p.tau == choice.tau,
+        }
+        for p in points
+    ]
+
+
+def arrow_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema)
