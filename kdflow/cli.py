@@ -132,7 +132,8 @@ def ingest(
         reports = ingest_all(cfg, store)
     except IngestError as e:
         # The sources came from the command line: name the argument or option at fault, not the config.
-        origin = {"path": "the PATHS argument of `kdflow ingest`", "format": "--format"}.get(e.setting or "")
+        origin = {"path": "the PATHS argument of `kdflow ingest`", "format": "--format",
+                  "encoding": "--encoding"}.get(e.setting or "")
         raise _fail(e.blaming(origin) if paths and origin else str(e)) from None
     print_ingest(_console(), reports)
     if not any(r.loaded for r in reports):

@@ -39,7 +39,7 @@ from kdflow.ingest.layouts import (
     mapping_columns,
     repeated_options,
 )
-from kdflow.ingest.readers import READERS, Row, rows_from_records, to_utf8
+from kdflow.ingest.readers import READERS, EncodingError, Row, rows_from_records, to_utf8
 from kdflow.records import QUESTION_SCHEMA, REJECTED_SCHEMA
 from kdflow.ingest.splits import normalise_text, normalised_key
 
@@ -346,6 +346,8 @@ def _load_files(source: SourceConfig) -> LoadedSource:
                 data, encoding = to_utf8(data, source.encoding)
                 encodings.append(encoding)
             rows = READERS[path.suffix.lower()](data)
+        except EncodingError as e:
+            raise IngestError(f"{path} {e}", setting="encoding") from e
         except ValueError as e:
             raise IngestError(f"{path} {e}") from e
         file_layout, mapper = _layout(source, rows, str(path))
