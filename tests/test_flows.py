@@ -318,3 +318,51 @@ def test_bad_input_in_a_deployment_run_is_logged_once_without_traceback(tmp_path
     assert [m for m in logs if said in m][0].startswith("IngestError: source file ")
     assert not [m for m in logs if "Traceback" in m], logs
     assert output.count(said) == 1 and "Traceback" not in output, output[-5000:]
+
+
+def _artifacts(flow_run_id: str) -> dict[str, str]:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+    return {a.key: a.data for a in asyncio.run(read()) if a.key}
+
+
+@pytest.mark.slow
+def test_artifacts_show_report_and_data_docs_paths_and_link_them_over_http_when_served(first_run):
+    """No file:// link (a browser opens none from the http UI): the paths as text, and http links through
+    the home's file server while it runs (`kdflow ui` starts it)."""
+    import threading
+
+    import httpx
+
+    from kdflow.fileserver import make_server
+    from kdflow.flows.stages import validate_flow
+
+    home, run_id = first_run
+    store = Store(home, read_only=True)
+    artifacts = _artifacts(store.fetch("get_run", run_id=run_id)[0][6])
+    report = home / "reports" / run_id / "report.html"
+    docs = next((home / "data_docs").glob("*/gx/uncommitted/data_docs/local_site/index.html"))
+    assert str(report) in artifacts["distillation-report"] and str(docs) in artifacts["data-docs"]
+    assert not [key for key, text in artifacts.items() if "file://" in str(text)]
+
+    server = make_server(home, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        validate_flow(tiny(home))  # the verdict is reused; its artifact is written again
+        runs = Store(home, read_only=True).fetch("list_runs", limit=1)
+        text = _artifacts(Store(home, read_only=True).fetch("get_run", run_id=runs[0][0])[0][6])["data-docs"]
+        url = f"http://127.0.0.1:{server.server_address[1]}/data_docs/"
+        assert url in text and str(docs) in text and "file://" not in text
+        link = text[text.index(url):].split(")", 1)[0]
+        assert httpx.get(link, timeout=10).status_code == 200
+    finally:
+        server.shutdown()
+        server.server_close()
