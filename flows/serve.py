@@ -62,7 +62,11 @@ def start_server(host: str, port: int, files: ServerFiles, *, timeout_s: float =
     for path in (files.log_file, files.pid_file):
         path.parent.mkdir(parents=True, exist_ok=True)
     files.prefect_home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(files.prefect_home)}
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(files.prefect_home),
+           "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port)}
+    # The UI asks the API at PREFECT_API_URL, else at the settings' host and port: not --port's (on any port
+    # but 4200 it showed "Can't connect to Server API at http://127.0.0.1:4200/api").
+    env.pop("PREFECT_API_URL", None)
     # Profiles live under PREFECT_HOME by default: keep reading the user's.
     env.setdefault("PREFECT_PROFILES_PATH", str(Path.home() / ".prefect" / "profiles.toml"))
     with open(files.log_file, "ab") as log:

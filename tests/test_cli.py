@@ -105,6 +105,11 @@ def test_ui_prints_its_log_keeps_its_data_in_the_home_and_stops(tmp_path):
         from kdflow.fileserver import server_url
 
         assert server_url(home) == files_url
+        import httpx
+
+        # The UI in the browser asks this server's API, not the default port's.
+        settings = httpx.get(f"http://127.0.0.1:{port}/ui-settings", timeout=30).json()
+        assert settings["api_url"] == f"http://127.0.0.1:{port}/api", settings
         again = cli()
         assert again.returncode == 0 and "already running" in again.stdout
         assert json.loads((home / "file-server.json").read_text())["pid"] == files_pid  # found, not started again
