@@ -134,26 +134,16 @@ def stop_file_server(files: ServerFiles) -> str | None:
     return info.get("url")
 
 
-def _runs(pid: int, marker: bytes) -> bool:
-    """Whether `pid` is alive and its command line holds `marker` (a recycled pid must not be killed)."""
+def _runs(pid: int, *markers: bytes) -> bool:
+    """Whether `pid` runs a command whose arguments include every marker (a recycled pid must not be killed);
+    True for a live pid where /proc is absent."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except FileNotFoundError:
         return not Path("/proc/self").exists() and _alive(pid)
     except OSError:
         return False
-    return marker in cmdline
-
-
-def _is_prefect_server(pid: int) -> bool:
-    """Whether `pid` runs `prefect server start` (a recycled pid must not be killed); True where /proc is absent."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except FileNotFoundError:
-        return not Path("/proc/self").exists() and _alive(pid)
-    except OSError:
-        return False
-    return b"prefect" in cmdline and b"server" in cmdline
+    return all(marker in cmdline for marker in markers)
 
 
 def _alive(pid: int) -> bool:
@@ -174,7 +164,7 @@ def stop_server(files: ServerFiles, *, timeout_s: float = 30.0) -> str | None:
     except (OSError, ValueError):
         return None
     pid = int(info["pid"])
-    if not _is_prefect_server(pid):
+    if not _runs(pid, b"prefect", b"server"):  # `python -m prefect server start ...`
         files.pid_file.unlink(missing_ok=True)
         return None
     os.killpg(pid, signal.SIGTERM)  # its own session: the server and the workers it spawned
