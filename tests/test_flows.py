@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -349,8 +350,9 @@ def test_artifacts_show_report_and_data_docs_paths_and_link_them_over_http_when_
     store = Store(home, read_only=True)
     artifacts = _artifacts(store.fetch("get_run", run_id=run_id)[0][6])
     report = home / "reports" / run_id / "report.html"
-    docs = next((home / "data_docs").glob("*/gx/uncommitted/data_docs/local_site/index.html"))
-    assert str(report) in artifacts["distillation-report"] and str(docs) in artifacts["data-docs"]
+    assert f"```\n{report}\n```" in artifacts["distillation-report"]
+    docs = Path(re.search(r"```\n(.+)\n```", artifacts["data-docs"])[1])
+    assert docs.is_file() and docs.name == "index.html" and docs.is_relative_to(home / "data_docs")
     assert not [key for key, text in artifacts.items() if "file://" in str(text)]
 
     server = make_server(home, "127.0.0.1", 0)
@@ -360,7 +362,8 @@ def test_artifacts_show_report_and_data_docs_paths_and_link_them_over_http_when_
         runs = Store(home, read_only=True).fetch("list_runs", limit=1)
         text = _artifacts(Store(home, read_only=True).fetch("get_run", run_id=runs[0][0])[0][6])["data-docs"]
         url = f"http://127.0.0.1:{server.server_address[1]}/data_docs/"
-        assert url in text and str(docs) in text and "file://" not in text
+        assert url in text and "file://" not in text
+        assert Path(re.search(r"```\n(.+)\n```", text)[1]).is_relative_to(home / "data_docs")
         link = text[text.index(url):].split(")", 1)[0]
         assert httpx.get(link, timeout=10).status_code == 200
     finally:
