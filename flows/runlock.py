@@ -21,6 +21,7 @@ from pathlib import Path
 from prefect.exceptions import TerminationSignal
 
 from kdflow.config import RunConfig
+from kdflow.flows.userlogs import quiet_expected_failures
 from kdflow.homelock import waiting_message
 from kdflow.runs import recorded_run
 from kdflow.store import Store
@@ -86,7 +87,9 @@ def _server_queue(home: Path):
 
 
 def guarded_run(cfg: RunConfig) -> AbstractContextManager[str]:
-    """recorded_run for a flow: queued behind the home's other runs, cancelled on Prefect cancellation."""
+    """recorded_run for a flow: queued behind the home's other runs, cancelled on Prefect cancellation; a
+    failed gate or bad input is logged once, without a traceback."""
+    quiet_expected_failures()
     return recorded_run(
         Store(cfg.home_dir), cfg, flow_run_id=current_flow_run_id(), on_wait=_log,
         queue=_server_queue(cfg.home_dir) if _server_there() else None, cancelled=(TerminationSignal,),

@@ -41,11 +41,14 @@ class ServerFiles:
     prefect_home: Path
     log_file: Path
     pid_file: Path
+    home: Path
+    files_log: Path
 
     @classmethod
     def of_home(cls, home: Path) -> ServerFiles:
         prefect_home = Path(os.environ.get("PREFECT_HOME") or home / "prefect-ui").expanduser()
-        return cls(prefect_home, home / "logs" / "prefect-server.log", home / "prefect-ui.pid")
+        return cls(prefect_home, home / "logs" / "prefect-server.log", home / "prefect-ui.pid", home,
+                   home / "logs" / "file-server.log")
 
 
 def start_server(host: str, port: int, files: ServerFiles, *, timeout_s: float = 90.0) -> tuple[str, bool]:
@@ -59,7 +62,11 @@ def start_server(host: str, port: int, files: ServerFiles, *, timeout_s: float =
     for path in (files.log_file, files.pid_file):
         path.parent.mkdir(parents=True, exist_ok=True)
     files.prefect_home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(files.prefect_home)}
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(files.prefect_home),
+           "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port)}
+    # The UI asks the API at PREFECT_API_URL, else at the settings' host and port: not --port's (on any port
+    # but 4200 it showed "Can't connect to Server API at http://127.0.0.1:4200/api").
+    env.pop("PREFECT_API_URL", None)
     # Profiles live under PREFECT_HOME by default: keep reading the user's.
     env.setdefault("PREFECT_PROFILES_PATH", str(Path.home() / ".prefect" / "profiles.toml"))
     with open(files.log_file, "ab") as log:
@@ -79,15 +86,64 @@ def start_server(host: str, port: int, files: ServerFiles, *, timeout_s: float =
     raise TimeoutError(f"the Prefect server did not answer at {url} within {timeout_s:.0f} s; see {files.log_file}")
 
 
-def _is_prefect_server(pid: int) -> bool:
-    """Whether `pid` runs `prefect server start` (a recycled pid must not be killed); True where /proc is absent."""
+def start_file_server(host: str, port: int, files: ServerFiles, *, timeout_s: float = 30.0) -> tuple[str, bool]:
+    """Start the home's file server (kdflow/fileserver.py: reports and Data Docs over http) in the background
+    unless it answers; returns (its url, started). Raises TimeoutError when it does not answer in time."""
+    from kdflow.fileserver import server_url
+
+    url = server_url(files.home)
+    if url is not None:
+        return url, False
+    files.files_log.parent.mkdir(parents=True, exist_ok=True)
+    with open(files.files_log, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kdflow.fileserver", "--home", str(files.home), "--host", host, "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        url = server_url(files.home, timeout_s=1.0)
+        if url is not None:
+            return url, True
+        if process.poll() is not None:
+            raise TimeoutError(f"the file server exited with code {process.returncode}; see {files.files_log}")
+        time.sleep(0.3)
+    process.kill()
+    raise TimeoutError(f"the file server did not answer on port {port} within {timeout_s:.0f} s; see {files.files_log}")
+
+
+def stop_file_server(files: ServerFiles) -> str | None:
+    """Stop the home's file server; returns its url, or None when none of ours runs (its state file goes)."""
+    from kdflow.fileserver import state_file
+
+    state = state_file(files.home)
+    try:
+        info = json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    pid = int(info["pid"])
+    state.unlink(missing_ok=True)
+    if not _runs(pid, b"kdflow.fileserver"):
+        return None
+    os.kill(pid, signal.SIGTERM)  # a plain http server: ends at once
+    deadline = time.monotonic() + 10.0
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    return info.get("url")
+
+
+def _runs(pid: int, *markers: bytes) -> bool:
+    """Whether `pid` runs a command whose arguments include every marker (a recycled pid must not be killed);
+    True for a live pid where /proc is absent."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except FileNotFoundError:
         return not Path("/proc/self").exists() and _alive(pid)
     except OSError:
         return False
-    return b"prefect" in cmdline and b"server" in cmdline
+    return all(marker in cmdline for marker in markers)
 
 
 def _alive(pid: int) -> bool:
@@ -108,7 +164,7 @@ def stop_server(files: ServerFiles, *, timeout_s: float = 30.0) -> str | None:
     except (OSError, ValueError):
         return None
     pid = int(info["pid"])
-    if not _is_prefect_server(pid):
+    if not _runs(pid, b"prefect", b"server"):  # `python -m prefect server start ...`
         files.pid_file.unlink(missing_ok=True)
         return None
     os.killpg(pid, signal.SIGTERM)  # its own session: the server and the workers it spawned

@@ -19,6 +19,7 @@ from prefect.utilities.annotations import allow_failure
 from kdflow.config import RunConfig, TeacherConfig
 from kdflow.sweep.ensemble import Member
 from kdflow.errors import KdflowError
+from kdflow.flows.userlogs import quiet_expected_failures
 from kdflow.runs import recorded_run
 from kdflow.store import Store
 from kdflow.sweep.grid import ENSEMBLE, PointResult, SweepPoint, expand_grid, sweep_teachers
@@ -71,6 +72,7 @@ def sweep_grid(cfg: RunConfig, sweep_id: str, dataset_ids: list[str], points: li
 @flow(name="sweep", flow_run_name="sweep-{cfg.name}", retries=0)
 def sweep(cfg: RunConfig) -> str:
     """Train and compare the configured grid of students; returns the sweep's run id."""
+    quiet_expected_failures()
     points = expand_grid(cfg)
     store = Store(cfg.home_dir)
     with recorded_run(store, cfg, flow_run_id=current_flow_run_id()) as sweep_id:

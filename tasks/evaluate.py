@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from kdflow.config import RunConfig
+from kdflow.fileserver import artifact_markdown
 from kdflow.runs import stage
 from kdflow.store import Store
 from kdflow.label.teacher import open_backend, teacher_ref
@@ -49,7 +50,8 @@ def report_task(cfg: RunConfig, run_id: str) -> str:
     if paths.tables:
         for key, rows in paths.tables.items():
             create_table_artifact(key=key, table=rows, description=f"Run {run_id}")
-    create_link_artifact(key="distillation-report", link=f"file://{paths.html}", link_text="HTML report")
+    create_markdown_artifact(key="distillation-report", markdown=artifact_markdown("HTML report", paths.html, cfg.home_dir),
+                             description=f"Run {run_id}")
     s = paths.summary
     get_run_logger().info("report: %s (teacher %.1f%%, student %.1f%% on %s test questions)", paths.html,
                           100 * s.teacher_accuracy, 100 * s.student_accuracy, f"{s.n_questions:,}")

@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from kdflow.config import RunConfig
+from kdflow.fileserver import artifact_markdown
 from kdflow.sweep.ensemble import Member, build_ensemble_labels, ensemble_spec
 from kdflow.errors import GateFailed
 from kdflow.runs import stage
@@ -117,5 +118,6 @@ def sweep_report_task(cfg: RunConfig, sweep_id: str) -> str:
     create_markdown_artifact(key="sweep-summary", markdown=Path(paths.markdown).read_text(encoding="utf-8"),
                              description=f"Sweep {sweep_id}")
     create_table_artifact(key="sweep-students", table=paths.table, description=f"Students of sweep {sweep_id}")
-    create_link_artifact(key="sweep-report", link=f"file://{paths.html}", link_text="Sweep comparison report")
+    create_markdown_artifact(key="sweep-report", markdown=artifact_markdown("Sweep comparison report", paths.html,
+                                                                            cfg.home_dir), description=f"Sweep {sweep_id}")
     return str(paths.html)

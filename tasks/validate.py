@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from kdflow.config import RunConfig
+from kdflow.fileserver import artifact_markdown
 from kdflow.errors import GateFailed
 from kdflow.validate.gate import run_gate
 from kdflow.runs import stage
@@ -30,7 +31,8 @@ def validate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_k
         description=f"Soft-label checks of {teacher_key} ({result.validation_id})",
     )
     if result.data_docs_path:
-        create_link_artifact(key="data-docs", link=f"file://{result.data_docs_path}", link_text="Great Expectations Data Docs")
+        create_markdown_artifact(key="data-docs", markdown=artifact_markdown(
+            "Great Expectations Data Docs", result.data_docs_path, cfg.home_dir), description=result.validation_id)
     if result.success:
         get_run_logger().info("data-quality gate passed (%s%s)", result.validation_id,
                               ", verdict on these labels reused" if result.reused else "")

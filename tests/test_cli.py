@@ -76,15 +76,19 @@ def test_ui_prints_its_log_keeps_its_data_in_the_home_and_stops(tmp_path):
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    port, files_port = ports
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     kdflow = [sys.executable, "-m", "kdflow.cli"]
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*kdflow, "ui", "--port", str(port), "--set", f"home={home}", *args],
+        return subprocess.run([*kdflow, "ui", "--port", str(port), "--files-port", str(files_port), "--set",
+                               f"home={home}", *args],
                               env=env, capture_output=True, text=True, timeout=200)
 
     started = cli()
@@ -92,20 +96,36 @@ def test_ui_prints_its_log_keeps_its_data_in_the_home_and_stops(tmp_path):
     assert f"server log: {home / 'logs' / 'prefect-server.log'}" in started.stdout
     assert f"server data (PREFECT_HOME): {home / 'prefect-ui'}" in started.stdout
     assert "kdflow ui --stop" in started.stdout
+    files_url = f"http://127.0.0.1:{files_port}"
+    assert f"reports and Data Docs served at {files_url}" in started.stdout
     pid = json.loads((home / "prefect-ui.pid").read_text())["pid"]
+    files_pid = json.loads((home / "file-server.json").read_text())["pid"]
     try:
         assert (home / "prefect-ui" / "prefect.db").exists()
+        from kdflow.fileserver import server_url
+
+        assert server_url(home) == files_url
+        import httpx
+
+        # The UI in the browser asks this server's API, not the default port's.
+        settings = httpx.get(f"http://127.0.0.1:{port}/ui-settings", timeout=30).json()
+        assert settings["api_url"] == f"http://127.0.0.1:{port}/api", settings
         again = cli()
         assert again.returncode == 0 and "already running" in again.stdout
+        assert json.loads((home / "file-server.json").read_text())["pid"] == files_pid  # found, not started again
         stopped = cli("--stop")
         assert stopped.returncode == 0 and f"stopped the Prefect server at http://127.0.0.1:{port}/api" in stopped.stdout
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
-        assert not (home / "prefect-ui.pid").exists()
+        assert f"stopped the file server at {files_url}" in stopped.stdout
+        for gone in (pid, files_pid):
+            assert not Path(f"/proc/{gone}").exists() or "Z" in Path(f"/proc/{gone}/stat").read_text().split()[2]
+        assert not (home / "prefect-ui.pid").exists() and not (home / "file-server.json").exists()
         none = cli("--stop")
         assert none.returncode == 2 and "no server started by `kdflow ui`" in none.stderr
     finally:
         if Path(f"/proc/{pid}").exists():
             os.killpg(pid, 9)
+        if Path(f"/proc/{files_pid}").exists():
+            os.kill(files_pid, 9)
 
 
 def test_the_cli_turns_off_hugging_face_progress_bars(tmp_path):

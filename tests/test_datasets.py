@@ -97,6 +97,26 @@ def test_cli_ingest_fails_clearly_on_missing_file_and_all_bad_input(tmp_path):
     assert "nothing usable was loaded" in result.output
 
 
+def test_cli_ingest_blames_the_encoding_option_not_the_config(tmp_path):
+    """An encoding problem of a file named on the command line names --encoding, whether the option was given
+    (a codec the bytes do not fit) or not (auto-detection found a codec to name)."""
+    path = tmp_path / "q.jsonl"
+    path.write_bytes('{"question": "Где вокзал? Там.", "options": ["здесь", "там"], "answer": "там"}\n'.encode("cp1251"))
+    runner = CliRunner()
+    home = f"home={tmp_path / 'h'}"
+    for extra in ([], ["--encoding", "utf-16"], ["--encoding", "utf-32"]):
+        result = runner.invoke(app, ["ingest", str(path), *extra, "--set", home])
+        assert result.exit_code == 2, result.output
+        assert "q.jsonl" in result.output and result.output.rstrip().endswith("; fix --encoding"), result.output
+        assert "data.sources" not in result.output and "Traceback" not in result.output
+    unknown = runner.invoke(app, ["ingest", str(path), "--encoding", "klingon", "--set", home])
+    assert unknown.exit_code == 2 and "--encoding: encoding 'klingon' is not a known codec" in unknown.output
+    config = tmp_path / "c.yaml"
+    config.write_text(f"{home.replace('=', ': ')}\ndata:\n  sources:\n    - {{path: {path}, encoding: utf-16}}\n")
+    configured = runner.invoke(app, ["ingest", "-c", str(config)])
+    assert configured.exit_code == 2 and "fix data.sources[].encoding" in configured.output
+
+
 def test_cli_blames_the_config_for_a_configured_source_and_set_for_an_override(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(f"home: {tmp_path / 'h'}\ndata:\n  sources:\n    - path: {tmp_path / 'nope.jsonl'}\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -278,3 +279,93 @@ def test_a_deployment_run_and_a_manual_run_at_once_on_one_home_both_complete(fir
     assert flow_runs.get(str(nightly.id)) == "completed"
     assert sum(1 for r in store.fetch("list_runs", limit=50) if r[2] == "completed") >= 3
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_bad_input_in_a_deployment_run_is_logged_once_without_traceback(tmp_path):
+    """A flow run started from a deployment runs in a `python -m prefect.engine` process (what a process
+    worker, `kdflow serve` and the UI's "Run" start): an expected failure is logged there once too, as its
+    message, in the process's output and in the logs the UI shows."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+
+    from kdflow.config import SourceConfig
+    from kdflow.flows.stages import ingest_flow
+
+    cfg = tiny(tmp_path / "home")
+    cfg.data.sources = [SourceConfig(path=str(tmp_path / "missing.jsonl"))]
+    ingest_flow.to_deployment(name="bad-input").apply()
+    flow_run = run_deployment("ingest/bad-input", parameters={"cfg": cfg.model_dump(mode="json")}, timeout=0)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT__FLOW_RUN_ID": str(flow_run.id),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    engine = subprocess.run([sys.executable, "-m", "prefect.engine"], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    output = engine.stdout + engine.stderr
+
+    async def state_and_logs():
+        async with get_client() as client:
+            state = (await client.read_flow_run(flow_run.id)).state
+            logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+            return state, [log.message for log in logs]
+
+    state, logs = asyncio.run(state_and_logs())
+    assert state.is_failed(), output[-3000:]
+    said = "missing.jsonl does not exist"
+    assert sum(said in m for m in logs) == 1, "\n".join(logs)
+    assert [m for m in logs if said in m][0].startswith("IngestError: source file ")
+    assert not [m for m in logs if "Traceback" in m], logs
+    assert output.count(said) == 1 and "Traceback" not in output, output[-5000:]
+
+
+def _artifacts(flow_run_id: str) -> dict[str, str]:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+    return {a.key: a.data for a in asyncio.run(read()) if a.key}
+
+
+@pytest.mark.slow
+def test_artifacts_show_report_and_data_docs_paths_and_link_them_over_http_when_served(first_run):
+    """No file:// link (a browser opens none from the http UI): the paths as text, and http links through
+    the home's file server while it runs (`kdflow ui` starts it)."""
+    import threading
+
+    import httpx
+
+    from kdflow.fileserver import make_server
+    from kdflow.flows.stages import validate_flow
+
+    home, run_id = first_run
+    store = Store(home, read_only=True)
+    artifacts = _artifacts(store.fetch("get_run", run_id=run_id)[0][6])
+    report = home / "reports" / run_id / "report.html"
+    assert f"```\n{report}\n```" in artifacts["distillation-report"]
+    docs = Path(re.search(r"```\n(.+)\n```", artifacts["data-docs"])[1])
+    assert docs.is_file() and docs.name == "index.html" and docs.is_relative_to(home / "data_docs")
+    assert not [key for key, text in artifacts.items() if "file://" in str(text)]
+
+    server = make_server(home, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        validate_flow(tiny(home))  # the verdict is reused; its artifact is written again
+        runs = Store(home, read_only=True).fetch("list_runs", limit=1)
+        text = _artifacts(Store(home, read_only=True).fetch("get_run", run_id=runs[0][0])[0][6])["data-docs"]
+        url = f"http://127.0.0.1:{server.server_address[1]}/data_docs/"
+        assert url in text and "file://" not in text
+        assert Path(re.search(r"```\n(.+)\n```", text)[1]).is_relative_to(home / "data_docs")
+        link = text[text.index(url):].split(")", 1)[0]
+        assert httpx.get(link, timeout=10).status_code == 200
+    finally:
+        server.shutdown()
+        server.server_close()

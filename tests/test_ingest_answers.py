@@ -238,8 +238,11 @@ def test_an_undecodable_file_names_the_encoding_and_the_setting(tmp_path):
     loaded = load_source(SourceConfig(path=str(path), encoding="utf-16-le"))  # named: read as given
     assert loaded.encoding == "utf-16-le" and _gold(path, encoding="utf-16-le") == ["там"]
     path.write_bytes('{"question": "Где вокзал? Там.", "options": ["здесь", "там"], "answer": "там"}\n'.encode("cp1251"))
-    with pytest.raises(IngestError, match=r"is not UTF-8 .*looks like cp1251: set encoding: cp1251 in data.sources\[\]"):
+    with pytest.raises(IngestError, match=r"is not UTF-8 .*looks like cp1251: name the encoding \(cp1251\) .*"
+                                          r"; fix data.sources\[\].encoding$"):
         load_source(SourceConfig(path=str(path)))
+    with pytest.raises(IngestError, match=r"is not valid utf-16.*; fix data.sources\[\].encoding$"):
+        load_source(SourceConfig(path=str(path), encoding="utf-16"))
 
 
 def test_a_utf8_file_with_one_broken_line_rejects_that_line_only(tmp_path):

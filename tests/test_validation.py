@@ -7,6 +7,7 @@ decision, so a check that starts flagging too much (or too little) shows up here
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 import time
@@ -477,3 +478,74 @@ def test_the_label_flow_stops_on_a_failing_sample_as_a_failed_gate(tmp_path):
         assert con.execute("SELECT count(*) FROM soft_labels").fetchone()[0] == 300  # the sample, kept
         status, detail = con.execute("SELECT status, detail FROM stage_runs WHERE stage = 'label'").fetchone()
     assert status == "failed" and '"passed": false' in detail
+
+
+# --- Data Docs that render offline --------------------------------------------------------------------------
+
+CDN_HOSTS = ("unpkg.com", "jsdelivr.net", "cdnjs.cloudflare.com", "bootstrapcdn.com", "code.jquery.com", "amazonaws.com")
+LOADING = re.compile(r"<(?:script|link|img|source)\b[^>]*?\b(?:src|href|srcset)=\"([^\"]+)\"", re.IGNORECASE)
+
+
+@pytest.fixture(scope="module")
+def data_docs(clean, tmp_path_factory) -> Path:
+    docs_dir = tmp_path_factory.mktemp("docs")
+    validate_labels(clean, CFG, docs_dir=docs_dir)
+    return Path(validate_labels(answer_a(clean, clean["predicted"] >= 0), CFG, docs_dir=docs_dir).data_docs_path)
+
+
+def test_data_docs_load_every_script_style_and_image_from_the_site(data_docs):
+    pages = sorted(data_docs.parent.rglob("*.html"))
+    assert len(pages) >= 5  # the index, two suites, two validation results (and the second run's)
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        assert not [host for host in CDN_HOSTS if host in text], page
+        addresses = LOADING.findall(text)
+        assert not [a for a in addresses if a.startswith(("http:", "https:", "//"))], page
+        local = [a for a in addresses if "static/offline/" in a]
+        assert len(local) >= 8 and all((page.parent / a).is_file() for a in local), (page, local)
+        assert "integrity=" not in text  # a CDN file's hash would refuse the local copy
+    # Links a reader may follow stay as they are (they load nothing).
+    assert 'href="https://greatexpectations.io"' in data_docs.read_text(encoding="utf-8")
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs /usr/bin/chromium (apt-get install -y chromium)")
+def test_data_docs_render_in_chromium_without_a_network(data_docs, tmp_path):
+    """With every host name unresolvable, the index's tables are built by bootstrap-table (they were empty
+    when it came from a CDN) and a validation page's scripts run without an error."""
+    from html.parser import HTMLParser
+
+    def render(page: Path, profile: str) -> tuple[str, str]:
+        done = subprocess.run(
+            ["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--host-resolver-rules=MAP * ~NOTFOUND", "--enable-logging=stderr", "--v=0",
+             f"--user-data-dir={tmp_path / profile}", "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout, done.stderr
+
+    class Cells(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cells: list[str] = []
+            self.in_cell = False
+
+        def handle_starttag(self, tag, attrs):
+            self.in_cell = tag == "td" or self.in_cell
+
+        def handle_endtag(self, tag):
+            self.in_cell = self.in_cell and tag != "td"
+
+        def handle_data(self, data):
+            if self.in_cell and data.strip():
+                self.cells.append(data.strip())
+
+    dom, log = render(data_docs, "index")
+    cells = Cells()
+    cells.feed(dom)
+    assert "bootstrap-table" in dom and "kdflow_soft_labels_labels" in " ".join(cells.cells), dom[-3000:]
+    assert "Uncaught" not in log, log[-3000:]
+    result = next(data_docs.parent.glob("validations/kdflow_soft_labels_labels/**/*.html"))
+    dom, log = render(result, "result")
+    assert "Uncaught" not in log, log[-3000:]
+    assert 'class="bootstrap-table' in dom and "Unsuccessful Expectations" in dom

@@ -112,7 +112,8 @@ def ingest(
         reports = ingest_all(cfg, store)
     except IngestError as e:
         # The sources came from the command line: name the argument or option at fault, not the config.
-        origin = {"path": "the PATHS argument of `kdflow ingest`", "format": "--format"}.get(e.setting or "")
+        origin = {"path": "the PATHS argument of `kdflow ingest`", "format": "--format",
+                  "encoding": "--encoding"}.get(e.setting or "")
         raise _fail(e.blaming(origin) if paths and origin else str(e)) from None
     print_ingest(_console(), reports)
     if not any(r.loaded for r in reports):
@@ -355,27 +356,35 @@ def serve(
 def ui(
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port of the API and UI")] = 4200,
-    stop: Annotated[bool, typer.Option("--stop", help="stop the server `kdflow ui` started from this home")] = False,
+    stop: Annotated[bool, typer.Option("--stop", help="stop the servers `kdflow ui` started from this home")] = False,
+    files_port: Annotated[int, typer.Option(help="port of the server of the home's reports and Data Docs")] = 4201,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Start a local Prefect server with its UI (or find the running one) and print its URL."""
-    from kdflow.flows.serve import ServerFiles, start_server, stop_server
+    """Start a local Prefect server with its UI (or find the running one) and print its URL; beside it, an
+    http server of the home's reports and Data Docs, which the UI's artifacts link to."""
+    from kdflow.flows.serve import ServerFiles, start_file_server, start_server, stop_file_server, stop_server
 
     cfg = _load(config, set_)
     files = ServerFiles.of_home(cfg.home_dir)
     console = _console()
     if stop:
+        files_url = stop_file_server(files)
         url = stop_server(files)
-        if url is None:
+        if url is None and files_url is None:
             raise _fail(f"no server started by `kdflow ui` from {cfg.home_dir} is running ({files.pid_file})")
-        console.print(f"stopped the Prefect server at {url}", soft_wrap=True)
+        for name, stopped in (("Prefect server", url), ("file server", files_url)):
+            if stopped:
+                console.print(f"stopped the {name} at {stopped}", soft_wrap=True)
         return
     try:
         url, started = start_server(host, port, files)
+        files_url, _ = start_file_server(host, files_port, files)
     except TimeoutError as e:
         raise _fail(str(e)) from None
     console.print(f"Prefect UI {'started' if started else 'already running'}: http://{host}:{port}", soft_wrap=True)
+    console.print(f"reports and Data Docs served at {files_url} (the runs' artifacts link them; log: {files.files_log})",
+                  soft_wrap=True)
     if started or files.pid_file.exists():
         console.print(f"server log: {files.log_file}", soft_wrap=True)
         console.print(f"server data (PREFECT_HOME): {files.prefect_home}", soft_wrap=True)

@@ -1,59 +1,17 @@
 """Running a pipeline flow from the command line (`kdflow run`, `sweep` and the single stages): each
 KDFLOW_HOME gets its own PREFECT_HOME, runs on one home queue on its lock before a temporary Prefect
-server starts, a user error (KdflowError) is logged once without a traceback, and every outcome becomes
-a message and an exit code (2 input, 3 gate, 1 transient, 130 cancelled). Prefect is imported here only
-when a flow runs.
+server starts, and every outcome becomes a message and an exit code (2 input, 3 gate, 1 transient, 130
+cancelled); the flows themselves log a user error once, without a traceback. Prefect is imported here
+only when a flow runs.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
 
 from kdflow.cli.console import EXIT_GATE, _fail, _notice
-
-
-class _NoUserErrorTraceback(logging.Filter):
-    """Prefect logs an exception leaving a task four times (task failed, task state, flow failed, flow state),
-    each with its repr and the first two with a traceback. A KdflowError is an expected outcome (a failed
-    gate, bad input) whose message says it all: it is logged once, as its message without a traceback; the
-    flow's repeat is dropped and the "Finished in state Failed(...)" lines only name the error."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: dict[str, str] = {}  # first line of each logged message -> its exception type
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from kdflow.errors import KdflowError
-
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, KdflowError):
-            record.exc_info, record.exc_text = None, None
-            key = str(exc).split("\n", 1)[0]
-            if key in self.seen:
-                return False
-            self.seen[key] = type(exc).__name__
-            record.msg, record.args = "%s: %s", (type(exc).__name__, exc)
-            return True
-        message = record.getMessage()
-        if message.startswith("Finished in state "):
-            for key, name in self.seen.items():
-                if key in message:
-                    record.msg, record.args = "%s (%s, logged above)", (message.split("(", 1)[0], name)
-        return True
-
-
-_USER_ERROR_FILTER = _NoUserErrorTraceback()
-
-
-def _without_tracebacks_for_user_errors() -> None:
-    _USER_ERROR_FILTER.seen.clear()  # once per run, not once per process
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logger = logging.getLogger(name)
-        if _USER_ERROR_FILTER not in logger.filters:
-            logger.addFilter(_USER_ERROR_FILTER)
 
 
 def _own_prefect_home(home: Path) -> None:
@@ -91,7 +49,6 @@ def _run_flow(flow_name: str, cfg, **kwargs):
         from kdflow.flows.stages import STAGE_FLOWS
 
         flow_fn = STAGE_FLOWS[flow_name]
-    _without_tracebacks_for_user_errors()
     try:
         with queued:
             return flow_fn(cfg, **kwargs)

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from kdflow.config.base import Strict
 
@@ -91,14 +91,18 @@ class SourceConfig(Strict):
             raise ValueError(f"a source needs exactly one of path, hf_dataset or demo; got {given or 'none'}")
         if self.format == "generic" and self.mapping is None:
             raise ValueError("format: generic needs a mapping (question, options, answer columns)")
-        if self.encoding != "auto":
-            try:
-                codecs.lookup(self.encoding)
-            except LookupError:
-                raise ValueError(
-                    f"encoding {self.encoding!r} is not a known codec (e.g. utf-8, utf-16, cp1252)"
-                ) from None
         return self
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_codec(cls, encoding: str) -> str:
+        # A field check, so the error names the field (or --encoding in `kdflow ingest`).
+        if encoding != "auto":
+            try:
+                codecs.lookup(encoding)
+            except LookupError:
+                raise ValueError(f"encoding {encoding!r} is not a known codec (e.g. utf-8, utf-16, cp1252)") from None
+        return encoding
 
     @property
     def display_name(self) -> str:

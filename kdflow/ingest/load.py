@@ -26,7 +26,7 @@ from kdflow.config import SourceConfig
 from kdflow.ingest.collect import IngestError, LoadedSource, _Collector
 from kdflow.ingest.detect import DETECT_ROWS, detect_layout
 from kdflow.ingest.layouts import LAYOUTS, Mapper, mapper_for, mapping_columns
-from kdflow.ingest.readers import READERS, Row, rows_from_records, to_utf8
+from kdflow.ingest.readers import READERS, EncodingError, Row, rows_from_records, to_utf8
 from kdflow.records import REJECTED_SCHEMA
 from kdflow.ingest.splits import normalised_key
 
@@ -117,6 +117,8 @@ def _load_files(source: SourceConfig) -> LoadedSource:
                 data, encoding = to_utf8(data, source.encoding)
                 encodings.append(encoding)
             rows = READERS[path.suffix.lower()](data)
+        except EncodingError as e:
+            raise IngestError(f"{path} {e}", setting="encoding") from e
         except ValueError as e:
             raise IngestError(f"{path} {e}") from e
         file_layout, mapper = _layout(source, rows, str(path))

@@ -35,7 +35,8 @@ _MULTIBYTE_UTF8 = re.compile(rb"[\xc2-\xf4][\x80-\xbf]+")
 
 
 class EncodingError(ValueError):
-    """A file whose bytes are not text in the encoding it was read with; the message says what to set."""
+    """A file whose bytes are not text in the encoding it was read with; the message says which codec to
+    name (the caller names the setting or option that takes it, since it knows where the encoding came from)."""
 
 
 def to_utf8(data: bytes, encoding: str = "auto") -> tuple[bytes, str]:
@@ -90,8 +91,8 @@ def to_utf8(data: bytes, encoding: str = "auto") -> tuple[bytes, str]:
                 continue
     looks = f"it looks like {found}" if found else "its encoding could not be recognised"
     raise EncodingError(
-        f"is not UTF-8 (invalid byte at offset {first_bad}); {looks}: set encoding: "
-        f"{found or '<codec>'} in data.sources[] to read it as that, or re-save the file as UTF-8"
+        f"is not UTF-8 (invalid byte at offset {first_bad}); {looks}: name the encoding "
+        f"({found or 'a Python codec'}) to read it as that, or re-save the file as UTF-8"
     )
 
 
@@ -108,8 +109,7 @@ def _recode(data: bytes, codec: str) -> bytes:
         text = data.decode(codec)
     except UnicodeDecodeError as e:
         raise EncodingError(
-            f"is not valid {codec} (byte {e.start}: {e.reason}); set encoding in data.sources[] to the file's "
-            "encoding, or re-save it as UTF-8"
+            f"is not valid {codec} (byte {e.start}: {e.reason}); name the file's encoding, or re-save it as UTF-8"
         ) from None
     return text.removeprefix("\ufeff").encode("utf-8", "surrogatepass")
 

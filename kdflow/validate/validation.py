@@ -264,9 +264,14 @@ def _quarantine(run: Any, frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _build_docs(ctx: Any) -> str | None:
+    """Build the Data Docs and make them render offline (kdflow/validate/offline_docs.py); their index.html."""
+    from kdflow.validate.offline_docs import make_offline
+
     ctx.build_data_docs()
     for site in ctx.get_docs_sites_urls():
         url = site.get("site_url") or ""
         if url.startswith("file://"):
-            return url2pathname(urlparse(url).path)
+            index = url2pathname(urlparse(url).path)
+            make_offline(Path(index).parent)
+            return index
     return None

@@ -1,0 +1,130 @@
+"""A local http server for a home's reports and Data Docs, so the Prefect UI can link to them.
+
+Browsers do not open file:// links from an http page (the Prefect UI), so `kdflow ui` starts this server
+beside the Prefect server: `python -m kdflow.fileserver --home HOME --host 127.0.0.1 --port 4201`. It
+serves only `reports/` and `data_docs/` of the home (never the database or the models), read-only, and
+records its address in `HOME/file-server.json`; artifacts link through it while it answers, and always
+show the file's path as text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import posixpath
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit
+
+import httpx
+
+STATE_FILE = "file-server.json"
+SERVED = ("reports", "data_docs")
+HOME_PATH = "/kdflow-home"  # answers the served home's path: tells this home's server from another's
+
+
+def state_file(home: Path) -> Path:
+    return Path(home) / STATE_FILE
+
+
+class _HomeFiles(SimpleHTTPRequestHandler):
+    """GET/HEAD of files under the served folders of one home; anything else is 404."""
+
+    def __init__(self, *args, home: Path, **kwargs) -> None:
+        self.home = home
+        super().__init__(*args, directory=str(home), **kwargs)
+
+    def send_head(self):
+        path = posixpath.normpath(unquote(urlsplit(self.path).path))
+        if path == HOME_PATH:
+            body = str(self.home).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            return _Body(body)
+        top = path.lstrip("/").split("/", 1)[0]
+        if top not in SERVED:
+            self.send_error(404, f"only {', '.join(SERVED)} of the home are served")
+            return None
+        return super().send_head()
+
+    def list_directory(self, path):
+        self.send_error(404, "no directory listings")
+        return None
+
+
+class _Body:
+    """A file-like body for `copyfile`."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def read(self, size: int = -1) -> bytes:
+        data, self.data = self.data, b""
+        return data
+
+    def close(self) -> None:
+        pass
+
+
+def make_server(home: Path, host: str, port: int) -> ThreadingHTTPServer:
+    """The server (bound, not yet serving); port 0 picks a free port. Records its url in the state file."""
+    home = Path(home).resolve()
+    server = ThreadingHTTPServer((host, port), partial(_HomeFiles, home=home))
+    url = f"http://{host}:{server.server_address[1]}"
+    state_file(home).write_text(json.dumps({"pid": os.getpid(), "url": url}), encoding="utf-8")
+    return server
+
+
+def server_url(home: Path, *, timeout_s: float = 2.0) -> str | None:
+    """The url of this home's file server when one answers for this home, else None."""
+    try:
+        url = json.loads(state_file(home).read_text(encoding="utf-8"))["url"]
+        answer = httpx.get(url + HOME_PATH, timeout=timeout_s)
+    except (OSError, ValueError, KeyError, httpx.HTTPError):
+        return None
+    return url if answer.status_code == 200 and answer.text == str(Path(home).resolve()) else None
+
+
+def file_url(home: Path, path: str | Path, *, base: str | None = None) -> str | None:
+    """The http url of `path` (a file under the home's reports/ or data_docs/) through `base` (default: the
+    home's running file server), or None when there is no server or the file is not served."""
+    base = base or server_url(home)
+    if base is None:
+        return None
+    try:
+        relative = Path(path).resolve().relative_to(Path(home).resolve())
+    except ValueError:
+        return None
+    if not relative.parts or relative.parts[0] not in SERVED:
+        return None
+    return f"{base}/{quote(relative.as_posix())}"
+
+
+def artifact_markdown(title: str, path: str | Path, home: Path) -> str:
+    """Markdown for a Prefect artifact: an http link to `path` when the home's file server runs (a browser
+    opens no file:// link from the UI), and the path as copyable text in every case."""
+    url = file_url(home, path)
+    link = (f"**[{title}]({url})**" if url else
+            f"**{title}**: open the path below (runs made while `kdflow ui` runs link it over http here)")
+    return f"{link}\n\n```\n{path}\n```\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=4201)
+    args = parser.parse_args()
+    server = make_server(args.home, args.host, args.port)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()
