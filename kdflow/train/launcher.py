@@ -40,17 +40,10 @@ from transformers import PreTrainedTokenizerBase
 from kdflow.config import ScoringConfig, TrainingConfig
 from kdflow.errors import KdflowError, TransientError
 from kdflow.train.checkpoints import CheckpointError, trainable_state
-from kdflow.train.distributed import join, launched_world_size, transformers_model
-from kdflow.train.recipe import (
-    TrainingCancelled,
-    TrainingDiverged,
-    TrainResult,
-    step_bar,
-    step_status,
-    total_steps,
-    train,
-)
-
+from kdflow.train.distributed import launched_world_size, transformers_model
+from kdflow.train.optim import total_steps
+from kdflow.train.recipe import TrainingCancelled, TrainResult, train
+from kdflow.train.reporting import TrainingDiverged, step_bar, step_status
 
 EXAMPLES_SCHEMA = pa.schema(
     [
@@ -109,23 +102,8 @@ def launch_training(
     started = time.perf_counter()
     out_dir = Path(out_dir).resolve()
     run_dir = out_dir / "launch"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    device_type = next(model.parameters()).device.type
-    _save_model(model, tokenizer, run_dir / "model")
-    model.to("cpu")
-    _write_examples(examples, run_dir / "examples.parquet")
-    if val_examples:
-        _write_examples(list(val_examples)[: cfg.eval_questions], run_dir / "val.parquet")
-    spec = {
-        "training": cfg.model_dump(mode="json"),
-        "scoring": scoring.model_dump(mode="json"),
-        "out_dir": str(out_dir),
-        "resume": resume,
-        "merge_lora": merge_lora,
-        "device": device_type,
-    }
-    (run_dir / "spec.json").write_text(json.dumps(spec, indent=2), encoding="utf-8")
+    spec = {"out_dir": str(out_dir), "resume": resume, "merge_lora": merge_lora}
+    _stage(run_dir, model, tokenizer, examples, val_examples, cfg, scoring, spec)
 
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.num_processes}",
@@ -159,6 +137,32 @@ def launch_training(
     result = _outcome(outcome, workers.returncode, run_dir / _LOG, time.perf_counter() - started)
     shutil.rmtree(run_dir, ignore_errors=True)
     return result
+
+
+def _stage(
+    run_dir: Path,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Mapping[str, Any]],
+    val_examples: Sequence[Mapping[str, Any]] | None,
+    cfg: TrainingConfig,
+    scoring: ScoringConfig,
+    spec: dict[str, Any],
+) -> None:
+    """Write what the workers read into a fresh `run_dir`: the model, the examples (the validation ones cut
+    to cfg.eval_questions) and spec.json (`spec` plus the settings and the model's device type); then move
+    the caller's model to the CPU, freeing its device for the workers."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    device_type = next(model.parameters()).device.type
+    _save_model(model, tokenizer, run_dir / "model")
+    model.to("cpu")
+    _write_examples(examples, run_dir / "examples.parquet")
+    if val_examples:
+        _write_examples(list(val_examples)[: cfg.eval_questions], run_dir / "val.parquet")
+    spec = {"training": cfg.model_dump(mode="json"), "scoring": scoring.model_dump(mode="json"), **spec,
+            "device": device_type}
+    (run_dir / "spec.json").write_text(json.dumps(spec, indent=2), encoding="utf-8")
 
 
 @contextlib.contextmanager
