@@ -19,7 +19,7 @@ from kdflow.train.checkpoints import (
 from kdflow.config import LoraConfig, TrainingConfig
 from kdflow.scoring import encode, option_logits
 from kdflow.train.students import with_lora
-from kdflow.train.recipe import build_optimizer, build_scheduler
+from kdflow.train.optim import build_optimizer, build_scheduler
 
 CFG = TrainingConfig(learning_rate=1e-2, weight_decay=0.1)
 

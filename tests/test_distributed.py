@@ -21,7 +21,8 @@ from kdflow.train.launcher import _EventReader, _outcome, launch_training
 from kdflow.errors import KdflowError, TransientError
 from kdflow.modeling import load_pretrained
 from kdflow.train.students import with_lora
-from kdflow.train.recipe import TrainingCancelled, TrainingDiverged, train
+from kdflow.train.recipe import TrainingCancelled, train
+from kdflow.train.reporting import TrainingDiverged
 
 # A global micro-batch of 8 (4 per process), accumulated twice: both processes' slices and the
 # accumulation are exercised. Steps 3 and 6 validate and checkpoint.

@@ -12,7 +12,8 @@ from kdflow.config import ArchitectureConfig, LoraConfig, StudentConfig, Trainin
 from kdflow.modeling import ModelSource, build_model, load_pretrained, save_pretrained
 from kdflow.scoring import encode, option_logits
 from kdflow.train.students import every_kth_layer, init_student
-from kdflow.train.recipe import build_optimizer, build_scheduler, train
+from kdflow.train.optim import build_optimizer, build_scheduler
+from kdflow.train.recipe import train
 
 RECIPE = TrainingConfig(alpha=0.5, max_steps=4, batch_size=8, learning_rate=1e-2, checkpoint_every=4)
 

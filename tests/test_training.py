@@ -17,15 +17,10 @@ from kdflow.train.checkpoints import latest_checkpoint
 from kdflow.config import ScoringConfig, TrainingConfig
 from kdflow.errors import KdflowError
 from kdflow.modeling import load_pretrained
-from kdflow.train.recipe import (
-    build_scheduler,
-    DELIVER_EVERY,
-    DataOrder,
-    TrainingCancelled,
-    TrainingDiverged,
-    total_steps,
-    train,
-)
+from kdflow.train.batches import DataOrder
+from kdflow.train.optim import build_scheduler, total_steps
+from kdflow.train.recipe import TrainingCancelled, train
+from kdflow.train.reporting import DELIVER_EVERY, TrainingDiverged
 
 WORKER = Path(__file__).with_name("toy_training.py")
 # Everything but throughput is deterministic on the CPU.

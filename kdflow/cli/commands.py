@@ -18,7 +18,7 @@ import typer
 
 from kdflow.cli.console import EXIT_INPUT, _console, _fail, _print_error
 from kdflow.cli.help import _Command, _Group
-from kdflow.cli.running import _run_flow
+from kdflow.cli.running import _print_run_footer, _run_flow
 
 
 class _Kdflow(typer.Typer):
@@ -154,21 +154,6 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     store = Store(cfg.home_dir, read_only=True)
     print_summary(_console(), load_summary(store, run_id))
     _print_run_footer(store, run_id)
-
-
-def _print_run_footer(store, run_id: str) -> None:
-    """The last lines of `kdflow run`: what to paste into the next command, and where to look."""
-    from kdflow.report.run_report import report_dir
-
-    console = _console()
-    console.print(f"run id: {run_id}", soft_wrap=True)
-    console.print(f"report: {report_dir(store, run_id) / 'report.html'}", soft_wrap=True)
-    flow_run_id = store.fetch("get_run", run_id=run_id)[0][6]
-    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
-
-    # Only a server outlives the run; an ephemeral one's UI link would lead nowhere.
-    if PREFECT_API_URL.value() and PREFECT_UI_URL.value() and flow_run_id:
-        console.print(f"Prefect UI: {PREFECT_UI_URL.value()}/runs/flow-run/{flow_run_id}", soft_wrap=True)
 
 
 @app.command()

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from kdflow.cli.console import EXIT_GATE, _fail, _notice
+from kdflow.cli.console import EXIT_GATE, _console, _fail, _notice
 
 
 def _own_prefect_home(home: Path) -> None:
@@ -60,3 +60,18 @@ def _run_flow(flow_name: str, cfg, **kwargs):
         raise _fail(f"{e}; committed work is kept and a re-run resumes from it", 1) from None
     except KeyboardInterrupt:
         raise _fail("cancelled: the run is marked cancelled; committed work is kept and reused", 130) from None
+
+
+def _print_run_footer(store, run_id: str) -> None:
+    """The last lines of `kdflow run`: what to paste into the next command, and where to look."""
+    from kdflow.report.run_report import report_dir
+
+    console = _console()
+    console.print(f"run id: {run_id}", soft_wrap=True)
+    console.print(f"report: {report_dir(store, run_id) / 'report.html'}", soft_wrap=True)
+    flow_run_id = store.fetch("get_run", run_id=run_id)[0][6]
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    # Only a server outlives the run; an ephemeral one's UI link would lead nowhere.
+    if PREFECT_API_URL.value() and PREFECT_UI_URL.value() and flow_run_id:
+        console.print(f"Prefect UI: {PREFECT_UI_URL.value()}/runs/flow-run/{flow_run_id}", soft_wrap=True)

@@ -39,6 +39,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from kdflow.config import ScoringConfig, TrainingConfig
+from kdflow.errors import KdflowError
+
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _STATE_FILE = "trainer_state.json"
@@ -331,3 +334,43 @@ def load_checkpoint(
     scheduler.load_state_dict(checkpoint.scheduler_state)
     set_rng_state(checkpoint.rng)
     return checkpoint.state
+
+
+# Settings that do not change the trajectory; a resumed run may change them freely (the number of
+# processes too: the global batch and its data order do not depend on it).
+_RESUME_FREE = {"checkpoint_every", "hard_label_baseline", "num_processes", "fsdp"}
+
+
+def run_config(cfg: TrainingConfig, scoring: ScoringConfig, model: torch.nn.Module) -> dict[str, Any]:
+    """Everything that shaped the run, stored in every checkpoint."""
+    model_config = getattr(model, "config", None)
+    peft_config = getattr(model, "peft_config", None)
+    return {
+        "training": cfg.model_dump(mode="json"),
+        "scoring": scoring.model_dump(mode="json"),
+        "model": json.loads(model_config.to_json_string()) if model_config is not None else None,
+        "lora": {
+            name: json.loads(json.dumps(c.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+            for name, c in (peft_config or {}).items()
+        },
+    }
+
+
+def check_resumable(checkpoint: Path, cfg: TrainingConfig, scoring: ScoringConfig) -> None:
+    """Refuse (KdflowError naming each changed setting) to resume from `checkpoint` when it was written with
+    training or scoring settings that change the trajectory (all but _RESUME_FREE)."""
+    saved = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    now = {"training": cfg.model_dump(mode="json"), "scoring": scoring.model_dump(mode="json")}
+    changed = [
+        f"{section}.{key} ({saved[section].get(key)!r} -> {value!r})"
+        for section in now
+        for key, value in now[section].items()
+        if key not in _RESUME_FREE and saved[section].get(key) != value
+    ]
+    if changed:
+        raise KdflowError(
+            f"cannot resume from {checkpoint}: it was written with different settings: {', '.join(changed)}. "
+            "Restore them, or train without resume (the old checkpoints are then deleted)"
+        )
+
+

@@ -41,15 +41,9 @@ from kdflow.config import ScoringConfig, TrainingConfig
 from kdflow.errors import KdflowError, TransientError
 from kdflow.train.checkpoints import CheckpointError, trainable_state
 from kdflow.train.distributed import launched_world_size, transformers_model
-from kdflow.train.recipe import (
-    TrainingCancelled,
-    TrainingDiverged,
-    TrainResult,
-    step_bar,
-    step_status,
-    total_steps,
-    train,
-)
+from kdflow.train.optim import total_steps
+from kdflow.train.recipe import TrainingCancelled, TrainResult, train
+from kdflow.train.reporting import TrainingDiverged, step_bar, step_status
 
 
 EXAMPLES_SCHEMA = pa.schema(

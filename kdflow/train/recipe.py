@@ -15,43 +15,51 @@ The same loop runs in one process or, under a launcher, in several (DDP, or FSDP
 `training.batch_size` stays the global micro-batch, each process trains on its slice of it, and only the
 main process reports and writes; kdflow/train/distributed.py holds the collectives, kdflow/train/launcher.py
 the launcher.
+
+The pieces the recipe calls live beside it in kdflow/train/: batches (tokenized examples and their seeded
+order), optim (optimizer, schedule, step budget), val_check (validation accuracy and early stopping),
+reporting (progress bar, metric rows) and checkpoints (saving, resuming, the run's settings).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
-import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import PreTrainedTokenizerBase, get_scheduler
-from transformers.utils import logging as hf_logging
+from transformers import PreTrainedTokenizerBase
 
-from kdflow.train.checkpoints import TrainState, latest_checkpoint, trainable_state
 from kdflow.config import ScoringConfig, TrainingConfig
-from kdflow.train.distributed import Processes, join, whole_tensor
 from kdflow.errors import KdflowError
+from kdflow.scoring import ScoringBatch, option_logits
+from kdflow.train.batches import DataOrder, TrainingData, build_dataset
+from kdflow.train.checkpoints import (
+    TrainState,
+    check_resumable,
+    latest_checkpoint,
+    run_config,
+    trainable_state,
+)
+from kdflow.train.distributed import Processes, join, whole_tensor
 from kdflow.train.losses import LossParts, distillation_loss
-from kdflow.scoring import EncodedQuestion, ScoringBatch, collate, option_logits, tokenize
+from kdflow.train.optim import build_optimizer, build_scheduler, total_steps
+from kdflow.train.reporting import (
+    DELIVER_EVERY,
+    DISPLAY_EVERY,
+    materialise,
+    step_bar,
+    step_status,
+    transformers_bars,
+)
 from kdflow.train.students import export_student
-
-# Metric rows reach `on_metrics` in batches: one database write per 50 steps, not per step.
-DELIVER_EVERY = 50
-# Reading a loss from the device waits for the step to finish; the progress bar does it only this often.
-DISPLAY_EVERY = 10
-# Settings that do not change the trajectory; a resumed run may change them freely (the number of
-# processes too: the global batch and its data order do not depend on it).
-_RESUME_FREE = {"checkpoint_every", "hard_label_baseline", "num_processes", "fsdp"}
+from kdflow.train.val_check import autocast, evaluate_accuracy, track_validation
 
 
 class TrainingCancelled(KdflowError):
@@ -61,10 +69,6 @@ class TrainingCancelled(KdflowError):
         super().__init__(f"training cancelled after step {step}; checkpoint {checkpoint} (resume continues from it)")
         self.step = step
         self.checkpoint = checkpoint
-
-
-class TrainingDiverged(KdflowError):
-    """The loss became NaN or infinite. Raised before the next checkpoint, so none holds diverged weights."""
 
 
 @dataclass(frozen=True)
@@ -84,163 +88,7 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------------------------------
-# Pieces the recipe is made of (each small and tested on its own)
-
-
-def total_steps(cfg: TrainingConfig, n_examples: int) -> int:
-    """cfg.max_steps, else enough optimizer steps for cfg.epochs passes over the examples."""
-    if cfg.max_steps is not None:
-        return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * n_examples / (cfg.batch_size * cfg.grad_accum)))
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, total: int) -> LambdaLR:
-    """transformers' `cfg.lr_schedule` over `total` optimizer steps after a linear warm-up of
-    ceil(cfg.warmup_ratio * total) steps (transformers' convention: warm-up step s of W runs at s / W of the
-    peak, so the first step of a warm-up runs at lr 0). Its state is plain numbers, saved in checkpoints."""
-    warmup_steps = math.ceil(cfg.warmup_ratio * total)
-    return get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total)
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; matrices and embeddings decay, norms and biases do not
-    (shrinking a norm's gain towards 0 only hurts)."""
-    params = list(trainable_state(model).values())
-    if not params:
-        raise ValueError("the model has no trainable parameters (requires_grad is False everywhere)")
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
-
-
-class DataOrder:
-    """Micro-batches of example indices: epoch e visits a permutation seeded by (seed, e).
-
-    Batches run on across epoch boundaries, so every micro-batch has the same size and grad_accum x b
-    sees exactly the examples that one batch of size accum * b would. (epoch, position) continues it.
-    """
-
-    def __init__(self, n: int, seed: int, epoch: int = 0, position: int = 0) -> None:
-        self.n, self.seed, self.epoch, self.position = n, seed, epoch, position
-        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
-
-    def _permutation(self) -> torch.Tensor:
-        if self._perm_epoch != self.epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.n, generator=generator), self.epoch
-        return self._perm
-
-    def next(self, size: int) -> list[int]:
-        indices: list[int] = []
-        while len(indices) < size:
-            if self.position == self.n:
-                self.epoch, self.position = self.epoch + 1, 0
-            take = min(size - len(indices), self.n - self.position)
-            indices += self._permutation()[self.position : self.position + take].tolist()
-            self.position += take
-        return indices
-
-    @property
-    def epochs_done(self) -> float:
-        return self.epoch + self.position / self.n
-
-
-@dataclass(frozen=True)
-class _Dataset:
-    """Examples tokenized once up front, so the loop only pads and indexes.
-
-    answers [N]; probs [N, most options] zero-padded, or None when the run uses no teacher.
-    """
-
-    encoded: list[EncodedQuestion]
-    answers: torch.Tensor
-    probs: torch.Tensor | None
-    pad_id: int
-
-    def batch(self, indices: Sequence[int]) -> tuple[ScoringBatch, torch.Tensor, torch.Tensor | None]:
-        batch = collate([self.encoded[i] for i in indices], pad_id=self.pad_id)
-        rows = torch.as_tensor(indices, dtype=torch.long)
-        probs = None if self.probs is None else self.probs[rows, : batch.option_mask.shape[1]]
-        return batch, self.answers[rows], probs
-
-
-def _dataset(
-    examples: Sequence[Mapping[str, Any]],
-    tokenizer: PreTrainedTokenizerBase,
-    scoring: ScoringConfig,
-    *,
-    with_probs: bool,
-) -> _Dataset:
-    """Tokenize and check examples: an answer index for each, and probs over exactly its options."""
-    encoded = tokenize(examples, tokenizer, scoring)
-    for i, (example, enc) in enumerate(zip(examples, encoded, strict=True)):
-        answer = example.get("answer")
-        if not isinstance(answer, int) or not 0 <= answer < enc.n_options:
-            raise ValueError(
-                f"example {i} ({example.get('question_id', 'no id')}) has answer {answer!r}; "
-                f"it needs an option index in 0..{enc.n_options - 1}"
-            )
-        if with_probs:
-            probs = example.get("probs")
-            if probs is None or len(probs) != enc.n_options:
-                raise ValueError(
-                    f"example {i} ({example.get('question_id', 'no id')}) needs teacher probs for its "
-                    f"{enc.n_options} options, got {None if probs is None else len(probs)}; alpha < 1 "
-                    "distils from soft labels, so every training example must have one (or set alpha: 1)"
-                )
-            if not all(math.isfinite(p) and p >= 0 for p in probs):
-                raise ValueError(
-                    f"example {i} ({example.get('question_id', 'no id')}) has teacher probs {list(probs)}; "
-                    "they must be finite and non-negative (run the validation gate on the soft labels)"
-                )
-    probs = None
-    if with_probs:
-        probs = torch.zeros(len(examples), max(e.n_options for e in encoded))
-        for row, example in enumerate(examples):
-            probs[row, : len(example["probs"])] = torch.tensor(example["probs"], dtype=torch.float32)
-    return _Dataset(
-        encoded=encoded,
-        answers=torch.tensor([int(e["answer"]) for e in examples], dtype=torch.long),
-        probs=probs,
-        pad_id=tokenizer.pad_token_id or 0,
-    )
-
-
-def evaluate_accuracy(
-    model: torch.nn.Module,
-    data: _Dataset,
-    *,
-    batch_size: int,
-    device: torch.device,
-    processes: Processes | None = None,
-) -> float:
-    """Share of questions whose highest-scoring option is the gold one (model.eval, no grad).
-
-    With several processes each scores its slice of every batch of `batch_size` and the counts are summed.
-    """
-    processes = processes or Processes(device=device)
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    with torch.no_grad(), _autocast(device):
-        for start in range(0, len(data.encoded), batch_size):
-            indices = processes.local(range(start, min(start + batch_size, len(data.encoded))))
-            # Past the end of a short last batch a slice is empty; FSDP processes must still run the
-            # forward pass together, so such a process scores one question and counts none.
-            batch, gold, _ = data.batch(indices or [start])
-            predicted = option_logits(model, batch.to(device)).scores.argmax(dim=-1)
-            correct += (predicted == gold.to(device))[: len(indices)].sum()
-    model.train(was_training)
-    return int(processes.sum(correct)) / len(data.encoded)
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; the CPU runs in the model's own dtype (and stays bit-reproducible)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+# One step: the loss of a micro-batch, and an optimizer step over grad_accum of them
 
 
 def _loss_step(
@@ -252,7 +100,7 @@ def _loss_step(
     device: torch.device,
 ) -> LossParts:
     """Loss parts of one micro-batch: score the options, compare with the gold answer and the teacher."""
-    with _autocast(device):
+    with autocast(device):
         scores = option_logits(model, batch).scores
     return distillation_loss(
         scores,
@@ -269,7 +117,7 @@ def _loss_step(
 def _optimizer_step(
     model: torch.nn.Module,
     wrapped: torch.nn.Module,
-    data: _Dataset,
+    data: TrainingData,
     order: DataOrder,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -305,108 +153,8 @@ def _optimizer_step(
     return {"loss": means[0], "ce": means[1], "kd": means[2] if kd else None, "lr": lr, "grad_norm": grad_norm}
 
 
-def _track_validation(
-    state: TrainState, accuracy: float, snapshot: Callable[[], dict[str, torch.Tensor]], patience: int | None
-) -> None:
-    """Record a validation check; with early stopping, keep the best weights (`snapshot`: CPU copies)
-    and stop after `patience` checks without improvement."""
-    if state.best_val_accuracy is None or accuracy > state.best_val_accuracy:
-        state.best_val_accuracy, state.best_step, state.evals_since_best = accuracy, state.step, 0
-        if patience is not None:
-            state.best_weights = snapshot()
-        return
-    state.evals_since_best += 1
-    state.stopped_early = patience is not None and state.evals_since_best >= patience
-
-
-def step_status(row: dict[str, Any]) -> str:
-    """The progress bar's text for a metric row."""
-    return f"loss {float(row['loss']):.4f} | {row['samples_per_s']:.0f} samples/s"
-
-
-@contextlib.contextmanager
-def step_bar(total: int, done: int, enabled: bool) -> Iterator[Callable[[int, str | None], None]]:
-    """The training progress bar; yields update(step, status), where status None keeps the previous text."""
-    if not enabled:
-        yield lambda step, status: None
-        return
-    columns = (
-        TextColumn("train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns) as bar:
-        task = bar.add_task("train", total=total, completed=done, status="")
-
-        def update(step: int, status: str | None) -> None:
-            bar.update(task, completed=step, **({"status": status} if status is not None else {}))
-
-        yield update
-
-
-@contextlib.contextmanager
-def _transformers_bars(enabled: bool) -> Iterator[None]:
-    """transformers draws its own bars when saving; progress=False silences those too."""
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if not enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-def _materialise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Turn the device tensors of pending metric rows into floats: one sync for many steps."""
-    out = []
-    for row in rows:
-        row = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in row.items()}
-        if not math.isfinite(row["loss"]):
-            raise TrainingDiverged(
-                f"the loss is {row['loss']} at step {row['step']}: lower training.learning_rate or "
-                "training.max_grad_norm, or check the soft labels"
-            )
-        out.append(row)
-    return out
-
-
-def _run_config(cfg: TrainingConfig, scoring: ScoringConfig, model: torch.nn.Module) -> dict[str, Any]:
-    """Everything that shaped the run, stored in every checkpoint."""
-    model_config = getattr(model, "config", None)
-    peft_config = getattr(model, "peft_config", None)
-    return {
-        "training": cfg.model_dump(mode="json"),
-        "scoring": scoring.model_dump(mode="json"),
-        "model": json.loads(model_config.to_json_string()) if model_config is not None else None,
-        "lora": {
-            name: json.loads(json.dumps(c.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
-            for name, c in (peft_config or {}).items()
-        },
-    }
-
-
-def _check_resumable(checkpoint: Path, cfg: TrainingConfig, scoring: ScoringConfig) -> None:
-    saved = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
-    now = {"training": cfg.model_dump(mode="json"), "scoring": scoring.model_dump(mode="json")}
-    changed = [
-        f"{section}.{key} ({saved[section].get(key)!r} -> {value!r})"
-        for section in now
-        for key, value in now[section].items()
-        if key not in _RESUME_FREE and saved[section].get(key) != value
-    ]
-    if changed:
-        raise KdflowError(
-            f"cannot resume from {checkpoint}: it was written with different settings: {', '.join(changed)}. "
-            "Restore them, or train without resume (the old checkpoints are then deleted)"
-        )
-
-
 # --------------------------------------------------------------------------------------------------
-# The recipe
-
+# The recipe: the shared state of one run, its loop, its export, and train() composing them
 
 
 @dataclass
@@ -429,7 +177,7 @@ class _Run:
     def deliver(self) -> None:
         """Hand the pending metric rows to on_metrics."""
         # Every process materialises the (all-reduced) rows, so a diverged loss stops all of them.
-        rows = _materialise(self.pending)
+        rows = materialise(self.pending)
         self.pending.clear()
         if rows:
             self.state.metrics = rows[-1]
@@ -455,7 +203,7 @@ class _Run:
 
 
 def _loop(
-    run: _Run, wrapped: torch.nn.Module, data: _Dataset, val: _Dataset | None, cfg: TrainingConfig, steps: int,
+    run: _Run, wrapped: torch.nn.Module, data: TrainingData, val: TrainingData | None, cfg: TrainingConfig, steps: int,
     progress: bool, should_stop: Callable[[], bool] | None,
 ) -> tuple[int, float]:
     """Optimizer steps until `steps` (or early stopping): one iteration is one optimizer step over grad_accum
@@ -479,7 +227,7 @@ def _loop(
                 row["val_accuracy"] = evaluate_accuracy(
                     wrapped, val, batch_size=cfg.batch_size, device=processes.device, processes=processes
                 )
-                _track_validation(state, row["val_accuracy"], run.snapshot, cfg.early_stopping_patience)
+                track_validation(state, row["val_accuracy"], run.snapshot, cfg.early_stopping_patience)
                 finished = finished or state.stopped_early
             run.pending.append(row)
 
@@ -514,13 +262,50 @@ def _export(
         export_model.eval()
         staging = out_dir / ".final-tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        with _transformers_bars(progress):
+        with transformers_bars(progress):
             export_student(export_model, tokenizer, staging, merge_lora=merge_lora)
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(staging, final_dir)
     run.model.eval()
     processes.barrier()
     return final_dir
+
+
+def _inputs(
+    examples: Sequence[Mapping[str, Any]],
+    val_examples: Sequence[Mapping[str, Any]] | None,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: TrainingConfig,
+    scoring: ScoringConfig,
+) -> tuple[TrainingData, TrainingData | None]:
+    """The training data (with teacher probabilities when alpha < 1, or when every example has them) and
+    the first cfg.eval_questions validation examples; ValueError when there is nothing to train on or
+    early stopping has no validation examples to decide with."""
+    if not examples:
+        raise ValueError("no training examples; check the split fractions and the labeled questions")
+    val_examples = list(val_examples or [])[: cfg.eval_questions]
+    if cfg.early_stopping_patience is not None and not val_examples:
+        raise ValueError("training.early_stopping_patience needs validation examples to decide when to stop")
+    with_probs = cfg.alpha < 1 or all(e.get("probs") is not None for e in examples)
+    data = build_dataset(examples, tokenizer, scoring, with_probs=with_probs)
+    val = build_dataset(val_examples, tokenizer, scoring, with_probs=False) if val_examples else None
+    return data, val
+
+
+def _resume_or_start(
+    resume: bool, checkpoint_dir: Path, cfg: TrainingConfig, scoring: ScoringConfig, processes: Processes,
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
+) -> TrainState:
+    """With resume, load the newest checkpoint (if any) into model, optimizer and scheduler and return its
+    state (KdflowError when it was written with other settings); without, delete old checkpoints."""
+    state = TrainState()
+    if resume and (checkpoint := latest_checkpoint(checkpoint_dir)) is not None:
+        check_resumable(checkpoint, cfg, scoring)
+        state = processes.load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+    elif not resume and processes.is_main:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    processes.barrier()
+    return state
 
 
 def train(
@@ -564,14 +349,7 @@ def train(
 
     # 1. Inputs: the step budget follows from the data, so check the data first.
     processes = join(cfg, next(model.parameters()).device)
-    if not examples:
-        raise ValueError("no training examples; check the split fractions and the labeled questions")
-    val_examples = list(val_examples or [])[: cfg.eval_questions]
-    if cfg.early_stopping_patience is not None and not val_examples:
-        raise ValueError("training.early_stopping_patience needs validation examples to decide when to stop")
-    with_probs = cfg.alpha < 1 or all(e.get("probs") is not None for e in examples)
-    data = _dataset(examples, tokenizer, scoring, with_probs=with_probs)
-    val = _dataset(val_examples, tokenizer, scoring, with_probs=False) if val_examples else None
+    data, val = _inputs(examples, val_examples, tokenizer, cfg, scoring)
     steps = total_steps(cfg, len(examples))
     if not processes.is_main:
         on_metrics = on_checkpoint = None
@@ -579,7 +357,7 @@ def train(
 
     # 2. Model, optimizer, schedule. Seed before anything draws random numbers (dropout).
     torch.manual_seed(cfg.seed)
-    run_config = _run_config(cfg, scoring, model)
+    settings = run_config(cfg, scoring, model)
     # FSDP shards the model in place, so the main process exports from a whole copy kept on the CPU.
     export_model = copy.deepcopy(model).cpu() if processes.fsdp and processes.is_main else model
     wrapped = processes.wrap(model)
@@ -588,14 +366,8 @@ def train(
     scheduler = build_scheduler(optimizer, cfg, steps)
 
     # 3. Resume (weights, optimizer, schedule, RNG, data position) or start over.
-    state = TrainState()
-    if resume and (checkpoint := latest_checkpoint(checkpoint_dir)) is not None:
-        _check_resumable(checkpoint, cfg, scoring)
-        state = processes.load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
-    elif not resume and processes.is_main:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    processes.barrier()
-    run = _Run(model, optimizer, scheduler, processes, state, checkpoint_dir, run_config,
+    state = _resume_or_start(resume, checkpoint_dir, cfg, scoring, processes, model, optimizer, scheduler)
+    run = _Run(model, optimizer, scheduler, processes, state, checkpoint_dir, settings,
                DataOrder(len(examples), cfg.seed, state.epoch, state.position), on_metrics, on_checkpoint)
 
     # 4. The loop, then 5. the export.

@@ -99,7 +99,7 @@ def train_students(
     from kdflow.train.launcher import launch_training
     from kdflow.modeling import count_parameters
     from kdflow.train.students import export_student, init_student
-    from kdflow.train.recipe import total_steps
+    from kdflow.train.optim import total_steps
 
     examples = store.arrow(
         "distillation_examples", dataset_ids=dataset_ids, teacher_key=teacher.key,
