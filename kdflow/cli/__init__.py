@@ -1,7 +1,8 @@
 """The `kdflow` command line (typer): `app` and `main`, from kdflow.cli.commands.
 
 Modules: commands (the app and one function per command), console (messages, errors and exit codes),
-running (a pipeline flow run under Prefect from the command line, and the lines that end it), help (plainer help screens).
+running (a pipeline flow run under Prefect from the command line, and the lines that end it), help
+(plainer help screens).
 """
 
 from __future__ import annotations
