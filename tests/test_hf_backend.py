@@ -91,3 +91,24 @@ def test_in_memory_key_changes_with_weights(tiny_model, tiny_tokenizer):
         model.get_input_embeddings().weight.mul_(2.0)
     after = backend.key_parts()
     assert before["model"] == "in-memory" and before["weights"] != after["weights"]
+
+
+@pytest.mark.parametrize("mode", ["letter", "cloze"])
+def test_repeated_questions_are_computed_once_and_labeled_each(mode, teacher, tiny_tokenizer, questions):
+    scoring = ScoringConfig(mode=mode)
+    first = questions[0]
+    repeated = [*questions, dict(first), dict(first, options=list(reversed(first["options"]))), dict(first)]
+    rows = []
+    hook = teacher.register_forward_hook(lambda module, args, kwargs, out: rows.append(kwargs["input_ids"].shape[0]),
+                                         with_kwargs=True)
+    try:
+        scored = HFBackend(teacher, tiny_tokenizer, scoring, batch_size=4, device="cpu").score(repeated)
+    finally:
+        hook.remove()
+    # Passes of one row compute a shared prefix; the repeats add no row (letter: reordered options do).
+    assert sum(r for r in rows if r > 1) <= len(questions) + (1 if mode == "letter" else 0)
+    with torch.no_grad():
+        alone = [to_soft_labels(option_logits(teacher, encode([q], tiny_tokenizer, scoring)))[0] for q in repeated]
+    for s, a in zip(scored, alone):
+        assert torch.allclose(torch.tensor(s.label.probs), torch.tensor(a.probs), atol=1e-5)
+    assert scored[-1].label.probs == scored[0].label.probs
