@@ -112,15 +112,24 @@ class HFBackend:
         return results  # type: ignore[return-value]  # every slot was filled above
 
     def _buckets(self, encoded: Sequence[EncodedQuestion]) -> Iterator[list[int]]:
-        """Indices of `encoded` in batches of up to batch_size shared rows of similar token length (each
-        batch in input order, so `collate` merges it into the same rows)."""
+        """Indices of `encoded` in batches of shared rows of similar token length, each batch in input order
+        (so `collate` merges it into the same rows): at most batch_size rows, and at most as many token
+        positions, padding included, as batch_size of the longest question's rows (a cloze row shared by
+        many questions is longer than any one of them, and padding every other row to it would waste more
+        than sharing saves)."""
         rows, placements = merge_rows(encoded, self.scoring.max_length)
         members: list[list[int]] = [[] for _ in rows]
         for i, (row, _) in enumerate(placements):
             members[row].append(i)
-        order = sorted(range(len(rows)), key=lambda r: rows[r].n_tokens)
-        for start in range(0, len(order), self.batch_size):
-            yield sorted(i for r in order[start : start + self.batch_size] for i in members[r])
+        budget = self.batch_size * max(e.n_tokens for e in encoded)
+        batch: list[int] = []
+        for r in sorted(range(len(rows)), key=lambda r: rows[r].n_tokens):
+            if batch and (len(batch) == self.batch_size or (len(batch) + 1) * rows[r].n_tokens > budget):
+                yield sorted(i for b in batch for i in members[b])
+                batch = []
+            batch.append(r)
+        if batch:
+            yield sorted(i for b in batch for i in members[b])
 
     @property
     def _pad_id(self) -> int:
