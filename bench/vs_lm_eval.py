@@ -31,6 +31,7 @@ thread. Whether the letter-tuned demo model learns letters within its 400 steps 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -145,6 +146,7 @@ def counted_forward(model: torch.nn.Module) -> Iterator[dict[str, int]]:
     counts = {"forward_calls": 0, "rows": 0, "token_positions": 0}
     forward = model.forward
 
+    @functools.wraps(forward)  # keeps forward's signature, which kdflow reads (logits_to_keep, cache)
     def counting(*args: Any, **kwargs: Any) -> Any:
         ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
         counts["forward_calls"] += 1

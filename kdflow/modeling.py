@@ -2,7 +2,7 @@
 
 Everything that turns a name, a path or an architecture config into a (model, tokenizer) pair lives here,
 so teacher preparation, labeling, training and evaluation load models the same way. Scoring itself is in
-kdflow/scoring.py.
+kdflow/scoring/.
 """
 
 from __future__ import annotations

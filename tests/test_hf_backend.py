@@ -10,7 +10,7 @@ from kdflow.label.backends.base import ScoredQuestion, TeacherBackend
 from kdflow.label.backends.hf import HFBackend
 from kdflow.config import ScoringConfig, TeacherConfig
 from kdflow.modeling import ModelLoadError, ModelSource, save_pretrained
-from kdflow.scoring import encode, option_logits, to_soft_labels
+from kdflow.scoring import encode, option_logits, to_soft_labels, tokenize
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +91,47 @@ def test_in_memory_key_changes_with_weights(tiny_model, tiny_tokenizer):
         model.get_input_embeddings().weight.mul_(2.0)
     after = backend.key_parts()
     assert before["model"] == "in-memory" and before["weights"] != after["weights"]
+
+
+@pytest.mark.parametrize("mode", ["letter", "cloze"])
+def test_repeated_questions_are_computed_once_and_labeled_each(mode, teacher, tiny_tokenizer, questions):
+    scoring = ScoringConfig(mode=mode)
+    first = questions[0]
+    repeated = [*questions, dict(first), dict(first, options=list(reversed(first["options"]))), dict(first)]
+    rows = []
+    hook = teacher.register_forward_hook(lambda module, args, kwargs, out: rows.append(kwargs["input_ids"].shape[0]),
+                                         with_kwargs=True)
+    try:
+        scored = HFBackend(teacher, tiny_tokenizer, scoring, batch_size=4, device="cpu").score(repeated)
+    finally:
+        hook.remove()
+    # Passes of one row compute a shared prefix; the repeats add no row (letter: reordered options do).
+    assert sum(r for r in rows if r > 1) <= len(questions) + (1 if mode == "letter" else 0)
+    with torch.no_grad():
+        alone = [to_soft_labels(option_logits(teacher, encode([q], tiny_tokenizer, scoring)))[0] for q in repeated]
+    for s, a in zip(scored, alone):
+        assert torch.allclose(torch.tensor(s.label.probs), torch.tensor(a.probs), atol=1e-5)
+    assert scored[-1].label.probs == scored[0].label.probs
+
+
+def test_long_shared_rows_do_not_pad_short_ones(teacher, tiny_tokenizer, tiny_questions):
+    # Many questions share q2's context with distinct options: one long row, longer than any question's.
+    shared = [dict(tiny_questions[2], options=[f"{n} degrees", f"{n + 1} degrees"]) for n in range(0, 40, 2)]
+    repeated = [*tiny_questions, *shared]
+    scoring = ScoringConfig(mode="cloze")
+    longest = max(len(r) for e in tokenize(repeated, tiny_tokenizer, scoring) for r in [e.row])
+    passes = []
+    hook = teacher.register_forward_hook(lambda module, args, kwargs, out: passes.append(kwargs["input_ids"].shape),
+                                         with_kwargs=True)
+    try:
+        scored = HFBackend(teacher, tiny_tokenizer, scoring, batch_size=4, device="cpu").score(repeated)
+    finally:
+        hook.remove()
+    # The shared row (longer than the budget of 4 of the longest question's rows) runs alone; no batch pads
+    # rows beyond that budget.
+    assert [length for rows, length in passes if length > longest] == [max(length for _, length in passes)]
+    assert all(rows * length <= 4 * longest for rows, length in passes if rows > 1), (passes, longest)
+    with torch.no_grad():
+        alone = [to_soft_labels(option_logits(teacher, encode([q], tiny_tokenizer, scoring)))[0] for q in repeated]
+    for s, a in zip(scored, alone):
+        assert torch.allclose(torch.tensor(s.label.probs), torch.tensor(a.probs), atol=1e-5)

@@ -13,12 +13,13 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from kdflow.config import ArchitectureConfig, ScoringConfig
 from kdflow.errors import KdflowError
 from kdflow.modeling import build_model
-from kdflow.prompts import cloze_context, cloze_continuation, letter_prompt
+from kdflow.prompts import cloze_context, letter_prompt
 from kdflow.records import LETTERS
 from kdflow.scoring import (
     ScoringError,
     collate,
     encode,
+    merge_rows,
     option_logits,
     to_soft_labels,
     tokenize,
@@ -543,3 +544,75 @@ def test_server_prompt_is_what_the_local_renderer_sends(tiny_tokenizer, tiny_que
     assert list(tokenize([q], chat, cfg)[0].row) == chat(text, add_special_tokens=False)["input_ids"]
     cloze = server_prompt(q["question"], q["options"], q["category"], CLOZE)
     assert cloze.messages == [] and cloze.prompt == cloze_context(q["question"], q["category"], CLOZE)
+
+
+def _repeating(tiny_questions) -> list[dict]:
+    """The tiny questions plus exact repeats, the same question with its options reordered, and the same
+    question with partly different options: work the scorer may share, in rows of unequal length."""
+    q0, q1 = tiny_questions[0], tiny_questions[1]
+    return [
+        *tiny_questions,
+        dict(q0),
+        dict(q1, options=list(reversed(q1["options"]))),
+        dict(q0, options=["A mountain", "The long river", "A lake far away", "The sea"]),
+        dict(q1),
+    ]
+
+
+def _plain_letter(net, tokenizer, q, cfg) -> list[float]:
+    """Each letter's log-probability from a plain causal pass over the question's prompt alone."""
+    e = tokenize([q], tokenizer, cfg)[0]
+    with torch.no_grad():
+        log_probs = torch.log_softmax(net(torch.tensor([e.row])).logits[0, -1], dim=-1)
+    return [torch.logsumexp(log_probs[list(forms)], 0).item() for forms in e.letter_ids]
+
+
+@pytest.mark.parametrize("cfg", [LETTER, CLOZE_SUM], ids=["letter", "cloze"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_shared_rows_and_prefix_match_plain_per_option_passes(
+    cfg, family, grad, model, other_models, tiny_tokenizer, tiny_questions
+):
+    net = model if family == "llama" else other_models[family]
+    questions = _repeating(tiny_questions)
+    batch = encode(questions, tiny_tokenizer, cfg)
+    # Repeats share rows (cloze: each distinct option once per context), all rows share their first tokens.
+    assert batch.input_ids.shape[0] == (7 if cfg.mode == "letter" else 5) and batch.prefix > 0
+    assert batch.pad_tokens > 0
+    with torch.set_grad_enabled(grad):
+        scores = option_logits(net, batch).scores.detach()
+    if cfg.mode == "letter":
+        expected = [_plain_letter(net, tiny_tokenizer, q, cfg) for q in questions]
+    else:
+        expected = [_hand_cloze(net, tiny_tokenizer, q, normalise=False) for q in questions]
+    _check(scores, expected)
+
+
+def test_shared_rows_pass_gradients_of_every_question(tiny_model, tiny_tokenizer, tiny_questions):
+    student = copy.deepcopy(tiny_model).train()
+    questions = _repeating(tiny_questions)
+    batch = encode(questions, tiny_tokenizer, CLOZE_SUM)
+    weights = torch.randn(batch.option_mask.shape, generator=torch.Generator().manual_seed(0))
+    (option_logits(student, batch).scores.masked_fill(~batch.option_mask, 0.0) * weights).sum().backward()
+    shared = {name: p.grad.clone() for name, p in student.named_parameters()}
+    student.zero_grad()
+    sum(
+        (_per_option(student, tiny_tokenizer, q) * weights[i, : len(q["options"])]).sum()
+        for i, q in enumerate(questions)
+    ).backward()
+    for name, p in student.named_parameters():
+        assert torch.allclose(shared[name], p.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_shared_cloze_rows_stay_within_the_row_cap(tiny_tokenizer, tiny_questions):
+    q = tiny_questions[2]
+    # Neighbours share an option, so rows fill up with distinct options until the cap opens another.
+    variants = [dict(q, options=[f"{n} degrees", f"{n + 1} degrees"]) for n in range(30)]
+    encoded = tokenize(variants, tiny_tokenizer, CLOZE_SUM)
+    assert max(e.n_tokens for e in encoded) <= 40
+    rows, placements = merge_rows(encoded, max_row_tokens=40)
+    assert 1 < len(rows) < len(encoded) / 2
+    assert max(r.n_tokens for r in rows) <= 40
+    for e, (row, columns) in zip(encoded, placements):
+        assert [rows[row].options[c] for c in columns] == list(e.options)
+        assert rows[row].context == e.context

@@ -1,7 +1,9 @@
 """The transformers teacher backend: a local model scored with kdflow.scoring, on the CPU or one GPU.
 
-Questions are sorted by token length and scored in batches of similar length (little padding), then put
-back in input order. Scoring is exactly `option_logits`, the function the student trains through.
+Questions that need the same computation (the same letter prompt; the same cloze context, whose distinct
+options share one row) are grouped first, across the whole call, so each is computed once; the rows are
+sorted by token length and scored `batch_size` rows at a time (little padding), and every question's scores
+are put back in input order. Scoring is exactly `option_logits`, the function the student trains through.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kdflow.label.backends.base import ScoredQuestion
 from kdflow.config import ScoringConfig, TeacherConfig
 from kdflow.modeling import ModelSource, load_model, weights_fingerprint
-from kdflow.scoring import EncodedQuestion, collate, option_logits, to_soft_labels, tokenize
+from kdflow.scoring import EncodedQuestion, collate, merge_rows, option_logits, to_soft_labels, tokenize
 from kdflow.sources import configured_source
 
 
 class HFBackend:
     """Score questions with a transformers causal LM.
 
-    `batch_size` counts questions (one row each, in either scoring mode). The model is moved to `device`.
+    `batch_size` counts rows: one per question, or fewer where questions share one (see the module
+    docstring). The model is moved to `device`.
     With `reasoning_max_tokens`, each question also gets a greedy continuation of its prompt of up to that
     many tokens, stored as its reasoning text.
     """
@@ -97,7 +100,7 @@ class HFBackend:
         for indices in self._buckets(encoded):
             chunk = [encoded[i] for i in indices]
             start = time.perf_counter()
-            batch = collate(chunk, pad_id=self._pad_id).to(self.device)
+            batch = collate(chunk, pad_id=self._pad_id, max_row_tokens=self.scoring.max_length).to(self.device)
             with torch.inference_mode(), self._autocast():
                 labels = to_soft_labels(option_logits(model, batch))
             latency_ms = (time.perf_counter() - start) * 1000 / len(chunk)
@@ -109,10 +112,24 @@ class HFBackend:
         return results  # type: ignore[return-value]  # every slot was filled above
 
     def _buckets(self, encoded: Sequence[EncodedQuestion]) -> Iterator[list[int]]:
-        """Indices of `encoded` in batches of similar token length."""
-        order = sorted(range(len(encoded)), key=lambda i: encoded[i].n_tokens)
-        for start in range(0, len(order), self.batch_size):
-            yield order[start : start + self.batch_size]
+        """Indices of `encoded` in batches of shared rows of similar token length, each batch in input order
+        (so `collate` merges it into the same rows): at most batch_size rows, and at most as many token
+        positions, padding included, as batch_size of the longest question's rows (a cloze row shared by
+        many questions is longer than any one of them, and padding every other row to it would waste more
+        than sharing saves)."""
+        rows, placements = merge_rows(encoded, self.scoring.max_length)
+        members: list[list[int]] = [[] for _ in rows]
+        for i, (row, _) in enumerate(placements):
+            members[row].append(i)
+        budget = self.batch_size * max(e.n_tokens for e in encoded)
+        batch: list[int] = []
+        for r in sorted(range(len(rows)), key=lambda r: rows[r].n_tokens):
+            if batch and (len(batch) == self.batch_size or (len(batch) + 1) * rows[r].n_tokens > budget):
+                yield sorted(i for b in batch for i in members[b])
+                batch = []
+            batch.append(r)
+        if batch:
+            yield sorted(i for b in batch for i in members[b])
 
     @property
     def _pad_id(self) -> int:
