@@ -140,3 +140,17 @@ def test_the_cli_turns_off_hugging_face_progress_bars(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("name", ["mmlu-sample", "a-source-with-a-rather-long-file-name"])
+def test_dataset_ids_never_wrap_in_the_ingest_table(tmp_path, name):
+    data = tmp_path / f"{name}.jsonl"
+    data.write_text('{"question": "Which is a colour?", "choices": ["red", "two", "dog", "run"], "answer": 0}\n'
+                    '{"question": "Which is a number?", "choices": ["red", "two", "dog", "run"], "answer": 1}\n')
+    for columns in ("60", "80"):
+        result = CliRunner().invoke(app, ["ingest", str(data), "--set", f"home={tmp_path / 'home'}"],
+                                    env={"COLUMNS": columns})
+        assert result.exit_code == 0, result.output
+        table_lines = [line for line in result.output.splitlines() if line.startswith("│")]
+        assert any(f"{name}@" in line for line in table_lines), result.output
+        assert "in 1 dataset," in result.output

@@ -14,7 +14,11 @@ from kdflow.store import Store
 
 def print_ingest(console: Console, reports: Sequence[DatasetReport]) -> None:
     table = Table(title="ingest", title_justify="left")
-    for col in ("dataset", "version", "layout", "loaded", "rejected", "splits", "note"):
+    # A dataset id is copied into queries and configs: its column keeps each id on one line (the other
+    # columns fold instead), as `kdflow runs` does for run ids.
+    id_width = max((len(r.dataset_id) for r in reports), default=len("dataset"))
+    table.add_column("dataset", no_wrap=True, min_width=id_width)
+    for col in ("version", "layout", "loaded", "rejected", "splits", "note"):
         table.add_column(col, justify="right" if col in ("version", "loaded", "rejected") else "left",
                          overflow="fold")
     for r in reports:
@@ -38,7 +42,8 @@ def print_ingest(console: Console, reports: Sequence[DatasetReport]) -> None:
             console.print(f"{r.dataset_id}: {r.not_sampled:,} valid questions left out by the configured sample")
     total = sum(r.loaded for r in reports)
     rejected = sum(r.rejected for r in reports)
-    console.print(f"stored {total:,} questions in {len(reports)} datasets, rejected {rejected:,} rows")
+    console.print(f"stored {total:,} questions in {len(reports)} dataset{'s' if len(reports) != 1 else ''}, "
+                  f"rejected {rejected:,} rows")
 
 
 def print_runs(console: Console, store: Store, limit: int) -> None:
