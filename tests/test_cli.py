@@ -154,3 +154,15 @@ def test_dataset_ids_never_wrap_in_the_ingest_table(tmp_path, name):
         table_lines = [line for line in result.output.splitlines() if line.startswith("│")]
         assert any(f"{name}@" in line for line in table_lines), result.output
         assert "in 1 dataset," in result.output
+
+
+def test_the_command_list_gives_each_command_one_line():
+    """`kdflow --help` lists the commands with their first docstring paragraph: one line each, no mid-sentence
+    breaks at a wide terminal."""
+    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    panel = result.output.split("Commands")[1].splitlines()[1:]
+    rows = [line for line in panel if line.startswith("│")]
+    names = [info.name or info.callback.__name__ for info in app.registered_commands]
+    assert len(rows) == len(names), result.output
+    assert all(row[2:].split()[0] in names for row in rows), result.output

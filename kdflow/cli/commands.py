@@ -86,8 +86,10 @@ def ingest(
         str, typer.Option("--encoding", metavar="CODEC", help="text encoding of PATHs (auto: BOM, UTF-8, else detected)")
     ] = "auto",
 ) -> None:
-    """Read questions into the store, one dataset per source; prints each source's detected layout and
-    answer semantics. Bad rows are kept in rejected_rows with their reason."""
+    """Read questions into the store, one dataset per source, and print what was read.
+
+    Prints each source's detected layout and answer semantics. Bad rows are kept in rejected_rows with their
+    reason."""
     from pydantic import ValidationError
 
     from kdflow.config import ConfigError, SourceConfig
@@ -346,8 +348,9 @@ def ui(
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Start a local Prefect server with its UI (or find the running one) and print its URL; beside it, an
-    http server of the home's reports and Data Docs, which the UI's artifacts link to."""
+    """Start a local Prefect server with its UI (or find the running one) and print its URL.
+
+    Beside it, an http server of the home's reports and Data Docs, which the UI's artifacts link to."""
     from kdflow.flows.serve import ServerFiles, start_file_server, start_server, stop_file_server, stop_server
 
     cfg = _load(config, set_)
