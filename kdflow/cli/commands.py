@@ -88,8 +88,7 @@ def ingest(
 ) -> None:
     """Read questions into the store, one dataset per source, and print what was read.
 
-    Prints each source's detected layout and answer semantics. Bad rows are kept in rejected_rows with their
-    reason."""
+    Prints each source's detected layout and answer semantics; bad rows go to rejected_rows with the reason."""
     from pydantic import ValidationError
 
     from kdflow.config import ConfigError, SourceConfig
