@@ -15,8 +15,15 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints-cpu.txt --index-url $(TORCH_INDEX) --timeout 20 --retries 1 torch \
-		|| $(PY) -m pip install -q -c constraints-cpu.txt torch  # that index unreachable: the plain pin
+# One probe of the CPU index, so an unreachable one costs one line, not a pip retry warning per dependency.
+	@if $(PY) -c "import urllib.request; urllib.request.urlopen('$(TORCH_INDEX)/torch/', timeout=15)" 2>/dev/null; then \
+		echo "torch: from $(TORCH_INDEX)"; \
+		$(PY) -m pip install -q -c constraints-cpu.txt --index-url $(TORCH_INDEX) --timeout 20 --retries 1 torch \
+		|| $(PY) -m pip install -q -c constraints-cpu.txt torch; \
+	else \
+		echo "torch: $(TORCH_INDEX) cannot be reached; installing the constraints-cpu.txt pin from pip's configured index"; \
+		$(PY) -m pip install -q -c constraints-cpu.txt torch; \
+	fi
 # setuptools' "Editable installation" notice (a top-level folder named like a package may shadow it) is
 # informational; pip shows it as a warning on every install.
 	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -c constraints-cpu.txt -e ".[dev]"
