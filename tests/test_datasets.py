@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from kdflow.cli import app
@@ -48,6 +49,37 @@ def test_a_changed_file_becomes_a_new_version(tmp_path):
     assert (v1.version, v2.version) == (1, 2)
     assert v2.loaded == v1.loaded + 1
     assert run_dataset_ids(cfg, store) == [v2.dataset_id]
+
+
+def test_stages_take_the_version_the_config_reads_not_the_latest_of_that_name(tmp_path):
+    """Two configs whose sources share a name (the demo source at two sizes): each config's stages keep
+    working on its own version, whichever was ingested last."""
+    home = str(tmp_path / "home")
+    configs = {}
+    for n in (300, 200):
+        cfg = RunConfig(home=home)
+        cfg.data.sources = [SourceConfig(demo={"n_questions": n, "seed": 0})]
+        configs[n] = cfg
+    store = Store(configs[300].home_dir)
+    large = ingest(configs[300], store)[0]
+    small = ingest(configs[200], store)[0]
+    assert large.name == small.name and large.dataset_id != small.dataset_id
+    assert run_dataset_ids(configs[300], store) == [large.dataset_id]
+    assert run_dataset_ids(configs[200], store) == [small.dataset_id]
+
+
+def test_a_stage_on_a_source_changed_since_ingest_names_the_version_to_ingest(tmp_path):
+    src = tmp_path / "arc.jsonl"
+    lines = (FIXTURES / "arc" / "ARC-Easy-Dev.jsonl").read_text().splitlines()
+    src.write_text("\n".join(lines[:-1]) + "\n")
+    cfg = _cfg(tmp_path, src)
+    store = Store(cfg.home_dir)
+    stored = ingest(cfg, store)[0]
+    src.write_text("\n".join(lines) + "\n")
+    with pytest.raises(LookupError) as e:
+        run_dataset_ids(cfg, store)
+    message = str(e.value)
+    assert "as configured now" in message and stored.dataset_id in message and "kdflow ingest" in message
 
 
 def test_splits_are_stable_across_stores(tmp_path):

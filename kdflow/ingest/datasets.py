@@ -123,10 +123,15 @@ def _drop_conflicts(loaded: list[LoadedSource], keys: list[list[str]]) -> tuple[
     return result, result_keys
 
 
+def _dataset_id(loaded: LoadedSource) -> str:
+    """A version's id: its name and the start of its identity (content, layout, mapping, reading, sample)."""
+    return f"{loaded.name}@{loaded.identity[:12]}"
+
+
 def _store(store: Store, source: SourceConfig, loaded: LoadedSource, keys: list[str],
            splits: SplitConfig) -> tuple[str, int, bool]:
     """Store one loaded source unless the same version holds questions already: (dataset_id, version, reused)."""
-    dataset_id = f"{loaded.name}@{loaded.identity[:12]}"
+    dataset_id = _dataset_id(loaded)
     existing = store.fetch_one("find_dataset", dataset_id=dataset_id)
     if existing is not None and existing[3] > 0:
         return dataset_id, existing[2], True
@@ -225,15 +230,30 @@ def ingest(cfg: RunConfig, store: Store) -> list[DatasetReport]:
     return _ingest_loaded(store, sources, [load_source(source) for source in sources], cfg.data.splits)
 
 
+def _resolved(sources: list[SourceConfig]) -> list[LoadedSource]:
+    """Each source as ingest would store it today: loaded, then cleared of answers another source contradicts."""
+    loaded = [load_source(source) for source in sources]
+    return _drop_conflicts(loaded, [content_keys(one.questions) for one in loaded])[0]
+
+
 def run_dataset_ids(cfg: RunConfig, store: Store) -> list[str]:
-    """The latest ingested version holding questions of each configured source (what later stages use)."""
+    """The stored version of each configured source as it reads now (what the stage commands work on).
+
+    Each source is read again (its content, layout, mapping, encoding and sample give the version's id),
+    so a stage never takes another version that merely shares the source's name, e.g. the demo source of a
+    smaller config ingested later. Raises LookupError, naming the version and what to run, when that
+    version has not been ingested (or holds no question); IngestError when a source cannot be read.
+    """
     ids = []
-    for source in cfg.data.sources:
-        row = store.fetch_one("latest_dataset", name=source.display_name)
-        if row is None:
+    for source, loaded in zip(cfg.data.sources, _resolved(cfg.data.sources), strict=True):
+        dataset_id = _dataset_id(loaded)
+        row = store.fetch_one("find_dataset", dataset_id=dataset_id)
+        if row is None or row[3] == 0:
+            latest = store.fetch_one("latest_dataset", name=loaded.name)
+            other = f"; the stored {latest[0]} was read from other content or settings" if latest else ""
             raise LookupError(
-                f"dataset {source.display_name!r} has not been ingested into {store.path} (or holds no "
-                "question): run `kdflow ingest` first"
+                f"dataset {source.display_name!r} as configured now ({dataset_id}) has not been ingested into "
+                f"{store.path}{other}: run `kdflow ingest` (or `kdflow run`) with this config first"
             )
-        ids.append(row[0])
+        ids.append(dataset_id)
     return ids
