@@ -25,6 +25,8 @@ def train_task(
                                       on_progress=ui_progress("training", f"students of run {run_id}"))
         record.reused = len(reused) == len(dirs)
         record.detail = {"models": {k: str(v) for k, v in dirs.items()}, "reused": reused}
-    get_run_logger().info("students: %s", "; ".join(
-        f"{role} {'reused' if role in reused else 'trained'} at {path}" for role, path in dirs.items()))
+    # student_init is the student as initialised, saved untrained as the report's baseline.
+    done = {role: "reused" if role in reused else "saved untrained" if role == "student_init" else "trained"
+            for role in dirs}
+    get_run_logger().info("students: %s", "; ".join(f"{role} {done[role]} at {path}" for role, path in dirs.items()))
     return {role: str(path) for role, path in dirs.items()}
