@@ -50,7 +50,7 @@ class OpenAIServerConfig(Strict):
     """teacher.backend: openai: the teacher served by an OpenAI-compatible HTTP server."""
 
     base_url: str = Field("http://127.0.0.1:8000/v1", description="an OpenAI-compatible server")
-    model: str | None = Field(None, description="model name the server expects (default: model)")
+    model: str | None = Field(None, description="model name the server expects (default: teacher.model)")
     api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key")
     concurrency: int = Field(8, ge=1, description="requests in flight at once")
     max_retries: int = Field(5, ge=0, description="retries on connection errors, 429 and 5xx: after the server's "

@@ -109,7 +109,11 @@ class ValidationConfig(Strict):
     confidence_tolerance: float = Field(
         1e-6, gt=0, description="a row whose confidence differs from its largest probability by more is quarantined"
     )
-    min_coverage: float = Field(0.5, ge=0, le=1, description="coverage floor for a row")
+    min_coverage: float = Field(
+        0.5, ge=0, le=1,
+        description="coverage floor for a row: the probability mass the options held before renormalising (letter "
+        "mode; cloze rows have 1); low coverage means the teacher wanted to answer something else",
+    )
     min_coverage_share: float = Field(0.95, ge=0, le=1, description="share of rows that must reach min_coverage")
     max_position_share_excess: float = Field(
         0.15, ge=0, le=1, description="a predicted position may exceed its gold share by at most this much"
@@ -126,8 +130,12 @@ class ValidationConfig(Strict):
         300, ge=0, description="label this many questions first (validation split first) and stop before "
         "labeling the rest if the gate's dataset checks fail on them; 0 labels everything first",
     )
-    min_entropy_ratio: float = Field(0.02, ge=0, le=1, description="mean entropy / max entropy must exceed this")
-    max_entropy_ratio: float = Field(0.98, ge=0, le=1, description="... and stay below this")
+    min_entropy_ratio: float = Field(
+        0.02, ge=0, le=1, description="mean of entropy / log(n_options) over the rows must reach this (not all one-hot)"
+    )
+    max_entropy_ratio: float = Field(
+        0.98, ge=0, le=1, description="... and stay at or below this (not all uniform)"
+    )
     max_quarantine_share: float = Field(0.05, ge=0, le=1, description="more quarantined rows than this fails the gate")
 
 
