@@ -101,7 +101,7 @@ class TeacherConfig(Strict):
     model: str | None = Field(
         None, description="hub id, local directory or .gguf file; None builds `architecture` fresh"
     )
-    revision: str | None = Field(None, description="hub branch, tag or commit of `model` (default: the latest)")
+    revision: str | None = Field(None, description="hub branch, tag or commit of `model` (default: the repo's main)")
     gguf_file: str | None = Field(
         None,
         description="a GGUF file inside `model` (directory or hub repo), de-quantised on load; a prepared teacher "
@@ -111,7 +111,8 @@ class TeacherConfig(Strict):
         False, description="hf and vllm: run Python code shipped in the model's repository; only for repos you trust"
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="weights' dtype; auto: bf16 on CUDA (fp16 where the GPU lacks bf16), fp32 on CPU"
+        "auto", description="weights' dtype; hf: auto is bf16 on CUDA (fp16 where the GPU lacks bf16), fp32 on CPU; "
+        "vllm: passed to vLLM, whose auto follows the model's own dtype",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="hf backend and teacher preparation: where the model runs; auto: the first CUDA GPU "
@@ -158,7 +159,7 @@ class StudentConfig(Strict):
         "fresh", description="pretrained: `model`; fresh: `architecture`; from_teacher: every k-th teacher layer"
     )
     model: str | None = Field(None, description="init: pretrained: hub id, local directory or .gguf file")
-    revision: str | None = Field(None, description="init: pretrained: hub branch, tag or commit (default: the latest)")
+    revision: str | None = Field(None, description="init: pretrained: hub branch, tag or commit (default: main)")
     gguf_file: str | None = Field(
         None, description="init: pretrained: a GGUF file inside `model`, de-quantised on load"
     )

@@ -145,7 +145,8 @@ class EvaluationConfig(Strict):
     batch_size: int = Field(
         64, ge=1,
         description="rows per forward pass when the student scores questions (rows and token cap as for "
-        "teacher.batch_size with hf; also `kdflow route`); throughput is timed on 4 x batch_size test questions",
+        "teacher.batch_size with hf; also `kdflow route`); teacher and student throughput are timed on the first "
+        "4 x batch_size test questions",
     )
     max_questions: int | None = Field(
         None, ge=1, description="cap on test questions, and on the validation questions tau is chosen on (default: all)"
