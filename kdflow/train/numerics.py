@@ -22,7 +22,8 @@ def subnormals_flushed(device: torch.device) -> Iterator[None]:
 
     Softmax gradients of tokens a model has learned never to predict, and Adam's moments decaying from
     them, sink into the subnormal range after a few hundred steps, and x86 CPUs compute on subnormals
-    many times slower: the demo teacher's second epoch ran over 4x slower per step without this.
+    many times slower: a demo teacher prepared in two passes ran its second pass over 4x slower per step
+    without this.
     Values that small sit far below Adam's eps (1e-8) and move no weight measurably; the run stays
     bit-reproducible.
     """
