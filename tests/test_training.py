@@ -291,3 +291,25 @@ def test_divergence_stops_before_a_checkpoint_keeps_it(tok, labeled, tmp_path):
 def test_distributed_settings_are_refused(tok, labeled, tmp_path):
     with pytest.raises(KdflowError, match="num_processes: 1"):
         _run(tok, labeled[0], TrainingConfig(max_steps=1, num_processes=2), tmp_path)
+
+
+def _subnormals_flush() -> bool:
+    return torch.tensor([1e-39]).mul(1.0).item() == 0.0
+
+
+def test_cpu_training_flushes_subnormals_and_restores_the_setting(tok, labeled, tmp_path):
+    # Subnormal gradients and Adam moments made late CPU steps many times slower; training flushes them.
+    examples, val = labeled
+    cfg = TrainingConfig(alpha=0.3, max_steps=3, batch_size=4, eval_every=100, checkpoint_every=1000)
+    seen: list[bool] = []
+    assert not _subnormals_flush()
+    train(toy.fresh_model(tok), tok, examples, cfg, toy.SCORING, out_dir=tmp_path / "a", progress=False,
+          on_checkpoint=lambda *_: seen.append(_subnormals_flush()))
+    assert seen == [True] and not _subnormals_flush()
+
+    torch.set_flush_denormal(True)  # a caller that flushes keeps flushing afterwards
+    try:
+        train(toy.fresh_model(tok), tok, examples, cfg, toy.SCORING, out_dir=tmp_path / "b", progress=False)
+        assert _subnormals_flush()
+    finally:
+        torch.set_flush_denormal(False)

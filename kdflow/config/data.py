@@ -146,11 +146,14 @@ def default_source_names(sources: list[SourceConfig]) -> list[str]:
 
 
 class SplitConfig(Strict):
-    """Fractions for the stable hash-based train/val/test assignment."""
+    """Fractions for the stable hash-based train/val/test assignment: a question's split follows from a hash of
+    its normalised text and sorted options alone, so it is the same in every source, run and machine."""
 
-    train: float = Field(0.7, ge=0, le=1)
-    val: float = Field(0.1, ge=0, le=1)
-    test: float = Field(0.2, ge=0, le=1)
+    train: float = Field(0.7, ge=0, le=1, description="share the student (and a prepared teacher) train on")
+    val: float = Field(
+        0.1, ge=0, le=1, description="share for periodic checks, calibration, the teacher-accuracy floor and tau"
+    )
+    test: float = Field(0.2, ge=0, le=1, description="share held out for the final evaluation; the three sum to 1")
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> SplitConfig:
@@ -175,7 +178,7 @@ class DataConfig(Strict):
         "(default: the generated demo world)",
         json_schema_extra={"default": [s.model_dump(mode="json", exclude_none=True) for s in _default_sources()]},
     )
-    splits: SplitConfig = Field(default_factory=SplitConfig)
+    splits: SplitConfig = Field(default_factory=SplitConfig, description="train/val/test fractions")
 
     @model_validator(mode="after")
     def _distinct_names(self) -> DataConfig:

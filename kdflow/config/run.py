@@ -47,7 +47,7 @@ class SweepConfig(Strict):
         description="teachers to label with, each `name` plus `teacher` settings that replace the base "
         "teacher's (default: the `teacher` section alone)",
     )
-    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig, description="a teacher combining sweep.teachers")
     baseline: bool = Field(True, description="add the hard-label student (alpha = 1, CE only) once per student setting")
     latency_budget_ms: float | None = Field(
         None, gt=0, description="the report's recommendation: the most accurate student at or under this latency"
@@ -65,14 +65,18 @@ class RunConfig(Strict):
 
     name: str = Field("demo", description="run name, shown in the Prefect UI and reports")
     home: str | None = Field(None, description="KDFLOW_HOME: database, models, reports (default: $KDFLOW_HOME or ./.kdflow)")
-    data: DataConfig = Field(default_factory=DataConfig)
-    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
-    student: StudentConfig = Field(default_factory=StudentConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    validation: ValidationConfig = Field(default_factory=ValidationConfig)
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    data: DataConfig = Field(default_factory=DataConfig, description="question sources and split fractions")
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="prompts and option scoring, every model")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the model that labels")
+    student: StudentConfig = Field(default_factory=StudentConfig, description="the model being distilled")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="KD loss, optimiser and schedule")
+    validation: ValidationConfig = Field(default_factory=ValidationConfig, description="the gate on teacher labels")
+    evaluation: EvaluationConfig = Field(
+        default_factory=EvaluationConfig, description="test metrics, latency timing and the cascade"
+    )
+    orchestration: OrchestrationConfig = Field(
+        default_factory=OrchestrationConfig, description="task runner, labeling shards and task retries"
+    )
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="`kdflow sweep` only: the grid and teachers")
 
     @model_validator(mode="after")

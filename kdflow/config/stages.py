@@ -56,40 +56,64 @@ class ScoringConfig(Strict):
 
 
 class TrainingConfig(Strict):
+    """The student's training: loss = alpha * CE(gold) + (1 - alpha) * T^2 * divergence(teacher, student)."""
+
     alpha: float = Field(0.5, ge=0, le=1, description="weight of CE on the gold answer; 1 - alpha weighs the KD term")
     temperature: float = Field(1.0, gt=0, description="softening temperature T (the KD term is scaled by T^2)")
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
-    jsd_beta: float = Field(0.5, gt=0, lt=1, description="interpolation of the generalised JSD")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="KD term: forward_kl = KL(teacher || student), mode-covering; reverse_kl = "
+        "KL(student || teacher), mode-seeking; jsd = generalised Jensen-Shannon with weight jsd_beta",
+    )
+    jsd_beta: float = Field(
+        0.5, gt=0, lt=1, description="jsd: teacher weight beta in M = beta * teacher + (1 - beta) * student (TRL's GKD)"
+    )
     soft_labels: Literal["calibrated", "raw"] = Field(
         "calibrated", description="KD targets: the teacher's probabilities after the temperature fitted on the "
         "validation split (calibrated), or as labeled (raw); raw when there is no validation split",
     )
     hard_label_baseline: bool = Field(True, description="also train the alpha=1 ablation at the same step budget")
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(
+        1.0, gt=0, description="passes over the training questions (fractions allowed); max_steps overrides it"
+    )
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     batch_size: int = Field(32, ge=1, description="global micro-batch: split across training processes")
-    grad_accum: int = Field(1, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step (batch_size x grad_accum questions)")
+    learning_rate: float = Field(1e-3, gt=0, description="peak AdamW learning rate, reached after the warm-up")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decay of matrices and embeddings (not norms or biases)")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="share of the steps spent warming the lr up from 0")
     lr_schedule: Literal["cosine", "linear", "constant_with_warmup"] = Field(
         "cosine", description="learning-rate decay after the warm-up (transformers' get_scheduler): cosine or linear "
         "to 0 at the last step, or constant",
     )
-    max_grad_norm: float = Field(1.0, gt=0)
-    seed: int = 0
+    max_grad_norm: float = Field(1.0, gt=0, description="gradients are clipped to this total L2 norm each step")
+    seed: int = Field(
+        0, description="seeds fresh and LoRA weights, the order questions are visited in, and teacher preparation"
+    )
     eval_every: int = Field(200, ge=1, description="validation-split accuracy every N optimizer steps")
     eval_questions: int = Field(1000, ge=1, description="validation questions used for each periodic check")
     early_stopping_patience: int | None = Field(None, ge=1, description="stop after N checks without improvement")
-    checkpoint_every: int = Field(500, ge=1)
+    checkpoint_every: int = Field(
+        500, ge=1, description="save a resumable checkpoint every N optimizer steps (and at the last step)"
+    )
     num_processes: int = Field(1, ge=1, description="> 1 launches DDP/FSDP through accelerate")
-    fsdp: bool = False
+    fsdp: bool = Field(False, description="shard the student with FSDP instead of DDP copies; needs num_processes > 1")
 
 
 class ValidationConfig(Strict):
-    prob_sum_tolerance: float = Field(1e-4, gt=0)
-    confidence_tolerance: float = Field(1e-6, gt=0)
-    min_coverage: float = Field(0.5, ge=0, le=1, description="coverage floor for a row")
+    """The data-quality gate on teacher labels: a row failing a row check is quarantined; a failing dataset
+    check fails the gate, and training does not start."""
+
+    prob_sum_tolerance: float = Field(
+        1e-4, gt=0, description="a row whose option probabilities sum outside 1 +- this is quarantined"
+    )
+    confidence_tolerance: float = Field(
+        1e-6, gt=0, description="a row whose confidence differs from its largest probability by more is quarantined"
+    )
+    min_coverage: float = Field(
+        0.5, ge=0, le=1,
+        description="coverage floor for a row: the probability mass the options held before renormalising (letter "
+        "mode; cloze rows have 1); low coverage means the teacher wanted to answer something else",
+    )
     min_coverage_share: float = Field(0.95, ge=0, le=1, description="share of rows that must reach min_coverage")
     max_position_share_excess: float = Field(
         0.15, ge=0, le=1, description="a predicted position may exceed its gold share by at most this much"
@@ -106,13 +130,24 @@ class ValidationConfig(Strict):
         300, ge=0, description="label this many questions first (validation split first) and stop before "
         "labeling the rest if the gate's dataset checks fail on them; 0 labels everything first",
     )
-    min_entropy_ratio: float = Field(0.02, ge=0, le=1, description="mean entropy / max entropy must exceed this")
-    max_entropy_ratio: float = Field(0.98, ge=0, le=1, description="... and stay below this")
+    min_entropy_ratio: float = Field(
+        0.02, ge=0, le=1, description="mean of entropy / log(n_options) over the rows must reach this (not all one-hot)"
+    )
+    max_entropy_ratio: float = Field(
+        0.98, ge=0, le=1, description="... and stay at or below this (not all uniform)"
+    )
     max_quarantine_share: float = Field(0.05, ge=0, le=1, description="more quarantined rows than this fails the gate")
 
 
 class EvaluationConfig(Strict):
-    batch_size: int = Field(64, ge=1)
+    """Test-split accuracy and calibration, teacher/student latency, and the confidence cascade."""
+
+    batch_size: int = Field(
+        64, ge=1,
+        description="rows per forward pass when the student scores questions (rows and token cap as for "
+        "teacher.batch_size with hf; also `kdflow route`); teacher and student throughput are timed on the first "
+        "4 x batch_size test questions",
+    )
     max_questions: int | None = Field(
         None, ge=1, description="cap on test questions, and on the validation questions tau is chosen on (default: all)"
     )
@@ -128,15 +163,22 @@ class EvaluationConfig(Strict):
     latency_budget_s: float = Field(
         120.0, gt=0, description="wall-clock cap on all timing rounds together; timing stops when it is spent"
     )
-    ece_bins: int = Field(15, ge=2)
+    ece_bins: int = Field(15, ge=2, description="equal-width confidence bins of the expected calibration error")
     cascade_target_gap: float = Field(
         0.01, ge=0, le=1, description="pick the cheapest tau within this of the teacher, on the validation split"
     )
 
 
 class OrchestrationConfig(Strict):
-    task_runner: Literal["threads", "dask", "ray"] = "threads"
+    """How sharded labeling runs: in-process threads, or workers of Dask or Ray."""
+
+    task_runner: Literal["threads", "dask", "ray"] = Field(
+        "threads", description="Prefect task runner for labeling shards; dask or ray always shard labeling and "
+        "need pip install 'kdflow[dask]' or 'kdflow[ray]'",
+    )
     address: str | None = Field(None, description="scheduler address for dask/ray (default: a local cluster)")
-    n_workers: int = Field(1, ge=1)
+    n_workers: int = Field(
+        1, ge=1, description="shards labeled at once (> 1 shards labeling); vllm data_parallel_size > 1 sets it instead"
+    )
     shard_size: int = Field(5000, ge=1, description="questions per labeling shard")
     retries: int = Field(2, ge=0, description="retries of transient failures (backends, file systems)")

@@ -77,7 +77,11 @@ def build_dataset(
     *,
     with_probs: bool,
 ) -> TrainingData:
-    """Tokenize and check examples: an answer index for each, and probs over exactly its options."""
+    """Tokenize and check examples: an answer index for each, and probs over exactly its options.
+
+    Raises ValueError naming the example (index and question_id) whose answer is not an option index, or
+    whose teacher probs are missing, of the wrong length, negative or not finite when `with_probs`.
+    """
     encoded = tokenize(examples, tokenizer, scoring)
     for i, (example, enc) in enumerate(zip(examples, encoded, strict=True)):
         answer = example.get("answer")

@@ -49,6 +49,7 @@ from kdflow.train.checkpoints import (
 )
 from kdflow.train.distributed import Processes, join, whole_tensor
 from kdflow.train.losses import LossParts, distillation_loss
+from kdflow.train.numerics import autocast, subnormals_flushed
 from kdflow.train.optim import build_optimizer, build_scheduler, total_steps
 from kdflow.train.reporting import (
     DELIVER_EVERY,
@@ -59,7 +60,7 @@ from kdflow.train.reporting import (
     transformers_bars,
 )
 from kdflow.train.students import export_student
-from kdflow.train.val_check import autocast, evaluate_accuracy, track_validation
+from kdflow.train.val_check import evaluate_accuracy, track_validation
 
 
 class TrainingCancelled(KdflowError):
@@ -371,7 +372,8 @@ def train(
                DataOrder(len(examples), cfg.seed, state.epoch, state.position), on_metrics, on_checkpoint)
 
     # 4. The loop, then 5. the export.
-    trained_samples, train_seconds = _loop(run, wrapped, data, val, cfg, steps, progress, should_stop)
+    with subnormals_flushed(processes.device):
+        trained_samples, train_seconds = _loop(run, wrapped, data, val, cfg, steps, progress, should_stop)
     final_dir = _export(run, export_model, tokenizer, out_dir, merge_lora=merge_lora, progress=progress)
 
     return TrainResult(

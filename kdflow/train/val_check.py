@@ -1,10 +1,8 @@
-"""Validation during training: the accuracy check every `training.eval_every` steps, what early
-stopping keeps from it (the best step and, with a patience, its weights), and the autocast that the
-training and checking forward passes share."""
+"""Validation during training: the accuracy check every `training.eval_every` steps and what early
+stopping keeps from it (the best step and, with a patience, its weights)."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
@@ -13,6 +11,7 @@ from kdflow.scoring import option_logits
 from kdflow.train.batches import TrainingData
 from kdflow.train.checkpoints import TrainState
 from kdflow.train.distributed import Processes
+from kdflow.train.numerics import autocast
 
 
 def evaluate_accuracy(
@@ -41,13 +40,6 @@ def evaluate_accuracy(
             correct += (predicted == gold.to(device))[: len(indices)].sum()
     model.train(was_training)
     return int(processes.sum(correct)) / len(data.encoded)
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; the CPU runs in the model's own dtype (and stays bit-reproducible)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def track_validation(
