@@ -33,11 +33,14 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 run: $(STAMP)
 	$(VENV)/bin/kdflow run -c $(CONFIG)
 
+# Two pytest workers (pytest-xdist), each taking whole test files so a file's fixtures are built once.
+# CI sets OMP_NUM_THREADS=1, so the two workers keep two cores busy without oversubscribing them.
+PYTEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow"
 
 bench: $(STAMP)
 	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -c constraints-cpu.txt -e ".[dev,bench]"
