@@ -36,14 +36,21 @@ def worker_env() -> dict[str, str]:
 
 
 def sigkill_when(worker: subprocess.Popen, ready: Callable[[], bool], waiting_for: str, timeout: float = 120) -> None:
-    """SIGKILL `worker` (started with stderr=PIPE) the moment `ready()`; fail with its stderr if it ends first."""
+    """SIGKILL `worker` (started with stderr=PIPE) the moment `ready()`; fail with its stderr if it ends first.
+
+    A worker started with start_new_session=True is killed with its whole process group, as a machine
+    losing power would: a temporary Prefect server it started then goes too instead of outliving the test.
+    """
     try:
         deadline = time.monotonic() + timeout
         while not ready():
             if worker.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"the worker ended before {waiting_for}: {worker.stderr.read().decode()[-2000:]}")
             time.sleep(0.02)
-        worker.send_signal(signal.SIGKILL)
+        if os.getpgid(worker.pid) == worker.pid:
+            os.killpg(worker.pid, signal.SIGKILL)
+        else:
+            worker.send_signal(signal.SIGKILL)
     finally:
         worker.wait()
         worker.stderr.close()

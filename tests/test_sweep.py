@@ -255,7 +255,9 @@ def test_killed_sweep_resumes_training_only_the_missing_students(first_sweep):
     home, _cfg, _ = first_sweep
     args = [sys.executable, "-m", "kdflow.cli", "sweep", "-c", str(TINY), "--set", f"home={home}",
             "--set", "sweep.training.alpha=[0.2, 0.4, 0.6, 0.8]", "--set", "training.max_steps=40"]
-    worker = subprocess.Popen(args, env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Its own process group: the kill takes the temporary Prefect server it starts down with it.
+    worker = subprocess.Popen(args, env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              start_new_session=True)
     finals = lambda: [d for d in (home / "models").glob("student-*") if (d / "final" / "config.json").exists()]
     completed = lambda: _completed_students(home)
     before, before_dirs = completed(), {d.name for d in finals()}
