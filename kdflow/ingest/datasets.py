@@ -77,11 +77,13 @@ def _gold(questions: pa.Table) -> list[str]:
     return [opts[a] for opts, a in zip(questions["options"].to_pylist(), questions["answer"].to_pylist(), strict=True)]
 
 
-def _drop_conflicts(loaded: list[LoadedSource], keys: list[list[str]]) -> tuple[list[LoadedSource], list[list[str]]]:
+def _drop_conflicts(loaded: list[LoadedSource]) -> tuple[list[LoadedSource], list[list[str]]]:
     """Reject, in every source, the questions another source of the run answers differently.
 
-    `keys` are the content keys of each source's questions; returns both with those questions removed.
+    Returns the sources with those questions removed and the content keys of each one's questions. Both
+    ingest and the stage commands' lookup go through here, so a version's identity is computed one way.
     """
+    keys = [content_keys(one.questions) for one in loaded]
     if len(loaded) < 2:
         return loaded, keys
     seen: dict[str, list[tuple[int, str]]] = defaultdict(list)  # key -> [(source index, gold text)]
@@ -189,7 +191,7 @@ def _record_duplicates(store: Store, loaded: list[LoadedSource], keys: list[list
 
 def _ingest_loaded(store: Store, sources: list[SourceConfig], loaded: list[LoadedSource],
                    splits: SplitConfig) -> list[DatasetReport]:
-    loaded, keys = _drop_conflicts(loaded, [content_keys(one.questions) for one in loaded])
+    loaded, keys = _drop_conflicts(loaded)
     stored = [_store(store, source, one, one_keys, splits)
               for source, one, one_keys in zip(sources, loaded, keys, strict=True)]
     _record_duplicates(store, loaded, keys, [dataset_id for dataset_id, _, _ in stored], splits)
@@ -230,12 +232,6 @@ def ingest(cfg: RunConfig, store: Store) -> list[DatasetReport]:
     return _ingest_loaded(store, sources, [load_source(source) for source in sources], cfg.data.splits)
 
 
-def _resolved(sources: list[SourceConfig]) -> list[LoadedSource]:
-    """Each source as ingest would store it today: loaded, then cleared of answers another source contradicts."""
-    loaded = [load_source(source) for source in sources]
-    return _drop_conflicts(loaded, [content_keys(one.questions) for one in loaded])[0]
-
-
 def run_dataset_ids(cfg: RunConfig, store: Store) -> list[str]:
     """The stored version of each configured source as it reads now (what the stage commands work on).
 
@@ -245,7 +241,8 @@ def run_dataset_ids(cfg: RunConfig, store: Store) -> list[str]:
     version has not been ingested (or holds no question); IngestError when a source cannot be read.
     """
     ids = []
-    for source, loaded in zip(cfg.data.sources, _resolved(cfg.data.sources), strict=True):
+    resolved, _ = _drop_conflicts([load_source(source) for source in cfg.data.sources])
+    for source, loaded in zip(cfg.data.sources, resolved, strict=True):
         dataset_id = _dataset_id(loaded)
         row = store.fetch_one("find_dataset", dataset_id=dataset_id)
         if row is None or row[3] == 0:
