@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,15 +76,27 @@ def start_server(host: str, port: int, files: ServerFiles, *, timeout_s: float =
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
         )
     files.pid_file.write_text(json.dumps({"pid": process.pid, "url": url}), encoding="utf-8")
+    try:
+        if _first_answer(process, lambda: url if server_is_up(url) else None, timeout_s, poll_s=1.0):
+            return url, True
+    except ChildProcessError:
+        files.pid_file.unlink(missing_ok=True)
+        raise TimeoutError(f"the Prefect server exited with code {process.returncode}; see {files.log_file}") from None
+    raise TimeoutError(f"the Prefect server did not answer at {url} within {timeout_s:.0f} s; see {files.log_file}")
+
+
+def _first_answer(process: subprocess.Popen, probe: Callable[[], str | None], timeout_s: float, *,
+                  poll_s: float) -> str | None:
+    """Call `probe()` every `poll_s` until it gives an answer (returned) or `timeout_s` passed (None);
+    raises ChildProcessError when the started `process` exits first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if server_is_up(url):
-            return url, True
+        if (answer := probe()) is not None:
+            return answer
         if process.poll() is not None:
-            files.pid_file.unlink(missing_ok=True)
-            raise TimeoutError(f"the Prefect server exited with code {process.returncode}; see {files.log_file}")
-        time.sleep(1.0)
-    raise TimeoutError(f"the Prefect server did not answer at {url} within {timeout_s:.0f} s; see {files.log_file}")
+            raise ChildProcessError(process.returncode)
+        time.sleep(poll_s)
+    return None
 
 
 def start_file_server(host: str, port: int, files: ServerFiles, *, timeout_s: float = 30.0) -> tuple[str, bool]:
@@ -100,14 +113,11 @@ def start_file_server(host: str, port: int, files: ServerFiles, *, timeout_s: fl
             [sys.executable, "-m", "kdflow.fileserver", "--home", str(files.home), "--host", host, "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        url = server_url(files.home, timeout_s=1.0)
-        if url is not None:
+    try:
+        if (url := _first_answer(process, lambda: server_url(files.home, timeout_s=1.0), timeout_s, poll_s=0.3)):
             return url, True
-        if process.poll() is not None:
-            raise TimeoutError(f"the file server exited with code {process.returncode}; see {files.files_log}")
-        time.sleep(0.3)
+    except ChildProcessError:
+        raise TimeoutError(f"the file server exited with code {process.returncode}; see {files.files_log}") from None
     process.kill()
     raise TimeoutError(f"the file server did not answer on port {port} within {timeout_s:.0f} s; see {files.files_log}")
 
@@ -125,13 +135,18 @@ def stop_file_server(files: ServerFiles) -> str | None:
     state.unlink(missing_ok=True)
     if not _runs(pid, b"kdflow.fileserver"):
         return None
-    os.kill(pid, signal.SIGTERM)  # a plain http server: ends at once
-    deadline = time.monotonic() + 10.0
+    _terminate(os.kill, pid, grace_s=10.0)  # a plain http server: ends at once
+    return info.get("url")
+
+
+def _terminate(kill: Callable[[int, int], None], pid: int, *, grace_s: float) -> None:
+    """SIGTERM through `kill` (os.kill for the process, os.killpg for its group), SIGKILL after `grace_s`."""
+    kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     if _alive(pid):
-        os.kill(pid, signal.SIGKILL)
-    return info.get("url")
+        kill(pid, signal.SIGKILL)
 
 
 def _runs(pid: int, *markers: bytes) -> bool:
@@ -167,12 +182,7 @@ def stop_server(files: ServerFiles, *, timeout_s: float = 30.0) -> str | None:
     if not _runs(pid, b"prefect", b"server"):  # `python -m prefect server start ...`
         files.pid_file.unlink(missing_ok=True)
         return None
-    os.killpg(pid, signal.SIGTERM)  # its own session: the server and the workers it spawned
-    deadline = time.monotonic() + timeout_s
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if _alive(pid):
-        os.killpg(pid, signal.SIGKILL)
+    _terminate(os.killpg, pid, grace_s=timeout_s)  # its own session: the server and the workers it spawned
     files.pid_file.unlink(missing_ok=True)
     return info.get("url")
 
