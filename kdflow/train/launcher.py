@@ -63,7 +63,6 @@ TERMINATE_GRACE_S = 30
 _EVENTS, _STOP, _LOG = "events.jsonl", "stop", "workers.log"
 
 
-
 # --------------------------------------------------------------------------------------------------
 # The parent: write the contract, start the workers, relay their events
 
