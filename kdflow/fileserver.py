@@ -10,6 +10,7 @@ show the file's path as text.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import posixpath
@@ -44,7 +45,7 @@ class _HomeFiles(SimpleHTTPRequestHandler):
             self.send_header("Content-Type", "text/plain; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            return _Body(body)
+            return io.BytesIO(body)
         top = path.lstrip("/").split("/", 1)[0]
         if top not in SERVED:
             self.send_error(404, f"only {', '.join(SERVED)} of the home are served")
@@ -54,20 +55,6 @@ class _HomeFiles(SimpleHTTPRequestHandler):
     def list_directory(self, path):
         self.send_error(404, "no directory listings")
         return None
-
-
-class _Body:
-    """A file-like body for `copyfile`."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def read(self, size: int = -1) -> bytes:
-        data, self.data = self.data, b""
-        return data
-
-    def close(self) -> None:
-        pass
 
 
 def make_server(home: Path, host: str, port: int) -> ThreadingHTTPServer:
