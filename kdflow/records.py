@@ -19,11 +19,12 @@ QUESTION_SCHEMA = pa.schema(
         ("category", pa.string()),
         ("question", pa.string()),
         ("options", pa.list_(pa.string())),
-        ("answer", pa.int32()),
+        pa.field("answer", pa.int32(), nullable=True),
         ("metadata", pa.string()),
     ]
 )
-"""One multiple-choice question. `metadata` is a JSON object of the source columns not mapped."""
+"""One multiple-choice question. `answer` is the 0-based gold option, null for an unlabeled question
+(always split train); `metadata` is a JSON object of the source columns not mapped."""
 
 REJECTED_SCHEMA = pa.schema(
     [

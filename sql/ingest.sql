@@ -10,9 +10,6 @@ SELECT coalesce(max(version), 0) + 1 FROM datasets WHERE name = $name;
 -- name: latest_dataset
 SELECT dataset_id FROM datasets WHERE name = $name AND n_questions > 0 ORDER BY version DESC LIMIT 1;
 
--- name: count_questions
-SELECT count(*) FROM questions WHERE dataset_id = $dataset_id;
-
 -- name: find_dataset_reading
 SELECT answers, encoding FROM dataset_reading WHERE dataset_id = $dataset_id;
 
@@ -39,8 +36,9 @@ DELETE FROM datasets WHERE dataset_id = $dataset_id AND n_questions = 0;
 DELETE FROM rejected_rows WHERE dataset_id = $dataset_id;
 
 -- name: insert_dataset
-INSERT INTO datasets (dataset_id, name, version, content_hash, source, layout, n_questions, n_rejected)
-VALUES ($dataset_id, $name, $version, $content_hash, $source, $layout, $n_questions, $n_rejected);
+-- n_questions counts labeled and unlabeled questions; n_unlabeled those without a gold answer.
+INSERT INTO datasets (dataset_id, name, version, content_hash, source, layout, n_questions, n_rejected, n_unlabeled)
+VALUES ($dataset_id, $name, $version, $content_hash, $source, $layout, $n_questions, $n_rejected, $n_unlabeled);
 
 -- name: insert_questions
 INSERT INTO questions
@@ -59,3 +57,16 @@ GROUP BY reason_code ORDER BY n DESC, reason_code;
 
 -- name: split_counts
 SELECT split, count(*) FROM questions WHERE dataset_id = $dataset_id GROUP BY split ORDER BY split;
+
+-- name: dataset_label_counts
+-- Per dataset: questions with a gold answer (labeled), without one (unlabeled: answer NULL) and input
+-- rows rejected, counted from the questions table itself (datasets.n_unlabeled is 0 in older homes).
+SELECT d.dataset_id,
+       count(q.question_id) FILTER (WHERE q.answer IS NOT NULL) AS labeled,
+       count(q.question_id) FILTER (WHERE q.answer IS NULL) AS unlabeled,
+       d.n_rejected AS rejected
+FROM datasets d
+LEFT JOIN questions q ON q.dataset_id = d.dataset_id
+WHERE list_contains($dataset_ids, d.dataset_id)
+GROUP BY d.dataset_id, d.n_rejected
+ORDER BY d.dataset_id;

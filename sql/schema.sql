@@ -45,6 +45,8 @@ CREATE TABLE IF NOT EXISTS datasets (
     n_rejected   BIGINT NOT NULL,
     created_at   TIMESTAMP NOT NULL DEFAULT current_timestamp
 );
+-- Of n_questions, those without a gold answer (older files: added, 0 as they could hold none).
+ALTER TABLE datasets ADD COLUMN IF NOT EXISTS n_unlabeled BIGINT DEFAULT 0;
 
 CREATE TABLE IF NOT EXISTS questions (
     dataset_id    VARCHAR NOT NULL,
@@ -54,11 +56,13 @@ CREATE TABLE IF NOT EXISTS questions (
     category      VARCHAR NOT NULL,
     question      VARCHAR NOT NULL,
     options       VARCHAR[] NOT NULL,
-    answer        INTEGER NOT NULL,
+    answer        INTEGER,                  -- 0-based gold option; NULL: an unlabeled question (split train)
     metadata      JSON,
     question_hash VARCHAR NOT NULL,         -- content hash: a label is valid for this exact text
     PRIMARY KEY (dataset_id, question_id)
 );
+-- Files from before unlabeled questions have answer NOT NULL (a no-op once dropped).
+ALTER TABLE questions ALTER COLUMN answer DROP NOT NULL;
 
 CREATE TABLE IF NOT EXISTS rejected_rows (
     dataset_id  VARCHAR NOT NULL,
