@@ -82,7 +82,14 @@ class SourceConfig(Strict):
         "detects a single-byte Western encoding (cp1252/Latin-1) and reports it; or a Python codec name",
     )
     sample: SampleConfig | None = Field(None, description="keep a stratified subsample of this source")
+    allow_unlabeled: bool = Field(
+        False,
+        description="keep a row whose answer is missing, null or blank as an unlabeled question (always in "
+        "split train: the student learns the teacher's soft label alone) instead of rejecting it; an answer "
+        "that is present but names no option is still rejected. Demo sources always keep unlabeled questions",
+    )
     _default_name: str | None = PrivateAttr(None)
+    _position: int | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _one_origin(self) -> SourceConfig:
@@ -118,6 +125,11 @@ class SourceConfig(Strict):
             return "__".join(p for p in parts if p)
         return _anchor(str(self.path)).name
 
+    def setting(self, key: str) -> str:
+        """Where a key of this source is set: data.sources[2].allow_unlabeled (data.sources[] when the
+        source is not part of a DataConfig)."""
+        return f"data.sources[{'' if self._position is None else self._position}].{key}"
+
 
 def _anchor(pattern: str) -> Path:
     """A file source's path without its extension, or a glob's folder before its first wildcard."""
@@ -147,9 +159,14 @@ def default_source_names(sources: list[SourceConfig]) -> list[str]:
 
 class SplitConfig(Strict):
     """Fractions for the stable hash-based train/val/test assignment: a question's split follows from a hash of
-    its normalised text and sorted options alone, so it is the same in every source, run and machine."""
+    its normalised text and sorted options alone, so it is the same in every source, run and machine.
+    Unlabeled questions (no gold answer, see SourceConfig.allow_unlabeled) are always in train."""
 
-    train: float = Field(0.7, ge=0, le=1, description="share the student (and a prepared teacher) train on")
+    train: float = Field(
+        0.7, ge=0, le=1,
+        description="share the student (and a prepared teacher) train on; unlabeled questions are always here, "
+        "as val and test need gold answers",
+    )
     val: float = Field(
         0.1, ge=0, le=1, description="share for periodic checks, calibration, the teacher-accuracy floor and tau"
     )
@@ -182,8 +199,9 @@ class DataConfig(Strict):
 
     @model_validator(mode="after")
     def _distinct_names(self) -> DataConfig:
-        for source, name in zip(self.sources, default_source_names(self.sources), strict=True):
+        for i, (source, name) in enumerate(zip(self.sources, default_source_names(self.sources), strict=True)):
             source._default_name = None if source.name else name
+            source._position = i
         seen: dict[str, int] = {}
         for i, source in enumerate(self.sources):
             name = source.display_name

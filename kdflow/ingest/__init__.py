@@ -1,8 +1,8 @@
 """Stage 1, ingest: the configured sources become versioned datasets of canonical questions.
 
 In: `data.sources` (local files, hub splits, the demo world). Out: one dataset version per source
-(identified by its content), its questions with a train/val/test split, and every row that could not
-become a question with the reason.
+(identified by its content), its questions with a train/val/test split (unlabeled ones, kept with the
+source's allow_unlabeled, always in train), and every row that could not become a question with the reason.
 Tables: reads datasets (an unchanged source is reused); writes datasets, dataset_reading, questions,
 question_notes, question_duplicates and rejected_rows (sql/ingest.sql).
 

@@ -159,18 +159,19 @@ def _options(values: list[Any], names: list[str] | None = None) -> list[str]:
     return options
 
 
-def repeated_options(options: list[str], answer: int) -> str | None:
+def repeated_options(options: list[str], answer: int | None) -> str | None:
     """None when every option is distinct; otherwise a note naming the repeats.
 
     Raises Rejected("ambiguous_answer") when the gold option's text repeats: the answer then names two
-    options and cannot be scored.
+    options and cannot be scored (an unlabeled question, `answer` None, has no gold option to repeat).
     """
     if len(set(options)) == len(options):
         return None
-    gold = options[answer]
-    same = [LETTERS[i] for i, text in enumerate(options) if text == gold]
-    if len(same) > 1:
-        raise Rejected("ambiguous_answer", f"the gold answer {gold!r} is options {', '.join(same)}")
+    if answer is not None:
+        gold = options[answer]
+        same = [LETTERS[i] for i, text in enumerate(options) if text == gold]
+        if len(same) > 1:
+            raise Rejected("ambiguous_answer", f"the gold answer {gold!r} is options {', '.join(same)}")
     counts = Counter(options)
     return "repeated options: " + ", ".join(f"{text!r} x{n}" for text, n in counts.items() if n > 1)
 

@@ -47,8 +47,9 @@ class IngestError(KdflowError, ValueError):
 
 @dataclass(frozen=True)
 class LoadedSource:
-    """One source, mapped. `counts` has rows (read), questions (kept), rejected and, with a `sample`,
-    not_sampled (valid questions left out by the subsample).
+    """One source, mapped. `counts` has rows (read), questions (kept, labeled or not), unlabeled (kept
+    questions without a gold answer: answer None), rejected and, with a `sample`, not_sampled (valid
+    questions left out by the subsample).
 
     `content_hash` covers the input bytes only; `identity` also covers how they were read (layout,
     mapping, encoding, answer semantics, sample), so reading the same file another way is a new version.
@@ -80,13 +81,30 @@ class _Draft:
     mapped: Mapped
 
 
+@dataclass(slots=True)
+class _Seen:
+    """The row that first had a question's content: its gold text (None: unlabeled) and its position in
+    the kept lists (None once it was rejected for conflicting with a later copy)."""
+
+    draft: _Draft
+    gold: str | None
+    index: int | None
+
+
 class _Collector:
     """Accumulates the rows of one source; `result` decides the answer column's semantics over all of them,
-    resolves every answer and rejects duplicates across all the source's files."""
+    resolves every answer and rejects duplicates across all the source's files.
 
-    def __init__(self, dataset: str, origin: str) -> None:
+    With `allow_unlabeled` a row without an answer becomes an unlabeled question (answer None); without
+    it the row is rejected, the reason naming `setting` (the source's allow_unlabeled key).
+    """
+
+    def __init__(self, dataset: str, origin: str, *, allow_unlabeled: bool = False,
+                 setting: str = "data.sources[].allow_unlabeled") -> None:
         self.dataset = dataset
         self.origin = origin
+        self.allow_unlabeled = allow_unlabeled
+        self.setting = setting
         self.rows = 0
         self.files: set[str] = set()
         self.drafts: list[_Draft] = []
@@ -140,14 +158,22 @@ class _Collector:
             raise IngestError(f"{e}{hint}") from None
         return reading, column
 
-    def _answer(self, m: Mapped, reading: Reading | None, column: str) -> int:
+    def _unlabeled(self, why: str) -> None:
+        """A row without an answer: an unlabeled question (None), or its rejection naming the setting."""
+        if not self.allow_unlabeled:
+            raise Rejected("missing_answer", f"{why}; to keep such rows as unlabeled questions set "
+                                             f"{self.setting}: true")
+
+    def _answer(self, m: Mapped, reading: Reading | None, column: str) -> int | None:
         if reading is None:
+            if m.missing is not None:
+                return self._unlabeled(m.missing)
             assert m.answer is not None  # layouts without an answer column resolve it themselves
             return m.answer
         value = m.raw_answer
         why = emptiness(value)
         if why is not None:
-            raise Rejected("missing_answer", f"'{column}' is {why}")
+            return self._unlabeled(f"'{column}' is {why}")
         if isinstance(value, (dict, list)):
             raise Rejected("bad_answer", f"answer {value!r} is a {type(value).__name__}, not an index, letter or text")
         index, reason = resolve(reading.name, value, m.options)
@@ -156,15 +182,51 @@ class _Collector:
             raise Rejected(code, f"{detail} (column {column!r} read as {reading.describe()})")
         return index
 
+    def _copy_of(self, draft: _Draft, gold: str | None, seen: _Seen, dropped: set[int]) -> bool:
+        """Settle a row whose content an earlier row (`seen`) had: reject what goes, with the reason, and
+        say whether this row is kept (it is only when it answers a question the earlier copy left unlabeled).
+
+        An unlabeled copy of a labeled question goes, whichever came first; two labeled copies that
+        disagree both go (neither answer can be trusted).
+        """
+        m, first = draft.mapped, seen.draft.mapped
+        if gold is None:
+            if seen.gold is None:
+                reason = f"duplicate_row: duplicate of {self._where(seen.draft)} (both unlabeled)"
+            else:
+                reason = (f"unlabeled_duplicate: unlabeled copy of {self._where(seen.draft)}, which answers "
+                          f"{first.options[first.answer]!r}")
+            self._reject(draft.source, draft.row, reason)
+            return False
+        if seen.gold is None:  # the labeled copy replaces the unlabeled one
+            assert seen.index is not None  # only labeled copies conflict
+            dropped.add(seen.index)
+            self._reject(seen.draft.source, seen.draft.row, f"unlabeled_duplicate: unlabeled copy of "
+                         f"{self._where(draft)}, which answers {m.options[m.answer]!r}")
+            return True
+        where = self._where(seen.draft)
+        if seen.gold == gold:
+            self._reject(draft.source, draft.row, f"duplicate_row: duplicate of {where}")
+            return False
+        self._reject(draft.source, draft.row,
+                     f"conflicting_duplicate: same question and options as {where} but answer "
+                     f"{m.options[m.answer]!r} instead of {first.options[first.answer]!r}")
+        if seen.index is not None:  # neither answer can be trusted: the first copy goes too
+            dropped.add(seen.index)
+            self._reject(seen.draft.source, seen.draft.row,
+                         f"conflicting_duplicate: same question and options as {self._where(draft)} but "
+                         f"answer {first.options[first.answer]!r} instead of {m.options[m.answer]!r}")
+            seen.index = None
+        return False
+
     def result(self, content_hash: str, layout: str) -> LoadedSource:
         reading, column = self._reading()
         ids: list[str] = []
         kept: list[Mapped] = []
         origins: list[tuple[str, int]] = []
-        notes: dict[str, list[Any]] = {name: [] for name in NOTE_SCHEMA.names}
-        # normalised key -> (first row, its gold text, its index in the kept lists; None once conflicted)
-        by_content: dict[str, tuple[_Draft, str, int | None]] = {}
-        conflicted: set[int] = set()
+        notes: list[tuple[int, str, str, int, str]] = []  # (kept index, question_id, source, row, note)
+        by_content: dict[str, _Seen] = {}  # normalised key -> the row that holds it
+        dropped: set[int] = set()  # kept indexes rejected later (conflicting or replaced copies)
         by_id: dict[str, _Draft] = {}
         for draft in self.drafts:
             m = draft.mapped
@@ -175,43 +237,31 @@ class _Collector:
                 self._reject(draft.source, draft.row, e.reason)
                 continue
             key = normalised_key(m.question, m.options)
-            gold = normalise_text(m.options[m.answer])
+            gold = None if m.answer is None else normalise_text(m.options[m.answer])
             question_id = f"{self.dataset}:{m.key}"
             seen = by_content.get(key)
-            if seen is not None:
-                where = self._where(seen[0])
-                if seen[1] == gold:
-                    self._reject(draft.source, draft.row, f"duplicate_row: duplicate of {where}")
+            owner = by_id.get(question_id)
+            # A labeled copy whose id another question holds is rejected below and replaces nothing.
+            id_clash = seen is not None and owner is not None and owner is not seen.draft
+            if seen is not None and not (seen.gold is None and gold is not None and id_clash):
+                if not self._copy_of(draft, gold, seen, dropped):
                     continue
-                first = seen[0].mapped
-                self._reject(draft.source, draft.row,
-                             f"conflicting_duplicate: same question and options as {where} but answer "
-                             f"{m.options[m.answer]!r} instead of {first.options[first.answer]!r}")
-                if seen[2] is not None:  # neither answer can be trusted: the first copy goes too
-                    conflicted.add(seen[2])
-                    self._reject(seen[0].source, seen[0].row,
-                                 f"conflicting_duplicate: same question and options as {self._where(draft)} but "
-                                 f"answer {first.options[first.answer]!r} instead of {m.options[m.answer]!r}")
-                    by_content[key] = (seen[0], seen[1], None)
-                continue
+                if owner is seen.draft:  # the replaced copy frees its id
+                    del by_id[question_id]
             if question_id in by_id:
                 self._reject(draft.source, draft.row, f"duplicate_id: id {m.key!r} first used by "
                              f"{self._where(by_id[question_id])} with different content")
                 continue
-            by_content[key] = (draft, gold, len(ids))
+            by_content[key] = _Seen(draft, gold, len(ids))
             by_id[question_id] = draft
+            if note is not None:
+                notes.append((len(ids), question_id, draft.source, draft.row.number, note))
             ids.append(question_id)
             kept.append(m)
             origins.append((draft.source, draft.row.number))
-            if note is not None:
-                for name, value in zip(NOTE_SCHEMA.names, (question_id, draft.source, draft.row.number, note)):
-                    notes[name].append(value)
-        if conflicted:
-            keep = [i for i in range(len(ids)) if i not in conflicted]
-            ids, kept, origins = [ids[i] for i in keep], [kept[i] for i in keep], [origins[i] for i in keep]
-            remaining = set(ids)
-            notes = {name: [v for v, qid in zip(values, notes["question_id"]) if qid in remaining]
-                     for name, values in notes.items()}
+        keep = [i for i in range(len(ids)) if i not in dropped]
+        ids, kept, origins = [ids[i] for i in keep], [kept[i] for i in keep], [origins[i] for i in keep]
+        note_rows = [note[1:] for note in notes if note[0] not in dropped]
         n = len(ids)
         columns = {
             "question_id": ids,
@@ -225,10 +275,13 @@ class _Collector:
         }
         questions = pa.table(columns, schema=QUESTION_SCHEMA)
         rejected = pa.table(self.rejected, schema=REJECTED_SCHEMA)
-        counts = {"rows": self.rows, "questions": questions.num_rows, "rejected": rejected.num_rows}
+        counts = {"rows": self.rows, "questions": questions.num_rows, "rejected": rejected.num_rows,
+                  "unlabeled": sum(m.answer is None for m in kept)}
         answers = f"{column}: {reading.describe()}" if reading is not None else _RESOLVED.get(layout, "")
+        notes_table = pa.table(list(zip(*note_rows)) if note_rows else [[] for _ in NOTE_SCHEMA.names],
+                               schema=NOTE_SCHEMA)
         return LoadedSource(self.dataset, content_hash, layout, questions, rejected, counts, answers,
-                            notes=pa.table(notes, schema=NOTE_SCHEMA), origins=origins)
+                            notes=notes_table, origins=origins)
 
 
 _RESOLVED = {

@@ -9,11 +9,14 @@ never reused: it is stored again.
 
 All sources of a run are loaded before anything is stored, so questions can be compared across them by
 their normalised content (kdflow.ingest.splits.normalised_key):
-- the split of a question is a function of that content, so its copies share one split everywhere;
-- a question in two sources with the same gold answer is kept in both and recorded in
-  question_duplicates (and counted in the summary);
+- the split of a question is a function of that content, so its copies share one split everywhere
+  (an unlabeled question is always in train);
+- a question in two sources with the same gold answer, or unlabeled in both, is kept in both and
+  recorded in question_duplicates (and counted in the summary);
 - a question in two sources with different gold answers is rejected in both, each rejection naming the
-  other source and its answer (`conflicting_answer`): neither answer can be trusted.
+  other source and its answer (`conflicting_answer`): neither answer can be trusted;
+- a question unlabeled in one source and labeled in another is kept labeled; the unlabeled copy is
+  rejected (`unlabeled_duplicate`), naming the source that answers it.
 """
 
 from __future__ import annotations
@@ -28,13 +31,17 @@ import pyarrow as pa
 from kdflow.config import RunConfig, SourceConfig, SplitConfig
 from kdflow.ingest.load import LoadedSource, load_source
 from kdflow.records import REJECTED_SCHEMA
-from kdflow.ingest.splits import assign_splits, normalise_text, normalised_key
+from kdflow.ingest.splits import normalise_text, normalised_key, question_splits
 from kdflow.store import Store
 
 
 @dataclass
 class DatasetReport:
-    """What one source stored: counts come from the store, never from what was read."""
+    """What one source stored: counts come from the store, never from what was read.
+
+    `loaded` counts every stored question, `unlabeled` those without a gold answer (`labeled` the rest);
+    `allow_unlabeled` is where the source's allow_unlabeled is set when it is off (None when on).
+    """
 
     dataset_id: str
     name: str
@@ -43,6 +50,8 @@ class DatasetReport:
     loaded: int
     rejected: int
     reused: bool
+    unlabeled: int = 0
+    allow_unlabeled: str | None = None
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     splits: dict[str, int] = field(default_factory=dict)
     answers: str = ""
@@ -50,6 +59,21 @@ class DatasetReport:
     duplicates: int = 0
     notes: int = 0
     not_sampled: int = 0
+
+    @property
+    def labeled(self) -> int:
+        return self.loaded - self.unlabeled
+
+    def unlabeled_hint(self, setting: str | None = None) -> str:
+        """What admits the rows rejected for a missing answer ("" when there are none or the setting is on):
+        `setting` names it another way (a command-line option), default the config key."""
+        missing = self.rejected_by_reason.get("missing_answer", 0)
+        setting = setting or (f"{self.allow_unlabeled}: true" if self.allow_unlabeled else None)
+        if not missing or setting is None:
+            return ""
+        rows = "1 row has" if missing == 1 else f"{missing:,} rows have"
+        return (f"{self.dataset_id}: {rows} no answer; to keep such rows as unlabeled questions (split train, "
+                f"learnt from the teacher's soft labels alone) set {setting}")
 
 
 def question_hashes(questions: pa.Table) -> list[str]:
@@ -66,19 +90,27 @@ def content_keys(questions: pa.Table) -> list[str]:
             zip(questions["question"].to_pylist(), questions["options"].to_pylist(), strict=True)]
 
 
+def _splits(questions: pa.Table, keys: list[str], splits: SplitConfig) -> list[str]:
+    return question_splits(keys, questions["answer"].to_pylist(), splits)
+
+
 def _with_splits(questions: pa.Table, keys: list[str], splits: SplitConfig) -> pa.Table:
     table = questions.set_column(
-        questions.schema.get_field_index("split"), "split", pa.array(assign_splits(keys, splits), pa.string())
+        questions.schema.get_field_index("split"), "split", pa.array(_splits(questions, keys, splits), pa.string())
     )
     return table.append_column("question_hash", pa.array(question_hashes(questions), pa.string()))
 
 
-def _gold(questions: pa.Table) -> list[str]:
-    return [opts[a] for opts, a in zip(questions["options"].to_pylist(), questions["answer"].to_pylist(), strict=True)]
+def _gold(questions: pa.Table) -> list[str | None]:
+    """The gold option text of each question (None: unlabeled)."""
+    return [None if a is None else opts[a]
+            for opts, a in zip(questions["options"].to_pylist(), questions["answer"].to_pylist(), strict=True)]
 
 
 def _drop_conflicts(loaded: list[LoadedSource]) -> tuple[list[LoadedSource], list[list[str]]]:
-    """Reject, in every source, the questions another source of the run answers differently.
+    """Reject, in every source, the questions another source of the run answers differently, and the
+    unlabeled copies of questions another source answers (the labeled copy is kept: an unlabeled copy in
+    train beside a labeled one in val or test would leak it).
 
     Returns the sources with those questions removed and the content keys of each one's questions. Both
     ingest and the stage commands' lookup go through here, so a version's identity is computed one way.
@@ -86,43 +118,52 @@ def _drop_conflicts(loaded: list[LoadedSource]) -> tuple[list[LoadedSource], lis
     keys = [content_keys(one.questions) for one in loaded]
     if len(loaded) < 2:
         return loaded, keys
-    seen: dict[str, list[tuple[int, str]]] = defaultdict(list)  # key -> [(source index, gold text)]
-    for i, source in enumerate(loaded):
-        for key, gold in zip(keys[i], _gold(source.questions), strict=True):
-            seen[key].append((i, gold))
-    conflicts = {key: hits for key, hits in seen.items() if len({normalise_text(g) for _, g in hits}) > 1}
-    if not conflicts:
-        return loaded, keys
+    golds = [_gold(one.questions) for one in loaded]
+    labeled: dict[str, list[tuple[int, str]]] = defaultdict(list)  # key -> [(source index, gold text)]
+    for i in range(len(loaded)):
+        for key, gold in zip(keys[i], golds[i], strict=True):
+            if gold is not None:
+                labeled[key].append((i, gold))
+    conflicts = {key for key, hits in labeled.items() if len({normalise_text(g) for _, g in hits}) > 1}
     result, result_keys = [], []
     for i, source in enumerate(loaded):
-        drop = [key in conflicts for key in keys[i]]
-        result_keys.append([key for key, d in zip(keys[i], drop, strict=True) if not d])
-        if not any(drop):
-            result.append(source)
-            continue
-        rejected: dict[str, list] = {name: [] for name in REJECTED_SCHEMA.names}
-        rows = source.questions.to_pylist()
-        for row, key, (path, number), dropped in zip(rows, keys[i], source.origins, drop, strict=True):
-            if not dropped:
-                continue
-            mine = row["options"][row["answer"]]
-            others = "; ".join(f"{loaded[j].name!r} answers {g!r}" for j, g in conflicts[key] if j != i)
+        reasons: list[str | None] = []
+        for key, gold in zip(keys[i], golds[i], strict=True):
+            others = [(j, g) for j, g in labeled.get(key, ()) if j != i]
+            named = "; ".join(f"{loaded[j].name!r} answers {g!r}" for j, g in others)
+            if gold is not None and key in conflicts:
+                reasons.append(f"conflicting_answer: this source answers {gold!r} but {named}")
+            elif gold is None and others and key not in conflicts:
+                reasons.append(f"unlabeled_duplicate: an unlabeled copy of a question {named} (kept there)")
+            else:
+                reasons.append(None)
+        result_keys.append([key for key, reason in zip(keys[i], reasons, strict=True) if reason is None])
+        result.append(_without(source, keys[i], reasons))
+    return result, result_keys
+
+
+def _without(source: LoadedSource, keys: list[str], reasons: list[str | None]) -> LoadedSource:
+    """The source without the questions that have a reason, each kept in `rejected` with it."""
+    if all(reason is None for reason in reasons):
+        return source
+    rejected: dict[str, list] = {name: [] for name in REJECTED_SCHEMA.names}
+    rows = source.questions.to_pylist()
+    for row, (path, number), reason in zip(rows, source.origins, reasons, strict=True):
+        if reason is not None:
             rejected["source"].append(path)
             rejected["row_number"].append(number)
-            rejected["reason"].append(f"conflicting_answer: this source answers {mine!r} but {others}")
+            rejected["reason"].append(reason)
             raw = {k: row[k] for k in ("question", "options", "answer")}
             rejected["raw"].append(json.dumps(raw, ensure_ascii=False))
-        keep = pa.array([not d for d in drop], pa.bool_())
-        dropped_keys = sorted(k for k, d in zip(keys[i], drop, strict=True) if d)
-        all_rejected = pa.concat_tables([source.rejected, pa.table(rejected, schema=REJECTED_SCHEMA)])
-        counts = source.counts | {"questions": source.counts["questions"] - len(dropped_keys),
-                                  "rejected": all_rejected.num_rows}
-        identity = hashlib.sha256(f"{source.identity}\0{','.join(dropped_keys)}".encode()).hexdigest()
-        result.append(replace(
-            source, questions=source.questions.filter(keep), rejected=all_rejected, counts=counts, identity=identity,
-            origins=[o for o, d in zip(source.origins, drop, strict=True) if not d],
-        ))
-    return result, result_keys
+    keep = [reason is None for reason in reasons]
+    questions = source.questions.filter(pa.array(keep, pa.bool_()))
+    dropped_keys = sorted(k for k, kept in zip(keys, keep, strict=True) if not kept)
+    all_rejected = pa.concat_tables([source.rejected, pa.table(rejected, schema=REJECTED_SCHEMA)])
+    counts = source.counts | {"questions": questions.num_rows, "rejected": all_rejected.num_rows,
+                              "unlabeled": questions.column("answer").null_count}
+    identity = hashlib.sha256(f"{source.identity}\0{','.join(dropped_keys)}".encode()).hexdigest()
+    return replace(source, questions=questions, rejected=all_rejected, counts=counts, identity=identity,
+                   origins=[o for o, kept in zip(source.origins, keep, strict=True) if kept])
 
 
 def _dataset_id(loaded: LoadedSource) -> str:
@@ -153,6 +194,7 @@ def _store(store: Store, source: SourceConfig, loaded: LoadedSource, keys: list[
             layout=loaded.layout,
             n_questions=loaded.questions.num_rows,
             n_rejected=loaded.rejected.num_rows,
+            n_unlabeled=loaded.questions.column("answer").null_count,
         )
         tx.execute("insert_dataset_reading", dataset_id=dataset_id, identity=loaded.identity,
                    answers=loaded.answers, encoding=loaded.encoding)
@@ -171,12 +213,15 @@ def _record_duplicates(store: Store, loaded: list[LoadedSource], keys: list[list
     if len(set(ids)) < 2:
         return
     where: dict[str, list[tuple[str, str]]] = defaultdict(list)  # key -> [(dataset_id, question_id)]
+    split_of: dict[str, str] = {}  # copies share it: labeled ones by content, unlabeled ones are all train
     for source, source_keys, dataset_id in zip(loaded, keys, ids, strict=True):
-        for key, qid in zip(source_keys, source.questions["question_id"].to_pylist(), strict=True):
+        source_splits = _splits(source.questions, source_keys, splits)
+        for key, qid, split in zip(source_keys, source.questions["question_id"].to_pylist(), source_splits,
+                                   strict=True):
             where[key].append((dataset_id, qid))
+            split_of[key] = split
     rows: dict[str, list] = defaultdict(list)
     shared = {key: hits for key, hits in where.items() if len({d for d, _ in hits}) > 1}
-    split_of = dict(zip(shared, assign_splits(list(shared), splits), strict=True))
     for key, hits in shared.items():
         for dataset_id, qid in hits:
             for other_dataset, other_qid in hits:
@@ -196,17 +241,20 @@ def _ingest_loaded(store: Store, sources: list[SourceConfig], loaded: list[Loade
               for source, one, one_keys in zip(sources, loaded, keys, strict=True)]
     _record_duplicates(store, loaded, keys, [dataset_id for dataset_id, _, _ in stored], splits)
     reports = []
-    for one, (dataset_id, version, reused) in zip(loaded, stored, strict=True):
+    for source, one, (dataset_id, version, reused) in zip(sources, loaded, stored, strict=True):
         reading = store.fetch_one("find_dataset_reading", dataset_id=dataset_id)
         answers, encoding = reading or (one.answers, one.encoding)
+        _, labeled, unlabeled, rejected = store.fetch_one("dataset_label_counts", dataset_ids=[dataset_id])
         reports.append(DatasetReport(
             dataset_id=dataset_id,
             name=one.name,
             version=version,
             layout=one.layout,
-            loaded=store.fetch_one("count_questions", dataset_id=dataset_id)[0],
-            rejected=store.fetch_one("find_dataset", dataset_id=dataset_id)[4],
+            loaded=labeled + unlabeled,
+            rejected=rejected,
             reused=reused,
+            unlabeled=unlabeled,
+            allow_unlabeled=None if source.allow_unlabeled else source.setting("allow_unlabeled"),
             rejected_by_reason=dict(store.fetch("rejected_by_reason", dataset_id=dataset_id)),
             splits=dict(store.fetch("split_counts", dataset_id=dataset_id)),
             answers=answers,

@@ -51,13 +51,16 @@ Reason codes (a rejected row's reason is "<code>: <detail>"):
   too_few_options       fewer than 2 options
   too_many_options      more than 26 options
   ambiguous_answer      the gold option's text appears twice among the options (repeats elsewhere are kept)
-  missing_answer        the answer is missing, null, NaN or blank
+  missing_answer        the answer is missing, null, NaN or blank (kept as an unlabeled question instead with
+                        the source's allow_unlabeled)
   bad_answer            the answer cannot name an option under the column's semantics (list, bool, 1.5 ...)
   answer_out_of_range   an index or letter past the last option
   unknown_answer_label  an answer label that is not one of the choice labels (or not a letter)
   answer_not_in_options an answer given as text that matches no option
   missing_id            the id column is missing, null or blank
-  duplicate_row         same question, options and answer as an earlier row (compared normalised)
+  duplicate_row         same question, options and answer as an earlier row (compared normalised), or an
+                        unlabeled copy of an unlabeled row
+  unlabeled_duplicate   an unlabeled copy of a question another row or source of the run answers (that one is kept)
   conflicting_duplicate same question and options as another row of the source but another answer (both go)
   conflicting_answer    the same question in another source of the run with another answer
   duplicate_id          the question id of an earlier row with different content
@@ -92,7 +95,8 @@ class Mapped:
     """The canonical fields of one row; `key` is the source id or content hash, before the dataset prefix.
 
     `answer` is None when the layout leaves it to the column's semantics: `raw_answer` then holds the
-    value as the source wrote it (ABSENT when the column is missing).
+    value as the source wrote it (ABSENT when the column is missing). A layout that resolves answers
+    itself leaves `answer` None and says why in `missing` ("'answerKey' is blank") when the row has none.
     """
 
     key: str
@@ -102,6 +106,7 @@ class Mapped:
     category: str
     metadata: str
     raw_answer: Any = None
+    missing: str | None = None
 
 
 @dataclass(frozen=True)
@@ -220,11 +225,10 @@ def _map_labelled(record: dict[str, Any]) -> Mapped:
     options = _options(texts)
     key_value = record.get("answerKey", ABSENT)
     why = emptiness(key_value)
-    if why is not None:
-        raise Rejected("missing_answer", f"'answerKey' is {why}")
-    answer = _label_index(key_value, labels)
+    answer = None if why is not None else _label_index(key_value, labels)
     key = _source_id(record, "id")
-    return Mapped(key, question, options, answer, _category(concept), _metadata(record, _LABELLED_COLUMNS))
+    return Mapped(key, question, options, answer, _category(concept), _metadata(record, _LABELLED_COLUMNS),
+                  missing=None if why is None else f"'answerKey' is {why}")
 
 
 def _shuffled(question: str, options: list[str], metadata: str) -> Mapped:

@@ -77,7 +77,9 @@ def _layout(source: SourceConfig, rows: list[Row], origin: str) -> tuple[str, Ma
     records = [row.record for row in rows if row.record is not None][:DETECT_ROWS]
     columns = list(dict.fromkeys(key for record in records for key in record))
     if source.format == "generic" or (source.format == "auto" and source.mapping is not None):
-        missing = [c for c in mapping_columns(source.mapping) if c not in columns]
+        # A pool of unlabeled questions may have no answer column at all.
+        optional = {source.mapping.answer} if source.allow_unlabeled else set()
+        missing = [c for c in mapping_columns(source.mapping) if c not in columns and c not in optional]
         if records and missing:
             raise IngestError(
                 f"the mapping of {origin} names columns it does not have: {', '.join(missing)} "
@@ -97,6 +99,11 @@ def _layout(source: SourceConfig, rows: list[Row], origin: str) -> tuple[str, Ma
     return layout, mapper_for(layout, columns)
 
 
+def _collector(source: SourceConfig, origin: str) -> _Collector:
+    return _Collector(source.display_name, origin, allow_unlabeled=source.allow_unlabeled,
+                      setting=source.setting("allow_unlabeled"))
+
+
 def _load_files(source: SourceConfig) -> LoadedSource:
     paths = _paths(str(source.path))
     for path in paths:
@@ -105,7 +112,7 @@ def _load_files(source: SourceConfig) -> LoadedSource:
                 f"{path} has an unknown extension {path.suffix or '(none)'!r}; use one of "
                 f"{', '.join(READERS)} (rename or convert the file)"
             )
-    collector = _Collector(source.display_name, str(source.path))
+    collector = _collector(source, str(source.path))
     digests: list[tuple[str, str]] = []
     encodings: list[str] = []
     layout, first = "unknown", None
@@ -171,7 +178,7 @@ def _load_hub(source: SourceConfig) -> LoadedSource:
                 record[column] = feature.int2str(value) if 0 <= value < feature.num_classes else None
     rows = rows_from_records(records)
     layout, mapper = _layout(source, rows, origin)
-    collector = _Collector(source.display_name, origin)
+    collector = _collector(source, origin)
     collector.add(rows, mapper, origin)
     fingerprint = f"{origin}\0{loaded._fingerprint}"  # changes with the dataset's revision and files
     return collector.result(_sha256(fingerprint.encode()), layout)
@@ -184,7 +191,9 @@ def _load_demo(source: SourceConfig) -> LoadedSource:
     questions = generate_demo_questions(demo.n_questions, demo.seed)
     params = json.dumps({"demo": demo.model_dump()}, sort_keys=True)
     rejected = REJECTED_SCHEMA.empty_table()
-    counts = {"rows": questions.num_rows, "questions": questions.num_rows, "rejected": 0}
+    # The demo world's questions without an answer (None) are unlabeled on purpose: always kept.
+    counts = {"rows": questions.num_rows, "questions": questions.num_rows, "rejected": 0,
+              "unlabeled": questions.column("answer").null_count}
     return LoadedSource(source.display_name, _sha256(params.encode()), "demo", questions, rejected, counts,
                         "generated", origins=[("demo", i) for i in range(questions.num_rows)])
 
@@ -220,6 +229,9 @@ def _identity(source: SourceConfig, loaded: LoadedSource) -> str:
         "answers": loaded.answers,
         "sample": source.sample.model_dump(mode="json") if source.sample else None,
     }
+    unlabeled = loaded.questions.column("answer").null_count
+    if unlabeled:  # rows allow_unlabeled kept (the same bytes read without it are another version)
+        how["unlabeled"] = unlabeled
     return _sha256(json.dumps(how, sort_keys=True).encode())
 
 
@@ -242,7 +254,7 @@ def load_source(source: SourceConfig) -> LoadedSource:
         origins = [o for o, qid in zip(loaded.origins, ids, strict=True) if qid in kept]
         notes = loaded.notes.filter(pa.array([q in kept for q in loaded.notes.column("question_id").to_pylist()],
                                              pa.bool_()))
-        counts = loaded.counts | {"questions": sampled.num_rows,
+        counts = loaded.counts | {"questions": sampled.num_rows, "unlabeled": sampled.column("answer").null_count,
                                   "not_sampled": loaded.questions.num_rows - sampled.num_rows}
         loaded = replace(loaded, questions=sampled, notes=notes, counts=counts, origins=origins)
     return replace(loaded, identity=_identity(source, loaded))

@@ -7,6 +7,13 @@ train in one and in test in the other. The key is hashed with sha256 (Python's h
 process) into a number in [0, 1) that is compared with the cumulative fractions. So the same question
 lands in the same split on every machine and every run, adding or removing other questions never moves
 it, and no question can leak from test into train when a dataset is re-ingested.
+
+Unlabeled questions (no gold answer: a source's allow_unlabeled, the demo world's unlabeled questions)
+are always in train, whatever their hash says: calibration, the gate's accuracy checks, the cascade's
+threshold and the evaluation all need gold answers, and training learns them from the teacher's soft
+label alone. Within a run, ingestion keeps the labeled copy of a question that is labeled in one source
+and unlabeled in another (kdflow.ingest.datasets), so the forced train split never meets a labeled copy
+in val or test.
 """
 
 from __future__ import annotations
@@ -49,3 +56,10 @@ def assign_splits(keys: Sequence[str], cfg: SplitConfig) -> list[str]:
     # to 1 within 1e-6 can never leave a key without a split or put one in an empty split.
     edges = list(accumulate(fraction for _, fraction in named))[:-1]
     return [names[bisect_right(edges, _unit(key))] for key in keys]
+
+
+def question_splits(keys: Sequence[str], answers: Sequence[int | None], cfg: SplitConfig) -> list[str]:
+    """The split of each question given its key and gold answer: "train" for an unlabeled one (answer
+    None), else `assign_splits` of its key."""
+    hashed = assign_splits(keys, cfg)
+    return ["train" if answer is None else split for answer, split in zip(answers, hashed, strict=True)]
