@@ -3,11 +3,12 @@
 -- name: evaluation_questions
 -- The questions of $split ('test' reports, 'val' chooses tau) the teacher labeled, in a stable order,
 -- capped at $limit (NULL: all), with the teacher's stored answer: its predictions are its soft labels.
+-- Only labeled questions: unlabeled ones are all in train, and the guard keeps it so if that changes.
 SELECT q.question_id, q.question, q.options, q.category, q.answer, l.probs AS teacher_probs, l.latency_ms
 FROM questions q
 JOIN soft_labels l
   ON l.question_id = q.question_id AND l.teacher_key = $teacher_key AND l.question_hash = q.question_hash
-WHERE list_contains($dataset_ids, q.dataset_id) AND q.split = $split
+WHERE list_contains($dataset_ids, q.dataset_id) AND q.split = $split AND q.answer IS NOT NULL
 ORDER BY q.question_id, q.dataset_id
 LIMIT $limit;
 

@@ -44,9 +44,10 @@ ORDER BY q.question_id;
 -- name: labels_digest
 -- Identifies a label set by content, so a validation verdict or a trained student can be reused: the
 -- questions (id, text hash, gold answer, split, category) and every label value the gate checks or
--- training reads (NULLs hash as '~').
+-- training reads (NULLs hash as '~', an unlabeled question's answer too).
 SELECT coalesce(sha256(string_agg(
-    concat_ws(':', l.question_id, l.question_hash, CAST(q.answer AS VARCHAR), q.split, coalesce(q.category, '~'),
+    concat_ws(':', l.question_id, l.question_hash, coalesce(CAST(q.answer AS VARCHAR), '~'), q.split,
+              coalesce(q.category, '~'),
               CAST(l.probs AS VARCHAR), coalesce(CAST(l.confidence AS VARCHAR), '~'),
               coalesce(CAST(l.predicted AS VARCHAR), '~'), coalesce(CAST(l.coverage AS VARCHAR), '~'),
               coalesce(CAST(l.entropy AS VARCHAR), '~')),

@@ -39,7 +39,7 @@ SELECT q.question_id, q.answer, l.probs, l.latency_ms
 FROM questions q
 JOIN soft_labels l
   ON l.question_id = q.question_id AND l.teacher_key = $teacher_key AND l.question_hash = q.question_hash
-WHERE list_contains($dataset_ids, q.dataset_id) AND q.split = 'test'
+WHERE list_contains($dataset_ids, q.dataset_id) AND q.split = 'test' AND q.answer IS NOT NULL
 ORDER BY q.question_id, q.dataset_id
 LIMIT $limit;
 

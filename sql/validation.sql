@@ -25,12 +25,14 @@ FROM validation_results WHERE validation_id = $validation_id ORDER BY success, l
 SELECT count(DISTINCT question_id) FROM quarantine WHERE validation_id = $validation_id;
 
 -- name: gate_sample_questions
--- The fail-fast sample: up to $limit questions of the datasets, those of the accuracy splits ($splits)
--- first, then the rest, each group in a fixed pseudo-random order (md5 of the id: stable across runs and
--- DuckDB versions, and unrelated to how ids sort, which often follows subject or source file).
+-- The fail-fast sample: up to $limit questions of the datasets, the labeled ones of the accuracy splits
+-- ($splits) first (unlabeled ones cannot measure accuracy), then the rest, each group in a fixed
+-- pseudo-random order (md5 of the id: stable across runs and DuckDB versions, and unrelated to how ids
+-- sort, which often follows subject or source file).
 SELECT question_id
 FROM (
-    SELECT q.question_id, min(CASE WHEN list_contains($splits, q.split) THEN 0 ELSE 1 END) AS rank
+    SELECT q.question_id,
+           min(CASE WHEN list_contains($splits, q.split) AND q.answer IS NOT NULL THEN 0 ELSE 1 END) AS rank
     FROM questions q
     WHERE list_contains($dataset_ids, q.dataset_id)
     GROUP BY q.question_id

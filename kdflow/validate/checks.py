@@ -46,6 +46,7 @@ class Facts:
     """Label-set numbers the dataset-level checks are set from and explained with."""
 
     rows: int
+    gold_rows: int  # rows whose question has a gold answer (the others are unlabeled)
     accuracy_rows: int
     accuracy_split: str
     chance: float
@@ -153,7 +154,8 @@ CHECKS: tuple[_Check, ...] = (
         lambda cfg, f: {"column": "position_excess", "max_value": cfg.max_position_share_excess},
         observed=lambda r, f, cfg: (
             f"position {f.worst_position} predicted {f.worst_pred_share:.1%} vs gold {f.worst_gold_share:.1%} "
-            f"(excess {_num(r.get('observed_value'), '.1%')}, max {cfg.max_position_share_excess:.1%})"
+            f"on {f.gold_rows} labeled rows (excess {_num(r.get('observed_value'), '.1%')}, max "
+            f"{cfg.max_position_share_excess:.1%})"
         ),
     ),
     _Check(
@@ -230,30 +232,36 @@ def derive_columns(labels: pd.DataFrame, cfg: ValidationConfig) -> tuple[pd.Data
         usable = (n_options >= 2) & np.isfinite(entropy)
         frame["entropy_ratio"] = np.where(usable, entropy / np.log(n_options), np.nan)
 
-    # Positional bias: each row carries the excess (predicted share - gold share) of the position it
-    # predicted, so the worst position is the column's max.
-    on_slot = (predicted >= 0) & (predicted < MAX_OPTIONS)
-    gold_slot = (answer >= 0) & (answer < MAX_OPTIONS)
-    pred_share = np.bincount(predicted[on_slot].astype(int), minlength=MAX_OPTIONS) / n
-    gold_share = np.bincount(answer[gold_slot].astype(int), minlength=MAX_OPTIONS) / n
+    # Checks against the gold answer read labeled rows only: an unlabeled question (answer NaN here) has
+    # no gold share, cannot be right or wrong, and must neither fail nor dilute them.
+    gold = np.isfinite(answer)
+    n_gold = int(gold.sum())
+
+    # Positional bias: each labeled row carries the excess (predicted share - gold share) of the position
+    # it predicted, both shares over the labeled rows, so the worst position is the column's max.
+    on_slot = gold & (predicted >= 0) & (predicted < MAX_OPTIONS)
+    gold_slot = gold & (answer >= 0) & (answer < MAX_OPTIONS)
+    pred_share = np.bincount(predicted[on_slot].astype(int), minlength=MAX_OPTIONS) / max(n_gold, 1)
+    gold_share = np.bincount(answer[gold_slot].astype(int), minlength=MAX_OPTIONS) / max(n_gold, 1)
     excess = pred_share - gold_share
     frame["position_excess"] = np.where(on_slot, excess[np.where(on_slot, predicted, 0).astype(int)], np.nan)
     worst = int(np.argmax(excess))
 
-    # Teacher accuracy on held-out splits only: a prepared teacher was fine-tuned on train.
-    scope = labels["split"].isin(cfg.accuracy_splits).to_numpy(dtype=bool, na_value=False)
+    # Teacher accuracy on held-out splits only (a prepared teacher was fine-tuned on train), labeled rows only.
+    scope = labels["split"].isin(cfg.accuracy_splits).to_numpy(dtype=bool, na_value=False) & gold
     splits = "/".join(cfg.accuracy_splits)
     if not scope.any():
         raise AccuracySplitEmpty(
-            f"no labeled {splits} rows to measure the teacher's accuracy on: set data.splits.val above 0, "
-            "or list a split that has labels in validation.accuracy_splits (train only if the teacher was not "
-            "prepared on it)"
+            f"no labeled {splits} rows with a gold answer to measure the teacher's accuracy on: set "
+            "data.splits.val above 0, or list a split that has labels in validation.accuracy_splits (train only "
+            "if the teacher was not prepared on it; unlabeled questions, all in train, never count)"
         )
     frame["correct"] = np.where(scope, (predicted == answer).astype(np.float64), np.nan)
     with np.errstate(divide="ignore"):
         chance = float(np.nanmean(np.where(n_options[scope] >= 1, 1.0 / n_options[scope], np.nan)))
     facts = Facts(
         rows=n,
+        gold_rows=n_gold,
         accuracy_rows=int(scope.sum()),
         accuracy_split=splits,
         chance=chance,
