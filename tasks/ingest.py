@@ -22,20 +22,27 @@ def ingest_task(cfg: RunConfig, run_id: str) -> list[str]:
         for report in reports:
             store.execute("link_run_dataset", run_id=run_id, dataset_id=report.dataset_id)
         record.reused = all(r.reused for r in reports)
-        record.detail = {r.dataset_id: {"loaded": r.loaded, "rejected": r.rejected} for r in reports}
+        record.detail = {r.dataset_id: {"loaded": r.loaded, "labeled": r.labeled, "unlabeled": r.unlabeled,
+                                        "rejected": r.rejected} for r in reports}
     create_table_artifact(
         key="ingest",
         table=[
             {"dataset": r.dataset_id, "version": r.version, "layout": r.layout, "answers": r.answers,
-             "loaded": r.loaded, "rejected": r.rejected, "duplicates": r.duplicates,
+             "labeled": r.labeled, "unlabeled": r.unlabeled, "rejected": r.rejected, "duplicates": r.duplicates,
              "reasons": ", ".join(f"{k}={v}" for k, v in r.rejected_by_reason.items())}
             for r in reports
         ],
         description=f"Datasets of run {run_id}",
     )
-    get_run_logger().info("ingested %s", "; ".join(
-        f"{r.dataset_id}: {r.loaded:,} questions, {r.rejected:,} rejected ({'unchanged, reused' if r.reused else 'new version'})"
+    logger = get_run_logger()
+    logger.info("ingested %s", "; ".join(
+        f"{r.dataset_id}: {r.labeled:,} labeled, {r.unlabeled:,} unlabeled, {r.rejected:,} rejected "
+        f"({'unchanged, reused' if r.reused else 'new version'})"
         for r in reports))
+    hints = [hint for r in reports if (hint := r.unlabeled_hint())]
+    for hint in hints:
+        logger.warning("%s", hint)
     if not any(r.loaded for r in reports):
-        raise KdflowError("no usable questions were loaded: see table rejected_rows for the reasons")
+        raise KdflowError("no usable questions were loaded: see table rejected_rows for the reasons"
+                          + "".join(f"; {hint}" for hint in hints))
     return [r.dataset_id for r in reports]

@@ -85,10 +85,14 @@ def ingest(
     encoding: Annotated[
         str, typer.Option("--encoding", metavar="CODEC", help="text encoding of PATHs (auto: BOM, UTF-8, else detected)")
     ] = "auto",
+    allow_unlabeled: Annotated[
+        bool, typer.Option("--allow-unlabeled", help="keep PATHs' rows without an answer as unlabeled questions")
+    ] = False,
 ) -> None:
     """Read questions into the store, one dataset per source, and print what was read.
 
-    Prints each source's detected layout and answer semantics; bad rows go to rejected_rows with the reason."""
+    Prints each source's detected layout and answer semantics and its labeled, unlabeled and rejected
+    counts; bad rows go to rejected_rows with the reason."""
     from pydantic import ValidationError
 
     from kdflow.config import ConfigError, SourceConfig
@@ -100,7 +104,8 @@ def ingest(
     cfg = _load(config, set_)
     if paths:
         try:
-            cfg.data.sources = [SourceConfig(path=p, format=format, encoding=encoding) for p in paths]
+            cfg.data.sources = [SourceConfig(path=p, format=format, encoding=encoding, allow_unlabeled=allow_unlabeled)
+                                for p in paths]
         except ValidationError as e:
             raise _fail("; ".join(
                 (f"--{err['loc'][-1]}: " if err["loc"] else "") + err["msg"].removeprefix("Value error, ")
@@ -116,9 +121,11 @@ def ingest(
         origin = {"path": "the PATHS argument of `kdflow ingest`", "format": "--format",
                   "encoding": "--encoding"}.get(e.setting or "")
         raise _fail(e.blaming(origin) if paths and origin else str(e)) from None
-    print_ingest(_console(), reports)
+    setting = "--allow-unlabeled" if paths else None
+    print_ingest(_console(), reports, setting)
     if not any(r.loaded for r in reports):
-        raise _fail("nothing usable was loaded: see the rejected rows above and fix the input")
+        hints = "".join(f"; {hint}" for r in reports if (hint := r.unlabeled_hint(setting)))
+        raise _fail(f"nothing usable was loaded: see the rejected rows above and fix the input{hints}")
 
 
 @app.command()

@@ -12,19 +12,21 @@ from kdflow.ingest.datasets import DatasetReport
 from kdflow.store import Store
 
 
-def print_ingest(console: Console, reports: Sequence[DatasetReport]) -> None:
+def print_ingest(console: Console, reports: Sequence[DatasetReport], unlabeled_setting: str | None = None) -> None:
+    """The ingest table and a line per finding; `unlabeled_setting` names what admits rows without an
+    answer when it is not the sources' config key (a command-line option)."""
     table = Table(title="ingest", title_justify="left")
     # A dataset id is copied into queries and configs: its column keeps each id on one line (the other
     # columns fold instead), as `kdflow runs` does for run ids.
     id_width = max((len(r.dataset_id) for r in reports), default=len("dataset"))
     table.add_column("dataset", no_wrap=True, min_width=id_width)
-    for col in ("version", "layout", "loaded", "rejected", "splits", "note"):
-        table.add_column(col, justify="right" if col in ("version", "loaded", "rejected") else "left",
-                         overflow="fold")
+    counts = ("labeled", "unlabeled", "rejected")
+    for col in ("version", "layout", *counts, "splits", "note"):
+        table.add_column(col, justify="right" if col in ("version", *counts) else "left", overflow="fold")
     for r in reports:
         splits = " ".join(f"{k}={v}" for k, v in sorted(r.splits.items()))
-        table.add_row(r.dataset_id, str(r.version), r.layout, f"{r.loaded:,}", f"{r.rejected:,}", splits,
-                      "unchanged: reused" if r.reused else "new version")
+        table.add_row(r.dataset_id, str(r.version), r.layout, f"{r.labeled:,}", f"{r.unlabeled:,}",
+                      f"{r.rejected:,}", splits, "unchanged: reused" if r.reused else "new version")
     console.print(table)
     for r in reports:
         encoding = f"; encoding {r.encoding}" if r.encoding else ""
@@ -33,6 +35,10 @@ def print_ingest(console: Console, reports: Sequence[DatasetReport]) -> None:
             reasons = ", ".join(f"{code} {n}" for code, n in r.rejected_by_reason.items())
             console.print(f"[yellow]{r.dataset_id}[/]: rejected {r.rejected:,} rows ({reasons}); "
                           f"they are kept in table rejected_rows with file, row and raw text")
+        if hint := r.unlabeled_hint(unlabeled_setting):
+            console.print(f"[yellow]{escape(hint)}[/]")
+        if r.unlabeled:
+            console.print(f"{r.dataset_id}: {r.unlabeled:,} unlabeled questions (no gold answer), all in split train")
         if r.duplicates:
             console.print(f"{r.dataset_id}: {r.duplicates:,} questions also in another source of this run "
                           "(same split in both; table question_duplicates)")
@@ -41,9 +47,10 @@ def print_ingest(console: Console, reports: Sequence[DatasetReport]) -> None:
         if r.not_sampled:
             console.print(f"{r.dataset_id}: {r.not_sampled:,} valid questions left out by the configured sample")
     total = sum(r.loaded for r in reports)
+    unlabeled = sum(r.unlabeled for r in reports)
     rejected = sum(r.rejected for r in reports)
-    console.print(f"stored {total:,} questions in {len(reports)} dataset{'s' if len(reports) != 1 else ''}, "
-                  f"rejected {rejected:,} rows")
+    console.print(f"stored {total:,} questions ({total - unlabeled:,} labeled, {unlabeled:,} unlabeled) in "
+                  f"{len(reports)} dataset{'s' if len(reports) != 1 else ''}, rejected {rejected:,} rows")
 
 
 def print_runs(console: Console, store: Store, limit: int) -> None:
