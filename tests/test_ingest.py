@@ -18,6 +18,9 @@ from kdflow.ingest.cells import shuffle_order
 from kdflow.ingest.readers import read_csv, read_json
 from kdflow.records import QUESTION_SCHEMA, REJECTED_SCHEMA
 
+# What a missing_answer rejection adds: the setting that keeps such rows as unlabeled questions.
+UNLABELED = "; to keep such rows as unlabeled questions set data.sources[].allow_unlabeled: true"
+
 FIXTURES = Path(__file__).parent / "fixtures" / "ingest"
 LUKAEMON = GenericMapping(question="input", options=["A", "B", "C", "D"], answer="target", answer_type="letter")
 QUIZ = GenericMapping(question="prompt", options="answers", answer="correct", id="qid", category="topic")
@@ -58,7 +61,7 @@ def by_id(loaded: LoadedSource) -> dict[str, dict]:
 def test_layouts_load_and_are_detected(relative, kwargs, layout, n):
     loaded = load(relative, **kwargs)
     assert loaded.layout == layout
-    assert loaded.counts == {"rows": n, "questions": n, "rejected": 0}
+    assert loaded.counts == {"rows": n, "questions": n, "rejected": 0, "unlabeled": 0}
     assert loaded.questions.schema.equals(QUESTION_SCHEMA)
     assert loaded.rejected.schema.equals(REJECTED_SCHEMA)
     rows = loaded.questions.to_pylist()
@@ -257,14 +260,15 @@ def test_bad_rows_are_rejected_with_a_code_and_good_rows_kept(relative):
         assert row["source"] == str(FIXTURES / relative)
         assert row["raw"] == lines[row["row_number"] - 1]  # the physical line, as in the file
         assert ": " in row["reason"]
-    assert loaded.counts == {"rows": len(good_ids) + len(codes), "questions": len(good_ids), "rejected": len(codes)}
+    assert loaded.counts == {"rows": len(good_ids) + len(codes), "questions": len(good_ids), "rejected": len(codes),
+                             "unlabeled": 0}
 
 
 def test_reason_details_name_what_is_wrong():
     reasons = {row["row_number"]: row["reason"] for row in load("bad/mmlu-bad.jsonl").rejected.to_pylist()}
     assert reasons[5] == "too_few_options: 1 option (need 2..26)"
     assert reasons[7] == "ambiguous_answer: the gold answer 'Paris' is options A, B"
-    assert reasons[9] == "missing_answer: 'answer' is NaN"
+    assert reasons[9] == "missing_answer: 'answer' is NaN" + UNLABELED
     assert reasons[11] == "duplicate_row: duplicate of row 1"
     assert reasons[15].startswith("conflicting_duplicate: same question and options as row 13")
     assert reasons[13].startswith("conflicting_duplicate: same question and options as row 15")
@@ -277,7 +281,7 @@ def test_parquet_rows_are_numbered_by_index_and_all_rejected_is_not_an_error():
     loaded = load("csqa/test.parquet")  # the CSQA test split withholds its answers
     assert loaded.questions.num_rows == 0
     assert loaded.rejected.column("row_number").to_pylist() == [0, 1]
-    assert set(loaded.rejected.column("reason").to_pylist()) == {"missing_answer: 'answerKey' is blank"}
+    assert set(loaded.rejected.column("reason").to_pylist()) == {"missing_answer: 'answerKey' is blank" + UNLABELED}
     assert json.loads(loaded.rejected.column("raw")[0].as_py())["id"] == "90b30172e645ff91f7171a048582eb8b"
     assert loaded.rejected_by_reason() == {"missing_answer": 2}
 
@@ -294,7 +298,7 @@ def test_glob_reads_every_file_and_finds_duplicates_across_files(tmp_path):
     shutil.copy(FIXTURES / "arc/ARC-Easy-Dev.jsonl", tmp_path / "a.jsonl")
     shutil.copy(FIXTURES / "arc/ARC-Easy-Dev.jsonl", tmp_path / "b.jsonl")
     loaded = load_source(SourceConfig(path=str(tmp_path / "*.jsonl"), name="arc"))
-    assert loaded.counts == {"rows": 10, "questions": 5, "rejected": 5}
+    assert loaded.counts == {"rows": 10, "questions": 5, "rejected": 5, "unlabeled": 0}
     assert loaded.rejected.column("reason")[0].as_py() == f"duplicate_row: duplicate of {tmp_path / 'a.jsonl'} row 1"
     digests = [f"{n}.jsonl\0{hashlib.sha256((tmp_path / f'{n}.jsonl').read_bytes()).hexdigest()}" for n in "ab"]
     assert loaded.content_hash == hashlib.sha256("\n".join(digests).encode()).hexdigest()
@@ -308,7 +312,7 @@ def test_unpaired_surrogates_are_rejected_not_fatal(tmp_path):
         ' {"question": "bad \\udc00 too?", "choices": ["a"], "answer": 0}]'
     )
     loaded = load_source(SourceConfig(path=str(path)))
-    assert loaded.counts == {"rows": 3, "questions": 1, "rejected": 2}
+    assert loaded.counts == {"rows": 3, "questions": 1, "rejected": 2, "unlabeled": 0}
     assert loaded.rejected.column("reason").to_pylist() == [
         "bad_encoding: unpaired surrogate '\\ud800' in the text",
         "too_few_options: 1 option (need 2..26)",

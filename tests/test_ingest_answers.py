@@ -18,6 +18,9 @@ from kdflow.ingest.load import IngestError, load_source
 from kdflow.ingest.answers import AnswerSemanticsError, Vote, choose_reading
 from kdflow.ingest.cells import numpy_list
 
+# What a missing_answer rejection adds: the setting that keeps such rows as unlabeled questions.
+UNLABELED = "; to keep such rows as unlabeled questions set data.sources[].allow_unlabeled: true"
+
 REPORTED = Path(__file__).parent / "fixtures" / "ingest" / "reported"  # inputs kdflow once read wrong
 
 
@@ -52,7 +55,7 @@ def test_reported_arc_float_key():
     loaded = load_source(SourceConfig(path=str(REPORTED / "arc_float_key.parquet")))
     assert loaded.questions.column("answer").to_pylist() == [1, 0, 2]
     assert loaded.rejected.to_pylist()[0]["row_number"] == 2
-    assert loaded.rejected.column("reason").to_pylist() == ["missing_answer: 'answerKey' is null"]
+    assert loaded.rejected.column("reason").to_pylist() == ["missing_answer: 'answerKey' is null" + UNLABELED]
 
 
 def test_reported_numpy_list_column():
@@ -250,7 +253,7 @@ def test_a_utf8_file_with_one_broken_line_rejects_that_line_only(tmp_path):
     path.write_bytes('{"question": "Café?", "options": ["a", "b"], "answer": 0}\n'.encode()
                      + b'{"question": "caf\xe9?", "options": ["c", "d"], "answer": 1}\n')
     loaded = load_source(SourceConfig(path=str(path)))
-    assert loaded.counts == {"rows": 2, "questions": 1, "rejected": 1}
+    assert loaded.counts == {"rows": 2, "questions": 1, "rejected": 1, "unlabeled": 0}
     assert loaded.rejected.column("reason")[0].as_py().startswith("bad_encoding")
 
 

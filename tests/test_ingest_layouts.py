@@ -10,6 +10,9 @@ import pytest
 from kdflow.config import SourceConfig
 from kdflow.ingest.load import load_source
 
+# What a missing_answer rejection adds: the setting that keeps such rows as unlabeled questions.
+UNLABELED = "; to keep such rows as unlabeled questions set data.sources[].allow_unlabeled: true"
+
 FIXTURES = Path(__file__).parent / "fixtures" / "ingest"
 
 
@@ -61,7 +64,7 @@ def test_option_columns_detected_equal_the_explicit_mapping():
 
 def test_hellaswag_without_label_is_rejected_not_guessed():
     loaded = load_source(SourceConfig(path=str(FIXTURES / "hellaswag/val.jsonl")))
-    assert loaded.rejected.column("reason").to_pylist() == ["missing_answer: 'label' is blank"]
+    assert loaded.rejected.column("reason").to_pylist() == ["missing_answer: 'label' is blank" + UNLABELED]
 
 
 def test_passage_is_kept_before_the_question():
