@@ -148,8 +148,8 @@ def _guard(fitted: float, n: int, nll_raw: float, nll_calibrated: float, min_que
         return "too_few_questions", f"(fewer than validation.calibration_min_questions = {min_questions})"
     if fitted in TEMPERATURE_BOUNDS:
         low, high = TEMPERATURE_BOUNDS
-        return "at_bound", (f"is at a bound of the search interval [{low:g}, {high:g}]: the validation NLL falls "
-                            "all the way to it")
+        return "at_bound", (f"is at a bound of the search interval [{low:g}, {high:g}] (the validation NLL falls "
+                            "all the way to it)")
     gain = n * (nll_raw - nll_calibrated)  # total nats over the fit's questions
     if 2 * gain <= LR_CRITICAL:
         return "no_nll_gain", (f"lowers the validation NLL by {gain:.3g} nats in total, not more than chance "
