@@ -13,11 +13,11 @@ used; when one fires, the raw labels are the targets (temperature None) and the 
 
 - too_few_questions: fewer than validation.calibration_min_questions admitted questions; one T fitted on a
   few dozen can move every confidence far (59 questions gave T = 5.31 and a test ECE of 0.455 from 0.109).
-- at_bound: T at either end of the search interval TEMPERATURE_BOUNDS: the NLL kept falling past it, e.g.
-  a teacher right on every validation question is sharpened toward one-hot, and its soft labels with it.
+- at_bound: the validation NLL falls all the way to an end of the search interval TEMPERATURE_BOUNDS, e.g.
+  for a teacher right on every validation question, which T = 0.05 would sharpen toward one-hot labels.
 - no_nll_gain: T does not lower the validation NLL by more than chance: a likelihood-ratio test of the
-  fitted T against T = 1 (Wilks 1938) at the 5% level, i.e. a total gain of more than
-  LR_CRITICAL / 2 = 1.92 nats over the fit's questions.
+  fitted T against T = 1 (Wilks 1938) at the 5% level, so T must lower the summed NLL over the fit's
+  questions by more than LR_CRITICAL / 2 = 1.92 nats.
 
 The fit is tied to a gate verdict (validation_id): the same labels and thresholds give the same
 temperature, stored in `teacher_calibrations` beside the teacher key, and read back by training (which
@@ -47,7 +47,6 @@ BOUND_NLL_TOLERANCE = 1e-9
 # critical value for one fitted parameter (T) against T = 1.
 LR_CRITICAL = 3.841458820694124
 MIN_QUESTIONS = ValidationConfig.model_fields["calibration_min_questions"].default
-FALLBACKS = ("too_few_questions", "at_bound", "no_nll_gain")
 
 
 @dataclass(frozen=True)
@@ -56,9 +55,9 @@ class Calibration:
     and after the fitted temperature.
 
     fitted_temperature is the fit's T whether or not it is used; fallback names the guard that rejected it
-    (one of FALLBACKS, too_few_questions also when nothing could be fitted; None when `temperature` is the
-    fitted T); note says why in words.
-    nll_calibrated and ece_calibrated are under fitted_temperature.
+    ('too_few_questions', also when nothing could be fitted, 'at_bound' or 'no_nll_gain'; None when
+    `temperature` is the fitted T); note says why in words. nll_calibrated and ece_calibrated are under
+    fitted_temperature.
     """
 
     temperature: float | None
