@@ -21,6 +21,7 @@ WITH wide AS (
            max(value) FILTER (WHERE name = 'retention')         AS retention,
            max(value) FILTER (WHERE name = 'agreement')         AS agreement,
            max(value) FILTER (WHERE name = 'kl')                AS kl,
+           max(value) FILTER (WHERE name = 'kl_raw')            AS kl_raw,
            max(value) FILTER (WHERE name = 'nll')               AS nll,
            max(value) FILTER (WHERE name = 'brier')             AS brier,
            max(value) FILTER (WHERE name = 'ece')               AS ece,

@@ -175,6 +175,10 @@ CREATE TABLE IF NOT EXISTS teacher_calibrations (
     note           VARCHAR,
     created_at     TIMESTAMP NOT NULL DEFAULT current_timestamp
 );
+-- A fit a guard rejected: its temperature is kept, `temperature` is NULL and the raw labels are used.
+ALTER TABLE teacher_calibrations ADD COLUMN IF NOT EXISTS fitted_temperature DOUBLE;
+-- The guard that rejected the fit ('too_few_questions', 'at_bound', 'no_nll_gain'); NULL when T is used.
+ALTER TABLE teacher_calibrations ADD COLUMN IF NOT EXISTS fallback VARCHAR;
 
 CREATE TABLE IF NOT EXISTS models (
     model_id    VARCHAR PRIMARY KEY,        -- role + content hash of what produced it

@@ -50,12 +50,27 @@ JOIN soft_labels l
 WHERE list_contains($dataset_ids, q.dataset_id) AND list_contains($question_ids, q.question_id)
 ORDER BY q.question_id;
 
+-- name: calibration_labels
+-- The labels the teacher's temperature is fitted on: labeled questions of $split (gold answer known) whose
+-- label this verdict did not quarantine (a NaN, a negative probability ... never reaches the fit).
+SELECT q.question_id, q.split, q.answer, l.probs
+FROM questions q
+JOIN soft_labels l
+  ON l.question_id = q.question_id AND l.teacher_key = $teacher_key AND l.question_hash = q.question_hash
+WHERE list_contains($dataset_ids, q.dataset_id) AND q.split = $split AND q.answer IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM quarantine z
+                  WHERE z.validation_id = $validation_id AND z.question_id = q.question_id
+                    AND z.teacher_key = $teacher_key)
+ORDER BY q.question_id;
+
 -- name: find_calibration
-SELECT temperature, n_questions, nll_raw, nll_calibrated, ece_raw, ece_calibrated, note
+SELECT temperature, n_questions, nll_raw, nll_calibrated, ece_raw, ece_calibrated, note, fitted_temperature,
+       fallback
 FROM teacher_calibrations WHERE validation_id = $validation_id;
 
 -- name: insert_calibration
 INSERT OR IGNORE INTO teacher_calibrations
-    (validation_id, teacher_key, temperature, n_questions, nll_raw, nll_calibrated, ece_raw, ece_calibrated, note)
+    (validation_id, teacher_key, temperature, n_questions, nll_raw, nll_calibrated, ece_raw, ece_calibrated, note,
+     fitted_temperature, fallback)
 VALUES ($validation_id, $teacher_key, $temperature, $n_questions, $nll_raw, $nll_calibrated, $ece_raw,
-        $ece_calibrated, $note);
+        $ece_calibrated, $note, $fitted_temperature, $fallback);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -25,12 +26,16 @@ def evaluate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_k
     with stage(store, run_id, "evaluate") as record:
         ref = teacher_ref(cfg, store, dataset_ids)
         calibration = stored_calibration(store, validation_id) if validation_id else None
+        temperature = calibration.temperature if calibration else None
         eval_id = evaluate(
             store, run_id=run_id, dataset_ids=dataset_ids, teacher_key=teacher_key,
             models={role: Path(path) for role, path in models.items()},
             open_teacher=lambda: open_backend(cfg, ref),
             scoring=cfg.scoring, cfg=cfg.evaluation, device=cfg.student.device,
-            teacher_temperature=calibration.temperature if calibration else None,
+            teacher_temperature=temperature,
+            # What the students learned from (kdflow.train.students_run): the calibrated labels or the raw ones.
+            target_temperature=temperature if cfg.training.soft_labels == "calibrated" else None,
+            teacher_calibration=dataclasses.asdict(calibration) if calibration else None,
         )
         record.detail = {"eval_id": eval_id}
     get_run_logger().info("evaluated %s on the test split: %s", ", ".join(["teacher", *models]), eval_id)

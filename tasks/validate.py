@@ -20,9 +20,13 @@ def validate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_k
     with stage(store, run_id, "validate") as record:
         result = run_gate(cfg, store, dataset_ids, teacher_key, run_id=run_id)
         record.reused = result.reused
+        calibration = result.calibration
         record.detail = {"validation_id": result.validation_id, "success": result.success,
-                         "temperature": result.calibration.temperature,
-                         "ece_raw": result.calibration.ece_raw, "ece_calibrated": result.calibration.ece_calibrated}
+                         "temperature": calibration.temperature, "fitted_temperature": calibration.fitted_temperature,
+                         "calibration_fallback": calibration.fallback, "calibration_note": calibration.note,
+                         "ece_raw": calibration.ece_raw, "ece_calibrated": calibration.ece_calibrated}
+    if calibration.fallback:
+        get_run_logger().warning("teacher calibration not used (%s): %s", calibration.fallback, calibration.note)
     rows = store.fetch("validation_results", validation_id=result.validation_id)
     create_table_artifact(
         key="validation",

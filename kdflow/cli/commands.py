@@ -193,8 +193,16 @@ def label(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 @app.command()
 def validate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Run the data-quality gate on the teacher's soft labels (exit code 3 when it fails)."""
-    validation_id = _run_flow("validate", _load(config, set_))
+    from kdflow.store import Store
+    from kdflow.validate.calibration import stored_calibration
+
+    cfg = _load(config, set_)
+    validation_id = _run_flow("validate", cfg)
     _console().print(f"the data-quality gate passed ({validation_id})")
+    calibration = stored_calibration(Store(cfg.home_dir, read_only=True), validation_id)
+    if calibration is not None and calibration.fallback:
+        _console().print(f"teacher calibration not used ({calibration.fallback.replace('_', ' ')}): "
+                         f"{calibration.note}", soft_wrap=True)
 
 
 @app.command()

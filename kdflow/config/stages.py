@@ -69,7 +69,8 @@ class TrainingConfig(Strict):
     )
     soft_labels: Literal["calibrated", "raw"] = Field(
         "calibrated", description="KD targets: the teacher's probabilities after the temperature fitted on the "
-        "validation split (calibrated), or as labeled (raw); raw when there is no validation split",
+        "validation split (calibrated), or as labeled (raw); raw when no temperature passes the calibration guards "
+        "(validation.calibration_min_questions, a fit at the search bound, no NLL gain)",
     )
     hard_label_baseline: bool = Field(True, description="also train the alpha=1 ablation at the same step budget")
     epochs: float = Field(
@@ -137,6 +138,10 @@ class ValidationConfig(Strict):
         0.98, ge=0, le=1, description="... and stay at or below this (not all uniform)"
     )
     max_quarantine_share: float = Field(0.05, ge=0, le=1, description="more quarantined rows than this fails the gate")
+    calibration_min_questions: int = Field(
+        100, ge=1, description="the teacher's temperature is used only when fitted on at least this many admitted "
+        "validation questions (default 100); on fewer, the raw labels are the KD targets",
+    )
 
 
 class EvaluationConfig(Strict):

@@ -75,6 +75,8 @@ def evaluate(
     cfg: EvaluationConfig,
     device: str = "cpu",
     teacher_temperature: float | None = None,
+    target_temperature: float | None = None,
+    teacher_calibration: Mapping[str, Any] | None = None,
 ) -> str:
     """Evaluate the teacher and the students in `models` ({role: model dir}) on the test split.
 
@@ -83,7 +85,11 @@ def evaluate(
     the teacher against the distilled student. The cascade's tau is chosen on the validation split
     (`spec.cascade` says how many questions; none when the split is empty). With `teacher_temperature`
     (fitted on the validation split, kdflow.validate.calibration) the teacher's test ECE and NLL are also stored
-    after calibration (ece_calibrated, nll_calibrated, temperature). Returns the eval_id.
+    after calibration (ece_calibrated, nll_calibrated, temperature). `target_temperature` is the temperature
+    the students' KD targets were tempered with (None: they learned the raw labels): agreement and KL are
+    measured against that target, with `kl_raw` beside them when it differs. `teacher_calibration` (the
+    stored calibration's fields, a rejected fit included) is kept in the spec for the report. Returns the
+    eval_id.
     """
     unknown = sorted(set(models) - set(STUDENT_ROLES))
     if unknown or "student" not in models:
@@ -118,6 +124,8 @@ def evaluate(
         "timing": {"method": "interleaved batch-1 rounds", "rounds": int(timing.seconds["student"].size),
                    "warmup": timing.warmup, "stopped_by": timing.stopped_by, "wall_s": round(timing.wall_s, 3)},
         "teacher_temperature": teacher_temperature,
+        "target_temperature": target_temperature,
+        "teacher_calibration": dict(teacher_calibration) if teacher_calibration is not None else None,
         "scoring": scoring.model_dump(mode="json"),
         "evaluation": cfg.model_dump(mode="json"),
     }
@@ -240,7 +248,8 @@ def _save(
         "insert_metrics": arrow_table(
             [row for r in results for row in metric_rows(
                 r, gold, categories, teacher, cfg.ece_bins, speedup if r.role == "student" else None,
-                spec["teacher_temperature"] if r.role == "teacher" else None)],
+                spec["teacher_temperature"] if r.role == "teacher" else None,
+                target_temperature=spec["target_temperature"])],
             METRIC_SCHEMA,
         ),
         "insert_reliability_bins": arrow_table(

@@ -87,21 +87,31 @@ def metric_rows(
     n_bins: int,
     speedup: metrics.RatioCI | None = None,
     temperature: float | None = None,
+    target_temperature: float | None = None,
 ) -> list[dict[str, Any]]:
     """The long-format metric rows of one model (category '*' is overall); latency rows only when timed;
-    with `temperature`, also ECE and NLL of its probabilities tempered by it (calibration, before/after)."""
+    with `temperature`, also ECE and NLL of its probabilities tempered by it (calibration, before/after).
+
+    Agreement and KL are against the target the students were trained on: the teacher's probabilities
+    tempered by `target_temperature` (training.soft_labels: calibrated), or as labeled when it is None.
+    With a target temperature `kl_raw` is the KL to the labels as labeled too; a temperature never moves
+    the teacher's argmax, so agreement is the same against either.
+    """
     correct = result.correct(gold)
     teacher_accuracy = float(teacher.correct(gold).mean())
     accuracy, lo, hi = metrics.accuracy_ci(correct)
     confidence = result.confidence
+    target = teacher.probs if target_temperature is None else metrics.apply_temperature(teacher.probs,
+                                                                                         target_temperature)
     overall: dict[str, float | None] = {
         "n": len(gold),
         "accuracy": accuracy,
         "accuracy_lo": lo,
         "accuracy_hi": hi,
         "retention": metrics.retention(accuracy, teacher_accuracy) if teacher_accuracy > 0 else None,
-        "agreement": metrics.agreement(result.probs, teacher.probs),
-        "kl": metrics.mean_kl(teacher.probs, result.probs),
+        "agreement": metrics.agreement(result.probs, target),
+        "kl": metrics.mean_kl(target, result.probs),
+        "kl_raw": None if target_temperature is None else metrics.mean_kl(teacher.probs, result.probs),
         "nll": metrics.nll(result.probs, gold),
         "brier": metrics.brier(result.probs, gold),
         "ece": metrics.expected_calibration_error(confidence, correct, n_bins),

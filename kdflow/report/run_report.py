@@ -119,7 +119,7 @@ def render_html(data: ReportData, summary: Summary) -> str:
         comparisons=page_table(sections.COMPARISON_COLUMNS, summary.comparisons),
         category_table=page_table(sections.CATEGORY_COLUMNS, data.categories, row_class=sections.category_row_class),
         category_plot=page_img(plots.png(plots.category_figure(data.category_accuracy)), "accuracy per category"),
-        calibration_text=sections.calibration_sentence(data.model("teacher")),
+        calibration_text=sections.calibration_sentence(data.model("teacher"), data.spec),
         reliability_plot=page_img(plots.png(plots.reliability_figure(data.reliability, data.models)),
                                   "reliability diagrams"),
         cascade_text=sections.cascade_sentence(data.spec, summary),

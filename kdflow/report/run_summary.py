@@ -56,7 +56,7 @@ def render_markdown(data: ReportData, summary: Summary) -> str:
         "",
         "## Calibration",
         "",
-        md_text(sections.calibration_sentence(data.model("teacher"))),
+        md_text(sections.calibration_sentence(data.model("teacher"), data.spec)),
         "",
         "## Cascade",
         "",

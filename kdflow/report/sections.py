@@ -51,7 +51,8 @@ MODEL_COLUMNS: list[Column] = [
     ("95% CI", lambda r: ci(r.get("accuracy_lo"), r.get("accuracy_hi"))),
     ("retention", lambda r: pct(r["retention"])),
     ("agreement", lambda r: pct(r["agreement"])),
-    ("KL(teacher‖model)", lambda r: num(r["kl"])),
+    ("KL(teacher‖model)", lambda r: num(r["kl"]) if r.get("kl_raw") is None
+     else f"{num(r['kl'])} (raw labels {num(r['kl_raw'])})"),
     ("NLL", lambda r: num(r["nll"])),
     ("Brier", lambda r: num(r["brier"])),
     ("ECE", lambda r: num(r["ece"]) if r.get("ece_calibrated") is None
@@ -153,16 +154,24 @@ def _noise_warning(models: Sequence[Row]) -> str:
             "are interrupted more often, so the speed-up is not reliable; re-run `kdflow evaluate` on a quiet machine.")
 
 
-def calibration_sentence(teacher: Row) -> str:
+def calibration_sentence(teacher: Row, spec: Mapping[str, Any] | None = None) -> str:
+    """The teacher's calibration on test, or why its fitted temperature was not used (the guard's note in
+    `spec`'s teacher_calibration), and which target the students' agreement and KL are measured against."""
+    spec = spec or {}
+    fit = spec.get("teacher_calibration") or {}
     if teacher.get("temperature") is None:
-        return ("The teacher was not calibrated (no temperature was fitted: the validation split had no labels). "
-                "Reliability diagrams on the test split, ECE with equal-width bins.")
+        why = (f": {fit['note']}." if fit.get("fallback")
+               else " (no temperature was fitted: the validation split had no labels).")
+        return f"The teacher was not calibrated{why} Reliability diagrams on the test split, ECE with equal-width bins."
+    target = (" The students learned from the calibrated probabilities: their agreement and KL are measured against "
+              "those, with the KL to the raw labels beside it." if spec.get("target_temperature") is not None else "")
     return (
         f"Teacher probabilities were calibrated by one temperature T = {teacher['temperature']:.3f}, fitted on "
         f"the validation split by minimising the negative log-likelihood (temperature scaling, Guo et al. 2017); "
         f"on the test split its ECE goes from {num(teacher['ece'])} to {num(teacher['ece_calibrated'])} and its NLL "
         f"from {num(teacher['nll'])} to {num(teacher['nll_calibrated'])}, its accuracy unchanged "
         "(training.soft_labels chooses which the students learn from). Diagrams: raw probabilities on the test split."
+        + target
     )
 
 

@@ -41,7 +41,7 @@ class GateResult:
 def run_gate(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher_key: str, *,
              run_id: str | None = None, verbose: bool = False) -> GateResult:
     """Validate the teacher's labels of the datasets (or reuse the verdict on the same labels), and fit (or
-    find) the teacher's calibration temperature on the validation split of the same labels."""
+    find) the teacher's calibration temperature on the validation labels the verdict did not quarantine."""
     labels = store.arrow("labels_with_questions", dataset_ids=dataset_ids, teacher_key=teacher_key)
     if labels.num_rows == 0:
         raise KdflowError(f"teacher {teacher_key} has no labels for {', '.join(dataset_ids)}: run `kdflow label` first")
@@ -50,7 +50,7 @@ def run_gate(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher_key: 
     found = store.fetch_one("find_validation", teacher_key=teacher_key, labels_digest=digest)
     if found is not None:
         validation_id, success, message, docs = found
-        calibration = calibrate(store, validation_id, teacher_key, labels.to_pylist())
+        calibration = calibrate(store, validation_id, teacher_key, dataset_ids, cfg.validation)
         return GateResult(validation_id, success, message or "", docs, reused=True, calibration=calibration)
 
     from kdflow.validate.validation import validate_labels
@@ -77,7 +77,8 @@ def run_gate(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher_key: 
         if len(outcome.quarantine):
             tx.execute("insert_quarantine", pa.Table.from_pandas(outcome.quarantine, preserve_index=False),
                        validation_id=validation_id)
-    calibration = calibrate(store, validation_id, teacher_key, labels.to_pylist())
+    # After the quarantine is stored: the fit reads only the labels it admitted.
+    calibration = calibrate(store, validation_id, teacher_key, dataset_ids, cfg.validation)
     return GateResult(validation_id, outcome.success, message, outcome.data_docs_path, reused=False,
                       calibration=calibration)
 
