@@ -22,7 +22,9 @@ def validate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_k
         record.reused = result.reused
         record.detail = {"validation_id": result.validation_id, "success": result.success,
                          "temperature": result.calibration.temperature,
-                         "ece_raw": result.calibration.ece_raw, "ece_calibrated": result.calibration.ece_calibrated}
+                         "ece_raw": result.calibration.ece_raw, "ece_calibrated": result.calibration.ece_calibrated,
+                         "suspect_gold": result.label_issues.n_flagged,
+                         "suspect_gold_method": result.label_issues.method}
     rows = store.fetch("validation_results", validation_id=result.validation_id)
     create_table_artifact(
         key="validation",
@@ -34,8 +36,9 @@ def validate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_k
         create_markdown_artifact(key="data-docs", markdown=artifact_markdown(
             "Great Expectations Data Docs", result.data_docs_path, cfg.home_dir), description=result.validation_id)
     if result.success:
-        get_run_logger().info("data-quality gate passed (%s%s)", result.validation_id,
-                              ", verdict on these labels reused" if result.reused else "")
+        get_run_logger().info("data-quality gate passed (%s%s); %s", result.validation_id,
+                              ", verdict on these labels reused" if result.reused else "",
+                              result.label_issues.summary())
     else:
         raise GateFailed(f"the data-quality gate failed ({result.validation_id}): {result.message}")
     return result.validation_id
