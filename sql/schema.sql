@@ -180,6 +180,36 @@ ALTER TABLE teacher_calibrations ADD COLUMN IF NOT EXISTS fitted_temperature DOU
 -- The guard that rejected the fit ('too_few_questions', 'at_bound', 'no_nll_gain'); NULL when T is used.
 ALTER TABLE teacher_calibrations ADD COLUMN IF NOT EXISTS fallback VARCHAR;
 
+-- Suspect gold answers (kdflow/validate/label_issues.py), found once per gate verdict: one row per verdict
+-- that was scanned (also when nothing was flagged), and one row per flagged question.
+CREATE TABLE IF NOT EXISTS label_issue_scans (
+    validation_id VARCHAR PRIMARY KEY,
+    teacher_key   VARCHAR NOT NULL,
+    dataset_ids   VARCHAR[] NOT NULL,
+    method        VARCHAR NOT NULL,         -- confident_learning | margin | off
+    temperature   DOUBLE,                   -- the calibration applied to the teacher's probabilities (NULL: raw)
+    n_considered  BIGINT NOT NULL,          -- labeled, not quarantined questions, every split
+    n_flagged     BIGINT NOT NULL,
+    created_at    TIMESTAMP NOT NULL DEFAULT current_timestamp
+);
+
+CREATE TABLE IF NOT EXISTS label_issues (
+    validation_id  VARCHAR NOT NULL,
+    question_id    VARCHAR NOT NULL,
+    dataset_id     VARCHAR NOT NULL,
+    dataset        VARCHAR NOT NULL,
+    split          VARCHAR NOT NULL,
+    category       VARCHAR NOT NULL,
+    gold           INTEGER NOT NULL,        -- the stored (suspect) gold answer, 0-based option index
+    teacher_choice INTEGER NOT NULL,        -- the teacher's most probable option
+    teacher_prob   DOUBLE NOT NULL,         -- its calibrated probability
+    gold_prob      DOUBLE NOT NULL,         -- the calibrated probability of the gold option
+    score          DOUBLE NOT NULL,         -- teacher_prob - gold_prob: higher is more suspect
+    threshold      DOUBLE NOT NULL,         -- what teacher_prob had to reach (the category's t_c, or min_confidence)
+    method         VARCHAR NOT NULL,
+    PRIMARY KEY (validation_id, dataset_id, question_id)
+);
+
 CREATE TABLE IF NOT EXISTS models (
     model_id    VARCHAR PRIMARY KEY,        -- role + content hash of what produced it
     run_id      VARCHAR,

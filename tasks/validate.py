@@ -24,7 +24,9 @@ def validate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_k
         record.detail = {"validation_id": result.validation_id, "success": result.success,
                          "temperature": calibration.temperature, "fitted_temperature": calibration.fitted_temperature,
                          "calibration_fallback": calibration.fallback, "calibration_note": calibration.note,
-                         "ece_raw": calibration.ece_raw, "ece_calibrated": calibration.ece_calibrated}
+                         "ece_raw": calibration.ece_raw, "ece_calibrated": calibration.ece_calibrated,
+                         "suspect_gold": result.label_issues.n_flagged,
+                         "suspect_gold_method": result.label_issues.method}
     if calibration.fallback:
         get_run_logger().warning("teacher calibration not used (%s): %s", calibration.fallback, calibration.note)
     rows = store.fetch("validation_results", validation_id=result.validation_id)
@@ -38,8 +40,9 @@ def validate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_k
         create_markdown_artifact(key="data-docs", markdown=artifact_markdown(
             "Great Expectations Data Docs", result.data_docs_path, cfg.home_dir), description=result.validation_id)
     if result.success:
-        get_run_logger().info("data-quality gate passed (%s%s)", result.validation_id,
-                              ", verdict on these labels reused" if result.reused else "")
+        get_run_logger().info("data-quality gate passed (%s%s); %s", result.validation_id,
+                              ", verdict on these labels reused" if result.reused else "",
+                              result.label_issues.summary())
     else:
         raise GateFailed(f"the data-quality gate failed ({result.validation_id}): {result.message}")
     return result.validation_id

@@ -20,13 +20,15 @@ from kdflow.config.models import (
     ArchitectureConfig, LoraConfig, OpenAIServerConfig, StudentConfig, TeacherConfig, TeacherPrepConfig, VLLMConfig,
 )
 from kdflow.config.run import EnsembleConfig, RunConfig, SweepConfig
-from kdflow.config.stages import EvaluationConfig, OrchestrationConfig, ScoringConfig, TrainingConfig, ValidationConfig
+from kdflow.config.stages import (
+    EvaluationConfig, OrchestrationConfig, ScoringConfig, SuspectGoldConfig, TrainingConfig, ValidationConfig,
+)
 
 # The public names, importable from kdflow.config whichever module of the package holds them.
 __all__ = [
     "ConfigError", "Strict", "OnOffAuto", "GenericMapping", "DemoSource", "SampleConfig", "SOURCE_FORMATS",
     "SourceConfig", "default_source_names", "SplitConfig", "DataConfig", "ArchitectureConfig", "ScoringConfig",
     "LoraConfig", "OpenAIServerConfig", "VLLMConfig", "TeacherPrepConfig", "TeacherConfig", "StudentConfig",
-    "TrainingConfig", "ValidationConfig", "EvaluationConfig", "OrchestrationConfig", "EnsembleConfig",
-    "SweepConfig", "RunConfig", "DEFAULT_CONFIG", "apply_overrides", "load_config",
+    "TrainingConfig", "ValidationConfig", "SuspectGoldConfig", "EvaluationConfig", "OrchestrationConfig",
+    "EnsembleConfig", "SweepConfig", "RunConfig", "DEFAULT_CONFIG", "apply_overrides", "load_config",
 ]

@@ -89,6 +89,16 @@ class RunConfig(Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _suspect_gold_policy_needs_a_method(self) -> RunConfig:
+        if self.training.suspect_gold != "keep" and self.validation.suspect_gold.method == "off":
+            raise ValueError(
+                f"training.suspect_gold: {self.training.suspect_gold} needs suspect gold answers, but "
+                "validation.suspect_gold.method is off; set it to confident_learning or margin, or set "
+                "training.suspect_gold: keep"
+            )
+        return self
+
     @property
     def home_dir(self) -> Path:
         return Path(self.home or os.environ.get("KDFLOW_HOME") or ".kdflow").expanduser().resolve()

@@ -6,11 +6,11 @@ shards, retries).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
-from kdflow.config.base import OnOffAuto, Strict
+from kdflow.config.base import OnOffAuto, Strict, _switch_word
 
 
 class ScoringConfig(Strict):
@@ -98,6 +98,33 @@ class TrainingConfig(Strict):
     )
     num_processes: int = Field(1, ge=1, description="> 1 launches DDP/FSDP through accelerate")
     fsdp: bool = Field(False, description="shard the student with FSDP instead of DDP copies; needs num_processes > 1")
+    suspect_gold: Literal["keep", "drop", "teacher"] = Field(
+        "keep", description="training questions whose gold answer the gate found suspect (validation.suspect_gold): "
+        "keep them as they are, drop them, or train on the teacher's choice as their gold answer",
+    )
+
+
+class SuspectGoldConfig(Strict):
+    """Suspect gold answers: labeled questions whose gold answer the calibrated teacher confidently contradicts
+    (kdflow/validate/label_issues.py; the default and its measured precision and recall are in README.md)."""
+
+    method: Annotated[Literal["margin", "confident_learning", "off"], BeforeValidator(_switch_word)] = Field(
+        "margin",
+        description="margin: flag when the teacher's choice has p >= min_confidence and the gold option p <= "
+        "max_gold_prob; confident_learning (Northcutt, Jiang & Chuang 2021, JAIR): flag when the teacher's choice "
+        "is not the gold answer and its p reaches its category's mean p of the gold option (more recall, far less "
+        "precision where the teacher is weak); off: flag nothing",
+    )
+    min_confidence: float = Field(
+        0.9, gt=0.5, le=1, description="margin: the teacher's choice has at least this calibrated probability"
+    )
+    max_gold_prob: float = Field(
+        0.05, ge=0, lt=0.5, description="margin: ... and the gold option at most this calibrated probability"
+    )
+    min_category_count: int = Field(
+        30, ge=1, description="confident_learning: a category with fewer labeled questions uses the mean over all "
+        "categories as its threshold",
+    )
 
 
 class ValidationConfig(Strict):
@@ -141,6 +168,10 @@ class ValidationConfig(Strict):
     calibration_min_questions: int = Field(
         100, ge=1, description="the teacher's temperature is used only when fitted on at least this many admitted "
         "validation questions (default 100); on fewer, the raw labels are the KD targets",
+    )
+    suspect_gold: SuspectGoldConfig = Field(
+        default_factory=SuspectGoldConfig, description="how labeled questions with a suspect gold answer are found "
+        "(table label_issues; training.suspect_gold decides what training does with them)",
     )
 
 

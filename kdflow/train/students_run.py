@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from kdflow.validate.calibration import stored_calibration, with_calibrated_probs
+from kdflow.validate.label_issues import apply_suspect_gold, suspect_question_ids
 from kdflow.config import RunConfig
 from kdflow.errors import KdflowError
 from kdflow.store import Store
@@ -105,8 +106,12 @@ def train_students(
         "distillation_examples", dataset_ids=dataset_ids, teacher_key=teacher.key,
         validation_id=validation_id, split="train",
     ).to_pylist()
+    if cfg.training.suspect_gold != "keep":
+        examples, _ = apply_suspect_gold(examples, suspect_question_ids(store, validation_id, "train"),
+                                         cfg.training.suspect_gold)
     if not examples:
-        raise KdflowError("no validated training labels: check the split fractions and the quarantine table")
+        raise KdflowError("no validated training labels: check the split fractions, the quarantine table and "
+                          "training.suspect_gold")
     if cfg.training.soft_labels == "calibrated":
         calibration = stored_calibration(store, validation_id)
         examples = with_calibrated_probs(examples, calibration.temperature if calibration else None)

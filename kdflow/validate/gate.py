@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from kdflow.validate.calibration import Calibration, calibrate
+from kdflow.validate.label_issues import LabelIssueScan, scan_label_issues
 from kdflow.config import RunConfig
 from kdflow.errors import GateFailed, KdflowError
 from kdflow.store import Store
@@ -28,7 +29,8 @@ from kdflow.store import Store
 
 @dataclass(frozen=True)
 class GateResult:
-    """The verdict, and the teacher's temperature fitted on the validation split with it."""
+    """The verdict, the teacher's temperature fitted on the validation split with it, and the scan for
+    suspect gold answers made with that temperature."""
 
     validation_id: str
     success: bool
@@ -36,12 +38,14 @@ class GateResult:
     data_docs_path: str | None
     reused: bool
     calibration: Calibration
+    label_issues: LabelIssueScan
 
 
 def run_gate(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher_key: str, *,
              run_id: str | None = None, verbose: bool = False) -> GateResult:
-    """Validate the teacher's labels of the datasets (or reuse the verdict on the same labels), and fit (or
-    find) the teacher's calibration temperature on the validation labels the verdict did not quarantine."""
+    """Validate the teacher's labels of the datasets (or reuse the verdict on the same labels), fit (or
+    find) the teacher's calibration temperature on the validation labels the verdict did not quarantine, then
+    find (or find stored) the suspect gold answers under that temperature (kdflow.validate.label_issues)."""
     labels = store.arrow("labels_with_questions", dataset_ids=dataset_ids, teacher_key=teacher_key)
     if labels.num_rows == 0:
         raise KdflowError(f"teacher {teacher_key} has no labels for {', '.join(dataset_ids)}: run `kdflow label` first")
@@ -51,7 +55,10 @@ def run_gate(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher_key: 
     if found is not None:
         validation_id, success, message, docs = found
         calibration = calibrate(store, validation_id, teacher_key, dataset_ids, cfg.validation)
-        return GateResult(validation_id, success, message or "", docs, reused=True, calibration=calibration)
+        issues = scan_label_issues(store, validation_id, teacher_key, dataset_ids, calibration.temperature,
+                                   cfg.validation.suspect_gold)
+        return GateResult(validation_id, success, message or "", docs, reused=True, calibration=calibration,
+                          label_issues=issues)
 
     from kdflow.validate.validation import validate_labels
 
@@ -79,8 +86,10 @@ def run_gate(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher_key: 
                        validation_id=validation_id)
     # After the quarantine is stored: the fit reads only the labels it admitted.
     calibration = calibrate(store, validation_id, teacher_key, dataset_ids, cfg.validation)
+    issues = scan_label_issues(store, validation_id, teacher_key, dataset_ids, calibration.temperature,
+                               cfg.validation.suspect_gold)
     return GateResult(validation_id, outcome.success, message, outcome.data_docs_path, reused=False,
-                      calibration=calibration)
+                      calibration=calibration, label_issues=issues)
 
 
 class SampleGateFailed(GateFailed):
