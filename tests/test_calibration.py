@@ -67,7 +67,8 @@ def _label_all(store: Store, dataset_ids: list[str], teacher_key: str, *, nan_va
     rng = np.random.default_rng(0)
     rows, poisoned = [], []
     for question_id, question_hash, split, answer, n_options in questions:
-        probs = _teacher_probs(rng, n_options, answer, accuracy)
+        # An unlabeled (training) question has no gold to be right about: any option will do for its label.
+        probs = _teacher_probs(rng, n_options, 0 if answer is None else answer, accuracy)
         if split == "val" and len(poisoned) < nan_val:
             probs[0] = math.nan
             poisoned.append(question_id)

@@ -1,5 +1,6 @@
 """The demo world: deterministic, schema-exact, in the seed's tier mix, with the repetition and distractor
-structure that makes common facts learnable and obscure ones not."""
+structure that makes common facts learnable and obscure ones not; a transfer set whose gold answers are
+partly missing and partly wrong, and a teacher corpus about the same world."""
 
 from __future__ import annotations
 
@@ -12,10 +13,20 @@ import sys
 import pyarrow as pa
 import pytest
 
-from kdflow.data.demo import FAMILIES, WORD_CLASSES, generate_demo_questions, tier_counts
+from kdflow.config import SplitConfig
+from kdflow.data.demo import (
+    FAMILIES,
+    TEACHER_ASKS,
+    TRANSFER_ASKS,
+    WORD_CLASSES,
+    generate_demo_questions,
+    generate_teacher_corpus,
+    tier_counts,
+)
+from kdflow.ingest.splits import assign_splits, normalised_key
 from kdflow.records import QUESTION_SCHEMA
 
-N = 50_000
+N = 20_000
 
 
 @pytest.fixture(scope="module")
@@ -113,17 +124,79 @@ def test_options_distinct_and_short(rows: list[dict]) -> None:
 
 
 def test_repetition_structure(rows: list[dict]) -> None:
-    """Common facts are asked often enough to be learned from a 70% split; obscure ones once."""
+    """Each fact is asked TRANSFER_ASKS times (round robin: within one), so common facts can be learned from
+    the transfer set, rare ones partly and obscure ones hardly; no fact sits in two tiers."""
     asks: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for row in rows:
         if "fact" in row["meta"]:
             asks[row["category"]][row["meta"]["fact"]] += 1
-    common, rare, obscure = (sorted(asks[tier].values()) for tier in ("common", "rare", "obscure"))
-    assert 20 <= len(common) <= 100 and common[0] >= 500
-    assert 30 <= len(rare) and rare[0] >= 30 and rare[-1] <= 80
-    assert set(obscure) == {1}
+    for tier, per_fact in TRANSFER_ASKS.items():
+        counts = set(asks[tier].values())
+        assert counts <= {per_fact - 1, per_fact, per_fact + 1} and per_fact in counts, (tier, counts)
+    assert TRANSFER_ASKS["common"] > 10 * TRANSFER_ASKS["rare"] > 10 * TRANSFER_ASKS["obscure"]
     all_facts = [set(counter) for counter in asks.values()]
     assert sum(len(facts) for facts in all_facts) == len(set().union(*all_facts)), "a fact sits in two tiers"
+
+
+def _labeled_world(labeled_share: float, gold_noise: float) -> list[dict]:
+    table = generate_demo_questions(N, seed=0, labeled_share=labeled_share, gold_noise=gold_noise)
+    rows = [row | {"meta": json.loads(row["metadata"])} for row in table.to_pylist()]
+    splits = assign_splits([normalised_key(r["question"], r["options"]) for r in rows], SplitConfig())
+    return [row | {"pool": split == "train"} for row, split in zip(rows, splits, strict=True)]
+
+
+def test_gold_answers_are_missing_fact_by_fact_from_the_training_pool_only() -> None:
+    """labeled_share of each tier's facts have gold answers; the others' training-pool questions are unlabeled,
+    while validation and test questions keep their gold answers, so every fact can be evaluated."""
+    rows = _labeled_world(0.6, 0.0)
+    assert all(r["answer"] is not None for r in rows if not r["pool"])
+    by_fact: dict[str, set] = collections.defaultdict(set)
+    for row in rows:
+        if row["pool"] and "fact" in row["meta"]:
+            by_fact[row["meta"]["fact"]].add(row["answer"] is not None)
+    assert all(len(labeled) == 1 for labeled in by_fact.values()), "a fact is labeled everywhere or nowhere"
+    share = sum(True in labeled for labeled in by_fact.values()) / len(by_fact)
+    assert abs(share - 0.6) < 0.01
+    reasoning = [r["answer"] is not None for r in rows if r["pool"] and r["category"] == "reasoning"]
+    assert abs(sum(reasoning) / len(reasoning) - 0.6) < 0.03
+
+
+def test_gold_noise_is_marked_and_wrong_and_independent_of_labeling() -> None:
+    clean, noisy = _labeled_world(0.6, 0.0), _labeled_world(0.6, 0.1)
+    assert [r["answer"] is None for r in clean] == [r["answer"] is None for r in noisy]
+    flipped = [r for r in noisy if r["meta"].get("gold_noise")]
+    labeled = [r for r in noisy if r["answer"] is not None]
+    assert abs(len(flipped) / len(labeled) - 0.1) < 0.01
+    by_id = {r["question_id"]: r for r in clean}
+    for row in flipped:
+        assert row["answer"] != row["meta"]["true_answer"] == by_id[row["question_id"]]["answer"]
+    assert not any("gold_noise" in r["meta"] for r in clean)
+
+
+def test_shares_out_of_range_are_refused() -> None:
+    with pytest.raises(ValueError, match="labeled_share"):
+        generate_demo_questions(100, labeled_share=1.5)
+    with pytest.raises(ValueError, match="gold_noise"):
+        generate_demo_questions(100, gold_noise=-0.1)
+
+
+def test_the_teacher_corpus_asks_the_same_facts_more_often_with_right_answers(rows: list[dict]) -> None:
+    """The teacher's own questions: the transfer set's world (same facts, same values), TEACHER_ASKS per fact,
+    every answer given and right, drawn apart from the transfer set's questions."""
+    corpus = generate_teacher_corpus(N, seed=0).to_pylist()
+    value = {r["meta"]["fact"]: r["options"][r["answer"]] for r in rows if "fact" in r["meta"]}
+    facts_of = {tier: {r["meta"]["fact"] for r in rows if r["category"] == tier} for tier in TEACHER_ASKS}
+    asks: collections.Counter = collections.Counter()
+    for row in corpus:
+        meta = json.loads(row["metadata"])
+        assert row["answer"] is not None and "gold_noise" not in meta
+        if "fact" in meta:
+            assert row["options"][row["answer"]] == value[meta["fact"]]
+            asks[meta["tier"]] += 1
+    assert asks == {tier: len(facts_of[tier]) * per_fact for tier, per_fact in TEACHER_ASKS.items()}
+    transfer = {(r["question"], tuple(r["options"])) for r in rows}
+    overlap = sum((r["question"], tuple(r["options"])) in transfer for r in corpus)
+    assert overlap / len(corpus) < 0.05
 
 
 def test_common_facts_vary_phrasing_options_and_position(rows: list[dict]) -> None:

@@ -156,9 +156,9 @@ def test_the_gate_stores_label_issues_and_reuses_them_with_its_verdict(tmp_path)
     store = _world(tmp_path)
     cfg = _cfg(tmp_path)
     first = run_gate(cfg, store, ["d@0"], "t")
-    assert first.calibration.temperature is not None  # the flags used calibrated probabilities
     assert store.fetch("quarantine_count", validation_id=first.validation_id)[0][0] == 1
     scan = first.label_issues
+    assert scan.temperature == first.calibration.temperature  # the flags use the verdict's (guarded) calibration
     assert (scan.method, scan.n_considered, scan.n_flagged) == ("confident_learning", 119, len(FLAGGED))
     assert scan.summary() == f"{len(FLAGGED)} suspect gold answers in 119 labeled questions (confident learning)"
     assert suspect_question_ids(store, first.validation_id) == _ids(FLAGGED)

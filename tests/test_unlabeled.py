@@ -218,23 +218,19 @@ def test_across_sources_the_labeled_copy_is_kept_and_the_unlabeled_one_rejected_
     assert _rows(store, "SELECT DISTINCT split FROM question_duplicates") == [("train",)]
 
 
-def test_demo_questions_without_an_answer_are_kept_as_unlabeled(tmp_path, monkeypatch):
-    import kdflow.data.demo as demo
+def test_demo_questions_without_an_answer_are_kept_as_unlabeled(tmp_path):
+    """The demo's transfer set has unlabeled questions on purpose: all are kept, in train, and counted."""
+    from kdflow.data.demo import generate_demo_questions
 
-    made = demo.generate_demo_questions
-
-    def with_unlabeled(n_questions: int, seed: int) -> pa.Table:
-        table = made(n_questions, seed)
-        answers = [None if i % 4 == 0 else a for i, a in enumerate(table.column("answer").to_pylist())]
-        return table.set_column(table.schema.get_field_index("answer"), "answer", pa.array(answers, pa.int32()))
-
-    monkeypatch.setattr(demo, "generate_demo_questions", with_unlabeled)
+    expected = generate_demo_questions(400, 0, labeled_share=0.5).column("answer").null_count
+    assert expected > 0
     cfg = RunConfig(home=str(tmp_path / "home"))
-    cfg.data.sources = [SourceConfig(demo={"n_questions": 200})]
+    cfg.data.sources = [SourceConfig(demo={"n_questions": 400, "labeled_share": 0.5})]
     store = Store(cfg.home_dir)
     report = ingest(cfg, store)[0]
-    assert (report.labeled, report.unlabeled, report.rejected) == (150, 50, 0)
-    assert _rows(store, "SELECT split, count(*) FROM questions WHERE answer IS NULL GROUP BY split") == [("train", 50)]
+    assert (report.labeled, report.unlabeled, report.rejected) == (400 - expected, expected, 0)
+    assert _rows(store, "SELECT split, count(*) FROM questions WHERE answer IS NULL GROUP BY split") == [
+        ("train", expected)]
 
 
 def test_the_cli_counts_labeled_unlabeled_and_rejected_and_names_its_option(tmp_path):

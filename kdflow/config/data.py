@@ -40,10 +40,29 @@ class GenericMapping(Strict):
 
 
 class DemoSource(Strict):
-    """The generated offline question world (kdflow/data/demo.py)."""
+    """The generated offline question world (kdflow/data/demo.py): the student's transfer set, or the teacher's
+    own questions about the same world."""
 
-    n_questions: int = Field(50_000, ge=100, description="how many questions to generate")
+    n_questions: int = Field(
+        30_000, ge=100, description="size of the transfer set; it also fixes the world (how many facts each tier has)"
+    )
     seed: int = Field(0, description="generator seed; the same seed gives the same world everywhere")
+    corpus: Literal["transfer", "teacher"] = Field(
+        "transfer",
+        description="transfer: the questions the student learns from; teacher: the teacher's own questions about "
+        "the same world (its 'pretraining', for teacher.prepare.source), every answer right",
+    )
+    labeled_share: float = Field(
+        0.3, ge=0, le=1,
+        description="transfer set: share of questions with a gold answer; the others are unlabeled and teach the "
+        "student only through the teacher's soft label (gold labels are the scarce, costly part of a real set)",
+    )
+    gold_noise: float = Field(
+        0.05, ge=0, le=1,
+        description="transfer set: share of gold answers replaced by a wrong option, marked in the metadata "
+        "(MMLU-Redux finds about 6.5% of MMLU questions in error; Northcutt et al. 2021 at least 3.3% across 10 "
+        "common test sets)",
+    )
 
 
 class SampleConfig(Strict):

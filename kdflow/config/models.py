@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from kdflow.config.base import Strict
+from kdflow.config.data import SourceConfig
 
 
 class ArchitectureConfig(Strict):
@@ -79,8 +80,9 @@ class VLLMConfig(Strict):
 
 
 class TeacherPrepConfig(Strict):
-    """Fine-tune the teacher on the training split's gold answers before labeling (torchtune's finding):
-    cross-entropy only, with training's seed, checks (eval_every, eval_questions) and checkpoint_every."""
+    """Fine-tune the teacher before labeling (torchtune's finding: a task-tuned teacher distils better), on the
+    training split's gold answers or on questions of its own (`source`): cross-entropy only, with the first
+    training seed, checks (eval_every, eval_questions) and checkpoint_every."""
 
     enabled: bool = Field(
         False, description="fine-tune teacher.model first (a teacher built from `architecture` is always trained)"
@@ -89,6 +91,12 @@ class TeacherPrepConfig(Strict):
     learning_rate: float = Field(1e-3, gt=0, description="peak AdamW learning rate (cosine decay after a 5% warm-up)")
     batch_size: int = Field(64, ge=1, description="questions per optimizer step")
     max_train_questions: int | None = Field(None, ge=1, description="cap on training questions used (default: all)")
+    source: SourceConfig | None = Field(
+        None,
+        description="questions of the teacher's own to fine-tune on instead of the run's training split (rows "
+        "without a gold answer are skipped), e.g. the demo world's teacher corpus `{demo: {corpus: teacher}}`: a "
+        "big teacher knows from pretraining what the student's transfer set never teaches",
+    )
 
 
 class TeacherConfig(Strict):

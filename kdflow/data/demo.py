@@ -43,11 +43,17 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from kdflow.config import SplitConfig
+from kdflow.ingest.splits import assign_splits, normalised_key
 from kdflow.records import QUESTION_SCHEMA
 
 DATASET = "demo"
 TIER_SHARES = {"common": 0.70, "reasoning": 0.20, "rare": 0.08, "obscure": 0.02}
-ASKS_PER_FACT = {"common": 1000, "rare": 60, "obscure": 1}
+# How often the transfer set asks each fact, which fixes how many facts a tier has (its questions / asks).
+TRANSFER_ASKS = {"common": 250, "rare": 15, "obscure": 3}
+# How often the teacher's own corpus asks each fact: what the teacher knows, whatever the transfer set asks.
+TEACHER_ASKS = {"common": 150, "rare": 40, "obscure": 10}
+TEACHER_REASONING_SHARE = 0.2
 MAX_QUESTIONS = 1_000_000  # the name space stays sparse (fast to draw from) up to this size
 
 # Share of questions with 3 and with 5 options; the rest have 4.
@@ -157,25 +163,92 @@ class Fact:
     metadata: str  # the JSON metadata of its questions, encoded once
 
 
-def generate_demo_questions(n_questions: int = 50_000, seed: int = 0) -> pa.Table:
-    """The demo question table (QUESTION_SCHEMA, split left empty for ingestion to assign)."""
+def generate_demo_questions(
+    n_questions: int = 20_000, seed: int = 0, *, labeled_share: float = 1.0, gold_noise: float = 0.0
+) -> pa.Table:
+    """The demo's transfer set: the questions the student learns from (QUESTION_SCHEMA, split left empty).
+
+    Gold answers are missing where labeling did not reach: `labeled_share` of each fact tier's facts (and of
+    the reasoning questions) have gold answers in the training pool, the others' training questions are
+    unlabeled (answer None: only the teacher's soft label can teach them). Which questions form the training
+    pool follows ingestion's default content-hash split (70% train), so validation and test questions keep
+    their gold answers for every fact. `gold_noise` of the labeled questions get a wrong gold answer, a
+    uniformly drawn other option; their metadata keeps `"gold_noise": true` and the `"true_answer"` index,
+    so a run can measure how many of them the suspect-gold check finds. Raises ValueError on a size outside
+    1..MAX_QUESTIONS or a share outside [0, 1].
+    """
+    for name, share in (("labeled_share", labeled_share), ("gold_noise", gold_noise)):
+        if not 0 <= share <= 1:
+            raise ValueError(f"{name} must be between 0 and 1, got {share}")
+    world = _world(n_questions, seed)
+    rng = random.Random(f"transfer-{seed}")
+    counts = tier_counts(n_questions)
+    rows = _ask_world(rng, world, {tier: counts[tier] for tier in TRANSFER_ASKS}, counts["reasoning"])
+    # Separate streams, so the noise rate never changes which questions are labeled, nor the other way round.
+    label_rng, noise_rng = random.Random(f"labels-{seed}"), random.Random(f"noise-{seed}")
+    labeled_facts = {
+        fact.metadata for facts in world.values() for fact in label_rng.sample(facts, round(labeled_share * len(facts)))
+    }
+    in_training_pool = [split == "train" for split in assign_splits(
+        [normalised_key(row[1], row[2]) for row in rows], SplitConfig())]
+    answers: list[int | None] = []
+    for row, pooled in zip(rows, in_training_pool, strict=True):
+        answer, metadata = row[3], row[4]
+        labeled = label_rng.random() < labeled_share if row[0] == "reasoning" else metadata in labeled_facts
+        if pooled and not labeled:
+            answer = None
+        elif noise_rng.random() < gold_noise:
+            wrong = noise_rng.choice([i for i in range(len(row[2])) if i != answer])
+            row[4] = json.dumps({**json.loads(metadata), "gold_noise": True, "true_answer": answer})
+            answer = wrong
+        answers.append(answer)
+    return _table(rows, answers, f"demo-{seed}", n_questions)
+
+
+def generate_teacher_corpus(n_questions: int = 20_000, seed: int = 0) -> pa.Table:
+    """The demo teacher's own questions (its "pretraining"): the same world as the transfer set of
+    (n_questions, seed), asked TEACHER_ASKS times per fact in other draws (phrasings, distractors, order),
+    every answer right. The teacher never sees the transfer set, so what it knows about a fact does not
+    depend on how often the student's data asks it."""
+    world = _world(n_questions, seed)
+    rng = random.Random(f"teacher-{seed}")
+    asks = {tier: len(facts) * TEACHER_ASKS[tier] for tier, facts in world.items()}
+    n_reasoning = round(TEACHER_REASONING_SHARE * sum(asks.values()))
+    rows = _ask_world(rng, world, asks, n_reasoning)
+    return _table(rows, [row[3] for row in rows], f"demo-teacher-{seed}", len(rows))
+
+
+def tier_counts(n_questions: int) -> dict[str, int]:
+    """Exact question counts per tier; the obscure tier takes the rounding remainder."""
+    counts = {tier: round(n_questions * share) for tier, share in TIER_SHARES.items() if tier != "obscure"}
+    counts["obscure"] = n_questions - sum(counts.values())
+    return counts
+
+
+def _world(n_questions: int, seed: int) -> dict[str, list[Fact]]:
     if not 1 <= n_questions <= MAX_QUESTIONS:
         raise ValueError(f"n_questions must be between 1 and {MAX_QUESTIONS:,}, got {n_questions}")
-    rng = random.Random(seed)
-    counts = tier_counts(n_questions)
-    world = _build_world(rng, counts)
+    return _build_world(random.Random(seed), tier_counts(n_questions))
+
+
+def _ask_world(rng: random.Random, world: dict[str, list[Fact]], asks: dict[str, int], n_reasoning: int) -> list[list]:
+    """`asks[tier]` questions about each tier's facts (round robin: every fact equally often, within one) and
+    `n_reasoning` reasoning questions, shuffled; rows are [category, question, options, answer, metadata]."""
     rows = []
     for tier, facts in world.items():
-        # Round robin over the facts: every fact of a tier is asked equally often (within one).
-        rows += [_ask_fact(rng, tier, facts[i % len(facts)]) for i in range(counts[tier])]
-    rows += [_ask_reasoning(rng) for _ in range(counts["reasoning"])]
+        rows += [list(_ask_fact(rng, tier, facts[i % len(facts)])) for i in range(asks[tier])]
+    rows += [list(_ask_reasoning(rng)) for _ in range(n_reasoning)]
     rng.shuffle(rows)
-    categories, questions, options, answers, metadata = (list(column) for column in zip(*rows))
+    return rows
+
+
+def _table(rows: list[list], answers: list[int | None], prefix: str, n: int) -> pa.Table:
+    categories, questions, options, _, metadata = (list(column) for column in zip(*rows)) if rows else ([],) * 5
     return pa.table(
         {
-            "question_id": [f"demo-{seed}-{i:06d}" for i in range(n_questions)],
-            "dataset": [DATASET] * n_questions,
-            "split": [""] * n_questions,
+            "question_id": [f"{prefix}-{i:06d}" for i in range(n)],
+            "dataset": [DATASET] * n,
+            "split": [""] * n,
             "category": categories,
             "question": questions,
             "options": options,
@@ -184,13 +257,6 @@ def generate_demo_questions(n_questions: int = 50_000, seed: int = 0) -> pa.Tabl
         },
         schema=QUESTION_SCHEMA,
     )
-
-
-def tier_counts(n_questions: int) -> dict[str, int]:
-    """Exact question counts per tier; the obscure tier takes the rounding remainder."""
-    counts = {tier: round(n_questions * share) for tier, share in TIER_SHARES.items() if tier != "obscure"}
-    counts["obscure"] = n_questions - sum(counts.values())
-    return counts
 
 
 class _Names:
@@ -231,7 +297,7 @@ class _Names:
 
 
 def _build_world(rng: random.Random, counts: dict[str, int]) -> dict[str, list[Fact]]:
-    """The facts each fact tier asks about, enough that each is asked ASKS_PER_FACT times."""
+    """The facts of each fact tier, enough that the transfer set asks each TRANSFER_ASKS times."""
     names = _Names(rng)
     rivers = tuple(names.river() for _ in range(N_RIVERS))
     shared_pools = {relation: sum(families, ()) for relation, families in FAMILIES.items()}
@@ -243,7 +309,7 @@ def _build_world(rng: random.Random, counts: dict[str, int]) -> dict[str, list[F
         for value in family
     }
     world: dict[str, list[Fact]] = {}
-    for tier, asks in ASKS_PER_FACT.items():
+    for tier, asks in TRANSFER_ASKS.items():
         if counts[tier] == 0:
             continue
         n_facts = math.ceil(counts[tier] / asks)

@@ -185,10 +185,15 @@ def _load_hub(source: SourceConfig) -> LoadedSource:
 
 
 def _load_demo(source: SourceConfig) -> LoadedSource:
-    from kdflow.data.demo import generate_demo_questions  # the generator is only needed for demo sources
+    from kdflow.data import demo as world  # the generator is only needed for demo sources
 
     demo = source.demo
-    questions = generate_demo_questions(demo.n_questions, demo.seed)
+    if demo.corpus == "teacher":
+        questions = world.generate_teacher_corpus(demo.n_questions, demo.seed)
+    else:
+        questions = world.generate_demo_questions(
+            demo.n_questions, demo.seed, labeled_share=demo.labeled_share, gold_noise=demo.gold_noise
+        )
     params = json.dumps({"demo": demo.model_dump()}, sort_keys=True)
     rejected = REJECTED_SCHEMA.empty_table()
     # The demo world's questions without an answer (None) are unlabeled on purpose: always kept.

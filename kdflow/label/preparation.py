@@ -1,8 +1,12 @@
-"""Teacher preparation: the teacher fine-tuned on the task's training split before it labels.
+"""Teacher preparation: the teacher fine-tuned before it labels, on the task's training split or on
+questions of its own (`teacher.prepare.source`).
 
-Preparation follows torchtune's finding that a task-tuned teacher distills better. A prepared teacher is
-identified by a digest of everything that shaped it (base model or architecture, preparation settings,
-scoring, dataset versions), so a second run with the same config reuses the checkpoint.
+Preparation follows torchtune's finding that a task-tuned teacher distills better. A teacher with its own
+questions stands for a big model that knows from pretraining what the student's transfer set never
+teaches (the demo's teacher corpus). A prepared teacher is identified by a digest of everything that shaped
+it (base model or architecture, preparation settings and source, scoring, dataset versions), so a second
+run with the same config reuses the checkpoint. In: the run's datasets (`questions`); out: a model
+directory recorded in `models` (role teacher) with its `checkpoints`.
 
 It belongs to the label stage, not to training: its only product is the model that labels, its identity
 is part of the teacher key, and `kdflow label` runs it first. It reuses the train stage's recipe
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kdflow.config import RunConfig, TrainingConfig
+from kdflow.errors import KdflowError
 from kdflow.sources import configured_source
 from kdflow.store import Store
 from kdflow.train.data import corpus_tokenizer, finished_model_dir, split_examples
@@ -34,13 +39,34 @@ def prepared_teacher_id(cfg: RunConfig, dataset_ids: list[str]) -> str:
             "base": base,
             "revision": t.revision,
             "gguf_file": t.gguf_file,
-            "prepare": t.prepare.model_dump(mode="json"),
+            "prepare": t.prepare.model_dump(mode="json"),  # with its source, when it has its own questions
             "scoring": cfg.scoring.model_dump(mode="json"),
             "datasets": sorted(dataset_ids),
             "splits": cfg.data.splits.model_dump(mode="json"),
             "seed": cfg.training.seed,
         }
     )
+
+
+def _preparation_questions(cfg: RunConfig, store: Store, dataset_ids: list[str]) -> list[dict[str, Any]]:
+    """The labeled questions the teacher is fine-tuned on: `teacher.prepare.source`, else the training split.
+
+    Raises KdflowError when the source cannot be read or holds no question with a gold answer."""
+    source = cfg.teacher.prepare.source
+    if source is None:
+        return [q for q in split_examples(store, dataset_ids, "train") if q["answer"] is not None]
+    from kdflow.ingest.load import load_source
+
+    try:
+        questions = load_source(source).questions.to_pylist()
+    except KdflowError as e:
+        raise KdflowError(f"teacher.prepare.source: {e}") from e
+    labeled = [q for q in questions if q["answer"] is not None]
+    if not labeled:
+        raise KdflowError(
+            f"teacher.prepare.source ({source.display_name}) has no question with a gold answer to fine-tune on"
+        )
+    return labeled
 
 
 def is_prepared(cfg: RunConfig) -> bool:
@@ -77,7 +103,7 @@ def prepare_teacher(
         spec=json.dumps({"prepare": t.prepare.model_dump(mode="json"), "base": t.model}),
         n_params=None, n_active=None, status="training",
     )
-    train_examples = split_examples(store, dataset_ids, "train")
+    train_examples = _preparation_questions(cfg, store, dataset_ids)
     if t.prepare.max_train_questions:
         train_examples = train_examples[: t.prepare.max_train_questions]
     recipe = TrainingConfig(
