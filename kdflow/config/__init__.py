@@ -15,7 +15,7 @@ from kdflow.config.data import (
     SOURCE_FORMATS, DataConfig, default_source_names, DemoSource, GenericMapping, SampleConfig, SourceConfig,
     SplitConfig,
 )
-from kdflow.config.loading import DEFAULT_CONFIG, apply_overrides, load_config
+from kdflow.config.loading import DEFAULT_CONFIG, apply_overrides, find_config, load_config, shipped_configs
 from kdflow.config.models import (
     ArchitectureConfig, LoraConfig, OpenAIServerConfig, StudentConfig, TeacherConfig, TeacherPrepConfig, VLLMConfig,
 )
@@ -28,5 +28,5 @@ __all__ = [
     "SourceConfig", "default_source_names", "SplitConfig", "DataConfig", "ArchitectureConfig", "ScoringConfig",
     "LoraConfig", "OpenAIServerConfig", "VLLMConfig", "TeacherPrepConfig", "TeacherConfig", "StudentConfig",
     "TrainingConfig", "ValidationConfig", "EvaluationConfig", "OrchestrationConfig", "EnsembleConfig",
-    "SweepConfig", "RunConfig", "DEFAULT_CONFIG", "apply_overrides", "load_config",
+    "SweepConfig", "RunConfig", "DEFAULT_CONFIG", "apply_overrides", "find_config", "load_config", "shipped_configs",
 ]
