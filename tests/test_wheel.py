@@ -64,7 +64,7 @@ def test_the_wheel_runs_the_tiny_pipeline_from_an_empty_folder(tmp_path):
 
     where = run(python, "-c", "import kdflow, kdflow.flows, kdflow.sql; print(kdflow.__file__)")
     assert Path(where.strip()).is_relative_to(tmp_path / "venv"), where  # the wheel's copy, not the repository's
-    assert "ingest" in run(kdflow, "--help") and "Usage: kdflow" in run(kdflow, "--help")
+    assert "init" in run(kdflow, "--help") and "Usage: kdflow" in run(kdflow, "--help")
     assert run(kdflow, "--version").strip() == f"kdflow {PYPROJECT['project']['version']}"
     # Training in two processes: the launcher's workers import the installed kdflow too.
     out = run(kdflow, "run", "-c", "tiny", "--set", "training.num_processes=2", timeout=600)

@@ -19,6 +19,7 @@ import typer
 from kdflow.cli.console import EXIT_INPUT, _console, _fail, _print_error, _print_version
 from kdflow.cli.help import _Command, _Group
 from kdflow.cli.running import _print_run_footer, _run_flow
+from kdflow.cli.starter import init
 
 
 class _Kdflow(typer.Typer):
@@ -40,6 +41,8 @@ app = _Kdflow(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+app.command()(init)  # first in the command list: where a new project starts
 
 ConfigOpt = Annotated[
     Optional[Path],

@@ -10,7 +10,7 @@ section), loading (YAML file + overrides -> RunConfig). Every public name is imp
 
 from __future__ import annotations
 
-from kdflow.config.base import ConfigError, OnOffAuto, Strict
+from kdflow.config.base import ConfigError, OnOffAuto, Strict, section_model
 from kdflow.config.data import (
     SOURCE_FORMATS, DataConfig, default_source_names, DemoSource, GenericMapping, SampleConfig, SourceConfig,
     SplitConfig,
@@ -24,9 +24,10 @@ from kdflow.config.stages import EvaluationConfig, OrchestrationConfig, ScoringC
 
 # The public names, importable from kdflow.config whichever module of the package holds them.
 __all__ = [
-    "ConfigError", "Strict", "OnOffAuto", "GenericMapping", "DemoSource", "SampleConfig", "SOURCE_FORMATS",
-    "SourceConfig", "default_source_names", "SplitConfig", "DataConfig", "ArchitectureConfig", "ScoringConfig",
-    "LoraConfig", "OpenAIServerConfig", "VLLMConfig", "TeacherPrepConfig", "TeacherConfig", "StudentConfig",
-    "TrainingConfig", "ValidationConfig", "EvaluationConfig", "OrchestrationConfig", "EnsembleConfig",
-    "SweepConfig", "RunConfig", "DEFAULT_CONFIG", "apply_overrides", "find_config", "load_config", "shipped_configs",
+    "ConfigError", "Strict", "OnOffAuto", "section_model", "GenericMapping", "DemoSource", "SampleConfig",
+    "SOURCE_FORMATS", "SourceConfig", "default_source_names", "SplitConfig", "DataConfig", "ArchitectureConfig",
+    "ScoringConfig", "LoraConfig", "OpenAIServerConfig", "VLLMConfig", "TeacherPrepConfig", "TeacherConfig",
+    "StudentConfig", "TrainingConfig", "ValidationConfig", "EvaluationConfig", "OrchestrationConfig",
+    "EnsembleConfig", "SweepConfig", "RunConfig", "DEFAULT_CONFIG", "apply_overrides", "find_config", "load_config",
+    "shipped_configs",
 ]

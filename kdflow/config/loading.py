@@ -9,12 +9,12 @@ import difflib
 import os
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from kdflow.config.base import ConfigError
+from kdflow.config.base import ConfigError, section_model
 from kdflow.config.run import RunConfig
 
 
@@ -117,9 +117,7 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
         field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
         if field is None:
             return None
-        candidates = [field.annotation, *get_args(field.annotation)]
-        candidates += [arg for c in candidates for arg in get_args(c)]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        model = section_model(field.annotation)
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
