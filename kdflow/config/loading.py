@@ -155,7 +155,7 @@ def _format_errors(error: ValidationError, path: str, overrides: list[str] | Non
         where = ".".join(str(p) for p in loc) or "(top level)"
         origin = _value_origin(loc, overrides or [], lines or {}, path)
         if err["type"] == "extra_forbidden":
-            problems.append(f"  - {origin}: {where}: unknown key{_suggestion(loc)} (see README 'Configuration')")
+            problems.append(f"  - {origin}: {where}: unknown key{_suggestion(loc)} (docs/configuration.md lists every key)")
         else:
             problems.append(f"  - {origin}: {where}: {err['msg']}")
     return "\n".join(["invalid configuration:", *problems])

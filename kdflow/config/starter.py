@@ -6,6 +6,7 @@ code. Values not chosen by a flag are the models' defaults.
 
 from __future__ import annotations
 
+import json
 import textwrap
 from typing import Any, Literal
 
@@ -99,8 +100,15 @@ def starter_values(
     return values
 
 
-def _scalar(value: Any) -> str:
-    """A value as YAML writes it in flow style (quoted only where YAML needs it)."""
+def flow_yaml(value: Any) -> str:
+    """A value as YAML writes it in one line of flow style, quoted only where YAML needs it (a text with line
+    breaks double-quoted with \\n escapes); a section as the settings it was given."""
+    if isinstance(value, str) and "\n" in value:
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json", exclude_none=True)
+    elif isinstance(value, list) and any(isinstance(v, BaseModel) for v in value):
+        value = [v.model_dump(mode="json", exclude_none=True) for v in value]
     return yaml.safe_dump([value], default_flow_style=True, width=10**9).strip()[1:-1]
 
 
@@ -126,7 +134,7 @@ def _lines(values: dict[str, Any], model: type[BaseModel], depth: int) -> list[s
                 out += [line[2:] for line in item_lines[:first]]
                 out += [f"{indent}  - {item_lines[first].lstrip()}", *item_lines[first + 1:]]
         else:
-            out.append(f"{indent}{key}: {_scalar(value)}")
+            out.append(f"{indent}{key}: {flow_yaml(value)}")
     return out
 
 
