@@ -25,8 +25,12 @@ def _build_wheel(out: Path) -> Path:
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                    "--wheel-dir", str(out), str(source)], check=True, capture_output=True, timeout=300)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                            "--wheel-dir", str(out), str(source)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, (
+        f"{built.stdout[-2000:]}{built.stderr[-2000:]}\nthe build needs the dev extra's setuptools>=70.1 here: "
+        "make install (or pip install -e '.[dev]')"
+    )
     (wheel,) = out.glob("kdflow-*.whl")
     return wheel
 
