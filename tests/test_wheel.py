@@ -66,9 +66,12 @@ def test_the_wheel_runs_the_tiny_pipeline_from_an_empty_folder(tmp_path):
         assert done.returncode == 0, f"{command}: {done.stdout[-3000:]}{done.stderr[-3000:]}"
         return done.stdout
 
-    where = run(python, "-c", "import kdflow, kdflow.flows, kdflow.sql; print(kdflow.__file__)")
-    assert Path(where.strip()).is_relative_to(tmp_path / "venv"), where  # the wheel's copy, not the repository's
-    assert "init" in run(kdflow, "--help") and "Usage: kdflow" in run(kdflow, "--help")
+    where = run(python, "-c", "import kdflow, kdflow.flows; from kdflow.config import load_config; "
+                "print(kdflow.__file__); print(load_config('smollm2-gguf').data.sources[0].path)").splitlines()
+    assert Path(where[0]).is_relative_to(tmp_path / "venv"), where  # the wheel's copy, not the repository's
+    assert Path(where[1]).is_file() and Path(where[1]).is_relative_to(tmp_path / "venv")  # a config's own data
+    help_screen = run(kdflow, "--help")
+    assert "Usage: kdflow" in help_screen and "init" in help_screen
     assert run(kdflow, "--version").strip() == f"kdflow {PYPROJECT['project']['version']}"
     # Training in two processes: the launcher's workers import the installed kdflow too.
     out = run(kdflow, "run", "-c", "tiny", "--set", "training.num_processes=2", timeout=600)
