@@ -8,7 +8,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test test-fast bench deploy install clean
+.PHONY: run test test-fast bench deploy docs install clean
 
 install: $(STAMP)
 
@@ -45,6 +45,11 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -c constraints-cpu.txt -e ".[dev,bench]"
 	$(PY) -m bench
+
+# The reference pages generated from the code (docs/configuration.md, docs/cli.md); tests/test_reference.py
+# fails when the committed ones differ.
+docs: $(STAMP)
+	$(PY) -m kdflow.cli.reference docs
 
 # Register deployments/prefect.yaml with the server at $$PREFECT_API_URL (`kdflow ui` starts one).
 deploy: $(STAMP)

@@ -1,4 +1,4 @@
-"""Named SQL queries kept in sql/*.sql files.
+"""Named SQL queries kept in sql/*.sql files (installed as the package kdflow.sql).
 
 A file holds many queries, each introduced by a `-- name: some_query` line; parameters are DuckDB's
 `$name` placeholders, so values are never formatted into SQL text. Bulk inputs are Arrow tables that the
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import re
 from functools import cache
-from pathlib import Path
+from importlib.resources import files
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+SQL_PACKAGE = "kdflow.sql"  # the repository's sql/ folder, wherever kdflow is installed (pyproject package-dir)
 _NAME = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$")
 
 
@@ -49,11 +49,12 @@ def parse_sql(text: str, origin: str) -> dict[str, str]:
 
 
 @cache
-def queries(directory: Path = SQL_DIR) -> dict[str, str]:
-    """All named queries of a directory; a name used in two files is an error."""
+def queries() -> dict[str, str]:
+    """All named queries of the shipped .sql files; a name used in two files is an error."""
     found: dict[str, str] = {}
     where: dict[str, str] = {}
-    for path in sorted(directory.glob("*.sql")):
+    shipped = (path for path in files(SQL_PACKAGE).iterdir() if path.name.endswith(".sql"))
+    for path in sorted(shipped, key=lambda path: path.name):
         for name, sql in parse_sql(path.read_text(encoding="utf-8"), str(path)).items():
             if name in found:
                 raise SqlFileError(f"query {name!r} is defined in both {where[name]} and {path.name}")
@@ -65,4 +66,4 @@ def sql(name: str) -> str:
     try:
         return queries()[name]
     except KeyError:
-        raise SqlFileError(f"no query named {name!r} in {SQL_DIR}") from None
+        raise SqlFileError(f"no query named {name!r} in {files(SQL_PACKAGE)}") from None

@@ -56,6 +56,21 @@ def test_help_screens_show_no_type_labels_for_flags_and_lists():
     assert "KEY=VALUE" in ingest and "PATHS" in ingest
 
 
+def test_help_and_version_import_no_heavy_library():
+    """`kdflow --help` and `--version` answer at once: no torch, Prefect, pydantic or data library loads."""
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    heavy = ["torch", "transformers", "prefect", "great_expectations", "pydantic", "duckdb", "pyarrow", "numpy"]
+    for flag in ("--help", "--version"):
+        code = (f"import sys; sys.argv = ['kdflow', '{flag}']\nfrom kdflow.cli import main\ntry:\n    main()\n"
+                f"except SystemExit:\n    pass\nprint(sorted(set({heavy}) & set(sys.modules)))")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout.splitlines()[-1] == "[]", done.stdout + done.stderr
+    assert f"kdflow {version('kdflow')}" in CliRunner().invoke(app, ["--version"]).output
+
+
 def test_a_progress_bar_with_nothing_to_do_prints_nothing(capsys):
     from kdflow.progress import progress_bar
 

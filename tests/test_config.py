@@ -8,7 +8,7 @@ from typing import get_args
 import pytest
 from pydantic import BaseModel, Field
 
-from kdflow.config import ConfigError, RunConfig, load_config
+from kdflow.config import ConfigError, RunConfig, load_config, shipped_configs
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
@@ -21,6 +21,33 @@ def test_every_shipped_config_binds():
         except ConfigError as e:
             errors.append(str(e))
     assert CONFIGS and not errors, "\n".join(errors)
+
+
+def test_shipped_configs_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert {"demo", "tiny", "qwen3-235b-to-30b"} <= set(shipped_configs())
+    tiny = load_config(CONFIGS[0].parent / "tiny.yaml")
+    assert load_config("tiny") == load_config("tiny.yaml") == tiny and tiny.name == "tiny"
+    assert load_config(None).name == "demo"
+    with pytest.raises(ConfigError) as e:
+        load_config("tiyn")
+    assert "cannot read config file tiyn: no such file" in str(e.value) and "tiny" in str(e.value)
+    (tmp_path / "tiny.yaml").write_text("name: mine\n")  # a file the user names wins over a shipped name
+    assert load_config("tiny.yaml").name == "mine" and load_config("tiny").name == "tiny"
+
+
+def test_a_source_path_in_a_file_is_relative_to_the_file(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    config = project / "c.yaml"
+    config.write_text(f"data:\n  sources:\n    - path: data/q.jsonl\n    - path: {tmp_path / 'abs.jsonl'}\n"
+                      "    - path: ~/q.jsonl\n    - demo: {n_questions: 100}\n")
+    monkeypatch.chdir(tmp_path)
+    paths = [source.path for source in load_config("project/c.yaml").data.sources]
+    assert paths == [str(project / "data" / "q.jsonl"), str(tmp_path / "abs.jsonl"), "~/q.jsonl", None]
+    overridden = load_config(config, ["data.sources=[{path: q.jsonl}]"])  # the command line's folder
+    assert [source.path for source in overridden.data.sources] == ["q.jsonl"]
+    assert Path(load_config("smollm2-gguf").data.sources[0].path).is_file()  # its questions ship beside it
 
 
 def test_unknown_key_is_named(tmp_path):

@@ -200,7 +200,9 @@ def test_sources_that_would_share_a_name_are_refused_before_the_run(tmp_path):
 
     config = tmp_path / "run.yaml"
     config.write_text("data:\n  sources:\n    - {path: a/q.jsonl, name: quiz}\n    - {path: b/q.jsonl, name: quiz}\n")
-    with pytest.raises(ConfigError, match=r"sources 1 \(a/q.jsonl\) and 2 \(b/q.jsonl\) would both be dataset 'quiz'"):
+    # The paths are relative to the config's folder.
+    with pytest.raises(ConfigError, match=rf"sources 1 \({tmp_path}/a/q.jsonl\) and 2 \({tmp_path}/b/q.jsonl\) would "
+                                          "both be dataset 'quiz'"):
         load_config(config)
     result = CliRunner().invoke(app, ["ingest", "x/q.jsonl", "x/q.csv", "--set", f"home={tmp_path / 'h'}"])
     assert result.exit_code == 2 and "would both be dataset 'q'" in " ".join(result.output.split())

@@ -9,8 +9,10 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Where each installed package's source lies in the repository (pyproject's package-dir).
-PACKAGES = {"kdflow": ROOT / "kdflow", "kdflow.flows": ROOT / "flows", "kdflow.tasks": ROOT / "tasks"}
+# Where each installed package's source lies in the repository (pyproject's package-dir): the top-level
+# folders of code and of data files (SQL, configs, the deployment template) all install inside kdflow.
+PACKAGES = {"kdflow": ROOT / "kdflow", "kdflow.flows": ROOT / "flows", "kdflow.tasks": ROOT / "tasks",
+            "kdflow.sql": ROOT / "sql", "kdflow.configs": ROOT / "configs", "kdflow.deployments": ROOT / "deployments"}
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80  # from the `def` line to the last line of the body (decorators not counted)
 
@@ -108,6 +110,24 @@ def test_every_package_installs_inside_the_kdflow_namespace():
     assert all(name == "kdflow" or name.startswith("kdflow.") for name in setuptools["packages"])
     assert setuptools["package-dir"] == {name: str(path.relative_to(ROOT)) for name, path in PACKAGES.items()
                                          if name != "kdflow"}
+
+
+def _folder(package: str) -> Path:
+    """The repository folder an installed package comes from, through the nearest mapped parent."""
+    parent = max((name for name in PACKAGES if package == name or package.startswith(name + ".")), key=len)
+    return PACKAGES[parent].joinpath(*package.removeprefix(parent).split(".")[1:])
+
+
+def test_every_package_data_pattern_ships_files():
+    """A package-data glob that matches nothing (a moved file, a typo) would leave the wheel without it."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    assert _folder("kdflow.configs.data") == ROOT / "configs" / "data"
+    empty = [f"{package}: {pattern}" for package, patterns in setuptools["package-data"].items()
+             for pattern in patterns if not any(path.is_file() for path in _folder(package).glob(pattern))]
+    assert empty == [], f"package-data patterns that match no file: {empty}"
+    for name in ("sql", "configs", "deployments"):
+        kinds = {path.suffix for path in (ROOT / name).iterdir() if path.is_file() and path.name != "__init__.py"}
+        assert {f"*{kind}" for kind in kinds} <= set(setuptools["package-data"][f"kdflow.{name}"]), name
 
 
 def too_long(source: str, name: str) -> list[str]:

@@ -16,9 +16,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from kdflow.cli.console import EXIT_INPUT, _console, _fail, _print_error
+from kdflow.cli.console import EXIT_INPUT, _console, _fail, _print_error, _print_version
 from kdflow.cli.help import _Command, _Group
 from kdflow.cli.running import _print_run_footer, _run_flow
+from kdflow.cli.starter import init
 
 
 class _Kdflow(typer.Typer):
@@ -41,8 +42,12 @@ app = _Kdflow(
     pretty_exceptions_enable=False,
 )
 
+app.command()(init)  # first in the command list: where a new project starts
+
 ConfigOpt = Annotated[
-    Optional[Path], typer.Option("--config", "-c", metavar="FILE", help="YAML run config (default: configs/demo.yaml)")
+    Optional[Path],
+    typer.Option("--config", "-c", metavar="FILE", help="YAML run config: a file, or a shipped config's name such as "
+                 "tiny (default: demo)"),
 ]
 SetOpt = Annotated[
     Optional[list[str]],
@@ -51,7 +56,11 @@ SetOpt = Annotated[
 
 
 @app.callback()
-def _offline_defaults() -> None:
+def _offline_defaults(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print kdflow's version and exit")
+    ] = False,
+) -> None:
     """Settings a local run needs (quiet, offline-safe Prefect and Hugging Face); the user's environment wins."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")

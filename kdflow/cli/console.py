@@ -1,6 +1,7 @@
 """What the command line prints to the user: an error as one red line and its exit code (EXIT_INPUT = 2
-for bad config or input, EXIT_GATE = 3 for a failed data-quality gate), a waiting notice, and the rich
-console the commands print results on. rich is imported when a message is printed, not before.
+for bad config or input, EXIT_GATE = 3 for a failed data-quality gate), a waiting notice, the installed
+version, and the rich console the commands print results on. rich is imported when a message is printed,
+not before.
 """
 
 from __future__ import annotations
@@ -33,3 +34,12 @@ def _console():
     from rich.console import Console
 
     return Console(highlight=False)
+
+
+def _print_version(asked: bool) -> None:
+    """`kdflow --version`: the installed distribution's version (its metadata, not a copy in the code)."""
+    if asked:
+        from importlib.metadata import version
+
+        _console().print(f"kdflow {version('kdflow')}")
+        raise typer.Exit()

@@ -86,7 +86,10 @@ class SourceConfig(Strict):
         description="dataset name; default: the path relative to the sources' common folder without the "
         "extension (easy/test, challenge/test), the hub id with subset and split (cais__mmlu__all__test), or 'demo'",
     )
-    path: str | None = Field(None, description="a .jsonl/.json/.csv/.parquet file or a glob of them")
+    path: str | None = Field(
+        None, description="a .jsonl/.json/.csv/.parquet file or a glob of them; written in a config file, a relative "
+        "path is relative to the file's folder (in --set, to the working directory)",
+    )
     hf_dataset: str | None = Field(None, description="Hugging Face dataset id, e.g. cais/mmlu")
     hf_subset: str | None = Field(None, description="dataset configuration name, e.g. 'all'")
     hf_split: str | None = Field(None, description="dataset split to read, e.g. 'test'")

@@ -1,22 +1,63 @@
-"""Reading a run configuration: a YAML file (default: configs/demo.yaml) plus `--set key.sub=value`
-overrides, validated into a RunConfig. Errors name where the value came from (the --set, or file:line),
-the key and what is wrong, and suggest the closest key for a misspelt one.
+"""Reading a run configuration: a YAML file or a shipped config's name (default: demo) plus
+`--set key.sub=value` overrides, validated into a RunConfig. Errors name where the value came from (the
+--set, or file:line), the key and what is wrong, and suggest the closest key for a misspelt one.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
+from importlib.resources import files
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from kdflow.config.base import ConfigError
+from kdflow.config.base import ConfigError, section_model
 from kdflow.config.run import RunConfig
 
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+CONFIG_PACKAGE = "kdflow.configs"  # the repository's configs/ folder, wherever kdflow is installed
+DEFAULT_CONFIG = "demo"  # the shipped config a command reads when given none
+
+
+def shipped_configs() -> dict[str, Path]:
+    """{name: file} of the configs shipped with kdflow (configs/*.yaml), named without the .yaml."""
+    # An installed package is a folder on disk (pip never installs kdflow zipped): a config's relative
+    # data paths need its real folder.
+    found = (Path(entry) for entry in files(CONFIG_PACKAGE).iterdir() if entry.name.endswith(".yaml"))
+    return {path.stem: path for path in sorted(found)}
+
+
+def find_config(config: str | Path | None) -> Path:
+    """The file `config` names: an existing file, else the shipped config of that name (`tiny` or
+    `tiny.yaml`); None is the shipped DEFAULT_CONFIG. Raises ConfigError listing the shipped names when
+    neither exists."""
+    shipped = shipped_configs()
+    if config is None:
+        return shipped[DEFAULT_CONFIG]
+    path = Path(config).expanduser()
+    if path.exists():
+        return path
+    name = str(config).removesuffix(".yaml").removesuffix(".yml")
+    if name not in shipped:
+        raise ConfigError(
+            f"cannot read config file {path}: no such file, and kdflow ships no config named {name!r} "
+            f"(shipped: {', '.join(shipped)})"
+        )
+    return shipped[name]
+
+
+def _sources_relative_to(data: dict[str, Any], folder: Path) -> None:
+    """A relative `path` of a source written in a config file is relative to the file's folder, so a config
+    and its questions move together (installed or not); `--set` paths stay relative to the working directory."""
+    section = data.get("data")
+    sources = section.get("sources") if isinstance(section, dict) else None
+    for source in sources if isinstance(sources, list) else []:
+        path = source.get("path") if isinstance(source, dict) else None
+        if isinstance(path, str) and path and not os.path.isabs(os.path.expanduser(path)):
+            source["path"] = os.path.normpath(folder / path)
 
 
 def _parse_value(text: str) -> Any:
@@ -76,9 +117,7 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
         field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
         if field is None:
             return None
-        candidates = [field.annotation, *get_args(field.annotation)]
-        candidates += [arg for c in candidates for arg in get_args(c)]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        model = section_model(field.annotation)
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
@@ -116,15 +155,16 @@ def _format_errors(error: ValidationError, path: str, overrides: list[str] | Non
         where = ".".join(str(p) for p in loc) or "(top level)"
         origin = _value_origin(loc, overrides or [], lines or {}, path)
         if err["type"] == "extra_forbidden":
-            problems.append(f"  - {origin}: {where}: unknown key{_suggestion(loc)} (see README 'Configuration')")
+            problems.append(f"  - {origin}: {where}: unknown key{_suggestion(loc)} (docs/configuration.md lists every key)")
         else:
             problems.append(f"  - {origin}: {where}: {err['msg']}")
     return "\n".join(["invalid configuration:", *problems])
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML config (default: configs/demo.yaml), apply overrides and validate it."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+    """Load a YAML config (a file, or a shipped config's name; default: demo), apply overrides and validate
+    it. Raises ConfigError naming the file, line or --set at fault."""
+    path = find_config(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -139,6 +179,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"config file {where}: not valid YAML: {what}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    _sources_relative_to(data, path.resolve().parent)
     data = apply_overrides(data, overrides or [])
     try:
         return RunConfig.model_validate(data)

@@ -108,11 +108,10 @@ def launch_training(
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.num_processes}",
         "-m", "kdflow.train.launcher", str(run_dir),
     ]
-    # The workers import the kdflow this process runs, wherever it is installed from.
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    # The workers run this interpreter (sys.executable) in this environment, so they import the kdflow this
+    # process runs, installed or editable, with no path of a repository added.
     with (run_dir / _LOG).open("wb") as log:
-        workers = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        workers = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     events = _EventReader(run_dir / _EVENTS)
     outcome: dict[str, Any] | None = None
     with _stopping_on_error(workers), _bar(total_steps(cfg, len(examples)), progress) as show:
