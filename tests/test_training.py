@@ -108,7 +108,7 @@ def test_gold_only_training_needs_no_soft_labels(tok, labeled, tmp_path):
 
 def test_seeded_runs_are_identical(tok, labeled, tmp_path):
     examples, val = labeled
-    cfg = TrainingConfig(max_steps=6, batch_size=4, eval_every=3, eval_questions=8, seed=7)
+    cfg = TrainingConfig(max_steps=6, batch_size=4, eval_every=3, eval_questions=8, seeds=[7])
 
     def run(out_dir):
         model = toy.fresh_model(tok)

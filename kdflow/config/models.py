@@ -80,7 +80,7 @@ class VLLMConfig(Strict):
 
 class TeacherPrepConfig(Strict):
     """Fine-tune the teacher on the training split's gold answers before labeling (torchtune's finding):
-    cross-entropy only, with training's seed, checks (eval_every, eval_questions) and checkpoint_every."""
+    cross-entropy only, with training's first seed, checks (eval_every, eval_questions) and checkpoint_every."""
 
     enabled: bool = Field(
         False, description="fine-tune teacher.model first (a teacher built from `architecture` is always trained)"

@@ -38,7 +38,7 @@ def prepared_teacher_id(cfg: RunConfig, dataset_ids: list[str]) -> str:
             "scoring": cfg.scoring.model_dump(mode="json"),
             "datasets": sorted(dataset_ids),
             "splits": cfg.data.splits.model_dump(mode="json"),
-            "seed": cfg.training.seed,
+            "seed": cfg.training.seeds[0],
         }
     )
 
@@ -64,7 +64,7 @@ def prepare_teacher(
 
     t = cfg.teacher
     out_dir = cfg.home_dir / "models" / model_id
-    torch.manual_seed(cfg.training.seed)
+    torch.manual_seed(cfg.training.seeds[0])
     if t.model is None:
         tokenizer = corpus_tokenizer(store, dataset_ids, t.architecture.vocab_size)
         model = build_model(t.architecture, tokenizer)
@@ -83,10 +83,11 @@ def prepare_teacher(
     recipe = TrainingConfig(
         alpha=1.0,
         hard_label_baseline=False,
+        pseudo_label_baseline=False,
         epochs=t.prepare.epochs,
         batch_size=t.prepare.batch_size,
         learning_rate=t.prepare.learning_rate,
-        seed=cfg.training.seed,
+        seeds=cfg.training.seeds[:1],
         eval_every=max(1, cfg.training.eval_every),
         eval_questions=cfg.training.eval_questions,
         checkpoint_every=cfg.training.checkpoint_every,

@@ -332,7 +332,8 @@ def train(
     example has them). val_examples: the first cfg.eval_questions are scored every cfg.eval_every steps
     and at the last step. Checkpoints go to out_dir/checkpoints: resume=True continues from the newest
     one (if any), resume=False deletes them first. A LoRA model is exported merged (in place) when
-    merge_lora, else as its adapter.
+    merge_lora, else as its adapter. One call trains one model: cfg.seeds[0] seeds it (dropout and the data
+    order); the train stage gives each seed's run a config holding that seed alone.
 
     on_metrics receives the per-step rows {step, epoch, loss, ce, kd, lr, grad_norm, samples_per_s,
     val_accuracy} in batches (every DELIVER_EVERY steps, at each checkpoint and at the end);
@@ -357,7 +358,8 @@ def train(
         progress = False
 
     # 2. Model, optimizer, schedule. Seed before anything draws random numbers (dropout).
-    torch.manual_seed(cfg.seed)
+    seed = cfg.seeds[0]
+    torch.manual_seed(seed)
     settings = run_config(cfg, scoring, model)
     # FSDP shards the model in place, so the main process exports from a whole copy kept on the CPU.
     export_model = copy.deepcopy(model).cpu() if processes.fsdp and processes.is_main else model
@@ -369,7 +371,7 @@ def train(
     # 3. Resume (weights, optimizer, schedule, RNG, data position) or start over.
     state = _resume_or_start(resume, checkpoint_dir, cfg, scoring, processes, model, optimizer, scheduler)
     run = _Run(model, optimizer, scheduler, processes, state, checkpoint_dir, settings,
-               DataOrder(len(examples), cfg.seed, state.epoch, state.position), on_metrics, on_checkpoint)
+               DataOrder(len(examples), seed, state.epoch, state.position), on_metrics, on_checkpoint)
 
     # 4. The loop, then 5. the export.
     with subnormals_flushed(processes.device):

@@ -118,9 +118,9 @@ def train_students(
         if role in dirs:
             continue
         model_id = student_id(cfg, role, teacher, validation_id)
-        torch.manual_seed(cfg.training.seed)
+        torch.manual_seed(cfg.training.seeds[0])
         model, tok = init_student(cfg.student, tokenizer=tokenizer, teacher=teacher_weights,
-                                  seed=cfg.training.seed)
+                                  seed=cfg.training.seeds[0])
         out_dir = cfg.home_dir / "models" / model_id
         spec = json.dumps({"student": cfg.student.model_dump(mode="json"), "teacher_key": teacher.key,
                            "validation_id": validation_id})
