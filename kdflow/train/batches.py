@@ -85,21 +85,25 @@ def build_dataset(
     scoring: ScoringConfig,
     *,
     with_probs: bool,
+    answers_required: bool = False,
 ) -> TrainingData:
     """Tokenize and check examples: an answer index for each (None: unlabeled, it learns from its teacher
-    probs alone), and probs over exactly its options.
+    probs alone; refused when `answers_required`, as alpha = 1 and validation need one), and probs over
+    exactly its options.
 
     Raises ValueError naming the example (index and question_id) whose answer is neither None nor an option
-    index, that has neither an answer nor teacher probs, or whose teacher probs are missing, of the wrong
-    length, negative or not finite when `with_probs`.
+    index, that has no answer when one is required or has neither an answer nor teacher probs, or whose
+    teacher probs are missing, of the wrong length, negative or not finite when `with_probs`.
     """
     encoded = tokenize(examples, tokenizer, scoring)
     for i, (example, enc) in enumerate(zip(examples, encoded, strict=True)):
         answer = example.get("answer")
-        if answer is None and not with_probs:
+        if answer is None and (answers_required or not with_probs):
             raise ValueError(
-                f"example {i} ({example.get('question_id', 'no id')}) has no gold answer and the run reads no "
-                "teacher probs: it has nothing to learn from"
+                f"example {i} ({example.get('question_id', 'no id')}) has no gold answer, and "
+                + ("it needs one: alpha = 1 learns from gold answers alone, validation accuracy is measured "
+                   "against them; leave unlabeled questions out" if answers_required
+                   else "the run reads no teacher probs: it has nothing to learn from")
             )
         if answer is not None and (not isinstance(answer, int) or not 0 <= answer < enc.n_options):
             raise ValueError(

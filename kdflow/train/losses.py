@@ -225,17 +225,12 @@ def distillation_loss(
     if teacher_probs is None and alpha != 1:
         raise ValueError(f"teacher_probs is required unless alpha == 1 (got alpha={alpha})")
     _check_batch(student_logits, teacher_probs, option_mask)
-    batch, n_options = student_logits.shape
+    batch = student_logits.shape[0]
     if gold.shape != (batch,) or gold.is_floating_point() or gold.dtype == torch.bool:
         raise ValueError(f"gold must be an integer tensor of shape ({batch},), got {gold.dtype} {tuple(gold.shape)}")
     sample_mask = _row_mask(sample_mask, "sample_mask", batch, student_logits.device)
     with_gold = sample_mask & _row_mask(labeled, "labeled", batch, student_logits.device)
-    # Excluded and unlabeled rows may carry any gold (e.g. -100); clamp so the gather below stays in range.
-    gold_index = gold.long().clamp(0, n_options - 1).unsqueeze(1)
-    gold_ok = (gold >= 0) & (gold < n_options) & option_mask.gather(1, gold_index).squeeze(1)
-    if bool((with_gold & ~gold_ok).any()):
-        bad = torch.nonzero(with_gold & ~gold_ok).flatten().tolist()[:5]
-        raise ValueError(f"gold must index a real option (option_mask True); rows {bad} do not")
+    gold_index = _gold_index(gold, option_mask, with_gold)
 
     dtype = _compute_dtype(student_logits)
     log_s = _student_log_probs(student_logits.to(dtype), option_mask, 1.0)
@@ -258,6 +253,17 @@ def distillation_loss(
     else:
         total = alpha * ce_share + (1 - alpha) * temperature**2 * kd
     return LossParts(total=total, ce=ce, kd=kd, n_labeled=n_labeled)
+
+
+def _gold_index(gold: Tensor, option_mask: Tensor, with_gold: Tensor) -> Tensor:
+    """gold as a [B, 1] gather index; ValueError when a row of `with_gold` does not point at a real option.
+    Other rows may carry any gold (e.g. -100): it is clamped so the gather stays in range."""
+    index = gold.long().clamp(0, option_mask.shape[1] - 1).unsqueeze(1)
+    ok = (gold >= 0) & (gold < option_mask.shape[1]) & option_mask.gather(1, index).squeeze(1)
+    if bool((with_gold & ~ok).any()):
+        bad = torch.nonzero(with_gold & ~ok).flatten().tolist()[:5]
+        raise ValueError(f"gold must index a real option (option_mask True); rows {bad} do not")
+    return index
 
 
 def _row_mask(mask: Tensor | None, name: str, batch: int, device: torch.device) -> Tensor:

@@ -101,8 +101,7 @@ def _loss_step(
     cfg: TrainingConfig,
     device: torch.device,
 ) -> LossParts:
-    """Loss parts of one micro-batch: score the options, compare with the gold answer (where there is one)
-    and the teacher."""
+    """Loss parts of one micro-batch: score the options, compare with the gold answers and the teacher."""
     with autocast(device):
         scores = option_logits(model, batch).scores
     return distillation_loss(
@@ -293,20 +292,13 @@ def _inputs(
     examples, or early stopping has no validation examples to decide with."""
     if not examples:
         raise ValueError("no training examples; check the split fractions and the labeled questions")
-    unlabeled = next((e for e in examples if e.get("answer") is None), None)
-    if cfg.alpha == 1 and unlabeled is not None:
-        raise ValueError(
-            f"example {unlabeled.get('question_id', 'no id')} has no gold answer, and alpha = 1 learns from gold "
-            "answers only: leave unlabeled questions out, or give them a target"
-        )
     val_examples = list(val_examples or [])[: cfg.eval_questions]
-    if any(e.get("answer") is None for e in val_examples):
-        raise ValueError("validation examples need gold answers: validation accuracy is measured against them")
     if cfg.early_stopping_patience is not None and not val_examples:
         raise ValueError("training.early_stopping_patience needs validation examples to decide when to stop")
     with_probs = cfg.alpha < 1 or all(e.get("probs") is not None for e in examples)
-    data = build_dataset(examples, tokenizer, scoring, with_probs=with_probs)
-    val = build_dataset(val_examples, tokenizer, scoring, with_probs=False) if val_examples else None
+    data = build_dataset(examples, tokenizer, scoring, with_probs=with_probs, answers_required=cfg.alpha == 1)
+    val = build_dataset(val_examples, tokenizer, scoring, with_probs=False, answers_required=True) \
+        if val_examples else None
     return data, val
 
 
