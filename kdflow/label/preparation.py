@@ -75,7 +75,7 @@ def prepare_teacher(
     store.execute(
         "upsert_model", model_id=model_id, run_id=run_id, role="teacher", path=str(out_dir / "final"),
         spec=json.dumps({"prepare": t.prepare.model_dump(mode="json"), "base": t.model}),
-        n_params=None, n_active=None, status="training",
+        n_params=None, n_active=None, status="training", seed=cfg.training.seeds[0],
     )
     train_examples = split_examples(store, dataset_ids, "train")
     if t.prepare.max_train_questions:
@@ -101,7 +101,7 @@ def prepare_teacher(
         "upsert_model", model_id=model_id, run_id=run_id, role="teacher", path=str(result.final_dir),
         spec=json.dumps({"prepare": t.prepare.model_dump(mode="json"), "base": t.model,
                          "val_accuracy": result.best_val_accuracy}),
-        n_params=total, n_active=active, status="completed",
+        n_params=total, n_active=active, status="completed", seed=cfg.training.seeds[0],
     )
     discard_checkpoints(out_dir)  # recorded as finished: nothing will resume it
     return Path(result.final_dir), False
