@@ -6,8 +6,8 @@ each point is a fully validated RunConfig. The hard-label student (alpha = 1: CE
 no KD term) is added once per student setting, on the first teacher's validated questions.
 
 Comparison statistics are pure functions over arrays: the accuracy-vs-latency Pareto front, the best
-setting under a latency budget, and exact McNemar tests between settings on the same test questions with
-Holm's step-down correction for the number of pairs.
+setting under a latency budget (the exact McNemar tests between settings, with Holm's step-down correction
+for the number of pairs, are kdflow.evaluate.significance's).
 """
 
 from __future__ import annotations
@@ -164,22 +164,6 @@ def expand_grid(cfg: RunConfig) -> list[SweepPoint]:
 
 
 # ---------------------------------------------------------------- comparison statistics
-
-
-def holm(pvalues: Sequence[float], level: float) -> tuple[list[float], list[bool]]:
-    """Holm's step-down adjustment (Holm 1979): (adjusted p-values, rejected at family-wise `level`).
-
-    Sorted ascending, the i-th smallest (0-based) of m p-values is multiplied by (m - i), capped at 1 and
-    made monotone; a hypothesis is rejected when its adjusted p-value is at most `level`.
-    """
-    m = len(pvalues)
-    order = np.argsort(pvalues, kind="stable")
-    adjusted = np.empty(m)
-    running = 0.0
-    for rank, idx in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * float(pvalues[idx])))
-        adjusted[idx] = running
-    return adjusted.tolist(), [bool(p <= level) for p in adjusted]
 
 
 def pareto_front(latency: Sequence[float], accuracy: Sequence[float]) -> list[bool]:
