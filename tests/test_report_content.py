@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from kdflow.evaluate import metrics
-from kdflow.evaluate.significance import compare_over_seeds
+from kdflow.evaluate.significance import SeedComparison, SeedTest, compare_over_seeds
 from kdflow.evaluate.rows import METRIC_SCHEMA, PREDICTION_SCHEMA, metric_rows
 from kdflow.report import plots
 from kdflow.report.baseline import compare, correct_by_role, gain_recovered, gain_sentence, significance_sentence
@@ -290,6 +290,14 @@ def test_the_verdict_sentences():
     assert comparison_sentence(study.comparison("student", "teacher")) == (
         "student (distilled) trails teacher on 3 of 3 seeds (mean -16.7 pts, from -20.0 pts to -15.0 pts); significant "
         "after Holm's correction on 1 of 3 (max adjusted p = 0.0625): not significant over the seeds")
+    tie = SeedComparison("student", "student_hard", tuple(
+        SeedTest(seed, 40, 0.5, 0.5 + d, 0, 0, 1.0, 1.0) for seed, d in ((0, 0.0), (1, 0.1), (2, -0.1))), 0.05)
+    assert comparison_sentence(tie).startswith(
+        "student (distilled) beats student (hard labels only) on 1 and trails it on 1 of 3 seeds (mean +0.0 pts")
+    even = SeedComparison("student", "teacher", tie.tests[:1], 0.05)
+    assert comparison_sentence(even) == ("student (distilled) ties with teacher on 1 of 1 seed (mean +0.0 pts); "
+                                         "significant after Holm's correction on 0 of 1 (max adjusted p = 1): not "
+                                         "significant over the seeds")
     assert verdict_sentence(study) == (
         "The distilled student is the most accurate student over 3 seeds (mean 73.3%), but its lead over student "
         "(pseudo-labels from the teacher) is not significant on every seed.")

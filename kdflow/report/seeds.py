@@ -71,10 +71,17 @@ def comparison_sentence(c: SeedComparison) -> str:
     """'student (distilled) beats teacher on 1 of 3 seeds (mean -2.1 pts, from -5.0 to +1.0 pts); significant
     after Holm's correction on 2 of 3 (max adjusted p = 0.21): not significant over the seeds'."""
     n = len(c.tests)
-    verb, count = ("beats", c.wins) if c.wins >= c.losses else ("trails", c.losses)
+    other = role(c.second)
+    if c.wins > c.losses:
+        record = f"beats {other} on {c.wins}"
+    elif c.losses > c.wins:
+        record = f"trails {other} on {c.losses}"
+    elif c.wins == 0:
+        record = f"ties with {other} on {n}"
+    else:
+        record = f"beats {other} on {c.wins} and trails it on {c.losses}"
     spread = "" if n == 1 else f", from {pts(c.min_difference)} to {pts(c.max_difference)}"
-    head = (f"{role(c.first)} {verb} {role(c.second)} on {count} of {n} seed{'s' if n > 1 else ''} "
-            f"(mean {pts(c.mean_difference)}{spread})")
+    head = f"{role(c.first)} {record} of {n} seed{'s' if n > 1 else ''} (mean {pts(c.mean_difference)}{spread})"
     if c.significant:
         return f"{head}, significant after Holm's correction on all {n} (max adjusted {p_value(c.max_adjusted_p)})"
     return (f"{head}; significant after Holm's correction on {c.n_significant} of {n} (max adjusted "
