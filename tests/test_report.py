@@ -218,7 +218,7 @@ def test_students_over_seeds_in_page_markdown_and_terminal(built):
     study = load_summary(store, run_id).seeds
     assert study.seeds == (0, 1)
     assert [(s.role, [seed for seed, _ in s.accuracies]) for s in study.students] == [
-        ("student", [0, 1]), ("student_hard", [0, 1]), ("student_init", [0]), ("student_pseudo", [0, 1])]
+        ("student", [0, 1]), ("student_hard", [0, 1]), ("student_pseudo", [0, 1]), ("student_init", [0])]
     con = duckdb.connect(str(home / "kdflow.duckdb"), read_only=True)
     accuracy = dict(((role, seed), value) for role, seed, value in con.execute(
         "SELECT model_role, seed, value FROM metrics WHERE category = '*' AND name = 'accuracy' AND seed IS NOT NULL"

@@ -12,8 +12,9 @@ from toy_training import one_thread  # noqa: F401 (autouse fixture)
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from kdflow.train.checkpoints import latest_checkpoint, load_checkpoint
-from kdflow.config import ArchitectureConfig, LoraConfig, RunConfig, StudentConfig, TrainingConfig
+from kdflow.config import ArchitectureConfig, LoraConfig, RunConfig, StudentConfig, TeacherConfig, TrainingConfig
 from kdflow.errors import KdflowError
+from kdflow.label.preparation import prepare_teacher
 from kdflow.label.teacher import TeacherRef
 from kdflow.modeling import ModelSource, build_model, load_pretrained, save_pretrained
 from kdflow.scoring import encode, option_logits
@@ -233,6 +234,16 @@ def test_a_hard_label_student_needs_labeled_questions(tmp_path):
     store, _ = _stage_store(tmp_path, {q["question_id"] for q in toy.questions(24, seed=1)})
     with pytest.raises(KdflowError, match="none of the 24 training questions has a gold answer"):
         _train_stage(tmp_path, store)
+
+
+def test_teacher_preparation_learns_from_the_labeled_questions_only(tmp_path):
+    store, _ = _stage_store(tmp_path, UNLABELED)
+    cfg = _stage_config(tmp_path).model_copy(update={"teacher": TeacherConfig(
+        architecture=ArchitectureConfig(hidden_size=16, num_layers=1, num_heads=2, vocab_size=300),
+        prepare={"enabled": True, "epochs": 1, "batch_size": 8})})
+    # The preparation is trained with alpha = 1, which refuses a question without a gold answer.
+    model_dir, reused = prepare_teacher(cfg, store, ["toy@0"], progress=False)
+    assert not reused and (model_dir / "config.json").is_file()
 
 
 def test_each_role_learns_its_own_target():

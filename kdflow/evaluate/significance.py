@@ -21,6 +21,7 @@ import numpy as np
 SIGNIFICANCE_LEVEL = 0.05
 # The students that compete; the untrained one (student_init) is a baseline of training, not a contender.
 CONTENDERS = ("student", "student_hard", "student_pseudo")
+STUDENT_ORDER = (*CONTENDERS, "student_init")
 # (first, second) compared on every seed: the distilled student against each baseline and the teacher.
 SEED_PAIRS = (("student", "student_hard"), ("student", "student_pseudo"), ("student", "teacher"))
 
@@ -174,7 +175,7 @@ class SeedStudy:
     (CONTENDERS) with the highest mean accuracy (ties: the earlier in CONTENDERS)."""
 
     seeds: tuple[int, ...]
-    students: tuple[RoleOverSeeds, ...]
+    students: tuple[RoleOverSeeds, ...]  # in STUDENT_ORDER
     comparisons: tuple[SeedComparison, ...]
     level: float
     best: str
@@ -215,10 +216,9 @@ def compare_over_seeds(
     seeds = tuple(seed for seed in correct.get("student", {}) if seed is not None)
     if not seeds:
         return None
-    students = tuple(
-        RoleOverSeeds(role, tuple((seed, _accuracy(answers)) for seed, answers in by_seed.items()))
-        for role, by_seed in correct.items() if role != "teacher" and by_seed and None not in by_seed
-    )
+    roles = sorted((r for r in correct if r != "teacher" and correct[r] and None not in correct[r]),
+                   key=lambda r: (STUDENT_ORDER.index(r) if r in STUDENT_ORDER else len(STUDENT_ORDER), r))
+    students = tuple(RoleOverSeeds(r, tuple((seed, _accuracy(a)) for seed, a in correct[r].items())) for r in roles)
     comparisons = []
     for first, second in SEED_PAIRS:
         pairs = [(seed, correct[first][seed], _answers_of(correct, second, seed)) for seed in seeds]

@@ -77,7 +77,8 @@ def prepare_teacher(
         spec=json.dumps({"prepare": t.prepare.model_dump(mode="json"), "base": t.model}),
         n_params=None, n_active=None, status="training", seed=cfg.training.seeds[0],
     )
-    train_examples = split_examples(store, dataset_ids, "train")
+    # The teacher learns gold answers (alpha = 1): questions without one have nothing to teach it.
+    train_examples = [e for e in split_examples(store, dataset_ids, "train") if e["answer"] is not None]
     if t.prepare.max_train_questions:
         train_examples = train_examples[: t.prepare.max_train_questions]
     recipe = TrainingConfig(
