@@ -109,7 +109,8 @@ def verdict_sentence(study: SeedStudy) -> str:
            f"student's {pct(student.mean)})"
     if study.comparison("student", study.best).direction == -1:
         return f"Distilling did not pay off: {lead}, significantly on every seed."
-    return f"{lead}, but not significantly on every seed: distilling neither clearly paid off nor clearly failed."
+    return f"{lead[0].upper()}{lead[1:]}, but not significantly on every seed: distilling neither clearly paid off " \
+           "nor clearly failed."
 
 
 def page_section(study: SeedStudy | None) -> Row | None:
