@@ -52,7 +52,7 @@ def validate_flow(cfg: RunConfig) -> str:
 
 
 @flow(name="train", flow_run_name="train-{cfg.name}")
-def train_flow(cfg: RunConfig, resume: bool = True) -> dict[str, str]:
+def train_flow(cfg: RunConfig, resume: bool = True) -> dict[str, dict[int, str]]:
     with guarded_run(cfg) as run_id:
         store, dataset_ids = _inputs(cfg, run_id)
         validation_id = validate_task(cfg, run_id, dataset_ids, teacher_ref(cfg, store, dataset_ids).key)
@@ -66,7 +66,9 @@ def evaluate_flow(cfg: RunConfig) -> str:
         ref = teacher_ref(cfg, store, dataset_ids)
         validation_id = validate_task(cfg, run_id, dataset_ids, ref.key)
         models = find_students(cfg, store, ref, validation_id)
-        evaluate_task(cfg, run_id, dataset_ids, ref.key, {k: str(v) for k, v in models.items()}, validation_id)
+        evaluate_task(cfg, run_id, dataset_ids, ref.key,
+                      {role: {seed: str(path) for seed, path in by_seed.items()} for role, by_seed in models.items()},
+                      validation_id)
         return report_task(cfg, run_id)
 
 

@@ -16,22 +16,24 @@ LIMIT $limit;
 INSERT INTO evaluations (eval_id, run_id, spec) VALUES ($eval_id, $run_id, $spec);
 
 -- name: insert_evaluation_models
--- Each evaluated model with the models row of its directory (NULL when kdflow did not build it).
-INSERT INTO evaluation_models
+-- Each model of record (the teacher, the first seed's students) with the models row of its directory (NULL
+-- when kdflow did not build it).
+INSERT INTO evaluation_models (eval_id, model_role, path, model_id, seed)
 SELECT $eval_id, i.model_role, i.path,
-       (SELECT min(m.model_id) FROM models m WHERE m.path = i.path)
+       (SELECT min(m.model_id) FROM models m WHERE m.path = i.path), i.seed
 FROM incoming i;
 
 -- name: insert_predictions
-INSERT INTO predictions
-SELECT $eval_id, model_role, question_id, probs, predicted, confidence, correct FROM incoming;
+INSERT INTO predictions (eval_id, model_role, question_id, probs, predicted, confidence, correct, seed)
+SELECT $eval_id, model_role, question_id, probs, predicted, confidence, correct, seed FROM incoming;
 
 -- name: insert_metrics
-INSERT INTO metrics SELECT $eval_id, model_role, category, name, value FROM incoming;
+INSERT INTO metrics (eval_id, model_role, category, name, value, seed)
+SELECT $eval_id, model_role, category, name, value, seed FROM incoming;
 
 -- name: insert_reliability_bins
-INSERT INTO reliability_bins
-SELECT $eval_id, model_role, bin, lower, upper, n, confidence, accuracy FROM incoming;
+INSERT INTO reliability_bins (eval_id, model_role, bin, lower, upper, n, confidence, accuracy, seed)
+SELECT $eval_id, model_role, bin, lower, upper, n, confidence, accuracy, seed FROM incoming;
 
 -- name: insert_cascade_points
 INSERT INTO cascade_points

@@ -4,8 +4,8 @@
 SELECT path, n_params, n_active FROM models WHERE model_id = $model_id AND status = 'completed';
 
 -- name: upsert_model
-INSERT OR REPLACE INTO models (model_id, run_id, role, path, spec, n_params, n_active, status)
-VALUES ($model_id, $run_id, $role, $path, $spec, $n_params, $n_active, $status);
+INSERT OR REPLACE INTO models (model_id, run_id, role, path, spec, n_params, n_active, status, seed)
+VALUES ($model_id, $run_id, $role, $path, $spec, $n_params, $n_active, $status, $seed);
 
 -- name: insert_checkpoint
 INSERT OR REPLACE INTO checkpoints (model_id, step, path, metrics) VALUES ($model_id, $step, $path, $metrics);
@@ -27,8 +27,9 @@ WHERE list_contains($dataset_ids, q.dataset_id) AND q.split = $split
 ORDER BY q.question_id;
 
 -- name: distillation_examples
--- Training questions with their validated soft labels; quarantined labels never reach the student.
-SELECT q.question_id, q.question, q.options, q.category, q.answer, l.probs
+-- Training questions with their validated soft labels (and the teacher's most likely option, `predicted`);
+-- quarantined labels never reach the student.
+SELECT q.question_id, q.question, q.options, q.category, q.answer, l.probs, l.predicted
 FROM questions q
 JOIN soft_labels l
   ON l.question_id = q.question_id AND l.teacher_key = $teacher_key AND l.question_hash = q.question_hash

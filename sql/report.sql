@@ -1,5 +1,8 @@
 -- The report of one run, read from the store alone: its latest evaluation and what produced the models.
 -- Metric names are those kdflow/evaluate/evaluation.py writes (long format: one row per model, category, name).
+-- An evaluation stores the students of every training seed; the queries of one model per role read the
+-- model evaluation_models lists for the role (the first seed's students; the teacher and evaluations made
+-- before seeds have seed NULL): the `seed IS NOT DISTINCT FROM (...)` condition below.
 
 -- name: report_evaluation
 -- The run's latest evaluation, with the run's name, status and config (the loss weights of its students).
@@ -40,13 +43,15 @@ WITH wide AS (
            max(value) FILTER (WHERE name = 'throughput_qps')    AS throughput_qps,
            max(value) FILTER (WHERE name = 'params_total')      AS params_total,
            max(value) FILTER (WHERE name = 'params_active')     AS params_active
-    FROM metrics
+    FROM metrics m
     WHERE eval_id = $eval_id AND category = '*'
+      AND m.seed IS NOT DISTINCT FROM (SELECT em.seed FROM evaluation_models em
+                                       WHERE em.eval_id = m.eval_id AND em.model_role = m.model_role)
     GROUP BY model_role
 )
 SELECT * FROM wide
 ORDER BY CASE model_role WHEN 'teacher' THEN 0 WHEN 'student' THEN 1 WHEN 'student_hard' THEN 2
-                         WHEN 'student_init' THEN 3 ELSE 4 END, model_role;
+                         WHEN 'student_pseudo' THEN 3 WHEN 'student_init' THEN 4 ELSE 5 END, model_role;
 
 -- name: tradeoff_table
 -- The seed's trade-off table: teacher and distilled student, parameters, latency (median of interleaved
@@ -62,8 +67,10 @@ WITH overall AS (
            max(value) FILTER (WHERE name = 'speedup_lo')        AS speedup_lo,
            max(value) FILTER (WHERE name = 'speedup_hi')        AS speedup_hi,
            max(value) FILTER (WHERE name = 'accuracy')          AS accuracy
-    FROM metrics
+    FROM metrics m
     WHERE eval_id = $eval_id AND category = '*' AND model_role IN ('teacher', 'student')
+      AND m.seed IS NOT DISTINCT FROM (SELECT em.seed FROM evaluation_models em
+                                       WHERE em.eval_id = m.eval_id AND em.model_role = m.model_role)
     GROUP BY model_role
 ),
 teacher AS (SELECT * FROM overall WHERE model_role = 'teacher')
@@ -87,8 +94,10 @@ WITH acc AS (
            max(value) FILTER (WHERE model_role = 'student' AND name = 'accuracy')    AS student_accuracy,
            max(value) FILTER (WHERE model_role = 'student' AND name = 'accuracy_lo') AS student_lo,
            max(value) FILTER (WHERE model_role = 'student' AND name = 'accuracy_hi') AS student_hi
-    FROM metrics
+    FROM metrics m
     WHERE eval_id = $eval_id AND category <> '*'
+      AND m.seed IS NOT DISTINCT FROM (SELECT em.seed FROM evaluation_models em
+                                       WHERE em.eval_id = m.eval_id AND em.model_role = m.model_role)
     GROUP BY category
 )
 SELECT category, n, teacher_accuracy, teacher_lo, teacher_hi, student_accuracy, student_lo, student_hi,
@@ -103,15 +112,19 @@ SELECT model_role, category,
        max(value) FILTER (WHERE name = 'accuracy')    AS accuracy,
        max(value) FILTER (WHERE name = 'accuracy_lo') AS accuracy_lo,
        max(value) FILTER (WHERE name = 'accuracy_hi') AS accuracy_hi
-FROM metrics
+FROM metrics m
 WHERE eval_id = $eval_id AND category <> '*'
+  AND m.seed IS NOT DISTINCT FROM (SELECT em.seed FROM evaluation_models em
+                                   WHERE em.eval_id = m.eval_id AND em.model_role = m.model_role)
 GROUP BY model_role, category
 ORDER BY category, model_role;
 
 -- name: reliability_curve
 SELECT model_role, bin, lower, upper, n, confidence, accuracy
-FROM reliability_bins
+FROM reliability_bins r
 WHERE eval_id = $eval_id
+  AND r.seed IS NOT DISTINCT FROM (SELECT em.seed FROM evaluation_models em
+                                   WHERE em.eval_id = r.eval_id AND em.model_role = r.model_role)
 ORDER BY model_role, bin;
 
 -- name: cascade_curve
@@ -131,6 +144,16 @@ ORDER BY em.model_role, t.step;
 -- name: paired_correct
 -- Whether each model answered each test question correctly, for paired tests between models (McNemar).
 SELECT model_role, question_id, correct
-FROM predictions
+FROM predictions p
 WHERE eval_id = $eval_id
+  AND p.seed IS NOT DISTINCT FROM (SELECT em.seed FROM evaluation_models em
+                                   WHERE em.eval_id = p.eval_id AND em.model_role = p.model_role)
 ORDER BY model_role, question_id;
+
+-- name: seed_correct
+-- Every seed's students (and the teacher, seed NULL): whether each answered each test question correctly,
+-- for the comparison of the students over seeds (kdflow/evaluate/significance.py).
+SELECT model_role, seed, question_id, correct
+FROM predictions
+WHERE eval_id = $eval_id AND (seed IS NOT NULL OR model_role = 'teacher')
+ORDER BY model_role, seed, question_id;

@@ -55,6 +55,9 @@ headline AS (
            max(m.value) FILTER (WHERE m.model_role = 'student' AND m.name = 'accuracy') AS student_acc,
            max(m.value) FILTER (WHERE m.model_role = 'student' AND m.name = 'retention') AS retention
     FROM latest_eval e JOIN metrics m ON m.eval_id = e.eval_id AND m.category = '*'
+    -- one model per role: the one evaluation_models lists (the first training seed's student)
+    WHERE m.seed IS NOT DISTINCT FROM (SELECT em.seed FROM evaluation_models em
+                                       WHERE em.eval_id = m.eval_id AND em.model_role = m.model_role)
     GROUP BY e.run_id
 )
 SELECT r.run_id, r.name, r.status, r.stage, r.error, r.started_at,

@@ -213,7 +213,7 @@ CREATE TABLE IF NOT EXISTS label_issues (
 CREATE TABLE IF NOT EXISTS models (
     model_id    VARCHAR PRIMARY KEY,        -- role + content hash of what produced it
     run_id      VARCHAR,
-    role        VARCHAR NOT NULL,           -- teacher | student | student_hard | student_init
+    role        VARCHAR NOT NULL,           -- teacher | student | student_hard | student_pseudo | student_init
     path        VARCHAR NOT NULL,
     spec        JSON NOT NULL,
     n_params    BIGINT,
@@ -221,6 +221,8 @@ CREATE TABLE IF NOT EXISTS models (
     status      VARCHAR NOT NULL,           -- training | completed
     created_at  TIMESTAMP NOT NULL DEFAULT current_timestamp
 );
+-- The seed a model was trained (a prepared teacher: with the first of training.seeds) or initialised with.
+ALTER TABLE models ADD COLUMN IF NOT EXISTS seed INTEGER;
 
 CREATE TABLE IF NOT EXISTS checkpoints (
     model_id   VARCHAR NOT NULL,
@@ -298,6 +300,14 @@ CREATE TABLE IF NOT EXISTS evaluation_models (
     model_id   VARCHAR,                     -- models.model_id of that path, to find its training metrics
     PRIMARY KEY (eval_id, model_role)
 );
+
+-- The training seed of each evaluated student (added with training.seeds; NULL: the teacher, or an evaluation
+-- made before). Every seed's students have predictions, metrics and reliability bins; evaluation_models lists
+-- one model per role, the first seed's, and the single-model report queries read those models' rows.
+ALTER TABLE predictions ADD COLUMN IF NOT EXISTS seed INTEGER;
+ALTER TABLE metrics ADD COLUMN IF NOT EXISTS seed INTEGER;
+ALTER TABLE reliability_bins ADD COLUMN IF NOT EXISTS seed INTEGER;
+ALTER TABLE evaluation_models ADD COLUMN IF NOT EXISTS seed INTEGER;
 
 -- The sweep (kdflow sweep): its teachers, its grid points, and evaluations reused across sweeps.
 CREATE TABLE IF NOT EXISTS sweep_teachers (

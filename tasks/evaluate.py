@@ -17,8 +17,9 @@ from kdflow.label.teacher import open_backend, teacher_ref
 
 @task(name="evaluate", tags=["gpu"])
 def evaluate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_key: str,
-                  models: dict[str, str], validation_id: str | None = None) -> str:
-    """Returns the eval_id; `validation_id` names the gate verdict whose calibration temperature applies."""
+                  models: dict[str, dict[int, str]], validation_id: str | None = None) -> str:
+    """Evaluates {role: {seed: model directory}}; returns the eval_id. `validation_id` names the gate verdict
+    whose calibration temperature applies."""
     from kdflow.validate.calibration import stored_calibration
     from kdflow.evaluate.evaluation import evaluate
 
@@ -29,7 +30,7 @@ def evaluate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_k
         temperature = calibration.temperature if calibration else None
         eval_id = evaluate(
             store, run_id=run_id, dataset_ids=dataset_ids, teacher_key=teacher_key,
-            models={role: Path(path) for role, path in models.items()},
+            models={role: {seed: Path(path) for seed, path in by_seed.items()} for role, by_seed in models.items()},
             open_teacher=lambda: open_backend(cfg, ref),
             scoring=cfg.scoring, cfg=cfg.evaluation, device=cfg.student.device,
             teacher_temperature=temperature,

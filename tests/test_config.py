@@ -66,6 +66,8 @@ def test_overrides_apply_with_yaml_types(tmp_path):
     assert cfg.training.hard_label_baseline is False
     assert cfg.name == "x"
     assert cfg.student.lora.target_modules == ["q_proj", "v_proj"]
+    assert load_config(None, []).training.seeds == [0]
+    assert load_config(None, ["training.seeds=[2,0,1]"]).training.seeds == [2, 0, 1]  # in the order given
 
 
 @pytest.mark.parametrize("word", ["on", "off", "yes", "no", "true", "false", "'on'", "'off'", "auto"])
@@ -98,6 +100,9 @@ def test_gguf_file_needs_the_model_it_lies_in():
         ("name.sub=1", "'name' is not a section"),
         ("data.splits.train=0.9", "split fractions must sum to 1"),
         ("teacher.backend=vllm", "teacher.backend=vllm needs teacher.model"),
+        ("training.seeds=[]", "training.seeds: List should have at least 1 item"),
+        ("training.seeds=[0, 1, 0]", "training.seeds lists [0] more than once"),
+        ("training.seed=3", "training.seed was replaced by training.seeds, a list of seeds: write `seeds: [3]`"),
     ],
 )
 def test_bad_overrides_say_what_is_wrong(override, message):

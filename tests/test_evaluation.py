@@ -51,11 +51,17 @@ VAL_PROBS = {"v" + k[1:]: v for k, v in {"q0": [0.8, 0.1, 0.1], "q1": [0.1, 0.7,
                                           "q4": [0.9, 0.05, 0.03, 0.02]}.items()}
 
 
+# The students of two training seeds, each built with its own torch seed: (role, training seed) -> torch seed.
+# ("student", 0) is the session's tiny model; student_init exists for the first seed only.
+STUDENTS = {("student", 0): None, ("student", 1): 11, ("student_hard", 0): 2, ("student_hard", 1): 12,
+            ("student_pseudo", 0): 4, ("student_pseudo", 1): 14, ("student_init", 0): 1}
+
+
 @dataclass(frozen=True)
 class Seeded:
     home: Path
     run_id: str
-    models: dict[str, Path]
+    models: dict[str, dict[int, Path]]
     teacher_dir: Path
 
 
@@ -91,8 +97,8 @@ def _labels_table() -> pa.Table:
 
 
 def seed_store(home: Path, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions) -> Seeded:
-    """Questions (5 test, 5 val, 1 train), teacher labels, a teacher and three student directories, a run and
-    training metrics."""
+    """Questions (5 test, 5 val, 1 train), teacher labels, a teacher and the STUDENTS' directories (training
+    seeds 0 and 1), a run and training metrics."""
     store = Store(home)
     questions = [dict(q, split="test") for q in tiny_questions]
     questions[4]["category"] = ODD_CATEGORY
@@ -100,21 +106,25 @@ def seed_store(home: Path, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions
     questions.append(dict(tiny_questions[0], question_id="t0", split="train"))
     store.execute("insert_questions", _questions_table(questions), dataset_id=DATASET_ID)
     store.execute("insert_labels", _labels_table())
-    models = {"student": save_pretrained(tiny_model, tiny_tokenizer, home / "models" / "student" / "final")}
-    for seed, role in ((1, "student_init"), (2, "student_hard"), (3, "teacher")):
-        torch.manual_seed(seed)
-        models[role] = save_pretrained(build_model(tiny_arch, tiny_tokenizer), tiny_tokenizer,
-                                       home / "models" / role / "final")
+    models: dict[str, dict[int, Path]] = {}
+    for (role, seed), torch_seed in STUDENTS.items():
+        if torch_seed is not None:
+            torch.manual_seed(torch_seed)
+        model = tiny_model if torch_seed is None else build_model(tiny_arch, tiny_tokenizer)
+        models.setdefault(role, {})[seed] = save_pretrained(model, tiny_tokenizer,
+                                                            home / "models" / f"{role}-{seed}" / "final")
+    torch.manual_seed(3)
+    teacher_dir = save_pretrained(build_model(tiny_arch, tiny_tokenizer), tiny_tokenizer,
+                                  home / "models" / "teacher" / "final")
     run_id = start_run(store, RunConfig(name=RUN_NAME))
     store.execute("upsert_model", model_id="student-abc", run_id=run_id, role="student",
-                  path=str(models["student"]), spec="{}", n_params=1, n_active=1, status="completed")
+                  path=str(models["student"][0]), spec="{}", n_params=1, n_active=1, status="completed", seed=0)
     steps = pa.table({
         "step": [1, 2, 3], "epoch": [0.3, 0.6, 1.0], "loss": [2.0, 1.5, 1.2], "ce": [1.8, 1.4, 1.1],
         "kd": [2.2, 1.6, 1.3], "lr": [1e-3] * 3, "grad_norm": [1.0] * 3, "samples_per_s": [10.0] * 3,
         "val_accuracy": [None, 0.4, 0.6],
     })
     store.execute("insert_training_metrics", steps, model_id="student-abc")
-    teacher_dir = models.pop("teacher")
     return Seeded(home=home, run_id=run_id, models=models, teacher_dir=teacher_dir)
 
 
@@ -153,19 +163,24 @@ def evaluated(one_thread, tmp_path_factory, tiny_model, tiny_tokenizer, tiny_arc
     con.close()
 
 
-def _metric(con, eval_id: str, role: str, name: str, category: str = "*") -> float:
+def _metric(con, eval_id: str, role: str, name: str, category: str = "*", seed: int | None = 0) -> float:
+    """A stored metric of `role` (students: of training seed `seed`; the teacher has none)."""
     return con.execute(
-        "SELECT value FROM metrics WHERE eval_id = ? AND model_role = ? AND category = ? AND name = ?",
-        [eval_id, role, category, name],
+        "SELECT value FROM metrics WHERE eval_id = ? AND model_role = ? AND category = ? AND name = ? "
+        "AND seed IS NOT DISTINCT FROM ?", [eval_id, role, category, name, None if role == "teacher" else seed],
     ).fetchone()[0]
+
+
+ROLES_AND_SEEDS = [("student", 0), ("student", 1), ("student_hard", 0), ("student_hard", 1), ("student_init", 0),
+                   ("student_pseudo", 0), ("student_pseudo", 1), ("teacher", None)]
 
 
 def test_predictions_cover_the_test_split_for_every_role(evaluated):
     _, eval_id, con = evaluated
-    rows = con.execute("SELECT model_role, list(question_id ORDER BY question_id) FROM predictions "
-                       "WHERE eval_id = ? GROUP BY model_role ORDER BY model_role", [eval_id]).fetchall()
+    rows = con.execute("SELECT model_role, seed, list(question_id ORDER BY question_id) FROM predictions "
+                       "WHERE eval_id = ? GROUP BY ALL ORDER BY model_role, seed", [eval_id]).fetchall()
     ids = ["q0", "q1", "q2", "q3", "q4"]  # t0 is in the training split
-    assert rows == [(role, ids) for role in ("student", "student_hard", "student_init", "teacher")]
+    assert rows == [(role, seed, ids) for role, seed in ROLES_AND_SEEDS]
     teacher = con.execute("SELECT question_id, probs, predicted, correct FROM predictions "
                           "WHERE eval_id = ? AND model_role = 'teacher' ORDER BY question_id", [eval_id]).fetchall()
     assert [r[1] for r in teacher] == [TEACHER_PROBS[i] for i in ids]
@@ -178,7 +193,7 @@ def test_students_are_scored_with_the_shared_scoring_code(evaluated, tiny_model,
     questions[4]["category"] = ODD_CATEGORY  # the category is part of the letter prompt
     with torch.inference_mode():
         expected = to_soft_labels(option_logits(copy.deepcopy(tiny_model), encode(questions, tiny_tokenizer, SCORING)))
-    stored = con.execute("SELECT probs FROM predictions WHERE eval_id = ? AND model_role = 'student' "
+    stored = con.execute("SELECT probs FROM predictions WHERE eval_id = ? AND model_role = 'student' AND seed = 0 "
                          "ORDER BY question_id", [eval_id]).fetchall()
     for (probs,), label in zip(stored, expected):
         np.testing.assert_allclose(probs, label.probs, atol=1e-5)
@@ -188,8 +203,8 @@ def test_metrics_match_a_hand_count_of_the_predictions(evaluated):
     _, eval_id, con = evaluated
     student, teacher = (
         con.execute("SELECT predicted, correct FROM predictions WHERE eval_id = ? AND model_role = ? "
-                    "ORDER BY question_id", [eval_id, role]).fetchall()
-        for role in ("student", "teacher")
+                    "AND seed IS NOT DISTINCT FROM ? ORDER BY question_id", [eval_id, role, seed]).fetchall()
+        for role, seed in (("student", 0), ("teacher", None))
     )
     accuracy = sum(c for _, c in student) / 5
     assert _metric(con, eval_id, "teacher", "accuracy") == pytest.approx(0.8)
@@ -217,19 +232,53 @@ def test_metrics_match_a_hand_count_of_the_predictions(evaluated):
 def test_every_metric_is_stored_per_model_and_category(evaluated):
     _, eval_id, con = evaluated
     names = {r[0] for r in con.execute("SELECT DISTINCT name FROM metrics WHERE eval_id = ? AND category = '*' "
-                                       "AND model_role = 'student'", [eval_id]).fetchall()}
+                                       "AND model_role = 'student' AND seed = 0", [eval_id]).fetchall()}
     assert names == {"n", "accuracy", "accuracy_lo", "accuracy_hi", "retention", "agreement", "kl", "nll", "brier",
                      "ece", "latency_ms_mean", "latency_ms_median", "latency_ms_p25", "latency_ms_p75",
                      "latency_ms_p95", "latency_rounds", "throughput_qps", "params_total", "params_active",
                      "speedup", "speedup_lo", "speedup_hi"}
-    per_category = con.execute("SELECT model_role, count(DISTINCT category) FROM metrics WHERE eval_id = ? "
-                               "AND category <> '*' GROUP BY ALL ORDER BY 1", [eval_id]).fetchall()
-    assert per_category == [(r, 5) for r in ("student", "student_hard", "student_init", "teacher")]
+    per_category = con.execute("SELECT model_role, seed, count(DISTINCT category) FROM metrics WHERE eval_id = ? "
+                               "AND category <> '*' GROUP BY ALL ORDER BY 1, 2", [eval_id]).fetchall()
+    assert per_category == [(role, seed, 5) for role, seed in ROLES_AND_SEEDS]
     assert _metric(con, eval_id, "teacher", "accuracy", category="science") == 0.0
     assert _metric(con, eval_id, "teacher", "n", category=ODD_CATEGORY) == 1
-    bins = con.execute("SELECT model_role, count(*), sum(n) FROM reliability_bins WHERE eval_id = ? "
-                       "GROUP BY ALL ORDER BY 1", [eval_id]).fetchall()
-    assert bins == [(r, 5, 5) for r in ("student", "student_hard", "student_init", "teacher")]
+    bins = con.execute("SELECT model_role, seed, count(*), sum(n) FROM reliability_bins WHERE eval_id = ? "
+                       "GROUP BY ALL ORDER BY 1, 2", [eval_id]).fetchall()
+    assert bins == [(role, seed, 5, 5) for role, seed in ROLES_AND_SEEDS]
+
+
+def test_every_seed_is_scored_and_only_the_first_seeds_student_is_timed(evaluated):
+    _, eval_id, con = evaluated
+    timed = con.execute("SELECT DISTINCT model_role, seed FROM metrics WHERE eval_id = ? AND name = 'latency_rounds' "
+                        "ORDER BY 1", [eval_id]).fetchall()
+    assert timed == [("student", 0), ("teacher", None)]
+    second = con.execute("SELECT correct FROM predictions WHERE eval_id = ? AND model_role = 'student' AND seed = 1 "
+                         "ORDER BY question_id", [eval_id]).fetchall()
+    assert _metric(con, eval_id, "student", "accuracy", seed=1) == pytest.approx(sum(c for (c,) in second) / 5)
+    assert _metric(con, eval_id, "student", "n", category=ODD_CATEGORY, seed=1) == 1
+    first = [r[0] for r in con.execute("SELECT probs FROM predictions WHERE eval_id = ? AND model_role = 'student' "
+                                       "ORDER BY seed, question_id", [eval_id]).fetchall()]
+    assert first[:5] != first[5:]  # two different students, not one stored twice
+
+
+def test_the_single_model_report_queries_read_the_first_seed(evaluated):
+    seeded, eval_id, _ = evaluated
+    store = Store(seeded.home, read_only=True)
+    models = store.arrow("model_metrics", eval_id=eval_id).to_pylist()
+    assert [m["model_role"] for m in models] == ["teacher", "student", "student_hard", "student_pseudo",
+                                                 "student_init"]
+    con = duckdb.connect(str(seeded.home / "kdflow.duckdb"), read_only=True)
+    try:
+        for m in models:
+            assert m["accuracy"] == _metric(con, eval_id, m["model_role"], "accuracy", seed=0)
+    finally:
+        con.close()
+    correct = store.arrow("paired_correct", eval_id=eval_id).to_pylist()
+    assert len(correct) == 5 * len(models)
+    bins = store.arrow("reliability_curve", eval_id=eval_id).to_pylist()
+    assert len(bins) == EVAL_CFG.ece_bins * len(models)
+    by_seed = store.arrow("seed_correct", eval_id=eval_id).to_pylist()
+    assert sorted({(r["model_role"], r["seed"]) for r in by_seed}, key=str) == sorted(ROLES_AND_SEEDS, key=str)
 
 
 def test_cascade_points_are_stored_with_exactly_one_chosen_on_validation(evaluated):
@@ -320,16 +369,20 @@ def test_evaluation_row_and_models(evaluated):
     spec = json.loads(spec)
     assert run_id == seeded.run_id
     assert spec["teacher_key"] == TEACHER_KEY and spec["dataset_ids"] == [DATASET_ID]
-    assert spec["models"] == {role: str(path) for role, path in seeded.models.items()}
+    assert spec["models"] == {role: {str(seed): str(path) for seed, path in by_seed.items()}
+                              for role, by_seed in seeded.models.items()}
+    assert spec["seeds"] == [0, 1]
     assert spec["timing"]["method"] == "interleaved batch-1 rounds" and spec["n_questions"] == 5
-    linked = con.execute("SELECT model_role, model_id FROM evaluation_models WHERE eval_id = ? ORDER BY 1",
+    # The models of record: the teacher and the first seed's students.
+    linked = con.execute("SELECT model_role, model_id, seed FROM evaluation_models WHERE eval_id = ? ORDER BY 1",
                          [eval_id]).fetchall()
-    assert linked == [("student", "student-abc"), ("student_hard", None), ("student_init", None), ("teacher", None)]
+    assert linked == [("student", "student-abc", 0), ("student_hard", None, 0), ("student_init", None, 0),
+                      ("student_pseudo", None, 0), ("teacher", None, None)]
 
 
 def test_cap(tmp_path, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions):
     seeded = seed_store(tmp_path, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions)
-    eval_id = run_evaluation(seeded, models={"student": seeded.models["student"]},
+    eval_id = run_evaluation(seeded, models={"student": {0: seeded.models["student"][0]}},
                              cfg=EVAL_CFG.model_copy(update={"max_questions": 3}), teacher_temperature=2.0)
     con = duckdb.connect(str(tmp_path / "kdflow.duckdb"), read_only=True)
     ids = con.execute("SELECT DISTINCT question_id FROM predictions WHERE eval_id = ? ORDER BY 1", [eval_id]).fetchall()

@@ -301,6 +301,80 @@ def test_all_masked_batch_returns_zero_with_grad():
     assert bool((s.grad == 0).all())
 
 
+# ---------------------------------------------------------------- unlabeled questions (CE weight 0)
+
+
+def test_pinned_batch_with_an_unlabeled_question():
+    # Row 0, labeled: q = [1/4, 3/4], gold 1: CE = ln(4/3) = 0.287682; p = [1/2, 1/2]: KL = 0.143841.
+    # Row 1, unlabeled: q = [1/2, 1/2], p = [0.8, 0.2]: KL = 0.8 ln 1.6 + 0.2 ln 0.4 = 0.192745.
+    # total = 0.5 * (1 * 0.287682 + 0 * CE_1) / 2 + 0.5 * (0.143841 + 0.192745) / 2 = 0.156067
+    s = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]], dtype=torch.float64)
+    t = torch.tensor([[0.5, 0.5], [0.8, 0.2]], dtype=torch.float64)
+    m = torch.ones(2, 2, dtype=torch.bool)
+    parts = distillation_loss(s, t, torch.tensor([1, -1]), m, alpha=0.5, temperature=1.0,
+                              labeled=torch.tensor([True, False]))
+    assert parts.ce.item() == pytest.approx(0.287682, abs=1e-6)  # the mean over the labeled question
+    assert parts.kd.item() == pytest.approx((0.143841 + 0.192745) / 2, abs=1e-6)
+    assert parts.total.item() == pytest.approx(0.156067, abs=1e-6)
+    assert parts.n_labeled.item() == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("alpha,temperature", [(0.5, 1.0), (0.2, 3.0), (1.0, 2.0)])
+def test_an_unlabeled_question_learns_from_its_kd_term_alone(kind, alpha, temperature):
+    logits, probs, gold, mask = random_batch(seed=15)
+    s, t, g, m = as_torch(logits, probs, gold, mask)
+    unlabeled = torch.tensor([False, True, False, False, True, False, True])
+    s.requires_grad_(True)
+    parts = distillation_loss(s, t, g, m, alpha=alpha, temperature=temperature, kind=kind, labeled=~unlabeled)
+    parts.total.backward()
+    # The gradient at an unlabeled row's logits is that of (1 - alpha) T^2 KD_i / n, exactly.
+    kd_only = s.detach().clone().requires_grad_(True)
+    weight = (1 - alpha) * temperature**2 / len(g)
+    (weight * kd_divergence(kd_only, t, m, kind=kind, temperature=temperature)[unlabeled].sum()).backward()
+    torch.testing.assert_close(s.grad[unlabeled], kd_only.grad[unlabeled], rtol=1e-12, atol=1e-15)
+    # Whatever gold an unlabeled row carries changes nothing.
+    other = distillation_loss(s, t, torch.where(unlabeled, -1, g), m, alpha=alpha, temperature=temperature,
+                              kind=kind, labeled=~unlabeled)
+    assert other.total.item() == parts.total.item() and other.ce.item() == parts.ce.item()
+    # The CE term is the labeled rows' CE summed over all n rows; ce itself is their mean.
+    ce = ref_ce(logits, gold, mask)[~unlabeled.numpy()]
+    kd = ref_divergence(logits, probs, mask, kind, temperature).mean()
+    assert parts.ce.item() == pytest.approx(ce.mean(), rel=1e-9)
+    assert parts.total.item() == pytest.approx(alpha * ce.sum() / len(g) + (1 - alpha) * temperature**2 * kd,
+                                               rel=1e-9)
+
+
+def test_all_labeled_is_the_plain_loss_and_all_unlabeled_is_the_kd_term():
+    logits, probs, gold, mask = random_batch(seed=16)
+    s, t, g, m = as_torch(logits, probs, gold, mask)
+    everyone = torch.ones(len(g), dtype=torch.bool)
+    plain = distillation_loss(s, t, g, m, alpha=0.3, temperature=2.0)
+    labeled = distillation_loss(s, t, g, m, alpha=0.3, temperature=2.0, labeled=everyone)
+    assert labeled.total.item() == plain.total.item() and labeled.ce.item() == plain.ce.item()
+    s.requires_grad_(True)
+    none = distillation_loss(s, t, torch.full_like(g, -1), m, alpha=0.3, temperature=2.0, labeled=~everyone)
+    assert none.total.item() == pytest.approx(0.7 * 4.0 * none.kd.item(), rel=1e-12)
+    assert none.ce.item() == 0.0 and none.n_labeled.item() == 0
+    none.total.backward()
+    assert bool(torch.isfinite(s.grad).all())
+    # alpha = 1 (the hard-label students): no target at all, a zero loss that still backpropagates.
+    hard = distillation_loss(s, None, torch.full_like(g, -1), m, alpha=1.0, temperature=1.0, labeled=~everyone)
+    assert hard.total.item() == 0.0 and hard.total.requires_grad
+
+
+def test_micro_batches_with_unlabeled_questions_average_to_their_union():
+    logits, probs, gold, mask = random_batch(seed=17, batch=8)
+    s, t, g, m = as_torch(logits, probs, gold, mask)
+    labeled = torch.tensor([True, True, True, False, False, False, True, False])
+    whole = distillation_loss(s, t, g, m, alpha=0.6, temperature=1.5, labeled=labeled)
+    halves = [distillation_loss(s[i:i + 4], t[i:i + 4], g[i:i + 4], m[i:i + 4], alpha=0.6, temperature=1.5,
+                                labeled=labeled[i:i + 4]) for i in (0, 4)]
+    assert whole.total.item() == pytest.approx(sum(h.total.item() for h in halves) / 2, rel=1e-12)
+    weighted_ce = sum(h.ce.item() * h.n_labeled.item() for h in halves) / sum(h.n_labeled.item() for h in halves)
+    assert whole.ce.item() == pytest.approx(weighted_ce, rel=1e-12)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_no_nan_with_extreme_logits_and_zero_teacher_probs(kind):
     big = torch.finfo(torch.float32).max
@@ -403,6 +477,11 @@ def test_loss_rejects_bad_inputs():
         distillation_loss(s, t, g.float(), m, alpha=0.5, temperature=1.0)
     with pytest.raises(ValueError, match="sample_mask must be a bool tensor"):
         distillation_loss(s, t, g, m, alpha=0.5, temperature=1.0, sample_mask=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="labeled must be a bool tensor"):
+        distillation_loss(s, t, g, m, alpha=0.5, temperature=1.0, labeled=torch.ones(2))
+    with pytest.raises(ValueError, match=r"rows \[1\] do not"):  # a labeled row's gold must be an option
+        distillation_loss(s, t, torch.tensor([0, -1]), m, alpha=0.5, temperature=1.0,
+                          labeled=torch.tensor([True, True]))
     # an excluded row may carry a gold that points nowhere
     keep = torch.tensor([False, True])
     parts = distillation_loss(s, t, torch.tensor([-100, 2]), m, alpha=0.5, temperature=1.0, sample_mask=keep)

@@ -11,10 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
 import pytest
+from markupsafe import escape
 from rich.console import Console
 
+from kdflow.report.formatting import md_text
 from kdflow.report.run_report import ReportError, build_report, load_summary, print_summary, report_dir
+from kdflow.report.seeds import verdict_sentence
 from kdflow.runs import stage
 from kdflow.store import Store
 from test_evaluation import ODD_CATEGORY, RUN_NAME, seed_store
@@ -28,8 +32,8 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from test_evaluation import Seeded, run_evaluation
 seeded = json.loads(sys.argv[1])
-run_evaluation(Seeded(Path(seeded["home"]), seeded["run_id"], {k: Path(v) for k, v in seeded["models"].items()},
-                      Path(seeded["teacher_dir"])))
+models = {role: {int(seed): Path(path) for seed, path in by_seed.items()} for role, by_seed in seeded["models"].items()}
+run_evaluation(Seeded(Path(seeded["home"]), seeded["run_id"], models, Path(seeded["teacher_dir"])))
 """
 REPORT = """
 import sys
@@ -55,7 +59,8 @@ def built(tmp_path_factory, tiny_model, tiny_tokenizer, tiny_arch, tiny_question
     home = tmp_path_factory.mktemp("home")
     seeded = seed_store(home, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions)
     arguments = json.dumps({"home": str(home), "run_id": seeded.run_id,
-                            "models": {k: str(v) for k, v in seeded.models.items()},
+                            "models": {role: {seed: str(path) for seed, path in by_seed.items()}
+                                       for role, by_seed in seeded.models.items()},
                             "teacher_dir": str(seeded.teacher_dir)})
     with stage(Store(home), seeded.run_id, "evaluate"):
         _python(EVALUATE, arguments, str(ROOT / "tests"))
@@ -68,10 +73,11 @@ def test_report_is_built_in_a_new_process_from_the_database(built):
     assert html_path == report_dir(Store(home), run_id) / "report.html"
     assert html_path.parent.parent == home / "reports"
     page = html_path.read_text(encoding="utf-8")
-    # trade-off, all models, against the untrained student, paired tests, categories, cascade, validation
-    # accuracy (two points: a table, not a plot), stages
-    assert page.count("<table>") == 8
-    for heading in ("Teacher vs distilled student", "Against the untrained student", "Accuracy per category",
+    # trade-off, all models, students over seeds (accuracies, per-seed tests), against the untrained student,
+    # paired tests, categories, cascade, validation accuracy (two points: a table, not a plot), stages
+    assert page.count("<table>") == 10
+    for heading in ("Teacher vs distilled student", "Students over seeds", "Against the untrained student",
+                    "Accuracy per category",
                     "Calibration", "Cascade", "Training", "Validation accuracy during training"):
         assert heading in page
     images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)">', page)
@@ -192,7 +198,8 @@ def test_untrained_baseline_and_significance_in_page_markdown_and_terminal(built
     assert summary.gain_recovered == pytest.approx((summary.student_accuracy - summary.untrained_accuracy)
                                                    / (summary.teacher_accuracy - summary.untrained_accuracy))
     assert [(c.first, c.second) for c in summary.comparisons] == [
-        ("student", "student_hard"), ("student", "student_init"), ("student", "teacher")]
+        ("student", "student_hard"), ("student", "student_pseudo"), ("student", "student_init"),
+        ("student", "teacher")]
     assert all(c.n == 5 and not c.significant for c in summary.comparisons)  # 5 questions tell nothing apart
     for text in (page, markdown):
         assert "Not significant at the 5% level" in text and "exact McNemar" in text.replace("Exact", "exact")
@@ -203,6 +210,37 @@ def test_untrained_baseline_and_significance_in_page_markdown_and_terminal(built
     screen = console.export_text()
     assert "untrained student" in screen and "gain recovered" in screen
     assert "student (distilled) vs teacher:" in screen and "not significant at the 5% level" in screen
+
+
+def test_students_over_seeds_in_page_markdown_and_terminal(built):
+    home, run_id, html_path = built
+    store = Store(home, read_only=True)
+    study = load_summary(store, run_id).seeds
+    assert study.seeds == (0, 1)
+    assert [(s.role, [seed for seed, _ in s.accuracies]) for s in study.students] == [
+        ("student", [0, 1]), ("student_hard", [0, 1]), ("student_pseudo", [0, 1]), ("student_init", [0])]
+    con = duckdb.connect(str(home / "kdflow.duckdb"), read_only=True)
+    accuracy = dict(((role, seed), value) for role, seed, value in con.execute(
+        "SELECT model_role, seed, value FROM metrics WHERE category = '*' AND name = 'accuracy' AND seed IS NOT NULL"
+    ).fetchall())
+    con.close()
+    assert {(s.role, seed): a for s in study.students for seed, a in s.accuracies} == pytest.approx(accuracy)
+    assert [(c.first, c.second, len(c.tests)) for c in study.comparisons] == [
+        ("student", "student_hard", 2), ("student", "student_pseudo", 2), ("student", "teacher", 2)]
+    assert not any(c.significant for c in study.comparisons)  # 5 questions tell nothing apart
+    verdict = verdict_sentence(study)
+    assert "over 2 seeds" in verdict and "significant" in verdict
+    page = html_path.read_text(encoding="utf-8")
+    markdown = (html_path.parent / "summary.md").read_text(encoding="utf-8")
+    assert str(escape(verdict)) in page and md_text(verdict) in markdown
+    assert "## Students over seeds" in markdown and "Holm-adjusted across the seeds (Holm 1979)" in markdown
+    per_seed = re.findall(r"\| student \(distilled\) vs ([^|]+) \| ([01]) \|", markdown)
+    assert per_seed == [(other, seed) for other in ("student (hard labels only)",
+                                                     "student (pseudo-labels from the teacher)", "teacher")
+                        for seed in "01"]
+    console = Console(record=True, width=400)
+    print_summary(console, load_summary(store, run_id))
+    assert verdict in console.export_text()
 
 
 def test_a_report_written_in_the_report_stage_does_not_list_it_as_running(built, tmp_path):

@@ -10,11 +10,13 @@ import pyarrow as pa
 import pytest
 
 from kdflow.evaluate import metrics
+from kdflow.evaluate.significance import SeedComparison, SeedTest, compare_over_seeds
 from kdflow.evaluate.rows import METRIC_SCHEMA, PREDICTION_SCHEMA, metric_rows
 from kdflow.report import plots
 from kdflow.report.baseline import compare, correct_by_role, gain_recovered, gain_sentence, significance_sentence
 from kdflow.report.formatting import pts
 from kdflow.report.sections import stage_rows
+from kdflow.report.seeds import comparison_sentence, verdict_sentence
 from kdflow.report.training import ema, loss_series, loss_weights, validation_as_table, validation_points
 from kdflow.store import Store
 
@@ -232,6 +234,89 @@ def test_paired_correct_query_reads_the_stored_predictions(tmp_path):
         tx.execute("insert_predictions", pa.Table.from_pylist(predictions, schema=PREDICTION_SCHEMA), eval_id="e1")
     assert correct_by_role(store.arrow("paired_correct", eval_id="e1").to_pylist()) == {
         "student": {"q1": True, "q2": False}, "teacher": {"q1": True}}
+
+
+# ---------------------------------------------------------------- students over seeds
+
+
+def _right(*ranges: tuple[int, int]) -> dict[str, bool]:
+    """Correctness on 40 questions q00..q39: right on the half-open index ranges given."""
+    return {f"q{i:02d}": any(lo <= i < hi for lo, hi in ranges) for i in range(40)}
+
+
+# Three seeds, 40 questions. Distilled vs hard: only-first 10/0, 10/1, 6/0 questions. Distilled vs pseudo:
+# equal on seed 0, then 0/2 and 3/0. The teacher (36 right) beats the distilled student by 6, 8 and 6.
+SEED_CORRECT = {
+    "student": {0: _right((0, 30)), 1: _right((0, 28)), 2: _right((0, 30))},
+    "student_hard": {0: _right((0, 20)), 1: _right((0, 18), (39, 40)), 2: _right((0, 24))},
+    "student_pseudo": {0: _right((0, 30)), 1: _right((0, 30)), 2: _right((0, 27))},
+    "student_init": {0: _right((39, 40))},
+    "teacher": {None: _right((0, 36))},
+}
+
+
+def test_the_verdict_over_seeds_by_hand():
+    study = compare_over_seeds(SEED_CORRECT)
+    assert study.seeds == (0, 1, 2) and study.best == "student"
+    student = study.student("student")
+    assert [a for _, a in student.accuracies] == [0.75, 0.7, 0.75]
+    assert (student.mean, student.min, student.max) == pytest.approx((0.7333333, 0.7, 0.75))
+    assert student.std == pytest.approx(0.0288675, abs=1e-7)  # sample std of 0.75, 0.70, 0.75
+    assert study.student("student_init").std is None  # one seed
+    hard = study.comparison("student", "student_hard")
+    assert [(t.only_first, t.only_second) for t in hard.tests] == [(10, 0), (10, 1), (6, 0)]
+    # p: 2 * 0.5^10, 2 * (1 + 11) / 2^11, 2 * 0.5^6; Holm over 3 seeds: x3, x2, x1 in ascending order.
+    assert [t.p_value for t in hard.tests] == pytest.approx([2 * 0.5**10, 24 / 2048, 2 * 0.5**6])
+    assert [t.adjusted_p for t in hard.tests] == pytest.approx([6 * 0.5**10, 48 / 2048, 2 * 0.5**6])
+    assert hard.significant and hard.direction == 1 and hard.wins == 3
+    assert hard.mean_difference == pytest.approx((0.25 + 0.225 + 0.15) / 3)
+    pseudo = study.comparison("student", "student_pseudo")
+    assert (pseudo.wins, pseudo.losses, pseudo.direction) == (1, 1, 0) and not pseudo.significant
+    # Against the teacher every seed's own p is below 0.05 (1/32, 1/128, 1/32), but Holm lifts two of them
+    # to 2 x 1/32 = 0.0625: not significant over the seeds.
+    teacher = study.comparison("student", "teacher")
+    assert [t.p_value for t in teacher.tests] == pytest.approx([1 / 32, 1 / 128, 1 / 32])
+    assert [t.adjusted_p for t in teacher.tests] == pytest.approx([1 / 16, 3 / 128, 1 / 16])
+    assert teacher.n_significant == 1 and teacher.direction == 0 and teacher.losses == 3
+    json.dumps(study.as_dict())  # summary.json reads it
+    assert study.as_dict()["comparisons"][0]["significant"] is True
+
+
+def test_the_verdict_sentences():
+    study = compare_over_seeds(SEED_CORRECT)
+    assert comparison_sentence(study.comparison("student", "student_hard")) == (
+        "student (distilled) beats student (hard labels only) on 3 of 3 seeds (mean +20.8 pts, from +15.0 pts to "
+        "+25.0 pts), significant after Holm's correction on all 3 (max adjusted p = 0.0312)")
+    assert comparison_sentence(study.comparison("student", "teacher")) == (
+        "student (distilled) trails teacher on 3 of 3 seeds (mean -16.7 pts, from -20.0 pts to -15.0 pts); significant "
+        "after Holm's correction on 1 of 3 (max adjusted p = 0.0625): not significant over the seeds")
+    tie = SeedComparison("student", "student_hard", tuple(
+        SeedTest(seed, 40, 0.5, 0.5 + d, 0, 0, 1.0, 1.0) for seed, d in ((0, 0.0), (1, 0.1), (2, -0.1))), 0.05)
+    assert comparison_sentence(tie).startswith(
+        "student (distilled) beats student (hard labels only) on 1 and trails it on 1 of 3 seeds (mean +0.0 pts")
+    even = SeedComparison("student", "teacher", tie.tests[:1], 0.05)
+    assert comparison_sentence(even) == ("student (distilled) ties with teacher on 1 of 1 seed (mean +0.0 pts); "
+                                         "significant after Holm's correction on 0 of 1 (max adjusted p = 1): not "
+                                         "significant over the seeds")
+    assert verdict_sentence(study) == (
+        "The distilled student is the most accurate student over 3 seeds (mean 73.3%), but its lead over student "
+        "(pseudo-labels from the teacher) is not significant on every seed.")
+    no_pseudo = compare_over_seeds({k: v for k, v in SEED_CORRECT.items() if k != "student_pseudo"})
+    assert verdict_sentence(no_pseudo).startswith("Distilling paid off over 3 seeds: the distilled student is the "
+                                                  "most accurate student (mean 73.3%) and beats student (hard labels "
+                                                  "only) significantly on every seed.")
+    swapped = dict(SEED_CORRECT, student=SEED_CORRECT["student_hard"], student_hard=SEED_CORRECT["student"])
+    assert verdict_sentence(compare_over_seeds(swapped)).startswith(
+        "Distilling did not pay off: student (hard labels only) is the most accurate student over 3 seeds")
+    pseudo_best = dict(SEED_CORRECT, student_pseudo={seed: _right((0, 31)) for seed in (0, 1, 2)})
+    assert verdict_sentence(compare_over_seeds(pseudo_best)) == (
+        "Student (pseudo-labels from the teacher) is the most accurate student over 3 seeds (mean 77.5% against the "
+        "distilled student's 73.3%), but not significantly on every seed: distilling neither clearly paid off nor "
+        "clearly failed.")
+    one_seed = compare_over_seeds({role: {k: v for k, v in by_seed.items() if k in (0, None)}
+                                   for role, by_seed in SEED_CORRECT.items()})
+    assert "on its one seed (train more with training.seeds" in verdict_sentence(one_seed)
+    assert compare_over_seeds({"teacher": SEED_CORRECT["teacher"]}) is None
 
 
 def test_the_report_stage_lists_itself_as_being_written():

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import json
+
+import duckdb
+import pyarrow as pa
 import pytest
 import torch
 import toy_training as toy
@@ -8,12 +12,17 @@ from toy_training import one_thread  # noqa: F401 (autouse fixture)
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from kdflow.train.checkpoints import latest_checkpoint, load_checkpoint
-from kdflow.config import ArchitectureConfig, LoraConfig, StudentConfig, TrainingConfig
+from kdflow.config import ArchitectureConfig, LoraConfig, RunConfig, StudentConfig, TeacherConfig, TrainingConfig
+from kdflow.errors import KdflowError
+from kdflow.label.preparation import prepare_teacher
+from kdflow.label.teacher import TeacherRef
 from kdflow.modeling import ModelSource, build_model, load_pretrained, save_pretrained
 from kdflow.scoring import encode, option_logits
 from kdflow.train.students import every_kth_layer, init_student
 from kdflow.train.optim import build_optimizer, build_scheduler
 from kdflow.train.recipe import train
+from kdflow.store import Store
+from kdflow.train.students_run import find_students, role_examples, student_id, student_plan, train_students
 
 RECIPE = TrainingConfig(alpha=0.5, max_steps=4, batch_size=8, learning_rate=1e-2, checkpoint_every=4)
 
@@ -138,3 +147,127 @@ def test_lora_configuration_errors(tok, base_dir):
     bad = LoraConfig(enabled=True, target_modules=["c_attn"])
     with pytest.raises(ValueError, match="q_proj"):
         init_student(StudentConfig(init="pretrained", model=str(base_dir), device="cpu", lora=bad))
+
+
+# ---------------------------------------------------------------- the train stage: roles, seeds, ids
+
+
+TEACHER = TeacherRef("toy-teacher", None, "t-toy", {})
+VALIDATION_ID = "v-toy"
+UNLABELED = {"s1-q1", "s1-q4", "s1-q7", "s1-q10", "s1-q13", "s1-q16", "s1-q19", "s1-q22"}
+
+
+def _stage_config(home, **training) -> RunConfig:
+    arch = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "vocab_size": 300, "max_position_embeddings": 128}
+    return RunConfig.model_validate({
+        "home": str(home), "scoring": {"mode": "cloze"},
+        "student": {"init": "fresh", "device": "cpu", "architecture": arch},
+        "training": {"max_steps": 2, "batch_size": 4, "eval_every": 100, "eval_questions": 4,
+                     "checkpoint_every": 100, "soft_labels": "raw", "seeds": [0, 1], **training},
+    })
+
+
+def _stage_store(home, unlabeled: set[str]) -> tuple[Store, dict[str, int]]:
+    """24 training questions (those in `unlabeled` with a NULL answer) with teacher labels that are right on
+    every third question only, and 4 validation questions; returns the store and each question's
+    teacher-predicted option."""
+    store = Store(home)
+    questions = [dict(q, split="train") for q in toy.questions(24, seed=1)]
+    questions += [dict(q, split="val") for q in toy.questions(4, seed=2)]
+    con = duckdb.connect(str(home / "kdflow.duckdb"))  # an unlabeled question's answer is NULL
+    con.execute("ALTER TABLE questions ALTER COLUMN answer DROP NOT NULL")
+    con.close()
+    table = pa.table({
+        "question_id": [q["question_id"] for q in questions], "dataset": ["toy"] * len(questions),
+        "split": [q["split"] for q in questions], "category": [q["category"] for q in questions],
+        "question": [q["question"] for q in questions], "options": [q["options"] for q in questions],
+        "answer": pa.array([None if q["question_id"] in unlabeled else q["answer"] for q in questions], pa.int32()),
+        "metadata": ["{}"] * len(questions), "question_hash": ["h-" + q["question_id"] for q in questions],
+    })
+    store.execute("insert_questions", table, dataset_id="toy@0")
+    train = [q for q in questions if q["split"] == "train"]
+    predicted = [q["answer"] if i % 3 == 0 else (q["answer"] + 1) % 4 for i, q in enumerate(train)]
+    store.execute("insert_labels", pa.table({
+        "question_id": [q["question_id"] for q in train], "teacher_key": [TEACHER.key] * len(train),
+        "question_hash": ["h-" + q["question_id"] for q in train],
+        "probs": [[0.7 if k == p else 0.1 for k in range(4)] for p in predicted],
+        "confidence": [0.7] * len(train), "predicted": predicted,
+    }))
+    return store, {q["question_id"]: p for q, p in zip(train, predicted)}
+
+
+def _train_stage(home, store, **training):
+    return train_students(_stage_config(home, **training), store, ["toy@0"], TEACHER, VALIDATION_ID, progress=False)
+
+
+def test_every_seed_trains_each_role_and_a_change_retrains_only_what_it_changes(tmp_path):
+    store, _ = _stage_store(tmp_path, UNLABELED)
+    trained = _train_stage(tmp_path, store)
+    assert {role: list(by_seed) for role, by_seed in trained.dirs.items()} == {
+        "student_init": [0], "student": [0, 1], "student_hard": [0, 1], "student_pseudo": [0, 1]}
+    assert trained.reused == [] and (trained.n_questions, trained.n_labeled) == (24, 16)
+    con = duckdb.connect(str(tmp_path / "kdflow.duckdb"), read_only=True)
+    models = con.execute("SELECT role, seed, spec, (SELECT count(*) FROM training_metrics t WHERE t.model_id = "
+                         "m.model_id) FROM models m ORDER BY role, seed").fetchall()
+    con.close()
+    # student_hard learns from the 16 labeled questions alone, in as many optimizer steps as the others.
+    assert [(role, seed, json.loads(spec)["n_train_questions"], steps) for role, seed, spec, steps in models] == [
+        ("student", 0, 24, 2), ("student", 1, 24, 2), ("student_hard", 0, 16, 2), ("student_hard", 1, 16, 2),
+        ("student_init", 0, None, 0), ("student_pseudo", 0, 24, 2), ("student_pseudo", 1, 24, 2)]
+
+    # alpha changes the distilled students only; the hard-label ones and the untrained one are reused.
+    changed = _train_stage(tmp_path, store, alpha=0.8)
+    assert sorted(changed.reused) == [("student_hard", 0), ("student_hard", 1), ("student_init", 0),
+                                      ("student_pseudo", 0), ("student_pseudo", 1)]
+    assert changed.dirs["student"][0] != trained.dirs["student"][0]
+    # A seed added to the list trains that seed's students alone.
+    more = _train_stage(tmp_path, store, alpha=0.8, seeds=[0, 1, 2])
+    assert sorted({seed for _, seed in more.reused}) == [0, 1] and len(more.reused) == 7
+    assert list(more.dirs["student_hard"]) == [0, 1, 2]
+    found = find_students(_stage_config(tmp_path, alpha=0.8, seeds=[0, 1, 2]), store, TEACHER, VALIDATION_ID)
+    assert found == more.dirs
+    with pytest.raises(KdflowError, match=r"seed\(s\) \[5\]"):
+        find_students(_stage_config(tmp_path, seeds=[0, 5]), store, TEACHER, VALIDATION_ID)
+
+
+def test_a_hard_label_student_needs_labeled_questions(tmp_path):
+    store, _ = _stage_store(tmp_path, {q["question_id"] for q in toy.questions(24, seed=1)})
+    with pytest.raises(KdflowError, match="none of the 24 training questions has a gold answer"):
+        _train_stage(tmp_path, store)
+
+
+def test_teacher_preparation_learns_from_the_labeled_questions_only(tmp_path):
+    store, _ = _stage_store(tmp_path, UNLABELED)
+    cfg = _stage_config(tmp_path).model_copy(update={"teacher": TeacherConfig(
+        architecture=ArchitectureConfig(hidden_size=16, num_layers=1, num_heads=2, vocab_size=300),
+        prepare={"enabled": True, "epochs": 1, "batch_size": 8})})
+    # The preparation is trained with alpha = 1, which refuses a question without a gold answer.
+    model_dir, reused = prepare_teacher(cfg, store, ["toy@0"], progress=False)
+    assert not reused and (model_dir / "config.json").is_file()
+
+
+def test_each_role_learns_its_own_target():
+    examples = [{"question_id": "a", "answer": 2, "probs": [0.1, 0.6, 0.3], "predicted": 1},
+                {"question_id": "b", "answer": None, "probs": [0.2, 0.2, 0.6], "predicted": None},
+                {"question_id": "c", "answer": 0, "probs": [0.5, 0.5, 0.0], "predicted": None}]
+    assert role_examples(examples, "student") == examples
+    assert role_examples(examples, "student_hard") == [dict(examples[0], probs=None), dict(examples[2], probs=None)]
+    # The teacher's argmax: the stored `predicted`, else the first largest probability.
+    assert [e["answer"] for e in role_examples(examples, "student_pseudo")] == [1, 2, 0]
+    assert all(e["probs"] is None for e in role_examples(examples, "student_pseudo"))
+
+
+def test_student_ids_hold_the_seed_and_what_the_role_learns_from(tmp_path):
+    cfg = _stage_config(tmp_path)
+    other = _stage_config(tmp_path, alpha=0.9, temperature=3.0, divergence="jsd", soft_labels="calibrated")
+
+    def ids(config, seed):
+        return {role: student_id(config, role, TEACHER, VALIDATION_ID, seed=seed) for role, _ in student_plan(config)}
+
+    assert all(model_id.startswith(role + "-") for role, model_id in ids(cfg, 0).items())
+    assert set(ids(cfg, 0).values()).isdisjoint(ids(cfg, 1).values())
+    changed = {role for role, model_id in ids(other, 0).items() if model_id != ids(cfg, 0)[role]}
+    assert changed == {"student"}  # the KD settings touch nothing the alpha = 1 students learn
+    assert student_plan(_stage_config(tmp_path, hard_label_baseline=False, pseudo_label_baseline=False)) == [
+        ("student_init", 0), ("student", 0), ("student", 1)]
+    assert ids(_stage_config(tmp_path, seeds=[1, 0]), 1)["student_init"] != ids(cfg, 0)["student_init"]

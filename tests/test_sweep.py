@@ -19,8 +19,8 @@ from kdflow.ingest.datasets import ingest_source
 from kdflow.sweep.ensemble import Member, build_ensemble_labels, combine, ensemble_key
 from kdflow.label.labeling import LABEL_COLUMNS
 from kdflow.store import Store
-from kdflow.evaluate.significance import mcnemar_exact
-from kdflow.sweep.grid import ENSEMBLE, best_under_budget, expand_grid, holm, pareto_front
+from kdflow.evaluate.significance import holm, mcnemar_exact
+from kdflow.sweep.grid import ENSEMBLE, best_under_budget, expand_grid, pareto_front
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -17,7 +17,7 @@ from kdflow.train.checkpoints import latest_checkpoint
 from kdflow.config import ScoringConfig, TrainingConfig
 from kdflow.errors import KdflowError
 from kdflow.modeling import load_pretrained
-from kdflow.train.batches import DataOrder
+from kdflow.train.batches import DataOrder, build_dataset
 from kdflow.train.optim import build_scheduler, total_steps
 from kdflow.train.recipe import TrainingCancelled, train
 from kdflow.train.reporting import DELIVER_EVERY, TrainingDiverged
@@ -106,9 +106,30 @@ def test_gold_only_training_needs_no_soft_labels(tok, labeled, tmp_path):
     assert all(r["kd"] is None and r["loss"] == r["ce"] for r in rows)
 
 
+def test_unlabeled_questions_learn_from_the_teacher_alone(tok, labeled, tmp_path):
+    examples, _ = labeled
+    mixed = [dict(q, answer=None) if i % 3 else q for i, q in enumerate(examples)]  # soft labels kept
+    cfg = TrainingConfig(alpha=0.3, temperature=2.0, max_steps=5, batch_size=4, checkpoint_every=1000)
+    _, result, rows = _run(tok, mixed, cfg, tmp_path / "mixed")
+    order = DataOrder(len(mixed), seed=0)
+    for row in rows:  # the loss is a mean over questions: the batch's labeled share weighs the CE term
+        batch = order.next(4)
+        share = sum(mixed[i]["answer"] is not None for i in batch) / 4
+        ce = row["ce"] or 0.0  # None: no question of the step had a gold answer
+        assert row["loss"] == pytest.approx(0.3 * share * ce + 0.7 * 4.0 * row["kd"], rel=1e-5)
+    assert result.steps == 5
+    _, _, kd_rows = _run(tok, [dict(q, answer=None) for q in examples], cfg, tmp_path / "none")
+    assert all(r["ce"] is None and r["loss"] == pytest.approx(0.7 * 4.0 * r["kd"], rel=1e-6) for r in kd_rows)
+    with pytest.raises(ValueError, match="s1-q1.*alpha = 1 learns from gold answers alone"):
+        _run(tok, mixed, TrainingConfig(alpha=1.0, max_steps=1), tmp_path / "hard")
+    with pytest.raises(ValueError, match="s1-q1.*nothing to learn from"):
+        build_dataset([{k: v for k, v in q.items() if k != "probs"} for q in mixed], tok, toy.SCORING,
+                      with_probs=False)
+
+
 def test_seeded_runs_are_identical(tok, labeled, tmp_path):
     examples, val = labeled
-    cfg = TrainingConfig(max_steps=6, batch_size=4, eval_every=3, eval_questions=8, seed=7)
+    cfg = TrainingConfig(max_steps=6, batch_size=4, eval_every=3, eval_questions=8, seeds=[7])
 
     def run(out_dir):
         model = toy.fresh_model(tok)

@@ -106,7 +106,7 @@ def with_soft_labels(teacher: torch.nn.Module, tok, qs: list[dict]) -> list[dict
 
 WORKER_CONFIG = TrainingConfig(
     alpha=0.5, temperature=2.0, max_steps=12, batch_size=8, learning_rate=3e-3, warmup_ratio=0.2,
-    eval_every=4, eval_questions=16, checkpoint_every=2, seed=3,
+    eval_every=4, eval_questions=16, checkpoint_every=2, seeds=[3],
 )
 
 

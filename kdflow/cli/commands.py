@@ -222,8 +222,9 @@ def train(
 ) -> None:
     """Distil the students from the validated soft labels."""
     models = _run_flow("train", _load(config, set_), resume=resume)
-    for role, path in models.items():
-        _console().print(f"{role}: {path}")
+    for role, by_seed in models.items():
+        for seed, path in by_seed.items():
+            _console().print(f"{role} seed {seed}: {path}")
 
 
 @app.command()

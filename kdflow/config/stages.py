@@ -6,9 +6,9 @@ shards, retries).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from kdflow.config.base import OnOffAuto, Strict, _switch_word
 
@@ -58,7 +58,10 @@ class ScoringConfig(Strict):
 class TrainingConfig(Strict):
     """The student's training: loss = alpha * CE(gold) + (1 - alpha) * T^2 * divergence(teacher, student)."""
 
-    alpha: float = Field(0.5, ge=0, le=1, description="weight of CE on the gold answer; 1 - alpha weighs the KD term")
+    alpha: float = Field(
+        0.5, ge=0, le=1, description="weight of CE on the gold answer; 1 - alpha weighs the KD term (a question "
+        "without a gold answer learns from the KD term alone)",
+    )
     temperature: float = Field(1.0, gt=0, description="softening temperature T (the KD term is scaled by T^2)")
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
         "forward_kl", description="KD term: forward_kl = KL(teacher || student), mode-covering; reverse_kl = "
@@ -72,7 +75,14 @@ class TrainingConfig(Strict):
         "validation split (calibrated), or as labeled (raw); raw when no temperature passes the calibration guards "
         "(validation.calibration_min_questions, a fit at the search bound, no NLL gain)",
     )
-    hard_label_baseline: bool = Field(True, description="also train the alpha=1 ablation at the same step budget")
+    hard_label_baseline: bool = Field(
+        True, description="also train student_hard: CE on the gold answer only (alpha = 1), on the labeled "
+        "training questions only, with the same step budget",
+    )
+    pseudo_label_baseline: bool = Field(
+        True, description="also train student_pseudo: CE on the teacher's most likely option as a hard label "
+        "(alpha = 1), on every training question, with the same step budget",
+    )
     epochs: float = Field(
         1.0, gt=0, description="passes over the training questions (fractions allowed); max_steps overrides it"
     )
@@ -87,8 +97,11 @@ class TrainingConfig(Strict):
         "to 0 at the last step, or constant",
     )
     max_grad_norm: float = Field(1.0, gt=0, description="gradients are clipped to this total L2 norm each step")
-    seed: int = Field(
-        0, description="seeds fresh and LoRA weights, the order questions are visited in, and teacher preparation"
+    seeds: list[int] = Field(
+        default_factory=lambda: [0], min_length=1,
+        description="one set of students per seed (distinct): a seed fixes fresh and LoRA weights and the order "
+        "questions are visited in; the report tests the students on every seed. The first also seeds teacher "
+        "preparation and is the seed the single-model report sections show",
     )
     eval_every: int = Field(200, ge=1, description="validation-split accuracy every N optimizer steps")
     eval_questions: int = Field(1000, ge=1, description="validation questions used for each periodic check")
@@ -125,6 +138,24 @@ class SuspectGoldConfig(Strict):
         30, ge=1, description="confident_learning: a category with fewer labeled questions uses the mean over all "
         "categories as its threshold",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_became_seeds(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "seed" in data:
+            raise ValueError(
+                f"training.seed was replaced by training.seeds, a list of seeds: write `seeds: [{data['seed']}]` "
+                "(or several, e.g. `seeds: [0, 1, 2]`, to compare the students over seeds)"
+            )
+        return data
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+        if repeated:
+            raise ValueError(f"training.seeds lists {repeated} more than once; each seed trains one set of students")
+        return seeds
 
 
 class ValidationConfig(Strict):

@@ -3,8 +3,10 @@
 Honest by construction: the cascade threshold tau is chosen on the validation split and the cascade's
 accuracy is reported on the test split, which chooses nothing. The teacher's predictions are its stored soft
 labels (the scoring code that produced them is the one the students are scored with here), so the teacher is
-never rescored; its backend is opened only to time it. Every student is scored through HFBackend, i.e.
-`encode` + `option_logits`, on the same questions in the same order.
+never rescored; its backend is opened only to time it. Every student of every seed is scored through
+HFBackend, i.e. `encode` + `option_logits`, on the same questions in the same order; the first seed's students
+are the evaluation's models of record (evaluation_models, the cascade, the timing), the others add their
+predictions, metrics and reliability bins under their seed.
 
 Speed: teacher and distilled student are timed by one method in one process: both backends open at once,
 batch size 1, `latency_warmup` untimed rounds, then rounds in which each model answers the same question,
@@ -47,7 +49,7 @@ from kdflow.evaluate.timing import Timing, throughput, time_interleaved
 from kdflow.errors import KdflowError
 from kdflow.store import Store
 
-STUDENT_ROLES = ("student_init", "student", "student_hard")
+STUDENT_ROLES = ("student_init", "student", "student_hard", "student_pseudo")
 
 class EvaluationError(KdflowError):
     """Evaluation cannot start: missing labels, test questions or students; the message says what to run."""
@@ -69,7 +71,7 @@ def evaluate(
     run_id: str | None,
     dataset_ids: list[str],
     teacher_key: str,
-    models: dict[str, Path],
+    models: Mapping[str, Mapping[int, Path]],
     open_teacher: Callable[[], Any],
     scoring: ScoringConfig,
     cfg: EvaluationConfig,
@@ -78,11 +80,13 @@ def evaluate(
     target_temperature: float | None = None,
     teacher_calibration: Mapping[str, Any] | None = None,
 ) -> str:
-    """Evaluate the teacher and the students in `models` ({role: model dir}) on the test split.
+    """Evaluate the teacher and the students in `models` ({role: {seed: model dir}}) on the test split.
 
-    Roles: student_init, student (required), student_hard. `open_teacher()` returns the teacher's
-    backend (anything with score(questions) and close(), the one that labeled); it is used only to time
-    the teacher against the distilled student. The cascade's tau is chosen on the validation split
+    Roles: student_init, student (required), student_hard, student_pseudo; the first seed of `student` is
+    the first seed, whose students evaluation_models lists and the single-model report sections show; every
+    student's rows carry its seed (the teacher's: NULL). `open_teacher()` returns the teacher's backend
+    (anything with score(questions) and close(), the one that labeled); it is used only to time the teacher
+    against the first seed's distilled student. The cascade's tau is chosen on the validation split
     (`spec.cascade` says how many questions; none when the split is empty). With `teacher_temperature`
     (fitted on the validation split, kdflow.validate.calibration) the teacher's test ECE and NLL are also stored
     after calibration (ece_calibrated, nll_calibrated, temperature). `target_temperature` is the temperature
@@ -92,11 +96,12 @@ def evaluate(
     eval_id.
     """
     unknown = sorted(set(models) - set(STUDENT_ROLES))
-    if unknown or "student" not in models:
+    if unknown or not models.get("student"):
         raise EvaluationError(
-            f"models must map roles {', '.join(STUDENT_ROLES)} to directories and include 'student'; "
+            f"models must map roles {', '.join(STUDENT_ROLES)} to {{seed: directory}} and include 'student'; "
             f"got {sorted(models)}: run `kdflow train` first"
         )
+    first_seed = next(iter(models["student"]))
     test_rows = _questions(store, dataset_ids, teacher_key, "test", cfg.max_questions)
     if not test_rows:
         raise EvaluationError(
@@ -108,14 +113,15 @@ def evaluate(
     test, val = _split(test_rows, width), _split(val_rows, width)
 
     students, timing, teacher_qps, teacher_params = _score_and_time(
-        models, test, val, open_teacher, scoring, cfg, device
+        models, first_seed, test, val, open_teacher, scoring, cfg, device
     )
     teacher = ModelResult("teacher", test.teacher_probs, timing.summary("teacher"), teacher_qps,
                           teacher_params, None, val.teacher_probs if val.questions else None)
-    ordered = [teacher] + [students[role] for role in STUDENT_ROLES if role in students]
+    ordered = [teacher] + [students[(role, seed)] for role in STUDENT_ROLES for seed in models.get(role, {})]
     eval_id = f"eval-{uuid.uuid4().hex[:12]}"
     spec = {
-        "models": {role: str(path) for role, path in models.items()},
+        "models": {role: {str(seed): str(path) for seed, path in by_seed.items()} for role, by_seed in models.items()},
+        "seeds": list(models["student"]),
         "teacher_key": teacher_key,
         "dataset_ids": dataset_ids,
         "n_questions": len(test.questions),
@@ -129,7 +135,7 @@ def evaluate(
         "scoring": scoring.model_dump(mode="json"),
         "evaluation": cfg.model_dump(mode="json"),
     }
-    _save(store, eval_id, run_id, spec, test, val, ordered, timing, cfg)
+    _save(store, eval_id, run_id, spec, test, val, ordered, students[("student", first_seed)], timing, cfg)
     return eval_id
 
 
@@ -155,38 +161,42 @@ def _split(rows: list[dict[str, Any]], width: int) -> Split:
 
 
 def _score_and_time(
-    models: dict[str, Path],
+    models: Mapping[str, Mapping[int, Path]],
+    first_seed: int,
     test: Split,
     val: Split,
     open_teacher: Callable[[], Any],
     scoring: ScoringConfig,
     cfg: EvaluationConfig,
     device: str,
-) -> tuple[dict[str, ModelResult], Timing, float, tuple[int, int] | None]:
-    """Score every student (the distilled one on validation too), then time teacher and student together.
+) -> tuple[dict[tuple[str, int], ModelResult], Timing, float, tuple[int, int] | None]:
+    """Score every student of every seed (the first seed's distilled one on validation too), then time
+    teacher and that student together.
 
-    Students are loaded one at a time; only the distilled one stays loaded while the teacher is opened.
-    Returns ({role: result}, timing, teacher throughput in questions/s, teacher parameter counts or None).
+    Students are loaded one at a time; only the timed one stays loaded while the teacher is opened. Returns
+    ({(role, seed): result}, timing, teacher throughput in questions/s, teacher parameter counts or None).
     """
     from kdflow.modeling import count_parameters
 
     width = test.teacher_probs.shape[1]
-    scored: dict[str, tuple[np.ndarray, np.ndarray | None, tuple[int, int]]] = {}
+    timed = ("student", first_seed)
+    scored: dict[tuple[str, int], tuple[np.ndarray, np.ndarray | None, tuple[int, int]]] = {}
     kept = None
     try:
-        for role in [r for r in STUDENT_ROLES if r in models and r != "student"] + ["student"]:
-            backend = _open_student(models[role], scoring, cfg, device)
+        keys = [(role, seed) for role in STUDENT_ROLES for seed in models.get(role, {})]
+        for key in [k for k in keys if k != timed] + [timed]:
+            backend = _open_student(models[key[0]][key[1]], scoring, cfg, device)
             try:
                 probs = _padded([s.label.probs for s in backend.score(test.questions)], width)
                 val_probs = None
-                if role == "student" and val.questions:
+                if key == timed and val.questions:
                     val_probs = _padded([s.label.probs for s in backend.score(val.questions)], width)
                 params = count_parameters(backend.model)
             except BaseException:
                 backend.close()
                 raise
-            scored[role] = (probs, val_probs, params)
-            if role == "student":
+            scored[key] = (probs, val_probs, params)
+            if key == timed:
                 kept = backend
             else:
                 backend.close()
@@ -203,9 +213,10 @@ def _score_and_time(
         if kept is not None:
             kept.close()
     students = {
-        role: ModelResult(role, probs, timing.summary(role) if role == "student" else None,
-                          student_qps if role == "student" else None, params, models[role], val_probs)
-        for role, (probs, val_probs, params) in scored.items()
+        (role, seed): ModelResult(role, probs, timing.summary(role) if (role, seed) == timed else None,
+                                  student_qps if (role, seed) == timed else None, params, models[role][seed],
+                                  val_probs, seed)
+        for (role, seed), (probs, val_probs, params) in scored.items()
     }
     return students, timing, teacher_qps, teacher_params
 
@@ -226,13 +237,15 @@ def _save(
     test: Split,
     val: Split,
     results: list[ModelResult],
+    student: ModelResult,
     timing: Timing,
     cfg: EvaluationConfig,
 ) -> None:
+    """Store the evaluation in one transaction: `results` (teacher first) every model of every seed,
+    `student` the timed distilled student, whose seed's models evaluation_models lists."""
     questions, gold = test.questions, test.gold
     categories = [str(q["category"]) for q in questions]
     teacher = results[0]
-    student = next(r for r in results if r.role == "student")
     choice = choose_cascade_tau(student, teacher, val.gold, cfg.cascade_target_gap)
     spec = {**spec, "cascade": {"chosen_on": "val", "tau": choice.tau, "n_val": choice.n_val,
                                 "val_accuracy": choice.val_accuracy,
@@ -240,14 +253,15 @@ def _save(
     speedup = timing.speedup()
     tables: Mapping[str, pa.Table] = {
         "insert_evaluation_models": arrow_table(
-            [{"model_role": r.role, "path": str(r.path) if r.path else None} for r in results], EVAL_MODEL_SCHEMA
+            [{"model_role": r.role, "path": str(r.path) if r.path else None, "seed": r.seed}
+             for r in results if r.seed in (None, student.seed)], EVAL_MODEL_SCHEMA
         ),
         "insert_predictions": arrow_table(
             [row for r in results for row in prediction_rows(r, questions, gold)], PREDICTION_SCHEMA
         ),
         "insert_metrics": arrow_table(
             [row for r in results for row in metric_rows(
-                r, gold, categories, teacher, cfg.ece_bins, speedup if r.role == "student" else None,
+                r, gold, categories, teacher, cfg.ece_bins, speedup if r is student else None,
                 spec["teacher_temperature"] if r.role == "teacher" else None,
                 target_temperature=spec["target_temperature"])],
             METRIC_SCHEMA,

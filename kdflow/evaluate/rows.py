@@ -27,10 +27,12 @@ PREDICTION_SCHEMA = pa.schema(
         ("predicted", pa.int32()),
         ("confidence", pa.float64()),
         ("correct", pa.bool_()),
+        ("seed", pa.int64()),
     ]
 )
 METRIC_SCHEMA = pa.schema(
-    [("model_role", pa.string()), ("category", pa.string()), ("name", pa.string()), ("value", pa.float64())]
+    [("model_role", pa.string()), ("category", pa.string()), ("name", pa.string()), ("value", pa.float64()),
+     ("seed", pa.int64())]
 )
 RELIABILITY_SCHEMA = pa.schema(
     [
@@ -41,6 +43,7 @@ RELIABILITY_SCHEMA = pa.schema(
         ("n", pa.int64()),
         ("confidence", pa.float64()),
         ("accuracy", pa.float64()),
+        ("seed", pa.int64()),
     ]
 )
 CASCADE_SCHEMA = pa.schema(
@@ -53,14 +56,15 @@ CASCADE_SCHEMA = pa.schema(
         ("chosen", pa.bool_()),
     ]
 )
-EVAL_MODEL_SCHEMA = pa.schema([("model_role", pa.string()), ("path", pa.string())])
+EVAL_MODEL_SCHEMA = pa.schema([("model_role", pa.string()), ("path", pa.string()), ("seed", pa.int64())])
 
 
 
 @dataclass(frozen=True)
 class ModelResult:
     """One model's answers: probs [N, K] on test (zero-padded past each question's options), val_probs
-    [M, K] on the validation split where the cascade needs them, its timing summary when it was timed."""
+    [M, K] on the validation split where the cascade needs them, its timing summary when it was timed, and
+    the training seed of a student (None: the teacher)."""
 
     role: str
     probs: np.ndarray
@@ -69,6 +73,7 @@ class ModelResult:
     params: tuple[int, int] | None
     path: Path | None
     val_probs: np.ndarray | None = None
+    seed: int | None = None
 
     @property
     def confidence(self) -> np.ndarray:
@@ -138,15 +143,15 @@ def metric_rows(
             "ece_calibrated": metrics.expected_calibration_error(calibrated.max(axis=1), correct, n_bins),
             "nll_calibrated": metrics.nll(calibrated, gold),
         }
-    rows = [_row(result.role, OVERALL, name, value) for name, value in overall.items() if value is not None]
+    rows = [_row(result, OVERALL, name, value) for name, value in overall.items() if value is not None]
     for c in metrics.category_accuracy(correct, categories):
         per_category = {"n": c.n, "accuracy": c.accuracy, "accuracy_lo": c.lo, "accuracy_hi": c.hi}
-        rows += [_row(result.role, c.category, name, value) for name, value in per_category.items()]
+        rows += [_row(result, c.category, name, value) for name, value in per_category.items()]
     return rows
 
 
-def _row(role: str, category: str, name: str, value: float) -> dict[str, Any]:
-    return {"model_role": role, "category": category, "name": name, "value": float(value)}
+def _row(result: ModelResult, category: str, name: str, value: float) -> dict[str, Any]:
+    return {"model_role": result.role, "category": category, "name": name, "value": float(value), "seed": result.seed}
 
 
 def prediction_rows(result: ModelResult, questions: list[dict[str, Any]], gold: np.ndarray) -> list[dict[str, Any]]:
@@ -159,6 +164,7 @@ def prediction_rows(result: ModelResult, questions: list[dict[str, Any]], gold: 
             "predicted": int(chosen[i]),
             "confidence": float(result.probs[i, chosen[i]]),
             "correct": bool(chosen[i] == gold[i]),
+            "seed": result.seed,
         }
         for i, q in enumerate(questions)
     ]
@@ -175,6 +181,7 @@ def reliability_rows(result: ModelResult, gold: np.ndarray, n_bins: int) -> list
             "n": b.count,
             "confidence": b.mean_confidence if b.count else None,
             "accuracy": b.accuracy if b.count else None,
+            "seed": result.seed,
         }
         for i, b in enumerate(curve)
     ]

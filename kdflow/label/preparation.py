@@ -43,7 +43,7 @@ def prepared_teacher_id(cfg: RunConfig, dataset_ids: list[str]) -> str:
             "scoring": cfg.scoring.model_dump(mode="json"),
             "datasets": sorted(dataset_ids),
             "splits": cfg.data.splits.model_dump(mode="json"),
-            "seed": cfg.training.seed,
+            "seed": cfg.training.seeds[0],
         }
     )
 
@@ -90,7 +90,7 @@ def prepare_teacher(
 
     t = cfg.teacher
     out_dir = cfg.home_dir / "models" / model_id
-    torch.manual_seed(cfg.training.seed)
+    torch.manual_seed(cfg.training.seeds[0])
     if t.model is None:
         tokenizer = corpus_tokenizer(store, dataset_ids, t.architecture.vocab_size)
         model = build_model(t.architecture, tokenizer)
@@ -101,7 +101,7 @@ def prepare_teacher(
     store.execute(
         "upsert_model", model_id=model_id, run_id=run_id, role="teacher", path=str(out_dir / "final"),
         spec=json.dumps({"prepare": t.prepare.model_dump(mode="json"), "base": t.model}),
-        n_params=None, n_active=None, status="training",
+        n_params=None, n_active=None, status="training", seed=cfg.training.seeds[0],
     )
     train_examples = _preparation_questions(cfg, store, dataset_ids)
     if t.prepare.max_train_questions:
@@ -109,10 +109,11 @@ def prepare_teacher(
     recipe = TrainingConfig(
         alpha=1.0,
         hard_label_baseline=False,
+        pseudo_label_baseline=False,
         epochs=t.prepare.epochs,
         batch_size=t.prepare.batch_size,
         learning_rate=t.prepare.learning_rate,
-        seed=cfg.training.seed,
+        seeds=cfg.training.seeds[:1],
         eval_every=max(1, cfg.training.eval_every),
         eval_questions=cfg.training.eval_questions,
         checkpoint_every=cfg.training.checkpoint_every,
@@ -126,7 +127,7 @@ def prepare_teacher(
         "upsert_model", model_id=model_id, run_id=run_id, role="teacher", path=str(result.final_dir),
         spec=json.dumps({"prepare": t.prepare.model_dump(mode="json"), "base": t.model,
                          "val_accuracy": result.best_val_accuracy}),
-        n_params=total, n_active=active, status="completed",
+        n_params=total, n_active=active, status="completed", seed=cfg.training.seeds[0],
     )
     discard_checkpoints(out_dir)  # recorded as finished: nothing will resume it
     return Path(result.final_dir), False

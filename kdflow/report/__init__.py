@@ -8,7 +8,7 @@ evaluation_models, metrics, predictions, reliability_bins, cascade_points and th
 
 Modules: run_report (one run: builds the HTML page and markdown), data (reads a run's evaluation, headline
 numbers), run_summary (markdown summary and terminal screen), sections (the page's tables and sentences),
-baseline (the untrained student: gain recovered, paired McNemar tests), training (loss terms, smoothing),
-plots (matplotlib figures), formatting (numbers as text), sweep_report (a sweep's comparison), terminal
-(ingest and run listings).
+baseline (the untrained student: gain recovered, paired McNemar tests), seeds (the students over the
+training seeds: the verdict), training (loss terms, smoothing), plots (matplotlib figures), formatting
+(numbers as text), sweep_report (a sweep's comparison), terminal (ingest and run listings).
 """

@@ -2,8 +2,9 @@
 
 In: each model's overall accuracy and its per-question correctness on the test split (query rows of
 sql/report.sql: model_metrics, paired_correct). Out: the gain recovered by each student and paired
-comparisons (exact McNemar) between the distilled student and the hard-label student, its untrained self
-and the teacher, with sentences that say which differences are not significant. Reads no tables itself.
+comparisons (exact McNemar) between the distilled student and the hard- and pseudo-label students, its
+untrained self and the teacher, for the first training seed (kdflow.report.seeds compares every seed), with
+sentences that say which differences are not significant. Reads no tables itself.
 
 Retention (student / teacher) alone flatters a student whose untrained self already answers near chance
 like a weak teacher does: on four options both sit near 25%, and "retains 88%" means nothing. The gain
@@ -24,7 +25,8 @@ UNTRAINED = "student_init"
 # Two-sided level at which a paired difference is called significant (each comparison on its own).
 SIGNIFICANCE_LEVEL = 0.05
 # (first, second) model roles compared on the same questions, first minus second.
-PAIRS = (("student", "student_hard"), ("student", UNTRAINED), ("student", "teacher"))
+PAIRS = (("student", "student_hard"), ("student", "student_pseudo"), ("student", UNTRAINED),
+         ("student", "teacher"))
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kdflow.errors import KdflowError
+from kdflow.evaluate.significance import SeedStudy, compare_over_seeds
 from kdflow.report.baseline import UNTRAINED, Comparison, compare, correct_by_role, gain_recovered
 from kdflow.report.formatting import Row
+from kdflow.report.seeds import correct_by_role_and_seed
 from kdflow.report.training import Series, loss_series, loss_weights
 from kdflow.store import Store
 
@@ -31,7 +33,9 @@ class Summary:
     the same medians (student + share to teacher x teacher), and `cascade_speedup` is the teacher's median
     over it. The cascade's accuracy is measured on the test split. `untrained_accuracy` is the student
     before training on the same questions, `gain_recovered` = (student - untrained) / (teacher -
-    untrained), and `comparisons` are the paired exact McNemar tests (kdflow.report.baseline).
+    untrained), and `comparisons` are the paired exact McNemar tests (kdflow.report.baseline). Those are
+    the first training seed's students; `seeds` compares the students over every seed (None for an
+    evaluation made before seeds).
     """
 
     run_id: str
@@ -56,11 +60,14 @@ class Summary:
     untrained_accuracy: float | None = None
     gain_recovered: float | None = None
     comparisons: tuple[Comparison, ...] = ()
+    seeds: SeedStudy | None = None
 
 
 @dataclass(frozen=True)
 class ReportData:
-    """All a report shows, as query rows; `correct` is {model role: {question id: answered correctly}}."""
+    """All a report shows, as query rows; `correct` is {model role: {question id: answered correctly}} of
+    the first seed's students, `seed_correct` {model role: {seed: {question id: answered correctly}}} of
+    every seed's (the teacher under seed None)."""
 
     run_id: str
     evaluation: Row
@@ -74,6 +81,7 @@ class ReportData:
     training: list[Row]
     stages: list[Row]
     correct: dict[str, dict[str, bool]] = field(default_factory=dict)
+    seed_correct: dict[str, dict[int | None, dict[str, bool]]] = field(default_factory=dict)
 
     def model(self, role: str) -> Row:
         return next((m for m in self.models if m["model_role"] == role), {})
@@ -117,6 +125,7 @@ def load_report_data(store: Store, run_id: str) -> ReportData:
         training=rows("training_curves", eval_id=eval_id),
         stages=rows("stage_timings", run_id=run_id),
         correct=correct_by_role(rows("paired_correct", eval_id=eval_id)),
+        seed_correct=correct_by_role_and_seed(rows("seed_correct", eval_id=eval_id)),
     )
 
 
@@ -148,6 +157,7 @@ def summarize(data: ReportData) -> Summary:
         untrained_accuracy=untrained.get("accuracy"),
         gain_recovered=gain_recovered(student["accuracy"], untrained.get("accuracy"), teacher["accuracy"]),
         comparisons=tuple(compare(data.correct)),
+        seeds=compare_over_seeds(data.seed_correct),
     )
 
 

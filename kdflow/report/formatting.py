@@ -18,6 +18,7 @@ ROLE_NAMES = {
     "teacher": "teacher",
     "student": "student (distilled)",
     "student_hard": "student (hard labels only)",
+    "student_pseudo": "student (pseudo-labels from the teacher)",
     "student_init": "student (untrained: before training)",
 }
 MISSING = "–"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-from kdflow.report import plots, sections
+from kdflow.report import plots, seeds, sections
 from kdflow.report.baseline import gain_sentence, significance_sentence
 from kdflow.report.data import (  # re-exported: the CLI, the tasks and the tests use run_report as the entry
     ReportData,
@@ -117,6 +117,8 @@ def render_html(data: ReportData, summary: Summary) -> str:
         baseline=page_table(sections.BASELINE_COLUMNS, baseline_rows(data)),
         significance_text=significance_sentence(summary.comparisons),
         comparisons=page_table(sections.COMPARISON_COLUMNS, summary.comparisons),
+        seeds=seeds.page_section(summary.seeds),
+        no_seeds=seeds.NO_SEEDS,
         category_table=page_table(sections.CATEGORY_COLUMNS, data.categories, row_class=sections.category_row_class),
         category_plot=page_img(plots.png(plots.category_figure(data.category_accuracy)), "accuracy per category"),
         calibration_text=sections.calibration_sentence(data.model("teacher"), data.spec),

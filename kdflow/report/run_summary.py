@@ -11,15 +11,16 @@ from rich.console import Console
 from rich.markup import escape as rich_escape
 from rich.table import Table
 
-from kdflow.report import sections
+from kdflow.report import seeds, sections
 from kdflow.report.baseline import gain_recovered, gain_sentence, significance_sentence
 from kdflow.report.data import ReportData, Summary, baseline_rows, ratio
 from kdflow.report.formatting import md, md_table, md_text, ms, pct, times, times_ci
 
 
 def render_markdown(data: ReportData, summary: Summary) -> str:
-    """summary.md: headline numbers against the teacher and the untrained student, which differences are
-    significant, the trade-off table, per-category differences and the chosen threshold."""
+    """summary.md: headline numbers against the teacher and the untrained student, the verdict over the
+    training seeds, which differences are significant, the trade-off table, the students over seeds,
+    per-category differences and the chosen threshold."""
     name = md(summary.run_name or data.run_id)
     lines = [
         f"# kdflow: {name}",
@@ -34,6 +35,8 @@ def render_markdown(data: ReportData, summary: Summary) -> str:
         f"- student latency {ms(summary.student_latency_ms)} vs teacher {ms(summary.teacher_latency_ms)} "
         f"(medians): **{times_ci(summary.speedup, summary.speedup_lo, summary.speedup_hi)}** faster",
         "",
+        md_text(seeds.verdict_sentence(summary.seeds) if summary.seeds else seeds.NO_SEEDS),
+        "",
         md_text(gain_sentence(summary.student_accuracy, summary.untrained_accuracy, summary.teacher_accuracy)),
         "",
         md_text(significance_sentence(summary.comparisons)),
@@ -44,6 +47,9 @@ def render_markdown(data: ReportData, summary: Summary) -> str:
         "",
         sections.latency_note(data.spec, data.models),
         "",
+        "## Students over seeds",
+        "",
+        *seeds.markdown_section(summary.seeds),
         "## Against the untrained student",
         "",
         md_table(sections.BASELINE_COLUMNS, baseline_rows(data)),
@@ -91,3 +97,5 @@ def print_summary(console: Console, summary: Summary) -> None:
     console.print(f"cascade threshold tau: {tau}", highlight=False)
     for comparison in summary.comparisons:
         console.print(rich_escape(comparison.sentence()), highlight=False)
+    if summary.seeds is not None:
+        console.print(rich_escape(seeds.verdict_sentence(summary.seeds)), highlight=False)

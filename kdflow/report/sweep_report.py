@@ -30,8 +30,8 @@ from kdflow.errors import KdflowError
 from kdflow.report.formatting import page_img, page_table
 from kdflow.report.run_report import TEMPLATES
 from kdflow.store import Store
-from kdflow.evaluate.significance import mcnemar_exact
-from kdflow.sweep.grid import best_under_budget, holm, pareto_front
+from kdflow.evaluate.significance import holm, mcnemar_exact
+from kdflow.sweep.grid import best_under_budget, pareto_front
 
 Row = dict[str, Any]
 Column = tuple[str, Callable[[Row], str]]

@@ -4,9 +4,9 @@ In: training_curves query rows (model_role, step, loss, ce, kd, val_accuracy) an
 alpha and temperature). Out: per model the loss series worth drawing, smoothed by an exponential moving
 average, and the validation accuracy per model as points or table rows. Reads no tables itself.
 
-A term is drawn only where it counts: the hard-label student is trained with alpha = 1, so its KD value
-(still computed, for the record) has weight 0 and is left out, and its loss then equals its CE, so one
-line is drawn instead of three.
+A term is drawn only where it counts: the hard- and pseudo-label students are trained with alpha = 1, so a
+KD value (computed for the record when there is one) has weight 0 and is left out, and their loss then
+equals their CE, so one line is drawn instead of three.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def smoothing_span(n_steps: int) -> int:
 
 def loss_weights(role: str, run_config: Mapping[str, Any] | None) -> dict[str, float] | None:
     """{'ce': alpha, 'kd': (1 - alpha) T^2}: the weight of each term in the training loss of a student of
-    `role` (the hard-label student always has alpha = 1); None when the run's config is unknown."""
-    if role == "student_hard":
+    `role` (the hard- and pseudo-label students always have alpha = 1); None when the run's config is unknown."""
+    if role in ("student_hard", "student_pseudo"):
         return {"ce": 1.0, "kd": 0.0}
     training = (run_config or {}).get("training")
     if not training or "alpha" not in training:

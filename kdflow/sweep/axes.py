@@ -18,7 +18,7 @@ SWEPT_SECTIONS = ("training", "student")
 
 
 # Set by the sweep itself: the baseline is one point of the grid, not a second student of every point.
-NOT_SWEPT = {"training.hard_label_baseline"}
+NOT_SWEPT = {"training.hard_label_baseline", "training.pseudo_label_baseline"}
 
 
 ENSEMBLE = "ensemble"
@@ -82,7 +82,8 @@ def sweep_axes(sweep: Any, run_model: type[BaseModel]) -> list[tuple[str, list[A
                         raise ValueError(f"sweep.{path} lists a value twice: {value}")
                     axes.append((path, value))
                 elif path in NOT_SWEPT:
-                    raise ValueError(f"sweep.{path} cannot be swept: sweep.baseline adds the hard-label student")
+                    raise ValueError(f"sweep.{path} cannot be swept: a sweep point trains one student "
+                                     "(sweep.baseline adds the hard-label student)")
                 elif path in sections:
                     raise ValueError(f"sweep.{path} is a section: give its settings, e.g. sweep.{path}.<key>: [...]")
                 else:

@@ -6,8 +6,8 @@ each point is a fully validated RunConfig. The hard-label student (alpha = 1: CE
 no KD term) is added once per student setting, on the first teacher's validated questions.
 
 Comparison statistics are pure functions over arrays: the accuracy-vs-latency Pareto front, the best
-setting under a latency budget, and exact McNemar tests between settings on the same test questions with
-Holm's step-down correction for the number of pairs.
+setting under a latency budget (the exact McNemar tests between settings, with Holm's step-down correction
+for the number of pairs, are kdflow.evaluate.significance's).
 """
 
 from __future__ import annotations
@@ -97,6 +97,7 @@ def _validated(data: dict[str, Any], where: str) -> RunConfig:
 def _base_data(cfg: RunConfig) -> dict[str, Any]:
     data = cfg.model_dump(mode="json", exclude={"sweep"})
     data["training"]["hard_label_baseline"] = False
+    data["training"]["pseudo_label_baseline"] = False
     return data
 
 
@@ -139,6 +140,11 @@ def expand_grid(cfg: RunConfig) -> list[SweepPoint]:
         for path, value in settings.items():
             _set(data, path, value)
         point_cfg = _validated(data, f"sweep point teacher={teacher} {settings}")
+        if len(point_cfg.training.seeds) > 1:
+            raise ConfigError(
+                f"sweep point teacher={teacher} {settings} has training.seeds {point_cfg.training.seeds}: a sweep "
+                "point trains one student, so give one seed, or sweep them (sweep.training.seeds: [[0], [1], [2]])"
+            )
         point_id = _point_id(teacher, point_cfg)
         if point_id not in seen:
             seen.add(point_id)
@@ -158,22 +164,6 @@ def expand_grid(cfg: RunConfig) -> list[SweepPoint]:
 
 
 # ---------------------------------------------------------------- comparison statistics
-
-
-def holm(pvalues: Sequence[float], level: float) -> tuple[list[float], list[bool]]:
-    """Holm's step-down adjustment (Holm 1979): (adjusted p-values, rejected at family-wise `level`).
-
-    Sorted ascending, the i-th smallest (0-based) of m p-values is multiplied by (m - i), capped at 1 and
-    made monotone; a hypothesis is rejected when its adjusted p-value is at most `level`.
-    """
-    m = len(pvalues)
-    order = np.argsort(pvalues, kind="stable")
-    adjusted = np.empty(m)
-    running = 0.0
-    for rank, idx in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * float(pvalues[idx])))
-        adjusted[idx] = running
-    return adjusted.tolist(), [bool(p <= level) for p in adjusted]
 
 
 def pareto_front(latency: Sequence[float], accuracy: Sequence[float]) -> list[bool]:
@@ -253,9 +243,11 @@ def run_point(
     point under the sweep. A student killed mid-training resumes from its last checkpoint."""
     from kdflow.train.students_run import student_id, train_students
 
-    dirs, reused = train_students(point.cfg, store, dataset_ids, teacher, validation_id, run_id=sweep_id,
-                                  resume=True, progress=False, on_progress=on_progress)
-    model_id = student_id(point.cfg, "student", teacher, validation_id)
+    trained = train_students(point.cfg, store, dataset_ids, teacher, validation_id, run_id=sweep_id,
+                             resume=True, progress=False, on_progress=on_progress)
+    seed = point.cfg.training.seeds[0]
+    student_dir = trained.dirs["student"][seed]
+    model_id = student_id(point.cfg, "student", teacher, validation_id, seed=seed)
     eval_key = _eval_key(point, model_id, teacher.key, dataset_ids)
     found = store.fetch_one("find_sweep_evaluation", eval_key=eval_key)
     if found is not None:
@@ -265,12 +257,12 @@ def run_point(
 
         cfg = point.cfg
         eval_id = evaluate(store, run_id=sweep_id, dataset_ids=dataset_ids, teacher_key=teacher.key,
-                           models={"student": dirs["student"]}, open_teacher=open_teacher, scoring=cfg.scoring,
+                           models={"student": {seed: student_dir}}, open_teacher=open_teacher, scoring=cfg.scoring,
                            cfg=cfg.evaluation, device=cfg.student.device)
         store.execute("insert_sweep_evaluation", eval_key=eval_key, eval_id=eval_id)
         evaluated = True
-    result = PointResult(point.point_id, model_id, str(dirs["student"]), eval_id,
-                         trained="student" not in reused, evaluated=evaluated)
+    result = PointResult(point.point_id, model_id, str(student_dir), eval_id,
+                         trained=("student", seed) not in trained.reused, evaluated=evaluated)
     store.execute("insert_sweep_point", sweep_id=sweep_id, point_id=point.point_id, label=point.label,
                   teacher=point.teacher, teacher_key=teacher.key, settings=json.dumps(point.settings),
                   baseline=point.baseline, model_id=model_id, model_path=result.model_path, eval_id=eval_id,

@@ -1,8 +1,10 @@
 """Stage 4, train: students learn the validated soft labels by knowledge distillation.
 
 In: the validated (not quarantined) labels of the train and val splits and the `student` and `training`
-config. Out: one model directory per student (safetensors weights, tokenizer, config) and its training
-curve; a hard-label baseline student when `training.hard_label_baseline` asks for it.
+config. Out: for every seed of `training.seeds`, one model directory per student (safetensors weights,
+tokenizer, config) and its training curve: the distilled student, and the hard-label and pseudo-label
+baselines when `training.hard_label_baseline` / `pseudo_label_baseline` ask for them; the untrained
+student once.
 Tables: reads questions, soft_labels, quarantine and models (a finished student is reused); writes
 models, checkpoints and training_metrics (sql/models.sql).
 

@@ -51,23 +51,32 @@ class DataOrder:
         return self.epoch + self.position / self.n
 
 
+# The answer index stored for an unlabeled example: never an option, so it cannot pass for a gold answer.
+NO_ANSWER = -1
+
+
 @dataclass(frozen=True)
 class TrainingData:
     """Examples tokenized once up front, so the loop only pads and indexes.
 
-    answers [N]; probs [N, most options] zero-padded, or None when the run uses no teacher.
+    answers [N] (NO_ANSWER where unlabeled); labeled [N] bool, True where the example has a gold answer;
+    probs [N, most options] zero-padded, or None when the run uses no teacher.
     """
 
     encoded: list[EncodedQuestion]
     answers: torch.Tensor
+    labeled: torch.Tensor
     probs: torch.Tensor | None
     pad_id: int
 
-    def batch(self, indices: Sequence[int]) -> tuple[ScoringBatch, torch.Tensor, torch.Tensor | None]:
+    def batch(
+        self, indices: Sequence[int]
+    ) -> tuple[ScoringBatch, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(scoring batch, answers [b], probs [b, K] or None, labeled [b]) of the examples at `indices`."""
         batch = collate([self.encoded[i] for i in indices], pad_id=self.pad_id)
         rows = torch.as_tensor(indices, dtype=torch.long)
         probs = None if self.probs is None else self.probs[rows, : batch.option_mask.shape[1]]
-        return batch, self.answers[rows], probs
+        return batch, self.answers[rows], probs, self.labeled[rows]
 
 
 def build_dataset(
@@ -76,19 +85,30 @@ def build_dataset(
     scoring: ScoringConfig,
     *,
     with_probs: bool,
+    answers_required: bool = False,
 ) -> TrainingData:
-    """Tokenize and check examples: an answer index for each, and probs over exactly its options.
+    """Tokenize and check examples: an answer index for each (None: unlabeled, it learns from its teacher
+    probs alone; refused when `answers_required`, as alpha = 1 and validation need one), and probs over
+    exactly its options.
 
-    Raises ValueError naming the example (index and question_id) whose answer is not an option index, or
-    whose teacher probs are missing, of the wrong length, negative or not finite when `with_probs`.
+    Raises ValueError naming the example (index and question_id) whose answer is neither None nor an option
+    index, that has no answer when one is required or has neither an answer nor teacher probs, or whose
+    teacher probs are missing, of the wrong length, negative or not finite when `with_probs`.
     """
     encoded = tokenize(examples, tokenizer, scoring)
     for i, (example, enc) in enumerate(zip(examples, encoded, strict=True)):
         answer = example.get("answer")
-        if not isinstance(answer, int) or not 0 <= answer < enc.n_options:
+        if answer is None and (answers_required or not with_probs):
+            raise ValueError(
+                f"example {i} ({example.get('question_id', 'no id')}) has no gold answer, and "
+                + ("it needs one: alpha = 1 learns from gold answers alone, validation accuracy is measured "
+                   "against them; leave unlabeled questions out" if answers_required
+                   else "the run reads no teacher probs: it has nothing to learn from")
+            )
+        if answer is not None and (not isinstance(answer, int) or not 0 <= answer < enc.n_options):
             raise ValueError(
                 f"example {i} ({example.get('question_id', 'no id')}) has answer {answer!r}; "
-                f"it needs an option index in 0..{enc.n_options - 1}"
+                f"it needs an option index in 0..{enc.n_options - 1} (or None: unlabeled)"
             )
         if with_probs:
             probs = example.get("probs")
@@ -108,9 +128,11 @@ def build_dataset(
         probs = torch.zeros(len(examples), max(e.n_options for e in encoded))
         for row, example in enumerate(examples):
             probs[row, : len(example["probs"])] = torch.tensor(example["probs"], dtype=torch.float32)
+    answers = [e.get("answer") for e in examples]
     return TrainingData(
         encoded=encoded,
-        answers=torch.tensor([int(e["answer"]) for e in examples], dtype=torch.long),
+        answers=torch.tensor([NO_ANSWER if a is None else int(a) for a in answers], dtype=torch.long),
+        labeled=torch.tensor([a is not None for a in answers], dtype=torch.bool),
         probs=probs,
         pad_id=tokenizer.pad_token_id or 0,
     )

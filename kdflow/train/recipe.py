@@ -97,10 +97,11 @@ def _loss_step(
     batch: ScoringBatch,
     gold: torch.Tensor,
     probs: torch.Tensor | None,
+    labeled: torch.Tensor,
     cfg: TrainingConfig,
     device: torch.device,
 ) -> LossParts:
-    """Loss parts of one micro-batch: score the options, compare with the gold answer and the teacher."""
+    """Loss parts of one micro-batch: score the options, compare with the gold answers and the teacher."""
     with autocast(device):
         scores = option_logits(model, batch).scores
     return distillation_loss(
@@ -112,6 +113,7 @@ def _loss_step(
         temperature=cfg.temperature,
         kind=cfg.divergence,
         beta=cfg.jsd_beta,
+        labeled=labeled,
     )
 
 
@@ -132,26 +134,31 @@ def _optimizer_step(
     """
     device = processes.device
     lr = scheduler.get_last_lr()[0]
-    total, ce, kd = [], [], []
+    total, ce_sum, n_labeled, kd = [], [], [], []
     for micro in range(cfg.grad_accum):
-        batch, gold, probs = data.batch(processes.local(order.next(cfg.batch_size)))
+        batch, gold, probs, labeled = data.batch(processes.local(order.next(cfg.batch_size)))
         with processes.gradient_sync(wrapped, enabled=micro == cfg.grad_accum - 1):
             parts = _loss_step(
-                wrapped, batch.to(device), gold.to(device), None if probs is None else probs.to(device), cfg, device
+                wrapped, batch.to(device), gold.to(device), None if probs is None else probs.to(device),
+                labeled.to(device), cfg, device,
             )
             # Every micro-batch is a mean over equally many questions, so the step's loss is their mean.
             (parts.total / cfg.grad_accum).backward()
         total.append(parts.total.detach())
-        ce.append(parts.ce.detach())
+        ce_sum.append(parts.ce.detach() * parts.n_labeled)
+        n_labeled.append(parts.n_labeled)
         if parts.kd is not None:
             kd.append(parts.kd.detach())
     grad_norm = whole_tensor(torch.nn.utils.clip_grad_norm_(trainable_state(model).values(), cfg.max_grad_norm))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    # Slices are equally large, so the mean over processes is the loss of the global micro-batches.
-    means = processes.mean(torch.stack([torch.stack(values).mean() for values in (total, ce, kd) if values]))
-    return {"loss": means[0], "ce": means[1], "kd": means[2] if kd else None, "lr": lr, "grad_norm": grad_norm}
+    # Slices are equally large, so the mean over processes is the loss of the global micro-batches; ce is the
+    # mean over the step's labeled questions (NaN, stored as None, when it had none).
+    parts = [torch.stack(total).mean(), torch.stack(ce_sum).sum(), torch.stack(n_labeled).sum()]
+    means = processes.mean(torch.stack(parts + ([torch.stack(kd).mean()] if kd else [])))
+    return {"loss": means[0], "ce": means[1] / means[2], "kd": means[3] if kd else None, "lr": lr,
+            "grad_norm": grad_norm}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,16 +287,18 @@ def _inputs(
     scoring: ScoringConfig,
 ) -> tuple[TrainingData, TrainingData | None]:
     """The training data (with teacher probabilities when alpha < 1, or when every example has them) and
-    the first cfg.eval_questions validation examples; ValueError when there is nothing to train on or
-    early stopping has no validation examples to decide with."""
+    the first cfg.eval_questions validation examples; ValueError when there is nothing to train on, an
+    example without a gold answer meets alpha = 1 (it would teach nothing) or sits in the validation
+    examples, or early stopping has no validation examples to decide with."""
     if not examples:
         raise ValueError("no training examples; check the split fractions and the labeled questions")
     val_examples = list(val_examples or [])[: cfg.eval_questions]
     if cfg.early_stopping_patience is not None and not val_examples:
         raise ValueError("training.early_stopping_patience needs validation examples to decide when to stop")
     with_probs = cfg.alpha < 1 or all(e.get("probs") is not None for e in examples)
-    data = build_dataset(examples, tokenizer, scoring, with_probs=with_probs)
-    val = build_dataset(val_examples, tokenizer, scoring, with_probs=False) if val_examples else None
+    data = build_dataset(examples, tokenizer, scoring, with_probs=with_probs, answers_required=cfg.alpha == 1)
+    val = build_dataset(val_examples, tokenizer, scoring, with_probs=False, answers_required=True) \
+        if val_examples else None
     return data, val
 
 
@@ -332,7 +341,8 @@ def train(
     example has them). val_examples: the first cfg.eval_questions are scored every cfg.eval_every steps
     and at the last step. Checkpoints go to out_dir/checkpoints: resume=True continues from the newest
     one (if any), resume=False deletes them first. A LoRA model is exported merged (in place) when
-    merge_lora, else as its adapter.
+    merge_lora, else as its adapter. One call trains one model: cfg.seeds[0] seeds it (dropout and the data
+    order); the train stage gives each seed's run a config holding that seed alone.
 
     on_metrics receives the per-step rows {step, epoch, loss, ce, kd, lr, grad_norm, samples_per_s,
     val_accuracy} in batches (every DELIVER_EVERY steps, at each checkpoint and at the end);
@@ -357,7 +367,8 @@ def train(
         progress = False
 
     # 2. Model, optimizer, schedule. Seed before anything draws random numbers (dropout).
-    torch.manual_seed(cfg.seed)
+    seed = cfg.seeds[0]
+    torch.manual_seed(seed)
     settings = run_config(cfg, scoring, model)
     # FSDP shards the model in place, so the main process exports from a whole copy kept on the CPU.
     export_model = copy.deepcopy(model).cpu() if processes.fsdp and processes.is_main else model
@@ -369,7 +380,7 @@ def train(
     # 3. Resume (weights, optimizer, schedule, RNG, data position) or start over.
     state = _resume_or_start(resume, checkpoint_dir, cfg, scoring, processes, model, optimizer, scheduler)
     run = _Run(model, optimizer, scheduler, processes, state, checkpoint_dir, settings,
-               DataOrder(len(examples), cfg.seed, state.epoch, state.position), on_metrics, on_checkpoint)
+               DataOrder(len(examples), seed, state.epoch, state.position), on_metrics, on_checkpoint)
 
     # 4. The loop, then 5. the export.
     with subnormals_flushed(processes.device):

@@ -72,10 +72,12 @@ def transformers_bars(enabled: bool) -> Iterator[None]:
 
 
 def materialise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Turn the device tensors of pending metric rows into floats: one sync for many steps."""
+    """Turn the device tensors of pending metric rows into floats, one sync for many steps; a NaN metric
+    other than the loss is undefined for its step (ce in a step without gold answers) and becomes None."""
     out = []
     for row in rows:
         row = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in row.items()}
+        row = {k: None if k != "loss" and isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
         if not math.isfinite(row["loss"]):
             raise TrainingDiverged(
                 f"the loss is {row['loss']} at step {row['step']}: lower training.learning_rate or "

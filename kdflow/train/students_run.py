@@ -1,16 +1,22 @@
-"""The student stage: initialise the student, distil it from validated soft labels, record everything.
+"""The student stage: initialise the students, train them from validated labels, record everything.
 
-Three students come out of one stage, trained with the same step budget so they compare fairly:
-`student_init` (before distillation), `student` (alpha * CE + (1 - alpha) * T^2 * KD) and, when
-`training.hard_label_baseline` is on, `student_hard` (alpha = 1, the hard-label ablation). Each is
-identified by a digest of what produced it, so a repeated run reuses finished students.
+For every seed of `training.seeds`, with the same step budget, the same initialisation and (where the
+examples are the same) the same data order, so they compare fairly:
+`student` learns the soft labels (alpha * CE on the gold answer + (1 - alpha) * T^2 * KD; a question without
+a gold answer learns from its KD term alone); with `training.hard_label_baseline`, `student_hard` learns the
+gold answers alone (alpha = 1) on the labeled questions only; with `training.pseudo_label_baseline`,
+`student_pseudo` learns the teacher's most likely option as a hard label (alpha = 1) on every question.
+`student_init` (before training) is saved once, with the first seed. Each student is identified by a digest
+of what produced it (its seed and its target included), so a repeated run reuses finished students and a
+changed setting retrains only the students it changes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,28 +24,85 @@ import pyarrow as pa
 
 from kdflow.validate.calibration import stored_calibration, with_calibrated_probs
 from kdflow.validate.label_issues import apply_suspect_gold, suspect_question_ids
-from kdflow.config import RunConfig
+from kdflow.config import RunConfig, TrainingConfig
 from kdflow.errors import KdflowError
 from kdflow.store import Store
 from kdflow.label.teacher import TeacherRef, teacher_source
 from kdflow.train.data import corpus_tokenizer, finished_model_dir, split_examples
 
 METRIC_COLUMNS = ["step", "epoch", "loss", "ce", "kd", "lr", "grad_norm", "samples_per_s", "val_accuracy"]
+# What each trained role learns from (part of its id): soft labels with gold answers where there are some,
+# gold answers alone, or the teacher's argmax as a hard label.
+TARGETS = {"student": "soft_labels", "student_hard": "gold", "student_pseudo": "teacher_argmax"}
+# Settings that do not change what a student learns, left out of its id.
+_NOT_IN_ID = {"seeds", "hard_label_baseline", "pseudo_label_baseline", "num_processes", "fsdp"}
+# Settings only the KD term reads: the alpha = 1 students train with their defaults.
+_KD_ONLY = ("temperature", "divergence", "jsd_beta", "soft_labels")
 
 
-def student_id(cfg: RunConfig, role: str, teacher: TeacherRef, validation_id: str) -> str:
-    training = cfg.training.model_dump(mode="json", exclude={"hard_label_baseline", "num_processes", "fsdp"})
-    if role == "student_hard":
-        training["alpha"] = 1.0
+@dataclass(frozen=True)
+class TrainedStudents:
+    """What one train stage leaves: `dirs` = {role: {seed: model dir}} in training order (seeds in the order
+    of training.seeds), `reused` = the (role, seed) pairs found finished, `n_questions` / `n_labeled` = the
+    training questions and those with a gold answer (None when every student was reused)."""
+
+    dirs: dict[str, dict[int, Path]]
+    reused: list[tuple[str, int]]
+    n_questions: int | None = None
+    n_labeled: int | None = None
+
+
+def student_plan(cfg: RunConfig) -> list[tuple[str, int]]:
+    """(role, seed) of every student one train stage makes, in training order: student_init once (first
+    seed), then per seed the distilled student and the baselines the config asks for."""
+    training = cfg.training
+    roles = ["student"] + (["student_hard"] if training.hard_label_baseline else []) + (
+        ["student_pseudo"] if training.pseudo_label_baseline else [])
+    return [("student_init", training.seeds[0])] + [(role, seed) for seed in training.seeds for role in roles]
+
+
+def role_recipe(training: TrainingConfig, role: str, seed: int) -> TrainingConfig:
+    """The training settings of `role`'s student with `seed`: that seed alone, and for the hard-label roles
+    alpha = 1 with the settings only the KD term reads at their defaults (they would change nothing)."""
+    update: dict[str, Any] = {"seeds": [seed]}
+    if role in ("student_hard", "student_pseudo"):
+        update |= {name: TrainingConfig.model_fields[name].default for name in _KD_ONLY} | {"alpha": 1.0}
+    return training.model_copy(update=update)
+
+
+def student_id(cfg: RunConfig, role: str, teacher: TeacherRef, validation_id: str, *, seed: int) -> str:
+    """`role`-<digest of the student, its seed and target, its training settings, scoring, teacher and gate>."""
+    recipe = role_recipe(cfg.training, role, seed)
     spec = {
         "role": role,
+        "seed": seed,
+        "target": TARGETS.get(role),
         "student": cfg.student.model_dump(mode="json"),
-        "training": training if role != "student_init" else None,
+        "training": recipe.model_dump(mode="json", exclude=_NOT_IN_ID) if role != "student_init" else None,
         "scoring": cfg.scoring.model_dump(mode="json"),
         "teacher": teacher.key,
         "validation": validation_id,
     }
     return f"{role}-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def role_examples(examples: Sequence[Mapping[str, Any]], role: str) -> list[dict[str, Any]]:
+    """The training examples of `role`: all of them (student); the labeled ones with their gold answers
+    (student_hard); every one with the teacher's most likely option as its answer (student_pseudo: the
+    soft label's `predicted`, else the first largest probability). The hard-label roles get no teacher
+    probabilities: nothing of theirs reads them."""
+    if role == "student":
+        return [dict(e) for e in examples]
+    if role == "student_hard":
+        return [dict(e, probs=None) for e in examples if e.get("answer") is not None]
+    return [dict(e, answer=_teacher_argmax(e), probs=None) for e in examples]
+
+
+def _teacher_argmax(example: Mapping[str, Any]) -> int:
+    if example.get("predicted") is not None:
+        return int(example["predicted"])
+    probs = example["probs"]
+    return max(range(len(probs)), key=probs.__getitem__)
 
 
 def _tokenizer_for(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher: TeacherRef):
@@ -83,23 +146,20 @@ def train_students(
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
-) -> tuple[dict[str, Path], list[str]]:
-    """Train (or reuse) each student role; returns ({role: model dir}, roles reused).
+) -> TrainedStudents:
+    """Train (or reuse) every student of `student_plan`; KdflowError when there is nothing to train on.
 
-    `on_progress(step, total)` follows the metric batches of the role being trained (for the UI)."""
-    roles = student_roles(cfg)
-    found = {role: finished_model_dir(store, student_id(cfg, role, teacher, validation_id)) for role in roles}
-    dirs = {role: path for role, path in found.items() if path is not None}
+    Every role of one seed starts from the same initial weights; `student` and `student_pseudo` also visit
+    their (same) questions in the same order, while `student_hard` visits its labeled subset, for as many
+    optimizer steps as the others take. `on_progress(step, total)` follows the metric batches of the
+    student being trained (for the UI)."""
+    plan = student_plan(cfg)
+    ids = {key: student_id(cfg, key[0], teacher, validation_id, seed=key[1]) for key in plan}
+    dirs = {key: path for key in plan if (path := finished_model_dir(store, ids[key])) is not None}
     reused = list(dirs)
-    if len(reused) == len(roles):
-        return dirs, reused  # before the imports below: torch and transformers take seconds to load
+    if len(reused) == len(plan):
+        return TrainedStudents(_by_role(plan, dirs), reused)  # before the imports below: torch loads for seconds
 
-    import torch
-
-    from kdflow.train.checkpoints import discard_checkpoints
-    from kdflow.train.launcher import launch_training
-    from kdflow.modeling import count_parameters
-    from kdflow.train.students import export_student, init_student
     from kdflow.train.optim import total_steps
 
     examples = store.arrow(
@@ -115,54 +175,103 @@ def train_students(
     if cfg.training.soft_labels == "calibrated":
         calibration = stored_calibration(store, validation_id)
         examples = with_calibrated_probs(examples, calibration.temperature if calibration else None)
-    val_examples = split_examples(store, dataset_ids, "val")
-    tokenizer = _tokenizer_for(cfg, store, dataset_ids, teacher) if cfg.student.init == "fresh" else None
-    teacher_weights = teacher_source(cfg, teacher) if cfg.student.init == "from_teacher" else None
-
-    for role in roles:
-        if role in dirs:
-            continue
-        model_id = student_id(cfg, role, teacher, validation_id)
-        torch.manual_seed(cfg.training.seed)
-        model, tok = init_student(cfg.student, tokenizer=tokenizer, teacher=teacher_weights,
-                                  seed=cfg.training.seed)
-        out_dir = cfg.home_dir / "models" / model_id
-        spec = json.dumps({"student": cfg.student.model_dump(mode="json"), "teacher_key": teacher.key,
-                           "validation_id": validation_id})
-        store.execute("upsert_model", model_id=model_id, run_id=run_id, role=role, path=str(out_dir / "final"),
-                      spec=spec, n_params=None, n_active=None, status="training")
-        if role == "student_init":
-            final = export_student(model, tok, out_dir / "final", merge_lora=cfg.student.lora.merge_on_export)
-        else:
-            recipe = cfg.training.model_copy(update={"alpha": 1.0} if role == "student_hard" else {})
-            # One process trains here; more are launched, and relay their metrics to the same sinks.
-            result = launch_training(
-                model, tok, examples, recipe, cfg.scoring, out_dir=out_dir, val_examples=val_examples,
-                resume=resume, merge_lora=cfg.student.lora.merge_on_export,
-                on_metrics=_metrics_sink(store, model_id, on_progress, total_steps(recipe, len(examples))),
-                on_checkpoint=_checkpoint_sink(store, model_id), progress=progress, should_stop=should_stop,
-            )
-            final = Path(result.final_dir)
-        total, active = count_parameters(model)
-        store.execute("upsert_model", model_id=model_id, run_id=run_id, role=role, path=str(final),
-                      spec=spec, n_params=total, n_active=active, status="completed")
-        discard_checkpoints(out_dir)  # recorded as finished: nothing will resume it
-        dirs[role] = final
-    return {role: dirs[role] for role in roles}, reused
+    n_labeled = sum(e["answer"] is not None for e in examples)
+    if n_labeled == 0 and any(role == "student_hard" for role, _ in plan):
+        raise KdflowError(
+            f"none of the {len(examples):,} training questions has a gold answer, so student_hard has nothing to "
+            "learn from: set training.hard_label_baseline: false, or add labeled questions"
+        )
+    # One step budget for every role: that of a pass over all the training questions.
+    steps = total_steps(cfg.training, len(examples))
+    inputs = _StudentInputs(cfg, store, dataset_ids, teacher, validation_id)
+    for key in plan:
+        if key not in dirs:
+            dirs[key] = _train_one(cfg, store, inputs, key, ids[key], role_examples(examples, key[0]), steps,
+                                   run_id=run_id, resume=resume, progress=progress, should_stop=should_stop,
+                                   on_progress=on_progress)
+    return TrainedStudents(_by_role(plan, dirs), reused, len(examples), n_labeled)
 
 
-def student_roles(cfg: RunConfig) -> list[str]:
-    """The students one train stage makes, in training order."""
-    return ["student_init", "student"] + (["student_hard"] if cfg.training.hard_label_baseline else [])
+def _by_role(plan: list[tuple[str, int]], dirs: Mapping[tuple[str, int], Path]) -> dict[str, dict[int, Path]]:
+    out: dict[str, dict[int, Path]] = {}
+    for role, seed in plan:
+        out.setdefault(role, {})[seed] = dirs[(role, seed)]
+    return out
 
 
-def find_students(cfg: RunConfig, store: Store, teacher: TeacherRef, validation_id: str) -> dict[str, Path]:
-    """The finished students of this config, for evaluating without training again."""
-    found: dict[str, Path] = {}
-    for role in student_roles(cfg):
-        row = store.fetch_one("find_completed_model", model_id=student_id(cfg, role, teacher, validation_id))
+class _StudentInputs:
+    """What every student of one stage starts from, read once: validation questions, the tokenizer of a
+    fresh student, the teacher's weights for a from_teacher one."""
+
+    def __init__(
+        self, cfg: RunConfig, store: Store, dataset_ids: list[str], teacher: TeacherRef, validation_id: str
+    ) -> None:
+        self.val_examples = split_examples(store, dataset_ids, "val")
+        self.tokenizer = _tokenizer_for(cfg, store, dataset_ids, teacher) if cfg.student.init == "fresh" else None
+        self.teacher_weights = teacher_source(cfg, teacher) if cfg.student.init == "from_teacher" else None
+        self.spec = {"student": cfg.student.model_dump(mode="json"), "teacher_key": teacher.key,
+                     "validation_id": validation_id}
+
+
+def _train_one(
+    cfg: RunConfig,
+    store: Store,
+    inputs: _StudentInputs,
+    key: tuple[str, int],
+    model_id: str,
+    examples: list[dict[str, Any]],
+    steps: int,
+    **options: Any,
+) -> Path:
+    """Initialise the student `key` = (role, seed) from its seed, train it on `examples` for `steps`
+    optimizer steps (student_init: export it untrained) and record it; returns its model directory.
+    `options`: run_id, resume, progress, should_stop and on_progress as train_students takes them."""
+    import torch
+
+    from kdflow.modeling import count_parameters
+    from kdflow.train.checkpoints import discard_checkpoints
+    from kdflow.train.launcher import launch_training
+    from kdflow.train.students import export_student, init_student
+
+    role, seed = key
+    torch.manual_seed(seed)
+    model, tok = init_student(cfg.student, tokenizer=inputs.tokenizer, teacher=inputs.teacher_weights, seed=seed)
+    out_dir = cfg.home_dir / "models" / model_id
+    spec = json.dumps({**inputs.spec, "target": TARGETS.get(role),
+                       "n_train_questions": len(examples) if role != "student_init" else None})
+    record = {"model_id": model_id, "run_id": options["run_id"], "role": role, "seed": seed, "spec": spec}
+    store.execute("upsert_model", **record, path=str(out_dir / "final"), n_params=None, n_active=None,
+                  status="training")
+    if role == "student_init":
+        final = export_student(model, tok, out_dir / "final", merge_lora=cfg.student.lora.merge_on_export)
+    else:
+        recipe = role_recipe(cfg.training, role, seed).model_copy(update={"max_steps": steps})
+        # One process trains here; more are launched, and relay their metrics to the same sinks.
+        result = launch_training(
+            model, tok, examples, recipe, cfg.scoring, out_dir=out_dir, val_examples=inputs.val_examples,
+            resume=options["resume"], merge_lora=cfg.student.lora.merge_on_export,
+            on_metrics=_metrics_sink(store, model_id, options["on_progress"], steps),
+            on_checkpoint=_checkpoint_sink(store, model_id), progress=options["progress"],
+            should_stop=options["should_stop"],
+        )
+        final = Path(result.final_dir)
+    total, active = count_parameters(model)
+    store.execute("upsert_model", **record, path=str(final), n_params=total, n_active=active, status="completed")
+    discard_checkpoints(out_dir)  # recorded as finished: nothing will resume it
+    return final
+
+
+def find_students(cfg: RunConfig, store: Store, teacher: TeacherRef, validation_id: str) -> dict[str, dict[int, Path]]:
+    """The finished students of this config, {role: {seed: model dir}}, for evaluating without training
+    again; KdflowError naming the seeds whose distilled student is missing."""
+    found: dict[str, dict[int, Path]] = {}
+    for role, seed in student_plan(cfg):
+        row = store.fetch_one("find_completed_model", model_id=student_id(cfg, role, teacher, validation_id, seed=seed))
         if row is not None:
-            found[role] = Path(row[0])
-    if "student" not in found:
-        raise KdflowError("no trained student for this config and these labels: run `kdflow train` first")
+            found.setdefault(role, {})[seed] = Path(row[0])
+    missing = [seed for seed in cfg.training.seeds if seed not in found.get("student", {})]
+    if missing:
+        raise KdflowError(
+            f"no trained student for seed(s) {missing} of this config and these labels: run `kdflow train` first"
+        )
     return found

@@ -35,7 +35,7 @@ def evaluate_accuracy(
             indices = processes.local(range(start, min(start + batch_size, len(data.encoded))))
             # Past the end of a short last batch a slice is empty; FSDP processes must still run the
             # forward pass together, so such a process scores one question and counts none.
-            batch, gold, _ = data.batch(indices or [start])
+            batch, gold, _, _ = data.batch(indices or [start])
             predicted = option_logits(model, batch.to(device)).scores.argmax(dim=-1)
             correct += (predicted == gold.to(device))[: len(indices)].sum()
     model.train(was_training)
