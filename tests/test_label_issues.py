@@ -236,7 +236,8 @@ def test_the_policy_is_part_of_the_students_identity_and_needs_a_rule(tmp_path):
     from kdflow.train.students_run import student_id
 
     ref = TeacherRef(model_ref="t", model_dir=None, key="t", spec={})
-    ids = {policy: student_id(RunConfig(training=TrainingConfig(suspect_gold=policy)), "student", ref, "v-1")
+    ids = {policy: student_id(RunConfig(training=TrainingConfig(suspect_gold=policy)), "student", ref, "v-1",
+                             seed=0)
            for policy in ("keep", "drop", "teacher")}
     assert len(set(ids.values())) == 3
     with pytest.raises(Exception, match="validation.suspect_gold.method is off"):
@@ -262,7 +263,7 @@ def test_drop_trains_on_fewer_questions(tmp_path):
     assert len(suspect_question_ids(store, verdict, "train")) == 11
     ref = TeacherRef(model_ref="t", model_dir=None, key="t", spec={})
     train_students(cfg, store, ["d@0"], ref, verdict, progress=False)
-    model_id = student_id(cfg, "student", ref, verdict)
+    model_id = student_id(cfg, "student", ref, verdict, seed=0)
     with store.connect() as con:
         steps = con.execute("SELECT max(step) FROM training_metrics WHERE model_id = ?", [model_id]).fetchone()[0]
     assert steps == 9

@@ -116,6 +116,24 @@ class TrainingConfig(Strict):
         "keep them as they are, drop them, or train on the teacher's choice as their gold answer",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_became_seeds(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "seed" in data:
+            raise ValueError(
+                f"training.seed was replaced by training.seeds, a list of seeds: write `seeds: [{data['seed']}]` "
+                "(or several, e.g. `seeds: [0, 1, 2]`, to compare the students over seeds)"
+            )
+        return data
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+        if repeated:
+            raise ValueError(f"training.seeds lists {repeated} more than once; each seed trains one set of students")
+        return seeds
+
 
 class SuspectGoldConfig(Strict):
     """Suspect gold answers: labeled questions whose gold answer the calibrated teacher confidently contradicts
@@ -139,23 +157,6 @@ class SuspectGoldConfig(Strict):
         "categories as its threshold",
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _seed_became_seeds(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "seed" in data:
-            raise ValueError(
-                f"training.seed was replaced by training.seeds, a list of seeds: write `seeds: [{data['seed']}]` "
-                "(or several, e.g. `seeds: [0, 1, 2]`, to compare the students over seeds)"
-            )
-        return data
-
-    @field_validator("seeds")
-    @classmethod
-    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
-        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
-        if repeated:
-            raise ValueError(f"training.seeds lists {repeated} more than once; each seed trains one set of students")
-        return seeds
 
 
 class ValidationConfig(Strict):
