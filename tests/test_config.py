@@ -66,7 +66,8 @@ def test_overrides_apply_with_yaml_types(tmp_path):
     assert cfg.training.hard_label_baseline is False
     assert cfg.name == "x"
     assert cfg.student.lora.target_modules == ["q_proj", "v_proj"]
-    assert load_config(None, []).training.seeds == [0]
+    assert RunConfig().training.seeds == [0]
+    assert load_config(None, []).training.seeds == [0, 1, 2]  # the demo config compares three seeds
     assert load_config(None, ["training.seeds=[2,0,1]"]).training.seeds == [2, 0, 1]  # in the order given
 
 
@@ -219,3 +220,10 @@ def test_the_walk_finds_a_field_without_help_text():
     models = _models_reachable(Outer)
     assert Inner in models
     assert [n for m in models for n, f in m.model_fields.items() if not f.description] == ["size"]
+
+
+def test_a_teacher_corpus_of_another_demo_world_is_refused():
+    """The demo world is fixed by (n_questions, seed): the teacher's corpus must describe the transfer set's."""
+    with pytest.raises(ConfigError, match="teacher.prepare.source describes the demo world of n_questions 15000"):
+        load_config("configs/demo.yaml", ['data.sources=[{"demo": {"n_questions": 1000}}]'])
+    assert load_config("configs/demo.yaml", []).teacher.prepare.source.demo.corpus == "teacher"

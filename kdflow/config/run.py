@@ -99,6 +99,21 @@ class RunConfig(Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _teacher_corpus_of_the_same_world(self) -> RunConfig:
+        # The demo world is fixed by (n_questions, seed): a teacher corpus of another world knows other facts.
+        corpus = self.teacher.prepare.source
+        if corpus is None or corpus.demo is None or corpus.demo.corpus != "teacher":
+            return self
+        worlds = {(s.demo.n_questions, s.demo.seed) for s in self.data.sources if s.demo is not None}
+        if worlds and (corpus.demo.n_questions, corpus.demo.seed) not in worlds:
+            raise ValueError(
+                f"teacher.prepare.source describes the demo world of n_questions {corpus.demo.n_questions}, seed "
+                f"{corpus.demo.seed}, but data.sources' demo world is {sorted(worlds)} (n_questions, seed): a "
+                "teacher corpus of another world knows none of its facts; give both the same n_questions and seed"
+            )
+        return self
+
     @property
     def home_dir(self) -> Path:
         return Path(self.home or os.environ.get("KDFLOW_HOME") or ".kdflow").expanduser().resolve()
