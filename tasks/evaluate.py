@@ -52,7 +52,7 @@ def report_task(cfg: RunConfig, run_id: str) -> str:
     store = Store(cfg.home_dir)
     with stage(store, run_id, "report") as record:
         paths = build_report(store, run_id)
-        record.detail = {"html": str(paths.html)}
+        record.detail = {"html": str(paths.html), "json": str(paths.json)}
     create_markdown_artifact(key="distillation-summary", markdown=Path(paths.markdown).read_text(encoding="utf-8"),
                              description=f"Run {run_id}")
     if paths.tables:
