@@ -157,3 +157,38 @@ SELECT model_role, seed, question_id, correct
 FROM predictions
 WHERE eval_id = $eval_id AND (seed IS NOT NULL OR model_role = 'teacher')
 ORDER BY model_role, seed, question_id;
+
+-- name: clean_accuracy
+-- Per evaluated model and seed (the teacher: seed NULL): accuracy on the test questions whose gold answer
+-- gate verdict $validation_id did not flag as suspect (its label_issues of split test), beside the number
+-- of test questions that left out. of_record: the seed evaluation_models lists for the role (the main
+-- table's). A model every one of whose questions was flagged has no row.
+SELECT p.model_role, p.seed,
+       p.seed IS NOT DISTINCT FROM (SELECT em.seed FROM evaluation_models em
+                                    WHERE em.eval_id = p.eval_id AND em.model_role = p.model_role) AS of_record,
+       count(*) AS n,
+       count(*) FILTER (WHERE p.correct) AS correct,
+       avg(CASE WHEN p.correct THEN 1.0 ELSE 0.0 END) AS accuracy
+FROM predictions p
+WHERE p.eval_id = $eval_id
+  AND NOT EXISTS (SELECT 1 FROM label_issues i
+                  WHERE i.validation_id = $validation_id AND i.split = 'test' AND i.question_id = p.question_id)
+GROUP BY p.eval_id, p.model_role, p.seed
+ORDER BY p.model_role, p.seed NULLS FIRST;
+
+-- name: seed_metrics
+-- Every model of every seed (the teacher: seed NULL), overall (category '*') and per category, wide: the
+-- numbers summary.json gives per seed.
+SELECT model_role, seed, category,
+       max(value) FILTER (WHERE name = 'n')           AS n,
+       max(value) FILTER (WHERE name = 'accuracy')    AS accuracy,
+       max(value) FILTER (WHERE name = 'accuracy_lo') AS accuracy_lo,
+       max(value) FILTER (WHERE name = 'accuracy_hi') AS accuracy_hi,
+       max(value) FILTER (WHERE name = 'ece')         AS ece,
+       max(value) FILTER (WHERE name = 'retention')   AS retention,
+       max(value) FILTER (WHERE name = 'agreement')   AS agreement,
+       max(value) FILTER (WHERE name = 'kl')          AS kl
+FROM metrics
+WHERE eval_id = $eval_id
+GROUP BY model_role, seed, category
+ORDER BY model_role, seed NULLS FIRST, category;

@@ -19,7 +19,8 @@ from kdflow.label.teacher import open_backend, teacher_ref
 def evaluate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_key: str,
                   models: dict[str, dict[int, str]], validation_id: str | None = None) -> str:
     """Evaluates {role: {seed: model directory}}; returns the eval_id. `validation_id` names the gate verdict
-    whose calibration temperature applies."""
+    whose calibration temperature applies and whose suspect gold answers the report leaves out of the clean
+    accuracy."""
     from kdflow.validate.calibration import stored_calibration
     from kdflow.evaluate.evaluation import evaluate
 
@@ -37,6 +38,7 @@ def evaluate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_k
             # What the students learned from (kdflow.train.students_run): the calibrated labels or the raw ones.
             target_temperature=temperature if cfg.training.soft_labels == "calibrated" else None,
             teacher_calibration=dataclasses.asdict(calibration) if calibration else None,
+            validation_id=validation_id,
         )
         record.detail = {"eval_id": eval_id}
     get_run_logger().info("evaluated %s on the test split: %s", ", ".join(["teacher", *models]), eval_id)
@@ -50,7 +52,7 @@ def report_task(cfg: RunConfig, run_id: str) -> str:
     store = Store(cfg.home_dir)
     with stage(store, run_id, "report") as record:
         paths = build_report(store, run_id)
-        record.detail = {"html": str(paths.html)}
+        record.detail = {"html": str(paths.html), "json": str(paths.json)}
     create_markdown_artifact(key="distillation-summary", markdown=Path(paths.markdown).read_text(encoding="utf-8"),
                              description=f"Run {run_id}")
     if paths.tables:

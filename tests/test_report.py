@@ -86,6 +86,10 @@ def test_report_is_built_in_a_new_process_from_the_database(built):
     assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for _, data in images)
     assert "student (hard labels only)" in page and "<td>evaluate</td><td>completed</td>" in page
     assert '<tr class="chosen">' in page
+    # An evaluation that names no gate verdict: a Data section that says so, and no clean accuracy column.
+    assert '<h2 id="data">Data</h2>' in page and "does not record the gate verdict" in page
+    assert "without suspect gold" not in page
+    assert json.loads((html_path.parent / "summary.json").read_text(encoding="utf-8"))["run_id"] == run_id
 
 
 def test_user_text_is_escaped_everywhere(built):

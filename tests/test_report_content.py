@@ -371,3 +371,26 @@ def test_the_calibration_section_says_why_a_fitted_temperature_was_not_used():
     calibrated = {"temperature": 1.5, "ece": 0.2, "ece_calibrated": 0.1, "nll": 0.9, "nll_calibrated": 0.8}
     assert "learned from the calibrated probabilities" in calibration_sentence(calibrated, {"target_temperature": 1.5})
     assert "learned from the calibrated" not in calibration_sentence(calibrated, {"target_temperature": None})
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_the_data_sentences_say_what_is_missing_and_count_each_split():
+    from kdflow.report.quality import DataQuality, SuspectGold, issue_category_rows, suspect_sentence, terminal_line
+
+    datasets = [{"dataset_id": "a@1", "labeled": 90, "unlabeled": 10, "rejected": 1},
+                {"dataset_id": "b@1", "labeled": 10, "unlabeled": 0, "rejected": 0}]
+    assert "does not record the gate verdict" in suspect_sentence(DataQuality(datasets, None, None, []))
+    assert "was not scanned" in suspect_sentence(DataQuality(datasets, "v1", None, []))
+    off = SuspectGold("v1", "off", 100, 0, [], [], None)
+    assert "not searched" in suspect_sentence(DataQuality(datasets, "v1", off, []))
+    counts = [{"split": "test", "category": "law", "considered": 20, "suspect": 2},
+              {"split": "train", "category": "law", "considered": 60, "suspect": 3},
+              {"split": "train", "category": "math", "considered": 20, "suspect": 0}]
+    found = SuspectGold("v1", "margin", 100, 5, counts, [], None)
+    quality = DataQuality(datasets, "v1", found, [])
+    assert found.by_split == {"train": 3, "test": 2}
+    assert ": 3 in train, 2 in test. The 2 flagged test questions are left out" in suspect_sentence(quality)
+    assert issue_category_rows(found) == [{"category": "law", "considered": 80, "suspect": 5, "test": 2}]
+    assert terminal_line(quality) == "data: 100 labeled, 10 unlabeled, 1 rejected · 5 suspect gold answers (2 in test)"

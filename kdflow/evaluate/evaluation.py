@@ -79,6 +79,7 @@ def evaluate(
     teacher_temperature: float | None = None,
     target_temperature: float | None = None,
     teacher_calibration: Mapping[str, Any] | None = None,
+    validation_id: str | None = None,
 ) -> str:
     """Evaluate the teacher and the students in `models` ({role: {seed: model dir}}) on the test split.
 
@@ -92,8 +93,9 @@ def evaluate(
     after calibration (ece_calibrated, nll_calibrated, temperature). `target_temperature` is the temperature
     the students' KD targets were tempered with (None: they learned the raw labels): agreement and KL are
     measured against that target, with `kl_raw` beside them when it differs. `teacher_calibration` (the
-    stored calibration's fields, a rejected fit included) is kept in the spec for the report. Returns the
-    eval_id.
+    stored calibration's fields, a rejected fit included) is kept in the spec for the report, and so is
+    `validation_id`, the gate verdict the run was validated by (the report reads its suspect gold answers to
+    give each model's accuracy without them; None: unknown). Returns the eval_id.
     """
     unknown = sorted(set(models) - set(STUDENT_ROLES))
     if unknown or not models.get("student"):
@@ -132,6 +134,7 @@ def evaluate(
         "teacher_temperature": teacher_temperature,
         "target_temperature": target_temperature,
         "teacher_calibration": dict(teacher_calibration) if teacher_calibration is not None else None,
+        "validation_id": validation_id,
         "scoring": scoring.model_dump(mode="json"),
         "evaluation": cfg.model_dump(mode="json"),
     }

@@ -1,8 +1,9 @@
 """A run's report data: its latest evaluation and what surrounds it, read from DuckDB, and the headline numbers.
 
 In: a store and a run id. Out: ReportData (query rows of sql/report.sql and sql/runs.sql) and Summary (the
-headline numbers every view shows). Reads evaluations, runs, metrics, predictions, reliability_bins,
-cascade_points, evaluation_models, training_metrics and stage_runs; writes none.
+headline numbers every view shows), with the data behind them (kdflow.report.quality). Reads evaluations,
+runs, metrics, predictions, reliability_bins, cascade_points, evaluation_models, training_metrics and
+stage_runs, and what kdflow.report.quality reads; writes none.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from kdflow.errors import KdflowError
 from kdflow.evaluate.significance import SeedStudy, compare_over_seeds
 from kdflow.report.baseline import UNTRAINED, Comparison, compare, correct_by_role, gain_recovered
 from kdflow.report.formatting import Row
+from kdflow.report.quality import DataQuality, load_quality
 from kdflow.report.seeds import correct_by_role_and_seed
 from kdflow.report.training import Series, loss_series, loss_weights
 from kdflow.store import Store
@@ -35,7 +37,8 @@ class Summary:
     before training on the same questions, `gain_recovered` = (student - untrained) / (teacher -
     untrained), and `comparisons` are the paired exact McNemar tests (kdflow.report.baseline). Those are
     the first training seed's students; `seeds` compares the students over every seed (None for an
-    evaluation made before seeds).
+    evaluation made before seeds). `quality`: the datasets' label counts, the suspect gold answers and each
+    model's accuracy without them.
     """
 
     run_id: str
@@ -61,13 +64,16 @@ class Summary:
     gain_recovered: float | None = None
     comparisons: tuple[Comparison, ...] = ()
     seeds: SeedStudy | None = None
+    quality: DataQuality | None = None
 
 
 @dataclass(frozen=True)
 class ReportData:
     """All a report shows, as query rows; `correct` is {model role: {question id: answered correctly}} of
     the first seed's students, `seed_correct` {model role: {seed: {question id: answered correctly}}} of
-    every seed's (the teacher under seed None)."""
+    every seed's (the teacher under seed None). `models` rows carry the model's accuracy without suspect
+    gold answers (accuracy_clean, n_clean, accuracy_clean_lo, accuracy_clean_hi; None when unknown);
+    `seed_metrics` are every seed's metrics (seed_metrics rows); `quality` is the data behind them."""
 
     run_id: str
     evaluation: Row
@@ -82,6 +88,8 @@ class ReportData:
     stages: list[Row]
     correct: dict[str, dict[str, bool]] = field(default_factory=dict)
     seed_correct: dict[str, dict[int | None, dict[str, bool]]] = field(default_factory=dict)
+    seed_metrics: list[Row] = field(default_factory=list)
+    quality: DataQuality = field(default_factory=lambda: DataQuality([], None, None, []))
 
     def model(self, role: str) -> Row:
         return next((m for m in self.models if m["model_role"] == role), {})
@@ -108,15 +116,18 @@ def load_report_data(store: Store, run_id: str) -> ReportData:
             "or pick a run that has one (`kdflow runs`)"
         )
     eval_id = evaluation[0]["eval_id"]
+    spec = json.loads(evaluation[0]["spec"])
 
     def rows(name: str, **params: Any) -> list[Row]:
         return store.arrow(name, **params).to_pylist()
 
+    quality = load_quality(store, eval_id, spec)
     return ReportData(
         run_id=run_id,
         evaluation=evaluation[0],
-        spec=json.loads(evaluation[0]["spec"]),
-        models=rows("model_metrics", eval_id=eval_id),
+        spec=spec,
+        models=[_with_clean(m, quality.clean_of_record(m["model_role"]))
+                for m in rows("model_metrics", eval_id=eval_id)],
         tradeoff=rows("tradeoff_table", eval_id=eval_id),
         categories=rows("category_table", eval_id=eval_id),
         category_accuracy=rows("category_accuracy", eval_id=eval_id),
@@ -126,7 +137,15 @@ def load_report_data(store: Store, run_id: str) -> ReportData:
         stages=rows("stage_timings", run_id=run_id),
         correct=correct_by_role(rows("paired_correct", eval_id=eval_id)),
         seed_correct=correct_by_role_and_seed(rows("seed_correct", eval_id=eval_id)),
+        seed_metrics=rows("seed_metrics", eval_id=eval_id),
+        quality=quality,
     )
+
+
+def _with_clean(model: Row, clean: Row | None) -> Row:
+    clean = clean or {}
+    return dict(model, accuracy_clean=clean.get("accuracy"), n_clean=clean.get("n"),
+                accuracy_clean_lo=clean.get("accuracy_lo"), accuracy_clean_hi=clean.get("accuracy_hi"))
 
 
 def summarize(data: ReportData) -> Summary:
@@ -158,6 +177,7 @@ def summarize(data: ReportData) -> Summary:
         gain_recovered=gain_recovered(student["accuracy"], untrained.get("accuracy"), teacher["accuracy"]),
         comparisons=tuple(compare(data.correct)),
         seeds=compare_over_seeds(data.seed_correct),
+        quality=data.quality,
     )
 
 

@@ -1,4 +1,5 @@
-"""The run report: a self-contained HTML page, a markdown summary and headline numbers, from DuckDB alone.
+"""The run report: a self-contained HTML page, a markdown summary, summary.json and headline numbers, from
+DuckDB alone.
 
 Everything is read back from the store through sql/report.sql, never from the objects that produced it,
 so `kdflow report RUN_ID` rebuilds the same report in a later process, on another machine, from the
@@ -6,8 +7,9 @@ database file. Plots are PNGs embedded as data URIs (the page has no external re
 user text (run name, category names) is escaped for HTML, markdown and matplotlib alike.
 
 Modules: run_report (building: files and the HTML page), data (reading and headline numbers), run_summary
-(markdown and terminal), sections (tables and sentences), baseline (the untrained student and paired
-tests), training (loss terms and smoothing), plots (figures), formatting (numbers as text).
+(markdown and terminal), summary_json (numbers for programs), quality (the data section), sections (tables
+and sentences), baseline (the untrained student and paired tests), training (loss terms and smoothing),
+plots (figures), formatting (numbers as text).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-from kdflow.report import plots, seeds, sections
+from kdflow.report import plots, quality, seeds, sections
 from kdflow.report.baseline import gain_sentence, significance_sentence
 from kdflow.report.data import (  # re-exported: the CLI, the tasks and the tests use run_report as the entry
     ReportData,
@@ -32,11 +34,12 @@ from kdflow.report.data import (  # re-exported: the CLI, the tasks and the test
 )
 from kdflow.report.formatting import Row, page_img, page_table, pct, times_ci
 from kdflow.report.run_summary import print_summary, render_markdown
+from kdflow.report.summary_json import summary_json, write_summary_json
 from kdflow.report.training import validation_as_table, validation_points
 from kdflow.store import Store
 
 __all__ = ["ReportData", "ReportError", "ReportPaths", "Summary", "build_report", "load_report_data", "load_summary",
-           "print_summary", "render_html", "render_markdown", "report_dir", "summarize"]
+           "print_summary", "render_html", "render_markdown", "report_dir", "summarize", "summary_json"]
 
 TEMPLATE = "report.html"
 # StrictUndefined: a name the template uses but render_html does not pass fails loudly instead of rendering empty.
@@ -46,10 +49,12 @@ TEMPLATES = Environment(loader=PackageLoader("kdflow.report", "templates"), auto
 
 @dataclass(frozen=True)
 class ReportPaths:
-    """Where the report went; `tables` are the key tables as rows, for Prefect table artifacts."""
+    """Where the report went (`json`: summary.json); `tables` are the key tables as rows, for Prefect table
+    artifacts."""
 
     html: Path
     markdown: Path
+    json: Path
     summary: Summary
     tables: dict[str, list[Row]]
 
@@ -64,7 +69,8 @@ def report_dir(store: Store, run_id: str) -> Path:
 
 
 def build_report(store: Store, run_id: str, out_dir: Path | None = None) -> ReportPaths:
-    """Write report.html and summary.md for the run's latest evaluation (default: report_dir)."""
+    """Write report.html, summary.md and summary.json (kdflow.report.summary_json) for the run's latest
+    evaluation into `out_dir` (default: report_dir); raises ReportError when the run has no evaluation."""
     data = load_report_data(store, run_id)
     summary = summarize(data)
     out_dir = Path(out_dir) if out_dir is not None else report_dir(store, run_id)
@@ -72,7 +78,9 @@ def build_report(store: Store, run_id: str, out_dir: Path | None = None) -> Repo
     html_path, md_path = out_dir / "report.html", out_dir / "summary.md"
     html_path.write_text(render_html(data, summary), encoding="utf-8")
     md_path.write_text(render_markdown(data, summary), encoding="utf-8")
-    return ReportPaths(html=html_path, markdown=md_path, summary=summary, tables=artifact_tables(data))
+    json_path = write_summary_json(out_dir / "summary.json", data, summary)
+    return ReportPaths(html=html_path, markdown=md_path, json=json_path, summary=summary,
+                       tables=artifact_tables(data))
 
 
 def artifact_tables(data: ReportData) -> dict[str, list[Row]]:
@@ -112,7 +120,9 @@ def render_html(data: ReportData, summary: Summary) -> str:
         headline=headline,
         tradeoff=page_table(sections.TRADEOFF_COLUMNS, data.tradeoff),
         latency_note=sections.latency_note(data.spec, data.models),
-        models=page_table(sections.MODEL_COLUMNS, data.models),
+        models=page_table(sections.model_columns(data.quality.suspect is not None), data.models),
+        models_note=sections.CLEAN_NOTE if data.quality.suspect is not None else None,
+        data=quality.page_section(data.quality),
         baseline_text=gain_sentence(summary.student_accuracy, summary.untrained_accuracy, summary.teacher_accuracy),
         baseline=page_table(sections.BASELINE_COLUMNS, baseline_rows(data)),
         significance_text=significance_sentence(summary.comparisons),

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape as rich_escape
 from rich.table import Table
 
-from kdflow.report import seeds, sections
+from kdflow.report import quality, seeds, sections
 from kdflow.report.baseline import gain_recovered, gain_sentence, significance_sentence
 from kdflow.report.data import ReportData, Summary, baseline_rows, ratio
 from kdflow.report.formatting import md, md_table, md_text, ms, pct, times, times_ci
@@ -20,7 +20,8 @@ from kdflow.report.formatting import md, md_table, md_text, ms, pct, times, time
 def render_markdown(data: ReportData, summary: Summary) -> str:
     """summary.md: headline numbers against the teacher and the untrained student, the verdict over the
     training seeds, which differences are significant, the trade-off table, the students over seeds,
-    per-category differences and the chosen threshold."""
+    per-category differences, the chosen threshold and the data (label counts, suspect gold answers and the
+    accuracy without them)."""
     name = md(summary.run_name or data.run_id)
     lines = [
         f"# kdflow: {name}",
@@ -68,13 +69,16 @@ def render_markdown(data: ReportData, summary: Summary) -> str:
         "",
         md_text(sections.cascade_sentence(data.spec, summary)),
         "",
+        "## Data",
+        "",
+        *quality.markdown_section(data.quality, data.models),
     ]
     return "\n".join(lines)
 
 
 def print_summary(console: Console, summary: Summary) -> None:
-    """One screen on the terminal: teacher, untrained and distilled student, cascade, and which
-    differences are significant."""
+    """One screen on the terminal: teacher, untrained and distilled student, cascade, which differences
+    are significant, and one line on the data (labeled, unlabeled, rejected, suspect gold answers)."""
     table = Table(title=f"kdflow: {rich_escape(summary.run_name or summary.run_id)}", title_justify="left")
     for col in ("", "teacher", "untrained student", "student", "cascade"):
         table.add_column(col, justify="left" if not col else "right")
@@ -99,3 +103,5 @@ def print_summary(console: Console, summary: Summary) -> None:
         console.print(rich_escape(comparison.sentence()), highlight=False)
     if summary.seeds is not None:
         console.print(rich_escape(seeds.verdict_sentence(summary.seeds)), highlight=False)
+    if summary.quality is not None:
+        console.print(rich_escape(quality.terminal_line(summary.quality)), highlight=False)

@@ -61,6 +61,22 @@ MODEL_COLUMNS: list[Column] = [
     ("throughput", lambda r: "–" if r["throughput_qps"] is None else f"{r['throughput_qps']:,.1f} q/s"),
     ("parameters", lambda r: f"{params(r['params_total'])} / {params(r['params_active'])}"),
 ]
+# The accuracy on the test questions whose gold answer the gate verdict did not flag (kdflow.report.quality).
+CLEAN_NOTE = ("Without suspect gold: the accuracy on the test questions whose gold answer the gate verdict did not "
+              "flag as suspect (section Data); every seed's is in summary.json.")
+CLEAN_COLUMN: Column = ("without suspect gold (correct/n; 95% CI)", lambda r: accuracy_with_ci(
+    r.get("accuracy_clean"), r.get("n_clean"), r.get("accuracy_clean_lo"), r.get("accuracy_clean_hi")))
+
+
+def model_columns(clean: bool) -> list[Column]:
+    """MODEL_COLUMNS, with the accuracy without suspect gold beside the accuracy when `clean` (the
+    evaluation knows its gate verdict's flags)."""
+    if not clean:
+        return MODEL_COLUMNS
+    at = [name for name, _ in MODEL_COLUMNS].index("95% CI") + 1
+    return [*MODEL_COLUMNS[:at], CLEAN_COLUMN, *MODEL_COLUMNS[at:]]
+
+
 BASELINE_COLUMNS: list[Column] = [
     ("model", lambda r: role(r["model_role"])),
     ("accuracy (correct/n; 95% CI)", lambda r: accuracy_with_ci(r["accuracy"], r["n"], r["accuracy_lo"],
