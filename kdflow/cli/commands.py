@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -19,6 +18,8 @@ import typer
 from kdflow.cli.console import EXIT_INPUT, _console, _fail, _print_error, _print_version
 from kdflow.cli.help import _Command, _Group
 from kdflow.cli.running import _print_run_footer, _run_flow
+from kdflow.cli.options import ConfigOpt, SetOpt, load_run_config
+from kdflow.cli.route import route
 from kdflow.cli.starter import init
 
 
@@ -44,17 +45,6 @@ app = _Kdflow(
 
 app.command()(init)  # first in the command list: where a new project starts
 
-ConfigOpt = Annotated[
-    Optional[Path],
-    typer.Option("--config", "-c", metavar="FILE", help="YAML run config: a file, or a shipped config's name such as "
-                 "tiny (default: demo)"),
-]
-SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", "-s", metavar="KEY=VALUE", help="override a config key: --set training.epochs=2 (repeatable)"),
-]
-
-
 @app.callback()
 def _offline_defaults(
     version: Annotated[
@@ -72,15 +62,6 @@ def _offline_defaults(
     # kdflow's own log lines (e.g. the teacher server's model list and chosen endpoint) beside Prefect's.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "kdflow")
     logging.getLogger("kdflow").setLevel(logging.INFO)
-
-
-def _load(config: Path | None, overrides: list[str] | None):
-    from kdflow.config import ConfigError, load_config
-
-    try:
-        return load_config(config, overrides or [])
-    except ConfigError as e:
-        raise _fail(str(e)) from None
 
 
 @app.command()
@@ -110,7 +91,7 @@ def ingest(
     from kdflow.report.terminal import print_ingest
     from kdflow.store import Store
 
-    cfg = _load(config, set_)
+    cfg = load_run_config(config, set_)
     if paths:
         try:
             cfg.data.sources = [SourceConfig(path=p, format=format, encoding=encoding, allow_unlabeled=allow_unlabeled)
@@ -148,7 +129,7 @@ def runs(
     from kdflow.store import DB_NAME, Store, StoreError
     from kdflow.report.terminal import print_runs
 
-    cfg = _load(config, set_)
+    cfg = load_run_config(config, set_)
     if not (cfg.home_dir / DB_NAME).exists():  # an empty listing, not an error (and no database created)
         _console().print(f"no runs recorded in {cfg.home_dir / DB_NAME} yet: start one with `kdflow run`")
         return
@@ -163,7 +144,7 @@ def runs(
 @app.command()
 def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Run the whole pipeline as a Prefect flow (ephemeral Prefect when no server is configured)."""
-    cfg = _load(config, set_)
+    cfg = load_run_config(config, set_)
     run_id = _run_flow("distill", cfg)
     from kdflow.report.run_report import load_summary, print_summary
     from kdflow.store import Store
@@ -179,7 +160,7 @@ def sweep(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     from kdflow.config import ConfigError
     from kdflow.sweep.grid import expand_grid
 
-    cfg = _load(config, set_)
+    cfg = load_run_config(config, set_)
     try:
         expand_grid(cfg)  # a bad point is a config error before anything runs
     except ConfigError as e:
@@ -195,7 +176,7 @@ def sweep(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 @app.command()
 def label(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Label every ingested question the configured teacher has not labeled yet (preparing it first if asked)."""
-    teacher_key = _run_flow("label", _load(config, set_))
+    teacher_key = _run_flow("label", load_run_config(config, set_))
     _console().print(f"labels of teacher {teacher_key} are complete")
 
 
@@ -205,7 +186,7 @@ def validate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     from kdflow.store import Store
     from kdflow.validate.calibration import stored_calibration
 
-    cfg = _load(config, set_)
+    cfg = load_run_config(config, set_)
     validation_id = _run_flow("validate", cfg)
     _console().print(f"the data-quality gate passed ({validation_id})")
     calibration = stored_calibration(Store(cfg.home_dir, read_only=True), validation_id)
@@ -221,7 +202,7 @@ def train(
     resume: Annotated[bool, typer.Option("--resume/--restart", help="continue from the last checkpoint")] = True,
 ) -> None:
     """Distil the students from the validated soft labels."""
-    models = _run_flow("train", _load(config, set_), resume=resume)
+    models = _run_flow("train", load_run_config(config, set_), resume=resume)
     for role, by_seed in models.items():
         for seed, path in by_seed.items():
             _console().print(f"{role} seed {seed}: {path}")
@@ -230,7 +211,7 @@ def train(
 @app.command()
 def evaluate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Evaluate teacher and existing students on the test split and rebuild the report."""
-    html = _run_flow("evaluate", _load(config, set_))
+    html = _run_flow("evaluate", load_run_config(config, set_))
     _console().print(f"report: {html}")
 
 
@@ -244,7 +225,7 @@ def report(
     from kdflow.report.run_report import build_report, print_summary
     from kdflow.store import Store, StoreError
 
-    cfg = _load(config, set_)
+    cfg = load_run_config(config, set_)
     try:
         store = Store(cfg.home_dir, read_only=True)
         if not store.fetch("get_run", run_id=run_id):
@@ -256,53 +237,7 @@ def report(
     _console().print(f"report: {paths.html}")
 
 
-@app.command()
-def route(
-    source: Annotated[str, typer.Argument(help="JSONL file of {question, options, category?}; '-' reads stdin")] = "-",
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Answer questions with the cascade: the student, or the teacher when the student is unsure."""
-    cfg = _load(config, set_)
-    from kdflow.ingest.datasets import run_dataset_ids
-    from kdflow.errors import KdflowError
-    from kdflow.evaluate.routing import answer, chosen_cascade, read_questions
-    from kdflow.store import Store, StoreError
-    from kdflow.label.teacher import open_backend, teacher_ref
-
-    if source == "-":
-        questions, problems = read_questions(sys.stdin, "stdin")
-    else:
-        try:
-            with open(source, encoding="utf-8") as f:
-                questions, problems = read_questions(f, source)
-        except (OSError, UnicodeDecodeError) as e:
-            raise _fail(f"cannot read {source}: {e}") from None
-    console = _console()
-    for problem in problems:
-        console.print(f"[yellow]skipped[/] {problem}")
-    if not questions:
-        raise _fail("no usable question to answer")
-    try:
-        store = Store(cfg.home_dir, read_only=True)
-        cascade = chosen_cascade(store)
-        ref = teacher_ref(cfg, store, run_dataset_ids(cfg, store))
-        from kdflow.label.backends.hf import HFBackend
-        from kdflow.modeling import load_pretrained
-
-        model, tokenizer = load_pretrained(str(cascade.student_dir), device=cfg.student.device)
-        student = HFBackend(model, tokenizer, cfg.scoring, batch_size=cfg.evaluation.batch_size, device=model.device)
-        answers = answer(questions, student, lambda: open_backend(cfg, ref), cascade.tau)
-    except (KdflowError, StoreError, LookupError) as e:
-        raise _fail(str(e)) from None
-    from rich.table import Table
-
-    table = Table(title=f"cascade tau={cascade.tau:.3f} ({cascade.eval_id})", title_justify="left")
-    for col in ("line", "answer", "confidence", "answered by"):
-        table.add_column(col)
-    for a in answers:
-        table.add_row(str(a.line), f"{a.letter}. {a.text}", f"{a.confidence:.3f}", a.model)
-    console.print(table)
+app.command()(route)
 
 
 @app.command()
@@ -315,7 +250,7 @@ def plan(
     utilisation: Annotated[float, typer.Option(help="assumed share of peak FLOP/s achieved")] = 0.35,
 ) -> None:
     """Estimate FLOPs, memory, GPUs and hours for labeling with the teacher and training the student."""
-    cfg = _load(config, set_)
+    cfg = load_run_config(config, set_)
     from rich.table import Table
 
     from kdflow.errors import KdflowError
@@ -355,7 +290,7 @@ def serve(
     cron: Annotated[str, typer.Option(help="schedule of the main flow")] = "0 2 * * *",
 ) -> None:
     """Serve the main flow on its schedule and every stage as a manual deployment, from this process."""
-    cfg = _load(config, set_)
+    cfg = load_run_config(config, set_)
     if not os.environ.get("PREFECT_API_URL"):
         raise _fail("serving needs a Prefect server: start one with `kdflow ui`, then export the PREFECT_API_URL it prints")
     from kdflow.flows.serve import serve as serve_all
@@ -377,7 +312,7 @@ def ui(
     Beside it, an http server of the home's reports and Data Docs, which the UI's artifacts link to."""
     from kdflow.flows.serve import ServerFiles, start_file_server, start_server, stop_file_server, stop_server
 
-    cfg = _load(config, set_)
+    cfg = load_run_config(config, set_)
     files = ServerFiles.of_home(cfg.home_dir)
     console = _console()
     if stop:
