@@ -8,7 +8,7 @@
 
 Each benchmark runs alone in its own interpreter (a fresh process: no shared imports, caches or memory
 peaks, and never two at once on the cores) and writes bench/results/<name>.json. This prints their rows
-as one table and writes it to bench/results/summary.md, for the README; the table holds every result
+as one table and writes it to bench/results/summary.md, for docs/performance.md; the table holds every result
 file present, so a run with --only refreshes its rows and keeps the others, each marked with its date.
 """
 

@@ -1,4 +1,4 @@
-"""Take the README's screenshots: a run's HTML report and its flow run page in the Prefect UI.
+"""Take the documentation's screenshots: a run's HTML report and its flow run page in the Prefect UI.
 
     .venv/bin/python docs/screenshots.py            # writes docs/report.png and docs/ui-flow-run.png
 

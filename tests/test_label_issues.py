@@ -62,7 +62,7 @@ def test_confident_learning_flags_the_off_diagonal_of_the_confident_joint_per_ca
 
 
 def test_the_margin_rule_and_off():
-    assert SuspectGoldConfig().method == "margin", "the default (README, Data quality)"
+    assert SuspectGoldConfig().method == "margin", "the default (docs/data-quality.md)"
     margin = SuspectGoldConfig(min_confidence=0.75, max_gold_prob=0.2)
     rows = ROWS + [_row("m1", "a", 1, [0.78, 0.21, 0.01])]  # confident, but the gold keeps 0.21
     assert _flags(find_label_issues(rows, margin)) == {"a3": (1, 0, 0.75)}

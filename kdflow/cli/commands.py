@@ -70,7 +70,7 @@ def ingest(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     format: Annotated[
-        str, typer.Option("--format", "-f", metavar="LAYOUT", help="layout of PATHs: auto or one of README's input-format table")
+        str, typer.Option("--format", "-f", metavar="LAYOUT", help="layout of PATHs: auto or a layout of docs/input-formats.md")
     ] = "auto",
     encoding: Annotated[
         str, typer.Option("--encoding", metavar="CODEC", help="text encoding of PATHs (auto: BOM, UTF-8, else detected)")

@@ -137,7 +137,7 @@ class TrainingConfig(Strict):
 
 class SuspectGoldConfig(Strict):
     """Suspect gold answers: labeled questions whose gold answer the calibrated teacher confidently contradicts
-    (kdflow/validate/label_issues.py; the default and its measured precision and recall are in README.md)."""
+    (kdflow/validate/label_issues.py; the default and its measured precision and recall are in docs/data-quality.md)."""
 
     method: Annotated[Literal["margin", "confident_learning", "off"], BeforeValidator(_switch_word)] = Field(
         "margin",

@@ -5,7 +5,7 @@ under seed NULL). Out: the SeedStudy of kdflow.evaluate.significance, its tables
 and spread over the seeds; the per-seed exact McNemar tests with Holm-adjusted p-values) and its sentences,
 among them the one verdict the summary and the terminal repeat. Reads no tables itself.
 
-One seed is one draw of initial weights and data order, and the README shows a 20-point swing between
+One seed is one draw of initial weights and data order, and docs/training.md shows a 20-point swing between
 draws: a difference is only claimed when it holds, significantly, on every seed.
 """
 

@@ -17,7 +17,7 @@ suspect, where choice is the teacher's most probable option:
   whenever p(choice) reaches t_c, so a question is flagged when choice != gold and p(choice) >= t_c.
 
 Margin is the default because t_c is low exactly where the teacher is weak, so there confident learning
-flags the teacher's own mistakes (measured precision and recall: README.md, "Data quality").
+flags the teacher's own mistakes (measured precision and recall: docs/data-quality.md, "Suspect gold answers").
 
 The probabilities are the teacher's after the verdict's calibration temperature (kdflow.validate.calibration),
 so a threshold means the same for an over-confident and a calibrated teacher. Considered: labeled questions
