@@ -44,7 +44,7 @@ class DemoSource(Strict):
     own questions about the same world."""
 
     n_questions: int = Field(
-        30_000, ge=100, description="size of the transfer set; it also fixes the world (how many facts each tier has)"
+        15_000, ge=100, description="size of the transfer set; it also fixes the world (how many facts each tier has)"
     )
     seed: int = Field(0, description="generator seed; the same seed gives the same world everywhere")
     corpus: Literal["transfer", "teacher"] = Field(
@@ -53,9 +53,11 @@ class DemoSource(Strict):
         "the same world (its 'pretraining', for teacher.prepare.source), every answer right",
     )
     labeled_share: float = Field(
-        0.3, ge=0, le=1,
-        description="transfer set: share of questions with a gold answer; the others are unlabeled and teach the "
-        "student only through the teacher's soft label (gold labels are the scarce, costly part of a real set)",
+        0.7, ge=0, le=1,
+        description="transfer set: share of the topics (facts; reasoning questions one by one) whose training "
+        "questions have a gold answer; the others are unlabeled and teach the student only through the teacher's "
+        "soft label, as a pool of production questions nobody annotated does. Validation and test questions keep "
+        "their gold answers",
     )
     gold_noise: float = Field(
         0.05, ge=0, le=1,
