@@ -98,7 +98,7 @@ class LLM:
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            self.model = AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32).eval()
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.engine_args = {"model": model, "revision": revision, "tensor_parallel_size": tensor_parallel_size,
                             "max_model_len": max_model_len, "gpu_memory_utilization": gpu_memory_utilization,
