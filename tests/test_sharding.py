@@ -20,9 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from helpers import labeling_world
 
-from kdflow.config import RunConfig
+from kdflow.config import RunConfig, ScoringConfig
 from kdflow.errors import KdflowError
 from kdflow.runs import start_run
 from kdflow.label.engine_host import close_engine_hosts
@@ -285,6 +286,71 @@ def test_a_daemonic_worker_cannot_build_an_engine_but_its_engine_host_can(world,
     worker.join()
 
 
+@pytest.mark.parametrize(("vllm", "scoring", "n_gpus", "message"), [
+    ({"max_model_len": 64}, {}, 1,
+     r"renders to a \d+-token prompt \(scoring.max_length is 1024\).*raise teacher.vllm.max_model_len above \d+"),
+    ({"max_model_len": 24}, {"mode": "cloze"}, 1, r"within teacher.vllm.max_model_len = 24.*lower scoring.max_length"),
+    ({"max_model_len": 4096}, {}, 1, r"max_model_len is 4096, beyond the model's context of 512"),
+    ({"max_logprobs": 3}, {"letter_forms": "sum"}, 1, r"asks vLLM for 10 log-probabilities.*max_logprobs to at least 10"),
+    ({"tensor_parallel_size": 2}, {}, 1, r"tensor_parallel_size is 2 but this machine has 1 GPU"),
+    ({"data_parallel_size": 3}, {}, 2, r"3 vLLM engines.*gpu_memory_utilization <= 0.5"),
+])
+def test_each_vllm_limit_is_refused_before_an_engine_starts(vllm, scoring, n_gpus, message, world, tmp_path,
+                                                            fake_vllm, monkeypatch):
+    from kdflow.label.engine_limits import check_vllm_stage
+
+    gpus(monkeypatch, n_gpus)
+    _, store = fresh(world, tmp_path / "home")
+    cfg = vllm_config(world, tmp_path / "home", vllm).model_copy(update={"scoring": ScoringConfig(**scoring)})
+    with pytest.raises(KdflowError, match=message):
+        check_vllm_stage(cfg, store, world["dataset_ids"])
+    assert not fake_vllm(), "an engine was built"
+
+
+def test_limits_that_fit_pass_and_give_each_engine_its_gpus(world, tmp_path, fake_vllm, monkeypatch):
+    from kdflow.label.engine_limits import check_vllm_stage, letter_ids_asked
+    from kdflow.modeling import load_tokenizer
+    from kdflow.sources import ModelSource
+
+    gpus(monkeypatch, 4)
+    _, store = fresh(world, tmp_path / "home")
+    cfg = vllm_config(world, tmp_path / "home", {"data_parallel_size": 2, "tensor_parallel_size": 2,
+                                                 "max_model_len": 512})
+    assert check_vllm_stage(cfg.model_copy(update={"scoring": ScoringConfig(max_length=511)}), store,
+                            world["dataset_ids"]) == ["0,1", "2,3"]
+    tokenizer = load_tokenizer(ModelSource(str(world["teacher"])))
+    assert letter_ids_asked(tokenizer, cfg, 4) == 4  # natural forms: one id per letter
+    monkeypatch.setattr(fake_vllm_module(), "__version__", "0.19.1")
+    with pytest.raises(KdflowError, match=r"vLLM 0.19.1 is installed.*vllm>=0.20"):
+        check_vllm_stage(cfg, store, world["dataset_ids"])
+
+
+def fake_vllm_module():
+    import vllm
+
+    return vllm
+
+
+def test_the_cli_refuses_a_limit_with_exit_2_before_labeling(world, tmp_path, fake_vllm, monkeypatch):
+    from typer.testing import CliRunner
+
+    from kdflow.cli import app
+
+    gpus(monkeypatch, 1)
+    home = tmp_path / "home"
+    shutil.copytree(world["home"], home)
+    config = tmp_path / "vllm.yaml"
+    config.write_text(yaml.safe_dump({
+        "home": str(home), "data": {"sources": [{"demo": {"n_questions": N_QUESTIONS}}]},
+        "teacher": {"backend": "vllm", "model": str(world["teacher"]), "vllm": {"max_model_len": 64}}}))
+    result = CliRunner().invoke(app, ["label", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    assert "teacher.vllm.max_model_len" in result.output and "Traceback" not in result.output
+    assert not fake_vllm()
+    with Store(home).connect() as con:
+        assert con.execute("SELECT count(*) FROM soft_labels").fetchone()[0] == 0
+
+
 # --- Prefect: lanes, failures and resume on a thread pool -----------------------------------------------
 
 def test_shards_of_one_engine_never_overlap_and_run_on_its_gpus(prefect_harness, world, tmp_path, monkeypatch):
@@ -409,6 +475,28 @@ def test_dask_workers_label_like_one_process_even_when_one_dies(
         assert duckdb_count(store, reference[0]) == N_QUESTIONS, name
         assert not list(shards_dir(cfg.home_dir, reference[0]).rglob("*.parquet*")), name
     assert (tmp_path / "killed.flag").exists(), "no worker was killed"
+
+
+@pytest.mark.slow
+def test_local_dask_workers_label_through_engine_hosts_one_engine_per_worker(
+    prefect_harness, world, reference, tmp_path, fake_vllm, monkeypatch
+):
+    """Dask worker processes are daemonic, so a vLLM engine built in one fails (see the test above); each
+    worker's shards go to one engine host on that worker's own GPU."""
+    from kdflow.tasks.label import run_label_stage
+
+    gpus(monkeypatch, 2)
+    _, store = fresh(world, tmp_path / "home")
+    cfg = vllm_config(world, tmp_path / "home", task_runner="dask", n_workers=2)
+    cfg = cfg.model_copy(update={"validation": cfg.validation.model_copy(update={"sample_questions": 0})})
+    key = run_label_stage(cfg, start_run(store, cfg), world["dataset_ids"])
+    engines = [e for e in fake_vllm() if e["event"] == "engine"]
+    assert sorted(e["devices"] for e in engines) == ["0", "1"], engines
+    assert len({e["pid"] for e in engines}) == 2 and os.getpid() not in {e["pid"] for e in engines}
+    assert sum(e["event"] == "generate" for e in fake_vllm()) == N_QUESTIONS // SHARD_SIZE + 1
+    labels = stored_labels(store, world, key)  # the vLLM teacher's key, with the hf teacher's numbers
+    assert labels["question_id"].equals(reference[1]["question_id"])
+    assert labels["probs"].to_pylist() == [pytest.approx(p, abs=1e-5) for p in reference[1]["probs"].to_pylist()]
 
 
 # --- task runners from the config ------------------------------------------------------------------------
