@@ -529,8 +529,7 @@ def test_task_runner_follows_the_orchestration_config(monkeypatch):
         build_task_runner(RunConfig(orchestration={"task_runner": "ray"}))
 
 
-def test_ray_runner_when_ray_is_installed():
-    pytest.importorskip("prefect_ray")
+def test_ray_runner_follows_the_orchestration_config():
     from prefect_ray import RayTaskRunner
 
     from kdflow.tasks.shard_label import build_task_runner, placement
@@ -559,9 +558,19 @@ def test_gpu_shards_ask_dask_for_a_gpu_slot():
         assert dask.get_annotations() == {}
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray instance for the module (its start-up takes seconds): a RayTaskRunner without an
+    address finds it initialised, uses it and leaves it running."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, namespace="prefect", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.mark.slow
-def test_ray_workers_label_like_one_process(prefect_harness, world, reference, tmp_path):
-    pytest.importorskip("prefect_ray")
+def test_ray_workers_label_like_one_process(prefect_harness, ray_cluster, world, reference, tmp_path):
     from kdflow.tasks.label import run_label_stage
 
     cfg, store = fresh(world, tmp_path / "home", task_runner="ray", n_workers=2)
