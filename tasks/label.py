@@ -8,6 +8,7 @@ from kdflow.config import RunConfig
 from kdflow.validate.gate import sample_first
 from kdflow.progress import progress_bar
 from kdflow.runs import stage
+from kdflow.label.engine_limits import check_vllm_stage
 from kdflow.label.sharding import uses_shards
 from kdflow.store import Store
 from kdflow.label.preparation import prepare_teacher
@@ -60,10 +61,12 @@ def label_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], sample_only:
 def run_label_stage(cfg: RunConfig, run_id: str, dataset_ids: list[str]) -> str:
     """The label stage: one task in this process by default, shards on the configured task runner when
     orchestration asks for workers (or vLLM engine groups); returns the teacher key. Sharded, the fail-fast
-    sample is labeled and checked in this process first, and the shards label the rest."""
+    sample is labeled and checked in this process first, and the shards label the rest. A vLLM teacher's
+    limits are checked first, before any engine starts (kdflow.label.engine_limits)."""
+    devices = check_vllm_stage(cfg, Store(cfg.home_dir), dataset_ids) if cfg.teacher.backend == "vllm" else []
     labeler = label_task.with_options(retries=cfg.orchestration.retries)
     if uses_shards(cfg):
         if cfg.validation.sample_questions:
             labeler(cfg, run_id, dataset_ids, sample_only=True)
-        return label_sharded_flow(cfg, run_id, dataset_ids)
+        return label_sharded_flow(cfg, run_id, dataset_ids, devices)
     return labeler(cfg, run_id, dataset_ids)

@@ -7,6 +7,12 @@ back as paths; planning and loading stay in the flow's process, the database's o
 A task that raises a transient error (I/O, a crashed vLLM engine) is retried by Prefect; a Dask worker
 that dies takes only its shard with it: the scheduler runs that task again on another worker (up to
 distributed.scheduler.allowed-failures times), and finished shards are kept either way.
+
+vLLM engines run in engine hosts (kdflow.label.engine_host), one per worker process: with the thread
+runner they live in the flow's process, one per engine slot on the GPUs the flow assigned it, and end with
+the stage; on a local Dask cluster each worker gets its engine's GPUs as CUDA_VISIBLE_DEVICES when it
+starts (tasks/dask_gpus.py). Ray starts a fresh worker process for every GPU task (its max_calls is 1 for
+them), so under Ray an engine lives for one shard: give Ray large shards (orchestration.shard_size).
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ from kdflow.errors import KdflowError
 from kdflow.label.labeling import warn_truncated
 from kdflow.progress import progress_bar
 from kdflow.runs import stage
-from kdflow.label.sharding import ShardError, ShardPlan, engine_groups, label_shard, load_shards, plan_shards
+from kdflow.label.engine_host import close_engine_hosts
+from kdflow.label.sharding import (
+    ShardError, ShardPlan, engine_groups, label_shard, load_shards, plan_shards, shard_slots,
+)
 from kdflow.store import Store
 from kdflow.tasks.progress import both, ui_progress
 from kdflow.tasks.retry import RETRY_DELAYS, retry_if_transient
@@ -35,25 +44,22 @@ from kdflow.tasks.retry import RETRY_DELAYS, retry_if_transient
 @task(name="label-shard", tags=["gpu"], retries=2, retry_delay_seconds=RETRY_DELAYS,
       retry_condition_fn=retry_if_transient)
 def label_shard_task(cfg: RunConfig, model_dir: str | None, in_path: str, out_path: str,
-                     rank: int | None = None) -> str:
+                     devices: str | None = None) -> str:
     """Returns the path of the shard's labels: results cross processes as paths, never tensors."""
-    return label_shard(cfg, model_dir, in_path, out_path, rank)
-
-
-def worker_count(cfg: RunConfig) -> int:
-    """Shards in flight at once: one per vLLM engine group, else orchestration.n_workers."""
-    groups = engine_groups(cfg.teacher)
-    return groups if groups > 1 else cfg.orchestration.n_workers
+    return label_shard(cfg, model_dir, in_path, out_path, devices)
 
 
 def needs_gpu(cfg: RunConfig) -> bool:
     return cfg.teacher.backend == "vllm" or cfg.teacher.device == "cuda"
 
 
-def build_task_runner(cfg: RunConfig) -> TaskRunner:
-    """The configured engine: a capped thread pool, Dask (a scheduler address or a local cluster) or Ray."""
+def build_task_runner(cfg: RunConfig, devices: list[str] | None = None) -> TaskRunner:
+    """The configured engine: a capped thread pool, Dask (a scheduler address or a local cluster) or Ray.
+
+    `devices`: the CUDA_VISIBLE_DEVICES of each vLLM engine on this machine (engine_limits.engine_devices);
+    a local Dask cluster gives worker w devices[w]."""
     orch = cfg.orchestration
-    workers = worker_count(cfg)
+    workers = shard_slots(cfg)
     if engine_groups(cfg.teacher) > 1 and (orch.address or orch.task_runner == "ray"):
         raise KdflowError(
             "teacher.vllm.data_parallel_size > 1 runs engines on this node only; on a cluster set it to 1 and "
@@ -72,6 +78,10 @@ def build_task_runner(cfg: RunConfig) -> TaskRunner:
         cluster = {"n_workers": workers, "threads_per_worker": 1, "processes": True}
         if needs_gpu(cfg):
             cluster["resources"] = {"GPU": 1}
+        if devices:
+            from kdflow.tasks.dask_gpus import EngineGpus
+
+            cluster["plugins"] = {EngineGpus(devices)}
         return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster)
     try:
         from prefect_ray import RayTaskRunner
@@ -116,16 +126,18 @@ def shared_api(cfg: RunConfig) -> AbstractContextManager:
     return temporary_settings({PREFECT_API_URL: server.api_url})
 
 
-def submit_shards(cfg: RunConfig, plan: ShardPlan) -> list[PrefectFuture]:
-    """One task per shard; with vLLM engine groups, shard i waits for shard i - groups (same GPUs)."""
+def submit_shards(cfg: RunConfig, plan: ShardPlan, devices: list[str] | None = None) -> list[PrefectFuture]:
+    """One task per shard. With the thread runner and engine slots, shard i waits for shard i - slots (the
+    same engine) and runs on that engine's `devices`; other runners' workers bring their own GPUs."""
     labeler = label_shard_task.with_options(retries=cfg.orchestration.retries)
-    groups = engine_groups(cfg.teacher)
+    lanes = max(1, len({s.rank for s in plan.shards}))
+    threads = cfg.orchestration.task_runner == "threads"
     futures: list[PrefectFuture] = []
     with placement(cfg):
         for shard in plan.shards:
-            before = [allow_failure(futures[shard.index - groups])] if groups > 1 and shard.index >= groups else None
-            futures.append(labeler.submit(cfg, plan.model_dir, shard.in_path, shard.out_path, shard.rank,
-                                          wait_for=before))
+            before = [allow_failure(futures[shard.index - lanes])] if lanes > 1 and shard.index >= lanes else None
+            gpus = devices[shard.rank or 0] if devices and threads else None
+            futures.append(labeler.submit(cfg, plan.model_dir, shard.in_path, shard.out_path, gpus, wait_for=before))
     return futures
 
 
@@ -151,14 +163,17 @@ def gather_shards(
 
 
 @flow(name="label-sharded", flow_run_name="label-sharded-{cfg.name}")
-def label_sharded(cfg: RunConfig, run_id: str, dataset_ids: list[str]) -> str:
+def label_sharded(cfg: RunConfig, run_id: str, dataset_ids: list[str], devices: list[str] | None = None) -> str:
     """Label in shards on this flow's task runner; returns the teacher key. Use `label_sharded_flow`."""
     start = time.perf_counter()
     store = Store(cfg.home_dir)
     with stage(store, run_id, "label") as record, progress_bar("labeling") as bar:
         plan = plan_shards(cfg, store, dataset_ids)
-        futures = submit_shards(cfg, plan)
-        finished, errors, labeled = gather_shards(futures, plan, both(bar, ui_progress("labeling", run_id)))
+        try:
+            futures = submit_shards(cfg, plan, devices)
+            finished, errors, labeled = gather_shards(futures, plan, both(bar, ui_progress("labeling", run_id)))
+        finally:
+            close_engine_hosts()  # the thread runner's engines, in this process: their GPUs go back now
         load_shards(store, plan.teacher_key, finished)
         if errors:
             raise ShardError(
@@ -169,14 +184,16 @@ def label_sharded(cfg: RunConfig, run_id: str, dataset_ids: list[str]) -> str:
         warn_truncated(truncated, total)
         record.reused = not plan.shards
         record.detail = {"teacher_key": plan.teacher_key, "labeled": labeled, "total": total, "truncated": truncated,
-                         "shards": len(plan.shards), "workers": worker_count(cfg),
+                         "shards": len(plan.shards), "workers": shard_slots(cfg),
                          "task_runner": cfg.orchestration.task_runner, "seconds": round(time.perf_counter() - start, 2)}
     get_run_logger().info("teacher %s: %s new labels in %s shards on %s, %s questions labeled in all", plan.teacher_key,
                           f"{labeled:,}", len(plan.shards), cfg.orchestration.task_runner, f"{total:,}")
     return plan.teacher_key
 
 
-def label_sharded_flow(cfg: RunConfig, run_id: str, dataset_ids: list[str]) -> str:
-    """The sharded label stage as a subflow on the task runner built from `cfg.orchestration`."""
+def label_sharded_flow(cfg: RunConfig, run_id: str, dataset_ids: list[str], devices: list[str] | None = None) -> str:
+    """The sharded label stage as a subflow on the task runner built from `cfg.orchestration`; `devices` as
+    for `build_task_runner`."""
     with shared_api(cfg):
-        return label_sharded.with_options(task_runner=build_task_runner(cfg))(cfg, run_id, dataset_ids)
+        runner = build_task_runner(cfg, devices)
+        return label_sharded.with_options(task_runner=runner)(cfg, run_id, dataset_ids, devices)

@@ -12,6 +12,10 @@ server (`flavour`):
   ids and bytes, and ignores `echo` (only the generated token comes back).
 - "llama-cpp-python": legacy shape, but empty lists when end-of-text is the top token; echo reads
   max_tokens 0 as "no limit" and appends the generated text to the echoed prompt.
+`return_tokens_as_token_ids=True` is `vllm serve --return-tokens-as-token-ids`: tokens are named
+"token_id:N" in top log-probabilities and echoed tokens; in chat entries `bytes` are the placeholder's own
+bytes (vLLM's OpenAIServingChat._get_top_logprobs), the sampled token's are its text's. A request's
+{"return_tokens_as_token_ids": false} overrides it unless `ignores_request_flag` (an older server).
 `replies` maps a path to a recorded JSON reply sent verbatim instead (for shapes recorded from real
 servers). It binds 127.0.0.1 on a free port, can fail its next requests with a chosen status, counts
 requests in flight and records the request bodies and Authorization headers it saw. Bounded: 1 MB
@@ -46,7 +50,8 @@ class StubServer:
 
     def __init__(self, model: Any, tokenizer: Any, *, delay_s: float = 0.0, max_top_logprobs: int | None = None,
                  flavour: str = "vllm", models: list[dict[str, Any]] | None = None,
-                 replies: dict[str, dict[str, Any]] | None = None, ignore_echo: bool = False):
+                 replies: dict[str, dict[str, Any]] | None = None, ignore_echo: bool = False,
+                 return_tokens_as_token_ids: bool = False, ignores_request_flag: bool = False):
         assert flavour in ("vllm", "llama-server", "llama-cpp-python")
         self.model = model
         self.tokenizer = tokenizer
@@ -55,6 +60,8 @@ class StubServer:
         self.replies = replies or {}
         self.ignore_echo = ignore_echo or flavour == "llama-server"
         self.delay_s = delay_s
+        self.return_tokens_as_token_ids = return_tokens_as_token_ids
+        self.ignores_request_flag = ignores_request_flag
         self.max_top_logprobs = max_top_logprobs or len(tokenizer)
         self.auth_headers: list[str | None] = []
         self.bodies: list[dict[str, Any]] = []
@@ -137,13 +144,20 @@ class StubServer:
             logits = self.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
         return torch.log_softmax(logits.float(), dim=-1)
 
-    def _top(self, row: torch.Tensor, n: int) -> dict[str, float]:
+    def _as_ids(self, body: dict[str, Any]) -> bool:
+        asked = None if self.ignores_request_flag else body.get("return_tokens_as_token_ids")
+        return self.return_tokens_as_token_ids if asked is None else bool(asked)
+
+    def _name(self, token_id: int, as_ids: bool) -> str:
+        return f"token_id:{token_id}" if as_ids else self.tokenizer.decode([token_id])
+
+    def _top(self, row: torch.Tensor, n: int, as_ids: bool = False) -> dict[str, float]:
         if not 0 <= n <= self.max_top_logprobs:
             raise StubError(400, f"top_logprobs must be in [0, {self.max_top_logprobs}], got {n}")
         values, ids = torch.topk(row, min(n, row.shape[0]))
         top: dict[str, float] = {}
         for value, token_id in zip(values.tolist(), ids.tolist()):
-            top.setdefault(self.tokenizer.decode([token_id]), value)  # by text, highest first, like a server
+            top.setdefault(self._name(token_id, as_ids), value)  # by text, highest first, like a server
         return top
 
     def _generate(self, ids: list[int], max_tokens: int, *, as_ids: bool = False) -> Any:
@@ -170,8 +184,8 @@ class StubServer:
             generated = self._generate(ids, int(max_tokens), as_ids=True)
             all_ids = ids + generated
             rows = self._log_probs(all_ids)
-            tokens = [self.tokenizer.decode([t]) for t in all_ids]
-            offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+            tokens = [self._name(t, self._as_ids(body)) for t in all_ids]
+            offsets = [sum(len(self.tokenizer.decode([t])) for t in all_ids[:i]) for i in range(len(all_ids))]
             values = [None] + [float(rows[i - 1, t]) for i, t in enumerate(all_ids) if i > 0]
             top = [None] + [{tokens[i]: values[i]} for i in range(1, len(all_ids))]
             logprobs = {"tokens": tokens, "token_logprobs": values, "top_logprobs": top, "text_offset": offsets}
@@ -187,8 +201,9 @@ class StubServer:
         if self.flavour == "llama-cpp-python" and best == self.tokenizer.eos_token_id:
             return _completion(body["model"], "", {"text_offset": [], "token_logprobs": [], "tokens": [],
                                                    "top_logprobs": []})
-        logprobs = {"tokens": [token], "token_logprobs": [float(row[best])], "top_logprobs": [self._top(row, n)],
-                    "text_offset": [len(prompt)]}
+        as_ids = self._as_ids(body)
+        logprobs = {"tokens": [self._name(best, as_ids)], "token_logprobs": [float(row[best])],
+                    "top_logprobs": [self._top(row, n, as_ids)], "text_offset": [len(prompt)]}
         return _completion(body["model"], token, logprobs)
 
     def _prompt_logprobs(self, body: dict[str, Any], ids: list[int]) -> dict[str, Any]:
@@ -238,15 +253,18 @@ class StubServer:
             return {"object": "chat.completion", "choices": [{"index": 0, "message": message}]}
         row = self._log_probs(ids)[-1]
         best = int(row.argmax())
-        top = self._top(row, int(body.get("top_logprobs", 0)))
+        as_ids = self._as_ids(body)
+        top = self._top(row, int(body.get("top_logprobs", 0)), as_ids)
+        text = self.tokenizer.decode([best])
         entry = {
-            "token": self.tokenizer.decode([best]),
+            "token": self._name(best, as_ids),
             "logprob": float(row[best]),
-            "top_logprobs": [{"token": t, "logprob": v} for t, v in top.items()],
+            "bytes": list(text.encode()),
+            "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top.items()],
         }
         return {
             "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": entry["token"]},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "logprobs": {"content": [entry]}}],
         }
 

@@ -33,6 +33,7 @@ from kdflow.label.backends.openai import (
     first_token_top_logprobs,
     letter_label_from_top_logprobs,
 )
+from kdflow.label.backends.openai.replies import names_tokens_by_id
 from kdflow.config import ScoringConfig, TeacherConfig, load_config
 from kdflow.errors import KdflowError, TransientError
 from kdflow.store import Store
@@ -314,15 +315,64 @@ def test_every_token_spelling_reads_as_its_letter(spelling, shape):
     assert label.probs[1] == pytest.approx(0.9 / 0.99, abs=1e-6) and label.coverage == pytest.approx(0.99, abs=1e-6)
 
 
-def test_token_id_spellings_are_read_through_their_bytes_or_refused():
-    top = {f"token_id:{100 + i}": v for i, v in enumerate(TOKEN_FORMS["top_logprobs"]["plain_spaced"].values())}
-    texts = [" A", " B", " C", " D", " The"]
-    entries = [{"token": t, "logprob": v, "bytes": list(text.encode())} for (t, v), text in zip(top.items(), texts)]
-    choice = {"logprobs": {"content": [dict(entries[0], top_logprobs=entries)]}}
-    label = letter_label_from_top_logprobs(first_token_top_logprobs(choice), 4)
-    assert label.predicted == 1 and label.coverage == pytest.approx(0.99, abs=1e-6)
-    with pytest.raises(ServerReplyError, match="return_tokens_as_token_ids.*token_id:100"):
-        first_token_top_logprobs({"logprobs": {"tokens": ["x"], "top_logprobs": [top]}})
+def _vllm_chat_choice_with_token_ids(top: dict[int, float], texts: dict[int, str]) -> dict:
+    """A chat choice as `vllm serve --return-tokens-as-token-ids` writes it (OpenAIServingChat): each token is
+    "token_id:N"; the top entries' bytes are the placeholder's own, the sampled entry's its text's."""
+    def placeholder(token_id: int, value: float) -> dict:
+        name = f"token_id:{token_id}"
+        return {"token": name, "logprob": value, "bytes": list(name.encode())}
+
+    best = max(top, key=top.get)
+    entry = dict(placeholder(best, top[best]), bytes=list(texts[best].encode()),
+                 top_logprobs=[placeholder(t, v) for t, v in top.items()])
+    return {"index": 0, "message": {"role": "assistant", "content": texts[best]}, "logprobs": {"content": [entry]},
+            "finish_reason": "length"}
+
+
+def test_vllm_token_id_placeholders_are_recognised_never_read_as_text():
+    values = list(TOKEN_FORMS["top_logprobs"]["plain_spaced"].values())
+    texts = {362: " A", 425: " B", 356: " C", 422: " D", 576: " The"}
+    chat = _vllm_chat_choice_with_token_ids(dict(zip(texts, values)), texts)
+    legacy = {"logprobs": {"tokens": ["token_id:425"], "top_logprobs": [{f"token_id:{t}": v for t, v in
+                                                                         zip(texts, values)}]}}
+    for choice in (chat, legacy):
+        assert names_tokens_by_id(choice)
+        with pytest.raises(ServerReplyError, match="token_id:362.*--return-tokens-as-token-ids"):
+            first_token_top_logprobs(choice)
+    readable = _as_chat_choice(TOKEN_FORMS["top_logprobs"]["plain_spaced"])
+    assert not names_tokens_by_id(readable) and not names_tokens_by_id({"logprobs": None})
+
+
+@pytest.mark.parametrize("mode", ["chat", "completions", "cloze"])
+def test_a_server_naming_tokens_by_id_is_asked_for_their_text(mode, serve, tiny_model, tiny_tokenizer,
+                                                              tiny_questions, caplog):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = "{% for m in messages %}user: {{ m['content'] }}\n{% endfor %}assistant:"
+    stub = serve(tokenizer, return_tokens_as_token_ids=True)
+    scoring = ScoringConfig(mode="cloze" if mode == "cloze" else "letter",
+                            chat_template="on" if mode == "chat" else "off")
+    with caplog.at_level("INFO", logger="kdflow.label.backends.openai"):
+        backend = OpenAIBackend(_teacher(stub.base_url, top_logprobs=len(tiny_tokenizer)), scoring)
+    served = backend.score(tiny_questions)
+    local = HFBackend(tiny_model, tokenizer, scoring, batch_size=8, device="cpu").score(tiny_questions)
+    for s, h in zip(served, local):
+        assert s.label.probs == pytest.approx(h.label.probs, abs=1e-4)
+        assert s.label.coverage == pytest.approx(h.label.coverage, abs=1e-4)
+    scoring_bodies = [b for b in stub.bodies if "logprobs" in b]
+    assert "return_tokens_as_token_ids" not in scoring_bodies[0]  # other servers never see the field
+    assert all(b["return_tokens_as_token_ids"] is False for b in scoring_bodies[1:])
+    assert "names tokens by id" in caplog.text
+    backend.close()
+
+
+def test_a_server_that_keeps_naming_tokens_by_id_is_refused_naming_the_flag(serve):
+    stub = serve(return_tokens_as_token_ids=True, ignores_request_flag=True)
+    with pytest.raises(ServerReplyError, match="even when asked.*without --return-tokens-as-token-ids"):
+        OpenAIBackend(_teacher(stub.base_url), ScoringConfig(chat_template="off"))
+    # Cloze falls back to vLLM's prompt_logprobs, whose entries carry decoded_token whatever the flag.
+    cloze = OpenAIBackend(_teacher(stub.base_url), ScoringConfig(mode="cloze"))
+    assert "prompt_logprobs" in stub.bodies[-1]
+    cloze.close()
 
 
 @pytest.mark.parametrize("choice", [

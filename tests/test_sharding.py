@@ -6,9 +6,9 @@ compositions change the last bits of the probabilities, and the comparisons belo
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,14 +20,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from helpers import labeling_world
 
-from kdflow.config import RunConfig
-from kdflow.errors import KdflowError, TransientError
+from kdflow.config import RunConfig, ScoringConfig
+from kdflow.errors import KdflowError
 from kdflow.runs import start_run
+from kdflow.label.engine_host import close_engine_hosts
+from kdflow.label.engine_limits import engine_devices
 from kdflow.label.sharding import (
     ShardError,
-    gpu_group,
     label_shard,
     load_shards,
     plan_shards,
@@ -90,19 +92,6 @@ def reference(world, tmp_path_factory) -> tuple[str, pa.Table]:
 
 
 # --- pure helpers ---------------------------------------------------------------------------------------
-
-def test_gpu_group_cuts_consecutive_device_runs():
-    assert gpu_group(0, 1) == "0"
-    assert gpu_group(3, 1) == "3"
-    assert gpu_group(1, 2) == "2,3"
-    assert gpu_group(1, 4) == "4,5,6,7"
-    assert gpu_group(1, 2, visible="4,5,6,7") == "6,7"
-    assert gpu_group(0, 1, visible="GPU-aa, GPU-bb") == "GPU-aa"
-    with pytest.raises(KdflowError, match="data_parallel_size"):
-        gpu_group(2, 2, visible="0,1,2,3")
-    with pytest.raises(ValueError):
-        gpu_group(-1, 1)
-
 
 def test_the_default_config_labels_in_process():
     assert not uses_shards(RunConfig())
@@ -201,89 +190,202 @@ def test_load_shards_is_idempotent_and_rejects_foreign_teachers(world, tmp_path,
     assert not Path(first.out_path).exists() and not Path(second.out_path).exists()
 
 
-# --- vLLM engine groups ------------------------------------------------------------------------------------
+# --- vLLM: engines in hosts, their GPUs, their limits -----------------------------------------------------
+# The fake vllm package (tests/fake_vllm) starts an engine-core child process like the real one, so it
+# fails in a daemonic process as vLLM does, and logs every engine it builds (KDFLOW_FAKE_VLLM_LOG).
 
-def vllm_config(home: Path) -> RunConfig:
-    return RunConfig(home=str(home), orchestration={"shard_size": SHARD_SIZE},
-                     teacher={"backend": "vllm", "model": "served-model",
-                              "vllm": {"data_parallel_size": 2, "tensor_parallel_size": 2}})
-
-
-def test_engine_groups_get_alternating_ranks(world, tmp_path):
-    _, store = fresh(world, tmp_path / "home")
-    cfg = vllm_config(tmp_path / "home")
-    assert [s.rank for s in plan_shards(cfg, store, world["dataset_ids"]).shards] == [0, 1, 0, 1, 0]
+FAKE_VLLM = Path(__file__).parent / "fake_vllm"
 
 
-def test_each_engine_process_sees_only_its_gpu_group(tmp_path, monkeypatch):
-    cfg = vllm_config(tmp_path)
-    calls, exit_codes = [], [0, 1, 2]
-
-    def fake_run(command, *, input, text, env, check):
-        calls.append((command, env["CUDA_VISIBLE_DEVICES"], RunConfig.model_validate_json(input)))
-        return subprocess.CompletedProcess(command, exit_codes.pop(0))
+@pytest.fixture
+def fake_vllm(monkeypatch, tmp_path):
+    """`import vllm` finds the fake here and in every child process; returns its engine log's reader."""
+    log = tmp_path / "engines.jsonl"
+    monkeypatch.syspath_prepend(str(FAKE_VLLM))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FAKE_VLLM), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("KDFLOW_FAKE_VLLM_LOG", str(log))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr("kdflow.label.sharding.subprocess.run", fake_run)
-    out = str(tmp_path / "out.parquet")
-    assert label_shard(cfg, None, "in.parquet", out, rank=1) == out
-    command, devices, child_cfg = calls[0]
-    assert devices == "2,3" and child_cfg == cfg
-    assert command[:3] == [sys.executable, "-m", "kdflow.label.sharding"] and command[3:5] == ["in.parquet", out]
-    with pytest.raises(TransientError):
-        label_shard(cfg, None, "in.parquet", out, rank=0)
-    with pytest.raises(ShardError, match="configuration error"):
-        label_shard(cfg, None, "in.parquet", out, rank=0)
-    with pytest.raises(ValueError, match="rank"):
-        label_shard(cfg, None, "in.parquet", out)
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    yield lambda: [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    close_engine_hosts()
 
 
-def test_the_engine_process_entry_labels_a_shard(world, reference, tmp_path, monkeypatch):
-    """`python -m kdflow.label.sharding` in a child process (here with the hf backend, so it runs on a CPU)."""
-    from kdflow.label.sharding import _score_in_engine_process
+def gpus(monkeypatch, count: int) -> None:
+    """This test process sees `count` GPUs (torch.cuda.device_count), as the flow's machine would."""
+    monkeypatch.setattr("torch.cuda.device_count", lambda: count)
 
+
+def vllm_config(world: dict, home: Path, vllm: dict | None = None, **orchestration) -> RunConfig:
+    return RunConfig(home=str(home), orchestration={"shard_size": SHARD_SIZE, "retries": 0, **orchestration},
+                     teacher={"backend": "vllm", "model": str(world["teacher"]), "vllm": vllm or {}})
+
+
+def test_engine_slots_get_alternating_ranks_with_the_thread_runner(world, tmp_path):
+    _, store = fresh(world, tmp_path / "home")
+    cfg = vllm_config(world, tmp_path / "home", {"data_parallel_size": 2, "tensor_parallel_size": 2})
+    assert [s.rank for s in plan_shards(cfg, store, world["dataset_ids"]).shards] == [0, 1, 0, 1, 0]
+    workers = vllm_config(world, tmp_path / "home", n_workers=3)
+    assert [s.rank for s in plan_shards(workers, store, world["dataset_ids"]).shards] == [0, 1, 2, 0, 1]
+
+
+def test_each_engine_gets_its_own_gpus_and_shares_only_when_its_memory_fraction_fits(world, tmp_path):
+    def devices(names, vllm=None, **orchestration):
+        return engine_devices(vllm_config(world, tmp_path, vllm, **orchestration), names)
+
+    four = ["0", "1", "2", "3"]
+    assert devices(four, {"data_parallel_size": 2, "tensor_parallel_size": 2}) == ["0,1", "2,3"]
+    assert devices(["GPU-aa", "GPU-bb"], {"data_parallel_size": 2}) == ["GPU-aa", "GPU-bb"]
+    assert devices(four, n_workers=3, task_runner="dask") == ["0", "1", "2"]
+    assert devices(four, n_workers=8, task_runner="dask", address="tcp://scheduler:8786") == []
+    # Two engines per GPU fit only when each takes at most half of its memory.
+    with pytest.raises(KdflowError, match=r"2 engines would share.*gpu_memory_utilization <= 0.5.*data_parallel_size"):
+        devices(["0", "1"], {"data_parallel_size": 2, "tensor_parallel_size": 2})
+    assert devices(["0", "1"], {"data_parallel_size": 2, "tensor_parallel_size": 2,
+                                "gpu_memory_utilization": 0.45}) == ["0,1", "0,1"]
+    with pytest.raises(KdflowError, match=r"Ray gives each engine whole GPUs.*orchestration.n_workers to 1"):
+        devices(["0"], {"gpu_memory_utilization": 0.4}, n_workers=2, task_runner="ray")
+    with pytest.raises(KdflowError, match=r"tensor_parallel_size is 4 but this machine has 2 GPU"):
+        devices(["0", "1"], {"tensor_parallel_size": 4})
+
+
+def test_an_engine_host_scores_every_shard_of_its_worker_with_one_engine(world, reference, tmp_path, fake_vllm):
     cfg, store = fresh(world, tmp_path / "home")
-    shard = plan_shards(cfg, store, world["dataset_ids"]).shards[-1]
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    _score_in_engine_process(cfg, None, shard.in_path, shard.out_path, rank=0)
-    load_shards(store, reference[0], [shard.out_path])
-    expected = reference[1].slice(N_QUESTIONS - shard.size)
-    assert stored_labels(store, world, reference[0]).equals(expected)
+    cfg = vllm_config(world, tmp_path / "home")
+    plan = plan_shards(cfg, store, world["dataset_ids"])
+    done = [label_shard(cfg.model_dump_json(), plan.model_dir, s.in_path, s.out_path, "3") for s in plan.shards]
+    engines = [e for e in fake_vllm() if e["event"] == "engine"]
+    assert len(engines) == 1 and engines[0]["devices"] == "3" and engines[0]["pid"] != os.getpid()
+    assert sum(e["event"] == "generate" for e in fake_vllm()) == len(plan.shards)
+    load_shards(store, plan.teacher_key, done)
+    labels, expected = stored_labels(store, world, plan.teacher_key), reference[1]
+    assert labels["question_id"].equals(expected["question_id"])
+    assert labels["probs"].to_pylist() == [pytest.approx(p, abs=1e-5) for p in expected["probs"].to_pylist()]
+    # A shard the host cannot read is a user error with the host's message; the host stays up.
+    with pytest.raises(KdflowError, match="is gone: run the label stage again"):
+        label_shard(cfg, plan.model_dir, str(tmp_path / "gone.parquet"), str(tmp_path / "out.parquet"), "3")
+    assert len([e for e in fake_vllm() if e["event"] == "engine"]) == 1
+
+
+def test_a_daemonic_worker_cannot_build_an_engine_but_its_engine_host_can(world, tmp_path, fake_vllm):
+    """What vLLM issue #18308 reports, and why workers hand shards to engine hosts."""
+    import multiprocessing
+
+    def build(queue):
+        import vllm
+
+        try:
+            vllm.LLM(model=str(world["teacher"]))
+            queue.put("built")
+        except AssertionError as e:
+            queue.put(str(e))
+
+    queue = multiprocessing.get_context("fork").Queue()
+    worker = multiprocessing.get_context("fork").Process(target=build, args=(queue,), daemon=True)
+    worker.start()
+    assert queue.get(timeout=60) == "daemonic processes are not allowed to have children"
+    worker.join()
+
+
+@pytest.mark.parametrize(("vllm", "scoring", "n_gpus", "message"), [
+    ({"max_model_len": 64}, {}, 1,
+     r"renders to a \d+-token prompt \(scoring.max_length is 1024\).*raise teacher.vllm.max_model_len above \d+"),
+    ({"max_model_len": 24}, {"mode": "cloze"}, 1, r"within teacher.vllm.max_model_len = 24.*lower scoring.max_length"),
+    ({"max_model_len": 4096}, {}, 1, r"max_model_len is 4096, beyond the model's context of 512"),
+    ({"max_logprobs": 3}, {"letter_forms": "sum"}, 1, r"asks vLLM for 10 log-probabilities.*max_logprobs to at least 10"),
+    ({"tensor_parallel_size": 2}, {}, 1, r"tensor_parallel_size is 2 but this machine has 1 GPU"),
+    ({"data_parallel_size": 3}, {}, 2, r"3 vLLM engines.*gpu_memory_utilization <= 0.5"),
+])
+def test_each_vllm_limit_is_refused_before_an_engine_starts(vllm, scoring, n_gpus, message, world, tmp_path,
+                                                            fake_vllm, monkeypatch):
+    from kdflow.label.engine_limits import check_vllm_stage
+
+    gpus(monkeypatch, n_gpus)
+    _, store = fresh(world, tmp_path / "home")
+    cfg = vllm_config(world, tmp_path / "home", vllm).model_copy(update={"scoring": ScoringConfig(**scoring)})
+    with pytest.raises(KdflowError, match=message):
+        check_vllm_stage(cfg, store, world["dataset_ids"])
+    assert not fake_vllm(), "an engine was built"
+
+
+def test_limits_that_fit_pass_and_give_each_engine_its_gpus(world, tmp_path, fake_vllm, monkeypatch):
+    from kdflow.label.engine_limits import check_vllm_stage, letter_ids_asked
+    from kdflow.modeling import load_tokenizer
+    from kdflow.sources import ModelSource
+
+    gpus(monkeypatch, 4)
+    _, store = fresh(world, tmp_path / "home")
+    cfg = vllm_config(world, tmp_path / "home", {"data_parallel_size": 2, "tensor_parallel_size": 2,
+                                                 "max_model_len": 512})
+    assert check_vllm_stage(cfg.model_copy(update={"scoring": ScoringConfig(max_length=511)}), store,
+                            world["dataset_ids"]) == ["0,1", "2,3"]
+    tokenizer = load_tokenizer(ModelSource(str(world["teacher"])))
+    assert letter_ids_asked(tokenizer, cfg, 4) == 4  # natural forms: one id per letter
+    monkeypatch.setattr(fake_vllm_module(), "__version__", "0.19.1")
+    with pytest.raises(KdflowError, match=r"vLLM 0.19.1 is installed.*vllm>=0.20"):
+        check_vllm_stage(cfg, store, world["dataset_ids"])
+
+
+def fake_vllm_module():
+    import vllm
+
+    return vllm
+
+
+def test_the_cli_refuses_a_limit_with_exit_2_before_labeling(world, tmp_path, fake_vllm, monkeypatch):
+    from typer.testing import CliRunner
+
+    from kdflow.cli import app
+
+    gpus(monkeypatch, 1)
+    home = tmp_path / "home"
+    shutil.copytree(world["home"], home)
+    config = tmp_path / "vllm.yaml"
+    config.write_text(yaml.safe_dump({
+        "home": str(home), "data": {"sources": [{"demo": {"n_questions": N_QUESTIONS}}]},
+        "teacher": {"backend": "vllm", "model": str(world["teacher"]), "vllm": {"max_model_len": 64}}}))
+    result = CliRunner().invoke(app, ["label", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    assert "teacher.vllm.max_model_len" in result.output and "Traceback" not in result.output
+    assert not fake_vllm()
+    with Store(home).connect() as con:
+        assert con.execute("SELECT count(*) FROM soft_labels").fetchone()[0] == 0
 
 
 # --- Prefect: lanes, failures and resume on a thread pool -----------------------------------------------
 
-def test_shards_of_one_engine_group_never_overlap(prefect_harness, tmp_path, monkeypatch):
+def test_shards_of_one_engine_never_overlap_and_run_on_its_gpus(prefect_harness, world, tmp_path, monkeypatch):
     from prefect import flow
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from kdflow.label.sharding import Shard, ShardPlan
     from kdflow.tasks.shard_label import submit_shards
 
-    runs: list[tuple[int, str, float, float]] = []
+    runs: list[tuple[str, str, float, float]] = []
 
-    def fake_label_shard(cfg, model_dir, in_path, out_path, rank):
+    def fake_label_shard(cfg, model_dir, in_path, out_path, devices):
         start = time.monotonic()
         time.sleep(0.3)
-        runs.append((rank, out_path, start, time.monotonic()))
+        runs.append((devices, out_path, start, time.monotonic()))
         if out_path == "out-0":
             raise ValueError("this engine crashed for good")
         return out_path
 
     monkeypatch.setattr("kdflow.tasks.shard_label.label_shard", fake_label_shard)
-    cfg = vllm_config(tmp_path)
+    cfg = vllm_config(world, tmp_path, {"data_parallel_size": 2, "tensor_parallel_size": 2})
     plan = ShardPlan("t-x", None, [Shard(i, f"in-{i}", f"out-{i}", 1, i % 2) for i in range(6)])
 
     @flow(task_runner=ThreadPoolTaskRunner(max_workers=4))
     def lanes() -> list[str]:
-        futures = submit_shards(cfg, plan)
+        futures = submit_shards(cfg, plan, ["0,1", "2,3"])
         for future in futures:
             future.wait()
         return [future.state.type.value for future in futures]
 
     states = lanes()
     assert states == ["FAILED", "COMPLETED", "COMPLETED", "COMPLETED", "COMPLETED", "COMPLETED"]
-    for rank in (0, 1):
-        spans = sorted((s, e) for r, _, s, e in runs if r == rank)
+    assert {out: devices for devices, out, _, _ in runs} == {f"out-{i}": ["0,1", "2,3"][i % 2] for i in range(6)}
+    for devices in ("0,1", "2,3"):
+        spans = sorted((s, e) for d, _, s, e in runs if d == devices)
         assert all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:]))
 
 
@@ -296,10 +398,10 @@ def test_a_failed_shard_fails_the_stage_and_a_rerun_labels_the_rest(
     cfg, store = fresh(world, tmp_path / "home", n_workers=2)
     real = shard_label.label_shard
 
-    def second_shard_breaks(cfg, model_dir, in_path, out_path, rank):
+    def second_shard_breaks(cfg, model_dir, in_path, out_path, devices):
         if in_path.endswith("shard-00001.parquet"):
             raise ValueError("a bad shard")
-        return real(cfg, model_dir, in_path, out_path, rank)
+        return real(cfg, model_dir, in_path, out_path, devices)
 
     monkeypatch.setattr(shard_label, "label_shard", second_shard_breaks)
     with pytest.raises(ShardError, match="1 of 5 labeling shards failed"):
@@ -405,8 +507,7 @@ def test_task_runner_follows_the_orchestration_config(monkeypatch):
         build_task_runner(RunConfig(orchestration={"task_runner": "ray"}))
 
 
-def test_ray_runner_when_ray_is_installed():
-    pytest.importorskip("prefect_ray")
+def test_ray_runner_follows_the_orchestration_config():
     from prefect_ray import RayTaskRunner
 
     from kdflow.tasks.shard_label import build_task_runner, placement
@@ -435,9 +536,19 @@ def test_gpu_shards_ask_dask_for_a_gpu_slot():
         assert dask.get_annotations() == {}
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray instance for the module (its start-up takes seconds): a RayTaskRunner without an
+    address finds it initialised, uses it and leaves it running."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, namespace="prefect", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.mark.slow
-def test_ray_workers_label_like_one_process(prefect_harness, world, reference, tmp_path):
-    pytest.importorskip("prefect_ray")
+def test_ray_workers_label_like_one_process(prefect_harness, ray_cluster, world, reference, tmp_path):
     from kdflow.tasks.label import run_label_stage
 
     cfg, store = fresh(world, tmp_path / "home", task_runner="ray", n_workers=2)

@@ -4,49 +4,30 @@ wiring through a fake `vllm` module whose engine computes log-probabilities with
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 import sys
-import types
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 from kdflow.label.backends.base import TeacherBackend
-from kdflow.label.backends.vllm import VLLMBackend, cloze_label_from_request_outputs, labels_from_request_outputs
+from kdflow.label.backends.vllm import (
+    VLLMBackend, check_vllm_version, cloze_label_from_request_outputs, labels_from_request_outputs,
+)
 from kdflow.config import ScoringConfig, TeacherConfig
 from kdflow.errors import KdflowError
 from kdflow.scoring import encode, option_logits, to_soft_labels, tokenize
 
 
-# --- vLLM's output shapes (vllm/logprobs.py, vllm/outputs.py) ---------------------------------------------
+# --- vLLM's output shapes (vllm/logprobs.py, vllm/outputs.py), from the fake package ---------------------
 
-
-@dataclass
-class Logprob:
-    logprob: float
-    rank: int | None = None
-    decoded_token: str | None = None
-
-
-@dataclass
-class CompletionOutput:
-    index: int = 0
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    cumulative_logprob: float | None = None
-    logprobs: list[dict[int, Logprob]] | None = None
-
-
-@dataclass
-class RequestOutput:
-    request_id: str = "0"
-    prompt: str | None = None
-    prompt_token_ids: list[int] = field(default_factory=list)
-    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
-    outputs: list[CompletionOutput] = field(default_factory=list)
-    finished: bool = True
+_spec = importlib.util.spec_from_file_location("fake_vllm", Path(__file__).parent / "fake_vllm" / "vllm" / "__init__.py")
+fake = sys.modules["fake_vllm"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fake)  # installed as `vllm` by the fake_vllm fixture, per test
+Logprob, CompletionOutput, RequestOutput = fake.Logprob, fake.CompletionOutput, fake.RequestOutput
 
 
 # Qwen-style ids: "A" = 32, " A" = 362, "B" = 33, " B" = 425, "C" = 34, " C" = 356; "The" = 785 is sampled.
@@ -131,74 +112,22 @@ def test_missing_vllm_says_how_to_install(monkeypatch):
 # --- the backend's wiring through a fake engine ----------------------------------------------------------
 
 
-class FakeSamplingParams:
-    def __init__(self, *, max_tokens=16, temperature=1.0, logprobs=None, prompt_logprobs=None, logprob_token_ids=None):
-        self.max_tokens, self.temperature = max_tokens, temperature
-        self.logprobs, self.prompt_logprobs, self.logprob_token_ids = logprobs, prompt_logprobs, logprob_token_ids
-
-
-class OldSamplingParams(FakeSamplingParams):
-    """A vLLM build that predates logprob_token_ids."""
-
-    def __init__(self, *, max_tokens=16, temperature=1.0, logprobs=None, prompt_logprobs=None):
-        super().__init__(
-            max_tokens=max_tokens, temperature=temperature, logprobs=logprobs, prompt_logprobs=prompt_logprobs
-        )
-
-
-class FakeLLM:
-    """vllm.LLM over a transformers model: raw (full-vocabulary) log-probabilities, greedy decoding."""
-
-    def __init__(self, model, tokenizer, engine_args: dict[str, Any]):
-        self.model, self.tokenizer, self.engine_args = model, tokenizer, engine_args
-        self.calls: list[tuple[str, Any]] = []
-
-    def get_tokenizer(self):
-        return self.tokenizer
-
-    def generate(self, prompts, sampling_params, use_tqdm=True):
-        self.calls.append(("generate", sampling_params))
-        self.prompts.extend(list(p["prompt_token_ids"]) for p in prompts)
-        return [self._run(list(p["prompt_token_ids"]), sampling_params) for p in prompts]
-
-    def _log_probs(self, ids: list[int]) -> torch.Tensor:
-        with torch.inference_mode():
-            return torch.log_softmax(self.model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
-
-    def _run(self, ids: list[int], sp: FakeSamplingParams) -> RequestOutput:
-        rows = self._log_probs(ids)
-        prompt_logprobs = None
-        if sp.prompt_logprobs is not None:
-            prompt_logprobs = [None] + [{t: Logprob(float(rows[i - 1, t]))} for i, t in enumerate(ids) if i > 0]
-        out, step_logprobs = [], []
-        for step in range(sp.max_tokens):
-            row = rows[-1] if step == 0 else self._log_probs(ids + out)[-1]
-            sampled = int(row.argmax())
-            wanted = sp.logprob_token_ids or (torch.topk(row, sp.logprobs).indices.tolist() if sp.logprobs else [])
-            step_logprobs.append({t: Logprob(float(row[t])) for t in [*wanted, sampled]})
-            out.append(sampled)
-        logprobs = step_logprobs if (getattr(sp, "logprob_token_ids", None) or sp.logprobs) else None
-        text = self.tokenizer.decode(out, skip_special_tokens=True)
-        completion = CompletionOutput(text=text, token_ids=out, logprobs=logprobs)
-        return RequestOutput(prompt_token_ids=ids, prompt_logprobs=prompt_logprobs, outputs=[completion])
-
-
 @pytest.fixture
 def fake_vllm(monkeypatch, tiny_model, tiny_tokenizer):
-    """Install a fake `vllm` module; returns a function to swap its SamplingParams or tokenizer."""
-    module = types.ModuleType("vllm")
-    state: dict[str, Any] = {"tokenizer": tiny_tokenizer}
+    """The fake `vllm` package (tests/fake_vllm) as `vllm`, serving the tiny model as "tiny"; the engine
+    built last is `fake.built[-1]`."""
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(fake.MODELS, "tiny", (tiny_model, tiny_tokenizer))
+    built: list[Any] = []
+    real = fake.LLM
 
-    def make_llm(**engine_args):
-        state["llm"] = FakeLLM(tiny_model, state["tokenizer"], engine_args)
-        state["llm"].prompts = state.setdefault("prompts", [])
-        return state["llm"]
+    def make_llm(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
 
-    module.LLM = make_llm
-    module.SamplingParams = FakeSamplingParams
-    monkeypatch.setitem(sys.modules, "vllm", module)
-    state["module"] = module
-    return state
+    monkeypatch.setattr(fake, "LLM", make_llm)
+    monkeypatch.setattr(fake, "built", built, raising=False)
+    return fake
 
 
 def _reference(questions, tiny_model, tokenizer, scoring):
@@ -217,49 +146,50 @@ def test_backend_matches_the_hf_scoring(mode, fake_vllm, tiny_model, tiny_tokeni
         assert s.label.probs == pytest.approx(ref.probs, abs=1e-5)
         assert s.label.coverage == pytest.approx(ref.coverage, abs=1e-6)
         assert s.latency_ms > 0 and s.reasoning is None
-    llm = fake_vllm["llm"]
+    llm = fake_vllm.built[-1]
     assert llm.engine_args["tensor_parallel_size"] == 2 and llm.engine_args["quantization"] == "fp8"
-    ((kind, params),) = llm.calls
-    assert kind == "generate" and params.max_tokens == 1 and params.temperature == 0.0
+    assert llm.engine_args["max_logprobs"] == 20
+    (params,) = llm.calls
+    assert params.max_tokens == 1 and params.temperature == 0.0
     if mode == "letter":
-        assert params.logprob_token_ids and params.logprobs is None
+        # vLLM 0.20 returns sample log-probabilities only when `logprobs` is set too.
+        assert params.logprob_token_ids and params.logprobs == len(params.logprob_token_ids)
     else:
-        assert params.prompt_logprobs == 1
+        assert params.prompt_logprobs == 1 and params.logprobs is None
     assert backend.key_parts()["backend"] == "vllm" and "tiny" in repr(backend)
     backend.close()
 
 
-def test_old_vllm_falls_back_to_top_logprobs(fake_vllm, tiny_model, tiny_tokenizer, tiny_questions):
-    fake_vllm["module"].SamplingParams = OldSamplingParams
-    scoring = ScoringConfig()
-    scored = VLLMBackend(TeacherConfig(backend="vllm", model="tiny"), scoring).score(tiny_questions)
-    ((_, params),) = fake_vllm["llm"].calls
-    assert params.logprobs == 20
-    for s, ref in zip(scored, _reference(tiny_questions, tiny_model, tiny_tokenizer, scoring)):
-        # Letters outside the top 20 are absent: never more coverage than the full computation.
-        assert s.label.coverage <= ref.coverage + 1e-6
-        assert sum(s.label.probs) == pytest.approx(1.0)
+@pytest.mark.parametrize("installed", ["0.19.1", "0.8.5", "not-a-version"])
+def test_a_vllm_older_than_the_floor_is_refused_with_what_it_lacks(installed, fake_vllm, monkeypatch):
+    monkeypatch.setattr(fake_vllm, "__version__", installed)
+    with pytest.raises(KdflowError, match=rf"vLLM {installed} is installed.*vllm>=0\.20.*logprob_token_ids"):
+        VLLMBackend(TeacherConfig(backend="vllm", model="tiny"), ScoringConfig())
+    assert not fake_vllm.built, "an engine was built before the version check"
+    for fine in ("0.20.0", "0.21.0+cu128", "0.34.0", "1.0.0rc1"):
+        check_vllm_version(fine)
 
 
-def test_chat_prompts_are_the_hf_rows_with_thinking_off(fake_vllm, tiny_model, tiny_tokenizer, tiny_questions):
+def test_chat_prompts_are_the_hf_rows_with_thinking_off(fake_vllm, tiny_model, tiny_tokenizer, tiny_questions,
+                                                        monkeypatch):
     chat_tokenizer = copy.deepcopy(tiny_tokenizer)
     chat_tokenizer.chat_template = (
         "{% for m in messages %}user: {{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}assistant:{% if not enable_thinking %} <nothink>{% endif %}{% endif %}"
     )
-    fake_vllm["tokenizer"] = chat_tokenizer
+    monkeypatch.setitem(fake_vllm.MODELS, "tiny", (tiny_model, chat_tokenizer))
     teacher = TeacherConfig(backend="vllm", model="tiny", reasoning=True, reasoning_max_tokens=3)
     for mode in ("auto", "on", "off"):
         scoring = ScoringConfig(chat_template=mode, system_prompt="Be brief.")
-        fake_vllm["prompts"] = []
         scored = VLLMBackend(teacher, scoring).score(tiny_questions)
+        llm = fake_vllm.built[-1]
         # Both backends render through kdflow.prompts: vLLM gets exactly the hf rows as token ids, with the
         # chat template (auto: the tokenizer has one), the system message and thinking off.
         rows = [list(e.row) for e in tokenize(tiny_questions, chat_tokenizer, scoring)]
-        assert fake_vllm["prompts"][: len(rows)] == rows
+        assert llm.prompts[: len(rows)] == rows
         text = chat_tokenizer.decode(rows[0])
         assert (text.startswith("user: Be brief.") and text.endswith("assistant: <nothink>")) == (mode != "off")
-        assert [kind for kind, _ in fake_vllm["llm"].calls] == ["generate", "generate"]
+        assert len(llm.calls) == 2  # the letters, then the reasoning
         for s, ref in zip(scored, _reference(tiny_questions, tiny_model, chat_tokenizer, scoring)):
             assert s.label.probs == pytest.approx(ref.probs, abs=1e-5)
             assert isinstance(s.reasoning, str)

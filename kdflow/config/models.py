@@ -77,6 +77,10 @@ class VLLMConfig(Strict):
         0.9, gt=0, le=1, description="share of each GPU's memory the engine may use (weights and KV cache)"
     )
     quantization: str | None = Field(None, description="vLLM quantization method, e.g. fp8 (default: none)")
+    max_logprobs: int = Field(
+        20, ge=1, description="the engine's cap on log-probabilities per token (vLLM's max_logprobs): letter mode "
+        "asks for one per scored letter form (e.g. 26 for A-Z, twice that with scoring.letter_forms: sum), cloze for 1",
+    )
 
 
 class TeacherPrepConfig(Strict):

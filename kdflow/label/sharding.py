@@ -7,25 +7,21 @@ shard done; the flow bulk-loads finished shards (INSERT OR IGNORE: loading one t
 deletes them. A lost worker loses only its shard, which is scored again; a flow that dies loads the out
 files it finds before splitting what is still unlabeled, so no finished shard is scored twice.
 
-vLLM data parallelism on one node (teacher.vllm.data_parallel_size = N > 1): each shard is scored by an
-engine in its own process whose CUDA_VISIBLE_DEVICES is one group of tensor_parallel_size GPUs
-(`gpu_group`); shard i runs on group i mod N, after shard i - N, so at most one engine holds a group. A
-fresh process per shard also returns all GPU memory when it ends, which a vLLM engine torn down in
-process does not reliably do. The alternative is one server doing the data parallelism itself:
-`vllm serve MODEL --data-parallel-size N --tensor-parallel-size T` plus `teacher.backend: openai` with
-`teacher.openai.base_url` pointing at it (and n_workers * openai.concurrency requests in flight). On a
-cluster, keep data_parallel_size 1 and give each worker its own GPU group instead (Dask: one worker per
-group started with CUDA_VISIBLE_DEVICES and `--resources GPU=1`; Ray places each shard on its GPUs).
+With the vLLM backend a worker never builds the engine itself: it sends the shard to its engine host
+(kdflow.label.engine_host), a process kdflow starts, one per worker process and GPU group, reused for
+every shard that worker gets. On one node the flow gives each engine its GPUs explicitly
+(kdflow.label.engine_limits.engine_devices): with the thread runner shard i goes to engine i mod N (after
+shard i - N, so one engine scores one shard at a time), on a local Dask cluster worker w's
+CUDA_VISIBLE_DEVICES is engine w's group. Workers of a cluster (orchestration.address) bring their own:
+start each `dask worker` with its CUDA_VISIBLE_DEVICES and `--resources GPU=1`; Ray sets it for each task.
+The alternative is one server doing the data parallelism itself: `vllm serve MODEL --data-parallel-size N
+--tensor-parallel-size T` plus `teacher.backend: openai` with `teacher.openai.base_url` pointing at it.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,26 +29,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdflow.config import RunConfig, TeacherConfig
-from kdflow.errors import KdflowError, TransientError
-from kdflow.label.labeling import LABEL_COLUMNS, labels_table
+from kdflow.label.engine_host import score_in_engine_host
+from kdflow.label.shard_files import KEY_METADATA, ShardError, score_shard_with
+from kdflow.label.labeling import LABEL_COLUMNS
 from kdflow.store import Store
 from kdflow.label.teacher import TeacherRef, open_backend, teacher_ref
 
-# The teacher key travels inside each input shard, so a worker needs only the file.
-KEY_METADATA = b"kdflow.teacher_key"
-_USER_ERROR_EXIT = 2
 # transformers loads weights through process-global state (meta-device init): two threads loading at once
 # break each other, so shards on a thread pool load one at a time and then score in parallel.
 _LOADING = threading.Lock()
 
 
-class ShardError(KdflowError):
-    """A shard file is missing, foreign or was not labeled; the message says which and what to do."""
-
-
 @dataclass(frozen=True)
 class Shard:
-    """One unit of worker labeling; `rank` is its vLLM engine group (None without data parallelism)."""
+    """One unit of worker labeling; `rank` is the engine slot it runs in with the thread runner (None: any)."""
 
     index: int
     in_path: str
@@ -73,30 +63,16 @@ def engine_groups(teacher: TeacherConfig) -> int:
     return teacher.vllm.data_parallel_size if teacher.backend == "vllm" else 1
 
 
+def shard_slots(cfg: RunConfig) -> int:
+    """Shards in flight at once: one per vLLM engine group, else orchestration.n_workers."""
+    groups = engine_groups(cfg.teacher)
+    return groups if groups > 1 else cfg.orchestration.n_workers
+
+
 def uses_shards(cfg: RunConfig) -> bool:
     """Whether the label stage goes through shards and a task runner rather than one in-process loop."""
     orch = cfg.orchestration
     return orch.task_runner != "threads" or orch.n_workers > 1 or engine_groups(cfg.teacher) > 1
-
-
-def gpu_group(rank: int, tensor_parallel_size: int, visible: str | None = None) -> str:
-    """CUDA_VISIBLE_DEVICES for engine `rank`: the rank-th run of tensor_parallel_size devices.
-
-    `visible` is the parent's CUDA_VISIBLE_DEVICES, if set: groups are cut from those devices, so a node
-    already restricted to some GPUs (or given UUIDs) is respected.
-    """
-    if rank < 0 or tensor_parallel_size < 1:
-        raise ValueError(f"rank must be >= 0 and tensor_parallel_size >= 1, got {rank} and {tensor_parallel_size}")
-    devices = [d.strip() for d in visible.split(",") if d.strip()] if visible else None
-    first, last = rank * tensor_parallel_size, (rank + 1) * tensor_parallel_size
-    if devices is None:
-        return ",".join(str(d) for d in range(first, last))
-    if last > len(devices):
-        raise KdflowError(
-            f"vLLM engine {rank} needs GPUs {first}..{last - 1} of CUDA_VISIBLE_DEVICES={visible} "
-            f"({len(devices)} visible): lower teacher.vllm.data_parallel_size or tensor_parallel_size"
-        )
-    return ",".join(devices[first:last])
 
 
 def shards_dir(home: Path, key: str) -> Path:
@@ -121,7 +97,7 @@ def plan_shards(cfg: RunConfig, store: Store, dataset_ids: list[str]) -> ShardPl
 
     todo = store.arrow("unlabeled_questions", dataset_ids=dataset_ids, teacher_key=ref.key)
     todo = todo.replace_schema_metadata({KEY_METADATA: ref.key.encode()})
-    groups = engine_groups(cfg.teacher)
+    lanes = shard_slots(cfg) if cfg.teacher.backend == "vllm" and cfg.orchestration.task_runner == "threads" else 1
     size = cfg.orchestration.shard_size
     shards = []
     for index, start in enumerate(range(0, todo.num_rows, size)):
@@ -129,75 +105,34 @@ def plan_shards(cfg: RunConfig, store: Store, dataset_ids: list[str]) -> ShardPl
         in_path = directory / "in" / name
         pq.write_table(todo.slice(start, size), in_path)
         shards.append(Shard(index=index, in_path=str(in_path), out_path=str(directory / "out" / name),
-                            size=min(size, todo.num_rows - start), rank=index % groups if groups > 1 else None))
+                            size=min(size, todo.num_rows - start), rank=index % lanes if lanes > 1 else None))
     return ShardPlan(teacher_key=ref.key, model_dir=str(ref.model_dir) if ref.model_dir else None, shards=shards)
 
 
 def label_shard(
-    cfg: RunConfig | str, model_dir: str | None, in_path: str, out_path: str, rank: int | None = None
+    cfg: RunConfig | str, model_dir: str | None, in_path: str, out_path: str, devices: str | None = None
 ) -> str:
     """Score one input shard into `out_path` on a worker; returns out_path. Never opens the database.
 
     `cfg` may be the config's JSON (for workers that receive plain strings). An existing out file means the
-    shard is done. With vLLM data parallelism the engine runs in a child process on GPU group `rank`.
+    shard is done. With the vLLM backend the shard goes to this process's engine host on `devices`
+    (CUDA_VISIBLE_DEVICES; None: the GPUs this worker sees), other backends score in this process.
     """
     cfg = RunConfig.model_validate_json(cfg) if isinstance(cfg, str) else cfg
     if Path(out_path).exists():
         return out_path
-    groups = engine_groups(cfg.teacher)
-    if groups == 1:
-        _score_shard(cfg, model_dir, in_path, out_path)
+    if cfg.teacher.backend == "vllm":
+        score_in_engine_host(cfg, model_dir, in_path, out_path, devices)
         return out_path
-    if rank is None or not 0 <= rank < groups:
-        raise ValueError(f"a shard for {groups} vLLM engines needs a rank in 0..{groups - 1}, got {rank}")
-    _score_in_engine_process(cfg, model_dir, in_path, out_path, rank)
-    return out_path
-
-
-def _score_shard(cfg: RunConfig, model_dir: str | None, in_path: str, out_path: str) -> None:
-    try:
-        questions = pq.read_table(in_path)
-    except FileNotFoundError as e:
-        raise ShardError(f"input shard {in_path} is gone: run the label stage again to re-plan the shards") from e
-    key = (questions.schema.metadata or {}).get(KEY_METADATA)
-    if key is None:
-        raise ShardError(f"{in_path} is not a kdflow input shard (no teacher key in its metadata)")
-    rows = questions.to_pylist()
-    # open_backend reads only the weights' location from the reference.
     ref = TeacherRef(model_ref=model_dir or str(cfg.teacher.model), model_dir=Path(model_dir) if model_dir else None,
-                     key=key.decode(), spec={})
+                     key="", spec={})  # open_backend reads only the weights' location from the reference
     with _LOADING:
         backend = open_backend(cfg, ref)
     try:
-        scored = backend.score(rows)
+        score_shard_with(backend, in_path, out_path)
     finally:
         backend.close()
-    _write_atomically(labels_table(rows, scored, ref.key), Path(out_path))
-
-
-def _write_atomically(table: pa.Table, path: Path) -> None:
-    """Write beside the target and rename: readers see no file or a complete one, never a partial one."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _score_in_engine_process(cfg: RunConfig, model_dir: str | None, in_path: str, out_path: str, rank: int) -> None:
-    """Run `_score_shard` in a child process that sees only GPU group `rank`."""
-    devices = gpu_group(rank, cfg.teacher.vllm.tensor_parallel_size, os.environ.get("CUDA_VISIBLE_DEVICES"))
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES=devices)
-    command = [sys.executable, "-m", "kdflow.label.sharding", in_path, out_path, model_dir or ""]
-    done = subprocess.run(command, input=cfg.model_dump_json(), text=True, env=env, check=False)
-    if done.returncode == _USER_ERROR_EXIT:
-        raise ShardError(
-            f"the vLLM engine for {in_path} (GPUs {devices}) stopped on a configuration error (see its log above)"
-        )
-    if done.returncode != 0:
-        # A crashed engine (lost GPU, NCCL timeout, OOM) is retried on its own; the other groups carry on.
-        raise TransientError(f"the vLLM engine for {in_path} (GPUs {devices}) exited with code {done.returncode}")
+    return out_path
 
 
 def load_shards(store: Store, key: str, paths: list[str] | list[Path]) -> None:
@@ -220,20 +155,3 @@ def load_shards(store: Store, key: str, paths: list[str] | list[Path]) -> None:
     for path in paths:
         (path.parent.parent / "in" / path.name).unlink(missing_ok=True)
         path.unlink(missing_ok=True)
-
-
-def _main(argv: list[str]) -> int:
-    """Child-process entry of a data-parallel vLLM engine: `python -m kdflow.label.sharding IN OUT [MODEL_DIR]`."""
-    from kdflow.modeling import ModelLoadError
-
-    in_path, out_path, model_dir = argv[0], argv[1], (argv[2] if len(argv) > 2 else "") or None
-    try:
-        _score_shard(RunConfig.model_validate_json(sys.stdin.read()), model_dir, in_path, out_path)
-    except (KdflowError, ModelLoadError) as e:
-        sys.stderr.write(f"kdflow: {e}\n")
-        return _USER_ERROR_EXIT
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

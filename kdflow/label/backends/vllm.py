@@ -2,13 +2,18 @@
 
 vLLM is an optional extra (`pip install 'kdflow[vllm]'`, CUDA only) and is imported when the backend is
 built, never at module import, so the conversions below are tested on any machine with fake outputs of
-vLLM's documented shape.
+vLLM's documented shape. The installed version must be at least MIN_VLLM_VERSION, which has everything
+used here (checked when the backend is built, `check_vllm_version`):
+- `SamplingParams.logprob_token_ids` (first released in 0.20; PR #34539);
+- prompt log-probabilities with prefix caching on (the engine recomputes the prompt; V1, since 0.9);
+- an engine built outside the main thread, as Prefect runs tasks in threads (PR #23298, since 0.10.2).
 
-- letter: one prefill per question; `SamplingParams(logprob_token_ids=...)` returns the log-probabilities
-  of exactly the option letters (the token each letter gets right after the prompt), whatever their rank. vLLM's default
+- letter: one prefill per question; `SamplingParams(logprobs=len(ids), logprob_token_ids=ids)` returns the
+  log-probabilities of exactly the option letters (the token each letter gets right after the prompt),
+  whatever their rank. `logprobs` is set too: 0.20 returns sample log-probabilities only when it is, and
+  the engine refuses more than its `max_logprobs` (teacher.vllm.max_logprobs). vLLM's default
   `logprobs_mode="raw_logprobs"` is a log-softmax over the whole vocabulary, so the mass on the letters is
-  the coverage. Builds without `logprob_token_ids` fall back to the top 20 tokens, where a letter outside
-  them counts as absent (less coverage, never a made-up probability).
+  the coverage.
 - cloze: one request per option (context + option, encoded jointly and split as kdflow.scoring does) with
   `prompt_logprobs`, summing the option tokens' log-probabilities.
 
@@ -16,10 +21,8 @@ Every prompt, chat-templated or not, is the token ids of kdflow.scoring.tokenize
 (kdflow.prompts: chat template decision, thinking off, system prompt), BOS handling, letter tokens and
 truncation as the hf backend, so both backends score identical rows.
 
-Data parallelism within a node (teacher.vllm.data_parallel_size > 1) is NOT done here: one VLLMBackend
-drives one engine. The caller starts data_parallel_size independent processes, each with its own
-CUDA_VISIBLE_DEVICES (a group of tensor_parallel_size GPUs) and its own shard of the questions; that
-avoids vLLM's in-process DP coordination and lets a crashed replica be retried alone.
+One VLLMBackend drives one engine. Sharded labeling builds it in an engine host process kdflow starts
+(kdflow.label.engine_host), one per worker process and GPU group, never in a Dask worker itself.
 """
 
 from __future__ import annotations
@@ -38,8 +41,7 @@ from kdflow.prompts import tokenizer_has_chat_template, uses_chat_template
 from kdflow.scoring import EncodedQuestion, tokenize
 from kdflow.softlabels import SoftLabel, logsumexp, soft_label_from_logprobs
 
-# The fallback's top-k: vLLM's default max_logprobs cap.
-FALLBACK_TOP_LOGPROBS = 20
+MIN_VLLM_VERSION = "0.20"
 
 
 def labels_from_request_outputs(
@@ -93,6 +95,22 @@ def cloze_label_from_request_outputs(
     return soft_label_from_logprobs([s - top for s in scores], normalised=True, rank_by=rank_by)
 
 
+def check_vllm_version(installed: str) -> None:
+    """Refuse a vLLM older than MIN_VLLM_VERSION (or a version string that is not one), naming what it lacks."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        too_old = Version(installed) < Version(MIN_VLLM_VERSION)
+    except InvalidVersion:
+        too_old = True
+    if too_old:
+        raise KdflowError(
+            f"vLLM {installed} is installed; teacher.backend: vllm needs vllm>={MIN_VLLM_VERSION} "
+            "(SamplingParams.logprob_token_ids, prompt log-probabilities with prefix caching, an engine built "
+            "outside the main thread): pip install -U 'kdflow[vllm]'"
+        )
+
+
 class VLLMBackend:
     """A teacher served by one vLLM offline engine (`vllm.LLM`) in this process."""
 
@@ -109,6 +127,7 @@ class VLLMBackend:
             raise KdflowError("teacher.backend: vllm needs teacher.model (a hub id or a local directory)")
         if teacher.gguf_file is not None:
             raise KdflowError("teacher.gguf_file is only supported by teacher.backend: hf")
+        check_vllm_version(str(getattr(vllm, "__version__", "unknown")))
         self._teacher = teacher
         self._scoring = scoring
         self._sampling_params = vllm.SamplingParams
@@ -121,23 +140,17 @@ class VLLMBackend:
             quantization=teacher.vllm.quantization,
             trust_remote_code=teacher.trust_remote_code,
             dtype=teacher.dtype,
+            max_logprobs=teacher.vllm.max_logprobs,
             seed=0,
         )
         self._tokenizer = self._llm.get_tokenizer()
         # Refuse chat_template: on without a template before any work (tokenize would, later).
         uses_chat_template(tokenizer_has_chat_template(self._tokenizer), scoring)
-        try:
-            self._sampling_params(max_tokens=1, temperature=0.0, logprob_token_ids=[0])
-            self._token_ids_supported = True
-        except TypeError:
-            self._token_ids_supported = False
 
     def _letter_params(self, ids: list[int]) -> Any:
-        # One kind of request per engine: mixing logprob_token_ids and top-k requests in one batch lets one
-        # override the other in some vLLM versions.
-        if self._token_ids_supported:
-            return self._sampling_params(max_tokens=1, temperature=0.0, logprob_token_ids=ids)
-        return self._sampling_params(max_tokens=1, temperature=0.0, logprobs=FALLBACK_TOP_LOGPROBS)
+        # Every request of a batch asks for the same ids: vLLM gives a batch's logprob_token_ids precedence
+        # over other rows' top-k requests.
+        return self._sampling_params(max_tokens=1, temperature=0.0, logprobs=len(ids), logprob_token_ids=ids)
 
     def _generate(self, prompts: list[Any], params: Any) -> list[Any]:
         """Token-id prompts (plain dicts: vLLM's TokensPrompt TypedDict, in every version) through LLM.generate."""

@@ -36,7 +36,11 @@ Log-probability shapes read (the first generated token's top tokens):
   endpoint, and llama-server's /completions).
 Token spellings "B", " B", "ĠB" (byte-level BPE) and "▁B" (SentencePiece) all read as letter B (bare or
 spaced form); as in the hf backend only the form natural after the prompt is scored (spaced after
-"Answer:", bare at the start of a chat answer) unless scoring.letter_forms is sum; "token_id:N" (vLLM's return_tokens_as_token_ids) is read through its `bytes` when present.
+"Answer:", bare at the start of a chat answer) unless scoring.letter_forms is sum. A server started with
+`vllm serve --return-tokens-as-token-ids` names tokens "token_id:N" (in chat replies even `bytes` holds the
+placeholder, not the token): on the first such reply the backend asks for text in that and every later
+request (vLLM's per-request {"return_tokens_as_token_ids": false}, sent to no other server) and refuses,
+naming the flag, a server that ignores it.
 An empty or unrecognised shape raises ServerReplyError quoting the reply (shortened), never a uniform
 label. After the first COVERAGE_CHECK_QUESTIONS questions of a letter run, a mean coverage below
 teacher.openai.min_coverage stops the run with the top tokens the server returned and the setting to change.
@@ -67,7 +71,7 @@ from kdflow.errors import KdflowError
 from kdflow.label.backends.openai.client import ServerClient, ServerUnreachable, _identity, served_model_name
 from kdflow.label.backends.openai.replies import (
     ServerReplyError, _cloze_label, _echoed_prompt_tokens, _prompt_logprobs_tokens, continuation_logprob,
-    first_token_top_logprobs, letter_label_from_top_logprobs, quote_reply,
+    first_token_top_logprobs, letter_label_from_top_logprobs, names_tokens_by_id, quote_reply,
 )
 from kdflow.prompts import CHAT_TEMPLATE_KWARGS, Rendered, chat_messages, cloze_context, cloze_continuation, letter_continuation, letter_prompt
 from kdflow.records import MAX_OPTIONS
@@ -94,6 +98,7 @@ class OpenAIBackend:
         self._base_url = self._http.base_url
         self._checked_coverage = False
         self._prompt_logprobs = False  # cloze: read vLLM's prompt_logprobs instead of an echo (set by the probe)
+        self._ask_for_text = False  # the server named tokens "token_id:N": ask it for their text from then on
         try:
             self._card = self._http.served_model(self._model)
             self._chat = self._probe()
@@ -213,11 +218,11 @@ class OpenAIBackend:
         if chat:
             body = self._chat_body(chat_messages(text, options, category, self._scoring), 1)
             body.update(logprobs=True, top_logprobs=self._server.top_logprobs)
-            answer, latency_ms = self._http.request("POST", "/chat/completions", body)
+            answer, latency_ms = self._post("/chat/completions", body)
         else:
             body = {"model": self._model, "prompt": letter_prompt(text, options, category, self._scoring),
                     "max_tokens": 1, "temperature": 0, "logprobs": self._server.top_logprobs}
-            answer, latency_ms = self._http.request("POST", "/completions", body)
+            answer, latency_ms = self._post("/completions", body)
         return first_token_top_logprobs(self._first_choice(answer)), latency_ms
 
     def _letter(self, text: str, options: list[str], category: str, *, chat: bool) -> tuple[SoftLabel, float]:
@@ -233,7 +238,7 @@ class OpenAIBackend:
         body: dict[str, Any] = {"model": self._model, "prompt": prompt, "max_tokens": 1, "temperature": 0}
         body.update({"prompt_logprobs": 1, "return_token_ids": True} if self._prompt_logprobs
                     else {"echo": True, "logprobs": 1})
-        answer, elapsed_ms = self._http.request("POST", "/completions", body)
+        answer, elapsed_ms = self._post("/completions", body)
         choice = self._first_choice(answer)
         if self._prompt_logprobs:
             tokens, values, offsets = _prompt_logprobs_tokens(choice, prompt)
@@ -250,6 +255,26 @@ class OpenAIBackend:
             latency_ms += elapsed_ms
             sums.append(value)
         return _cloze_label(sums, options, self._scoring), latency_ms
+
+    def _post(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        """POST a log-probability request; a reply naming tokens "token_id:N" switches to asking for text."""
+        if self._ask_for_text:
+            body = {**body, "return_tokens_as_token_ids": False}
+        answer, elapsed_ms = self._http.request("POST", path, body)
+        choices = answer.get("choices")
+        if not (isinstance(choices, list) and choices and isinstance(choices[0], Mapping)
+                and names_tokens_by_id(choices[0])):
+            return answer, elapsed_ms
+        if self._ask_for_text:
+            raise ServerReplyError(
+                f"the server at {self._base_url}{path} names tokens by id (token_id:N) even when asked for their "
+                "text (return_tokens_as_token_ids: false), so letters and option tokens cannot be read: restart "
+                "it without --return-tokens-as-token-ids"
+            )
+        log.info("%s names tokens by id (vllm serve --return-tokens-as-token-ids): asking it for their text",
+                 self._base_url)
+        self._ask_for_text = True
+        return self._post(path, body)
 
     def _first_choice(self, answer: Mapping[str, Any]) -> dict[str, Any]:
         choices = answer.get("choices")

@@ -67,14 +67,32 @@ def letter_label_from_top_logprobs(
     return soft_label_from_logprobs(option_lps)
 
 
-def _entry_text(token: Any, raw_bytes: Any, reply: Any) -> str:
-    if isinstance(token, str) and not token.startswith("token_id:"):
+# `vllm serve --return-tokens-as-token-ids` names tokens "token_id:N" instead of their text; in chat replies
+# the entries' `bytes` are those of the placeholder itself, not of the token.
+TOKEN_ID_PLACEHOLDER = "token_id:"
+
+
+def names_tokens_by_id(choice: Mapping[str, Any]) -> bool:
+    """Whether a choice's log-probabilities name tokens by vLLM's "token_id:N" placeholders (the first
+    generated token's top entries, legacy or chat shape, and echoed prompt tokens)."""
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, Mapping):
+        return False
+    names: list[Any] = list(logprobs.get("tokens") or [])
+    content, legacy = logprobs.get("content"), logprobs.get("top_logprobs")
+    if isinstance(content, list) and content and isinstance(content[0], Mapping):
+        names += [e.get("token") for e in content[0].get("top_logprobs") or [] if isinstance(e, Mapping)]
+    if isinstance(legacy, list) and legacy and isinstance(legacy[0], Mapping):
+        names += list(legacy[0])
+    return any(isinstance(n, str) and n.startswith(TOKEN_ID_PLACEHOLDER) for n in names)
+
+
+def _entry_text(token: Any, reply: Any) -> str:
+    if isinstance(token, str) and not token.startswith(TOKEN_ID_PLACEHOLDER):
         return token
-    if isinstance(raw_bytes, list) and raw_bytes:
-        return bytes(raw_bytes).decode("utf-8", errors="replace")
     raise ServerReplyError(
-        f"the server names tokens by id ({token!r}) without their text or bytes, so letters cannot be found: "
-        f"turn off return_tokens_as_token_ids; reply: {quote_reply(reply)}"
+        f"the server names tokens by id ({token!r}) instead of their text, so letters cannot be found: restart "
+        f"it without --return-tokens-as-token-ids; reply: {quote_reply(reply)}"
     )
 
 
@@ -93,12 +111,12 @@ def first_token_top_logprobs(choice: Mapping[str, Any]) -> dict[str, float]:
         if isinstance(content, list) and content and isinstance(content[0], Mapping):
             for entry in content[0].get("top_logprobs") or []:
                 if isinstance(entry, Mapping) and isinstance(entry.get("logprob"), (int, float)):
-                    text = _entry_text(entry.get("token"), entry.get("bytes"), choice)
+                    text = _entry_text(entry.get("token"), choice)
                     top[text] = max(float(entry["logprob"]), top.get(text, -math.inf))
         elif isinstance(legacy, list) and legacy and isinstance(legacy[0], Mapping):
             for token, value in legacy[0].items():
                 if isinstance(value, (int, float)):
-                    top[_entry_text(token, None, choice)] = float(value)
+                    top[_entry_text(token, choice)] = float(value)
     if not top:
         raise ServerReplyError(f"no top log-probabilities for the answer token in the reply {quote_reply(choice)}")
     return top
