@@ -199,7 +199,8 @@ def test_labels_rewritten_in_place_are_validated_again(tmp_path):
     from kdflow.label.teacher import TeacherRef
 
     ref = TeacherRef(model_ref="t", model_dir=None, key=key, spec={})
-    assert student_id(cfg, "student", ref, first.validation_id) != student_id(cfg, "student", ref, again.validation_id)
+    assert student_id(cfg, "student", ref, first.validation_id, seed=0) != \
+        student_id(cfg, "student", ref, again.validation_id, seed=0)
 
 
 def test_the_teacher_key_follows_the_weights_not_the_path(tmp_path):
@@ -262,7 +263,8 @@ def _outcome(home: Path) -> dict:
             [spec] = con.execute("SELECT spec FROM evaluations WHERE run_id = ?", [run_id]).fetchone()
             models = json.loads(spec)["models"]
             by_alpha[alpha] = {"metrics": metrics, "students": {
-                role: load_file(str(Path(path) / "model.safetensors")) for role, path in sorted(models.items())}}
+                (role, seed): load_file(str(Path(path) / "model.safetensors"))
+                for role, by_seed in sorted(models.items()) for seed, path in sorted(by_seed.items())}}
     return {"labels": labels, "runs": by_alpha}
 
 

@@ -36,7 +36,7 @@ def test_the_run_form_shows_the_sources():
     from kdflow.flows.serve import deployments
 
     demo = load_config(ROOT / "configs" / "demo.yaml")
-    expected = [{"demo": {"n_questions": 50000, "seed": 0}}]
+    expected = [{"demo": {"n_questions": 15000, "seed": 0, "labeled_share": 0.7, "gold_noise": 0.05}}]
     for deployment in SPEC["deployments"]:
         assert deployment["parameters"]["cfg"]["data"]["sources"] == expected, deployment["name"]
     for deployment in deployments(demo, cron=None):

@@ -251,6 +251,8 @@ def test_each_role_learns_its_own_target():
                 {"question_id": "b", "answer": None, "probs": [0.2, 0.2, 0.6], "predicted": None},
                 {"question_id": "c", "answer": 0, "probs": [0.5, 0.5, 0.0], "predicted": None}]
     assert role_examples(examples, "student") == examples
+    # A CE-only distilled student (alpha = 1, a sweep point) has nothing to learn from unlabeled questions.
+    assert role_examples(examples, "student", alpha=1.0) == [examples[0], examples[2]]
     assert role_examples(examples, "student_hard") == [dict(examples[0], probs=None), dict(examples[2], probs=None)]
     # The teacher's argmax: the stored `predicted`, else the first largest probability.
     assert [e["answer"] for e in role_examples(examples, "student_pseudo")] == [1, 2, 0]

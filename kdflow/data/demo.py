@@ -4,8 +4,9 @@ built to show why people distil.
 Three assumptions carry the demo, each a stated reason to distil:
 - The teacher knows what the student's labels cannot teach: it is fine-tuned on questions of its own about
   the world (`generate_teacher_corpus`, its "pretraining"), never on the student's transfer set, asked
-  TEACHER_ASKS times per fact. Measured with the demo teacher (5 layers, 3 passes): common and reasoning
-  ~99%, rare ~89%, obscure ~75%, the shape of the seed scenario's teacher (98 / 95 / 85 / 70).
+  TEACHER_ASKS times per fact. Measured with the demo teacher (5 layers, 3 passes over its corpus), against
+  the true answers: common 99.6%, reasoning 99.7%, rare 94.5%, obscure 74.6%, the shape of the seed
+  scenario's teacher (98 / 95 / 85 / 70).
 - Gold labels are scarce: `labeled_share` of the topics (facts; reasoning questions one by one) have gold
   answers in the training pool; the rest of the pool is unlabeled, as production questions nobody annotated
   are (labeling costs are why people use a teacher: Wang et al. 2021 report 50-96% lower labeling cost with

@@ -86,13 +86,14 @@ def student_id(cfg: RunConfig, role: str, teacher: TeacherRef, validation_id: st
     return f"{role}-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def role_examples(examples: Sequence[Mapping[str, Any]], role: str) -> list[dict[str, Any]]:
-    """The training examples of `role`: all of them (student); the labeled ones with their gold answers
-    (student_hard); every one with the teacher's most likely option as its answer (student_pseudo: the
-    soft label's `predicted`, else the first largest probability). The hard-label roles get no teacher
-    probabilities: nothing of theirs reads them."""
+def role_examples(examples: Sequence[Mapping[str, Any]], role: str, alpha: float = 0.5) -> list[dict[str, Any]]:
+    """The training examples of `role`: all of them (student; with alpha = 1, as a sweep may set it, the
+    labeled ones: an unlabeled question has nothing to teach a CE-only student); the labeled ones with their
+    gold answers (student_hard); every one with the teacher's most likely option as its answer
+    (student_pseudo: the soft label's `predicted`, else the first largest probability). The hard-label
+    roles get no teacher probabilities: nothing of theirs reads them."""
     if role == "student":
-        return [dict(e) for e in examples]
+        return [dict(e) for e in examples if alpha < 1 or e.get("answer") is not None]
     if role == "student_hard":
         return [dict(e, probs=None) for e in examples if e.get("answer") is not None]
     return [dict(e, answer=_teacher_argmax(e), probs=None) for e in examples]
@@ -186,7 +187,7 @@ def train_students(
     inputs = _StudentInputs(cfg, store, dataset_ids, teacher, validation_id)
     for key in plan:
         if key not in dirs:
-            dirs[key] = _train_one(cfg, store, inputs, key, ids[key], role_examples(examples, key[0]), steps,
+            dirs[key] = _train_one(cfg, store, inputs, key, ids[key], role_examples(examples, key[0], cfg.training.alpha), steps,
                                    run_id=run_id, resume=resume, progress=progress, should_stop=should_stop,
                                    on_progress=on_progress)
     return TrainedStudents(_by_role(plan, dirs), reused, len(examples), n_labeled)
