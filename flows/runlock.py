@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 
+import httpx
 from prefect.exceptions import TerminationSignal
 
 from kdflow.config import RunConfig
@@ -64,6 +65,10 @@ def _ensure_limit(name: str) -> None:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
         except ObjectAlreadyExists:
             pass
+        except httpx.HTTPStatusError:
+            # Two runs creating it at once: the server answers the loser's insert with a 500 from its UNIQUE
+            # constraint, not a 409. The limit exists then; if it does not, this read raises the real error.
+            client.read_global_concurrency_limit_by_name(name)
 
 
 def _server_queue(home: Path):

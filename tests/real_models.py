@@ -108,6 +108,32 @@ def fetch(model: RealModel) -> Path:
     return model.directory
 
 
+def converted(model: RealModel) -> Path:
+    """The model de-quantised once into a plain transformers directory beside its GGUF (model and tokenizer
+    saved with save_pretrained): parsing a GGUF with a 262K-token vocabulary takes about a minute, so the
+    tests that need the model, not the GGUF path (SmolLM2's tests cover that), load this copy.
+
+    Built in a temporary folder and renamed into place, so concurrent test workers never see half of it."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    target = model.directory / "transformers"
+    if (target / "config.json").is_file():
+        return target
+    directory = fetch(model)
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=model.directory))
+    AutoTokenizer.from_pretrained(directory, gguf_file=model.gguf_file).save_pretrained(staging)
+    AutoModelForCausalLM.from_pretrained(directory, gguf_file=model.gguf_file,
+                                         quantization_config=GgufConfig(dequantize=True)).save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another worker finished first
+        shutil.rmtree(staging)
+    return target
+
+
 if __name__ == "__main__":
     for m in MODELS.values():
         print(m.name, fetch(m) / m.gguf_file)

@@ -199,7 +199,8 @@ def test_cli_run_logs_each_stage_and_ends_with_run_id_report_and_ui_link(first_r
     with _Records() as logs:
         result = CliRunner().invoke(app, ["run", "-c", str(ROOT / "configs" / "tiny.yaml"), "--set", f"home={home}"])
     assert result.exit_code == 0, result.output
-    tail = result.output.strip().splitlines()
+    # stdout alone: a Prefect handler of an earlier in-process invocation may write errors to stderr.
+    tail = result.stdout.strip().splitlines()
     run_id = tail[-3].removeprefix("run id: ")
     assert tail[-2] == f"report: {home / 'reports' / run_id / 'report.html'}"
     assert (home / "reports" / run_id / "report.html").exists()
@@ -369,3 +370,29 @@ def test_artifacts_show_report_and_data_docs_paths_and_link_them_over_http_when_
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_home_limit_created_by_another_run_at_the_same_moment_is_used(monkeypatch):
+    """Two runs creating the home's limit at once: the server answers the second insert with a 500 (its
+    UNIQUE constraint), not a 409; the run goes on with the limit the other one made. With no limit there,
+    the server's error still surfaces."""
+    import httpx
+    from prefect.client.orchestration import SyncPrefectClient, get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    from kdflow.flows import runlock
+
+    name = runlock.home_limit_name(Path("/tmp/kdflow-race-home"))
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))  # the other run
+
+    def lost_the_race(self, concurrency_limit):
+        request = httpx.Request("POST", "http://prefect/v2/concurrency_limits/")
+        raise httpx.HTTPStatusError("500 Internal Server Error", request=request,
+                                    response=httpx.Response(500, request=request))
+
+    monkeypatch.setattr(SyncPrefectClient, "create_global_concurrency_limit", lost_the_race)
+    runlock._ensure_limit(name)
+    with pytest.raises(ObjectNotFound):
+        runlock._ensure_limit(runlock.home_limit_name(Path("/tmp/kdflow-no-such-home")))
