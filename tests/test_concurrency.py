@@ -288,8 +288,29 @@ def _assert_same(outcome: dict, reference: dict) -> None:
                 assert torch.allclose(weights[name], tensor, atol=1e-6), (alpha, role, name)
 
 
-@pytest.mark.slow  # four tiny runs, each with its own temporary Prefect server
-def test_two_runs_started_together_on_one_home_both_complete_like_sequential_runs(tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    """Two uninterrupted runs started at once on two new homes, `a` (alpha 0.5) and `b` (alpha 0.7): the
+    outcome the tests below compare with, and itself the case of two homes used at the same moment."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    started = {"a": _kdflow_run(root / "a"), "b": _kdflow_run(root / "b", "training.alpha=0.7")}
+    outputs = {name: _finished(proc) for name, proc in started.items()}
+    return {"root": root, "outputs": outputs, "a": _outcome(root / "a"), "b": _outcome(root / "b")}
+
+
+@pytest.mark.slow  # two tiny runs at once, each starting a temporary Prefect server
+def test_runs_on_two_homes_at_once_use_separate_prefect_databases(uninterrupted):
+    for output in uninterrupted["outputs"].values():
+        assert "database is locked" not in output
+        assert "Failed to create the Prefect home" not in output  # the homes did not exist before the runs
+    for name in ("a", "b"):
+        home = uninterrupted["root"] / name
+        assert (home / "prefect" / "prefect.db").is_file()
+        assert [r[2] for r in Store(home, read_only=True).fetch("list_runs", limit=5)] == ["completed"]
+
+
+@pytest.mark.slow  # two tiny runs on one home, each with its own temporary Prefect server
+def test_two_runs_started_together_on_one_home_both_complete_like_separate_runs(tmp_path, uninterrupted):
     together = tmp_path / "together"
     first = _kdflow_run(together)
     time.sleep(1.0)
@@ -305,24 +326,10 @@ def test_two_runs_started_together_on_one_home_both_complete_like_sequential_run
     assert seen_running, "`kdflow runs` showed a run in progress"
     assert "is queued: home" in outputs, "one run said it waits for the other"
 
-    one_by_one = tmp_path / "one-by-one"
-    _finished(_kdflow_run(one_by_one))
-    _finished(_kdflow_run(one_by_one, "training.alpha=0.7"))
     outcome = _outcome(together)
     assert len(outcome["runs"]) == 2, outcome["runs"].keys()
-    _assert_same(outcome, _outcome(one_by_one))
-
-
-@pytest.mark.slow  # two tiny runs at once, each starting a temporary Prefect server
-def test_runs_on_two_homes_at_once_use_separate_prefect_databases(tmp_path):
-    runs = [_kdflow_run(tmp_path / name) for name in ("a", "b")]
-    for proc in runs:
-        output = _finished(proc)
-        assert "database is locked" not in output
-        assert "Failed to create the Prefect home" not in output  # the homes did not exist before the runs
-    for name in ("a", "b"):
-        assert (tmp_path / name / "prefect" / "prefect.db").is_file()
-        assert [r[2] for r in Store(tmp_path / name, read_only=True).fetch("list_runs", limit=5)] == ["completed"]
+    a, b = uninterrupted["a"], uninterrupted["b"]
+    _assert_same(outcome, {"labels": a["labels"], "runs": {**a["runs"], **b["runs"]}})
 
 
 STAGES = ["ingest", "prepare_teacher", "label", "validate", "train", "evaluate"]
@@ -339,12 +346,10 @@ def _stage_records(home: Path, stage: str) -> int | None:
         return None
 
 
-@pytest.mark.slow  # an uninterrupted tiny run, then one run killed in each stage in turn and one that finishes
-def test_a_run_killed_in_every_stage_in_turn_resumes_to_the_uninterrupted_result(tmp_path):
+@pytest.mark.slow  # one run killed in each stage in turn, then one that finishes
+def test_a_run_killed_in_every_stage_in_turn_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted):
     """One home, a SIGKILL as each stage starts (each re-run resumes what the killed one left), then a run
     that finishes: the same labels, student weights and metrics as an uninterrupted run, nothing twice."""
-    reference = tmp_path / "uninterrupted"
-    _finished(_kdflow_run(reference))
     home = tmp_path / "killed"
     for stage in STAGES:
         before = _stage_records(home, stage) or 0
@@ -358,4 +363,4 @@ def test_a_run_killed_in_every_stage_in_turn_resumes_to_the_uninterrupted_result
     output = _finished(_kdflow_run(home))
     statuses = [r[2] for r in Store(home, read_only=True).fetch("list_runs", limit=10)]
     assert statuses == ["completed"] + ["crashed"] * len(STAGES), (statuses, output[-2000:])
-    _assert_same(_outcome(home), _outcome(reference))
+    _assert_same(_outcome(home), uninterrupted["a"])
