@@ -19,12 +19,9 @@ from prefect.utilities.annotations import allow_failure
 from kdflow.config import RunConfig, TeacherConfig
 from kdflow.sweep.ensemble import Member
 from kdflow.errors import KdflowError
-from kdflow.flows.userlogs import quiet_expected_failures
-from kdflow.runs import recorded_run
-from kdflow.store import Store
+from kdflow.flows.runlock import guarded_run
 from kdflow.sweep.grid import ENSEMBLE, PointResult, SweepPoint, expand_grid, sweep_teachers
 from kdflow.label.teacher import TeacherRef
-from kdflow.tasks.common import current_flow_run_id
 from kdflow.tasks.ingest import ingest_task
 from kdflow.tasks.shard_label import build_task_runner, shared_api
 from kdflow.tasks.sweep import ensemble_labels, sweep_point_task, sweep_report_task, teacher_labels
@@ -72,10 +69,8 @@ def sweep_grid(cfg: RunConfig, sweep_id: str, dataset_ids: list[str], points: li
 @flow(name="sweep", flow_run_name="sweep-{cfg.name}", retries=0)
 def sweep(cfg: RunConfig) -> str:
     """Train and compare the configured grid of students; returns the sweep's run id."""
-    quiet_expected_failures()
     points = expand_grid(cfg)
-    store = Store(cfg.home_dir)
-    with recorded_run(store, cfg, flow_run_id=current_flow_run_id()) as sweep_id:
+    with guarded_run(cfg) as sweep_id:
         dataset_ids = ingest_task(cfg, sweep_id)
         teachers: dict[str, tuple[TeacherRef, str]] = {}
         members = []

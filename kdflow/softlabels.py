@@ -23,7 +23,7 @@ class SoftLabel:
     coverage: float
     entropy: float
     # cloze with length normalisation: the option with the best log-likelihood per character
-    # (lm-evaluation-harness acc_norm), a prediction rule reported beside `predicted`, never a target.
+    # (lm-evaluation-harness acc_norm), a prediction rule stored beside `predicted`, never a target.
     predicted_norm: int | None = None
 
 

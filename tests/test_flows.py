@@ -396,3 +396,35 @@ def test_a_home_limit_created_by_another_run_at_the_same_moment_is_used(monkeypa
     runlock._ensure_limit(name)
     with pytest.raises(ObjectNotFound):
         runlock._ensure_limit(runlock.home_limit_name(Path("/tmp/kdflow-no-such-home")))
+
+
+@pytest.mark.slow
+def test_route_reads_questions_as_ingest_does_and_sums_up_skipped_rows(first_run, tmp_path):
+    """`kdflow route FILE` reads any layout `kdflow ingest` reads, without an answer column: an MMLU file
+    with `choices` is answered row by row, and unusable rows are one summary line, not a line per row."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from kdflow.cli import app
+
+    home, _ = first_run
+    rows = [{"question": f"What is the capital of Toshiland {i}?", "choices": ["Danen", "Thafar", "Brotum"],
+             "subject": "geography"} for i in range(40)]
+    rows += [{"question": "Too few options?", "choices": ["Danen"], "subject": "geography"}] * 30
+    questions = tmp_path / "mmlu.jsonl"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(app, ["route", str(questions), "-c", str(ROOT / "configs" / "tiny.yaml"),
+                                      "--set", f"home={home}"])
+    assert result.exit_code == 0, result.output
+    skipped = [line for line in result.stdout.splitlines() if "skipped" in line]
+    assert len(skipped) == 1 and "30 of 70 rows" in skipped[0] and "too_few_options" in skipped[0], skipped
+    answered = [line for line in result.stdout.splitlines() if re.match(r"^\W*\d+\W", line)]
+    assert len(answered) == 40, result.stdout
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "no question column", "opts": ["a", "b"]}\n')
+    result = CliRunner().invoke(app, ["route", str(broken), "-c", str(ROOT / "configs" / "tiny.yaml"),
+                                      "--set", f"home={home}"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "cannot detect the layout" in result.output and "--format" in result.output, result.output

@@ -153,6 +153,10 @@ def test_ensemble_labels_leave_out_quarantined_members_and_are_keyed_on_rule_and
     assert build_ensemble_labels(store, [dataset_id], members, "mean", [1, 3]) == (key, 0), "incremental"
     assert len({key, ensemble_key(members, "mean", [1, 1]), ensemble_key(members, "geometric", [1, 3]),
                 ensemble_key(members[::-1], "mean", [1, 3])}) == 4
+    # A validation setting changed: member a's labels have a new gate verdict, so the combination is redone.
+    revalidated = [Member("a", "t-a", "v-a2"), members[1]]
+    assert ensemble_key(revalidated, "mean", [1, 3]) != key
+    assert build_ensemble_labels(store, [dataset_id], revalidated, "mean", [1, 3])[1] == 3
 
 
 # ---------------------------------------------------------------- statistics
@@ -229,6 +233,9 @@ def test_sweep_flow_trains_every_point_and_reports(first_sweep):
     assert [t["teacher"] for t in comparison.teachers] == ["a", "b", ENSEMBLE]
     assert all(0 <= s["accuracy_lo"] <= s["accuracy"] <= s["accuracy_hi"] <= 1 for s in comparison.students)
     assert any(s["pareto"] for s in comparison.students) and comparison.best is not None
+    # Ranked by the median latency, the run report's statistic (a mean is pulled by preempted calls).
+    medians = [s["latency_ms_median"] for s in comparison.students]
+    assert [s["pareto"] for s in comparison.students] == pareto_front(medians, [s["accuracy"] for s in comparison.students])
     assert comparison.n_pairs == 7 * 6 // 2
     html = (home / "reports" / sweep_id / "sweep.html").read_text()
     assert "data:image/png" in html
@@ -314,3 +321,46 @@ def test_the_ensemble_backend_pools_what_its_members_score(tiny_model, tiny_toke
         assert scored.label.probs == pytest.approx(expected.probs, abs=1e-6)
         assert scored.latency_ms > 0
     assert alone[0][0].label.probs != pytest.approx(alone[1][0].label.probs, abs=1e-3)  # the members differ
+
+
+@pytest.mark.slow
+def test_a_sweep_queues_behind_a_run_on_its_home_and_records_a_prefect_cancellation(tmp_path, prefect_harness,
+                                                                                       monkeypatch):
+    """A sweep goes through the run guard of every flow: while another run holds its home it is queued and
+    says for which run; a Prefect cancellation (the TerminationSignal the engine raises on SIGTERM) ends it
+    as `cancelled`, not failed."""
+    import logging
+    import signal
+
+    from prefect.exceptions import TerminationSignal
+
+    from kdflow.flows.sweep import sweep
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from kdflow.homelock import home_lock\nlock = home_lock({str(tmp_path)!r}, "
+         "run_id='nightly-1')\nlock.__enter__()\nprint('ready', flush=True)\nimport sys; sys.stdin.read()"],
+        env=worker_env(), text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == "ready"
+    said: list[str] = []
+
+    class Queued(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "is queued" in record.getMessage() and not said:
+                said.append(record.getMessage())
+                holder.stdin.close()  # the other run ends once the sweep is queued
+
+    def cancelled(*_args, **_kwargs):
+        raise TerminationSignal(signal.SIGTERM)
+
+    monkeypatch.setattr("kdflow.flows.sweep.ingest_task", cancelled)
+    handler = Queued()
+    logging.getLogger("prefect.flow_runs").addHandler(handler)
+    try:
+        with pytest.raises(TerminationSignal):
+            sweep(tiny(f"home={tmp_path}", "sweep.training.alpha=[0.3, 0.7]"))
+    finally:
+        logging.getLogger("prefect.flow_runs").removeHandler(handler)
+        holder.kill()
+        holder.wait(timeout=60)
+    assert len(said) == 1 and "nightly-1" in said[0], said
+    assert [r[2] for r in Store(tmp_path, read_only=True).fetch("list_runs", limit=5)] == ["cancelled"]

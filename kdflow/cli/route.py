@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
@@ -11,32 +13,53 @@ from kdflow.cli.console import _console, _fail
 from kdflow.cli.options import ConfigOpt, SetOpt, load_run_config
 
 
+def _read(source: str, layout: str) -> list[dict[str, Any]]:
+    """SOURCE's questions, read as `kdflow ingest` reads a data file (the same layouts and detection, answer
+    column optional); rows it cannot use are summed up in one line by reason. Raises typer.Exit (2) when
+    the file cannot be read as a whole or holds no usable question."""
+    from pydantic import ValidationError
+
+    from kdflow.config import SourceConfig
+    from kdflow.ingest.load import IngestError, load_source
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(source)
+        if source == "-":  # the reader detects the file type by its extension
+            path = Path(tmp) / "stdin.jsonl"
+            path.write_text(sys.stdin.read(), encoding="utf-8")
+        try:
+            loaded = load_source(SourceConfig(path=str(path), format=layout, allow_unlabeled=True))
+        except ValidationError as e:
+            raise _fail(f"--format {layout}: {e.errors()[0]['msg']}") from None
+        except IngestError as e:
+            raise _fail(e.blaming("--format" if e.setting == "format" else source)) from None
+    if loaded.rejected.num_rows:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(loaded.rejected_by_reason().items()))
+        _console().print(f"[yellow]skipped[/] {loaded.rejected.num_rows} of {loaded.counts['rows']} rows ({reasons}): "
+                         "`kdflow ingest` on the file lists each row and why")
+    if not loaded.questions.num_rows:
+        raise _fail(f"no usable question to answer in {source}")
+    return [{**q, "line": row} for q, (_, row) in zip(loaded.questions.to_pylist(), loaded.origins, strict=True)]
+
+
 def route(
-    source: Annotated[str, typer.Argument(help="JSONL file of {question, options, category?}; '-' reads stdin")] = "-",
+    source: Annotated[str, typer.Argument(help="questions in any layout `kdflow ingest` reads (JSONL, JSON, CSV, "
+                                          "Parquet; an answer column is optional); '-' reads JSONL from stdin")] = "-",
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    layout: Annotated[str, typer.Option("--format", help="the file's layout when it cannot be detected "
+                                        "(as data.sources[].format)")] = "auto",
 ) -> None:
     """Answer questions with the cascade: the student, or the teacher when the student is unsure."""
     cfg = load_run_config(config, set_)
     from kdflow.ingest.datasets import run_dataset_ids
     from kdflow.errors import KdflowError
-    from kdflow.evaluate.routing import answer, chosen_cascade, read_questions
+    from kdflow.evaluate.routing import answer, chosen_cascade
     from kdflow.store import Store, StoreError
     from kdflow.label.teacher import open_backend, teacher_ref
 
-    if source == "-":
-        questions, problems = read_questions(sys.stdin, "stdin")
-    else:
-        try:
-            with open(source, encoding="utf-8") as f:
-                questions, problems = read_questions(f, source)
-        except (OSError, UnicodeDecodeError) as e:
-            raise _fail(f"cannot read {source}: {e}") from None
+    questions = _read(source, layout)
     console = _console()
-    for problem in problems:
-        console.print(f"[yellow]skipped[/] {problem}")
-    if not questions:
-        raise _fail("no usable question to answer")
     try:
         store = Store(cfg.home_dir, read_only=True)
         cascade = chosen_cascade(store)

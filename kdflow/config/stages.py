@@ -28,8 +28,9 @@ class ScoringConfig(Strict):
     cloze_template: str = Field("Question: {question}\nAnswer:", description="context before each option text")
     length_normalise: bool = Field(
         True,
-        description="cloze: also predict by log-likelihood per character (lm-evaluation-harness acc_norm), "
-        "reported next to plain accuracy; soft labels always come from the summed log-likelihoods",
+        description="cloze: also store the teacher's choice by log-likelihood per character (lm-evaluation-harness "
+        "acc_norm) as soft_labels.predicted_norm, to compare with acc_norm elsewhere; reports, soft labels and "
+        "accuracy always use the summed log-likelihoods",
     )
     chat_template: OnOffAuto = Field(
         "auto",

@@ -6,8 +6,7 @@ accuracy), so routing in production uses exactly the trade-off the report showed
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import numpy as np
 from kdflow.label.backends.base import TeacherBackend
 from kdflow.evaluate.cascade import route
 from kdflow.errors import KdflowError
-from kdflow.records import LETTERS, MAX_OPTIONS
+from kdflow.records import LETTERS
 from kdflow.store import Store
 
 
@@ -43,31 +42,6 @@ def chosen_cascade(store: Store) -> ChosenCascade:
     if row is None:
         raise KdflowError("no evaluated cascade in the store: run `kdflow run` or `kdflow evaluate` first")
     return ChosenCascade(tau=row[0], student_dir=Path(row[1]), eval_id=row[2])
-
-
-def read_questions(lines: Iterable[str], origin: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """Parse JSONL questions ({"question", "options", "category"?}); bad lines become messages, not crashes."""
-    questions, problems = [], []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"{origin}:{number}: not valid JSON ({e.msg})")
-            continue
-        options = record.get("options") if isinstance(record, dict) else None
-        question = record.get("question") if isinstance(record, dict) else None
-        if not isinstance(question, str) or not question.strip():
-            problems.append(f"{origin}:{number}: needs a non-empty 'question' string")
-        elif not isinstance(options, list) or not 2 <= len(options) <= MAX_OPTIONS or not all(
-            isinstance(o, str) and o.strip() for o in options
-        ):
-            problems.append(f"{origin}:{number}: needs 'options', a list of 2..{MAX_OPTIONS} non-empty strings")
-        else:
-            questions.append({"line": number, "question": question, "options": options,
-                              "category": str(record.get("category") or "")})
-    return questions, problems
 
 
 def answer(

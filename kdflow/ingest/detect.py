@@ -86,6 +86,12 @@ def _detect_one(record: dict[str, Any]) -> str | None:
         return "generic"
     if _first(record, _QUESTION_COLUMNS) and _first(record, _ANSWER_COLUMNS) and _option_family(record):
         return "option_columns"
+    # No answer column at all: questions to label or to route; their rows are rejected as missing_answer
+    # unless the source allows unlabeled questions.
+    if {"question", "choices"} <= record.keys():
+        return "mmlu"
+    if {"question", "options"} <= record.keys():
+        return "generic"
     return None
 
 

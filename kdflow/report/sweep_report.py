@@ -96,7 +96,7 @@ def load_comparison(store: Store, sweep_id: str) -> SweepComparison:
                          "baseline": bool(baseline), "model_id": model_id, "trained": trained, "eval_id": eval_id,
                          **values.get(eval_id, {})})
     students.sort(key=lambda r: (-r.get("accuracy", 0.0), r["label"]))
-    latency = [r.get("latency_ms_mean", float("inf")) for r in students]
+    latency = [r.get("latency_ms_median", float("inf")) for r in students]
     accuracy = [r.get("accuracy", 0.0) for r in students]
     for row, on_front in zip(students, pareto_front(latency, accuracy)):
         row["pareto"] = on_front
@@ -171,7 +171,7 @@ STUDENT_COLUMNS: list[Column] = [
     ("retention", lambda r: _pct(r.get("retention"))),
     ("agreement", lambda r: _pct(r.get("agreement"))),
     ("ECE", lambda r: _num(r.get("ece"))),
-    ("latency", lambda r: _ms(r.get("latency_ms_mean"))),
+    ("latency", lambda r: _ms(r.get("latency_ms_median"))),
     ("params", lambda r: _params(r.get("params_total"))),
     ("", _flags),
 ]
@@ -196,15 +196,15 @@ PAIR_COLUMNS: list[Column] = [
 
 def _notes(c: SweepComparison) -> list[str]:
     budget = f"within {c.budget_ms:g} ms per question" if c.budget_ms is not None else "at any latency"
-    best = (f"Best student {budget}: {c.best['label']} ({_ci(c.best)}, {_ms(c.best.get('latency_ms_mean'))})."
+    best = (f"Best student {budget}: {c.best['label']} ({_ci(c.best)}, {_ms(c.best.get('latency_ms_median'))})."
             if c.best is not None else f"No student answers {budget}.")
     pairs = (f"{len(c.significant)} of {c.n_pairs} pairs of students differ significantly: exact McNemar test on "
              f"the test questions both answered (McNemar 1947), p-values adjusted for the {c.n_pairs} comparisons "
              f"by Holm's step-down method (Holm 1979), family-wise level {c.level:g}. Pairs not listed are not "
              "shown to differ.")
-    return [best, pairs, "Retention and agreement are against each student's own teacher; latency is one question "
-            "at a time on one CPU thread (the same code for every student), so settings of one architecture differ "
-            "in latency by measurement noise only."]
+    return [best, pairs, "Retention and agreement are against each student's own teacher; latency is the median of "
+            "one-question calls on one CPU thread (the statistic and code of the run report), so settings of one "
+            "architecture differ in latency by measurement noise only."]
 
 
 def _pareto_plot(c: SweepComparison) -> str:
@@ -212,7 +212,7 @@ def _pareto_plot(c: SweepComparison) -> str:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows = [r for r in c.students if r.get("latency_ms_mean") is not None and r.get("accuracy") is not None]
+    rows = [r for r in c.students if r.get("latency_ms_median") is not None and r.get("accuracy") is not None]
     if not rows:
         return page_img(None, "accuracy against latency")
     fig = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
@@ -220,15 +220,15 @@ def _pareto_plot(c: SweepComparison) -> str:
     ax = fig.subplots()
     for teacher in dict.fromkeys(r["teacher"] for r in rows):
         mine = [r for r in rows if r["teacher"] == teacher]
-        ax.errorbar([r["latency_ms_mean"] for r in mine], [100 * r["accuracy"] for r in mine],
+        ax.errorbar([r["latency_ms_median"] for r in mine], [100 * r["accuracy"] for r in mine],
                     yerr=[[100 * (r["accuracy"] - r["accuracy_lo"]) for r in mine],
                           [100 * (r["accuracy_hi"] - r["accuracy"]) for r in mine]],
                     fmt="o", capsize=2, alpha=0.8, label=f"teacher {teacher}".replace("$", r"\$"))
-    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["latency_ms_mean"])
-    ax.plot([r["latency_ms_mean"] for r in front], [100 * r["accuracy"] for r in front], "k--", lw=1,
+    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["latency_ms_median"])
+    ax.plot([r["latency_ms_median"] for r in front], [100 * r["accuracy"] for r in front], "k--", lw=1,
             label="Pareto front")
     if c.best is not None and c.best in rows:
-        ax.plot([c.best["latency_ms_mean"]], [100 * c.best["accuracy"]], "r*", ms=14, label="best within budget")
+        ax.plot([c.best["latency_ms_median"]], [100 * c.best["accuracy"]], "r*", ms=14, label="best within budget")
     if c.budget_ms is not None:
         ax.axvline(c.budget_ms, color="r", lw=0.8, ls=":")
     ax.set_xlabel("latency per question (ms)")
@@ -276,7 +276,7 @@ def render_markdown(c: SweepComparison) -> str:
 
 def artifact_table(c: SweepComparison) -> list[Row]:
     keys = ["label", "teacher", "accuracy", "accuracy_lo", "accuracy_hi", "retention", "agreement", "ece",
-            "latency_ms_mean", "params_total", "pareto", "best", "trained"]
+            "latency_ms_median", "params_total", "pareto", "best", "trained"]
     return [{k: round(r[k], 4) if isinstance(r.get(k), float) else r.get(k) for k in keys} for r in c.students]
 
 

@@ -54,8 +54,9 @@ def ensemble_spec(members: Sequence[Member], method: Method, weights: Sequence[f
 
 
 def ensemble_key(members: Sequence[Member], method: Method, weights: Sequence[float] | None) -> str:
-    """'e-' + hash of the members' teacher keys, the rule and the weights (not the member names)."""
-    spec = {"members": [m.teacher_key for m in members], "method": method,
+    """'e-' + hash of the members' teacher keys and gate verdicts, the rule and the weights (not the member
+    names): after a validation setting changes which member labels are quarantined, the ensemble is rebuilt."""
+    spec = {"members": [[m.teacher_key, m.validation_id] for m in members], "method": method,
             "weights": list(weights) if weights is not None else None}
     return "e-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
