@@ -37,6 +37,8 @@ SKIPPED: dict[tuple[str, str], str] = {
         f"{GPU}; {SERVER}",
     ("README.md", "kdflow ui"): SERVICE,
     ("README.md", "kdflow sweep -c demo-sweep"): f"{SLOW}: 19 students (about 20 minutes on 2 cores)",
+    ("README.md", "kdflow run -c demo --set 'data.sources=[{demo: {n_questions: 15000, seed: 0, labeled_share: 1.0, "
+                  "gold_noise: 0.0}}]'"): f"{SLOW}: the whole demo with clean gold answers (about 6 minutes)",
     ("README.md", "kdflow run -c my-project/kdflow.yaml --set orchestration.task_runner=dask \\"):
         "needs a Dask scheduler at tcp://scheduler:8786",
     ("docs/development.md", "make docs"):
