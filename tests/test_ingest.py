@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from kdflow.config import DemoSource, GenericMapping, SourceConfig
-from kdflow.ingest.load import IngestError, LoadedSource, load_source
+from kdflow.ingest.collect import IngestError, LoadedSource
+from kdflow.ingest.load import load_source
 from kdflow.ingest.cells import shuffle_order
 from kdflow.ingest.readers import read_csv, read_json
 from kdflow.records import QUESTION_SCHEMA, REJECTED_SCHEMA

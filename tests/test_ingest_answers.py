@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from kdflow.cli import app
 from kdflow.config import GenericMapping, SourceConfig, load_config
-from kdflow.ingest.load import IngestError, load_source
+from kdflow.ingest.collect import IngestError
+from kdflow.ingest.load import load_source
 from kdflow.ingest.answers import AnswerSemanticsError, Vote, choose_reading
 from kdflow.ingest.cells import numpy_list
 

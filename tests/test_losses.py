@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from kdflow.train.losses import REVERSE_KL_LOG_FLOOR, distillation_loss, kd_divergence
+from kdflow.divergences import DIVERGENCES, REVERSE_KL_LOG_FLOOR
+from kdflow.train.losses import distillation_loss, kd_divergence
 
-KINDS = ["forward_kl", "reverse_kl", "jsd"]
+KINDS = list(DIVERGENCES)
 
 
 # ---------------------------------------------------------------- reference (numpy loops, float64)
@@ -25,6 +26,21 @@ def _ref_kl(p: list[float], q: list[float]) -> float:
     return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True) if pi > 0)
 
 
+def _ref_reverse_kl(p, q, beta) -> float:
+    floor = math.exp(REVERSE_KL_LOG_FLOOR)
+    return _ref_kl(list(q), [max(pi, floor) for pi in p])
+
+
+def _ref_jsd(p, q, beta) -> float:
+    m = beta * p + (1 - beta) * q
+    return beta * _ref_kl(list(p), list(m)) + (1 - beta) * _ref_kl(list(q), list(m))
+
+
+# The independent reference of every divergence in kdflow.divergences (teacher p, student q, both float64).
+REFERENCES = {"forward_kl": lambda p, q, beta: _ref_kl(list(p), list(q)), "reverse_kl": _ref_reverse_kl,
+              "jsd": _ref_jsd}
+
+
 def ref_divergence(logits, probs, mask, kind, temperature=1.0, beta=0.5) -> np.ndarray:
     out = []
     for row in range(logits.shape[0]):
@@ -32,15 +48,13 @@ def ref_divergence(logits, probs, mask, kind, temperature=1.0, beta=0.5) -> np.n
         q = _ref_softmax(np.array([logits[row, k] for k in real]) / temperature)
         p = np.array([probs[row, k] for k in real]) ** (1.0 / temperature)
         p = p / p.sum()
-        if kind == "forward_kl":
-            out.append(_ref_kl(list(p), list(q)))
-        elif kind == "reverse_kl":
-            floor = math.exp(REVERSE_KL_LOG_FLOOR)
-            out.append(_ref_kl(list(q), [max(pi, floor) for pi in p]))
-        else:
-            m = beta * p + (1 - beta) * q
-            out.append(beta * _ref_kl(list(p), list(m)) + (1 - beta) * _ref_kl(list(q), list(m)))
+        out.append(REFERENCES[kind](p, q, beta))
     return np.array(out)
+
+
+def test_every_divergence_has_a_reference():
+    """A divergence added to the table is tested against a reference here, or this fails."""
+    assert set(REFERENCES) == set(DIVERGENCES)
 
 
 def ref_ce(logits, gold, mask) -> np.ndarray:

@@ -87,7 +87,7 @@ def ingest(
 
     from kdflow.config import ConfigError, SourceConfig
     from kdflow.ingest.datasets import ingest as ingest_all
-    from kdflow.ingest.load import IngestError
+    from kdflow.ingest.collect import IngestError
     from kdflow.report.terminal import print_ingest
     from kdflow.store import Store
 

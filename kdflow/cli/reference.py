@@ -67,6 +67,12 @@ def _type(annotation: Any, section: str | None) -> str:
     return _TYPE_NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
+def _choices(field: Any) -> str | None:
+    """`a` or `b` for a setting checked against a registry when validated: its schema's enum."""
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    return " or ".join(f"`{flow_yaml(a)}`" for a in extra["enum"]) if "enum" in extra else None
+
+
 def _constraints(metadata: list[Any]) -> str:
     """` (>= 0, <= 1)`: a setting's bounds, from its pydantic Field(ge=..., le=...) metadata."""
     bounds = [f"{sign} {flow_yaml(getattr(m, attribute))}" for m in metadata
@@ -122,7 +128,8 @@ def configuration_page() -> str:
         out += ["| setting | type | default | description |", "| --- | --- | --- | --- |"]
         for key, field in model.model_fields.items():
             name = f"{path}.{key}" if path else key
-            kind = _type(field.annotation, _section_heading(path, key, field)) + _constraints(field.metadata)
+            kind = _choices(field) or _type(field.annotation, _section_heading(path, key, field))
+            kind += _constraints(field.metadata)
             out.append(f"| `{name}` | {_cell(kind)} | {_default(field)} | {_cell(field.description or '')} |")
         out.append("")
     return "\n".join(out)

@@ -20,7 +20,8 @@ def _read(source: str, layout: str) -> list[dict[str, Any]]:
     from pydantic import ValidationError
 
     from kdflow.config import SourceConfig
-    from kdflow.ingest.load import IngestError, load_source
+    from kdflow.ingest.collect import IngestError
+    from kdflow.ingest.load import load_source
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(source)

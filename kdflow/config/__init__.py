@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from kdflow.config.base import ConfigError, OnOffAuto, Strict, section_model
 from kdflow.config.data import (
-    SOURCE_FORMATS, DataConfig, default_source_names, DemoSource, GenericMapping, SampleConfig, SourceConfig,
+    DataConfig, default_source_names, DemoSource, GenericMapping, SampleConfig, SourceConfig,
     SplitConfig,
 )
 from kdflow.config.loading import DEFAULT_CONFIG, apply_overrides, find_config, load_config, shipped_configs
@@ -27,7 +27,7 @@ from kdflow.config.stages import (
 # The public names, importable from kdflow.config whichever module of the package holds them.
 __all__ = [
     "ConfigError", "Strict", "OnOffAuto", "section_model", "GenericMapping", "DemoSource", "SampleConfig",
-    "SOURCE_FORMATS", "SourceConfig", "default_source_names", "SplitConfig", "DataConfig", "ArchitectureConfig",
+    "SourceConfig", "default_source_names", "SplitConfig", "DataConfig", "ArchitectureConfig",
     "ScoringConfig", "LoraConfig", "OpenAIServerConfig", "VLLMConfig", "TeacherPrepConfig", "TeacherConfig",
     "StudentConfig", "TrainingConfig", "ValidationConfig", "SuspectGoldConfig", "EvaluationConfig",
     "OrchestrationConfig", "EnsembleConfig", "SweepConfig", "RunConfig", "DEFAULT_CONFIG", "apply_overrides",

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from kdflow.config.base import OnOffAuto, Strict, _switch_word
+from kdflow.divergences import DIVERGENCES, divergence_help
 
 
 class ScoringConfig(Strict):
@@ -64,9 +65,11 @@ class TrainingConfig(Strict):
         "without a gold answer learns from the KD term alone)",
     )
     temperature: float = Field(1.0, gt=0, description="softening temperature T (the KD term is scaled by T^2)")
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
-        "forward_kl", description="KD term: forward_kl = KL(teacher || student), mode-covering; reverse_kl = "
-        "KL(student || teacher), mode-seeking; jsd = generalised Jensen-Shannon with weight jsd_beta",
+    # A name checked against kdflow.divergences when validated (not a Literal fixed at import), so that table
+    # is the only list; the schema's enum gives forms and docs/configuration.md the choices.
+    divergence: str = Field(
+        next(iter(DIVERGENCES)), description=f"KD term: {divergence_help()}",
+        json_schema_extra={"enum": list(DIVERGENCES)},
     )
     jsd_beta: float = Field(
         0.5, gt=0, lt=1, description="jsd: teacher weight beta in M = beta * teacher + (1 - beta) * student (TRL's GKD)"
@@ -126,6 +129,13 @@ class TrainingConfig(Strict):
                 "(or several, e.g. `seeds: [0, 1, 2]`, to compare the students over seeds)"
             )
         return data
+
+    @field_validator("divergence")
+    @classmethod
+    def _known_divergence(cls, name: str) -> str:
+        if name not in DIVERGENCES:
+            raise ValueError(f"unknown divergence {name!r}; choose one of {', '.join(DIVERGENCES)}")
+        return name
 
     @field_validator("seeds")
     @classmethod

@@ -6,8 +6,9 @@ source's allow_unlabeled, always in train), and every row that could not become 
 Tables: reads datasets (an unchanged source is reused); writes datasets, dataset_reading, questions,
 question_notes, question_duplicates and rejected_rows (sql/ingest.sql).
 
-Modules: load (one source read into Arrow tables: readers decode files, detect recognises the layout,
-layouts map records with cells reading each value, collect gathers the rows and answers settles the
-answer column), splits (the split of each question from its content alone), datasets (store a
+Modules: load (one source read into Arrow tables: readers decode files, layouts holds the table of
+layouts that recognises and maps each one, with columns naming the column families they share, mapping
+turning a record into a question with cells reading each value, collect gathering the rows and answers
+settling the answer column), splits (the split of each question from its content alone), datasets (store a
 loaded source as a dataset version and report it).
 """

@@ -2,7 +2,7 @@
 NaN, blank), question and option text (a passage kept before the question), list columns written as
 JSON, Python literals or NumPy-printed strings, ids, categories, the unmapped columns kept as metadata,
 and the content hash and hash-derived shuffle used for rows without an id. A value that cannot be read
-raises Rejected, whose reason is "<code>: <detail>" (codes listed in kdflow.ingest.layouts).
+raises Rejected, whose reason is "<code>: <detail>" (codes listed in kdflow.ingest.mapping).
 """
 
 from __future__ import annotations
@@ -56,7 +56,9 @@ def emptiness(value: Any) -> str | None:
     return None
 
 
-def _question(value: Any, column: str) -> str:
+def question_text(value: Any, column: str) -> str:
+    """The question text of `column`'s value, stripped; Rejected("empty_question") when it is absent, a
+    list or a dict (a number is read as its text)."""
     if type(value) is str and value.strip():
         return value.strip()
     why = emptiness(value)
@@ -67,7 +69,7 @@ def _question(value: Any, column: str) -> str:
     return str(value).strip()
 
 
-def _with_passage(question: str, record: dict[str, Any], column: str | None) -> str:
+def with_passage(question: str, record: dict[str, Any], column: str | None) -> str:
     """The question preceded by its passage and a blank line, when the layout has one and it is not empty."""
     if column is None:
         return question
@@ -111,9 +113,10 @@ def numpy_list(text: str) -> list[Any] | None:
     return values if len(values) >= 2 else None
 
 
-def _literal(value: Any, column: str) -> Any:
+def parse_literal(value: Any, column: str) -> Any:
     """Decode a list or dict written as text (CSV cells): JSON, a Python literal (pandas' to_csv of a
-    list), or a NumPy-printed array (pandas' to_csv of an array column)."""
+    list), or a NumPy-printed array (pandas' to_csv of an array column). Any other value, and text that
+    is none of these, comes back as it is; Rejected("bad_options") for an unreadable NumPy-style cell."""
     if not isinstance(value, str) or value.lstrip()[:1] not in ("[", "{"):
         return value
     try:
@@ -145,8 +148,10 @@ def _option_text(value: Any, name: str) -> str:
     return str(value).strip()
 
 
-def _options(values: list[Any], names: list[str] | None = None) -> list[str]:
-    """Option texts; repeats are allowed here (the caller rejects a row only when its gold text repeats)."""
+def option_texts(values: list[Any], names: list[str] | None = None) -> list[str]:
+    """Option texts, stripped; repeats are allowed here (the caller rejects a row only when its gold text
+    repeats). `names` name the options in a rejection (default: option A, option B, ...). Rejected with
+    too_few_options, too_many_options, empty_option or bad_options when the values cannot be options."""
     n = len(values)
     if n < 2:
         raise Rejected("too_few_options", f"{n} option{'' if n == 1 else 's'} (need 2..{MAX_OPTIONS})")
@@ -176,7 +181,8 @@ def repeated_options(options: list[str], answer: int | None) -> str | None:
     return "repeated options: " + ", ".join(f"{text!r} x{n}" for text, n in counts.items() if n > 1)
 
 
-def _source_id(record: dict[str, Any], column: str) -> str:
+def source_id(record: dict[str, Any], column: str) -> str:
+    """The question id the source gives in `column`, as text; Rejected("missing_id") when it is absent."""
     value = record.get(column, ABSENT)
     why = emptiness(value)
     if why is not None:
@@ -184,7 +190,8 @@ def _source_id(record: dict[str, Any], column: str) -> str:
     return str(value).strip()
 
 
-def _category(value: Any) -> str:
+def category_text(value: Any) -> str:
+    """A category value as text; "" when it is absent (prompts then omit the "about {category}" line)."""
     return "" if emptiness(value) is not None else str(value).strip()
 
 
@@ -199,7 +206,8 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _metadata(record: dict[str, Any], used: Iterable[str]) -> str:
+def metadata_json(record: dict[str, Any], used: Iterable[str]) -> str:
+    """The record's columns outside `used` as a JSON object (sorted keys, NaN as null); "{}" when none."""
     rest = {k: v for k, v in record.items() if k not in used}
     if not rest:
         return "{}"

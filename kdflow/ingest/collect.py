@@ -1,8 +1,7 @@
 """Turning one source's mapped rows into questions: the collector gathers every file's rows, decides once
 for the whole source how its answer column is written, resolves each answer, rejects duplicate and
 conflicting rows (keeping notes on kept questions, e.g. repeated options) and builds the Arrow tables of
-a LoadedSource. Also IngestError, the error for a source that cannot be read as a whole (re-exported by
-kdflow.ingest.load).
+a LoadedSource. Also IngestError, the error for a source that cannot be read as a whole.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import pyarrow as pa
 from kdflow.errors import KdflowError
 from kdflow.ingest.answers import AnswerSemanticsError, Reading, Vote, choose_reading, resolve
 from kdflow.ingest.cells import Rejected, emptiness, repeated_options
-from kdflow.ingest.layouts import Mapped, Mapper, check_encodable
+from kdflow.ingest.mapping import Mapped, Mapper, check_encodable
 from kdflow.ingest.readers import Row
 from kdflow.records import QUESTION_SCHEMA, REJECTED_SCHEMA
 from kdflow.ingest.splits import normalise_text, normalised_key
@@ -91,7 +90,7 @@ class _Seen:
     index: int | None
 
 
-class _Collector:
+class Collector:
     """Accumulates the rows of one source; `result` decides the answer column's semantics over all of them,
     resolves every answer and rejects duplicates across all the source's files.
 

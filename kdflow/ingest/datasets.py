@@ -29,7 +29,8 @@ from dataclasses import dataclass, field, replace
 import pyarrow as pa
 
 from kdflow.config import RunConfig, SourceConfig, SplitConfig
-from kdflow.ingest.load import LoadedSource, load_source
+from kdflow.ingest.collect import LoadedSource
+from kdflow.ingest.load import load_source
 from kdflow.records import REJECTED_SCHEMA
 from kdflow.ingest.splits import normalise_text, normalised_key, question_splits
 from kdflow.store import Store

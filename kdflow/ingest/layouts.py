@@ -1,73 +1,21 @@
 """Source layouts: recognise how a public dataset is published and map one record to a canonical question.
 
-Layouts (detected from the keys of the first records, or named by `SourceConfig.format`):
-- mmlu: HF cais/mmlu - question, choices (list), answer (0-based index, or a letter in some exports), subject.
-- arc: AI2 ARC - original jsonl {id, question: {stem, choices: [{text, label}]}, answerKey} and HF
-  {id, question, choices: {text: [...], label: [...]}, answerKey}; labels A-E or 1-5, 3 to 5 options.
-  An answerKey stored as a float by pandas (2.0) names label "2".
-- csqa: CommonsenseQA - as arc, plus question_concept (inside `question` in the original jsonl, a column
-  in HF); the concept becomes the category.
-- openbookqa: HF {id, question_stem, choices: {text, label}, answerKey}; the original jsonl is arc-shaped
-  and detected as arc (same mapping) unless it carries the "additional" columns (fact1 ...).
-- sciq: question, correct_answer, distractor1..3, support. Options are shuffled deterministically from
-  the question's content hash, so the answer is not always first and the order is the same everywhere.
-- option_columns: one column per option - A..D (lukaemon/mmlu), option_a.., answer_a.., choice_a..,
-  choice1.. / choice_1.., option1.. / option_1..; question in question/input/prompt/stem, answer in
-  answer/target/label/correct/answerKey, category in subject/category.
-- medmcqa: question, opa..opd, cop (1-based in the MedMCQA release), subject_name.
-- hellaswag: HellaSwag {ctx, endings, label, activity_label} and SWAG {startphrase, ending0..3, label};
-  the context is the question (the options continue it); label 0-based.
-- piqa: goal, sol1, sol2, label (0-based).
-- winogrande: sentence, option1, option2, answer ("1"/"2": 1-based).
-- race: article, question, options, answer (a letter); the article is a passage.
-- quality: (article,) question, options, gold_label (1-based in the QuALITY release); article is a passage.
-- truthfulqa_mc1: question, mc1_targets {choices, labels} with exactly one label 1; options are shuffled
-  like sciq's (the release always lists the correct answer first).
-- generic: a `GenericMapping`; also detected, with default column names, when a record has question,
-  options and answer (plus id and category when present).
+Layouts: LAYOUTS below, one entry per layout with its description, detection rule and mapping; it is the
+one list (the `format` setting, `kdflow ingest --format` and docs/input-formats.md follow it). A source's
+layout is named by `SourceConfig.format`, or detected from the keys of its first records: each record
+gets the first layout in LAYOUTS whose rule claims it, and the most common one wins.
 
-Answers written as a value in a column (every layout but arc/csqa/openbookqa/sciq/truthfulqa_mc1, which
-resolve labels or positions per row) are read by the column's semantics, decided once per source from all
-its values (kdflow.ingest.answers); the layout's published convention only breaks ties.
+Answers written as a value in a column (layouts with `columns`; those with `rows` resolve labels or
+positions per row) are read by the column's semantics, decided once per source from all its values
+(kdflow.ingest.answers); the layout's published convention only breaks ties.
 
 A passage (RACE/QuALITY article, `mapping.passage`) is kept in the question text, before the question and
 a blank line, so every backend's prompt shows it and the content hash covers it.
-
-Question ids: the source id (arc, csqa, openbookqa, an `id` column), else a content hash of the question
-and its options in source order; the caller prefixes the dataset name. Text is stripped of surrounding
-whitespace. A layout without categories gets "" (prompts then omit the "about {category}" line).
-`metadata` is a JSON object of the top-level source columns the layout does not map (e.g. sciq support).
-In CSV, list and dict columns are JSON, Python literal or NumPy-printed (['a' 'b']) strings; numeric
-answers arrive as digit strings.
-
-Reason codes (a rejected row's reason is "<code>: <detail>"):
-  bad_encoding          the line is not valid UTF-8, or the text holds an unpaired surrogate escape
-  malformed_json        the line is not valid JSON
-  malformed_csv         the CSV row has the wrong number of fields or cannot be parsed
-  not_an_object         the row is JSON but not an object
-  empty_question        the question is missing, null, NaN, blank or not text
-  bad_options           the options are missing or not a list; choices lack text/label; labels repeat
-  empty_option          an option is null, NaN or blank
-  too_few_options       fewer than 2 options
-  too_many_options      more than 26 options
-  ambiguous_answer      the gold option's text appears twice among the options (repeats elsewhere are kept)
-  missing_answer        the answer is missing, null, NaN or blank (kept as an unlabeled question instead with
-                        the source's allow_unlabeled)
-  bad_answer            the answer cannot name an option under the column's semantics (list, bool, 1.5 ...)
-  answer_out_of_range   an index or letter past the last option
-  unknown_answer_label  an answer label that is not one of the choice labels (or not a letter)
-  answer_not_in_options an answer given as text that matches no option
-  missing_id            the id column is missing, null or blank
-  duplicate_row         same question, options and answer as an earlier row (compared normalised), or an
-                        unlabeled copy of an unlabeled row
-  unlabeled_duplicate   an unlabeled copy of a question another row or source of the run answers (that one is kept)
-  conflicting_duplicate same question and options as another row of the source but another answer (both go)
-  conflicting_answer    the same question in another source of the run with another answer
-  duplicate_id          the question id of an earlier row with different content
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -75,95 +23,16 @@ from typing import Any
 from kdflow.config import GenericMapping
 from kdflow.ingest.answers import as_number
 from kdflow.ingest.cells import (
-    ABSENT, Rejected, _category, _literal, _metadata, _options, _question, _source_id, _with_passage, content_key,
-    emptiness, shuffle_order,
+    ABSENT, Rejected, category_text, content_key, emptiness, metadata_json, option_texts, parse_literal,
+    question_text, shuffle_order, source_id,
 )
-from kdflow.ingest.detect import _ANSWER_COLUMNS, _CATEGORY_COLUMNS, _QUESTION_COLUMNS, _first, _option_family
+from kdflow.ingest.columns import ANSWER_COLUMNS, CATEGORY_COLUMNS, QUESTION_COLUMNS, first_present, option_family
+from kdflow.ingest.mapping import Mapped, Mapper, default_mapping, generic_map
 
-LAYOUTS = (
-    "mmlu", "arc", "csqa", "openbookqa", "sciq", "option_columns", "medmcqa", "hellaswag", "piqa", "winogrande",
-    "race", "quality", "truthfulqa_mc1", "generic",
-)
-
-_MMLU = GenericMapping(question="question", options="choices", answer="answer", category="subject")
+DETECT_ROWS = 20
+"""Layout detection looks at this many parsed records and takes the most common answer."""
 _LABELLED_COLUMNS = frozenset({"id", "question", "question_stem", "question_concept", "choices", "answerKey"})
 _SCIQ_OPTIONS = ("correct_answer", "distractor1", "distractor2", "distractor3")
-
-
-@dataclass(slots=True)
-class Mapped:
-    """The canonical fields of one row; `key` is the source id or content hash, before the dataset prefix.
-
-    `answer` is None when the layout leaves it to the column's semantics: `raw_answer` then holds the
-    value as the source wrote it (ABSENT when the column is missing). A layout that resolves answers
-    itself leaves `answer` None and says why in `missing` ("'answerKey' is blank") when the row has none.
-    """
-
-    key: str
-    question: str
-    options: list[str]
-    answer: int | None
-    category: str
-    metadata: str
-    raw_answer: Any = None
-    missing: str | None = None
-
-
-@dataclass(frozen=True)
-class Mapper:
-    """How to map the records of one layout.
-
-    `answer_column` is None when `map` resolves every answer itself (labels, fixed positions); otherwise
-    the column's semantics are decided over all rows (answer_type/answer_base from the mapping, `prior`
-    is the layout's published convention and `prior_why` says so).
-    """
-
-    layout: str
-    map: Callable[[dict[str, Any]], Mapped]
-    answer_column: str | None = None
-    answer_type: str = "auto"
-    answer_base: int | None = None
-    prior: str | None = None
-    prior_why: str = ""
-    mapping: GenericMapping | None = None
-    """The column mapping in use: what a user copies into the config to set answer_type/answer_base."""
-
-    def __call__(self, record: dict[str, Any]) -> Mapped:
-        return self.map(record)
-
-
-def _generic_map(mapping: GenericMapping) -> Callable[[dict[str, Any]], Mapped]:
-    """The row function of a column mapping; names are looked up once here, not once per row."""
-    question_col, answer_col, passage_col = mapping.question, mapping.answer, mapping.passage
-    id_col, category_col, options_col = mapping.id, mapping.category, mapping.options
-    option_cols = [options_col] if isinstance(options_col, str) else list(options_col)
-    option_names = [f"'{c}'" for c in option_cols]
-    used = frozenset(c for c in (question_col, answer_col, id_col, category_col, passage_col, *option_cols) if c)
-
-    def option_values(record: dict[str, Any]) -> tuple[list[Any], list[str] | None]:
-        if isinstance(options_col, str):
-            values = _literal(record.get(options_col, ABSENT), options_col)
-            if hasattr(values, "tolist"):  # a NumPy array from an in-memory dataset
-                values = values.tolist()
-            if not isinstance(values, (list, tuple)):
-                why = emptiness(values) or f"a {type(values).__name__}, not a list"
-                raise Rejected("bad_options", f"'{options_col}' is {why}")
-            return list(values), None
-        values = [record.get(c, ABSENT) for c in option_cols]
-        while values and emptiness(values[-1]) is not None:
-            values.pop()  # option columns left empty at the end: a question with fewer options
-        return values, option_names
-
-    def map_record(record: dict[str, Any]) -> Mapped:
-        question = _question(record.get(question_col, ABSENT), question_col)
-        options = _options(*option_values(record))
-        key = _source_id(record, id_col) if id_col else content_key(question, options)
-        category = _category(record.get(category_col)) if category_col else ""
-        question = _with_passage(question, record, passage_col)
-        return Mapped(key, question, options, None, category, _metadata(record, used),
-                      record.get(answer_col, ABSENT))
-
-    return map_record
 
 
 def _label_index(key: Any, labels: list[str]) -> int:
@@ -182,7 +51,7 @@ def _label_index(key: Any, labels: list[str]) -> int:
 
 def _labelled_choices(value: Any) -> tuple[list[Any], list[str]]:
     """Texts and labels from [{text, label}, ...] (original AI2 jsonl) or {text: [...], label: [...]} (HF)."""
-    value = _literal(value, "choices")
+    value = parse_literal(value, "choices")
     if isinstance(value, dict):
         texts, labels = value.get("text"), value.get("label")
         texts = texts.tolist() if hasattr(texts, "tolist") else texts
@@ -220,14 +89,14 @@ def _map_labelled(record: dict[str, Any]) -> Mapped:
         column = "question_stem" if "question_stem" in record else "question"
         text, choices = record.get(column, ABSENT), record.get("choices", ABSENT)
         concept = record.get("question_concept")
-    question = _question(text, column)
+    question = question_text(text, column)
     texts, labels = _labelled_choices(choices)
-    options = _options(texts)
+    options = option_texts(texts)
     key_value = record.get("answerKey", ABSENT)
     why = emptiness(key_value)
     answer = None if why is not None else _label_index(key_value, labels)
-    key = _source_id(record, "id")
-    return Mapped(key, question, options, answer, _category(concept), _metadata(record, _LABELLED_COLUMNS),
+    key = source_id(record, "id")
+    return Mapped(key, question, options, answer, category_text(concept), metadata_json(record, _LABELLED_COLUMNS),
                   missing=None if why is None else f"'answerKey' is {why}")
 
 
@@ -239,107 +108,204 @@ def _shuffled(question: str, options: list[str], metadata: str) -> Mapped:
 
 
 def _map_sciq(record: dict[str, Any]) -> Mapped:
-    question = _question(record.get("question", ABSENT), "question")
-    options = _options([record.get(c, ABSENT) for c in _SCIQ_OPTIONS], [f"'{c}'" for c in _SCIQ_OPTIONS])
-    return _shuffled(question, options, _metadata(record, ("question", *_SCIQ_OPTIONS)))
+    question = question_text(record.get("question", ABSENT), "question")
+    options = option_texts([record.get(c, ABSENT) for c in _SCIQ_OPTIONS], [f"'{c}'" for c in _SCIQ_OPTIONS])
+    return _shuffled(question, options, metadata_json(record, ("question", *_SCIQ_OPTIONS)))
 
 
 def _map_mc1(record: dict[str, Any]) -> Mapped:
     """TruthfulQA multiple_choice: mc1_targets {choices, labels}, exactly one label 1 (the correct answer)."""
-    question = _question(record.get("question", ABSENT), "question")
-    targets = _literal(record.get("mc1_targets", ABSENT), "mc1_targets")
+    question = question_text(record.get("question", ABSENT), "question")
+    targets = parse_literal(record.get("mc1_targets", ABSENT), "mc1_targets")
     if not isinstance(targets, dict) or "choices" not in targets or "labels" not in targets:
         raise Rejected("bad_options", "'mc1_targets' needs 'choices' and 'labels'")
     choices, labels = (list(v.tolist() if hasattr(v, "tolist") else v) for v in (targets["choices"], targets["labels"]))
     if len(choices) != len(labels):
         raise Rejected("bad_options", f"'mc1_targets' has {len(choices)} choices but {len(labels)} labels")
-    options = _options(choices)
+    options = option_texts(choices)
     ones = [i for i, label in enumerate(labels) if as_number(label) == 1]
     if len(ones) != 1:
         raise Rejected("bad_answer", f"'mc1_targets.labels' marks {len(ones)} choices correct, not exactly one")
     first = [options[ones[0]]] + [text for i, text in enumerate(options) if i != ones[0]]
-    metadata = _metadata(record, ("question", "mc1_targets"))
+    metadata = metadata_json(record, ("question", "mc1_targets"))
     return _shuffled(question, first, metadata)
 
 
-def check_encodable(mapped: Mapped) -> None:
-    """Reject text that cannot be stored: JSON escapes such as "\\ud800" decode to unpaired surrogates."""
-    try:
-        "".join([mapped.key, mapped.question, mapped.category, mapped.metadata, *mapped.options]).encode()
-    except UnicodeEncodeError as e:
-        raise Rejected("bad_encoding", f"unpaired surrogate {e.object[e.start]!r} in the text") from None
+# --- column mappings of the layouts whose answers are a column's values ------------------------------------
 
 
-def default_mapping(columns: Iterable[str]) -> GenericMapping:
-    """The mapping of an auto-detected generic file: default column names, id and category when present."""
-    columns = set(columns)
-    return GenericMapping(id="id" if "id" in columns else None, category="category" if "category" in columns else None)
+def _present(columns: list[str], name: str) -> str | None:
+    return name if name in columns else None
 
 
-def mapping_columns(mapping: GenericMapping) -> list[str]:
-    """The columns a generic mapping needs, checked against a file before mapping every row.
+def _mmlu(columns: list[str]) -> GenericMapping:
+    return GenericMapping(question="question", options="choices", answer="answer", category="subject")
 
-    Option columns past the second are left out: JSON Lines often omit the keys of unused options.
+
+def _medmcqa(columns: list[str]) -> GenericMapping:
+    options = option_family([c for c in columns if c.startswith("op")]) or ["opa", "opb", "opc", "opd"]
+    return GenericMapping(question="question", options=options, answer="cop", id=_present(columns, "id"),
+                          category=_present(columns, "subject_name"))
+
+
+def _hellaswag(columns: list[str]) -> GenericMapping:
+    options: list[str] | str = "endings" if "endings" in columns else option_family(columns)
+    return GenericMapping(question="ctx" if "ctx" in columns else "startphrase", options=options, answer="label",
+                          id=_present(columns, "id"), category=_present(columns, "activity_label"))
+
+
+def _piqa(columns: list[str]) -> GenericMapping:
+    return GenericMapping(question="goal", options=["sol1", "sol2"], answer="label", id=_present(columns, "id"))
+
+
+def _winogrande(columns: list[str]) -> GenericMapping:
+    return GenericMapping(question="sentence", options=["option1", "option2"], answer="answer",
+                          id=_present(columns, "id"))
+
+
+def _race(columns: list[str]) -> GenericMapping:
+    return GenericMapping(question="question", options="options", answer="answer", passage="article")
+
+
+def _quality(columns: list[str]) -> GenericMapping:
+    return GenericMapping(question="question", options="options", answer="gold_label",
+                          passage=_present(columns, "article"), id=_present(columns, "id"))
+
+
+def _option_columns(columns: list[str]) -> GenericMapping:
+    return GenericMapping(
+        question=first_present(columns, QUESTION_COLUMNS) or "question", options=option_family(columns),
+        answer=first_present(columns, ANSWER_COLUMNS) or "answer", id=_present(columns, "id"),
+        category=first_present(columns, CATEGORY_COLUMNS),
+    )
+
+
+# --- detection rules: each is tried only on records no layout before it in LAYOUTS claimed ------------------
+
+
+def _has(*keys: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda record: all(key in record for key in keys)
+
+
+def _labelled_form(record: dict[str, Any]) -> str | None:
+    """arc, csqa or openbookqa for a record in one of their forms, else None. The original jsonl nests
+    {stem, choices} in `question` (csqa puts question_concept there, openbookqa adds fact1.. columns); the
+    hub has question_stem (openbookqa), or choices and answerKey (csqa with a question_concept column),
+    where sciq's columns, when a record has them too, decide for sciq."""
+    question = record.get("question")
+    if isinstance(question, dict) and "stem" in question:
+        if "question_concept" in question:
+            return "csqa"
+        return "openbookqa" if "fact1" in record else "arc"
+    if "question_stem" in record and "choices" in record:
+        return "openbookqa"
+    if "choices" in record and "answerKey" in record and not _has("correct_answer", "distractor1")(record):
+        return "csqa" if "question_concept" in record else "arc"
+    return None
+
+
+def _is_option_columns(record: dict[str, Any]) -> bool:
+    return bool(first_present(record, QUESTION_COLUMNS) and first_present(record, ANSWER_COLUMNS)
+                and option_family(record))
+
+
+def _is_hellaswag(record: dict[str, Any]) -> bool:
+    context = "ctx" in record or "startphrase" in record
+    return context and ("endings" in record or "ending0" in record) and "label" in record
+
+
+def _unlabeled_or(labeled: Callable[[dict[str, Any]], bool], *keys: str) -> Callable[[dict[str, Any]], bool]:
+    """`labeled`, or a file with no answer column at all: questions to label or to route, whose rows are
+    rejected as missing_answer unless the source allows unlabeled questions (option_columns, which needs
+    an answer column, keeps its records)."""
+    return lambda record: labeled(record) or (_has(*keys)(record) and not _is_option_columns(record))
+
+
+# --- the registry ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One source layout: the public `dataset` publishing it, as the README names it (None for any columns),
+    a one-line `description` of its fields, its detection rule and its mapping.
+
+    `detect(record)` says whether a record looks like this layout. Exactly one of `rows` and `columns` is
+    set: `rows` maps a record and resolves its answer itself (labels, fixed positions); `columns` gives the
+    column mapping for a file's columns, whose answer column is read by its semantics, decided over all
+    rows, with `prior` the layout's published convention that breaks ties and `prior_why` saying so.
     """
-    options = [mapping.options] if isinstance(mapping.options, str) else list(mapping.options)[:2]
-    cols = (mapping.question, *options, mapping.answer, mapping.id, mapping.category, mapping.passage)
-    return [c for c in cols if c]
+
+    dataset: str | None
+    description: str
+    detect: Callable[[dict[str, Any]], bool]
+    rows: Callable[[dict[str, Any]], Mapped] | None = None
+    columns: Callable[[list[str]], GenericMapping] | None = None
+    prior: str | None = None
+    prior_why: str = ""
+
+    def mapper(self, name: str, columns: list[str]) -> Mapper:
+        """The Mapper of a source in this layout (named `name`) whose files have `columns`."""
+        if self.rows is not None:
+            return Mapper(name, self.rows)
+        known = self.columns(columns)
+        return Mapper(name, generic_map(known), known.answer, prior=self.prior, prior_why=self.prior_why,
+                      mapping=known)
 
 
-def _layout_mapping(layout: str, columns: list[str]) -> tuple[GenericMapping, str | None, str]:
-    """The column mapping of a detected column layout, its published answer convention and why."""
-    cols = set(columns)
-    has = lambda c: c if c in cols else None  # noqa: E731 - a one-line lookup used below
-    ident = has("id")
-    if layout == "mmlu":
-        return _MMLU, "letter|index0", "MMLU publishes answer as a 0-based index"
-    if layout == "medmcqa":
-        options = _option_family([c for c in columns if c.startswith("op")]) or ["opa", "opb", "opc", "opd"]
-        mapping = GenericMapping(question="question", options=options, answer="cop", id=ident,
-                                 category=has("subject_name"))
-        return mapping, "index1", "MedMCQA publishes cop 1-based"
-    if layout == "hellaswag":
-        options: list[str] | str = "endings" if "endings" in cols else _option_family(columns)
-        question = "ctx" if "ctx" in cols else "startphrase"
-        mapping = GenericMapping(question=question, options=options, answer="label", id=ident,
-                                 category=has("activity_label"))
-        return mapping, "index0", "HellaSwag and SWAG publish label 0-based"
-    if layout == "piqa":
-        mapping = GenericMapping(question="goal", options=["sol1", "sol2"], answer="label", id=ident)
-        return mapping, "index0", "PIQA publishes label 0-based"
-    if layout == "winogrande":
-        mapping = GenericMapping(question="sentence", options=["option1", "option2"], answer="answer", id=ident)
-        return mapping, "index1", "Winogrande publishes answer 1-based"
-    if layout == "race":
-        mapping = GenericMapping(question="question", options="options", answer="answer", passage="article")
-        return mapping, "letter", "RACE publishes answer as a letter"
-    if layout == "quality":
-        mapping = GenericMapping(question="question", options="options", answer="gold_label",
-                                 passage=has("article"), id=ident)
-        return mapping, "index1", "QuALITY publishes gold_label 1-based"
-    if layout == "option_columns":
-        mapping = GenericMapping(
-            question=_first(columns, _QUESTION_COLUMNS) or "question", options=_option_family(columns),
-            answer=_first(columns, _ANSWER_COLUMNS) or "answer", id=ident,
-            category=_first(columns, _CATEGORY_COLUMNS),
-        )
-        return mapping, None, ""
-    return default_mapping(columns), None, ""
+LAYOUTS: dict[str, Layout] = {
+    "arc": Layout("ARC", "AI2's jsonl {id, question: {stem, choices: [{text, label}]}, answerKey} or the hub's "
+                  "{id, question, choices: {text, label}, answerKey}; labels A-E or 1-5",
+                  lambda r: _labelled_form(r) == "arc", rows=_map_labelled),
+    "csqa": Layout("CommonsenseQA", "as arc, plus question_concept (the category)",
+                   lambda r: _labelled_form(r) == "csqa", rows=_map_labelled),
+    "openbookqa": Layout("OpenBookQA", "the hub's {id, question_stem, choices: {text, label}, answerKey}, or arc's "
+                         "jsonl with fact1..", lambda r: _labelled_form(r) == "openbookqa", rows=_map_labelled),
+    "sciq": Layout("SciQ", "question, correct_answer, distractor1..3 (options shuffled by content hash)",
+                   _has("correct_answer", "distractor1"), rows=_map_sciq),
+    "truthfulqa_mc1": Layout("TruthfulQA", "multiple_choice: question, mc1_targets {choices, labels}",
+                             _has("mc1_targets", "question"), rows=_map_mc1),
+    "piqa": Layout("PIQA", "goal, sol1, sol2, label", _has("goal", "sol1", "sol2", "label"), columns=_piqa,
+                   prior="index0", prior_why="PIQA publishes label 0-based"),
+    "winogrande": Layout("WinoGrande", "sentence, option1, option2, answer",
+                         _has("sentence", "option1", "option2", "answer"), columns=_winogrande, prior="index1",
+                         prior_why="Winogrande publishes answer 1-based"),
+    "hellaswag": Layout("HellaSwag", "HellaSwag {ctx, endings, label, activity_label}, SWAG {startphrase, "
+                        "ending0..3, label}", _is_hellaswag, columns=_hellaswag, prior="index0",
+                        prior_why="HellaSwag and SWAG publish label 0-based"),
+    "medmcqa": Layout("MedMCQA", "question, opa..opd, cop, subject_name", _has("question", "opa", "opb", "cop"),
+                      columns=_medmcqa, prior="index1", prior_why="MedMCQA publishes cop 1-based"),
+    "race": Layout("RACE", "article (a passage), question, options, answer",
+                   _has("article", "question", "options", "answer"), columns=_race, prior="letter",
+                   prior_why="RACE publishes answer as a letter"),
+    "quality": Layout("QuALITY", "article (a passage), question, options, gold_label",
+                      _has("question", "options", "gold_label"), columns=_quality, prior="index1",
+                      prior_why="QuALITY publishes gold_label 1-based"),
+    "mmlu": Layout("MMLU", "cais/mmlu: question, choices, answer, subject",
+                   _unlabeled_or(_has("question", "choices", "answer"), "question", "choices"), columns=_mmlu,
+                   prior="letter|index0", prior_why="MMLU publishes answer as a 0-based index"),
+    "generic": Layout(None, "any columns through a mapping; question, options, answer, id, category without one",
+                      _unlabeled_or(_has("question", "options", "answer"), "question", "options"),
+                      columns=default_mapping),
+    "option_columns": Layout(None, "one column per option (A..D, option_a.., choice1.., ...), a question and an "
+                             "answer column", _is_option_columns, columns=_option_columns),
+}
+"""Every layout by its `format` name, in detection order: a record is the first layout whose rule claims it."""
+
+
+def detect_layout(records: Iterable[dict[str, Any]]) -> str | None:
+    """The most common layout among the records (the caller passes the first DETECT_ROWS), or None."""
+    found = (next((name for name, layout in LAYOUTS.items() if layout.detect(record)), None) for record in records)
+    votes = Counter(name for name in found if name is not None)
+    return votes.most_common(1)[0][0] if votes else None
 
 
 def mapper_for(layout: str, columns: list[str] | None = None, mapping: GenericMapping | None = None) -> Mapper:
     """How to map the records of `layout`; `columns` are the file's (for detected column layouts) and
-    `mapping` is the user's (format: generic). Its row function raises Rejected for a row that cannot be used."""
-    if layout in ("arc", "csqa", "openbookqa"):
-        return Mapper(layout, _map_labelled)
-    if layout == "sciq":
-        return Mapper(layout, _map_sciq)
-    if layout == "truthfulqa_mc1":
-        return Mapper(layout, _map_mc1)
+    `mapping` is the user's (format: generic). Its row function raises Rejected for a row that cannot be used.
+    ValueError for a layout LAYOUTS does not have."""
     if layout == "generic" and mapping is not None:
-        return Mapper(layout, _generic_map(mapping), mapping.answer, mapping.answer_type, mapping.answer_base,
+        return Mapper(layout, generic_map(mapping), mapping.answer, mapping.answer_type, mapping.answer_base,
                       mapping=mapping)
-    if layout in LAYOUTS:
-        known, prior, why = _layout_mapping(layout, list(columns or []))
-        return Mapper(layout, _generic_map(known), known.answer, prior=prior, prior_why=why, mapping=known)
-    raise ValueError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)}; generic needs a mapping)")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)}; generic needs a mapping)")
+    return LAYOUTS[layout].mapper(layout, list(columns or []))

@@ -23,14 +23,12 @@ from typing import Any
 import pyarrow as pa
 
 from kdflow.config import SourceConfig
-from kdflow.ingest.collect import IngestError, LoadedSource, _Collector
-from kdflow.ingest.detect import DETECT_ROWS, detect_layout
-from kdflow.ingest.layouts import LAYOUTS, Mapper, mapper_for, mapping_columns
+from kdflow.ingest.collect import Collector, IngestError, LoadedSource
+from kdflow.ingest.layouts import DETECT_ROWS, LAYOUTS, detect_layout, mapper_for
+from kdflow.ingest.mapping import Mapper, mapping_columns
 from kdflow.ingest.readers import READERS, EncodingError, Row, rows_from_records, to_utf8
 from kdflow.records import REJECTED_SCHEMA
 from kdflow.ingest.splits import normalised_key
-
-__all__ = ["IngestError", "LoadedSource", "load_source"]
 
 
 def _sha256(data: bytes) -> str:
@@ -99,8 +97,8 @@ def _layout(source: SourceConfig, rows: list[Row], origin: str) -> tuple[str, Ma
     return layout, mapper_for(layout, columns)
 
 
-def _collector(source: SourceConfig, origin: str) -> _Collector:
-    return _Collector(source.display_name, origin, allow_unlabeled=source.allow_unlabeled,
+def _collector(source: SourceConfig, origin: str) -> Collector:
+    return Collector(source.display_name, origin, allow_unlabeled=source.allow_unlabeled,
                       setting=source.setting("allow_unlabeled"))
 
 
@@ -246,6 +244,11 @@ def load_source(source: SourceConfig) -> LoadedSource:
     Raises IngestError for a source that cannot be read as a whole (missing file, unknown layout, an
     answer column whose meaning the values do not settle, an undecodable encoding).
     """
+    if source.format not in ("auto", *LAYOUTS):
+        raise IngestError(
+            f"source {source.display_name!r} has format: {source.format}, a layout kdflow does not know; use auto "
+            f"(detect it) or one of {', '.join(LAYOUTS)} (docs/input-formats.md)", setting="format"
+        )
     if source.demo is not None:
         loaded = _load_demo(source)
     elif source.hf_dataset is not None:

@@ -16,19 +16,12 @@ whole training run. The training loop mixes and logs the parts returned by `dist
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
-DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd")
-
-# Reverse KL weighs log(student / teacher) by the student's probability, so a teacher probability of
-# exactly 0 at a real option (softlabels.py gives 0 to options a backend returned no log-prob for) would
-# make the loss infinite and the gradients NaN. Teacher log-probabilities are floored here for reverse
-# KL only: a strong, finite penalty on student mass the teacher ruled out. Forward KL and JSD need no floor.
-REVERSE_KL_LOG_FLOOR = math.log(1e-30)
+from kdflow.divergences import DIVERGENCES
 
 
 class LossParts(NamedTuple):
@@ -73,25 +66,6 @@ def _teacher_log_probs(teacher_probs: Tensor, option_mask: Tensor, temperature: 
     return _masked_log_softmax(log_p / temperature, has_mass)
 
 
-def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """KL(p || q) per row [B] from log-probabilities [B, K]; options where p = 0 contribute 0.
-
-    The where keeps (-inf) - (-inf) out of the result and out of the gradient.
-    """
-    has_mass = ~torch.isneginf(log_p)
-    log_ratio = torch.where(has_mass, log_p - log_q, torch.zeros_like(log_p))
-    return (log_p.exp() * log_ratio).sum(dim=-1)
-
-
-def _mixture_log_probs(log_t: Tensor, log_s: Tensor, beta: float) -> Tensor:
-    """log(beta * p_t + (1 - beta) * p_s) [B, K]; -inf where both are 0, without NaN gradients."""
-    both_zero = torch.isneginf(log_t) & torch.isneginf(log_s)
-    stacked = torch.stack(
-        [log_t.masked_fill(both_zero, 0.0) + math.log(beta), log_s.masked_fill(both_zero, 0.0) + math.log1p(-beta)]
-    )
-    return torch.logsumexp(stacked, dim=0).masked_fill(both_zero, -math.inf)
-
-
 def _check_batch(student_logits: Tensor, teacher_probs: Tensor | None, option_mask: Tensor) -> None:
     if student_logits.dim() != 2 or not student_logits.is_floating_point():
         raise ValueError(
@@ -124,7 +98,7 @@ def kd_divergence(
     teacher_probs: Tensor,
     option_mask: Tensor,
     *,
-    kind: Divergence = "forward_kl",
+    kind: str = "forward_kl",
     temperature: float = 1.0,
     beta: float = 0.5,
 ) -> Tensor:
@@ -136,37 +110,24 @@ def kd_divergence(
             options (at T != 1 as p^(1/T)), so a row need not sum exactly to 1. A row with no teacher
             mass at all (not labelled yet) gives a finite value, so it can be excluded by sample_mask.
         option_mask: [B, K] True at real options.
-        kind: "forward_kl" = KL(teacher || student), mode-covering (Hinton et al.);
-            "reverse_kl" = KL(student || teacher), mode-seeking (MiniLLM); teacher log-probs are floored
-            at REVERSE_KL_LOG_FLOOR so a zero teacher probability gives a large finite penalty;
-            "jsd" = generalised Jensen-Shannon divergence with TRL's GKD convention:
-            M = beta * teacher + (1 - beta) * student,
-            JSD = beta * KL(teacher || M) + (1 - beta) * KL(student || M).
-            It is symmetric at beta = 0.5 and bounded by the binary entropy of beta (log 2 at 0.5).
-            beta must lie strictly in (0, 1): at the ends it is identically 0, and TRL's special cases
-            there are plain forward / reverse KL, which are available as kinds of their own.
+        kind: a name in kdflow.divergences.DIVERGENCES (each function's docstring gives its formula and
+            source); ValueError for another.
         temperature: T > 0, applied to student logits and teacher probabilities alike.
-        beta: JSD interpolation weight; ignored by the KL kinds.
+        beta: JSD interpolation weight, 0 < beta < 1; ignored by the KL kinds.
 
     Returns:
         [B] divergence in nats, in float32 or float64 (the student's dtype, promoted).
     """
-    if kind not in DIVERGENCES:
+    entry = DIVERGENCES.get(kind)
+    if entry is None:
         raise ValueError(f"kind must be one of {', '.join(DIVERGENCES)}, got {kind!r}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if kind == "jsd" and not 0 < beta < 1:
-        raise ValueError(f"jsd needs 0 < beta < 1, got {beta}")
     _check_batch(student_logits, teacher_probs, option_mask)
     dtype = _compute_dtype(student_logits)
     log_s = _student_log_probs(student_logits.to(dtype), option_mask, temperature)
     log_t = _teacher_log_probs(teacher_probs.to(dtype), option_mask, temperature)
-    if kind == "forward_kl":
-        return _kl(log_t, log_s)
-    if kind == "reverse_kl":
-        return _kl(log_s, log_t.clamp_min(REVERSE_KL_LOG_FLOOR))
-    log_m = _mixture_log_probs(log_t, log_s, beta)
-    return beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
+    return entry.function(log_t, log_s, beta)
 
 
 def _masked_mean(values: Tensor, include: Tensor) -> Tensor:
@@ -183,7 +144,7 @@ def distillation_loss(
     *,
     alpha: float,
     temperature: float,
-    kind: Divergence = "forward_kl",
+    kind: str = "forward_kl",
     beta: float = 0.5,
     sample_mask: Tensor | None = None,
     labeled: Tensor | None = None,
