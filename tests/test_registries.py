@@ -179,3 +179,17 @@ def test_the_docs_list_every_registered_metric_as_registered():
         assert cells[2] == (metric.better or "–")
         assert cells[3] == ("overall and per category" if metric.per_category else "overall")
         assert cells[4] == (metric.column or "–")
+
+
+def test_every_registry_entry_names_what_exists():
+    from kdflow.config import TrainingConfig
+    from kdflow.report.formatting import FORMATS
+    from kdflow.train.roles import TARGETS
+
+    for role in ROLES.values():
+        assert role.target is None or role.target in TARGETS, role
+        assert role.versus is None or role.versus in ROLES, role
+        assert role.enabled_by is None or TrainingConfig.model_fields[role.enabled_by].annotation is bool, role
+    for metric in METRICS.values():
+        assert metric.fmt in FORMATS, metric
+        assert metric.better in ("higher", "lower", None), metric

@@ -1,7 +1,8 @@
 """The run report's tables and sentences: which columns each table has and what the notes under them say.
 
 In: query rows of sql/report.sql and the evaluation's spec. Out: Column lists (header, formatter) for the
-HTML page and the markdown summary, and plain-text sentences. Reads no tables itself.
+HTML page and the markdown summary (the models table's from the metric registry, kdflow.evaluate.
+metric_registry), and plain-text sentences. Reads no tables itself.
 """
 
 from __future__ import annotations
