@@ -88,7 +88,7 @@ def load_comparison(store: Store, sweep_id: str) -> SweepComparison:
     teachers = [_teacher_row(store, name, key, dataset_ids, cfg)
                 for name, key, _v, _s in store.fetch("sweep_teacher_rows", sweep_id=sweep_id)]
     eval_ids = [p[8] for p in points]
-    # Each student's metrics by name (those it has: a missing one sorts and formats as before there were any).
+    # Each student's metrics by name; one it lacks stays absent, so the defaults of the sorting below apply.
     values = {r["eval_id"]: {k: v for k, v in r.items() if v is not None and k != "eval_id"}
               for r in wide_metrics(store, "sweep_student_metrics", eval_ids=eval_ids).to_pylist()}
     students = []
