@@ -143,8 +143,12 @@ class Store:
         with self.connect() as con:
             return con.execute(sql(query), params or None).fetchone()
 
-    def arrow(self, query: str, /, **params: Any) -> pa.Table:
+    def arrow(self, query: str, incoming: pa.Table | None = None, /, **params: Any) -> pa.Table:
+        """The rows of one named query; `incoming` is readable under that name (a statement that expands into
+        several, like a PIVOT whose columns come from the data, takes no parameters: it reads `incoming`)."""
         with self.connect() as con:
+            if incoming is not None:
+                con.register("incoming", incoming)
             return con.sql(sql(query), params=params or None).to_arrow_table()
 
     def execute(self, query: str, incoming: pa.Table | None = None, /, **params: Any) -> None:

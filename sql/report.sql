@@ -1,5 +1,6 @@
 -- The report of one run, read from the store alone: its latest evaluation and what produced the models.
--- Metric names are those kdflow/evaluate/evaluation.py writes (long format: one row per model, category, name).
+-- Metric names are those of kdflow/evaluate/metric_registry.py (long format: one row per model, category
+-- and metric); the report reads them wide through pivot_metrics.
 -- An evaluation stores the students of every training seed; the queries of one model per role read the
 -- model evaluation_models lists for the role (the first seed's students; the teacher and evaluations made
 -- before seeds have seed NULL): the `seed IS NOT DISTINCT FROM (...)` condition below.
@@ -13,111 +14,55 @@ WHERE e.run_id = $run_id
 ORDER BY e.created_at DESC, e.eval_id DESC
 LIMIT 1;
 
--- name: model_metrics
--- One row per evaluated model: overall metrics, teacher first, then the distilled student.
-WITH wide AS (
-    SELECT model_role,
-           max(value) FILTER (WHERE name = 'n')                 AS n,
-           max(value) FILTER (WHERE name = 'accuracy')          AS accuracy,
-           max(value) FILTER (WHERE name = 'accuracy_lo')       AS accuracy_lo,
-           max(value) FILTER (WHERE name = 'accuracy_hi')       AS accuracy_hi,
-           max(value) FILTER (WHERE name = 'retention')         AS retention,
-           max(value) FILTER (WHERE name = 'agreement')         AS agreement,
-           max(value) FILTER (WHERE name = 'kl')                AS kl,
-           max(value) FILTER (WHERE name = 'kl_raw')            AS kl_raw,
-           max(value) FILTER (WHERE name = 'nll')               AS nll,
-           max(value) FILTER (WHERE name = 'brier')             AS brier,
-           max(value) FILTER (WHERE name = 'ece')               AS ece,
-           max(value) FILTER (WHERE name = 'ece_calibrated')    AS ece_calibrated,
-           max(value) FILTER (WHERE name = 'nll_calibrated')    AS nll_calibrated,
-           max(value) FILTER (WHERE name = 'temperature')       AS temperature,
-           max(value) FILTER (WHERE name = 'latency_ms_mean')   AS latency_ms_mean,
-           max(value) FILTER (WHERE name = 'latency_ms_median') AS latency_ms_median,
-           max(value) FILTER (WHERE name = 'latency_ms_p25')    AS latency_ms_p25,
-           max(value) FILTER (WHERE name = 'latency_ms_p75')    AS latency_ms_p75,
-           max(value) FILTER (WHERE name = 'latency_ms_p95')    AS latency_ms_p95,
-           max(value) FILTER (WHERE name = 'latency_rounds')    AS latency_rounds,
-           max(value) FILTER (WHERE name = 'speedup')           AS speedup,
-           max(value) FILTER (WHERE name = 'speedup_lo')        AS speedup_lo,
-           max(value) FILTER (WHERE name = 'speedup_hi')        AS speedup_hi,
-           max(value) FILTER (WHERE name = 'throughput_qps')    AS throughput_qps,
-           max(value) FILTER (WHERE name = 'params_total')      AS params_total,
-           max(value) FILTER (WHERE name = 'params_active')     AS params_active
-    FROM metrics m
-    WHERE eval_id = $eval_id AND category = '*'
-      AND m.seed IS NOT DISTINCT FROM (SELECT em.seed FROM evaluation_models em
-                                       WHERE em.eval_id = m.eval_id AND em.model_role = m.model_role)
-    GROUP BY model_role
-)
-SELECT * FROM wide
-ORDER BY CASE model_role WHEN 'teacher' THEN 0 WHEN 'student' THEN 1 WHEN 'student_hard' THEN 2
-                         WHEN 'student_pseudo' THEN 3 WHEN 'student_init' THEN 4 ELSE 5 END, model_role;
+-- name: overall_metric_rows
+-- Each evaluated model's overall metrics (category '*'), long: kdflow.report.data pivots them wide.
+SELECT model_role, name, value
+FROM metrics m
+WHERE eval_id = $eval_id AND category = '*'
+  AND m.seed IS NOT DISTINCT FROM (SELECT em.seed FROM evaluation_models em
+                                   WHERE em.eval_id = m.eval_id AND em.model_role = m.model_role);
+
+-- name: category_metric_rows
+-- Each evaluated model's per-category metrics, long: kdflow.report.data pivots them wide.
+SELECT model_role, category, name, value
+FROM metrics m
+WHERE eval_id = $eval_id AND category <> '*'
+  AND m.seed IS NOT DISTINCT FROM (SELECT em.seed FROM evaluation_models em
+                                   WHERE em.eval_id = m.eval_id AND em.model_role = m.model_role);
+
+-- name: pivot_metrics
+-- Long metric rows (`incoming`: key columns, name, value) wide: one column per metric name present, one row
+-- per key. The metrics are those of kdflow/evaluate/metric_registry.py; the Python side adds the columns of
+-- the metrics no row has. A PIVOT whose columns come from the data cannot take parameters, so its input
+-- is a query's result.
+PIVOT incoming ON name USING first(value);
 
 -- name: tradeoff_table
--- The seed's trade-off table: teacher and distilled student, parameters, latency (median of interleaved
--- batch-1 rounds, with its quartiles), speed-up over the teacher (ratio of the medians, with the paired-
--- bootstrap 95% interval evaluation stored), accuracy and accuracy lost against the teacher.
-WITH overall AS (
-    SELECT model_role,
-           max(value) FILTER (WHERE name = 'params_total')      AS params_total,
-           max(value) FILTER (WHERE name = 'params_active')     AS params_active,
-           max(value) FILTER (WHERE name = 'latency_ms_median') AS latency_ms,
-           max(value) FILTER (WHERE name = 'latency_ms_p25')    AS latency_ms_p25,
-           max(value) FILTER (WHERE name = 'latency_ms_p75')    AS latency_ms_p75,
-           max(value) FILTER (WHERE name = 'speedup_lo')        AS speedup_lo,
-           max(value) FILTER (WHERE name = 'speedup_hi')        AS speedup_hi,
-           max(value) FILTER (WHERE name = 'accuracy')          AS accuracy
-    FROM metrics m
-    WHERE eval_id = $eval_id AND category = '*' AND model_role IN ('teacher', 'student')
-      AND m.seed IS NOT DISTINCT FROM (SELECT em.seed FROM evaluation_models em
-                                       WHERE em.eval_id = m.eval_id AND em.model_role = m.model_role)
-    GROUP BY model_role
-),
+-- The seed's trade-off table from the wide overall metrics (`incoming`): teacher and distilled student,
+-- parameters, latency (median of interleaved batch-1 rounds, with its quartiles), speed-up over the teacher
+-- (ratio of the medians, with the paired-bootstrap 95% interval evaluation stored), accuracy and accuracy
+-- lost against the teacher.
+WITH overall AS (SELECT * FROM incoming WHERE model_role IN ('teacher', 'student')),
 teacher AS (SELECT * FROM overall WHERE model_role = 'teacher')
-SELECT o.model_role, o.params_total, o.params_active, o.latency_ms, o.latency_ms_p25, o.latency_ms_p75,
-       t.latency_ms / nullif(o.latency_ms, 0) AS speedup, o.speedup_lo, o.speedup_hi,
-       o.accuracy,
+SELECT o.model_role, o.params_total, o.params_active, o.latency_ms_median AS latency_ms, o.latency_ms_p25,
+       o.latency_ms_p75, t.latency_ms_median / nullif(o.latency_ms_median, 0) AS speedup, o.speedup_lo,
+       o.speedup_hi, o.accuracy,
        t.accuracy - o.accuracy AS accuracy_loss
 FROM overall o CROSS JOIN teacher t
 ORDER BY o.model_role = 'student', o.model_role;
 
 -- name: category_table
--- Per category: questions, teacher and distilled-student accuracy with their 95% Wilson intervals, and the
--- signed difference student - teacher (negative: the student is worse). Largest categories first, so the
--- +-100-point differences of categories with one or two questions do not lead the table.
-WITH acc AS (
-    SELECT category,
-           max(value) FILTER (WHERE model_role = 'teacher' AND name = 'n')           AS n,
-           max(value) FILTER (WHERE model_role = 'teacher' AND name = 'accuracy')    AS teacher_accuracy,
-           max(value) FILTER (WHERE model_role = 'teacher' AND name = 'accuracy_lo') AS teacher_lo,
-           max(value) FILTER (WHERE model_role = 'teacher' AND name = 'accuracy_hi') AS teacher_hi,
-           max(value) FILTER (WHERE model_role = 'student' AND name = 'accuracy')    AS student_accuracy,
-           max(value) FILTER (WHERE model_role = 'student' AND name = 'accuracy_lo') AS student_lo,
-           max(value) FILTER (WHERE model_role = 'student' AND name = 'accuracy_hi') AS student_hi
-    FROM metrics m
-    WHERE eval_id = $eval_id AND category <> '*'
-      AND m.seed IS NOT DISTINCT FROM (SELECT em.seed FROM evaluation_models em
-                                       WHERE em.eval_id = m.eval_id AND em.model_role = m.model_role)
-    GROUP BY category
-)
-SELECT category, n, teacher_accuracy, teacher_lo, teacher_hi, student_accuracy, student_lo, student_hi,
-       student_accuracy - teacher_accuracy AS student_minus_teacher
-FROM acc
-ORDER BY n DESC NULLS LAST, category;
-
--- name: category_accuracy
--- Accuracy with its 95% interval per model and category (the per-category plot).
-SELECT model_role, category,
-       max(value) FILTER (WHERE name = 'n')           AS n,
-       max(value) FILTER (WHERE name = 'accuracy')    AS accuracy,
-       max(value) FILTER (WHERE name = 'accuracy_lo') AS accuracy_lo,
-       max(value) FILTER (WHERE name = 'accuracy_hi') AS accuracy_hi
-FROM metrics m
-WHERE eval_id = $eval_id AND category <> '*'
-  AND m.seed IS NOT DISTINCT FROM (SELECT em.seed FROM evaluation_models em
-                                   WHERE em.eval_id = m.eval_id AND em.model_role = m.model_role)
-GROUP BY model_role, category
-ORDER BY category, model_role;
+-- Per category, from the wide per-category metrics (`incoming`): questions, teacher and distilled-student
+-- accuracy with their 95% Wilson intervals, and the signed difference student - teacher (negative: the
+-- student is worse). Largest categories first, so the +-100-point differences of categories with one or
+-- two questions do not lead the table.
+WITH t AS (SELECT * FROM incoming WHERE model_role = 'teacher'),
+s AS (SELECT * FROM incoming WHERE model_role = 'student')
+SELECT category, t.n, t.accuracy AS teacher_accuracy, t.accuracy_lo AS teacher_lo, t.accuracy_hi AS teacher_hi,
+       s.accuracy AS student_accuracy, s.accuracy_lo AS student_lo, s.accuracy_hi AS student_hi,
+       s.accuracy - t.accuracy AS student_minus_teacher
+FROM t FULL JOIN s USING (category)
+ORDER BY t.n DESC NULLS LAST, category;
 
 -- name: reliability_curve
 SELECT model_role, bin, lower, upper, n, confidence, accuracy
@@ -176,19 +121,9 @@ WHERE p.eval_id = $eval_id
 GROUP BY p.eval_id, p.model_role, p.seed
 ORDER BY p.model_role, p.seed NULLS FIRST;
 
--- name: seed_metrics
--- Every model of every seed (the teacher: seed NULL), overall (category '*') and per category, wide: the
--- numbers summary.json gives per seed.
-SELECT model_role, seed, category,
-       max(value) FILTER (WHERE name = 'n')           AS n,
-       max(value) FILTER (WHERE name = 'accuracy')    AS accuracy,
-       max(value) FILTER (WHERE name = 'accuracy_lo') AS accuracy_lo,
-       max(value) FILTER (WHERE name = 'accuracy_hi') AS accuracy_hi,
-       max(value) FILTER (WHERE name = 'ece')         AS ece,
-       max(value) FILTER (WHERE name = 'retention')   AS retention,
-       max(value) FILTER (WHERE name = 'agreement')   AS agreement,
-       max(value) FILTER (WHERE name = 'kl')          AS kl
+-- name: seed_metric_rows
+-- Every model of every seed (the teacher: seed NULL), overall (category '*') and per category, long: the
+-- numbers summary.json gives per seed, pivoted wide by kdflow.report.data.
+SELECT model_role, seed, category, name, value
 FROM metrics
-WHERE eval_id = $eval_id
-GROUP BY model_role, seed, category
-ORDER BY model_role, seed NULLS FIRST, category;
+WHERE eval_id = $eval_id;

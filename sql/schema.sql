@@ -213,7 +213,7 @@ CREATE TABLE IF NOT EXISTS label_issues (
 CREATE TABLE IF NOT EXISTS models (
     model_id    VARCHAR PRIMARY KEY,        -- role + content hash of what produced it
     run_id      VARCHAR,
-    role        VARCHAR NOT NULL,           -- teacher | student | student_hard | student_pseudo | student_init
+    role        VARCHAR NOT NULL,           -- a role of kdflow/train/roles.py (teacher, student, ...)
     path        VARCHAR NOT NULL,
     spec        JSON NOT NULL,
     n_params    BIGINT,

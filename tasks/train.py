@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from kdflow.config import RunConfig
+from kdflow.train.roles import UNTRAINED
 from kdflow.train.students_run import train_students
 from kdflow.runs import stage
 from kdflow.store import Store
@@ -36,7 +37,7 @@ def train_task(
                     f"{trained.n_questions:,}", f"{trained.n_labeled:,}")
     done = "; ".join(
         f"{role} seed {seed} "
-        f"{'reused' if (role, seed) in trained.reused else 'saved untrained' if role == 'student_init' else 'trained'}"
+        f"{'reused' if (role, seed) in trained.reused else 'saved untrained' if role == UNTRAINED else 'trained'}"
         f" at {path}" for role, by_seed in models.items() for seed, path in by_seed.items()
     )
     logger.info("students: %s", done)

@@ -28,6 +28,7 @@ from kdflow.modeling import build_model, save_pretrained
 from kdflow.runs import start_run
 from kdflow.scoring import encode, option_logits, to_soft_labels
 from kdflow.store import Store
+from kdflow.report.data import model_metrics, wide_metrics
 
 SCORING = ScoringConfig()
 EVAL_CFG = EvaluationConfig(batch_size=2, latency_questions=6, latency_warmup=1, latency_min_rounds=2, ece_bins=5,
@@ -264,7 +265,7 @@ def test_every_seed_is_scored_and_only_the_first_seeds_student_is_timed(evaluate
 def test_the_single_model_report_queries_read_the_first_seed(evaluated):
     seeded, eval_id, _ = evaluated
     store = Store(seeded.home, read_only=True)
-    models = store.arrow("model_metrics", eval_id=eval_id).to_pylist()
+    models = model_metrics(wide_metrics(store, "overall_metric_rows", eval_id=eval_id))
     assert [m["model_role"] for m in models] == ["teacher", "student", "student_hard", "student_pseudo",
                                                  "student_init"]
     con = duckdb.connect(str(seeded.home / "kdflow.duckdb"), read_only=True)

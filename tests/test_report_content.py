@@ -116,7 +116,9 @@ def test_category_table_signs_student_minus_teacher_and_puts_big_categories_firs
         "big": ([True] * 30 + [False] * 10, [True] * 25 + [False] * 15),
         "mid": ([True] * 6 + [False] * 6, [True] * 8 + [False] * 4),
     })
-    rows = store.arrow("category_table", eval_id=eval_id).to_pylist()
+    from kdflow.report.data import wide_metrics
+
+    rows = store.arrow("category_table", wide_metrics(store, "category_metric_rows", eval_id=eval_id)).to_pylist()
     assert [r["category"] for r in rows] == ["big", "mid", "aa_tiny"]
     assert rows[0]["student_minus_teacher"] == pytest.approx(25 / 40 - 30 / 40)  # negative: the student is worse
     assert rows[1]["student_minus_teacher"] == pytest.approx(2 / 12)
@@ -338,7 +340,8 @@ def test_the_report_shows_the_kl_to_the_trained_on_target_and_to_the_raw_labels(
 
     from kdflow.evaluate.rows import ModelResult
     from kdflow.report.formatting import page_table
-    from kdflow.report.sections import MODEL_COLUMNS
+    from kdflow.report.data import model_metrics, wide_metrics
+    from kdflow.report.sections import metric_columns
 
     teacher = ModelResult("teacher", np.asarray([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.4, 0.6]]), None, None, None,
                           None)
@@ -349,7 +352,7 @@ def test_the_report_shows_the_kl_to_the_trained_on_target_and_to_the_raw_labels(
     with store.transaction() as tx:
         tx.execute("insert_evaluation", eval_id="e1", run_id=None, spec="{}")
         tx.execute("insert_metrics", pa.Table.from_pylist(rows, schema=METRIC_SCHEMA), eval_id="e1")
-    table = page_table(MODEL_COLUMNS, store.arrow("model_metrics", eval_id="e1").to_pylist())
+    table = page_table(metric_columns(), model_metrics(wide_metrics(store, "overall_metric_rows", eval_id="e1")))
     cells = dict(zip(table["head"], table["rows"][1]["cells"]))  # the student
     target = metrics.apply_temperature(teacher.probs, 2.0)  # what a calibrated student learned from
     assert cells["KL(teacher‖model)"] == (f"{metrics.mean_kl(target, student.probs):.3f} "

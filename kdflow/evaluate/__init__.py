@@ -12,4 +12,5 @@ latency and throughput), rows (the stored rows: predictions, metrics, reliabilit
 metrics (accuracy, calibration and their intervals as pure functions), significance (paired tests between
 models, and the students compared over the training seeds), cascade (the threshold sweep), routing
 (answering with the student and deferring to the teacher).
+metric_registry lists the metrics: how each is computed, which way is better, how the report shows it.
 """

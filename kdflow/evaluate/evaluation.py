@@ -48,8 +48,7 @@ from kdflow.evaluate.rows import (
 from kdflow.evaluate.timing import Timing, throughput, time_interleaved
 from kdflow.errors import KdflowError
 from kdflow.store import Store
-
-STUDENT_ROLES = ("student_init", "student", "student_hard", "student_pseudo")
+from kdflow.train.roles import DISTILLED, TEACHER, student_roles
 
 class EvaluationError(KdflowError):
     """Evaluation cannot start: missing labels, test questions or students; the message says what to run."""
@@ -83,7 +82,7 @@ def evaluate(
 ) -> str:
     """Evaluate the teacher and the students in `models` ({role: {seed: model dir}}) on the test split.
 
-    Roles: student_init, student (required), student_hard, student_pseudo; the first seed of `student` is
+    Roles: the student roles of kdflow.train.roles, `student` required; the first seed of `student` is
     the first seed, whose students evaluation_models lists and the single-model report sections show; every
     student's rows carry its seed (the teacher's: NULL). `open_teacher()` returns the teacher's backend
     (anything with score(questions) and close(), the one that labeled); it is used only to time the teacher
@@ -97,13 +96,14 @@ def evaluate(
     `validation_id`, the gate verdict the run was validated by (the report reads its suspect gold answers to
     give each model's accuracy without them; None: unknown). Returns the eval_id.
     """
-    unknown = sorted(set(models) - set(STUDENT_ROLES))
-    if unknown or not models.get("student"):
+    roles = [r.name for r in student_roles()]
+    unknown = sorted(set(models) - set(roles))
+    if unknown or not models.get(DISTILLED):
         raise EvaluationError(
-            f"models must map roles {', '.join(STUDENT_ROLES)} to {{seed: directory}} and include 'student'; "
+            f"models must map roles {', '.join(roles)} to {{seed: directory}} and include '{DISTILLED}'; "
             f"got {sorted(models)}: run `kdflow train` first"
         )
-    first_seed = next(iter(models["student"]))
+    first_seed = next(iter(models[DISTILLED]))
     test_rows = _questions(store, dataset_ids, teacher_key, "test", cfg.max_questions)
     if not test_rows:
         raise EvaluationError(
@@ -117,13 +117,13 @@ def evaluate(
     students, timing, teacher_qps, teacher_params = _score_and_time(
         models, first_seed, test, val, open_teacher, scoring, cfg, device
     )
-    teacher = ModelResult("teacher", test.teacher_probs, timing.summary("teacher"), teacher_qps,
+    teacher = ModelResult(TEACHER, test.teacher_probs, timing.summary("teacher"), teacher_qps,
                           teacher_params, None, val.teacher_probs if val.questions else None)
-    ordered = [teacher] + [students[(role, seed)] for role in STUDENT_ROLES for seed in models.get(role, {})]
+    ordered = [teacher] + [students[(r.name, seed)] for r in student_roles() for seed in models.get(r.name, {})]
     eval_id = f"eval-{uuid.uuid4().hex[:12]}"
     spec = {
         "models": {role: {str(seed): str(path) for seed, path in by_seed.items()} for role, by_seed in models.items()},
-        "seeds": list(models["student"]),
+        "seeds": list(models[DISTILLED]),
         "teacher_key": teacher_key,
         "dataset_ids": dataset_ids,
         "n_questions": len(test.questions),
@@ -138,7 +138,7 @@ def evaluate(
         "scoring": scoring.model_dump(mode="json"),
         "evaluation": cfg.model_dump(mode="json"),
     }
-    _save(store, eval_id, run_id, spec, test, val, ordered, students[("student", first_seed)], timing, cfg)
+    _save(store, eval_id, run_id, spec, test, val, ordered, students[(DISTILLED, first_seed)], timing, cfg)
     return eval_id
 
 
@@ -182,11 +182,11 @@ def _score_and_time(
     from kdflow.modeling import count_parameters
 
     width = test.teacher_probs.shape[1]
-    timed = ("student", first_seed)
+    timed = (DISTILLED, first_seed)
     scored: dict[tuple[str, int], tuple[np.ndarray, np.ndarray | None, tuple[int, int]]] = {}
     kept = None
     try:
-        keys = [(role, seed) for role in STUDENT_ROLES for seed in models.get(role, {})]
+        keys = [(r.name, seed) for r in student_roles() for seed in models.get(r.name, {})]
         for key in [k for k in keys if k != timed] + [timed]:
             backend = _open_student(models[key[0]][key[1]], scoring, cfg, device)
             try:
@@ -265,7 +265,7 @@ def _save(
         "insert_metrics": arrow_table(
             [row for r in results for row in metric_rows(
                 r, gold, categories, teacher, cfg.ece_bins, speedup if r is student else None,
-                spec["teacher_temperature"] if r.role == "teacher" else None,
+                spec["teacher_temperature"] if r.role == TEACHER else None,
                 target_temperature=spec["target_temperature"])],
             METRIC_SCHEMA,
         ),

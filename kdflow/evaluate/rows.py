@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from kdflow.evaluate import cascade, metrics
+from kdflow.evaluate.metric_registry import METRICS, Inputs, Metric
 
 OVERALL = "*"
 
@@ -94,60 +95,28 @@ def metric_rows(
     temperature: float | None = None,
     target_temperature: float | None = None,
 ) -> list[dict[str, Any]]:
-    """The long-format metric rows of one model (category '*' is overall); latency rows only when timed;
-    with `temperature`, also ECE and NLL of its probabilities tempered by it (calibration, before/after).
+    """The long-format metric rows of one model: one per metric of the registry (kdflow.evaluate.
+    metric_registry) that has a value, overall (category '*') and, for the per-category ones, per category.
+    Latency rows only when timed; with `temperature`, also ECE and NLL of its probabilities tempered by it
+    (calibration, before/after).
 
     Agreement and KL are against the target the students were trained on: the teacher's probabilities
     tempered by `target_temperature` (training.soft_labels: calibrated), or as labeled when it is None.
     With a target temperature `kl_raw` is the KL to the labels as labeled too; a temperature never moves
     the teacher's argmax, so agreement is the same against either.
     """
-    correct = result.correct(gold)
-    teacher_accuracy = float(teacher.correct(gold).mean())
-    accuracy, lo, hi = metrics.accuracy_ci(correct)
-    confidence = result.confidence
-    target = teacher.probs if target_temperature is None else metrics.apply_temperature(teacher.probs,
-                                                                                         target_temperature)
-    overall: dict[str, float | None] = {
-        "n": len(gold),
-        "accuracy": accuracy,
-        "accuracy_lo": lo,
-        "accuracy_hi": hi,
-        "retention": metrics.retention(accuracy, teacher_accuracy) if teacher_accuracy > 0 else None,
-        "agreement": metrics.agreement(result.probs, target),
-        "kl": metrics.mean_kl(target, result.probs),
-        "kl_raw": None if target_temperature is None else metrics.mean_kl(teacher.probs, result.probs),
-        "nll": metrics.nll(result.probs, gold),
-        "brier": metrics.brier(result.probs, gold),
-        "ece": metrics.expected_calibration_error(confidence, correct, n_bins),
-        "throughput_qps": result.throughput_qps,
-        "params_total": result.params[0] if result.params else None,
-        "params_active": result.params[1] if result.params else None,
-    }
-    if result.latency is not None:
-        lat = result.latency
-        overall |= {
-            "latency_ms_mean": lat.mean_s * 1000,
-            "latency_ms_median": lat.median_s * 1000,
-            "latency_ms_p25": lat.p25_s * 1000,
-            "latency_ms_p75": lat.p75_s * 1000,
-            "latency_ms_p95": lat.p95_s * 1000,
-            "latency_rounds": lat.n,
-        }
-    if speedup is not None:
-        overall |= {"speedup": speedup.ratio, "speedup_lo": speedup.lo, "speedup_hi": speedup.hi}
-    if temperature is not None:
-        calibrated = metrics.apply_temperature(result.probs, temperature)
-        overall |= {
-            "temperature": temperature,
-            "ece_calibrated": metrics.expected_calibration_error(calibrated.max(axis=1), correct, n_bins),
-            "nll_calibrated": metrics.nll(calibrated, gold),
-        }
-    rows = [_row(result, OVERALL, name, value) for name, value in overall.items() if value is not None]
-    for c in metrics.category_accuracy(correct, categories):
-        per_category = {"n": c.n, "accuracy": c.accuracy, "accuracy_lo": c.lo, "accuracy_hi": c.hi}
-        rows += [_row(result, c.category, name, value) for name, value in per_category.items()]
+    inputs = Inputs(result.probs, gold, teacher.probs, float(teacher.correct(gold).mean()), n_bins,
+                    target_temperature, result.latency, result.throughput_qps, result.params, speedup, temperature)
+    rows = _rows_of(result, OVERALL, inputs, list(METRICS.values()))
+    per_category = [m for m in METRICS.values() if m.per_category]
+    labels = np.asarray(categories).astype(str)
+    for category in sorted(set(labels.tolist())):
+        rows += _rows_of(result, category, inputs.subset(labels == category), per_category)
     return rows
+
+
+def _rows_of(result: ModelResult, category: str, inputs: Inputs, chosen: Sequence[Metric]) -> list[dict[str, Any]]:
+    return [_row(result, category, m.name, value) for m in chosen if (value := m.compute(inputs)) is not None]
 
 
 def _row(result: ModelResult, category: str, name: str, value: float) -> dict[str, Any]:

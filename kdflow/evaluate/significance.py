@@ -17,13 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from kdflow.train.roles import DISTILLED, TEACHER, contenders, report_order, seed_tests
+
 # Family-wise level of the verdict over seeds.
 SIGNIFICANCE_LEVEL = 0.05
-# The students that compete; the untrained one (student_init) is a baseline of training, not a contender.
-CONTENDERS = ("student", "student_hard", "student_pseudo")
-STUDENT_ORDER = (*CONTENDERS, "student_init")
-# (first, second) compared on every seed: the distilled student against each baseline and the teacher.
-SEED_PAIRS = (("student", "student_hard"), ("student", "student_pseudo"), ("student", "teacher"))
 
 
 def mcnemar_exact(
@@ -172,10 +169,10 @@ class RoleOverSeeds:
 class SeedStudy:
     """The students over the training seeds: each one's accuracy, the per-seed tests of the distilled
     student against the baselines and the teacher with their combined verdicts, and `best`, the contender
-    (CONTENDERS) with the highest mean accuracy (ties: the earlier in CONTENDERS)."""
+    (kdflow.train.roles.contenders) with the highest mean accuracy (ties: the earlier one there)."""
 
     seeds: tuple[int, ...]
-    students: tuple[RoleOverSeeds, ...]  # in STUDENT_ORDER
+    students: tuple[RoleOverSeeds, ...]  # in the registry's order (kdflow.train.roles)
     comparisons: tuple[SeedComparison, ...]
     level: float
     best: str
@@ -208,25 +205,24 @@ def compare_over_seeds(
     """The students over seeds from {role: {seed: {question id: answered correctly}}} (the teacher under
     seed None); None when the distilled student has no seed.
 
-    The seeds are those of the distilled student, in its order. Per seed, each pair of SEED_PAIRS whose
+    The seeds are those of the distilled student, in its order. Per seed, each pair of roles.seed_tests() whose
     second model answered that seed (the teacher: always) is tested by `mcnemar_exact` on the questions;
     each pair's p-values are Holm-adjusted across the seeds (`holm`), and SeedComparison states the combined
     rule. Raises ValueError when two paired models answered different questions.
     """
-    seeds = tuple(seed for seed in correct.get("student", {}) if seed is not None)
+    seeds = tuple(seed for seed in correct.get(DISTILLED, {}) if seed is not None)
     if not seeds:
         return None
-    roles = sorted((r for r in correct if r != "teacher" and correct[r] and None not in correct[r]),
-                   key=lambda r: (STUDENT_ORDER.index(r) if r in STUDENT_ORDER else len(STUDENT_ORDER), r))
+    roles = sorted((r for r in correct if r != TEACHER and correct[r] and None not in correct[r]), key=report_order)
     students = tuple(RoleOverSeeds(r, tuple((seed, _accuracy(a)) for seed, a in correct[r].items())) for r in roles)
     comparisons = []
-    for first, second in SEED_PAIRS:
+    for first, second in seed_tests():
         pairs = [(seed, correct[first][seed], _answers_of(correct, second, seed)) for seed in seeds]
         pairs = [(seed, a, b) for seed, a, b in pairs if b is not None]
         if pairs:
             comparisons.append(_compare(first, second, pairs, level))
-    contenders = [s for s in students if s.role in CONTENDERS]
-    best = max(contenders, key=lambda s: (s.mean, -CONTENDERS.index(s.role))).role
+    order = contenders()
+    best = max((s for s in students if s.role in order), key=lambda s: (s.mean, -order.index(s.role))).role
     return SeedStudy(seeds, students, tuple(comparisons), level, best)
 
 
@@ -236,7 +232,7 @@ def _accuracy(answers: Correct) -> float:
 
 def _answers_of(correct: Mapping[str, Mapping[int | None, Correct]], role: str, seed: int) -> Correct | None:
     by_seed = correct.get(role, {})
-    return by_seed.get(None if role == "teacher" else seed)
+    return by_seed.get(None if role == TEACHER else seed)
 
 
 def _compare(first: str, second: str, pairs: list[tuple[int, Correct, Correct]], level: float) -> SeedComparison:

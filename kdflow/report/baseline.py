@@ -20,13 +20,10 @@ from dataclasses import dataclass
 
 from kdflow.evaluate.significance import mcnemar_exact
 from kdflow.report.formatting import p_value, pct, pts, role
+from kdflow.train.roles import paired_tests
 
-UNTRAINED = "student_init"
 # Two-sided level at which a paired difference is called significant (each comparison on its own).
 SIGNIFICANCE_LEVEL = 0.05
-# (first, second) model roles compared on the same questions, first minus second.
-PAIRS = (("student", "student_hard"), ("student", "student_pseudo"), ("student", UNTRAINED),
-         ("student", "teacher"))
 
 
 @dataclass(frozen=True)
@@ -81,12 +78,13 @@ def correct_by_role(rows: Sequence[Mapping]) -> dict[str, dict[str, bool]]:
 
 
 def compare(correct: Mapping[str, Mapping[str, bool]]) -> list[Comparison]:
-    """The PAIRS whose two models were both evaluated, each on the questions both answered.
+    """The paired tests of the role registry (kdflow.train.roles.paired_tests, first minus second) whose two
+    models were both evaluated, each on the questions both answered.
 
     Raises ValueError when the two models answered different questions (an evaluation always scores
     every model on the same ones, so this means a damaged store)."""
     out = []
-    for first, second in PAIRS:
+    for first, second in paired_tests():
         if first not in correct or second not in correct:
             continue
         a, b = correct[first], correct[second]

@@ -12,14 +12,18 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from kdflow.errors import KdflowError
+from kdflow.evaluate.metric_registry import METRICS
 from kdflow.evaluate.significance import SeedStudy, compare_over_seeds
-from kdflow.report.baseline import UNTRAINED, Comparison, compare, correct_by_role, gain_recovered
+from kdflow.report.baseline import Comparison, compare, correct_by_role, gain_recovered
 from kdflow.report.formatting import Row
 from kdflow.report.quality import DataQuality, load_quality
 from kdflow.report.seeds import correct_by_role_and_seed
 from kdflow.report.training import Series, loss_series, loss_weights
 from kdflow.store import Store
+from kdflow.train.roles import DISTILLED, TEACHER, UNTRAINED, report_order
 
 
 class ReportError(KdflowError, LookupError):
@@ -122,24 +126,43 @@ def load_report_data(store: Store, run_id: str) -> ReportData:
         return store.arrow(name, **params).to_pylist()
 
     quality = load_quality(store, eval_id, spec)
+    overall = wide_metrics(store, "overall_metric_rows", eval_id=eval_id)
+    per_category = wide_metrics(store, "category_metric_rows", eval_id=eval_id)
     return ReportData(
         run_id=run_id,
         evaluation=evaluation[0],
         spec=spec,
-        models=[_with_clean(m, quality.clean_of_record(m["model_role"]))
-                for m in rows("model_metrics", eval_id=eval_id)],
-        tradeoff=rows("tradeoff_table", eval_id=eval_id),
-        categories=rows("category_table", eval_id=eval_id),
-        category_accuracy=rows("category_accuracy", eval_id=eval_id),
+        models=[_with_clean(m, quality.clean_of_record(m["model_role"])) for m in model_metrics(overall)],
+        tradeoff=store.arrow("tradeoff_table", overall).to_pylist(),
+        categories=store.arrow("category_table", per_category).to_pylist(),
+        category_accuracy=sorted(per_category.to_pylist(), key=lambda r: (r["category"], r["model_role"])),
         reliability=rows("reliability_curve", eval_id=eval_id),
         cascade=rows("cascade_curve", eval_id=eval_id),
         training=rows("training_curves", eval_id=eval_id),
         stages=rows("stage_timings", run_id=run_id),
         correct=correct_by_role(rows("paired_correct", eval_id=eval_id)),
         seed_correct=correct_by_role_and_seed(rows("seed_correct", eval_id=eval_id)),
-        seed_metrics=rows("seed_metrics", eval_id=eval_id),
+        seed_metrics=sorted(wide_metrics(store, "seed_metric_rows", eval_id=eval_id).to_pylist(),
+                            key=lambda r: (r["model_role"], r["seed"] is not None, r["seed"] or 0, r["category"])),
         quality=quality,
     )
+
+
+def wide_metrics(store: Store, query: str, **params: Any) -> pa.Table:
+    """The long metric rows of the named `query` (key columns, name, value) pivoted wide: one row per key,
+    one float column per metric of the registry (kdflow.evaluate.metric_registry; null where a row has no
+    value), beside any other name the rows hold."""
+    wide = store.arrow("pivot_metrics", store.arrow(query, **params))
+    for name in METRICS:
+        if name not in wide.column_names:
+            wide = wide.append_column(name, pa.nulls(wide.num_rows, pa.float64()))
+    return wide
+
+
+def model_metrics(overall: pa.Table) -> list[Row]:
+    """One row per evaluated model from the wide overall metrics, in the registry's order of roles (the
+    teacher first, then the distilled student)."""
+    return sorted(overall.to_pylist(), key=lambda r: report_order(r["model_role"]))
 
 
 def _with_clean(model: Row, clean: Row | None) -> Row:
@@ -150,7 +173,7 @@ def _with_clean(model: Row, clean: Row | None) -> Row:
 
 def summarize(data: ReportData) -> Summary:
     """Headline numbers; every latency and speed-up comes from the same medians."""
-    teacher, student, untrained = data.model("teacher"), data.model("student"), data.model(UNTRAINED)
+    teacher, student, untrained = data.model(TEACHER), data.model(DISTILLED), data.model(UNTRAINED)
     chosen = data.chosen
     teacher_median = teacher.get("latency_ms_median")
     return Summary(
@@ -192,8 +215,8 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def baseline_rows(data: ReportData) -> list[Row]:
     """Each model's accuracy with its interval, retention and gain recovered over the untrained student."""
-    teacher, untrained = data.model("teacher").get("accuracy"), data.model(UNTRAINED).get("accuracy")
-    return [dict(m, gain_recovered=None if m["model_role"] in ("teacher", UNTRAINED)
+    teacher, untrained = data.model(TEACHER).get("accuracy"), data.model(UNTRAINED).get("accuracy")
+    return [dict(m, gain_recovered=None if m["model_role"] in (TEACHER, UNTRAINED)
                  else gain_recovered(m["accuracy"], untrained, teacher)) for m in data.models]
 
 

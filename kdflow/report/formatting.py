@@ -11,16 +11,11 @@ import html
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from kdflow.train.roles import label
+
 Row = dict[str, Any]
 Column = tuple[str, Callable[[Row], str]]
 
-ROLE_NAMES = {
-    "teacher": "teacher",
-    "student": "student (distilled)",
-    "student_hard": "student (hard labels only)",
-    "student_pseudo": "student (pseudo-labels from the teacher)",
-    "student_init": "student (untrained: before training)",
-}
 MISSING = "–"
 
 
@@ -72,8 +67,19 @@ def params(v: float | None) -> str:
     return f"{int(v)}"
 
 
+def qps(v: float | None) -> str:
+    return MISSING if v is None else f"{v:,.1f} q/s"
+
+
+# Each metric's display format (kdflow.evaluate.metric_registry: Metric.fmt) -> its formatter.
+FORMATS: dict[str, Callable[[float | None], str]] = {
+    "pct": pct, "num": num, "ms": ms, "count": count, "params": params, "times": times, "qps": qps,
+}
+
+
 def role(name: str) -> str:
-    return ROLE_NAMES.get(name, name)
+    """The report's name of model role `name` (kdflow.train.roles)."""
+    return label(name)
 
 
 def ci(lo: float | None, hi: float | None) -> str:

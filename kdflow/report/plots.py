@@ -14,8 +14,9 @@ import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kdflow.report.formatting import ROLE_NAMES, num, plain, role
+from kdflow.report.formatting import num, plain, role
 from kdflow.report.training import Series
+from kdflow.train.roles import ROLES
 
 Row = dict[str, Any]
 # More categories than this make a grouped bar chart illegible: a sorted dot plot with intervals instead.
@@ -60,7 +61,7 @@ def category_figure(rows: Sequence[Row]) -> Any | None:
     categories = sorted({r["category"] for r in rows})
     if len(categories) > MAX_BAR_CATEGORIES:
         return _category_dots(rows)
-    roles = [name for name in ROLE_NAMES if any(r["model_role"] == name for r in rows)]
+    roles = [name for name in ROLES if any(r["model_role"] == name for r in rows)]
     fig, (ax,) = new_figure(min(24.0, max(7.0, 0.5 * len(categories) * len(roles))), 4.5)
     width = 0.8 / len(roles)
     for j, name in enumerate(roles):

@@ -1,16 +1,19 @@
 """The run report's tables and sentences: which columns each table has and what the notes under them say.
 
 In: query rows of sql/report.sql and the evaluation's spec. Out: Column lists (header, formatter) for the
-HTML page and the markdown summary, and plain-text sentences. Reads no tables itself.
+HTML page and the markdown summary (the models table's from the metric registry, kdflow.evaluate.
+metric_registry), and plain-text sentences. Reads no tables itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from kdflow.evaluate.metric_registry import METRICS, Metric
 from kdflow.report.data import Summary
 from kdflow.report.formatting import (
+    FORMATS,
     Column,
     Row,
     accuracy_with_ci,
@@ -27,6 +30,7 @@ from kdflow.report.formatting import (
     times,
     times_ci,
 )
+from kdflow.train.roles import DISTILLED, TEACHER
 
 CASCADE_TABLE_ROWS = 15
 # Categories with fewer test questions than this are flagged: one question more or less moves them 10+ points.
@@ -43,24 +47,33 @@ TRADEOFF_COLUMNS: list[Column] = [
     ("latency (median, batch 1)", ms_iqr),
     ("speed-up (95% CI)", lambda r: times_ci(r["speedup"], r.get("speedup_lo"), r.get("speedup_hi"))),
     ("accuracy", lambda r: pct(r["accuracy"])),
-    ("accuracy loss", lambda r: "–" if r["model_role"] == "teacher" else pts(r["accuracy_loss"]).lstrip("+")),
+    ("accuracy loss", lambda r: "–" if r["model_role"] == TEACHER else pts(r["accuracy_loss"]).lstrip("+")),
 ]
-MODEL_COLUMNS: list[Column] = [
-    ("model", lambda r: role(r["model_role"])),
-    ("accuracy", lambda r: pct(r["accuracy"])),
-    ("95% CI", lambda r: ci(r.get("accuracy_lo"), r.get("accuracy_hi"))),
-    ("retention", lambda r: pct(r["retention"])),
-    ("agreement", lambda r: pct(r["agreement"])),
-    ("KL(teacher‖model)", lambda r: num(r["kl"]) if r.get("kl_raw") is None
-     else f"{num(r['kl'])} (raw labels {num(r['kl_raw'])})"),
-    ("NLL", lambda r: num(r["nll"])),
-    ("Brier", lambda r: num(r["brier"])),
-    ("ECE", lambda r: num(r["ece"]) if r.get("ece_calibrated") is None
-     else f"{num(r['ece'])} → {num(r['ece_calibrated'])} (T = {r['temperature']:.2f})"),
-    ("latency p50 / p95", lambda r: f"{ms(r['latency_ms_median'])} / {ms(r['latency_ms_p95'])}"),
-    ("throughput", lambda r: "–" if r["throughput_qps"] is None else f"{r['throughput_qps']:,.1f} q/s"),
-    ("parameters", lambda r: f"{params(r['params_total'])} / {params(r['params_active'])}"),
-]
+# Report cells that show a metric with the metrics beside it; any other metric with a column header
+# (kdflow.evaluate.metric_registry) shows its value alone, in its display format.
+METRIC_CELLS: dict[str, Callable[[Row], str]] = {
+    "accuracy_lo": lambda r: ci(r.get("accuracy_lo"), r.get("accuracy_hi")),
+    "kl": lambda r: num(r["kl"]) if r.get("kl_raw") is None else f"{num(r['kl'])} (raw labels {num(r['kl_raw'])})",
+    "ece": lambda r: num(r["ece"]) if r.get("ece_calibrated") is None
+    else f"{num(r['ece'])} → {num(r['ece_calibrated'])} (T = {r['temperature']:.2f})",
+    "latency_ms_median": lambda r: f"{ms(r['latency_ms_median'])} / {ms(r['latency_ms_p95'])}",
+    "params_total": lambda r: f"{params(r['params_total'])} / {params(r['params_active'])}",
+}
+
+
+def _metric_cell(metric: Metric) -> Callable[[Row], str]:
+    if metric.name in METRIC_CELLS:
+        return METRIC_CELLS[metric.name]
+    return lambda r: FORMATS[metric.fmt](r.get(metric.name))
+
+
+def metric_columns() -> list[Column]:
+    """The models table: the model, then one column per metric of the registry that has a column header,
+    in registry order."""
+    return [("model", lambda r: role(r["model_role"]))] + [
+        (m.column, _metric_cell(m)) for m in METRICS.values() if m.column is not None]
+
+
 # The accuracy on the test questions whose gold answer the gate verdict did not flag (kdflow.report.quality).
 CLEAN_NOTE = ("Without suspect gold: the accuracy on the test questions whose gold answer the gate verdict did not "
               "flag as suspect (section Data); every seed's is in summary.json.")
@@ -69,12 +82,13 @@ CLEAN_COLUMN: Column = ("without suspect gold (correct/n; 95% CI)", lambda r: ac
 
 
 def model_columns(clean: bool) -> list[Column]:
-    """MODEL_COLUMNS, with the accuracy without suspect gold beside the accuracy when `clean` (the
+    """metric_columns(), with the accuracy without suspect gold beside the accuracy when `clean` (the
     evaluation knows its gate verdict's flags)."""
+    columns = metric_columns()
     if not clean:
-        return MODEL_COLUMNS
-    at = [name for name, _ in MODEL_COLUMNS].index("95% CI") + 1
-    return [*MODEL_COLUMNS[:at], CLEAN_COLUMN, *MODEL_COLUMNS[at:]]
+        return columns
+    at = [name for name, _ in columns].index(METRICS["accuracy_lo"].column) + 1
+    return [*columns[:at], CLEAN_COLUMN, *columns[at:]]
 
 
 BASELINE_COLUMNS: list[Column] = [
@@ -159,7 +173,7 @@ def latency_note(spec: Mapping[str, Any], models: Sequence[Row]) -> str:
 
 def _noise_warning(models: Sequence[Row]) -> str:
     noisy = []
-    for name in ("teacher", "student"):
+    for name in (TEACHER, DISTILLED):
         m = next((m for m in models if m["model_role"] == name), {})
         lo, median, hi = m.get("latency_ms_p25"), m.get("latency_ms_median"), m.get("latency_ms_p75")
         if lo is not None and median and hi is not None and (hi - lo) / median > NOISY_IQR_SHARE:

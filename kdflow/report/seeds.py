@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 
 from kdflow.evaluate.significance import SeedComparison, SeedStudy
 from kdflow.report.formatting import Column, Row, md_table, md_text, p_value, page_table, pct, pts, role
+from kdflow.train.roles import DISTILLED, baselines
 
-BASELINES = ("student_hard", "student_pseudo")
 NO_SEEDS = "This evaluation was made before students were evaluated per training seed: evaluate the run again."
 RULE = ("Exact McNemar tests on the same test questions, one per seed; each comparison's p-values are "
         "Holm-adjusted across the seeds (Holm 1979), and a comparison counts as significant when the adjusted "
@@ -92,14 +92,15 @@ def verdict_sentence(study: SeedStudy) -> str:
     """The one sentence on which student wins over the seeds and whether that is significant."""
     n = len(study.seeds)
     over = "on its one seed (train more with training.seeds before trusting it)" if n == 1 else f"over {n} seeds"
-    best, student = study.student(study.best), study.student("student")
-    trained = [b for b in BASELINES if study.comparison("student", b) is not None]
+    best, student = study.student(study.best), study.student(DISTILLED)
+    trained = [b.name for b in baselines() if study.comparison(DISTILLED, b.name) is not None]
     if not trained:
+        switches = " or ".join(b.enabled_by for b in baselines() if b.enabled_by)
         return (f"Only the distilled student was trained {over} (mean accuracy {pct(student.mean)}): turn on "
-                "training.hard_label_baseline or pseudo_label_baseline to see whether distilling paid off.")
+                f"training.{switches} to see whether distilling paid off.")
     names = " and ".join(role(b) for b in trained)
-    if study.best == "student":
-        unclear = [b for b in trained if study.comparison("student", b).direction != 1]
+    if study.best == DISTILLED:
+        unclear = [b for b in trained if study.comparison(DISTILLED, b).direction != 1]
         if not unclear:
             return (f"Distilling paid off {over}: the distilled student is the most accurate student (mean "
                     f"{pct(student.mean)}) and beats {names} significantly on every seed.")
@@ -107,7 +108,7 @@ def verdict_sentence(study: SeedStudy) -> str:
                 f"lead over {' and '.join(role(b) for b in unclear)} is not significant on every seed.")
     lead = f"{role(study.best)} is the most accurate student {over} (mean {pct(best.mean)} against the distilled " \
            f"student's {pct(student.mean)})"
-    if study.comparison("student", study.best).direction == -1:
+    if study.comparison(DISTILLED, study.best).direction == -1:
         return f"Distilling did not pay off: {lead}, significantly on every seed."
     return f"{lead[0].upper()}{lead[1:]}, but not significantly on every seed: distilling neither clearly paid off " \
            "nor clearly failed."

@@ -18,11 +18,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kdflow.evaluate.significance import STUDENT_ORDER, RoleOverSeeds
+from kdflow.evaluate.significance import RoleOverSeeds
 from kdflow.report.data import ReportData, Summary
 from kdflow.report.formatting import Row
 from kdflow.report.quality import DataQuality
 from kdflow.report.seeds import verdict_sentence
+from kdflow.train.roles import TEACHER, report_order
 
 SCHEMA_VERSION = 1
 OVERALL = "*"
@@ -97,12 +98,13 @@ def _teacher(data: ReportData, summary: Summary) -> dict[str, Any]:
 
 
 def _students(data: ReportData) -> dict[str, Any]:
-    """{role: {seeds: {seed: numbers}, mean/min/max/std of the seeds' accuracies}} in STUDENT_ORDER."""
+    """{role: {seeds: {seed: numbers}, mean/min/max/std of the seeds' accuracies}} in the registry's order
+    (kdflow.train.roles)."""
     seeds_of: dict[str, list[int | None]] = {}
     for r in data.seed_metrics:
-        if r["model_role"] != "teacher" and r["seed"] not in seeds_of.setdefault(r["model_role"], []):
+        if r["model_role"] != TEACHER and r["seed"] not in seeds_of.setdefault(r["model_role"], []):
             seeds_of[r["model_role"]].append(r["seed"])
-    order = sorted(seeds_of, key=lambda r: (STUDENT_ORDER.index(r) if r in STUDENT_ORDER else len(STUDENT_ORDER), r))
+    order = sorted(seeds_of, key=report_order)
     out = {}
     for role in order:
         per_seed = {seed: _student_seed(data, role, seed) for seed in seeds_of[role]}

@@ -27,7 +27,9 @@ from rich.table import Table
 from kdflow.evaluate import metrics
 from kdflow.config import RunConfig
 from kdflow.errors import KdflowError
-from kdflow.report.formatting import page_img, page_table
+from kdflow.evaluate.metric_registry import METRICS
+from kdflow.report.data import wide_metrics
+from kdflow.report.formatting import FORMATS, page_img, page_table
 from kdflow.report.run_report import TEMPLATES
 from kdflow.store import Store
 from kdflow.evaluate.significance import holm, mcnemar_exact
@@ -86,9 +88,9 @@ def load_comparison(store: Store, sweep_id: str) -> SweepComparison:
     teachers = [_teacher_row(store, name, key, dataset_ids, cfg)
                 for name, key, _v, _s in store.fetch("sweep_teacher_rows", sweep_id=sweep_id)]
     eval_ids = [p[8] for p in points]
-    values: dict[str, Row] = {}
-    for eval_id, name, value in store.fetch("sweep_student_metrics", eval_ids=eval_ids):
-        values.setdefault(eval_id, {})[name] = value
+    # Each student's metrics by name; one it lacks stays absent, so the defaults of the sorting below apply.
+    values = {r["eval_id"]: {k: v for k, v in r.items() if v is not None and k != "eval_id"}
+              for r in wide_metrics(store, "sweep_student_metrics", eval_ids=eval_ids).to_pylist()}
     students = []
     for point_id, label, teacher, key, settings, baseline, model_id, path, eval_id, trained in points:
         students.append({"point_id": point_id, "label": label, "teacher": teacher, "teacher_key": key,
@@ -137,10 +139,6 @@ def _pairwise(store: Store, students: list[Row], level: float) -> tuple[list[Row
 # ---------------------------------------------------------------- formatting
 
 
-def _pct(v: Any) -> str:
-    return "–" if v is None else f"{100 * v:.1f}%"
-
-
 def _ci(r: Row) -> str:
     if r.get("accuracy") is None:
         return "–"
@@ -165,12 +163,20 @@ def _flags(r: Row) -> str:
     return " ".join(f for f, on in (("best", r.get("best")), ("pareto", r.get("pareto"))) if on)
 
 
+# The metrics of the registry (kdflow.evaluate.metric_registry) each student shows beside its accuracy, with
+# the registry's header and display format.
+SWEEP_METRICS = ("retention", "agreement", "ece")
+
+
+def _metric_column(name: str) -> Column:
+    metric = METRICS[name]
+    return metric.column or metric.label, lambda r: FORMATS[metric.fmt](r.get(name))
+
+
 STUDENT_COLUMNS: list[Column] = [
     ("student", lambda r: r["label"]),
     ("accuracy [95% CI]", _ci),
-    ("retention", lambda r: _pct(r.get("retention"))),
-    ("agreement", lambda r: _pct(r.get("agreement"))),
-    ("ECE", lambda r: _num(r.get("ece"))),
+    *(_metric_column(name) for name in SWEEP_METRICS),
     ("latency", lambda r: _ms(r.get("latency_ms_median"))),
     ("params", lambda r: _params(r.get("params_total"))),
     ("", _flags),

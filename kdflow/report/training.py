@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kdflow.train import roles
+
 Row = dict[str, Any]
 # Fewer validation points than this per model read better as a table than as a line.
 VAL_TABLE_MAX_POINTS = 6
@@ -51,8 +53,10 @@ def smoothing_span(n_steps: int) -> int:
 
 def loss_weights(role: str, run_config: Mapping[str, Any] | None) -> dict[str, float] | None:
     """{'ce': alpha, 'kd': (1 - alpha) T^2}: the weight of each term in the training loss of a student of
-    `role` (the hard- and pseudo-label students always have alpha = 1); None when the run's config is unknown."""
-    if role in ("student_hard", "student_pseudo"):
+    `role` (the hard-label roles of kdflow.train.roles always have alpha = 1); None when the run's config is
+    unknown."""
+    found = roles.role(role)
+    if found is not None and found.hard_label:
         return {"ce": 1.0, "kd": 0.0}
     training = (run_config or {}).get("training")
     if not training or "alpha" not in training:

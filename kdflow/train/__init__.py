@@ -14,4 +14,5 @@ schedule), val_check (validation during training), reporting (progress, metric r
 against the soft labels), students (building or loading a student), checkpoints (resumable checkpoints),
 data (the questions of a split, a tokenizer for models built from scratch), launcher (one training across
 several processes) and distributed (what those processes share).
+roles lists the model roles: which students exist, what each learns from, how the report names and pairs them.
 """

@@ -6,7 +6,8 @@ examples are the same) the same data order, so they compare fairly:
 a gold answer learns from its KD term alone); with `training.hard_label_baseline`, `student_hard` learns the
 gold answers alone (alpha = 1) on the labeled questions only; with `training.pseudo_label_baseline`,
 `student_pseudo` learns the teacher's most likely option as a hard label (alpha = 1) on every question.
-`student_init` (before training) is saved once, with the first seed. Each student is identified by a digest
+`student_init` (before training) is saved once, with the first seed. Which roles exist and what each learns
+from is kdflow.train.roles. Each student is identified by a digest
 of what produced it (its seed and its target included), so a repeated run reuses finished students and a
 changed setting retrains only the students it changes.
 """
@@ -29,13 +30,11 @@ from kdflow.errors import KdflowError
 from kdflow.store import Store
 from kdflow.label.teacher import TeacherRef, teacher_source
 from kdflow.train.data import corpus_tokenizer, finished_model_dir, split_examples
+from kdflow.train.roles import DISTILLED, GOLD, SOFT_LABELS, role, student_roles, switches, trained_roles
 
 METRIC_COLUMNS = ["step", "epoch", "loss", "ce", "kd", "lr", "grad_norm", "samples_per_s", "val_accuracy"]
-# What each trained role learns from (part of its id): soft labels with gold answers where there are some,
-# gold answers alone, or the teacher's argmax as a hard label.
-TARGETS = {"student": "soft_labels", "student_hard": "gold", "student_pseudo": "teacher_argmax"}
-# Settings that do not change what a student learns, left out of its id.
-_NOT_IN_ID = {"seeds", "hard_label_baseline", "pseudo_label_baseline", "num_processes", "fsdp"}
+# Settings that do not change what a student learns, left out of its id (with the switches of the roles).
+_NOT_IN_ID = {"seeds", "num_processes", "fsdp"}
 # Settings only the KD term reads: the alpha = 1 students train with their defaults.
 _KD_ONLY = ("temperature", "divergence", "jsd_beta", "soft_labels")
 
@@ -53,19 +52,18 @@ class TrainedStudents:
 
 
 def student_plan(cfg: RunConfig) -> list[tuple[str, int]]:
-    """(role, seed) of every student one train stage makes, in training order: student_init once (first
-    seed), then per seed the distilled student and the baselines the config asks for."""
+    """(role, seed) of every student one train stage makes, in training order: the untrained ones once (first
+    seed), then per seed the trained roles (kdflow.train.roles) the config turns on."""
     training = cfg.training
-    roles = ["student"] + (["student_hard"] if training.hard_label_baseline else []) + (
-        ["student_pseudo"] if training.pseudo_label_baseline else [])
-    return [("student_init", training.seeds[0])] + [(role, seed) for seed in training.seeds for role in roles]
+    untrained = [(r.name, training.seeds[0]) for r in student_roles() if not r.trained]
+    return untrained + [(r.name, seed) for seed in training.seeds for r in trained_roles(training)]
 
 
 def role_recipe(training: TrainingConfig, role: str, seed: int) -> TrainingConfig:
     """The training settings of `role`'s student with `seed`: that seed alone, and for the hard-label roles
     alpha = 1 with the settings only the KD term reads at their defaults (they would change nothing)."""
     update: dict[str, Any] = {"seeds": [seed]}
-    if role in ("student_hard", "student_pseudo"):
+    if _target(role) not in (None, SOFT_LABELS):
         update |= {name: TrainingConfig.model_fields[name].default for name in _KD_ONLY} | {"alpha": 1.0}
     return training.model_copy(update=update)
 
@@ -76,9 +74,9 @@ def student_id(cfg: RunConfig, role: str, teacher: TeacherRef, validation_id: st
     spec = {
         "role": role,
         "seed": seed,
-        "target": TARGETS.get(role),
+        "target": _target(role),
         "student": cfg.student.model_dump(mode="json"),
-        "training": recipe.model_dump(mode="json", exclude=_NOT_IN_ID) if role != "student_init" else None,
+        "training": recipe.model_dump(mode="json", exclude=_NOT_IN_ID | switches()) if _target(role) else None,
         "scoring": cfg.scoring.model_dump(mode="json"),
         "teacher": teacher.key,
         "validation": validation_id,
@@ -87,16 +85,22 @@ def student_id(cfg: RunConfig, role: str, teacher: TeacherRef, validation_id: st
 
 
 def role_examples(examples: Sequence[Mapping[str, Any]], role: str, alpha: float = 0.5) -> list[dict[str, Any]]:
-    """The training examples of `role`: all of them (student; with alpha = 1, as a sweep may set it, the
-    labeled ones: an unlabeled question has nothing to teach a CE-only student); the labeled ones with their
-    gold answers (student_hard); every one with the teacher's most likely option as its answer
-    (student_pseudo: the soft label's `predicted`, else the first largest probability). The hard-label
-    roles get no teacher probabilities: nothing of theirs reads them."""
-    if role == "student":
+    """The training examples of `role`, by its target: all of them (soft_labels; with alpha = 1, as a sweep
+    may set it, the labeled ones: an unlabeled question has nothing to teach a CE-only student); the labeled
+    ones with their gold answers (gold); every one with the teacher's most likely option as its answer
+    (teacher_argmax: the soft label's `predicted`, else the first largest probability). The hard-label
+    targets get no teacher probabilities: nothing of theirs reads them."""
+    target = _target(role)
+    if target == SOFT_LABELS:
         return [dict(e) for e in examples if alpha < 1 or e.get("answer") is not None]
-    if role == "student_hard":
+    if target == GOLD:
         return [dict(e, probs=None) for e in examples if e.get("answer") is not None]
     return [dict(e, answer=_teacher_argmax(e), probs=None) for e in examples]
+
+
+def _target(name: str) -> str | None:
+    found = role(name)
+    return found.target if found else None
 
 
 def _teacher_argmax(example: Mapping[str, Any]) -> int:
@@ -177,10 +181,13 @@ def train_students(
         calibration = stored_calibration(store, validation_id)
         examples = with_calibrated_probs(examples, calibration.temperature if calibration else None)
     n_labeled = sum(e["answer"] is not None for e in examples)
-    if n_labeled == 0 and any(role == "student_hard" for role, _ in plan):
+    gold_only = [name for name in dict.fromkeys(name for name, _ in plan) if _target(name) == GOLD]
+    if n_labeled == 0 and gold_only:
+        fixes = [f"set training.{role(name).enabled_by}: false" for name in gold_only if role(name).enabled_by]
         raise KdflowError(
-            f"none of the {len(examples):,} training questions has a gold answer, so student_hard has nothing to "
-            "learn from: set training.hard_label_baseline: false, or add labeled questions"
+            f"none of the {len(examples):,} training questions has a gold answer, so {', '.join(gold_only)} "
+            f"{'has' if len(gold_only) == 1 else 'have'} nothing to learn from: "
+            + ", or ".join([*fixes, "add labeled questions"])
         )
     # One step budget for every role: that of a pass over all the training questions.
     steps = total_steps(cfg.training, len(examples))
@@ -238,12 +245,12 @@ def _train_one(
     torch.manual_seed(seed)
     model, tok = init_student(cfg.student, tokenizer=inputs.tokenizer, teacher=inputs.teacher_weights, seed=seed)
     out_dir = cfg.home_dir / "models" / model_id
-    spec = json.dumps({**inputs.spec, "target": TARGETS.get(role),
-                       "n_train_questions": len(examples) if role != "student_init" else None})
+    spec = json.dumps({**inputs.spec, "target": _target(role),
+                       "n_train_questions": len(examples) if _target(role) else None})
     record = {"model_id": model_id, "run_id": options["run_id"], "role": role, "seed": seed, "spec": spec}
     store.execute("upsert_model", **record, path=str(out_dir / "final"), n_params=None, n_active=None,
                   status="training")
-    if role == "student_init":
+    if not _target(role):
         final = export_student(model, tok, out_dir / "final", merge_lora=cfg.student.lora.merge_on_export)
     else:
         recipe = role_recipe(cfg.training, role, seed).model_copy(update={"max_steps": steps})
@@ -270,7 +277,7 @@ def find_students(cfg: RunConfig, store: Store, teacher: TeacherRef, validation_
         row = store.fetch_one("find_completed_model", model_id=student_id(cfg, role, teacher, validation_id, seed=seed))
         if row is not None:
             found.setdefault(role, {})[seed] = Path(row[0])
-    missing = [seed for seed in cfg.training.seeds if seed not in found.get("student", {})]
+    missing = [seed for seed in cfg.training.seeds if seed not in found.get(DISTILLED, {})]
     if missing:
         raise KdflowError(
             f"no trained student for seed(s) {missing} of this config and these labels: run `kdflow train` first"
