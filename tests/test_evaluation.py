@@ -23,7 +23,7 @@ from kdflow.config import EvaluationConfig, RunConfig, ScoringConfig
 from kdflow.evaluate.evaluation import EvaluationError, evaluate
 from kdflow.evaluate.rows import CascadeChoice, ModelResult, cascade_rows, choose_cascade_tau
 from kdflow.evaluate.timing import time_interleaved
-from kdflow.evaluate.metrics import agreement, expected_calibration_error, latency_summary, mean_kl
+from kdflow.metrics import agreement, expected_calibration_error, latency_summary, mean_kl
 from kdflow.modeling import build_model, save_pretrained
 from kdflow.runs import start_run
 from kdflow.scoring import encode, option_logits, to_soft_labels

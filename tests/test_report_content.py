@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from kdflow.evaluate import metrics
+from kdflow import metrics
 from kdflow.evaluate.significance import SeedComparison, SeedTest, compare_over_seeds
 from kdflow.evaluate.rows import METRIC_SCHEMA, PREDICTION_SCHEMA, metric_rows
 from kdflow.report import plots

@@ -8,6 +8,6 @@ question_notes, question_duplicates and rejected_rows (sql/ingest.sql).
 
 Modules: load (one source read into Arrow tables: readers decode files, detect recognises the layout,
 layouts map records with cells reading each value, collect gathers the rows and answers settles the
-answer column), splits (the split of each question from its content alone), datasets (store a
-loaded source as a dataset version and report it).
+answer column), datasets (store a loaded source as a dataset version and report it). The split of each
+question from its content alone is kdflow.splits, shared with the demo world.
 """
