@@ -146,7 +146,8 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Run the whole pipeline as a Prefect flow (ephemeral Prefect when no server is configured)."""
     cfg = load_run_config(config, set_)
     run_id = run_flow("distill", cfg)
-    from kdflow.report.run_report import load_summary, print_summary
+    from kdflow.report.run_data import load_summary
+    from kdflow.report.run_summary import print_summary
     from kdflow.store import Store
 
     store = Store(cfg.home_dir, read_only=True)
@@ -222,7 +223,8 @@ def report(
     set_: SetOpt = None,
 ) -> None:
     """Rebuild a run's HTML and markdown report from the database alone."""
-    from kdflow.report.run_report import build_report, print_summary
+    from kdflow.report.run_report import build_report
+    from kdflow.report.run_summary import print_summary
     from kdflow.store import Store, StoreError
 
     cfg = load_run_config(config, set_)

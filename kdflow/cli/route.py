@@ -64,11 +64,10 @@ def route(
         store = Store(cfg.home_dir, read_only=True)
         cascade = chosen_cascade(store)
         ref = teacher_ref(cfg, store, run_dataset_ids(cfg, store))
-        from kdflow.label.backends.hf import HFBackend
-        from kdflow.modeling import load_pretrained
+        from kdflow.scoring.scorer import ModelScorer
 
-        model, tokenizer = load_pretrained(str(cascade.student_dir), device=cfg.student.device)
-        student = HFBackend(model, tokenizer, cfg.scoring, batch_size=cfg.evaluation.batch_size, device=model.device)
+        student = ModelScorer.from_pretrained(cascade.student_dir, cfg.scoring, batch_size=cfg.evaluation.batch_size,
+                                              device=cfg.student.device)
         answers = answer(questions, student, lambda: open_backend(cfg, ref), cascade.tau)
     except (KdflowError, StoreError, LookupError) as e:
         raise fail(str(e)) from None

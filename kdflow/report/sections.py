@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kdflow.report.data import Summary
+from kdflow.report.run_data import Summary
 from kdflow.report.formatting import (
     Column,
     Row,

@@ -65,7 +65,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from kdflow.label.backends.base import ScoredQuestion
+from kdflow.softlabels import ScoredQuestion
 from kdflow.config import ScoringConfig, TeacherConfig
 from kdflow.errors import KdflowError
 from kdflow.label.backends.openai.client import ServerClient, ServerUnreachable, card_identity, served_model_name
