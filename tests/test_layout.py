@@ -226,10 +226,13 @@ def _all_private_imports(packages: dict[str, Path] = PACKAGES) -> list[str]:
     return [line for name, path in sorted(modules.items()) for line in private_imports(path, set(modules), name)]
 
 
-def test_the_stage_order_is_the_pipeline_order():
-    assert STAGES == ("ingest", "label", "validate", "train", "evaluate", "report")
+def test_the_stage_order_is_the_pipeline_the_docs_draw():
+    """kdflow.layers.STAGES is every stage package, in the order README and docs/README.md draw the pipeline."""
     packages = {p.name for p in (ROOT / "kdflow").iterdir() if (p / "__init__.py").exists()}
     assert set(STAGES) | {"sweep", "cli"} <= packages
+    for page in (ROOT / "README.md", ROOT / "docs" / "README.md"):
+        drawn = next(line for line in page.read_text(encoding="utf-8").splitlines() if line.startswith("ingest ->"))
+        assert tuple(word for word in drawn.split() if word in STAGES) == STAGES, page
     assert layer("kdflow.scoring.forward") == (0, "core") and layer("kdflow.store") == (0, "core")
     assert layer("kdflow.label.teacher") == (2, "label") and layer("kdflow.flows.distill")[1] == "flows"
 
