@@ -28,7 +28,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from kdflow.label.backends.base import ScoredQuestion
+from kdflow.softlabels import ScoredQuestion
 from kdflow.softlabels import soft_label_from_logprobs
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -4,7 +4,7 @@
 
 Distillation should cost no more than the fine-tune it replaces: the teacher's probabilities are
 precomputed, so the KD term is a loss over [batch, options] and should not show in samples/s or memory.
-Both runs call kdflow.train.recipe.train on the demo student (kdflow's StudentConfig default, fresh weights
+Both runs call kdflow.fitting.recipe.train on the demo student (kdflow's StudentConfig default, fresh weights
 from one seed) with the same examples, steps and batch size: KD with alpha 0.5 and teacher-like soft
 labels, CE with alpha 1 and no labels (the fine-tune a user would otherwise run). They alternate, three
 rounds (two with --quick). samples/s is the recipe's own loop figure (without tokenizing up front and
@@ -29,7 +29,8 @@ from bench._common import SummaryRow, num, parser, publish, spread, teacher_like
 from kdflow.config import ScoringConfig, StudentConfig, TrainingConfig
 from kdflow.data.demo import generate_demo_questions
 from kdflow.modeling import build_model, train_tokenizer
-from kdflow.train.recipe import train
+from kdflow.fitting.recipe import train
+from kdflow.train.losses import distillation_objective
 
 NAME = "training"
 ARCH = StudentConfig().architecture
@@ -74,7 +75,8 @@ def train_once(
     model = build_model(ARCH, tokenizer)
     with peak_rss() as rss:
         start = time.perf_counter()
-        result = train(model, tokenizer, examples, cfg, ScoringConfig(), out_dir=root, progress=False)
+        result = train(model, tokenizer, examples, cfg, ScoringConfig(), objective=distillation_objective(cfg),
+                       out_dir=root, progress=False)
         wall = time.perf_counter() - start
     return {"samples_per_s": result.samples_per_s, "wall_seconds": wall, "peak_rss_mb": rss["peak"] / 2**20,
             "rss_growth_mb": (rss["peak"] - rss["before"]) / 2**20, "final_loss": result.metrics["loss"]}

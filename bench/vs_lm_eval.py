@@ -60,14 +60,16 @@ DONE_WHEN = {"agreement": 0.995, "max_abs_loglik_diff": 1e-4, "speedup": 1.5}
 
 def fine_tuned_model(root: Path, rows: Sequence[dict[str, Any]], tokenizer: Any, mode: str, steps: int) -> Any:
     """The demo architecture on `tokenizer`, fine-tuned in `mode` with kdflow's recipe; returns the model."""
-    from kdflow.train.recipe import train
+    from kdflow.fitting.recipe import train
+    from kdflow.train.losses import distillation_objective
 
     torch.manual_seed(0)
     model = build_model(ARCH, tokenizer)
     cfg = TrainingConfig(alpha=1.0, max_steps=steps, batch_size=32, learning_rate=3e-3, checkpoint_every=steps,
                          warmup_ratio=0.1)
     scoring = ScoringConfig(mode=mode, chat_template="off")
-    result = train(model, tokenizer, rows, cfg, scoring, out_dir=root / f"train-{mode}", progress=False)
+    result = train(model, tokenizer, rows, cfg, scoring, objective=distillation_objective(cfg),
+                   out_dir=root / f"train-{mode}", progress=False)
     model, _ = load_pretrained(str(result.final_dir), dtype="float32", device="cpu")
     return model
 

@@ -30,7 +30,6 @@ from transformers import (
 )
 
 from kdflow.config import ArchitectureConfig
-from kdflow.fingerprints import weights_fingerprint  # noqa: F401  (the backends import it from here)
 from kdflow.records import LETTERS
 from kdflow.sources import ModelLoadError, ModelSource, load_args
 

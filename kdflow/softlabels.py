@@ -1,4 +1,5 @@
-"""Turning per-option log-probabilities into a soft label: the one place every backend ends up.
+"""Turning per-option log-probabilities into a soft label: the one place every backend ends up; a scored
+question (the soft label and what its scoring cost) and the Scorer interface that returns them.
 
 Backends differ in how they obtain the log-probability of each option (a forward pass, vLLM logprobs,
 an HTTP server), but the probabilities, confidence, coverage and entropy are computed here only, so the
@@ -8,8 +9,9 @@ numbers of the hf, vllm and openai backends are comparable by construction.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from collections.abc import Sequence
+from typing import Any, Protocol
 
 # Servers report "no probability" as -9999.0 (OpenAI-compatible APIs); anything at or below it is absent.
 MISSING_LOGPROB = -9999.0
@@ -81,3 +83,32 @@ def soft_label_from_logprobs(
         entropy=entropy,
         predicted_norm=predicted_norm,
     )
+
+
+@dataclass(frozen=True)
+class ScoredQuestion:
+    """A model's answer to one question (a teacher backend's, or a scored student's).
+
+    latency_ms: wall time of the scoring request or batch that held the question divided by the number of
+    questions in it (amortised cost; evaluation times questions one at a time separately). Reasoning
+    generation is not included.
+    reasoning: the short rationale generated after the prompt when the backend was asked for one, else None.
+    truncated: the prompt was longer than scoring.max_length and lost part of its question text.
+    """
+
+    label: SoftLabel
+    latency_ms: float
+    reasoning: str | None = None
+    truncated: bool = False
+
+
+class Scorer(Protocol):
+    """Anything that scores questions: kdflow.scoring.scorer.ModelScorer, or any teacher backend."""
+
+    def score(self, questions: Sequence[Mapping[str, Any]]) -> list[ScoredQuestion]:
+        """Score questions (dicts with question, options, category; other keys ignored), in input order."""
+        ...
+
+    def close(self) -> None:
+        """Release the model, engine or connections; the scorer is not used afterwards."""
+        ...

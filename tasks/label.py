@@ -6,7 +6,7 @@ from prefect import get_run_logger, task
 
 from kdflow.config import RunConfig
 from kdflow.validate.gate import sample_first
-from kdflow.progress import progress_bar
+from kdflow.terminal_progress import progress_bar
 from kdflow.runs import stage
 from kdflow.label.engine_limits import check_vllm_stage
 from kdflow.label.sharding import uses_shards

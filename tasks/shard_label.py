@@ -30,7 +30,7 @@ from prefect.utilities.annotations import allow_failure
 from kdflow.config import RunConfig
 from kdflow.errors import KdflowError
 from kdflow.label.labeling import warn_truncated
-from kdflow.progress import progress_bar
+from kdflow.terminal_progress import progress_bar
 from kdflow.runs import stage
 from kdflow.label.engine_host import close_engine_hosts
 from kdflow.label.sharding import (

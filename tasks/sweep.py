@@ -17,7 +17,7 @@ from kdflow.store import Store
 from kdflow.sweep.grid import ENSEMBLE, PointResult, SweepPoint, TeacherChoice, open_teacher_backend, run_point
 from kdflow.label.preparation import prepared_teacher_id
 from kdflow.label.teacher import TeacherRef, teacher_ref
-from kdflow.train.data import finished_model_dir
+from kdflow.fitting.inputs import finished_model_dir
 from kdflow.tasks.label import prepare_teacher_task, run_label_stage
 from kdflow.tasks.progress import ui_progress
 from kdflow.tasks.retry import RETRY_DELAYS, retry_if_transient

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from kdflow.label.backends.base import ScoredQuestion
+from kdflow.softlabels import ScoredQuestion
 from kdflow.label.backends.hf import HFBackend
 from kdflow.config import ScoringConfig
 from kdflow.label.labeling import label_questions, teacher_key

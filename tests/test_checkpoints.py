@@ -8,7 +8,7 @@ import toy_training as toy
 from safetensors.torch import load_file
 from toy_training import one_thread  # noqa: F401 (autouse fixture)
 
-from kdflow.train.checkpoints import (
+from kdflow.fitting.checkpoints import (
     CheckpointError,
     TrainState,
     latest_checkpoint,
@@ -18,8 +18,8 @@ from kdflow.train.checkpoints import (
 )
 from kdflow.config import LoraConfig, TrainingConfig
 from kdflow.scoring import encode, option_logits
-from kdflow.train.students import with_lora
-from kdflow.train.optim import build_optimizer, build_scheduler
+from kdflow.train.initialisation import with_lora
+from kdflow.fitting.optim import build_optimizer, build_scheduler
 
 CFG = TrainingConfig(learning_rate=1e-2, weight_decay=0.1)
 

@@ -72,7 +72,7 @@ def test_help_and_version_import_no_heavy_library():
 
 
 def test_a_progress_bar_with_nothing_to_do_prints_nothing(capsys):
-    from kdflow.progress import progress_bar
+    from kdflow.terminal_progress import progress_bar
 
     with progress_bar("labeling") as update:
         update(0, 0)

@@ -23,7 +23,7 @@ from kdflow.data.demo import (
     generate_teacher_corpus,
     tier_counts,
 )
-from kdflow.ingest.splits import assign_splits, normalised_key
+from kdflow.splits import assign_splits, normalised_key
 from kdflow.records import QUESTION_SCHEMA
 
 N = 20_000

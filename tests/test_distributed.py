@@ -14,15 +14,16 @@ import toy_training as toy
 from safetensors.torch import load_file
 from toy_training import one_thread  # noqa: F401 (autouse fixture)
 
-from kdflow.train.checkpoints import read_checkpoint
+from kdflow.fitting.checkpoints import read_checkpoint
 from kdflow.config import LoraConfig, TrainingConfig
-from kdflow.train.distributed import Processes, join
+from kdflow.fitting.distributed import Processes, join
 from kdflow.train.launcher import _EventReader, _outcome, launch_training
 from kdflow.errors import KdflowError, TransientError
 from kdflow.modeling import load_pretrained
-from kdflow.train.students import with_lora
-from kdflow.train.recipe import TrainingCancelled, train
-from kdflow.train.reporting import TrainingDiverged
+from kdflow.train.initialisation import with_lora
+from kdflow.fitting.recipe import TrainingCancelled, train
+from kdflow.train.losses import distillation_objective
+from kdflow.fitting.reporting import TrainingDiverged
 
 # A global micro-batch of 8 (4 per process), accumulated twice: both processes' slices and the
 # accumulation are exercised. Steps 3 and 6 validate and checkpoint.
@@ -47,7 +48,7 @@ def _lora_model(tok):
 
 def _single(model, tok, labeled, cfg, out_dir, resume=False):
     rows: list[dict] = []
-    result = train(model, tok, labeled[0], cfg, toy.SCORING, out_dir=out_dir, val_examples=labeled[1],
+    result = train(model, tok, labeled[0], cfg, toy.SCORING, objective=distillation_objective(cfg), out_dir=out_dir, val_examples=labeled[1],
                    resume=resume, progress=False, on_metrics=rows.extend)
     return result, rows
 

@@ -21,7 +21,8 @@ from kdflow.config import GenericMapping, SourceConfig, TrainingConfig
 from kdflow.divergences import DIVERGENCES, Divergence
 from kdflow.ingest.layouts import LAYOUTS, Layout, detect_layout
 from kdflow.ingest.load import load_source
-from kdflow.train.recipe import train
+from kdflow.fitting.recipe import train
+from kdflow.train.losses import distillation_objective
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,8 +46,8 @@ def test_a_divergence_added_to_the_table_is_a_config_choice_and_what_training_mi
     rows: list[dict] = []
     examples, _ = toy.worker_examples()
     tok = toy.tokenizer()
-    train(toy.fresh_model(tok), tok, examples, cfg, toy.SCORING, out_dir=tmp_path, progress=False,
-          on_metrics=rows.extend)
+    train(toy.fresh_model(tok), tok, examples, cfg, toy.SCORING, objective=distillation_objective(cfg), out_dir=tmp_path,
+          progress=False, on_metrics=rows.extend)
     assert len(returned) == 3 and [r["step"] for r in rows] == [1, 2, 3]
     for row, value in zip(rows, returned, strict=True):  # alpha = 0: the loss is T^2 * mean divergence
         assert 0 < row["kd"] < 1 and row["kd"] == pytest.approx(value.mean().item(), rel=1e-6)

@@ -23,12 +23,12 @@ from kdflow.config import EvaluationConfig, RunConfig, ScoringConfig
 from kdflow.evaluate.evaluation import EvaluationError, evaluate
 from kdflow.evaluate.rows import CascadeChoice, ModelResult, cascade_rows, choose_cascade_tau
 from kdflow.evaluate.timing import time_interleaved
-from kdflow.evaluate.metrics import agreement, expected_calibration_error, latency_summary, mean_kl
+from kdflow.metrics import agreement, expected_calibration_error, latency_summary, mean_kl
 from kdflow.modeling import build_model, save_pretrained
 from kdflow.runs import start_run
 from kdflow.scoring import encode, option_logits, to_soft_labels
 from kdflow.store import Store
-from kdflow.report.data import model_metrics, wide_metrics
+from kdflow.report.run_data import model_metrics, wide_metrics
 
 SCORING = ScoringConfig()
 EVAL_CFG = EvaluationConfig(batch_size=2, latency_questions=6, latency_warmup=1, latency_min_rounds=2, ece_bins=5,

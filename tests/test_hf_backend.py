@@ -6,7 +6,8 @@ import random
 import pytest
 import torch
 
-from kdflow.label.backends.base import ScoredQuestion, TeacherBackend
+from kdflow.label.backends.base import TeacherBackend
+from kdflow.softlabels import ScoredQuestion
 from kdflow.label.backends.hf import HFBackend
 from kdflow.config import ScoringConfig, TeacherConfig
 from kdflow.modeling import ModelLoadError, ModelSource, save_pretrained

@@ -428,6 +428,6 @@ def test_demo_source():
 
 
 def test_core_does_not_import_prefect_or_datasets():
-    code = "import sys, kdflow.ingest.load, kdflow.ingest.splits; print(sorted({'prefect', 'datasets'} & set(sys.modules)))"
+    code = "import sys, kdflow.ingest.load, kdflow.splits; print(sorted({'prefect', 'datasets'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,4 +1,4 @@
-"""kdflow.evaluate.metrics against values worked out by hand on small fixed predictions."""
+"""kdflow.metrics against values worked out by hand on small fixed predictions."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from kdflow.evaluate.metrics import (
+from kdflow.metrics import (
     apply_temperature,
     fit_temperature,
     median_ratio_ci,

@@ -15,6 +15,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from kdflow.config import ArchitectureConfig, StudentConfig, TeacherConfig
 from kdflow.errors import KdflowError
+from kdflow.fingerprints import weights_fingerprint
 from kdflow.modeling import (
     ModelLoadError,
     ModelSource,
@@ -26,7 +27,6 @@ from kdflow.modeling import (
     resolve_dtype,
     save_pretrained,
     train_tokenizer,
-    weights_fingerprint,
 )
 from kdflow.records import LETTERS
 from kdflow.sources import configured_source

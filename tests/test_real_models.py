@@ -221,7 +221,7 @@ def test_students_built_from_an_unprepared_gguf_teacher_get_its_weights_and_toke
     teacher's tokenizer, from the same file (the paths that used to drop gguf_file)."""
     from kdflow.config import StudentConfig
     from kdflow.modeling import load_tokenizer
-    from kdflow.train.students import init_student
+    from kdflow.train.initialisation import init_student
 
     directory, gguf_file = smollm2
     cfg = RunConfig.model_validate({"home": str(tmp_path),

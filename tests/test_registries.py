@@ -17,7 +17,7 @@ import torch
 
 from kdflow.config import RunConfig
 from kdflow.evaluate.metric_registry import METRICS, Metric
-from kdflow.report.data import load_report_data, summarize
+from kdflow.report.run_data import load_report_data, summarize
 from kdflow.report.formatting import page_table
 from kdflow.report.run_report import render_html
 from kdflow.report.run_summary import render_markdown

@@ -17,7 +17,9 @@ from markupsafe import escape
 from rich.console import Console
 
 from kdflow.report.formatting import md_text
-from kdflow.report.run_report import ReportError, build_report, load_summary, print_summary, report_dir
+from kdflow.report.run_data import ReportError, load_summary
+from kdflow.report.run_report import build_report, report_dir
+from kdflow.report.run_summary import print_summary
 from kdflow.report.seeds import verdict_sentence
 from kdflow.runs import stage
 from kdflow.store import Store
@@ -103,7 +105,8 @@ def test_user_text_is_escaped_everywhere(built):
 
 
 def test_script_in_a_category_name_is_escaped_in_the_page(built):
-    from kdflow.report.run_report import load_report_data, render_html, summarize
+    from kdflow.report.run_data import load_report_data, summarize
+    from kdflow.report.run_report import render_html
 
     home, run_id, _ = built
     data = load_report_data(Store(home, read_only=True), run_id)
@@ -176,7 +179,7 @@ def test_report_renders_in_headless_chromium(built, tmp_path):
 
 
 def test_noisy_timings_are_flagged_in_the_latency_note(built):
-    from kdflow.report.run_report import load_report_data
+    from kdflow.report.run_data import load_report_data
     from kdflow.report.sections import latency_note
 
     home, run_id, _ = built

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from kdflow.evaluate import metrics
+from kdflow import metrics
 from kdflow.evaluate.significance import SeedComparison, SeedTest, compare_over_seeds
 from kdflow.evaluate.rows import METRIC_SCHEMA, PREDICTION_SCHEMA, metric_rows
 from kdflow.report import plots
@@ -116,7 +116,7 @@ def test_category_table_signs_student_minus_teacher_and_puts_big_categories_firs
         "big": ([True] * 30 + [False] * 10, [True] * 25 + [False] * 15),
         "mid": ([True] * 6 + [False] * 6, [True] * 8 + [False] * 4),
     })
-    from kdflow.report.data import wide_metrics
+    from kdflow.report.run_data import wide_metrics
 
     rows = store.arrow("category_table", wide_metrics(store, "category_metric_rows", eval_id=eval_id)).to_pylist()
     assert [r["category"] for r in rows] == ["big", "mid", "aa_tiny"]
@@ -340,7 +340,7 @@ def test_the_report_shows_the_kl_to_the_trained_on_target_and_to_the_raw_labels(
 
     from kdflow.evaluate.rows import ModelResult
     from kdflow.report.formatting import page_table
-    from kdflow.report.data import model_metrics, wide_metrics
+    from kdflow.report.run_data import model_metrics, wide_metrics
     from kdflow.report.sections import metric_columns
 
     teacher = ModelResult("teacher", np.asarray([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.4, 0.6]]), None, None, None,

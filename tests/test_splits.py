@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from kdflow.config import SplitConfig
-from kdflow.ingest.splits import assign_splits
+from kdflow.splits import assign_splits
 
 IDS = [f"mmlu:{i:05d}" for i in range(10_000)]
 
@@ -40,7 +40,7 @@ def test_all_in_one_split():
 
 
 def test_normalised_key_ignores_case_spacing_unicode_form_and_option_order():
-    from kdflow.ingest.splits import normalised_key
+    from kdflow.splits import normalised_key
 
     key = normalised_key("Which is  the capital of France?", ["Paris", "Lyon", "Café"])
     assert normalised_key(" which is the CAPITAL of\nfrance? ", ["Lyon", "cafe\u0301", "PARIS"]) == key

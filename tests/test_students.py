@@ -11,16 +11,17 @@ from safetensors.torch import load_file
 from toy_training import one_thread  # noqa: F401 (autouse fixture)
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from kdflow.train.checkpoints import latest_checkpoint, load_checkpoint
+from kdflow.fitting.checkpoints import latest_checkpoint, load_checkpoint
 from kdflow.config import ArchitectureConfig, LoraConfig, RunConfig, StudentConfig, TeacherConfig, TrainingConfig
 from kdflow.errors import KdflowError
 from kdflow.label.preparation import prepare_teacher
 from kdflow.label.teacher import TeacherRef
 from kdflow.modeling import ModelSource, build_model, load_pretrained, save_pretrained
 from kdflow.scoring import encode, option_logits
-from kdflow.train.students import every_kth_layer, init_student
-from kdflow.train.optim import build_optimizer, build_scheduler
-from kdflow.train.recipe import train
+from kdflow.train.initialisation import every_kth_layer, init_student
+from kdflow.fitting.optim import build_optimizer, build_scheduler
+from kdflow.fitting.recipe import train
+from kdflow.train.losses import distillation_objective
 from kdflow.store import Store
 from kdflow.train.students_run import find_students, role_examples, student_id, student_plan, train_students
 
@@ -50,7 +51,8 @@ def _scores(model, tok, questions=None):
 
 
 def _train(model, tok, examples, out_dir, **kwargs):
-    return train(model, tok, examples, RECIPE, toy.SCORING, out_dir=out_dir, progress=False, **kwargs)
+    return train(model, tok, examples, RECIPE, toy.SCORING, objective=distillation_objective(RECIPE), out_dir=out_dir,
+                 progress=False, **kwargs)
 
 
 def test_fresh_student_follows_its_architecture(tok):

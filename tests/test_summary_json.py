@@ -17,7 +17,9 @@ from typer.testing import CliRunner
 
 from kdflow.cli import app
 from kdflow.config import SuspectGoldConfig
-from kdflow.report.run_report import build_report, load_summary, print_summary
+from kdflow.report.run_data import load_summary
+from kdflow.report.run_report import build_report
+from kdflow.report.run_summary import print_summary
 from kdflow.report.seeds import verdict_sentence
 from kdflow.store import Store
 from kdflow.validate.label_issues import scan_label_issues

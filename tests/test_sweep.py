@@ -20,7 +20,8 @@ from kdflow.sweep.ensemble import Member, build_ensemble_labels, combine, ensemb
 from kdflow.label.labeling import LABEL_COLUMNS
 from kdflow.store import Store
 from kdflow.evaluate.significance import holm, mcnemar_exact
-from kdflow.sweep.grid import ENSEMBLE, best_under_budget, expand_grid, pareto_front
+from kdflow.report.frontier import best_under_budget, pareto_front
+from kdflow.sweep.grid import ENSEMBLE, expand_grid
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"

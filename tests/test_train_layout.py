@@ -6,12 +6,12 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import kdflow.train
+import kdflow.fitting
 
-TRAIN = Path(kdflow.train.__file__).parent
+FITTING = Path(kdflow.fitting.__file__).parent
 
 
 def test_the_recipe_module_holds_the_loop_and_train():
-    tree = ast.parse((TRAIN / "recipe.py").read_text(encoding="utf-8"))
+    tree = ast.parse((FITTING / "recipe.py").read_text(encoding="utf-8"))
     defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef | ast.ClassDef)}
     assert {"train", "_loop", "_optimizer_step", "_loss_step", "_export"} <= defined

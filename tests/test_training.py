@@ -13,14 +13,16 @@ from helpers import sigkill_when, worker_env
 from safetensors.torch import load_file
 from toy_training import one_thread  # noqa: F401 (autouse fixture)
 
-from kdflow.train.checkpoints import latest_checkpoint
+from kdflow.fitting.checkpoints import latest_checkpoint
 from kdflow.config import ScoringConfig, TrainingConfig
 from kdflow.errors import KdflowError
 from kdflow.modeling import load_pretrained
-from kdflow.train.batches import DataOrder, build_dataset
-from kdflow.train.optim import build_scheduler, total_steps
-from kdflow.train.recipe import TrainingCancelled, train
-from kdflow.train.reporting import DELIVER_EVERY, TrainingDiverged
+from kdflow.fitting.batches import DataOrder, build_dataset
+from kdflow.fitting.optim import build_scheduler, total_steps
+from kdflow.fitting.objective import hard_label_objective
+from kdflow.fitting.recipe import TrainingCancelled, train
+from kdflow.train.losses import distillation_objective
+from kdflow.fitting.reporting import DELIVER_EVERY, TrainingDiverged
 
 WORKER = Path(__file__).with_name("toy_training.py")
 # Everything but throughput is deterministic on the CPU.
@@ -41,8 +43,8 @@ def labeled():
 def _run(tok, examples, cfg, out_dir, *, val=None, seed=0, **kwargs):
     rows: list[dict] = []
     model = toy.fresh_model(tok, seed=seed)
-    result = train(model, tok, examples, cfg, toy.SCORING, out_dir=out_dir, val_examples=val, progress=False,
-                   on_metrics=rows.extend, **kwargs)
+    result = train(model, tok, examples, cfg, toy.SCORING, objective=distillation_objective(cfg), out_dir=out_dir,
+                   val_examples=val, progress=False, on_metrics=rows.extend, **kwargs)
     return model, result, rows
 
 
@@ -56,7 +58,8 @@ def test_teacher_preparation_then_distillation_raises_agreement(tok, tmp_path):
     teacher = toy.fresh_model(tok, hidden=48, layers=2)
     prep = TrainingConfig(alpha=1.0, max_steps=80, batch_size=16, learning_rate=1e-2, warmup_ratio=0.1,
                           eval_every=20, eval_questions=32)
-    prepared = train(teacher, tok, train_questions, prep, toy.SCORING, out_dir=tmp_path / "teacher",
+    prepared = train(teacher, tok, train_questions, prep, toy.SCORING, objective=hard_label_objective,
+                     out_dir=tmp_path / "teacher",
                      val_examples=val, progress=False)
     assert prepared.best_val_accuracy >= 0.9
     assert toy.accuracy(teacher, tok, held_out) >= 0.9
@@ -69,7 +72,7 @@ def test_teacher_preparation_then_distillation_raises_agreement(tok, tmp_path):
                             warmup_ratio=0.1, eval_every=40, eval_questions=32)
     rows: list[dict] = []
     train(student, tok, toy.with_soft_labels(teacher, tok, train_questions), recipe, toy.SCORING,
-          out_dir=tmp_path / "student", val_examples=val, progress=False, on_metrics=rows.extend)
+          objective=distillation_objective(recipe), out_dir=tmp_path / "student", val_examples=val, progress=False, on_metrics=rows.extend)
     after = (toy.predictions(student, tok, held_out) == teacher_answers).float().mean().item()
     assert before < 0.5 and after >= 0.9, (before, after)
     assert rows[-1]["kd"] < rows[0]["kd"] / 4
@@ -81,8 +84,8 @@ def test_metric_rows_mix_the_loss_parts_and_arrive_in_batches(tok, labeled, tmp_
                          eval_questions=8, checkpoint_every=1000)
     deliveries: list[list[dict]] = []
     model = toy.fresh_model(tok)
-    result = train(model, tok, examples, cfg, toy.SCORING, out_dir=tmp_path, val_examples=val, progress=False,
-                   on_metrics=deliveries.append)
+    result = train(model, tok, examples, cfg, toy.SCORING, objective=distillation_objective(cfg), out_dir=tmp_path,
+                   val_examples=val, progress=False, on_metrics=deliveries.append)
 
     assert [len(d) for d in deliveries] == [DELIVER_EVERY, 5]
     rows = [row for d in deliveries for row in d]
@@ -135,8 +138,8 @@ def test_seeded_runs_are_identical(tok, labeled, tmp_path):
         model = toy.fresh_model(tok)
         model.config.attention_dropout = 0.2  # draws from torch's RNG, which the run must seed
         rows: list[dict] = []
-        train(model, tok, examples, cfg, toy.SCORING, out_dir=out_dir, val_examples=val, progress=False,
-              on_metrics=rows.extend)
+        train(model, tok, examples, cfg, toy.SCORING, objective=distillation_objective(cfg), out_dir=out_dir,
+              val_examples=val, progress=False, on_metrics=rows.extend)
         return rows, model.state_dict()
 
     rows_a, weights_a = run(tmp_path / "a")
@@ -274,7 +277,8 @@ def test_training_after_sigkill_resumes_to_the_same_result(tok, tmp_path):
 def test_letter_mode_trains(tok, labeled, tmp_path):
     model = toy.fresh_model(tok)
     cfg = TrainingConfig(max_steps=3, batch_size=4, eval_every=3, eval_questions=4)
-    result = train(model, tok, labeled[0], cfg, ScoringConfig(mode="letter"), out_dir=tmp_path,
+    result = train(model, tok, labeled[0], cfg, ScoringConfig(mode="letter"), objective=distillation_objective(cfg),
+                   out_dir=tmp_path,
                    val_examples=labeled[1], progress=False)
     assert result.steps == 3 and result.val_accuracy is not None and math.isfinite(result.metrics["loss"])
 
@@ -304,8 +308,9 @@ def test_divergence_stops_before_a_checkpoint_keeps_it(tok, labeled, tmp_path):
     with torch.no_grad():
         model.lm_head.weight[0, 0] = math.nan
     with pytest.raises(TrainingDiverged, match="at step 1"):
-        train(model, tok, labeled[0], TrainingConfig(max_steps=3, batch_size=4, checkpoint_every=1), toy.SCORING,
-              out_dir=tmp_path, progress=False)
+        cfg = TrainingConfig(max_steps=3, batch_size=4, checkpoint_every=1)
+        train(model, tok, labeled[0], cfg, toy.SCORING, objective=distillation_objective(cfg), out_dir=tmp_path,
+              progress=False)
     assert latest_checkpoint(tmp_path / "checkpoints") is None
 
 
@@ -324,13 +329,15 @@ def test_cpu_training_flushes_subnormals_and_restores_the_setting(tok, labeled, 
     cfg = TrainingConfig(alpha=0.3, max_steps=3, batch_size=4, eval_every=100, checkpoint_every=1000)
     seen: list[bool] = []
     assert not _subnormals_flush()
-    train(toy.fresh_model(tok), tok, examples, cfg, toy.SCORING, out_dir=tmp_path / "a", progress=False,
+    train(toy.fresh_model(tok), tok, examples, cfg, toy.SCORING, objective=distillation_objective(cfg),
+          out_dir=tmp_path / "a", progress=False,
           on_checkpoint=lambda *_: seen.append(_subnormals_flush()))
     assert seen == [True] and not _subnormals_flush()
 
     torch.set_flush_denormal(True)  # a caller that flushes keeps flushing afterwards
     try:
-        train(toy.fresh_model(tok), tok, examples, cfg, toy.SCORING, out_dir=tmp_path / "b", progress=False)
+        train(toy.fresh_model(tok), tok, examples, cfg, toy.SCORING, objective=distillation_objective(cfg),
+              out_dir=tmp_path / "b", progress=False)
         assert _subnormals_flush()
     finally:
         torch.set_flush_denormal(False)

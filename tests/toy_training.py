@@ -119,14 +119,16 @@ def worker_examples() -> tuple[list[dict], list[dict]]:
 
 
 def run_worker(out_dir: Path, resume: bool, step_delay: float) -> None:
-    from kdflow.train.recipe import train
+    from kdflow.fitting.recipe import train
+    from kdflow.train.losses import distillation_objective
 
     torch.set_num_threads(1)  # as in the test process: the same thread count keeps results bit-identical
     tok = tokenizer()
     model = fresh_model(tok)
     train_examples, val = worker_examples()
     result = train(
-        model, tok, train_examples, WORKER_CONFIG, SCORING, out_dir=out_dir, val_examples=val,
+        model, tok, train_examples, WORKER_CONFIG, SCORING, objective=distillation_objective(WORKER_CONFIG),
+        out_dir=out_dir, val_examples=val,
         resume=resume, progress=False, should_stop=lambda: time.sleep(step_delay) or False,
     )
     (out_dir / "result.json").write_text(json.dumps({"steps": result.steps, "metrics": result.metrics}))

@@ -15,9 +15,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from kdflow.cli.console import EXIT_INPUT, _console, _fail, _print_error, _print_version
-from kdflow.cli.help import _Command, _Group
-from kdflow.cli.running import _print_run_footer, _run_flow
+from kdflow.cli.console import EXIT_INPUT, stdout_console, fail, print_error, print_version
+from kdflow.cli.help import PlainCommand, PlainGroup
+from kdflow.cli.running import print_run_footer, run_flow
 from kdflow.cli.options import ConfigOpt, SetOpt, load_run_config
 from kdflow.cli.route import route
 from kdflow.cli.starter import init
@@ -33,7 +33,7 @@ class _Kdflow(typer.Typer):
         try:
             return super().__call__(*args, **kwargs)
         except KdflowError as e:
-            raise SystemExit(_print_error(str(e), EXIT_INPUT)) from None
+            raise SystemExit(print_error(str(e), EXIT_INPUT)) from None
 
 
 app = _Kdflow(
@@ -48,7 +48,7 @@ app.command()(init)  # first in the command list: where a new project starts
 @app.callback()
 def _offline_defaults(
     version: Annotated[
-        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print kdflow's version and exit")
+        bool, typer.Option("--version", callback=print_version, is_eager=True, help="print kdflow's version and exit")
     ] = False,
 ) -> None:
     """Settings a local run needs (quiet, offline-safe Prefect and Hugging Face); the user's environment wins."""
@@ -97,12 +97,12 @@ def ingest(
             cfg.data.sources = [SourceConfig(path=p, format=format, encoding=encoding, allow_unlabeled=allow_unlabeled)
                                 for p in paths]
         except ValidationError as e:
-            raise _fail("; ".join(
+            raise fail("; ".join(
                 (f"--{err['loc'][-1]}: " if err["loc"] else "") + err["msg"].removeprefix("Value error, ")
                 for err in e.errors()
             )) from None
         except (ValueError, ConfigError) as e:
-            raise _fail(f"--format {format!r}: {e}") from None
+            raise fail(f"--format {format!r}: {e}") from None
     store = Store(cfg.home_dir)
     try:
         reports = ingest_all(cfg, store)
@@ -110,12 +110,12 @@ def ingest(
         # The sources came from the command line: name the argument or option at fault, not the config.
         origin = {"path": "the PATHS argument of `kdflow ingest`", "format": "--format",
                   "encoding": "--encoding"}.get(e.setting or "")
-        raise _fail(e.blaming(origin) if paths and origin else str(e)) from None
+        raise fail(e.blaming(origin) if paths and origin else str(e)) from None
     setting = "--allow-unlabeled" if paths else None
-    print_ingest(_console(), reports, setting)
+    print_ingest(stdout_console(), reports, setting)
     if not any(r.loaded for r in reports):
         hints = "".join(f"; {hint}" for r in reports if (hint := r.unlabeled_hint(setting)))
-        raise _fail(f"nothing usable was loaded: see the rejected rows above and fix the input{hints}")
+        raise fail(f"nothing usable was loaded: see the rejected rows above and fix the input{hints}")
 
 
 @app.command()
@@ -131,27 +131,28 @@ def runs(
 
     cfg = load_run_config(config, set_)
     if not (cfg.home_dir / DB_NAME).exists():  # an empty listing, not an error (and no database created)
-        _console().print(f"no runs recorded in {cfg.home_dir / DB_NAME} yet: start one with `kdflow run`")
+        stdout_console().print(f"no runs recorded in {cfg.home_dir / DB_NAME} yet: start one with `kdflow run`")
         return
     try:
         mark_crashed_runs(Store(cfg.home_dir))
         store = Store(cfg.home_dir, read_only=True)
     except StoreError as e:
-        raise _fail(str(e)) from None
-    print_runs(_console(), store, limit)
+        raise fail(str(e)) from None
+    print_runs(stdout_console(), store, limit)
 
 
 @app.command()
 def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Run the whole pipeline as a Prefect flow (ephemeral Prefect when no server is configured)."""
     cfg = load_run_config(config, set_)
-    run_id = _run_flow("distill", cfg)
-    from kdflow.report.run_report import load_summary, print_summary
+    run_id = run_flow("distill", cfg)
+    from kdflow.report.run_data import load_summary
+    from kdflow.report.run_summary import print_summary
     from kdflow.store import Store
 
     store = Store(cfg.home_dir, read_only=True)
-    print_summary(_console(), load_summary(store, run_id))
-    _print_run_footer(store, run_id)
+    print_summary(stdout_console(), load_summary(store, run_id))
+    print_run_footer(store, run_id)
 
 
 @app.command()
@@ -164,20 +165,20 @@ def sweep(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     try:
         expand_grid(cfg)  # a bad point is a config error before anything runs
     except ConfigError as e:
-        raise _fail(str(e)) from None
-    sweep_id = _run_flow("sweep", cfg)
+        raise fail(str(e)) from None
+    sweep_id = run_flow("sweep", cfg)
     from kdflow.store import Store
     from kdflow.report.sweep_report import load_comparison, print_sweep, sweep_report_dir
 
     store = Store(cfg.home_dir, read_only=True)
-    print_sweep(_console(), load_comparison(store, sweep_id), sweep_report_dir(store, sweep_id) / "sweep.html")
+    print_sweep(stdout_console(), load_comparison(store, sweep_id), sweep_report_dir(store, sweep_id) / "sweep.html")
 
 
 @app.command()
 def label(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Label every ingested question the configured teacher has not labeled yet (preparing it first if asked)."""
-    teacher_key = _run_flow("label", load_run_config(config, set_))
-    _console().print(f"labels of teacher {teacher_key} are complete")
+    teacher_key = run_flow("label", load_run_config(config, set_))
+    stdout_console().print(f"labels of teacher {teacher_key} are complete")
 
 
 @app.command()
@@ -187,11 +188,11 @@ def validate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     from kdflow.validate.calibration import stored_calibration
 
     cfg = load_run_config(config, set_)
-    validation_id = _run_flow("validate", cfg)
-    _console().print(f"the data-quality gate passed ({validation_id})")
+    validation_id = run_flow("validate", cfg)
+    stdout_console().print(f"the data-quality gate passed ({validation_id})")
     calibration = stored_calibration(Store(cfg.home_dir, read_only=True), validation_id)
     if calibration is not None and calibration.fallback:
-        _console().print(f"teacher calibration not used ({calibration.fallback.replace('_', ' ')}): "
+        stdout_console().print(f"teacher calibration not used ({calibration.fallback.replace('_', ' ')}): "
                          f"{calibration.note}", soft_wrap=True)
 
 
@@ -202,17 +203,17 @@ def train(
     resume: Annotated[bool, typer.Option("--resume/--restart", help="continue from the last checkpoint")] = True,
 ) -> None:
     """Distil the students from the validated soft labels."""
-    models = _run_flow("train", load_run_config(config, set_), resume=resume)
+    models = run_flow("train", load_run_config(config, set_), resume=resume)
     for role, by_seed in models.items():
         for seed, path in by_seed.items():
-            _console().print(f"{role} seed {seed}: {path}")
+            stdout_console().print(f"{role} seed {seed}: {path}")
 
 
 @app.command()
 def evaluate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Evaluate teacher and existing students on the test split and rebuild the report."""
-    html = _run_flow("evaluate", load_run_config(config, set_))
-    _console().print(f"report: {html}")
+    html = run_flow("evaluate", load_run_config(config, set_))
+    stdout_console().print(f"report: {html}")
 
 
 @app.command()
@@ -222,19 +223,20 @@ def report(
     set_: SetOpt = None,
 ) -> None:
     """Rebuild a run's HTML and markdown report from the database alone."""
-    from kdflow.report.run_report import build_report, print_summary
+    from kdflow.report.run_report import build_report
+    from kdflow.report.run_summary import print_summary
     from kdflow.store import Store, StoreError
 
     cfg = load_run_config(config, set_)
     try:
         store = Store(cfg.home_dir, read_only=True)
         if not store.fetch("get_run", run_id=run_id):
-            raise _fail(f"no run {run_id!r} in {store.path} (see `kdflow runs` for the recorded ones)")
+            raise fail(f"no run {run_id!r} in {store.path} (see `kdflow runs` for the recorded ones)")
         paths = build_report(store, run_id)
     except (StoreError, LookupError) as e:
-        raise _fail(str(e)) from None
-    print_summary(_console(), paths.summary)
-    _console().print(f"report: {paths.html}")
+        raise fail(str(e)) from None
+    print_summary(stdout_console(), paths.summary)
+    stdout_console().print(f"report: {paths.html}")
 
 
 app.command()(route)
@@ -260,7 +262,7 @@ def plan(
         plans = make_plan(cfg, questions=questions, tokens_per_question=tokens, gpu_name=gpu,
                           utilisation=utilisation)
     except KdflowError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     table = Table(title=f"{cfg.name}: {questions:,} questions x {tokens:g} tokens on {GPUS[gpu].name}, "
                         f"{utilisation:.0%} of peak", title_justify="left")
     table.add_column("")
@@ -280,7 +282,7 @@ def plan(
     }
     for name, values in rows.items():
         table.add_row(name, *values)
-    _console().print(table)
+    stdout_console().print(table)
 
 
 @app.command()
@@ -292,7 +294,7 @@ def serve(
     """Serve the main flow on its schedule and every stage as a manual deployment, from this process."""
     cfg = load_run_config(config, set_)
     if not os.environ.get("PREFECT_API_URL"):
-        raise _fail("serving needs a Prefect server: start one with `kdflow ui`, then export the PREFECT_API_URL it prints")
+        raise fail("serving needs a Prefect server: start one with `kdflow ui`, then export the PREFECT_API_URL it prints")
     from kdflow.flows.serve import serve as serve_all
 
     serve_all(cfg, cron=cron)
@@ -314,12 +316,12 @@ def ui(
 
     cfg = load_run_config(config, set_)
     files = ServerFiles.of_home(cfg.home_dir)
-    console = _console()
+    console = stdout_console()
     if stop:
         files_url = stop_file_server(files)
         url = stop_server(files)
         if url is None and files_url is None:
-            raise _fail(f"no server started by `kdflow ui` from {cfg.home_dir} is running ({files.pid_file})")
+            raise fail(f"no server started by `kdflow ui` from {cfg.home_dir} is running ({files.pid_file})")
         for name, stopped in (("Prefect server", url), ("file server", files_url)):
             if stopped:
                 console.print(f"stopped the {name} at {stopped}", soft_wrap=True)
@@ -328,7 +330,7 @@ def ui(
         url, started = start_server(host, port, files)
         files_url, _ = start_file_server(host, files_port, files)
     except TimeoutError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     console.print(f"Prefect UI {'started' if started else 'already running'}: http://{host}:{port}", soft_wrap=True)
     console.print(f"reports and Data Docs served at {files_url} (the runs' artifacts link them; log: {files.files_log})",
                   soft_wrap=True)
@@ -339,10 +341,10 @@ def ui(
     console.print(f"to send runs to it: export PREFECT_API_URL={url}", soft_wrap=True)
 
 
-app.info.cls = _Group
+app.info.cls = PlainGroup
 for _info in app.registered_commands:
     if _info.cls in (None, typer.core.TyperCommand):
-        _info.cls = _Command
+        _info.cls = PlainCommand
 
 
 def main() -> None:

@@ -13,33 +13,37 @@ EXIT_INPUT = 2
 EXIT_GATE = 3
 
 
-def _print_error(message: str, code: int) -> int:
+def print_error(message: str, code: int) -> int:
+    """Print `message` to stderr as one red `error:` line; returns `code`, the exit status to end with."""
     from rich.console import Console
 
     Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
     return code
 
 
-def _notice(message: str) -> None:
+def print_notice(message: str) -> None:
+    """Print `message` to stderr as a yellow `waiting:` line (the command goes on)."""
     from rich.console import Console
 
     Console(stderr=True, soft_wrap=True).print(f"[bold yellow]waiting:[/] {message}", highlight=False)
 
 
-def _fail(message: str, code: int = EXIT_INPUT) -> typer.Exit:
-    return typer.Exit(_print_error(message, code))
+def fail(message: str, code: int = EXIT_INPUT) -> typer.Exit:
+    """Print `message` as an error and return the typer.Exit(code) for the caller to raise."""
+    return typer.Exit(print_error(message, code))
 
 
-def _console():
+def stdout_console():
+    """The rich Console the commands print their results on (stdout, no automatic highlighting)."""
     from rich.console import Console
 
     return Console(highlight=False)
 
 
-def _print_version(asked: bool) -> None:
+def print_version(asked: bool) -> None:
     """`kdflow --version`: the installed distribution's version (its metadata, not a copy in the code)."""
     if asked:
         from importlib.metadata import version
 
-        _console().print(f"kdflow {version('kdflow')}")
+        stdout_console().print(f"kdflow {version('kdflow')}")
         raise typer.Exit()

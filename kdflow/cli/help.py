@@ -21,9 +21,9 @@ class _PlainHelp:
         return params
 
 
-class _Command(_PlainHelp, typer.core.TyperCommand):
-    pass
+class PlainCommand(_PlainHelp, typer.core.TyperCommand):
+    """A kdflow command whose help lists arguments and flags without type placeholders."""
 
 
-class _Group(_PlainHelp, typer.core.TyperGroup):
-    pass
+class PlainGroup(_PlainHelp, typer.core.TyperGroup):
+    """The kdflow command group, with the same plain help as its commands."""

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from kdflow.cli.console import _fail
+from kdflow.cli.console import fail
 
 ConfigOpt = Annotated[
     Optional[Path],
@@ -27,4 +27,4 @@ def load_run_config(config: Path | None, overrides: list[str] | None):
     try:
         return load_config(config, overrides or [])
     except ConfigError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None

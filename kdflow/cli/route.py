@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from kdflow.cli.console import _console, _fail
+from kdflow.cli.console import stdout_console, fail
 from kdflow.cli.options import ConfigOpt, SetOpt, load_run_config
 
 
@@ -31,15 +31,15 @@ def _read(source: str, layout: str) -> list[dict[str, Any]]:
         try:
             loaded = load_source(SourceConfig(path=str(path), format=layout, allow_unlabeled=True))
         except ValidationError as e:
-            raise _fail(f"--format {layout}: {e.errors()[0]['msg']}") from None
+            raise fail(f"--format {layout}: {e.errors()[0]['msg']}") from None
         except IngestError as e:
-            raise _fail(e.blaming("--format" if e.setting == "format" else source)) from None
+            raise fail(e.blaming("--format" if e.setting == "format" else source)) from None
     if loaded.rejected.num_rows:
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(loaded.rejected_by_reason().items()))
-        _console().print(f"[yellow]skipped[/] {loaded.rejected.num_rows} of {loaded.counts['rows']} rows ({reasons}): "
+        stdout_console().print(f"[yellow]skipped[/] {loaded.rejected.num_rows} of {loaded.counts['rows']} rows ({reasons}): "
                          "`kdflow ingest` on the file lists each row and why")
     if not loaded.questions.num_rows:
-        raise _fail(f"no usable question to answer in {source}")
+        raise fail(f"no usable question to answer in {source}")
     return [{**q, "line": row} for q, (_, row) in zip(loaded.questions.to_pylist(), loaded.origins, strict=True)]
 
 
@@ -60,19 +60,18 @@ def route(
     from kdflow.label.teacher import open_backend, teacher_ref
 
     questions = _read(source, layout)
-    console = _console()
+    console = stdout_console()
     try:
         store = Store(cfg.home_dir, read_only=True)
         cascade = chosen_cascade(store)
         ref = teacher_ref(cfg, store, run_dataset_ids(cfg, store))
-        from kdflow.label.backends.hf import HFBackend
-        from kdflow.modeling import load_pretrained
+        from kdflow.scoring.scorer import ModelScorer
 
-        model, tokenizer = load_pretrained(str(cascade.student_dir), device=cfg.student.device)
-        student = HFBackend(model, tokenizer, cfg.scoring, batch_size=cfg.evaluation.batch_size, device=model.device)
+        student = ModelScorer.from_pretrained(cascade.student_dir, cfg.scoring, batch_size=cfg.evaluation.batch_size,
+                                              device=cfg.student.device)
         answers = answer(questions, student, lambda: open_backend(cfg, ref), cascade.tau)
     except (KdflowError, StoreError, LookupError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     from rich.table import Table
 
     table = Table(title=f"cascade tau={cascade.tau:.3f} ({cascade.eval_id})", title_justify="left")

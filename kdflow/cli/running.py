@@ -11,14 +11,14 @@ import os
 import sys
 from pathlib import Path
 
-from kdflow.cli.console import EXIT_GATE, _console, _fail, _notice
+from kdflow.cli.console import EXIT_GATE, stdout_console, fail, print_notice
 
 
 def _own_prefect_home(home: Path) -> None:
     """Without a Prefect server every run starts a temporary one on $PREFECT_HOME/prefect.db (SQLite); two
     runs at once on one machine would share ~/.prefect's file and can fail with "database is locked". Each
     KDFLOW_HOME gets its own PREFECT_HOME (the user's profiles are still read); runs on one home are
-    queued by the home lock before their temporary servers start (see `_run_flow`)."""
+    queued by the home lock before their temporary servers start (see `run_flow`)."""
     if os.environ.get("PREFECT_API_URL") or os.environ.get("PREFECT_HOME") or "prefect" in sys.modules:
         return
     os.environ.setdefault("PREFECT_PROFILES_PATH", str(Path.home() / ".prefect" / "profiles.toml"))
@@ -27,7 +27,7 @@ def _own_prefect_home(home: Path) -> None:
     os.environ["PREFECT_HOME"] = str(prefect_home)
 
 
-def _run_flow(flow_name: str, cfg, **kwargs):
+def run_flow(flow_name: str, cfg, **kwargs):
     """Run a flow with Prefect's offline defaults; user errors become messages and exit codes."""
     from contextlib import nullcontext
 
@@ -40,7 +40,7 @@ def _run_flow(flow_name: str, cfg, **kwargs):
     # With a server, the flow queues on the server's limit first, then on the home lock; without one the
     # flow takes the home lock itself, and taking it here already (re-entered by the flow) keeps a queued
     # run from starting a temporary Prefect server on the same PREFECT_HOME as the run it waits for.
-    queued = nullcontext() if get_current_settings().api.url else home_lock(cfg.home_dir, on_wait=_notice)
+    queued = nullcontext() if get_current_settings().api.url else home_lock(cfg.home_dir, on_wait=print_notice)
     if flow_name == "distill":
         from kdflow.flows.distill import distill as flow_fn
     elif flow_name == "sweep":
@@ -53,20 +53,20 @@ def _run_flow(flow_name: str, cfg, **kwargs):
         with queued:
             return flow_fn(cfg, **kwargs)
     except GateFailed as e:
-        raise _fail(str(e), EXIT_GATE) from None
+        raise fail(str(e), EXIT_GATE) from None
     except (KdflowError, LookupError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     except TransientError as e:
-        raise _fail(f"{e}; committed work is kept and a re-run resumes from it", 1) from None
+        raise fail(f"{e}; committed work is kept and a re-run resumes from it", 1) from None
     except KeyboardInterrupt:
-        raise _fail("cancelled: the run is marked cancelled; committed work is kept and reused", 130) from None
+        raise fail("cancelled: the run is marked cancelled; committed work is kept and reused", 130) from None
 
 
-def _print_run_footer(store, run_id: str) -> None:
+def print_run_footer(store, run_id: str) -> None:
     """The last lines of `kdflow run`: what to paste into the next command, and where to look."""
     from kdflow.report.run_report import report_dir
 
-    console = _console()
+    console = stdout_console()
     console.print(f"run id: {run_id}", soft_wrap=True)
     console.print(f"report: {report_dir(store, run_id) / 'report.html'}", soft_wrap=True)
     flow_run_id = store.fetch("get_run", run_id=run_id)[0][6]

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from kdflow.cli.console import _console, _fail
+from kdflow.cli.console import stdout_console, fail
 
 STARTER_FILE = "kdflow.yaml"
 PLACEHOLDER_DATA = "questions.jsonl"  # where the questions go when --data is not given
@@ -72,9 +72,9 @@ def init(
 
     target = folder / STARTER_FILE
     if folder.exists() and not folder.is_dir():
-        raise _fail(f"{folder} is a file; give kdflow init a folder to write {STARTER_FILE} in")
+        raise fail(f"{folder} is a file; give kdflow init a folder to write {STARTER_FILE} in")
     if target.exists() and not force:
-        raise _fail(f"{target} exists and is kept; pass --force to overwrite it")
+        raise fail(f"{target} exists and is kept; pass --force to overwrite it")
     try:
         values = starter_values(
             _as_seen_from(folder, data) if data is not None else PLACEHOLDER_DATA,
@@ -82,10 +82,10 @@ def init(
             teacher_model=teacher_model, student=_local(student), scoring=scoring.value,
         )
     except ConfigError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     folder.mkdir(parents=True, exist_ok=True)
     target.write_text(starter_config(values, STARTER_FILE), encoding="utf-8")
-    console = _console()
+    console = stdout_console()
     console.print(f"wrote {target}", soft_wrap=True)
     if data is None:
         console.print(f"[yellow]next:[/] put your questions in {folder / PLACEHOLDER_DATA} (or set data.sources' "

@@ -5,7 +5,9 @@ silently falls back to a default. Stages receive the parts they need; nothing el
 
 Modules: base (ConfigError, the Strict base model), data (sources and splits), models (teacher and
 student), stages (scoring, training, validation, evaluation, orchestration), run (RunConfig and the sweep
-section), loading (YAML file + overrides -> RunConfig). Every public name is importable from kdflow.config.
+section), loading (YAML file + overrides -> RunConfig). Every public name of these is importable from
+kdflow.config. sweep_axes (the settings a sweep may name, and the checks of the sweep section) is imported
+from its module.
 """
 
 from __future__ import annotations

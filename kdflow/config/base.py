@@ -14,13 +14,13 @@ class ConfigError(ValueError):
     """A configuration problem, phrased so the user knows what to change."""
 
 
-def _switch_word(value: Any) -> Any:
+def switch_word(value: Any) -> Any:
     """YAML 1.1 reads a bare on/off/yes/no as a boolean: take it back as the word "on" or "off"."""
     return ("on" if value else "off") if isinstance(value, bool) else value
 
 
 # A setting whose values are words including "on" and "off", safe to write unquoted in YAML and --set.
-OnOffAuto = Annotated[Literal["auto", "on", "off"], BeforeValidator(_switch_word)]
+OnOffAuto = Annotated[Literal["auto", "on", "off"], BeforeValidator(switch_word)]
 
 
 class Strict(BaseModel):

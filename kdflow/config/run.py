@@ -16,7 +16,7 @@ from kdflow.config.base import Strict
 from kdflow.config.data import DataConfig
 from kdflow.config.models import StudentConfig, TeacherConfig
 from kdflow.config.stages import EvaluationConfig, OrchestrationConfig, ScoringConfig, TrainingConfig, ValidationConfig
-from kdflow.sweep.axes import check_sweep_section
+from kdflow.config.sweep_axes import check_sweep_section
 
 
 class EnsembleConfig(Strict):

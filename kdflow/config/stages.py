@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from kdflow.config.base import OnOffAuto, Strict, _switch_word
+from kdflow.config.base import OnOffAuto, Strict, switch_word
 from kdflow.divergences import DIVERGENCES, divergence_help
 
 
@@ -150,7 +150,7 @@ class SuspectGoldConfig(Strict):
     """Suspect gold answers: labeled questions whose gold answer the calibrated teacher confidently contradicts
     (kdflow/validate/label_issues.py; the default and its measured precision and recall are in docs/data-quality.md)."""
 
-    method: Annotated[Literal["margin", "confident_learning", "off"], BeforeValidator(_switch_word)] = Field(
+    method: Annotated[Literal["margin", "confident_learning", "off"], BeforeValidator(switch_word)] = Field(
         "margin",
         description="margin: flag when the teacher's choice has p >= min_confidence and the gold option p <= "
         "max_gold_prob; confident_learning (Northcutt, Jiang & Chuang 2021, JAIR): flag when the teacher's choice "

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from kdflow.config import SplitConfig
-from kdflow.ingest.splits import assign_splits, normalised_key
+from kdflow.splits import assign_splits, normalised_key
 from kdflow.records import QUESTION_SCHEMA
 
 DATASET = "demo"

@@ -9,8 +9,9 @@ evaluations, evaluation_models, predictions, metrics, reliability_bins and casca
 
 Modules: evaluation (the stage: scores every model and stores one evaluation), timing (interleaved batch-1
 latency and throughput), rows (the stored rows: predictions, metrics, reliability bins, cascade points),
-metrics (accuracy, calibration and their intervals as pure functions), significance (paired tests between
+significance (paired tests between
 models, and the students compared over the training seeds), cascade (the threshold sweep), routing
-(answering with the student and deferring to the teacher).
+(answering with the student and deferring to the teacher). The pure metric functions (accuracy,
+calibration and their intervals) are kdflow.metrics, shared with the validate stage.
 metric_registry lists the metrics: how each is computed, which way is better, how the report shows it.
 """

@@ -4,7 +4,7 @@ Honest by construction: the cascade threshold tau is chosen on the validation sp
 accuracy is reported on the test split, which chooses nothing. The teacher's predictions are its stored soft
 labels (the scoring code that produced them is the one the students are scored with here), so the teacher is
 never rescored; its backend is opened only to time it. Every student of every seed is scored through
-HFBackend, i.e. `encode` + `option_logits`, on the same questions in the same order; the first seed's students
+kdflow.scoring.scorer.ModelScorer (the hf teacher backend's scorer), i.e. `encode` + `option_logits`, on the same questions in the same order; the first seed's students
 are the evaluation's models of record (evaluation_models, the cascade, the timing), the others add their
 predictions, metrics and reliability bins under their seed.
 
@@ -225,11 +225,9 @@ def _score_and_time(
 
 
 def _open_student(path: Path, scoring: ScoringConfig, cfg: EvaluationConfig, device: str) -> Any:
-    from kdflow.label.backends.hf import HFBackend
-    from kdflow.modeling import load_pretrained
+    from kdflow.scoring.scorer import ModelScorer
 
-    model, tokenizer = load_pretrained(str(path), device=device)
-    return HFBackend(model, tokenizer, scoring, batch_size=cfg.batch_size, device=model.device)
+    return ModelScorer.from_pretrained(path, scoring, batch_size=cfg.batch_size, device=device)
 
 
 def _save(

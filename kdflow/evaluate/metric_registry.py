@@ -18,7 +18,7 @@ from typing import Literal
 
 import numpy as np
 
-from kdflow.evaluate import metrics
+from kdflow import metrics
 
 
 @dataclass

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from kdflow.label.backends.base import TeacherBackend
 from kdflow.evaluate.cascade import route
 from kdflow.errors import KdflowError
 from kdflow.records import LETTERS
+from kdflow.softlabels import Scorer
 from kdflow.store import Store
 
 
@@ -46,8 +46,8 @@ def chosen_cascade(store: Store) -> ChosenCascade:
 
 def answer(
     questions: Sequence[dict[str, Any]],
-    student: TeacherBackend,
-    open_teacher: Callable[[], TeacherBackend],
+    student: Scorer,
+    open_teacher: Callable[[], Scorer],
     tau: float,
 ) -> list[RoutedAnswer]:
     """Student first; questions below the confidence threshold go to the teacher (opened only if needed)."""

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from kdflow.evaluate import cascade, metrics
+from kdflow import metrics
+from kdflow.evaluate import cascade
 from kdflow.evaluate.metric_registry import METRICS, Inputs, Metric
 
 OVERALL = "*"

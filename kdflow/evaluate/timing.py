@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from kdflow.config import EvaluationConfig
-from kdflow.evaluate import metrics
+from kdflow import metrics
 
 # Throughput is timed over this many full batches: enough to amortise the first batch's set-up.
 THROUGHPUT_BATCHES = 4

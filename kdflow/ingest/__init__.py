@@ -9,6 +9,6 @@ question_notes, question_duplicates and rejected_rows (sql/ingest.sql).
 Modules: load (one source read into Arrow tables: readers decode files, layouts holds the table of
 layouts that recognises and maps each one, with columns naming the column families they share, mapping
 turning a record into a question with cells reading each value, collect gathering the rows and answers
-settling the answer column), splits (the split of each question from its content alone), datasets (store a
-loaded source as a dataset version and report it).
+settling the answer column), datasets (store a loaded source as a dataset version and report it). The
+split of each question from its content alone is kdflow.splits, shared with the demo world.
 """

@@ -19,7 +19,7 @@ from kdflow.ingest.cells import Rejected, emptiness, repeated_options
 from kdflow.ingest.mapping import Mapped, Mapper, check_encodable
 from kdflow.ingest.readers import Row
 from kdflow.records import QUESTION_SCHEMA, REJECTED_SCHEMA
-from kdflow.ingest.splits import normalise_text, normalised_key
+from kdflow.splits import normalise_text, normalised_key
 
 
 NOTE_SCHEMA = pa.schema([("question_id", pa.string()), ("source", pa.string()), ("row_number", pa.int64()),

@@ -8,7 +8,7 @@ valid: they are keyed by question content, not by version), and a version that s
 never reused: it is stored again.
 
 All sources of a run are loaded before anything is stored, so questions can be compared across them by
-their normalised content (kdflow.ingest.splits.normalised_key):
+their normalised content (kdflow.splits.normalised_key):
 - the split of a question is a function of that content, so its copies share one split everywhere
   (an unlabeled question is always in train);
 - a question in two sources with the same gold answer, or unlabeled in both, is kept in both and
@@ -32,7 +32,7 @@ from kdflow.config import RunConfig, SourceConfig, SplitConfig
 from kdflow.ingest.collect import LoadedSource
 from kdflow.ingest.load import load_source
 from kdflow.records import REJECTED_SCHEMA
-from kdflow.ingest.splits import normalise_text, normalised_key, question_splits
+from kdflow.splits import normalise_text, normalised_key, question_splits
 from kdflow.store import Store
 
 

@@ -7,7 +7,7 @@ the whole source how its answer column is written (answers.py), resolves every a
 and returns Arrow tables. Every row that does not become a question is kept in `rejected` with a reason;
 a source whose rows are all rejected is not an error here - the caller decides. Problems that make a
 source unusable as a whole (a missing file, an unknown layout, an answer column the values do not settle,
-an encoding that cannot be read) raise IngestError with the file and what to do. Splits are assigned later (kdflow.ingest.splits), so `split` is "".
+an encoding that cannot be read) raise IngestError with the file and what to do. Splits are assigned later (kdflow.splits), so `split` is "".
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from kdflow.ingest.layouts import DETECT_ROWS, LAYOUTS, detect_layout, mapper_fo
 from kdflow.ingest.mapping import Mapper, mapping_columns
 from kdflow.ingest.readers import READERS, EncodingError, Row, rows_from_records, to_utf8
 from kdflow.records import REJECTED_SCHEMA
-from kdflow.ingest.splits import normalised_key
+from kdflow.splits import normalised_key
 
 
 def _sha256(data: bytes) -> str:

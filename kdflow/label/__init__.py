@@ -13,6 +13,7 @@ preparation (fine-tuning the teacher on the task before it labels).
 
 Teacher preparation lives here rather than in the train stage: its one product is the model that labels,
 its identity is part of the teacher key, `kdflow label` runs it first, and nothing downstream of the
-labels depends on how it was made. It borrows the train stage's recipe (kdflow.train.recipe.train) for
-the fine-tuning itself; the train stage trains students on validated labels and never imports this one.
+labels depends on how it was made. The fine-tuning itself is the shared training recipe of the core
+(kdflow.fitting), which the train stage distils students with too; this stage imports no later one, while
+the train stage imports this one for the teacher its students learn from (kdflow.label.teacher).
 """

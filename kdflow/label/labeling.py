@@ -17,7 +17,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from kdflow.label.backends.base import ScoredQuestion, TeacherBackend
+from kdflow.label.backends.base import TeacherBackend
+from kdflow.softlabels import ScoredQuestion
 from kdflow.config import ScoringConfig, TeacherConfig
 from kdflow.fingerprints import weights_fingerprint
 from kdflow.records import SOFT_LABEL_SCHEMA

@@ -9,8 +9,9 @@ run with the same config reuses the checkpoint. In: the run's datasets (`questio
 directory recorded in `models` (role teacher) with its `checkpoints`.
 
 It belongs to the label stage, not to training: its only product is the model that labels, its identity
-is part of the teacher key, and `kdflow label` runs it first. It reuses the train stage's recipe
-(kdflow.train.recipe.train) for the fine-tuning; the reverse import never happens.
+is part of the teacher key, and `kdflow label` runs it first. The fine-tuning is the shared training
+recipe (kdflow.fitting.recipe.train, the loop the train stage distils students with) minimising the
+cross-entropy against the gold answers (kdflow.fitting.objective.hard_label_objective).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from kdflow.config import RunConfig, TrainingConfig
 from kdflow.errors import KdflowError
 from kdflow.sources import configured_source
 from kdflow.store import Store
-from kdflow.train.data import corpus_tokenizer, finished_model_dir, split_examples
+from kdflow.fitting.inputs import corpus_tokenizer, finished_model_dir, split_examples
 
 
 def _digest(data: Any) -> str:
@@ -84,9 +85,10 @@ def prepare_teacher(
 
     import torch
 
-    from kdflow.train.checkpoints import discard_checkpoints
+    from kdflow.fitting.checkpoints import discard_checkpoints
+    from kdflow.fitting.objective import hard_label_objective
+    from kdflow.fitting.recipe import train
     from kdflow.modeling import build_model, count_parameters, load_model, resolve_device
-    from kdflow.train.recipe import train
 
     t = cfg.teacher
     out_dir = cfg.home_dir / "models" / model_id
@@ -119,7 +121,7 @@ def prepare_teacher(
         checkpoint_every=cfg.training.checkpoint_every,
     )
     result = train(
-        model, tokenizer, train_examples, recipe, cfg.scoring, out_dir=out_dir,
+        model, tokenizer, train_examples, recipe, cfg.scoring, objective=hard_label_objective, out_dir=out_dir,
         val_examples=split_examples(store, dataset_ids, "val"), resume=True, progress=progress,
     )
     total, active = count_parameters(model)

@@ -6,7 +6,7 @@ Tables: reads runs, stage_runs, datasets, questions, teachers, models, training_
 evaluation_models, metrics, predictions, reliability_bins, cascade_points, label_issue_scans, label_issues
 and the sweep tables (sql/report.sql, sql/sweep.sql, sql/validation.sql, sql/ingest.sql); writes none.
 
-Modules: run_report (one run: builds the HTML page, markdown and summary.json), data (reads a run's
+Modules: run_report (one run: builds the HTML page, markdown and summary.json), run_data (reads a run's
 evaluation, headline numbers), run_summary (markdown summary and terminal screen), summary_json (the JSON
 document), quality (the data: label counts, suspect gold answers, accuracy without them), sections (the
 page's tables and sentences), baseline (the untrained student: gain recovered, paired McNemar tests), seeds

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kdflow.evaluate.metrics import wilson_interval
+from kdflow.metrics import wilson_interval
 from kdflow.report.formatting import Column, Row, count, md_table, md_text, num, page_table, pct, role
 from kdflow.store import Store
 from kdflow.validate.label_issues import label_issue_scan, noise_detection

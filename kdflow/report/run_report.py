@@ -6,7 +6,7 @@ so `kdflow report RUN_ID` rebuilds the same report in a later process, on anothe
 database file. Plots are PNGs embedded as data URIs (the page has no external resources); every piece of
 user text (run name, category names) is escaped for HTML, markdown and matplotlib alike.
 
-Modules: run_report (building: files and the HTML page), data (reading and headline numbers), run_summary
+Modules: run_report (building: files and the HTML page), run_data (reading and headline numbers), run_summary
 (markdown and terminal), summary_json (numbers for programs), quality (the data section), sections (tables
 and sentences), baseline (the untrained student and paired tests), training (loss terms and smoothing),
 plots (figures), formatting (numbers as text).
@@ -22,24 +22,12 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 
 from kdflow.report import plots, quality, seeds, sections
 from kdflow.report.baseline import gain_sentence, significance_sentence
-from kdflow.report.data import (  # re-exported: the CLI, the tasks and the tests use run_report as the entry
-    ReportData,
-    ReportError,
-    Summary,
-    baseline_rows,
-    load_report_data,
-    load_summary,
-    summarize,
-    training_panels,
-)
+from kdflow.report.run_data import ReportData, Summary, baseline_rows, load_report_data, summarize, training_panels
 from kdflow.report.formatting import Row, page_img, page_table, pct, times_ci
-from kdflow.report.run_summary import print_summary, render_markdown
-from kdflow.report.summary_json import summary_json, write_summary_json
+from kdflow.report.run_summary import render_markdown
+from kdflow.report.summary_json import write_summary_json
 from kdflow.report.training import validation_as_table, validation_points
 from kdflow.store import Store
-
-__all__ = ["ReportData", "ReportError", "ReportPaths", "Summary", "build_report", "load_report_data", "load_summary",
-           "print_summary", "render_html", "render_markdown", "report_dir", "summarize", "summary_json"]
 
 TEMPLATE = "report.html"
 # StrictUndefined: a name the template uses but render_html does not pass fails loudly instead of rendering empty.

@@ -1,7 +1,7 @@
 """The run report in words: the markdown summary (summary.md, the Prefect markdown artifact) and the
 terminal screen after a run.
 
-In: ReportData and Summary (kdflow.report.data). Out: markdown text; a rich table printed to a console.
+In: ReportData and Summary (kdflow.report.run_data). Out: markdown text; a rich table printed to a console.
 Reads and writes no tables.
 """
 
@@ -13,7 +13,7 @@ from rich.table import Table
 
 from kdflow.report import quality, seeds, sections
 from kdflow.report.baseline import gain_recovered, gain_sentence, significance_sentence
-from kdflow.report.data import ReportData, Summary, baseline_rows, ratio
+from kdflow.report.run_data import ReportData, Summary, baseline_rows, ratio
 from kdflow.report.formatting import md, md_table, md_text, ms, pct, times, times_ci
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from kdflow.evaluate.metric_registry import METRICS, Metric
-from kdflow.report.data import Summary
+from kdflow.report.run_data import Summary
 from kdflow.report.formatting import (
     FORMATS,
     Column,

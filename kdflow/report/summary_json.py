@@ -1,6 +1,6 @@
 """summary.json: a run's results as numbers for programs (dashboards, CI checks, comparisons across runs).
 
-In: ReportData and Summary (kdflow.report.data), everything read back from the store. Out: a JSON document,
+In: ReportData and Summary (kdflow.report.run_data), everything read back from the store. Out: a JSON document,
 written beside report.html. Reads and writes no tables.
 
 Schema version 1 (README.md, "The report", lists it): every accuracy, share and retention is a fraction in
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kdflow.evaluate.significance import RoleOverSeeds
-from kdflow.report.data import ReportData, Summary
+from kdflow.report.run_data import ReportData, Summary
 from kdflow.report.formatting import Row
 from kdflow.report.quality import DataQuality
 from kdflow.report.seeds import verdict_sentence

@@ -24,16 +24,16 @@ from rich.console import Console
 from rich.markup import escape as rich_escape
 from rich.table import Table
 
-from kdflow.evaluate import metrics
+from kdflow import metrics
 from kdflow.config import RunConfig
 from kdflow.errors import KdflowError
 from kdflow.evaluate.metric_registry import METRICS
-from kdflow.report.data import wide_metrics
+from kdflow.report.run_data import wide_metrics
 from kdflow.report.formatting import FORMATS, page_img, page_table
 from kdflow.report.run_report import TEMPLATES
 from kdflow.store import Store
 from kdflow.evaluate.significance import holm, mcnemar_exact
-from kdflow.sweep.grid import best_under_budget, pareto_front
+from kdflow.report.frontier import best_under_budget, pareto_front
 
 Row = dict[str, Any]
 Column = tuple[str, Callable[[Row], str]]

@@ -7,7 +7,7 @@ Tables: reads validation_runs, soft_labels, quarantine, questions, predictions, 
 run_datasets; writes sweep_teachers, sweep_points and sweep_evaluations (sql/sweep.sql), and for an
 ensemble teachers and soft_labels.
 
-Modules: axes (which settings a sweep may name; kdflow.config checks a sweep section with it), grid (the
-grid, one point's run, McNemar/Holm/Pareto statistics), ensemble (the labels of several teachers
-combined per question).
+Modules: grid (the grid and one point's run; which settings a sweep may name is kdflow.config.sweep_axes,
+since the config checks its own `sweep` section), ensemble (the labels of several teachers combined per
+question).
 """

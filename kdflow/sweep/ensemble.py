@@ -139,7 +139,7 @@ class EnsembleBackend:
         self.members, self.weights, self.method = list(members), list(weights), method
 
     def score(self, questions: Sequence[dict[str, Any]]) -> list[Any]:
-        from kdflow.label.backends.base import ScoredQuestion
+        from kdflow.softlabels import ScoredQuestion
 
         scored = [member.score(questions) for member in self.members]
         return [

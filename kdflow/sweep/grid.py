@@ -15,15 +15,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from pydantic import ValidationError
 
 from kdflow.config import ConfigError, RunConfig
-from kdflow.sweep.axes import ENSEMBLE, sweep_axes
+from kdflow.config.sweep_axes import ENSEMBLE, sweep_axes
 
 if TYPE_CHECKING:
     from kdflow.store import Store
@@ -161,27 +160,6 @@ def expand_grid(cfg: RunConfig) -> list[SweepPoint]:
             settings = {path: value for (path, _), value in zip(student_axes, combo)}
             add(teachers[0], {"training.alpha": 1.0, **settings}, baseline=True)
     return points
-
-
-# ---------------------------------------------------------------- comparison statistics
-
-
-def pareto_front(latency: Sequence[float], accuracy: Sequence[float]) -> list[bool]:
-    """Which points no other point beats: none at most as slow and at least as accurate, better in one."""
-    lat, acc = np.asarray(latency, dtype=float), np.asarray(accuracy, dtype=float)
-    front = []
-    for i in range(len(lat)):
-        dominated = np.any((lat <= lat[i]) & (acc >= acc[i]) & ((lat < lat[i]) | (acc > acc[i])))
-        front.append(not bool(dominated))
-    return front
-
-
-def best_under_budget(latency: Sequence[float], accuracy: Sequence[float], budget_ms: float | None) -> int | None:
-    """Index of the most accurate point with latency <= budget (all points when None); ties: the faster."""
-    candidates = [i for i in range(len(latency)) if budget_ms is None or latency[i] <= budget_ms]
-    if not candidates:
-        return None
-    return min(candidates, key=lambda i: (-accuracy[i], latency[i]))
 
 
 # ---------------------------------------------------------------- one point: train (or reuse), evaluate (or reuse)

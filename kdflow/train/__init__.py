@@ -8,11 +8,9 @@ student once.
 Tables: reads questions, soft_labels, quarantine and models (a finished student is reused); writes
 models, checkpoints and training_metrics (sql/models.sql).
 
-Modules: students_run (which students a config trains, their ids, recording them), recipe (the training
-loop, top to bottom) with the pieces it calls: batches (tokenized examples, data order), optim (optimizer,
-schedule), val_check (validation during training), reporting (progress, metric rows); losses (KD loss
-against the soft labels), students (building or loading a student), checkpoints (resumable checkpoints),
-data (the questions of a split, a tokenizer for models built from scratch), launcher (one training across
-several processes) and distributed (what those processes share).
+Modules: students_run (which students a config trains, their ids, recording them), initialisation
+(building or loading a student before training), losses (the KD loss against the soft labels: the
+objective the shared training loop of kdflow.fitting minimises), launcher (one training across several
+processes).
 roles lists the model roles: which students exist, what each learns from, how the report names and pairs them.
 """

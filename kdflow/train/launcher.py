@@ -15,7 +15,7 @@ DuckDB store):
 The parent starts `python -m torch.distributed.run --standalone ... -m kdflow.train.launcher RUN_DIR`,
 relays the events to its callbacks as they come (so metrics reach DuckDB during the run), and removes
 RUN_DIR after a finished run. Each worker runs `_worker` (this module as __main__): the recipe's `train`
-over the contract, with the collectives of kdflow.train.distributed.
+over the contract, with the collectives of kdflow.fitting.distributed.
 """
 
 from __future__ import annotations
@@ -39,11 +39,12 @@ from transformers import PreTrainedTokenizerBase
 
 from kdflow.config import ScoringConfig, TrainingConfig
 from kdflow.errors import KdflowError, TransientError
-from kdflow.train.checkpoints import CheckpointError, trainable_state
-from kdflow.train.distributed import launched_world_size, transformers_model
-from kdflow.train.optim import total_steps
-from kdflow.train.recipe import TrainingCancelled, TrainResult, train
-from kdflow.train.reporting import TrainingDiverged, step_bar, step_status
+from kdflow.fitting.checkpoints import CheckpointError, trainable_state
+from kdflow.fitting.distributed import launched_world_size, transformers_model
+from kdflow.fitting.optim import total_steps
+from kdflow.fitting.recipe import TrainingCancelled, TrainResult, train
+from kdflow.fitting.reporting import TrainingDiverged, step_bar, step_status
+from kdflow.train.losses import distillation_objective
 
 
 EXAMPLES_SCHEMA = pa.schema(
@@ -83,8 +84,8 @@ def launch_training(
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """`kdflow.train.recipe.train` in cfg.num_processes processes on this machine: same arguments, same result,
-    same exceptions (a worker lost without a word raises TransientError, so orchestration retries it).
+    """`kdflow.fitting.recipe.train` of the distillation objective of `cfg` (kdflow.train.losses) in
+    cfg.num_processes processes on this machine: same arguments, same result, same exceptions (a worker lost without a word raises TransientError, so orchestration retries it).
 
     The callbacks run here, as the main worker reports. The caller's model is only read: it is saved for
     the workers and moved to the CPU, freeing its device for them. Under a launcher already, or with one
@@ -93,7 +94,8 @@ def launch_training(
 
     if cfg.num_processes == 1 or launched_world_size() > 1:
         return train(
-            model, tokenizer, examples, cfg, scoring, out_dir=out_dir, val_examples=val_examples, resume=resume,
+            model, tokenizer, examples, cfg, scoring, objective=distillation_objective(cfg), out_dir=out_dir,
+            val_examples=val_examples, resume=resume,
             merge_lora=merge_lora, on_metrics=on_metrics, on_checkpoint=on_checkpoint, progress=progress,
             should_stop=should_stop,
         )
@@ -317,10 +319,10 @@ def _worker(run_dir: Path) -> None:
     val_file = run_dir / "val.parquet"
     try:
         model, tokenizer = _load_model(run_dir / "model", device)
+        training = TrainingConfig.model_validate(spec["training"])
         result = train(
-            model, tokenizer, _read_examples(run_dir / "examples.parquet"),
-            TrainingConfig.model_validate(spec["training"]), ScoringConfig.model_validate(spec["scoring"]),
-            out_dir=Path(spec["out_dir"]), val_examples=_read_examples(val_file) if val_file.exists() else None,
+            model, tokenizer, _read_examples(run_dir / "examples.parquet"), training,
+            ScoringConfig.model_validate(spec["scoring"]), objective=distillation_objective(training), out_dir=Path(spec["out_dir"]), val_examples=_read_examples(val_file) if val_file.exists() else None,
             resume=spec["resume"], merge_lora=spec["merge_lora"], progress=False,
             should_stop=(run_dir / _STOP).exists,
             on_metrics=lambda rows: events.write("metrics", rows=rows),

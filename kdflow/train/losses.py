@@ -10,49 +10,26 @@ A batch holds questions with different numbers of options, padded to K columns. 
 
 Everything is computed in log space, in at least float32 (bf16 inputs are upcast), and never produces NaN
 from padding, zero teacher probabilities or -inf student logits: a wrong mask must not silently poison a
-whole training run. The training loop mixes and logs the parts returned by `distillation_loss`.
+whole training run. The CE term and the LossParts it returns are kdflow.fitting.objective's; the shared
+training loop (kdflow.fitting.recipe) minimises `distillation_objective(cfg)`.
 """
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
 
+from kdflow.config import TrainingConfig
 from kdflow.divergences import DIVERGENCES
-
-
-class LossParts(NamedTuple):
-    """Scalar parts of one batch's loss; `total` is the one to backpropagate (see `distillation_loss`).
-
-    `ce` is the mean cross-entropy over the included labeled questions (0 when there are none) and `kd` the
-    mean divergence over all included questions, both unweighted, so runs with different alpha and T log
-    comparable numbers; `n_labeled` counts the included labeled questions (a float scalar), so means over
-    several batches can be weighted. `kd` is None when no teacher probabilities were given (alpha = 1).
-    """
-
-    total: Tensor
-    ce: Tensor
-    kd: Tensor | None
-    n_labeled: Tensor
-
-
-def _masked_log_softmax(x: Tensor, valid: Tensor) -> Tensor:
-    """log_softmax over the `valid` entries of each row of x [B, K]; -inf elsewhere.
-
-    A row with no valid entry comes out all -inf, not NaN: the outer masked_fill replaces the NaN of the
-    softmax and, in backward, zeroes the NaN gradient before it reaches the logits.
-    """
-    x = x.masked_fill(~valid, -math.inf)
-    return torch.log_softmax(x, dim=-1).masked_fill(~valid, -math.inf)
+from kdflow.fitting.objective import (
+    LossParts, Objective, check_option_scores, compute_dtype, gold_cross_entropy, masked_log_softmax, row_mask,
+)
 
 
 def _student_log_probs(student_logits: Tensor, option_mask: Tensor, temperature: float) -> Tensor:
     """Student log-probabilities [B, K] at temperature T over the real options."""
     valid = option_mask & ~torch.isneginf(student_logits)
-    return _masked_log_softmax(student_logits / temperature, valid)
+    return masked_log_softmax(student_logits / temperature, valid)
 
 
 def _teacher_log_probs(teacher_probs: Tensor, option_mask: Tensor, temperature: float) -> Tensor:
@@ -63,22 +40,11 @@ def _teacher_log_probs(teacher_probs: Tensor, option_mask: Tensor, temperature: 
     """
     has_mass = option_mask & (teacher_probs != 0)
     log_p = torch.log(teacher_probs.detach())
-    return _masked_log_softmax(log_p / temperature, has_mass)
+    return masked_log_softmax(log_p / temperature, has_mass)
 
 
 def _check_batch(student_logits: Tensor, teacher_probs: Tensor | None, option_mask: Tensor) -> None:
-    if student_logits.dim() != 2 or not student_logits.is_floating_point():
-        raise ValueError(
-            f"student_logits must be a float tensor [batch, options], got {student_logits.dtype} "
-            f"of shape {tuple(student_logits.shape)}"
-        )
-    if student_logits.shape[1] < 1:
-        raise ValueError("student_logits has no option columns; a question needs at least one option")
-    if option_mask.dtype != torch.bool or option_mask.shape != student_logits.shape:
-        raise ValueError(
-            f"option_mask must be a bool tensor shaped like student_logits {tuple(student_logits.shape)}, "
-            f"got {option_mask.dtype} of shape {tuple(option_mask.shape)}"
-        )
+    check_option_scores(student_logits, option_mask)
     if teacher_probs is not None and (
         teacher_probs.shape != student_logits.shape or not teacher_probs.is_floating_point()
     ):
@@ -86,11 +52,6 @@ def _check_batch(student_logits: Tensor, teacher_probs: Tensor | None, option_ma
             f"teacher_probs must be a float tensor shaped like student_logits {tuple(student_logits.shape)}, "
             f"got {teacher_probs.dtype} of shape {tuple(teacher_probs.shape)}"
         )
-
-
-def _compute_dtype(student_logits: Tensor) -> torch.dtype:
-    """float32 at least: log-space differences in bf16 lose most of a KL's digits."""
-    return torch.promote_types(student_logits.dtype, torch.float32)
 
 
 def kd_divergence(
@@ -124,7 +85,7 @@ def kd_divergence(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     _check_batch(student_logits, teacher_probs, option_mask)
-    dtype = _compute_dtype(student_logits)
+    dtype = compute_dtype(student_logits)
     log_s = _student_log_probs(student_logits.to(dtype), option_mask, temperature)
     log_t = _teacher_log_probs(teacher_probs.to(dtype), option_mask, temperature)
     return entry.function(log_t, log_s, beta)
@@ -186,51 +147,34 @@ def distillation_loss(
     if teacher_probs is None and alpha != 1:
         raise ValueError(f"teacher_probs is required unless alpha == 1 (got alpha={alpha})")
     _check_batch(student_logits, teacher_probs, option_mask)
-    batch = student_logits.shape[0]
-    if gold.shape != (batch,) or gold.is_floating_point() or gold.dtype == torch.bool:
-        raise ValueError(f"gold must be an integer tensor of shape ({batch},), got {gold.dtype} {tuple(gold.shape)}")
-    sample_mask = _row_mask(sample_mask, "sample_mask", batch, student_logits.device)
-    with_gold = sample_mask & _row_mask(labeled, "labeled", batch, student_logits.device)
-    gold_index = _gold_index(gold, option_mask, with_gold)
-
-    dtype = _compute_dtype(student_logits)
-    log_s = _student_log_probs(student_logits.to(dtype), option_mask, 1.0)
-    ce_rows = torch.where(with_gold, -log_s.gather(1, gold_index).squeeze(1), torch.zeros((), dtype=dtype))
-    n_included = sample_mask.sum().clamp_min(1)
-    n_labeled = with_gold.sum().to(dtype)
-    ce_share = ce_rows.sum() / n_included  # sum_i w_i CE_i / n: the CE term of the total
-    ce = ce_rows.sum() / n_labeled.clamp_min(1)
+    hard = gold_cross_entropy(student_logits, gold, option_mask, sample_mask=sample_mask, labeled=labeled)
     kd = None
     if teacher_probs is not None:
         divergence = kd_divergence(
             student_logits, teacher_probs, option_mask, kind=kind, temperature=temperature, beta=beta
         )
-        kd = _masked_mean(divergence, sample_mask)
+        batch = student_logits.shape[0]
+        kd = _masked_mean(divergence, row_mask(sample_mask, "sample_mask", batch, student_logits.device))
 
     if alpha == 1:
-        total = ce_share
+        total = hard.total
     elif alpha == 0:
         total = temperature**2 * kd
     else:
-        total = alpha * ce_share + (1 - alpha) * temperature**2 * kd
-    return LossParts(total=total, ce=ce, kd=kd, n_labeled=n_labeled)
+        total = alpha * hard.total + (1 - alpha) * temperature**2 * kd
+    return LossParts(total=total, ce=hard.ce, kd=kd, n_labeled=hard.n_labeled)
 
 
-def _gold_index(gold: Tensor, option_mask: Tensor, with_gold: Tensor) -> Tensor:
-    """gold as a [B, 1] gather index; ValueError when a row of `with_gold` does not point at a real option.
-    Other rows may carry any gold (e.g. -100): it is clamped so the gather stays in range."""
-    index = gold.long().clamp(0, option_mask.shape[1] - 1).unsqueeze(1)
-    ok = (gold >= 0) & (gold < option_mask.shape[1]) & option_mask.gather(1, index).squeeze(1)
-    if bool((with_gold & ~ok).any()):
-        bad = torch.nonzero(with_gold & ~ok).flatten().tolist()[:5]
-        raise ValueError(f"gold must index a real option (option_mask True); rows {bad} do not")
-    return index
+def distillation_objective(cfg: TrainingConfig) -> Objective:
+    """The training loop's Objective for `cfg`: `distillation_loss` with its alpha, temperature, divergence
+    and JSD beta."""
 
+    def objective(
+        student_logits: Tensor, teacher_probs: Tensor | None, gold: Tensor, option_mask: Tensor, labeled: Tensor
+    ) -> LossParts:
+        return distillation_loss(
+            student_logits, teacher_probs, gold, option_mask, alpha=cfg.alpha, temperature=cfg.temperature,
+            kind=cfg.divergence, beta=cfg.jsd_beta, labeled=labeled,
+        )
 
-def _row_mask(mask: Tensor | None, name: str, batch: int, device: torch.device) -> Tensor:
-    """A [B] bool row mask (all True when None); ValueError naming `name` when it is malformed."""
-    if mask is None:
-        return torch.ones(batch, dtype=torch.bool, device=device)
-    if mask.dtype != torch.bool or mask.shape != (batch,):
-        raise ValueError(f"{name} must be a bool tensor of shape ({batch},), got {mask.dtype} {tuple(mask.shape)}")
-    return mask
+    return objective

@@ -29,7 +29,7 @@ from kdflow.config import RunConfig, TrainingConfig
 from kdflow.errors import KdflowError
 from kdflow.store import Store
 from kdflow.label.teacher import TeacherRef, teacher_source
-from kdflow.train.data import corpus_tokenizer, finished_model_dir, split_examples
+from kdflow.fitting.inputs import corpus_tokenizer, finished_model_dir, split_examples
 from kdflow.train.roles import DISTILLED, GOLD, SOFT_LABELS, role, student_roles, switches, trained_roles
 
 METRIC_COLUMNS = ["step", "epoch", "loss", "ce", "kd", "lr", "grad_norm", "samples_per_s", "val_accuracy"]
@@ -165,7 +165,7 @@ def train_students(
     if len(reused) == len(plan):
         return TrainedStudents(_by_role(plan, dirs), reused)  # before the imports below: torch loads for seconds
 
-    from kdflow.train.optim import total_steps
+    from kdflow.fitting.optim import total_steps
 
     examples = store.arrow(
         "distillation_examples", dataset_ids=dataset_ids, teacher_key=teacher.key,
@@ -237,9 +237,10 @@ def _train_one(
     import torch
 
     from kdflow.modeling import count_parameters
-    from kdflow.train.checkpoints import discard_checkpoints
+    from kdflow.fitting.checkpoints import discard_checkpoints
     from kdflow.train.launcher import launch_training
-    from kdflow.train.students import export_student, init_student
+    from kdflow.fitting.export import save_trained_model
+    from kdflow.train.initialisation import init_student
 
     role, seed = key
     torch.manual_seed(seed)
@@ -251,7 +252,7 @@ def _train_one(
     store.execute("upsert_model", **record, path=str(out_dir / "final"), n_params=None, n_active=None,
                   status="training")
     if not _target(role):
-        final = export_student(model, tok, out_dir / "final", merge_lora=cfg.student.lora.merge_on_export)
+        final = save_trained_model(model, tok, out_dir / "final", merge_lora=cfg.student.lora.merge_on_export)
     else:
         recipe = role_recipe(cfg.training, role, seed).model_copy(update={"max_steps": steps})
         # One process trains here; more are launched, and relay their metrics to the same sinks.

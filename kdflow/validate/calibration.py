@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from kdflow.config import ValidationConfig
-from kdflow.evaluate import metrics
+from kdflow import metrics
 from kdflow.store import Store
 
 CALIBRATION_SPLIT = "val"

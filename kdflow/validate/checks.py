@@ -57,7 +57,11 @@ class Facts:
 
 
 @dataclass(frozen=True)
-class _Check:
+class Check:
+    """One data-quality check: its name, the Great Expectations expectation type, its level (row: flagged rows
+    are quarantined; dataset: failing fails the gate), why it matters, and how its arguments and observed text
+    follow from the validation config and the facts of the labels."""
+
     name: str
     gx_type: str
     level: Level
@@ -69,38 +73,38 @@ class _Check:
 
 # The whole contract in one table, in the order reports list it.
 # fmt: off
-CHECKS: tuple[_Check, ...] = (
-    _Check(
+CHECKS: tuple[Check, ...] = (
+    Check(
         "question_id_present", "ExpectColumnValuesToNotBeNull", "row",
         "A label without a question id cannot be joined to its question, gold answer or prompt.",
         lambda cfg, f: {"column": "question_id"},
         ("question_id",),
     ),
-    _Check(
+    Check(
         "label_unique", "ExpectCompoundColumnsToBeUnique", "row",
         "Two labels from one teacher for one question double its weight and leave it unclear which is right.",
         lambda cfg, f: {"column_list": ["question_id", "teacher_key"]},
         ("question_id", "teacher_key"),
     ),
-    _Check(
+    Check(
         "values_finite", "ExpectColumnValuesToBeInSet", "row",
         "One NaN or inf in a label turns the KL loss into NaN and silently poisons every later step.",
         lambda cfg, f: {"column": "has_nonfinite", "value_set": [False]},
         ("nonfinite",),
     ),
-    _Check(
+    Check(
         "probs_non_negative", "ExpectColumnValuesToBeBetween", "row",
         "A negative probability is not a distribution; KL against it is meaningless.",
         lambda cfg, f: {"column": "prob_min", "min_value": 0.0},
         ("prob_min",),
     ),
-    _Check(
+    Check(
         "probs_at_most_one", "ExpectColumnValuesToBeBetween", "row",
         "A probability above one means the backend returned scores, not a distribution.",
         lambda cfg, f: {"column": "prob_max", "max_value": 1.0},
         ("prob_max",),
     ),
-    _Check(
+    Check(
         "prob_sum_is_one", "ExpectColumnValuesToBeBetween", "row",
         "Probabilities that do not sum to one were not renormalised; the KD target would be scaled.",
         lambda cfg, f: {
@@ -108,47 +112,47 @@ CHECKS: tuple[_Check, ...] = (
         },
         ("prob_sum",),
     ),
-    _Check(
+    Check(
         "n_probs_matches_options", "ExpectColumnPairValuesToBeEqual", "row",
         "A probability per option, no more, no fewer: otherwise the label belongs to another question layout.",
         lambda cfg, f: {"column_A": "n_probs", "column_B": "n_options", "ignore_row_if": "either_value_is_missing"},
         ("n_probs", "n_options"),
     ),
-    _Check(
+    Check(
         "confidence_is_max_prob", "ExpectColumnValuesToBeBetween", "row",
         "Confidence drives the cascade threshold; it must be the largest probability, not another number.",
         lambda cfg, f: {"column": "confidence_gap", "max_value": cfg.confidence_tolerance},
         ("confidence", "prob_max"),
     ),
-    _Check(
+    Check(
         "predicted_is_argmax", "ExpectColumnPairValuesToBeEqual", "row",
         "The predicted option must be the most probable one, or accuracy and agreement numbers lie.",
         lambda cfg, f: {"column_A": "predicted", "column_B": "argmax", "ignore_row_if": "either_value_is_missing"},
         ("predicted", "argmax"),
     ),
-    _Check(
+    Check(
         "predicted_non_negative", "ExpectColumnValuesToBeBetween", "row",
         "A negative option index points at no option.",
         lambda cfg, f: {"column": "predicted", "min_value": 0},
         ("predicted",),
     ),
-    _Check(
+    Check(
         "predicted_below_n_options", "ExpectColumnPairValuesAToBeGreaterThanB", "row",
         "An option index past the last option points at no option.",
         lambda cfg, f: {"column_A": "n_options", "column_B": "predicted", "ignore_row_if": "either_value_is_missing"},
         ("predicted", "n_options"),
     ),
-    _Check(
+    Check(
         "coverage_floor", "ExpectColumnValuesToBeBetween", "dataset",
         "Low coverage means the teacher wanted to answer something else; when many rows do, the prompt or "
         "scoring mode is wrong.",
         lambda cfg, f: {"column": "coverage", "min_value": cfg.min_coverage, "mostly": cfg.min_coverage_share},
         ("coverage",),
         observed=lambda r, f, cfg: (
-            f"{_rows(r, f)} below {cfg.min_coverage:g}, at most {1 - cfg.min_coverage_share:.1%} allowed"
+            f"{flagged_rows(r, f)} below {cfg.min_coverage:g}, at most {1 - cfg.min_coverage_share:.1%} allowed"
         ),
     ),
-    _Check(
+    Check(
         "position_bias", "ExpectColumnMaxToBeBetween", "dataset",
         "A teacher that favours one option position teaches the student the letter, not the answer.",
         lambda cfg, f: {"column": "position_excess", "max_value": cfg.max_position_share_excess},
@@ -158,7 +162,7 @@ CHECKS: tuple[_Check, ...] = (
             f"{cfg.max_position_share_excess:.1%})"
         ),
     ),
-    _Check(
+    Check(
         "teacher_accuracy", "ExpectColumnMeanToBeBetween", "dataset",
         "A teacher near chance on questions it was not trained on has nothing to teach; distilling it only adds "
         "noise.",
@@ -168,7 +172,7 @@ CHECKS: tuple[_Check, ...] = (
             f"floor {f.min_accuracy:.1%} (chance {f.chance:.1%})"
         ),
     ),
-    _Check(
+    Check(
         "entropy_not_degenerate", "ExpectColumnMeanToBeBetween", "dataset",
         "All one-hot labels carry no dark knowledge and all-uniform ones no answer; both mean a broken readout.",
         lambda cfg, f: {
@@ -180,7 +184,7 @@ CHECKS: tuple[_Check, ...] = (
         ),
     ),
 )
-QUARANTINE_CHECK = _Check(
+QUARANTINE_CHECK = Check(
     "quarantine_share", "ExpectColumnMeanToBeBetween", "dataset",
     "A few bad rows are dropped; many mean the teacher or its backend is broken and the rest is suspect too.",
     lambda cfg, f: {"column": "quarantined", "max_value": cfg.max_quarantine_share},
@@ -303,12 +307,14 @@ def _probability_summary(probs: pd.Series) -> pd.DataFrame:
     return pd.DataFrame(out, index=probs.index)
 
 
-def _rows(result: dict[str, Any], facts: Facts) -> str:
+def flagged_rows(result: dict[str, Any], facts: Facts) -> str:
+    """`N of M rows (P%)`: how many rows a row-level check's result flagged, out of the labels checked."""
     count = result.get("unexpected_count", 0)
     return f"{count} of {facts.rows} rows ({count / facts.rows:.2%})"
 
 
-def _text(value: Any) -> str:
+def format_observed(value: Any) -> str:
+    """A derived column's value as reports show it: a float to 6 significant digits, anything else as str."""
     if isinstance(value, float):
         return format(value, ".6g")
     return str(value)

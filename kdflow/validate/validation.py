@@ -36,7 +36,9 @@ import numpy as np
 import pandas as pd
 
 from kdflow.config import ValidationConfig
-from kdflow.validate.checks import CHECKS, Facts, Level, QUARANTINE_CHECK, _Check, _rows, _text, derive_columns
+from kdflow.validate.checks import (
+    CHECKS, QUARANTINE_CHECK, Check, Facts, Level, derive_columns, flagged_rows, format_observed,
+)
 
 
 _GX_NAME = "kdflow_soft_labels"
@@ -171,7 +173,7 @@ def _run(
     ctx: Any,
     name: str,
     frame: pd.DataFrame,
-    checks: tuple[_Check, ...],
+    checks: tuple[Check, ...],
     cfg: ValidationConfig,
     facts: Facts,
     result_format: str,
@@ -204,7 +206,7 @@ def _by_name(run: Any) -> dict[str, Any]:
     return {r.expectation_config.meta["kdflow_name"]: r for r in run.results}
 
 
-def _outcomes(run: Any, checks: tuple[_Check, ...], cfg: ValidationConfig, facts: Facts) -> list[ExpectationOutcome]:
+def _outcomes(run: Any, checks: tuple[Check, ...], cfg: ValidationConfig, facts: Facts) -> list[ExpectationOutcome]:
     results = _by_name(run)
     outcomes = []
     for check in checks:
@@ -216,7 +218,7 @@ def _outcomes(run: Any, checks: tuple[_Check, ...], cfg: ValidationConfig, facts
         elif check.observed is not None:
             observed = check.observed(result, facts, cfg)
         else:
-            observed = _rows(result, facts)
+            observed = flagged_rows(result, facts)
         share = None if count is None else count / facts.rows
         outcomes.append(
             ExpectationOutcome(
@@ -243,7 +245,7 @@ def _quarantine(run: Any, frame: pd.DataFrame) -> pd.DataFrame:
             continue
         hit = frame.iloc[np.unique(rows)]
         detail = [
-            ", ".join(f"{c}={_text(v)}" for c, v in zip(check.detail, values))
+            ", ".join(f"{c}={format_observed(v)}" for c, v in zip(check.detail, values))
             for values in hit[list(check.detail)].itertuples(index=False)
         ]
         parts.append(

@@ -1,37 +1,25 @@
-"""The transformers teacher backend: a local model scored with kdflow.scoring, on the CPU or one GPU.
-
-Questions that need the same computation (the same letter prompt; the same cloze context, whose distinct
-options share one row) are grouped first, across the whole call, so each is computed once; the rows are
-sorted by token length and scored `batch_size` rows at a time (little padding), and every question's scores
-are put back in input order. Scoring is exactly `option_logits`, the function the student trains through.
-"""
+"""The transformers teacher backend: a local model scored with kdflow.scoring.scorer.ModelScorer (the
+scorer evaluation uses for students), on the CPU or one GPU, identified by its model id and weights."""
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import hashlib
-import time
-from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kdflow.label.backends.base import ScoredQuestion
 from kdflow.config import ScoringConfig, TeacherConfig
-from kdflow.modeling import ModelSource, load_model, weights_fingerprint
-from kdflow.scoring import EncodedQuestion, collate, merge_rows, option_logits, to_soft_labels, tokenize
+from kdflow.fingerprints import weights_fingerprint
+from kdflow.modeling import ModelSource, load_model
+from kdflow.scoring.scorer import ModelScorer
 from kdflow.sources import configured_source
 
 
-class HFBackend:
-    """Score questions with a transformers causal LM.
+class HFBackend(ModelScorer):
+    """The hf teacher backend: a ModelScorer that knows which model it holds (for the teacher key).
 
-    `batch_size` counts rows: one per question, or fewer where questions share one (see the module
-    docstring). The model is moved to `device`.
-    With `reasoning_max_tokens`, each question also gets a greedy continuation of its prompt of up to that
-    many tokens, stored as its reasoning text.
+    `model_id` and `revision` name where the weights came from (default: the model's name_or_path).
     """
 
     def __init__(
@@ -46,14 +34,8 @@ class HFBackend:
         model_id: str | None = None,
         revision: str | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.device = torch.device(device)
-        self.model: PreTrainedModel | None = model.to(self.device).eval()
-        self.tokenizer = tokenizer
-        self.scoring = scoring
-        self.batch_size = batch_size
-        self.reasoning_max_tokens = reasoning_max_tokens
+        super().__init__(model, tokenizer, scoring, batch_size=batch_size, device=device,
+                         reasoning_max_tokens=reasoning_max_tokens)
         self.model_id = model_id or getattr(model, "name_or_path", "") or None
         self.revision = revision
 
@@ -83,86 +65,5 @@ class HFBackend:
 
     def _parameter_fingerprint(self) -> str:
         """For a model that came from no file: a hash of per-tensor sums (changes when it is trained)."""
-        sums = torch.stack([p.detach().double().sum().cpu() for p in self._model.parameters()])
+        sums = torch.stack([p.detach().double().sum().cpu() for p in self.open_model.parameters()])
         return hashlib.sha256(sums.numpy().tobytes()).hexdigest()[:16]
-
-    @property
-    def _model(self) -> PreTrainedModel:
-        if self.model is None:
-            raise RuntimeError("this HFBackend was closed; open a new one to score more questions")
-        return self.model
-
-    def score(self, questions: Sequence[Mapping[str, Any]]) -> list[ScoredQuestion]:
-        """Soft labels for `questions`, in input order (see ScoredQuestion for latency and reasoning)."""
-        model = self._model
-        encoded = tokenize(questions, self.tokenizer, self.scoring)
-        results: list[ScoredQuestion | None] = [None] * len(encoded)
-        for indices in self._buckets(encoded):
-            chunk = [encoded[i] for i in indices]
-            start = time.perf_counter()
-            batch = collate(chunk, pad_id=self._pad_id, max_row_tokens=self.scoring.max_length).to(self.device)
-            with torch.inference_mode(), self._autocast():
-                labels = to_soft_labels(option_logits(model, batch))
-            latency_ms = (time.perf_counter() - start) * 1000 / len(chunk)
-            reasoning = self._reason(chunk) if self.reasoning_max_tokens else [None] * len(chunk)
-            for i, label, text in zip(indices, labels, reasoning):
-                results[i] = ScoredQuestion(
-                    label=label, latency_ms=latency_ms, reasoning=text, truncated=encoded[i].truncated
-                )
-        return results  # type: ignore[return-value]  # every slot was filled above
-
-    def _buckets(self, encoded: Sequence[EncodedQuestion]) -> Iterator[list[int]]:
-        """Indices of `encoded` in batches of shared rows of similar token length, each batch in input order
-        (so `collate` merges it into the same rows): at most batch_size rows, and at most as many token
-        positions, padding included, as batch_size of the longest question's rows (a cloze row shared by
-        many questions is longer than any one of them, and padding every other row to it would waste more
-        than sharing saves)."""
-        rows, placements = merge_rows(encoded, self.scoring.max_length)
-        members: list[list[int]] = [[] for _ in rows]
-        for i, (row, _) in enumerate(placements):
-            members[row].append(i)
-        budget = self.batch_size * max(e.n_tokens for e in encoded)
-        batch: list[int] = []
-        for r in sorted(range(len(rows)), key=lambda r: rows[r].n_tokens):
-            if batch and (len(batch) == self.batch_size or (len(batch) + 1) * rows[r].n_tokens > budget):
-                yield sorted(i for b in batch for i in members[b])
-                batch = []
-            batch.append(r)
-        if batch:
-            yield sorted(i for b in batch for i in members[b])
-
-    @property
-    def _pad_id(self) -> int:
-        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast for a float32 model on CUDA; a model loaded in bf16/fp16 already runs in it."""
-        fp32 = next(self._model.parameters()).dtype == torch.float32
-        if self.device.type == "cuda" and fp32:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _reason(self, chunk: Sequence[EncodedQuestion]) -> list[str]:
-        """Greedy continuations of each question's prompt (cloze: its context), decoded without specials."""
-        prompts = [e.context for e in chunk]
-        length = max(len(p) for p in prompts)
-        input_ids = torch.tensor([[self._pad_id] * (length - len(p)) + list(p) for p in prompts], device=self.device)
-        attention_mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        eos = getattr(self._model.generation_config, "eos_token_id", None) or self.tokenizer.eos_token_id
-        with torch.inference_mode(), self._autocast():
-            out = self._model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=self.reasoning_max_tokens,
-                do_sample=False,
-                pad_token_id=self._pad_id,
-                eos_token_id=eos,
-            )
-        return [text.strip() for text in self.tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)]
-
-    def close(self) -> None:
-        """Drop the model so its memory can be freed (the caller may still hold its own reference)."""
-        self.model = None
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()

@@ -33,10 +33,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kdflow.label.backends.base import ScoredQuestion
+from kdflow.softlabels import ScoredQuestion
 from kdflow.config import ScoringConfig, TeacherConfig
 from kdflow.errors import KdflowError
-from kdflow.modeling import weights_fingerprint
+from kdflow.fingerprints import weights_fingerprint
 from kdflow.prompts import tokenizer_has_chat_template, uses_chat_template
 from kdflow.scoring import EncodedQuestion, tokenize
 from kdflow.softlabels import SoftLabel, logsumexp, soft_label_from_logprobs

@@ -65,12 +65,12 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from kdflow.label.backends.base import ScoredQuestion
+from kdflow.softlabels import ScoredQuestion
 from kdflow.config import ScoringConfig, TeacherConfig
 from kdflow.errors import KdflowError
-from kdflow.label.backends.openai.client import ServerClient, ServerUnreachable, _identity, served_model_name
+from kdflow.label.backends.openai.client import ServerClient, ServerUnreachable, card_identity, served_model_name
 from kdflow.label.backends.openai.replies import (
-    ServerReplyError, _cloze_label, _echoed_prompt_tokens, _prompt_logprobs_tokens, continuation_logprob,
+    ServerReplyError, cloze_label, echoed_prompt_tokens, prompt_logprobs_tokens, continuation_logprob,
     first_token_top_logprobs, letter_label_from_top_logprobs, names_tokens_by_id, quote_reply,
 )
 from kdflow.prompts import CHAT_TEMPLATE_KWARGS, Rendered, chat_messages, cloze_context, cloze_continuation, letter_continuation, letter_prompt
@@ -241,9 +241,9 @@ class OpenAIBackend:
         answer, elapsed_ms = self._post("/completions", body)
         choice = self._first_choice(answer)
         if self._prompt_logprobs:
-            tokens, values, offsets = _prompt_logprobs_tokens(choice, prompt)
+            tokens, values, offsets = prompt_logprobs_tokens(choice, prompt)
         else:
-            tokens, values, offsets = _echoed_prompt_tokens(answer, prompt)
+            tokens, values, offsets = echoed_prompt_tokens(answer, prompt)
         logprobs = {"tokens": tokens, "token_logprobs": values, "text_offset": offsets}
         return continuation_logprob(logprobs, prompt, len(context)), elapsed_ms
 
@@ -254,7 +254,7 @@ class OpenAIBackend:
             value, elapsed_ms = self._option_logprob(context, option)
             latency_ms += elapsed_ms
             sums.append(value)
-        return _cloze_label(sums, options, self._scoring), latency_ms
+        return cloze_label(sums, options, self._scoring), latency_ms
 
     def _post(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
         """POST a log-probability request; a reply naming tokens "token_id:N" switches to asking for text."""
@@ -307,7 +307,7 @@ class OpenAIBackend:
 
     def key_parts(self) -> dict[str, Any]:
         """The server and what it reports of the model (the same dict as `server_identity`)."""
-        return _identity(self._base_url, self._card)
+        return card_identity(self._base_url, self._card)
 
     @property
     def chat(self) -> bool:

@@ -187,7 +187,8 @@ def served_model_name(teacher: TeacherConfig) -> str:
     return teacher.openai.model or teacher.model  # type: ignore[return-value]
 
 
-def _identity(base_url: str, card: Mapping[str, Any]) -> dict[str, Any]:
+def card_identity(base_url: str, card: Mapping[str, Any]) -> dict[str, Any]:
+    """The teacher identity of a served model: backend, base URL and the IDENTITY_FIELDS its model card has."""
     reported = {field: card[field] for field in IDENTITY_FIELDS if card.get(field) is not None}
     return {"backend": "openai", "base_url": base_url, **reported}
 
@@ -200,6 +201,6 @@ def server_identity(teacher: TeacherConfig, *, max_retries: int | None = None) -
     server = teacher.openai if max_retries is None else teacher.openai.model_copy(update={"max_retries": max_retries})
     client = ServerClient(server)
     try:
-        return _identity(client.base_url, client.served_model(served_model_name(teacher), log_list=False))
+        return card_identity(client.base_url, client.served_model(served_model_name(teacher), log_list=False))
     finally:
         client.close()

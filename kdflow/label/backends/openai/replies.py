@@ -122,7 +122,7 @@ def first_token_top_logprobs(choice: Mapping[str, Any]) -> dict[str, float]:
     return top
 
 
-def _echoed_prompt_tokens(reply: Mapping[str, Any], prompt: str) -> tuple[list[str], list[Any], list[int]]:
+def echoed_prompt_tokens(reply: Mapping[str, Any], prompt: str) -> tuple[list[str], list[Any], list[int]]:
     """The prompt's (tokens, token_logprobs, text_offset) of an echoed completion, generated tokens dropped."""
     choice = reply["choices"][0]
     logprobs = choice.get("logprobs")
@@ -156,7 +156,7 @@ def _spells_end_of(tokens: Sequence[Any], prompt: str) -> bool:
     return _spelled(tokens).endswith(prompt[-8:])
 
 
-def _prompt_logprobs_tokens(choice: Mapping[str, Any], prompt: str) -> tuple[list[str], list[Any], list[int]]:
+def prompt_logprobs_tokens(choice: Mapping[str, Any], prompt: str) -> tuple[list[str], list[Any], list[int]]:
     """(tokens, token_logprobs, text_offset) of vLLM's choices[0].prompt_logprobs: one entry per prompt token,
     None for the first, else {token id: {logprob, rank, decoded_token}} with the prompt's own token named by
     choices[0].prompt_token_ids when the server returns them, else listed first."""
@@ -200,7 +200,7 @@ def continuation_logprob(logprobs: Mapping[str, Any], prompt: str, context_chars
     return total
 
 
-def _cloze_label(sums: list[float], options: Sequence[str], scoring: ScoringConfig) -> SoftLabel:
+def cloze_label(sums: list[float], options: Sequence[str], scoring: ScoringConfig) -> SoftLabel:
     """The options' distribution from their summed log-likelihoods, as the hf backend computes it; with
     scoring.length_normalise the per-character argmax is `predicted_norm` (a prediction rule, not a label)."""
     # Softmax is shift-invariant; shifting keeps long options above softlabels' "missing" floor.

@@ -1,7 +1,8 @@
 """Which settings a sweep section may name, and its checks that need nothing but the section.
 
 The config's pydantic models are passed in (RunConfig, TeacherConfig) rather than imported, because
-kdflow.config runs these checks while it validates a `sweep` section.
+kdflow.config.run runs these checks while it validates a `sweep` section (kdflow.sweep.grid expands the
+grid from the same axes).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
 
 from kdflow.config import TrainingConfig
-from kdflow.train.checkpoints import trainable_state
+from kdflow.fitting.checkpoints import trainable_state
 
 
 def total_steps(cfg: TrainingConfig, n_examples: int) -> int:

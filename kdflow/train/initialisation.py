@@ -5,14 +5,13 @@
 - from_teacher: the teacher with layers 0, k, 2k, ... kept (DistilBERT's initialisation): embeddings, kept
   decoder layers, final norm and LM head are copied, so training starts from the teacher's knowledge.
 
-`export_student` writes the trained student so that `modeling.load_model` reads it back.
+kdflow.fitting.export writes the trained student so that `modeling.load_model` reads it back.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -27,7 +26,6 @@ from kdflow.modeling import (
     load_model,
     resolve_device,
     resolve_dtype,
-    save_pretrained,
 )
 from kdflow.sources import configured_source
 
@@ -125,22 +123,3 @@ def with_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
             f"student.lora.target_modules {lora.target_modules} do not fit {type(model).__name__}: {e}. "
             f"Its linear layers are named {names}"
         ) from e
-
-
-def export_student(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: str | Path, *, merge_lora: bool = True
-) -> Path:
-    """Write a trained model and its tokenizer to `path` for `modeling.load_pretrained`.
-
-    A LoRA model is merged into its base weights in place (`merge_and_unload`: `model` is a plain model
-    afterwards) when `merge_lora`, else saved as an adapter that names its base model.
-    """
-    if isinstance(model, PeftModel):
-        if merge_lora:
-            model = model.merge_and_unload()
-        else:
-            path = Path(path)
-            model.save_pretrained(path)
-            tokenizer.save_pretrained(path)
-            return path
-    return save_pretrained(model, tokenizer, path)

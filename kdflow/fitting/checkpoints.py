@@ -22,7 +22,7 @@ and `discard_checkpoints` deletes the last one when the model it led to is recor
 
 `save_checkpoint` / `load_checkpoint` work on a model and optimizer in this process. `write_checkpoint` /
 `read_checkpoint` move the plain tensors and numbers, for callers that assemble them first: training in
-several processes gathers sharded weights and every process's RNG (kdflow/train/distributed.py), so one
+several processes gathers sharded weights and every process's RNG (kdflow/fitting/distributed.py), so one
 checkpoint format serves any number of processes and a run may resume with another number.
 """
 

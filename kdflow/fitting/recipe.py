@@ -1,24 +1,26 @@
 """The training recipe: a model learns multiple-choice answers from teacher soft labels and gold answers.
 
-One recipe serves two stages. Distillation trains a student on alpha * CE(gold) + (1 - alpha) * T^2 * KD
-(teacher probabilities are precomputed, so no teacher is loaded); teacher preparation is the same call
-with alpha = 1 and no probabilities. `train` reads top to bottom (torchtune's recipe layout): set-up in
-a fixed order, `_loss_step` returns the loss parts of one micro-batch, the loop mixes them into
-optimizer steps and logs, evaluates, checkpoints and exports.
+One recipe serves two stages, each with its own objective (kdflow.fitting.objective). Distillation (the
+train stage, kdflow.train.losses.distillation_objective) trains a student on alpha * CE(gold) + (1 - alpha)
+* T^2 * KD (teacher probabilities are precomputed, so no teacher is loaded); teacher preparation (the label
+stage) trains on the gold answers alone, with alpha = 1 and no probabilities. `train` reads top to bottom
+(torchtune's recipe layout): set-up in a fixed order, `_loss_step` returns the loss parts of one
+micro-batch, the loop mixes them into optimizer steps and logs, evaluates, checkpoints and exports.
 
 Options are scored with kdflow.scoring, the same code that labels with the teacher and evaluates, so
 the student learns exactly the numbers it is judged on. Data order is a seeded permutation per epoch and
-all state lives in checkpoints (kdflow/train/checkpoints.py), so a killed run resumes onto the same trajectory:
-bit for bit on the CPU.
+all state lives in checkpoints (kdflow/fitting/checkpoints.py), so a killed run resumes onto the same
+trajectory: bit for bit on the CPU.
 
 The same loop runs in one process or, under a launcher, in several (DDP, or FSDP when cfg.fsdp):
 `training.batch_size` stays the global micro-batch, each process trains on its slice of it, and only the
-main process reports and writes; kdflow/train/distributed.py holds the collectives, kdflow/train/launcher.py
+main process reports and writes; kdflow/fitting/distributed.py holds the collectives, kdflow/train/launcher.py
 the launcher.
 
-The pieces the recipe calls live beside it in kdflow/train/: batches (tokenized examples and their seeded
+The pieces the recipe calls live beside it in kdflow/fitting/: batches (tokenized examples and their seeded
 order), optim (optimizer, schedule, step budget), val_check (validation accuracy and early stopping),
-reporting (progress bar, metric rows) and checkpoints (saving, resuming, the run's settings).
+reporting (progress bar, metric rows), checkpoints (saving, resuming, the run's settings) and export
+(writing the trained model).
 """
 
 from __future__ import annotations
@@ -39,19 +41,20 @@ from transformers import PreTrainedTokenizerBase
 from kdflow.config import ScoringConfig, TrainingConfig
 from kdflow.errors import KdflowError
 from kdflow.scoring import ScoringBatch, option_logits
-from kdflow.train.batches import DataOrder, TrainingData, build_dataset
-from kdflow.train.checkpoints import (
+from kdflow.fitting.batches import DataOrder, TrainingData, build_dataset
+from kdflow.fitting.export import save_trained_model
+from kdflow.fitting.checkpoints import (
     TrainState,
     check_resumable,
     latest_checkpoint,
     run_config,
     trainable_state,
 )
-from kdflow.train.distributed import Processes, join, whole_tensor
-from kdflow.train.losses import LossParts, distillation_loss
-from kdflow.train.numerics import autocast, subnormals_flushed
-from kdflow.train.optim import build_optimizer, build_scheduler, total_steps
-from kdflow.train.reporting import (
+from kdflow.fitting.distributed import Processes, join, whole_tensor
+from kdflow.fitting.objective import LossParts, Objective
+from kdflow.fitting.numerics import autocast, subnormals_flushed
+from kdflow.fitting.optim import build_optimizer, build_scheduler, total_steps
+from kdflow.fitting.reporting import (
     DELIVER_EVERY,
     DISPLAY_EVERY,
     materialise,
@@ -59,8 +62,7 @@ from kdflow.train.reporting import (
     step_status,
     transformers_bars,
 )
-from kdflow.train.students import export_student
-from kdflow.train.val_check import evaluate_accuracy, track_validation
+from kdflow.fitting.val_check import evaluate_accuracy, track_validation
 
 
 class TrainingCancelled(KdflowError):
@@ -98,23 +100,13 @@ def _loss_step(
     gold: torch.Tensor,
     probs: torch.Tensor | None,
     labeled: torch.Tensor,
-    cfg: TrainingConfig,
+    objective: Objective,
     device: torch.device,
 ) -> LossParts:
     """Loss parts of one micro-batch: score the options, compare with the gold answers and the teacher."""
     with autocast(device):
         scores = option_logits(model, batch).scores
-    return distillation_loss(
-        scores,
-        probs,
-        gold,
-        batch.option_mask,
-        alpha=cfg.alpha,
-        temperature=cfg.temperature,
-        kind=cfg.divergence,
-        beta=cfg.jsd_beta,
-        labeled=labeled,
-    )
+    return objective(scores, probs, gold, batch.option_mask, labeled)
 
 
 def _optimizer_step(
@@ -126,6 +118,7 @@ def _optimizer_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     cfg: TrainingConfig,
     processes: Processes,
+    objective: Objective,
 ) -> dict[str, Any]:
     """One optimizer step over cfg.grad_accum micro-batches; returns its metrics (device tensors, no sync).
 
@@ -140,7 +133,7 @@ def _optimizer_step(
         with processes.gradient_sync(wrapped, enabled=micro == cfg.grad_accum - 1):
             parts = _loss_step(
                 wrapped, batch.to(device), gold.to(device), None if probs is None else probs.to(device),
-                labeled.to(device), cfg, device,
+                labeled.to(device), objective, device,
             )
             # Every micro-batch is a mean over equally many questions, so the step's loss is their mean.
             (parts.total / cfg.grad_accum).backward()
@@ -168,7 +161,7 @@ def _optimizer_step(
 @dataclass
 class _Run:
     """What the steps of one training share: the model and its optimizer, the processes, the progress
-    (state, data order) and where rows and checkpoints go."""
+    (state, data order), where rows and checkpoints go, and the objective."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -180,6 +173,7 @@ class _Run:
     order: DataOrder
     on_metrics: Callable[[list[dict[str, Any]]], None] | None
     on_checkpoint: Callable[[int, Path, dict[str, Any]], None] | None
+    objective: Objective
     pending: list[dict[str, Any]] = field(default_factory=list)
 
     def deliver(self) -> None:
@@ -224,7 +218,8 @@ def _loop(
     with step_bar(steps, state.step, progress) as show:
         while not finished:
             step_started = time.perf_counter()
-            parts = _optimizer_step(run.model, wrapped, data, order, run.optimizer, run.scheduler, cfg, processes)
+            parts = _optimizer_step(run.model, wrapped, data, order, run.optimizer, run.scheduler, cfg, processes,
+                                    run.objective)
             state.step += 1
             seconds = time.perf_counter() - step_started
             trained_samples, train_seconds = trained_samples + samples_per_step, train_seconds + seconds
@@ -271,7 +266,7 @@ def _export(
         staging = out_dir / ".final-tmp"
         shutil.rmtree(staging, ignore_errors=True)
         with transformers_bars(progress):
-            export_student(export_model, tokenizer, staging, merge_lora=merge_lora)
+            save_trained_model(export_model, tokenizer, staging, merge_lora=merge_lora)
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(staging, final_dir)
     run.model.eval()
@@ -325,6 +320,7 @@ def train(
     cfg: TrainingConfig,
     scoring: ScoringConfig,
     *,
+    objective: Objective,
     out_dir: Path,
     val_examples: Sequence[Mapping[str, Any]] | None = None,
     resume: bool = False,
@@ -334,25 +330,24 @@ def train(
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """Train `model` in place on its current device, checkpoint it, and export it to out_dir/final.
+    """Train `model` in place on its device to minimise `objective`; checkpoint it, export it to out_dir/final.
 
-    examples: dicts with question, options, category, answer and probs (the teacher's probabilities over
-    the options; required when cfg.alpha < 1, optional at alpha = 1, where kd is still logged if every
-    example has them). val_examples: the first cfg.eval_questions are scored every cfg.eval_every steps
-    and at the last step. Checkpoints go to out_dir/checkpoints: resume=True continues from the newest
-    one (if any), resume=False deletes them first. A LoRA model is exported merged (in place) when
-    merge_lora, else as its adapter. One call trains one model: cfg.seeds[0] seeds it (dropout and the data
-    order); the train stage gives each seed's run a config holding that seed alone.
+    examples: dicts with question, options, category, answer and probs (the teacher's probabilities over the
+    options; required when cfg.alpha < 1, optional at alpha = 1, where kd is still logged if every example has
+    them). val_examples: the first cfg.eval_questions are scored every cfg.eval_every steps and at the last step.
+    Checkpoints go to out_dir/checkpoints: resume=True continues from the newest one (if any), resume=False
+    deletes them first. A LoRA model is exported merged (in place) when merge_lora, else as its adapter. One call
+    trains one model: cfg.seeds[0] seeds it (dropout and the data order); the train stage gives each seed's run a
+    config holding that seed alone.
 
-    on_metrics receives the per-step rows {step, epoch, loss, ce, kd, lr, grad_norm, samples_per_s,
-    val_accuracy} in batches (every DELIVER_EVERY steps, at each checkpoint and at the end);
-    on_checkpoint receives (step, checkpoint dir, last row). should_stop is polled after every step;
-    when it returns True a checkpoint is saved and TrainingCancelled raised.
+    on_metrics receives the per-step rows {step, epoch, loss, ce, kd, lr, grad_norm, samples_per_s, val_accuracy}
+    in batches (every DELIVER_EVERY steps, at each checkpoint and at the end); on_checkpoint receives (step,
+    checkpoint dir, last row). should_stop is polled after every step: True saves a checkpoint and raises
+    TrainingCancelled.
 
-    Under a launcher (torchrun, accelerate launch: WORLD_SIZE = cfg.num_processes) every process calls
-    this with the same arguments; each moves the model to its own device, the main process alone calls
-    on_metrics and on_checkpoint and writes, and any process's should_stop stops them all.
-    `kdflow.train.launcher.launch_training` starts such processes from a single one.
+    Under a launcher (torchrun, accelerate launch: WORLD_SIZE = cfg.num_processes; kdflow.train.launcher
+    starts one) every process calls this with the same arguments; each moves the model to its own device,
+    the main process alone calls on_metrics and on_checkpoint and writes, and any should_stop stops all.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -380,7 +375,7 @@ def train(
     # 3. Resume (weights, optimizer, schedule, RNG, data position) or start over.
     state = _resume_or_start(resume, checkpoint_dir, cfg, scoring, processes, model, optimizer, scheduler)
     run = _Run(model, optimizer, scheduler, processes, state, checkpoint_dir, settings,
-               DataOrder(len(examples), seed, state.epoch, state.position), on_metrics, on_checkpoint)
+               DataOrder(len(examples), seed, state.epoch, state.position), on_metrics, on_checkpoint, objective)
 
     # 4. The loop, then 5. the export.
     with subnormals_flushed(processes.device):

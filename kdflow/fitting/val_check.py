@@ -8,10 +8,10 @@ from collections.abc import Callable
 import torch
 
 from kdflow.scoring import option_logits
-from kdflow.train.batches import TrainingData
-from kdflow.train.checkpoints import TrainState
-from kdflow.train.distributed import Processes
-from kdflow.train.numerics import autocast
+from kdflow.fitting.batches import TrainingData
+from kdflow.fitting.checkpoints import TrainState
+from kdflow.fitting.distributed import Processes
+from kdflow.fitting.numerics import autocast
 
 
 def evaluate_accuracy(

@@ -1,6 +1,6 @@
 """Student training in several processes: DDP, or FSDP (FSDP2) for students too big for one device.
 
-kdflow/train/recipe.py runs the same loop in every process; what differs sits behind `Processes`, which
+kdflow/fitting/recipe.py runs the same loop in every process; what differs sits behind `Processes`, which
 `join` sets up from the launcher's environment (WORLD_SIZE, RANK, LOCAL_RANK) through accelerate: gloo on the
 CPU, nccl on GPUs, one GPU per process.
 
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from kdflow.train.checkpoints import (
+from kdflow.fitting.checkpoints import (
     Checkpoint,
     TrainState,
     check_fits,
