@@ -119,10 +119,11 @@ def label_sharded_flow(cfg: RunConfig, run_id: str, dataset_ids: list[str], ref:
 
 def run_label_stage(cfg: RunConfig, run_id: str, dataset_ids: list[str], ref: TeacherRef) -> str:
     """The label stage with the teacher `ref`; returns its key. The backend's limits are checked first,
-    before any engine starts (its `stage_check`: kdflow.label.engine_limits for vLLM). The fail-fast sample (validation.sample_questions)
-    is labeled in this process and checked (the validate stage's checks: a failure stops the flow there as
-    a failed gate); then the rest is labeled by one task in this process by default, or in shards on the
-    configured task runner when orchestration asks for workers (or vLLM engine groups)."""
+    before any engine starts (its `stage_check`: kdflow.label.engine_limits for vLLM). The fail-fast sample
+    (validation.sample_questions) is labeled in this process and checked (the validate stage's checks: a
+    failure stops the flow there as a failed gate); then the rest is labeled by one task in this process by
+    default, or in shards on the configured task runner when orchestration asks for workers (or vLLM engine
+    groups)."""
     store = Store(cfg.home_dir)
     check = backend_spec(cfg.teacher.backend).stage_check_function()
     devices = check(cfg, store, dataset_ids, ref.key) if check else []
