@@ -12,13 +12,13 @@ from kdflow.config import RunConfig
 from kdflow.fileserver import artifact_markdown
 from kdflow.runs import stage
 from kdflow.store import Store
-from kdflow.label.teacher import open_backend, teacher_ref
+from kdflow.label.teacher import TeacherRef, open_backend
 
 
 @task(name="evaluate", tags=["gpu"])
-def evaluate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_key: str,
+def evaluate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], ref: TeacherRef,
                   models: dict[str, dict[int, str]], validation_id: str | None = None) -> str:
-    """Evaluates {role: {seed: model directory}}; returns the eval_id. `validation_id` names the gate verdict
+    """Evaluates the teacher `ref` and {role: {seed: model directory}}; returns the eval_id. `validation_id` names the gate verdict
     whose calibration temperature applies and whose suspect gold answers the report leaves out of the clean
     accuracy."""
     from kdflow.validate.calibration import stored_calibration
@@ -26,11 +26,10 @@ def evaluate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_k
 
     store = Store(cfg.home_dir)
     with stage(store, run_id, "evaluate") as record:
-        ref = teacher_ref(cfg, store, dataset_ids)
         calibration = stored_calibration(store, validation_id) if validation_id else None
         temperature = calibration.temperature if calibration else None
         eval_id = evaluate(
-            store, run_id=run_id, dataset_ids=dataset_ids, teacher_key=teacher_key,
+            store, run_id=run_id, dataset_ids=dataset_ids, teacher_key=ref.key,
             models={role: {seed: Path(path) for seed, path in by_seed.items()} for role, by_seed in models.items()},
             open_teacher=lambda: open_backend(cfg, ref),
             scoring=cfg.scoring, cfg=cfg.evaluation, device=cfg.student.device,

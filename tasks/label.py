@@ -1,21 +1,19 @@
-"""Prefect tasks: prepare the teacher (optional) and label every question it has not labeled yet."""
+"""Prefect tasks of the label stage: prepare the teacher (optional), find its reference, label what it has
+not labeled yet (in this process, or one shard on a worker)."""
 
 from __future__ import annotations
 
 from prefect import get_run_logger, task
 
 from kdflow.config import RunConfig
-from kdflow.validate.gate import sample_first
+from kdflow.label.preparation import prepare_teacher
+from kdflow.label.sharding import label_shard
+from kdflow.label.teacher import TeacherRef, label_with_teacher, teacher_ref
 from kdflow.terminal_progress import progress_bar
 from kdflow.runs import stage
-from kdflow.label.engine_limits import check_vllm_stage
-from kdflow.label.sharding import uses_shards
 from kdflow.store import Store
-from kdflow.label.preparation import prepare_teacher
-from kdflow.label.teacher import label_with_teacher, teacher_ref
-from kdflow.tasks.progress import both, ui_progress
+from kdflow.tasks.progress_artifact import both, ui_progress
 from kdflow.tasks.retry import RETRY_DELAYS, retry_if_transient
-from kdflow.tasks.shard_label import label_sharded_flow
 
 
 @task(name="prepare-teacher", tags=["gpu"], retries=1, retry_delay_seconds=RETRY_DELAYS,
@@ -29,44 +27,36 @@ def prepare_teacher_task(cfg: RunConfig, run_id: str, dataset_ids: list[str]) ->
     return str(model_dir)
 
 
-@task(name="label", tags=["gpu"], retries=2, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
-def label_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], sample_only: bool = False) -> str:
-    """Returns the teacher key of the labels (the reference later stages use).
+@task(name="teacher", retries=2, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+def teacher_ref_task(cfg: RunConfig, dataset_ids: list[str]) -> TeacherRef:
+    """The configured teacher's reference (its key names its labels), computed once per flow: after its
+    preparation, and asking an OpenAI-compatible server which model it serves."""
+    return teacher_ref(cfg, Store(cfg.home_dir), dataset_ids)
 
-    The fail-fast sample (validation.sample_questions) is labeled and checked first; a failed check raises
-    SampleGateFailed (a GateFailed: never retried). `sample_only` stops after the sample (the shards label
-    the rest)."""
+
+@task(name="label", tags=["gpu"], retries=2, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+def label_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], ref: TeacherRef,
+               sample: list[str] | None = None) -> str:
+    """Label what the teacher `ref` has not labeled yet, or with `sample` only those questions (the fail-fast
+    sample, recorded as the stage `label_sample`); returns the teacher key."""
     store = Store(cfg.home_dir)
-    name = "label_sample" if sample_only else "label"
-    with stage(store, run_id, name) as record, progress_bar("labeling") as bar:
-        plan = sample_first(cfg, store, dataset_ids, teacher_ref(cfg, store, dataset_ids).key)
-        try:
-            report = label_with_teacher(
-                cfg, store, dataset_ids, on_progress=both(bar, ui_progress("labeling", run_id)),
-                sample=plan.question_ids if plan else (), check_sample=plan.check if plan else None,
-                sample_only=sample_only,
-            )
-        finally:
-            record.detail = {"sample": plan.checked} if plan and plan.checked else {}
+    with stage(store, run_id, "label" if sample is None else "label_sample") as record, \
+            progress_bar("labeling") as bar:
+        progress = both(bar, ui_progress("labeling", run_id))
+        report = label_with_teacher(cfg, store, dataset_ids, ref, on_progress=progress, sample=sample or (),
+                                    sample_only=sample is not None)
         record.reused = report.newly_labeled == 0
-        record.detail |= {"teacher_key": report.teacher_key, "labeled": report.newly_labeled,
-                          "total": report.total, "truncated": report.truncated,
-                          "seconds": round(report.seconds, 2)}
+        record.detail = {"teacher_key": report.teacher_key, "labeled": report.newly_labeled, "total": report.total,
+                         "truncated": report.truncated, "seconds": round(report.seconds, 2)}
     get_run_logger().info("teacher %s: %s new labels in %.1f s, %s questions labeled in all%s", report.teacher_key,
                           f"{report.newly_labeled:,}", report.seconds, f"{report.total:,}",
                           " (nothing left to label: all reused)" if record.reused else "")
     return report.teacher_key
 
 
-def run_label_stage(cfg: RunConfig, run_id: str, dataset_ids: list[str]) -> str:
-    """The label stage: one task in this process by default, shards on the configured task runner when
-    orchestration asks for workers (or vLLM engine groups); returns the teacher key. Sharded, the fail-fast
-    sample is labeled and checked in this process first, and the shards label the rest. A vLLM teacher's
-    limits are checked first, before any engine starts (kdflow.label.engine_limits)."""
-    devices = check_vllm_stage(cfg, Store(cfg.home_dir), dataset_ids) if cfg.teacher.backend == "vllm" else []
-    labeler = label_task.with_options(retries=cfg.orchestration.retries)
-    if uses_shards(cfg):
-        if cfg.validation.sample_questions:
-            labeler(cfg, run_id, dataset_ids, sample_only=True)
-        return label_sharded_flow(cfg, run_id, dataset_ids, devices)
-    return labeler(cfg, run_id, dataset_ids)
+@task(name="label-shard", tags=["gpu"], retries=2, retry_delay_seconds=RETRY_DELAYS,
+      retry_condition_fn=retry_if_transient)
+def label_shard_task(cfg: RunConfig, model_dir: str | None, in_path: str, out_path: str,
+                     devices: str | None = None) -> str:
+    """Returns the path of the shard's labels: results cross processes as paths, never tensors."""
+    return label_shard(cfg, model_dir, in_path, out_path, devices)

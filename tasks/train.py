@@ -9,19 +9,19 @@ from kdflow.train.roles import UNTRAINED
 from kdflow.train.students_run import train_students
 from kdflow.runs import stage
 from kdflow.store import Store
-from kdflow.label.teacher import teacher_ref
-from kdflow.tasks.progress import ui_progress
+from kdflow.label.teacher import TeacherRef
+from kdflow.tasks.progress_artifact import ui_progress
 from kdflow.tasks.retry import RETRY_DELAYS, retry_if_transient
 
 
 @task(name="train", tags=["gpu"], retries=1, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
 def train_task(
-    cfg: RunConfig, run_id: str, dataset_ids: list[str], validation_id: str, resume: bool = True
+    cfg: RunConfig, run_id: str, dataset_ids: list[str], ref: TeacherRef, validation_id: str, resume: bool = True
 ) -> dict[str, dict[int, str]]:
-    """Returns {role: {seed: model directory}}; a retry resumes from the last checkpoint."""
+    """Train from the labels of teacher `ref` that the verdict `validation_id` admitted; returns
+    {role: {seed: model directory}}; a retry resumes from the last checkpoint."""
     store = Store(cfg.home_dir)
     with stage(store, run_id, "train") as record:
-        ref = teacher_ref(cfg, store, dataset_ids)
         trained = train_students(cfg, store, dataset_ids, ref, validation_id, run_id=run_id, resume=resume,
                                  on_progress=ui_progress("training", f"students of run {run_id}"))
         models = {role: {seed: str(path) for seed, path in by_seed.items()} for role, by_seed in trained.dirs.items()}

@@ -1,4 +1,5 @@
-"""Prefect task: the data-quality gate. Never retried: a failed gate is a verdict, not a fault."""
+"""Prefect tasks: the data-quality gate, and its checks on the fail-fast sample. Never retried: a failed gate
+is a verdict, not a fault."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from kdflow.config import RunConfig
 from kdflow.fileserver import artifact_markdown
 from kdflow.errors import GateFailed
-from kdflow.validate.gate import run_gate
+from kdflow.validate.gate import run_gate, sample_first
 from kdflow.runs import stage
 from kdflow.store import Store
 
@@ -46,3 +47,28 @@ def validate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_k
     else:
         raise GateFailed(f"the data-quality gate failed ({result.validation_id}): {result.message}")
     return result.validation_id
+
+
+@task(name="fail-fast-sample")
+def sample_task(cfg: RunConfig, dataset_ids: list[str], teacher_key: str) -> list[str]:
+    """The question ids the flow labels and checks before the rest (validation.sample_questions); empty when
+    there is no sample (see kdflow.validate.gate.sample_first)."""
+    plan = sample_first(cfg, Store(cfg.home_dir), dataset_ids, teacher_key)
+    return plan.question_ids if plan else []
+
+
+@task(name="check-sample", retries=0)
+def check_sample_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_key: str) -> None:
+    """The gate's checks on the labeled fail-fast sample, while questions are left to label: raises
+    SampleGateFailed (a GateFailed) where the gate would fail, before the rest is labeled. Recorded as the
+    run's `label` stage (with the sample's outcome), where the run stops; labeling the rest records it anew."""
+    store = Store(cfg.home_dir)
+    plan = sample_first(cfg, store, dataset_ids, teacher_key)
+    questions, labeled, _ = store.fetch_one("label_counts", dataset_ids=dataset_ids, teacher_key=teacher_key)
+    if plan is None or labeled == questions:
+        return
+    with stage(store, run_id, "label") as record:
+        try:
+            plan.check()
+        finally:
+            record.detail = {"sample": plan.checked}

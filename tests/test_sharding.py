@@ -37,7 +37,7 @@ from kdflow.label.sharding import (
     uses_shards,
 )
 from kdflow.store import Store
-from kdflow.label.teacher import label_with_teacher
+from kdflow.label.teacher import TeacherRef, label_with_teacher, teacher_ref
 
 N_QUESTIONS = 240
 SHARD_SIZE = 50
@@ -78,6 +78,11 @@ def duckdb_count(store: Store, key: str) -> int:
         return con.execute("SELECT count(*) FROM soft_labels WHERE teacher_key = $k", {"k": key}).fetchone()[0]
 
 
+def ref_of(cfg: RunConfig, store: Store, world: dict) -> TeacherRef:
+    """The teacher reference a flow computes once and hands to the label stage."""
+    return teacher_ref(cfg, store, world["dataset_ids"])
+
+
 @pytest.fixture(scope="module")
 def reference(world, tmp_path_factory) -> tuple[str, pa.Table]:
     """The single-process labels (kdflow.label.teacher.label_with_teacher) every sharded run must reproduce."""
@@ -85,7 +90,7 @@ def reference(world, tmp_path_factory) -> tuple[str, pa.Table]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        report = label_with_teacher(cfg, store, world["dataset_ids"])
+        report = label_with_teacher(cfg, store, world["dataset_ids"], ref_of(cfg, store, world))
     finally:
         torch.set_num_threads(threads)
     return report.teacher_key, stored_labels(store, world, report.teacher_key)
@@ -104,7 +109,7 @@ def test_the_default_config_labels_in_process():
 
 def test_shards_follow_question_id_order_and_carry_the_teacher_key(world, tmp_path):
     cfg, store = fresh(world, tmp_path / "home")
-    plan = plan_shards(cfg, store, world["dataset_ids"])
+    plan = plan_shards(cfg, store, world["dataset_ids"], ref_of(cfg, store, world))
     assert [s.size for s in plan.shards] == [50, 50, 50, 50, 40]
     assert [Path(s.in_path).name for s in plan.shards][:2] == ["shard-00000.parquet", "shard-00001.parquet"]
     assert Path(plan.shards[0].in_path).parent == shards_dir(cfg.home_dir, plan.teacher_key) / "in"
@@ -112,7 +117,7 @@ def test_shards_follow_question_id_order_and_carry_the_teacher_key(world, tmp_pa
     ids = [i for t in tables for i in t["question_id"].to_pylist()]
     assert ids == sorted(ids) and len(set(ids)) == N_QUESTIONS
     assert tables[0].schema.metadata[b"kdflow.teacher_key"] == plan.teacher_key.encode()
-    again = plan_shards(cfg, store, world["dataset_ids"])
+    again = plan_shards(cfg, store, world["dataset_ids"], ref_of(cfg, store, world))
     assert again == plan and pq.read_table(again.shards[3].in_path).equals(tables[3])
 
 
@@ -120,7 +125,7 @@ def test_worker_labels_equal_single_process_labels_without_touching_duckdb(
     world, reference, tmp_path, monkeypatch, one_thread
 ):
     cfg, store = fresh(world, tmp_path / "home")
-    plan = plan_shards(cfg, store, world["dataset_ids"])
+    plan = plan_shards(cfg, store, world["dataset_ids"], ref_of(cfg, store, world))
     assert plan.teacher_key == reference[0]
 
     def no_database(*args, **kwargs):
@@ -139,7 +144,7 @@ def test_worker_labels_equal_single_process_labels_without_touching_duckdb(
 
 def test_a_present_out_file_means_done(world, tmp_path, monkeypatch):
     cfg, store = fresh(world, tmp_path / "home")
-    shard = plan_shards(cfg, store, world["dataset_ids"]).shards[0]
+    shard = plan_shards(cfg, store, world["dataset_ids"], ref_of(cfg, store, world)).shards[0]
     Path(shard.out_path).write_bytes(b"finished elsewhere")
     monkeypatch.setattr("kdflow.label.sharding.open_backend", lambda *a: pytest.fail("a done shard was scored again"))
     assert label_shard(cfg, None, shard.in_path, shard.out_path) == shard.out_path
@@ -147,7 +152,7 @@ def test_a_present_out_file_means_done(world, tmp_path, monkeypatch):
 
 def test_a_failed_shard_leaves_no_out_file(world, tmp_path, monkeypatch):
     cfg, store = fresh(world, tmp_path / "home")
-    shard = plan_shards(cfg, store, world["dataset_ids"]).shards[0]
+    shard = plan_shards(cfg, store, world["dataset_ids"], ref_of(cfg, store, world)).shards[0]
 
     class Broken:
         def score(self, rows):
@@ -164,7 +169,7 @@ def test_a_failed_shard_leaves_no_out_file(world, tmp_path, monkeypatch):
 
 def test_load_shards_is_idempotent_and_rejects_foreign_teachers(world, tmp_path, one_thread):
     cfg, store = fresh(world, tmp_path / "home")
-    plan = plan_shards(cfg, store, world["dataset_ids"])
+    plan = plan_shards(cfg, store, world["dataset_ids"], ref_of(cfg, store, world))
     first = plan.shards[0]
     label_shard(cfg, plan.model_dir, first.in_path, first.out_path)
     keep = tmp_path / "copy.parquet"
@@ -184,7 +189,7 @@ def test_load_shards_is_idempotent_and_rejects_foreign_teachers(world, tmp_path,
     # A run that died after a worker finished shard 1: the next plan loads it and splits only the rest.
     second = plan.shards[1]
     label_shard(cfg, plan.model_dir, second.in_path, second.out_path)
-    again = plan_shards(cfg, store, world["dataset_ids"])
+    again = plan_shards(cfg, store, world["dataset_ids"], ref_of(cfg, store, world))
     assert duckdb_count(store, plan.teacher_key) == 2 * SHARD_SIZE
     assert sum(s.size for s in again.shards) == N_QUESTIONS - 2 * SHARD_SIZE
     assert not Path(first.out_path).exists() and not Path(second.out_path).exists()
@@ -223,9 +228,11 @@ def vllm_config(world: dict, home: Path, vllm: dict | None = None, **orchestrati
 def test_engine_slots_get_alternating_ranks_with_the_thread_runner(world, tmp_path):
     _, store = fresh(world, tmp_path / "home")
     cfg = vllm_config(world, tmp_path / "home", {"data_parallel_size": 2, "tensor_parallel_size": 2})
-    assert [s.rank for s in plan_shards(cfg, store, world["dataset_ids"]).shards] == [0, 1, 0, 1, 0]
+    plan = plan_shards(cfg, store, world["dataset_ids"], ref_of(cfg, store, world))
+    assert [s.rank for s in plan.shards] == [0, 1, 0, 1, 0]
     workers = vllm_config(world, tmp_path / "home", n_workers=3)
-    assert [s.rank for s in plan_shards(workers, store, world["dataset_ids"]).shards] == [0, 1, 2, 0, 1]
+    plan = plan_shards(workers, store, world["dataset_ids"], ref_of(workers, store, world))
+    assert [s.rank for s in plan.shards] == [0, 1, 2, 0, 1]
 
 
 def test_each_engine_gets_its_own_gpus_and_shares_only_when_its_memory_fraction_fits(world, tmp_path):
@@ -251,7 +258,7 @@ def test_each_engine_gets_its_own_gpus_and_shares_only_when_its_memory_fraction_
 def test_an_engine_host_scores_every_shard_of_its_worker_with_one_engine(world, reference, tmp_path, fake_vllm):
     cfg, store = fresh(world, tmp_path / "home")
     cfg = vllm_config(world, tmp_path / "home")
-    plan = plan_shards(cfg, store, world["dataset_ids"])
+    plan = plan_shards(cfg, store, world["dataset_ids"], ref_of(cfg, store, world))
     done = [label_shard(cfg.model_dump_json(), plan.model_dir, s.in_path, s.out_path, "3") for s in plan.shards]
     engines = [e for e in fake_vllm() if e["event"] == "engine"]
     assert len(engines) == 1 and engines[0]["devices"] == "3" and engines[0]["pid"] != os.getpid()
@@ -303,7 +310,7 @@ def test_each_vllm_limit_is_refused_before_an_engine_starts(vllm, scoring, n_gpu
     _, store = fresh(world, tmp_path / "home")
     cfg = vllm_config(world, tmp_path / "home", vllm).model_copy(update={"scoring": ScoringConfig(**scoring)})
     with pytest.raises(KdflowError, match=message):
-        check_vllm_stage(cfg, store, world["dataset_ids"])
+        check_vllm_stage(cfg, store, world["dataset_ids"], ref_of(cfg, store, world).key)
     assert not fake_vllm(), "an engine was built"
 
 
@@ -316,13 +323,13 @@ def test_limits_that_fit_pass_and_give_each_engine_its_gpus(world, tmp_path, fak
     _, store = fresh(world, tmp_path / "home")
     cfg = vllm_config(world, tmp_path / "home", {"data_parallel_size": 2, "tensor_parallel_size": 2,
                                                  "max_model_len": 512})
-    assert check_vllm_stage(cfg.model_copy(update={"scoring": ScoringConfig(max_length=511)}), store,
-                            world["dataset_ids"]) == ["0,1", "2,3"]
+    fits = cfg.model_copy(update={"scoring": ScoringConfig(max_length=511)})
+    assert check_vllm_stage(fits, store, world["dataset_ids"], ref_of(fits, store, world).key) == ["0,1", "2,3"]
     tokenizer = load_tokenizer(ModelSource(str(world["teacher"])))
     assert letter_ids_asked(tokenizer, cfg, 4) == 4  # natural forms: one id per letter
     monkeypatch.setattr(fake_vllm_module(), "__version__", "0.19.1")
     with pytest.raises(KdflowError, match=r"vLLM 0.19.1 is installed.*vllm>=0.20"):
-        check_vllm_stage(cfg, store, world["dataset_ids"])
+        check_vllm_stage(cfg, store, world["dataset_ids"], ref_of(cfg, store, world).key)
 
 
 def fake_vllm_module():
@@ -358,7 +365,7 @@ def test_shards_of_one_engine_never_overlap_and_run_on_its_gpus(prefect_harness,
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from kdflow.label.sharding import Shard, ShardPlan
-    from kdflow.tasks.shard_label import submit_shards
+    from kdflow.flows.label_stage import submit_shards
 
     runs: list[tuple[str, str, float, float]] = []
 
@@ -370,7 +377,7 @@ def test_shards_of_one_engine_never_overlap_and_run_on_its_gpus(prefect_harness,
             raise ValueError("this engine crashed for good")
         return out_path
 
-    monkeypatch.setattr("kdflow.tasks.shard_label.label_shard", fake_label_shard)
+    monkeypatch.setattr("kdflow.tasks.label.label_shard", fake_label_shard)
     cfg = vllm_config(world, tmp_path, {"data_parallel_size": 2, "tensor_parallel_size": 2})
     plan = ShardPlan("t-x", None, [Shard(i, f"in-{i}", f"out-{i}", 1, i % 2) for i in range(6)])
 
@@ -392,24 +399,24 @@ def test_shards_of_one_engine_never_overlap_and_run_on_its_gpus(prefect_harness,
 def test_a_failed_shard_fails_the_stage_and_a_rerun_labels_the_rest(
     prefect_harness, world, reference, tmp_path, monkeypatch, one_thread
 ):
-    from kdflow.tasks import shard_label
-    from kdflow.tasks.label import run_label_stage
+    from kdflow.flows.label_stage import run_label_stage
+    from kdflow.tasks import label
 
     cfg, store = fresh(world, tmp_path / "home", n_workers=2)
-    real = shard_label.label_shard
+    real = label.label_shard
 
     def second_shard_breaks(cfg, model_dir, in_path, out_path, devices):
         if in_path.endswith("shard-00001.parquet"):
             raise ValueError("a bad shard")
         return real(cfg, model_dir, in_path, out_path, devices)
 
-    monkeypatch.setattr(shard_label, "label_shard", second_shard_breaks)
+    monkeypatch.setattr(label, "label_shard", second_shard_breaks)
     with pytest.raises(ShardError, match="1 of 5 labeling shards failed"):
-        run_label_stage(cfg, start_run(store, cfg), world["dataset_ids"])
+        run_label_stage(cfg, start_run(store, cfg), world["dataset_ids"], ref_of(cfg, store, world))
     assert duckdb_count(store, reference[0]) == N_QUESTIONS - SHARD_SIZE
 
     monkeypatch.undo()
-    assert run_label_stage(cfg, start_run(store, cfg), world["dataset_ids"]) == reference[0]
+    assert run_label_stage(cfg, start_run(store, cfg), world["dataset_ids"], ref_of(cfg, store, world)) == reference[0]
     assert stored_labels(store, world, reference[0]).equals(reference[1])
 
 
@@ -463,14 +470,15 @@ def dask_cluster():
 def test_dask_workers_label_like_one_process_even_when_one_dies(
     prefect_harness, dask_cluster, world, reference, tmp_path
 ):
-    from kdflow.tasks.label import run_label_stage
+    from kdflow.flows.label_stage import run_label_stage
 
     address = dask_cluster.scheduler.address
     for name, plugins in (("steady", []), ("killed", [KillOnce(str(tmp_path / "killed.flag"))])):
         for plugin in plugins:
             dask_cluster.register_plugin(plugin, name="kill-once")
         cfg, store = fresh(world, tmp_path / name, task_runner="dask", address=address, n_workers=2)
-        assert run_label_stage(cfg, start_run(store, cfg), world["dataset_ids"]) == reference[0]
+        key = run_label_stage(cfg, start_run(store, cfg), world["dataset_ids"], ref_of(cfg, store, world))
+        assert key == reference[0], name
         assert stored_labels(store, world, reference[0]).equals(reference[1]), name
         assert duckdb_count(store, reference[0]) == N_QUESTIONS, name
         assert not list(shards_dir(cfg.home_dir, reference[0]).rglob("*.parquet*")), name
@@ -483,7 +491,7 @@ def test_task_runner_follows_the_orchestration_config(monkeypatch):
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
 
-    from kdflow.tasks.shard_label import build_task_runner
+    from kdflow.flows.task_runners import build_task_runner
 
     threads = build_task_runner(RunConfig(orchestration={"n_workers": 3}))
     assert isinstance(threads, ThreadPoolTaskRunner) and threads._max_workers == 3
@@ -510,7 +518,7 @@ def test_task_runner_follows_the_orchestration_config(monkeypatch):
 def test_ray_runner_follows_the_orchestration_config():
     from prefect_ray import RayTaskRunner
 
-    from kdflow.tasks.shard_label import build_task_runner, placement
+    from kdflow.flows.task_runners import build_task_runner, placement
 
     local = build_task_runner(RunConfig(orchestration={"task_runner": "ray", "n_workers": 2}))
     assert isinstance(local, RayTaskRunner) and local.init_kwargs["num_cpus"] == 2
@@ -528,7 +536,7 @@ def test_ray_runner_follows_the_orchestration_config():
 def test_gpu_shards_ask_dask_for_a_gpu_slot():
     import dask
 
-    from kdflow.tasks.shard_label import placement
+    from kdflow.flows.task_runners import placement
 
     with placement(RunConfig(teacher={"device": "cuda"}, orchestration={"task_runner": "dask"})):
         assert dask.get_annotations() == {"resources": {"GPU": 1}}
@@ -549,8 +557,8 @@ def ray_cluster():
 
 @pytest.mark.slow
 def test_ray_workers_label_like_one_process(prefect_harness, ray_cluster, world, reference, tmp_path):
-    from kdflow.tasks.label import run_label_stage
+    from kdflow.flows.label_stage import run_label_stage
 
     cfg, store = fresh(world, tmp_path / "home", task_runner="ray", n_workers=2)
-    assert run_label_stage(cfg, start_run(store, cfg), world["dataset_ids"]) == reference[0]
+    assert run_label_stage(cfg, start_run(store, cfg), world["dataset_ids"], ref_of(cfg, store, world)) == reference[0]
     assert stored_labels(store, world, reference[0]).equals(reference[1])

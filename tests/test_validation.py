@@ -351,10 +351,17 @@ def test_a_failing_sample_stops_labeling_and_its_labels_are_kept(tmp_path, clean
     scored: list[str] = []
 
     def label(cfg: RunConfig):
+        """As the label stage sequences it: the sample, its check while questions are left, the rest."""
         plan = sample_first(cfg, store, dataset_ids, key)
-        report = label_questions(store, lambda: _CountingBackend(world["teacher"], scored), dataset_ids, key,
-                                 commit_every=16, sample=plan.question_ids, check_sample=plan.check)
-        return plan, report
+
+        def backend() -> _CountingBackend:
+            return _CountingBackend(world["teacher"], scored)
+
+        label_questions(store, backend, dataset_ids, key, commit_every=16, sample=plan.question_ids, sample_only=True)
+        total, labeled, _ = store.fetch_one("label_counts", dataset_ids=dataset_ids, teacher_key=key)
+        if labeled < total:
+            plan.check()
+        return plan, label_questions(store, backend, dataset_ids, key, commit_every=16)
 
     strict = RunConfig(validation=ValidationConfig(sample_questions=40))
     with pytest.raises(SampleGateFailed, match=r"sample of 40 questions \(validation\.sample_questions\)") as info:

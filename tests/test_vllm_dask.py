@@ -21,13 +21,15 @@ def test_local_dask_workers_label_through_engine_hosts_one_engine_per_worker(
 ):
     """Dask worker processes are daemonic, so a vLLM engine built in one fails (see the test above); each
     worker's shards go to one engine host on that worker's own GPU."""
-    from kdflow.tasks.label import run_label_stage
+    from kdflow.flows.label_stage import run_label_stage
+    from kdflow.label.teacher import teacher_ref
 
     gpus(monkeypatch, 2)
     _, store = fresh(world, tmp_path / "home")
     cfg = vllm_config(world, tmp_path / "home", task_runner="dask", n_workers=2)
     cfg = cfg.model_copy(update={"validation": cfg.validation.model_copy(update={"sample_questions": 0})})
-    key = run_label_stage(cfg, start_run(store, cfg), world["dataset_ids"])
+    ref = teacher_ref(cfg, store, world["dataset_ids"])
+    key = run_label_stage(cfg, start_run(store, cfg), world["dataset_ids"], ref)
     engines = [e for e in fake_vllm() if e["event"] == "engine"]
     assert sorted(e["devices"] for e in engines) == ["0", "1"], engines
     assert len({e["pid"] for e in engines}) == 2 and os.getpid() not in {e["pid"] for e in engines}

@@ -312,7 +312,7 @@ def ui(
     """Start a local Prefect server with its UI (or find the running one) and print its URL.
 
     Beside it, an http server of the home's reports and Data Docs, which the UI's artifacts link to."""
-    from kdflow.flows.serve import ServerFiles, start_file_server, start_server, stop_file_server, stop_server
+    from kdflow.cli.ui import ServerFiles, start_file_server, start_server, stop_file_server, stop_server
 
     cfg = load_run_config(config, set_)
     files = ServerFiles.of_home(cfg.home_dir)

@@ -28,7 +28,8 @@ def _own_prefect_home(home: Path) -> None:
 
 
 def run_flow(flow_name: str, cfg, **kwargs):
-    """Run a flow with Prefect's offline defaults; user errors become messages and exit codes."""
+    """Run the flow `flow_name` of the flow table (kdflow.flows.registry) with Prefect's offline defaults;
+    user errors become messages and exit codes."""
     from contextlib import nullcontext
 
     from kdflow.errors import GateFailed, KdflowError, TransientError
@@ -41,14 +42,9 @@ def run_flow(flow_name: str, cfg, **kwargs):
     # flow takes the home lock itself, and taking it here already (re-entered by the flow) keeps a queued
     # run from starting a temporary Prefect server on the same PREFECT_HOME as the run it waits for.
     queued = nullcontext() if get_current_settings().api.url else home_lock(cfg.home_dir, on_wait=print_notice)
-    if flow_name == "distill":
-        from kdflow.flows.distill import distill as flow_fn
-    elif flow_name == "sweep":
-        from kdflow.flows.sweep import sweep as flow_fn
-    else:
-        from kdflow.flows.stages import STAGE_FLOWS
+    from kdflow.flows.registry import flow_entry, load_flow
 
-        flow_fn = STAGE_FLOWS[flow_name]
+    flow_fn = load_flow(flow_entry(flow_name))
     try:
         with queued:
             return flow_fn(cfg, **kwargs)

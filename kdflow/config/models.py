@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from kdflow.config.backends import BACKEND_NAMES, backend_help, backend_spec
 from kdflow.config.base import Strict
 from kdflow.config.data import SourceConfig
 
@@ -106,10 +107,7 @@ class TeacherPrepConfig(Strict):
 class TeacherConfig(Strict):
     """The model whose option probabilities the student learns from, and how it is run."""
 
-    backend: Literal["hf", "vllm", "openai"] = Field(
-        "hf", description="hf: transformers in this process; vllm: vLLM engines on GPUs; openai: an OpenAI-compatible "
-        "server (teacher.openai)",
-    )
+    backend: Literal[BACKEND_NAMES] = Field("hf", description=backend_help())
     model: str | None = Field(
         None, description="hub id, local directory or .gguf file; None builds `architecture` fresh"
     )
@@ -157,7 +155,7 @@ class TeacherConfig(Strict):
 
     @model_validator(mode="after")
     def _backend_needs_model(self) -> TeacherConfig:
-        if self.backend != "hf" and self.model is None:
+        if not backend_spec(self.backend).local_weights and self.model is None:
             raise ValueError(f"teacher.backend={self.backend} needs teacher.model (a hub id, path or served name)")
         if self.gguf_file is not None and self.model is None:
             raise ValueError("teacher.gguf_file names a file inside teacher.model, which is not set: set both")

@@ -22,7 +22,7 @@ from typing import Any
 
 from kdflow.config import RunConfig
 from kdflow.errors import KdflowError
-from kdflow.label.sharding import shard_slots
+from kdflow.label.sharding import engine_settings, shard_slots
 from kdflow.records import LETTERS
 from kdflow.scoring import tokenize
 from kdflow.store import Store
@@ -36,7 +36,7 @@ _CHUNK = 512
 def engines_on_this_node(cfg: RunConfig) -> int:
     """vLLM engines the label stage starts on the flow's machine: one per shard slot with the thread runner
     or a local Dask or Ray cluster; 0 with a cluster address (its workers run them)."""
-    if cfg.teacher.backend != "vllm" or cfg.orchestration.address:
+    if engine_settings(cfg.teacher) is None or cfg.orchestration.address:
         return 0
     return shard_slots(cfg)
 
@@ -181,10 +181,7 @@ def check_vllm_run(cfg: RunConfig, questions: Sequence[Mapping[str, Any]]) -> li
     return devices
 
 
-def check_vllm_stage(cfg: RunConfig, store: Store, dataset_ids: list[str]) -> list[str]:
-    """`check_vllm_run` for the questions of the datasets the configured teacher has not labeled yet."""
-    from kdflow.label.teacher import teacher_ref
-
-    key = teacher_ref(cfg, store, dataset_ids).key
-    questions = store.arrow("unlabeled_questions", dataset_ids=dataset_ids, teacher_key=key)
+def check_vllm_stage(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher_key: str) -> list[str]:
+    """`check_vllm_run` for the questions of the datasets the teacher `teacher_key` has not labeled yet."""
+    questions = store.arrow("unlabeled_questions", dataset_ids=dataset_ids, teacher_key=teacher_key)
     return check_vllm_run(cfg, questions.select(["question_id", "question", "options", "category"]).to_pylist())

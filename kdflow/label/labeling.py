@@ -105,15 +105,13 @@ def label_questions(
     commit_every: int = 1024,
     on_progress: Callable[[int, int], None] | None = None,
     sample: Sequence[str] = (),
-    check_sample: Callable[[], None] | None = None,
     sample_only: bool = False,
 ) -> LabelReport:
     """Score every question of the datasets this teacher has not labeled yet, committing batch by batch.
 
     The backend is opened only when there is work: a fully labeled dataset costs no model load.
-    Sample first: the questions in `sample` are labeled (and committed) before the others, then
-    `check_sample()` runs if anything else is left to label; it raises to stop before the rest, whose
-    labeling would otherwise be wasted. With `sample_only` the rest is left unlabeled (for other workers).
+    The questions in `sample` are labeled (and committed) before the others; with `sample_only` the rest
+    is left unlabeled (the flow checks the sample before labeling the rest: flows/label_stage.py).
     """
     start = time.perf_counter()
     todo = unlabeled(store, dataset_ids, key)
@@ -125,8 +123,6 @@ def label_questions(
     done, total = 0, len(first) + len(rest)
     try:
         for part in (first, rest):
-            if part is rest and check_sample is not None and others:
-                check_sample()
             for batch in _chunks(part, commit_every):
                 backend = backend or open_backend()
                 store.execute("insert_labels", labels_table(batch, backend.score(batch), key))

@@ -24,16 +24,18 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdflow.config import RunConfig, TeacherConfig
+from kdflow.config.backends import backend_spec
 from kdflow.label.engine_host import score_in_engine_host
 from kdflow.label.shard_files import KEY_METADATA, ShardError, score_shard_with
 from kdflow.label.labeling import LABEL_COLUMNS
 from kdflow.store import Store
-from kdflow.label.teacher import TeacherRef, open_backend, teacher_ref
+from kdflow.label.teacher import TeacherRef, open_backend
 
 # transformers loads weights through process-global state (meta-device init): two threads loading at once
 # break each other, so shards on a thread pool load one at a time and then score in parallel.
@@ -58,9 +60,16 @@ class ShardPlan:
     shards: list[Shard]
 
 
+def engine_settings(teacher: TeacherConfig) -> Any | None:
+    """The settings section of a backend that runs engine hosts (kdflow.config.backends), else None."""
+    backend = backend_spec(teacher.backend)
+    return getattr(teacher, backend.settings) if backend.engine_hosts and backend.settings else None
+
+
 def engine_groups(teacher: TeacherConfig) -> int:
-    """How many vLLM engines this node runs side by side (1: no data parallelism)."""
-    return teacher.vllm.data_parallel_size if teacher.backend == "vllm" else 1
+    """How many engines (vLLM's) this node runs side by side (1: no data parallelism)."""
+    engines = engine_settings(teacher)
+    return engines.data_parallel_size if engines is not None else 1
 
 
 def shard_slots(cfg: RunConfig) -> int:
@@ -79,13 +88,13 @@ def shards_dir(home: Path, key: str) -> Path:
     return home / "shards" / key
 
 
-def plan_shards(cfg: RunConfig, store: Store, dataset_ids: list[str]) -> ShardPlan:
-    """Write the questions the teacher has not labeled yet as input shards (in the flow's process).
+def plan_shards(cfg: RunConfig, store: Store, dataset_ids: list[str], ref: TeacherRef) -> ShardPlan:
+    """Write the questions the teacher `ref` (teacher_ref of `cfg`) has not labeled yet as input shards (in
+    the flow's process).
 
     Finished shards of an interrupted run are loaded first and stale inputs dropped, so shard numbers
     always describe the current split and an out file never belongs to a different input.
     """
-    ref = teacher_ref(cfg, store, dataset_ids)
     store.execute("upsert_teacher", teacher_key=ref.key, spec=json.dumps(ref.spec),
                   model_path=str(ref.model_dir) if ref.model_dir else None)
     directory = shards_dir(cfg.home_dir, ref.key)
@@ -97,7 +106,8 @@ def plan_shards(cfg: RunConfig, store: Store, dataset_ids: list[str]) -> ShardPl
 
     todo = store.arrow("unlabeled_questions", dataset_ids=dataset_ids, teacher_key=ref.key)
     todo = todo.replace_schema_metadata({KEY_METADATA: ref.key.encode()})
-    lanes = shard_slots(cfg) if cfg.teacher.backend == "vllm" and cfg.orchestration.task_runner == "threads" else 1
+    engines = engine_settings(cfg.teacher) is not None
+    lanes = shard_slots(cfg) if engines and cfg.orchestration.task_runner == "threads" else 1
     size = cfg.orchestration.shard_size
     shards = []
     for index, start in enumerate(range(0, todo.num_rows, size)):
@@ -121,7 +131,7 @@ def label_shard(
     cfg = RunConfig.model_validate_json(cfg) if isinstance(cfg, str) else cfg
     if Path(out_path).exists():
         return out_path
-    if cfg.teacher.backend == "vllm":
+    if backend_spec(cfg.teacher.backend).engine_hosts:
         score_in_engine_host(cfg, model_dir, in_path, out_path, devices)
         return out_path
     ref = TeacherRef(model_ref=model_dir or str(cfg.teacher.model), model_dir=Path(model_dir) if model_dir else None,

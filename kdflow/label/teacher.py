@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from kdflow.config import RunConfig
+from kdflow.config.backends import TEACHER_BACKENDS, backend_spec
 from kdflow.errors import KdflowError
+from kdflow.label.backends.base import TeacherBackend
 from kdflow.label.labeling import LabelReport, label_questions, teacher_key, teacher_spec
 from kdflow.label.preparation import is_prepared, prepared_teacher_id
 from kdflow.sources import ModelLoadError, ModelSource, configured_source
@@ -47,9 +49,12 @@ def _server_identity(cfg: RunConfig, store: Store, spec: dict[str, Any]) -> dict
 
 def teacher_ref(cfg: RunConfig, store: Store, dataset_ids: list[str]) -> TeacherRef:
     """The teacher this config labels with; a teacher needing preparation must have been prepared."""
+    backend = backend_spec(cfg.teacher.backend)
     if is_prepared(cfg):
-        if cfg.teacher.backend != "hf":
-            raise KdflowError("teacher.prepare needs teacher.backend: hf (preparation fine-tunes with transformers)")
+        if not backend.local_weights:
+            loaders = ", ".join(spec.name for spec in TEACHER_BACKENDS if spec.local_weights)
+            raise KdflowError(f"teacher.prepare needs teacher.backend: {loaders} (preparation fine-tunes with "
+                              "transformers)")
         model_id = prepared_teacher_id(cfg, dataset_ids)
         row = store.fetch_one("find_completed_model", model_id=model_id)
         if row is None:
@@ -63,7 +68,7 @@ def teacher_ref(cfg: RunConfig, store: Store, dataset_ids: list[str]) -> Teacher
         model_dir = configured_source(cfg.teacher, "teacher").local_dir
         model_dir = model_dir if model_dir is not None and model_dir.exists() else None
     spec = teacher_spec(cfg.teacher, cfg.scoring, model_ref)
-    if cfg.teacher.backend == "openai":
+    if backend.server:
         spec["server"] = _server_identity(cfg, store, spec)  # another server (or other weights behind it) relabels
     return TeacherRef(model_ref=model_ref, model_dir=model_dir, key=teacher_key(spec), spec=spec)
 
@@ -84,34 +89,28 @@ def teacher_source(cfg: RunConfig, ref: TeacherRef) -> ModelSource:
     return ModelSource(str(ref.model_dir))
 
 
-def open_backend(cfg: RunConfig, ref: TeacherRef):
-    """The configured backend over the teacher's weights (imports the backend's libraries lazily)."""
-    if cfg.teacher.backend == "hf":
-        from kdflow.label.backends.hf import HFBackend
-
-        return HFBackend.from_config(cfg.teacher, cfg.scoring, teacher_source(cfg, ref))
-    if cfg.teacher.backend == "vllm":
-        from kdflow.label.backends.vllm import VLLMBackend
-
-        return VLLMBackend(cfg.teacher, cfg.scoring)
-    from kdflow.label.backends.openai import OpenAIBackend
-
-    return OpenAIBackend(cfg.teacher, cfg.scoring)
+def open_backend(cfg: RunConfig, ref: TeacherRef) -> TeacherBackend:
+    """The configured backend (kdflow.config.backends) over the teacher's weights; imports the backend's
+    module, and it its libraries, only now."""
+    backend = backend_spec(cfg.teacher.backend)
+    make = backend.constructor_function()
+    if backend.local_weights:
+        return make(cfg.teacher, cfg.scoring, teacher_source(cfg, ref))
+    return make(cfg.teacher, cfg.scoring)
 
 
 def label_with_teacher(
-    cfg: RunConfig, store: Store, dataset_ids: list[str], *, on_progress: Callable[[int, int], None] | None = None,
-    sample: Sequence[str] = (), check_sample: Callable[[], None] | None = None, sample_only: bool = False,
+    cfg: RunConfig, store: Store, dataset_ids: list[str], ref: TeacherRef, *,
+    on_progress: Callable[[int, int], None] | None = None, sample: Sequence[str] = (), sample_only: bool = False,
 ) -> LabelReport:
-    """Label every question of the datasets that the configured teacher has not labeled yet.
+    """Label every question of the datasets that the teacher `ref` (teacher_ref of `cfg`) has not labeled yet.
 
-    sample, check_sample, sample_only: label a sample first and check it before the rest (see
-    label_questions and kdflow.validate.gate.sample_first)."""
-    ref = teacher_ref(cfg, store, dataset_ids)
+    sample, sample_only: label only the questions in `sample` (the fail-fast sample the flow checks before
+    the rest: kdflow.validate.gate.sample_first)."""
     store.execute("upsert_teacher", teacher_key=ref.key, spec=json.dumps(ref.spec),
                   model_path=str(ref.model_dir) if ref.model_dir else None)
     return label_questions(
         store, lambda: open_backend(cfg, ref), dataset_ids, ref.key,
         commit_every=max(cfg.teacher.batch_size * 8, 256), on_progress=on_progress,
-        sample=sample, check_sample=check_sample, sample_only=sample_only,
+        sample=sample, sample_only=sample_only,
     )

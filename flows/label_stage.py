@@ -1,4 +1,5 @@
-"""Prefect side of sharded labeling: one task per shard on the task runner the config names.
+"""The label stage as the flows run it: the fail-fast sample labeled and checked first, then the rest in this
+process, or in shards, one task per shard on the task runner the config names.
 
 A flow's task runner is fixed when it is decorated, so `label_sharded_flow` builds the runner from the
 config and runs the subflow `.with_options(task_runner=...)`. Shards go to the workers as paths and come
@@ -19,111 +20,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, as_completed
-from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import allow_failure
 
 from kdflow.config import RunConfig
-from kdflow.errors import KdflowError
+from kdflow.config.backends import backend_spec
 from kdflow.label.labeling import warn_truncated
 from kdflow.terminal_progress import progress_bar
 from kdflow.runs import stage
 from kdflow.label.engine_host import close_engine_hosts
 from kdflow.label.sharding import (
-    ShardError, ShardPlan, engine_groups, label_shard, load_shards, plan_shards, shard_slots,
+    ShardError, ShardPlan, load_shards, plan_shards, shard_slots, uses_shards,
 )
+from kdflow.label.teacher import TeacherRef
 from kdflow.store import Store
-from kdflow.tasks.progress import both, ui_progress
-from kdflow.tasks.retry import RETRY_DELAYS, retry_if_transient
-
-
-@task(name="label-shard", tags=["gpu"], retries=2, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=retry_if_transient)
-def label_shard_task(cfg: RunConfig, model_dir: str | None, in_path: str, out_path: str,
-                     devices: str | None = None) -> str:
-    """Returns the path of the shard's labels: results cross processes as paths, never tensors."""
-    return label_shard(cfg, model_dir, in_path, out_path, devices)
-
-
-def needs_gpu(cfg: RunConfig) -> bool:
-    return cfg.teacher.backend == "vllm" or cfg.teacher.device == "cuda"
-
-
-def build_task_runner(cfg: RunConfig, devices: list[str] | None = None) -> TaskRunner:
-    """The configured engine: a capped thread pool, Dask (a scheduler address or a local cluster) or Ray.
-
-    `devices`: the CUDA_VISIBLE_DEVICES of each vLLM engine on this machine (engine_limits.engine_devices);
-    a local Dask cluster gives worker w devices[w]."""
-    orch = cfg.orchestration
-    workers = shard_slots(cfg)
-    if engine_groups(cfg.teacher) > 1 and (orch.address or orch.task_runner == "ray"):
-        raise KdflowError(
-            "teacher.vllm.data_parallel_size > 1 runs engines on this node only; on a cluster set it to 1 and "
-            "give each worker its own GPU group (see kdflow/label/sharding.py)"
-        )
-    if orch.task_runner == "threads":
-        return ThreadPoolTaskRunner(max_workers=workers)
-    if orch.task_runner == "dask":
-        try:
-            from prefect_dask import DaskTaskRunner
-        except ImportError as e:
-            raise KdflowError("orchestration.task_runner: dask needs Dask: pip install 'kdflow[dask]'") from e
-        if orch.address:
-            return DaskTaskRunner(address=orch.address)
-        # One single-threaded process per worker: a model per process, no GIL contention between shards.
-        cluster = {"n_workers": workers, "threads_per_worker": 1, "processes": True}
-        if needs_gpu(cfg):
-            cluster["resources"] = {"GPU": 1}
-        if devices:
-            from kdflow.tasks.dask_gpus import EngineGpus
-
-            cluster["plugins"] = {EngineGpus(devices)}
-        return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster)
-    try:
-        from prefect_ray import RayTaskRunner
-    except ImportError as e:
-        raise KdflowError("orchestration.task_runner: ray needs Ray: pip install 'kdflow[ray]'") from e
-    return RayTaskRunner(address=orch.address, init_kwargs=None if orch.address else {"num_cpus": workers})
-
-
-def placement(cfg: RunConfig) -> AbstractContextManager:
-    """What each shard task asks of a distributed engine: a GPU slot when the teacher runs on CUDA.
-
-    Dask workers of an existing scheduler must be started with `--resources GPU=1` (one per engine slot),
-    or GPU shards wait forever; the local cluster declares it itself.
-    """
-    if not needs_gpu(cfg):
-        return nullcontext()
-    if cfg.orchestration.task_runner == "dask":
-        import dask
-
-        return dask.annotate(resources={"GPU": 1})
-    if cfg.orchestration.task_runner == "ray":
-        from prefect_ray.context import remote_options
-
-        gpus = cfg.teacher.vllm.tensor_parallel_size if cfg.teacher.backend == "vllm" else 1
-        return remote_options(num_gpus=gpus)
-    return nullcontext()
-
-
-def shared_api(cfg: RunConfig) -> AbstractContextManager:
-    """Point workers in other processes at this run's Prefect API.
-
-    Without PREFECT_API_URL the flow runs on an ephemeral server, and each Dask or Ray worker would start a
-    private one of its own (seconds each), where its task runs are invisible; the workers get the flow's
-    settings with the tasks, so naming the flow's server here is enough.
-    """
-    if cfg.orchestration.task_runner == "threads" or PREFECT_API_URL.value():
-        return nullcontext()
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start()
-    return temporary_settings({PREFECT_API_URL: server.api_url})
+from kdflow.flows.task_runners import build_task_runner, placement, shared_api
+from kdflow.tasks.progress_artifact import both, ui_progress
+from kdflow.tasks.label import label_shard_task, label_task
+from kdflow.tasks.validate import check_sample_task, sample_task
 
 
 def submit_shards(cfg: RunConfig, plan: ShardPlan, devices: list[str] | None = None) -> list[PrefectFuture]:
@@ -163,12 +79,13 @@ def gather_shards(
 
 
 @flow(name="label-sharded", flow_run_name="label-sharded-{cfg.name}")
-def label_sharded(cfg: RunConfig, run_id: str, dataset_ids: list[str], devices: list[str] | None = None) -> str:
+def label_sharded(cfg: RunConfig, run_id: str, dataset_ids: list[str], ref: TeacherRef,
+                  devices: list[str] | None = None) -> str:
     """Label in shards on this flow's task runner; returns the teacher key. Use `label_sharded_flow`."""
     start = time.perf_counter()
     store = Store(cfg.home_dir)
     with stage(store, run_id, "label") as record, progress_bar("labeling") as bar:
-        plan = plan_shards(cfg, store, dataset_ids)
+        plan = plan_shards(cfg, store, dataset_ids, ref)
         try:
             futures = submit_shards(cfg, plan, devices)
             finished, errors, labeled = gather_shards(futures, plan, both(bar, ui_progress("labeling", run_id)))
@@ -191,9 +108,29 @@ def label_sharded(cfg: RunConfig, run_id: str, dataset_ids: list[str], devices: 
     return plan.teacher_key
 
 
-def label_sharded_flow(cfg: RunConfig, run_id: str, dataset_ids: list[str], devices: list[str] | None = None) -> str:
+def label_sharded_flow(cfg: RunConfig, run_id: str, dataset_ids: list[str], ref: TeacherRef,
+                       devices: list[str] | None = None) -> str:
     """The sharded label stage as a subflow on the task runner built from `cfg.orchestration`; `devices` as
     for `build_task_runner`."""
     with shared_api(cfg):
         runner = build_task_runner(cfg, devices)
-        return label_sharded.with_options(task_runner=runner)(cfg, run_id, dataset_ids, devices)
+        return label_sharded.with_options(task_runner=runner)(cfg, run_id, dataset_ids, ref, devices)
+
+
+def run_label_stage(cfg: RunConfig, run_id: str, dataset_ids: list[str], ref: TeacherRef) -> str:
+    """The label stage with the teacher `ref`; returns its key. The backend's limits are checked first,
+    before any engine starts (its `stage_check`: kdflow.label.engine_limits for vLLM). The fail-fast sample
+    (validation.sample_questions) is labeled in this process and checked (the validate stage's checks: a
+    failure stops the flow there as a failed gate); then the rest is labeled by one task in this process by
+    default, or in shards on the configured task runner when orchestration asks for workers (or vLLM engine
+    groups)."""
+    store = Store(cfg.home_dir)
+    check = backend_spec(cfg.teacher.backend).stage_check_function()
+    devices = check(cfg, store, dataset_ids, ref.key) if check else []
+    labeler = label_task.with_options(retries=cfg.orchestration.retries)
+    if sample := sample_task(cfg, dataset_ids, ref.key):
+        labeler(cfg, run_id, dataset_ids, ref, sample=sample)
+        check_sample_task(cfg, run_id, dataset_ids, ref.key)
+    if uses_shards(cfg):
+        return label_sharded_flow(cfg, run_id, dataset_ids, ref, devices)
+    return labeler(cfg, run_id, dataset_ids, ref)
