@@ -34,7 +34,7 @@ from kdflow.label.engine_host import close_engine_hosts
 from kdflow.label.sharding import (
     ShardError, ShardPlan, load_shards, plan_shards, shard_slots, uses_shards,
 )
-from kdflow.label.teacher import TeacherRef
+from kdflow.label.teacher import TeacherRef, held_teacher
 from kdflow.store import Store
 from kdflow.flows.task_runners import build_task_runner, placement, shared_api
 from kdflow.tasks.progress_artifact import both, ui_progress
@@ -128,9 +128,11 @@ def run_label_stage(cfg: RunConfig, run_id: str, dataset_ids: list[str], ref: Te
     check = backend_spec(cfg.teacher.backend).stage_check_function()
     devices = check(cfg, store, dataset_ids, ref.key) if check else []
     labeler = label_task.with_options(retries=cfg.orchestration.retries)
-    if sample := sample_task(cfg, dataset_ids, ref.key):
-        labeler(cfg, run_id, dataset_ids, ref, sample=sample)
-        check_sample_task(cfg, run_id, dataset_ids, ref.key)
-    if uses_shards(cfg):
-        return label_sharded_flow(cfg, run_id, dataset_ids, ref, devices)
-    return labeler(cfg, run_id, dataset_ids, ref)
+    # One teacher load for the sample and an unsharded rest; shards load their own, so it is closed first.
+    with held_teacher(cfg, ref):
+        if sample := sample_task(cfg, dataset_ids, ref.key):
+            labeler(cfg, run_id, dataset_ids, ref, sample=sample)
+            check_sample_task(cfg, run_id, dataset_ids, ref.key)
+        if not uses_shards(cfg):
+            return labeler(cfg, run_id, dataset_ids, ref)
+    return label_sharded_flow(cfg, run_id, dataset_ids, ref, devices)

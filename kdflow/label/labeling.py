@@ -106,10 +106,12 @@ def label_questions(
     on_progress: Callable[[int, int], None] | None = None,
     sample: Sequence[str] = (),
     sample_only: bool = False,
+    close_backend: bool = True,
 ) -> LabelReport:
     """Score every question of the datasets this teacher has not labeled yet, committing batch by batch.
 
-    The backend is opened only when there is work: a fully labeled dataset costs no model load.
+    The backend is opened only when there is work: a fully labeled dataset costs no model load. It is closed
+    at the end unless `close_backend` is False (its owner keeps it for the next call).
     The questions in `sample` are labeled (and committed) before the others; with `sample_only` the rest
     is left unlabeled (the flow checks the sample before labeling the rest: flows/label_stage.py).
     """
@@ -130,7 +132,7 @@ def label_questions(
                 if on_progress is not None:
                     on_progress(done, total)
     finally:
-        if backend is not None:
+        if backend is not None and close_backend:
             backend.close()
     total, _, truncated = store.fetch_one("label_counts", dataset_ids=dataset_ids, teacher_key=key)
     warn_truncated(truncated, total)

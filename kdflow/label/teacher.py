@@ -4,8 +4,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,18 +100,60 @@ def open_backend(cfg: RunConfig, ref: TeacherRef) -> TeacherBackend:
     return make(cfg.teacher, cfg.scoring)
 
 
+class _HeldTeacher:
+    """One backend for a teacher, opened on first use and shared by the label calls of a `held_teacher` block."""
+
+    def __init__(self, cfg: RunConfig, ref: TeacherRef) -> None:
+        self._cfg, self._ref = cfg, ref
+        self.backend: TeacherBackend | None = None
+
+    def get(self) -> TeacherBackend:
+        if self.backend is None:
+            self.backend = open_backend(self._cfg, self._ref)
+        return self.backend
+
+    def close(self) -> None:
+        if self.backend is not None:
+            backend, self.backend = self.backend, None
+            backend.close()
+
+
+_HELD: dict[str, _HeldTeacher] = {}
+
+
+@contextlib.contextmanager
+def held_teacher(cfg: RunConfig, ref: TeacherRef) -> Iterator[None]:
+    """While active, `label_with_teacher` calls for `ref` in this process share one backend, so the flow's
+    fail-fast sample and the rest after it load the teacher once (a large model takes minutes to load).
+    The backend is closed when the block ends; one whose labeling raised is closed at once, so a retry opens
+    a fresh one (a crashed engine is not reused)."""
+    held = _HELD[ref.key] = _HeldTeacher(cfg, ref)
+    try:
+        yield
+    finally:
+        _HELD.pop(ref.key, None)
+        held.close()
+
+
 def label_with_teacher(
     cfg: RunConfig, store: Store, dataset_ids: list[str], ref: TeacherRef, *,
     on_progress: Callable[[int, int], None] | None = None, sample: Sequence[str] = (), sample_only: bool = False,
 ) -> LabelReport:
-    """Label every question of the datasets that the teacher `ref` (teacher_ref of `cfg`) has not labeled yet.
+    """Label every question of the datasets that the teacher `ref` (teacher_ref of `cfg`) has not labeled yet,
+    with the backend of an enclosing `held_teacher` block if there is one, else one opened for this call.
 
     sample, sample_only: label only the questions in `sample` (the fail-fast sample the flow checks before
     the rest: kdflow.validate.gate.sample_first)."""
     store.execute("upsert_teacher", teacher_key=ref.key, spec=json.dumps(ref.spec),
                   model_path=str(ref.model_dir) if ref.model_dir else None)
-    return label_questions(
-        store, lambda: open_backend(cfg, ref), dataset_ids, ref.key,
-        commit_every=max(cfg.teacher.batch_size * 8, 256), on_progress=on_progress,
-        sample=sample, sample_only=sample_only,
-    )
+    held = _HELD.get(ref.key)
+    try:
+        return label_questions(
+            store, held.get if held else lambda: open_backend(cfg, ref), dataset_ids, ref.key,
+            commit_every=max(cfg.teacher.batch_size * 8, 256), on_progress=on_progress,
+            sample=sample, sample_only=sample_only, close_backend=held is None,
+        )
+    except BaseException:
+        if held is not None:
+            held.close()
+        raise
