@@ -66,7 +66,7 @@ def test_second_run_reuses_teacher_labels_validation_and_students(first_run):
 def test_transient_labeling_failure_is_retried(first_run, monkeypatch):
     """A backend that fails once (a lost server) is retried by Prefect and the labels complete."""
     import kdflow.label.teacher as teacher_module
-    from kdflow.flows.stages import label_flow
+    from kdflow.flows.stage_flows import label_flow
 
     home, _ = first_run
     real_open = teacher_module.open_backend
@@ -91,7 +91,7 @@ def test_transient_labeling_failure_is_retried(first_run, monkeypatch):
 
 @pytest.mark.slow
 def test_changed_prompt_relabels_and_unchanged_does_not(first_run):
-    from kdflow.flows.stages import label_flow
+    from kdflow.flows.stage_flows import label_flow
 
     home, _ = first_run
     store = Store(home)
@@ -297,7 +297,7 @@ def test_bad_input_in_a_deployment_run_is_logged_once_without_traceback(tmp_path
     from prefect.settings import PREFECT_API_URL
 
     from kdflow.config import SourceConfig
-    from kdflow.flows.stages import ingest_flow
+    from kdflow.flows.stage_flows import ingest_flow
 
     cfg = tiny(tmp_path / "home")
     cfg.data.sources = [SourceConfig(path=str(tmp_path / "missing.jsonl"))]
@@ -347,7 +347,7 @@ def test_artifacts_show_report_and_data_docs_paths_and_link_them_over_http_when_
     import httpx
 
     from kdflow.fileserver import make_server
-    from kdflow.flows.stages import validate_flow
+    from kdflow.flows.stage_flows import validate_flow
 
     home, run_id = first_run
     store = Store(home, read_only=True)

@@ -469,7 +469,7 @@ def test_no_sample_when_it_would_hold_every_question(tmp_path):
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_the_label_flow_stops_on_a_failing_sample_as_a_failed_gate(tmp_path):
-    from kdflow.flows.stages import ingest_flow, label_flow
+    from kdflow.flows.stage_flows import ingest_flow, label_flow
 
     from kdflow.config import load_config
     from kdflow.validate.gate import SampleGateFailed

@@ -20,7 +20,7 @@ from kdflow.cli.help import PlainCommand, PlainGroup
 from kdflow.cli.running import print_run_footer, run_flow
 from kdflow.cli.options import ConfigOpt, SetOpt, load_run_config
 from kdflow.cli.route import route
-from kdflow.cli.starter import init
+from kdflow.cli.init import init
 
 
 class _Kdflow(typer.Typer):

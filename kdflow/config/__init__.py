@@ -3,7 +3,7 @@
 Every field has a default and a help text; unknown keys are errors that name the key, so a typo never
 silently falls back to a default. Stages receive the parts they need; nothing else reads YAML.
 
-Modules: base (ConfigError, the Strict base model), data (sources and splits), models (teacher and
+Modules: base (ConfigError, the Strict base model), question_data (sources and splits), models (teacher and
 student), stages (scoring, training, validation, evaluation, orchestration), run (RunConfig and the sweep
 section), loading (YAML file + overrides -> RunConfig). Every public name of these is importable from
 kdflow.config. sweep_axes (the settings a sweep may name, and the checks of the sweep section) is imported
@@ -13,7 +13,7 @@ from its module.
 from __future__ import annotations
 
 from kdflow.config.base import ConfigError, OnOffAuto, Strict, section_model
-from kdflow.config.data import (
+from kdflow.config.question_data import (
     DataConfig, default_source_names, DemoSource, GenericMapping, SampleConfig, SourceConfig,
     SplitConfig,
 )

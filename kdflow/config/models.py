@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from kdflow.config.backends import BACKEND_NAMES, backend_help, backend_spec
 from kdflow.config.base import Strict
-from kdflow.config.data import SourceConfig
+from kdflow.config.question_data import SourceConfig
 
 
 class ArchitectureConfig(Strict):

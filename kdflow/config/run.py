@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from kdflow.config.base import Strict
-from kdflow.config.data import DataConfig
+from kdflow.config.question_data import DataConfig
 from kdflow.config.models import StudentConfig, TeacherConfig
 from kdflow.config.stages import EvaluationConfig, OrchestrationConfig, ScoringConfig, TrainingConfig, ValidationConfig
 from kdflow.config.sweep_axes import check_sweep_section
