@@ -127,3 +127,14 @@ def gemma3():
 
     _real_model(GEMMA3)
     return converted(GEMMA3), None
+
+
+# pytest-xdist (`make test`) hands whole files to its workers in collection order; a file of whole runs
+# (minutes) handed out last would keep one worker busy after the others are done. These go first, longest
+# first (the suite's --durations); the other files keep their order, and so does every file's own order.
+LONG_FILES = ("test_concurrency.py", "test_real_models.py", "test_flows.py", "test_sweep.py", "test_docs.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))
