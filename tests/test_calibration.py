@@ -164,7 +164,7 @@ def test_kdflow_validate_quarantines_nan_labels_without_a_traceback(tmp_path):
     poisoned = _label_all(store, dataset_ids, key, nan_val=3)
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json", include={"home", "data", "teacher", "validation"})))
-    env = {k: v for k, v in worker_env().items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    env = worker_env()  # the session's Prefect server: no temporary one to start for each command
     for _ in range(2):  # the rerun finds the verdict and its calibration
         done = subprocess.run([*KDFLOW, "validate", "-c", str(config)], env=env, capture_output=True, text=True,
                               timeout=300)
