@@ -288,3 +288,16 @@ def test_stages_import_only_down_the_pipeline():
 
 def test_no_module_imports_another_modules_private_names():
     assert _all_private_imports() == []
+
+
+def test_every_stage_package_names_an_entry_point_that_exists():
+    """Each stage's docstring says where to start reading it: `Entry point: kdflow.<stage>.<module>.<function>(`;
+    the function must exist, so the line cannot go stale after a move."""
+    import importlib
+    import re
+
+    for stage in STAGES:
+        doc = importlib.import_module(f"kdflow.{stage}").__doc__ or ""
+        found = re.search(r"Entry point: (kdflow\.[\w.]+)\.(\w+)\(", doc)
+        assert found and found.group(1).startswith(f"kdflow.{stage}."), (stage, doc[:300])
+        assert callable(getattr(importlib.import_module(found.group(1)), found.group(2), None)), found.group(0)

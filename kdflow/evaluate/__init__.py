@@ -3,6 +3,8 @@
 In: the test split's questions, the trained students and the teacher. Out: per-question predictions,
 metrics overall and by category with confidence intervals, reliability bins, latency per model, and the
 student-teacher cascade curve (accuracy against teacher calls as the confidence threshold moves).
+Entry point: kdflow.evaluate.evaluation.evaluate(store, run_id=, dataset_ids=, teacher_key=, models=,
+open_teacher=, ...) -> the evaluation id the report reads.
 Tables: reads questions, soft_labels, models, evaluations and cascade_points (routing); writes
 evaluations, evaluation_models, predictions, metrics, reliability_bins and cascade_points
 (sql/evaluation.sql, sql/routing.sql).

@@ -3,6 +3,8 @@
 In: `data.sources` (local files, hub splits, the demo world). Out: one dataset version per source
 (identified by its content), its questions with a train/val/test split (unlabeled ones, kept with the
 source's allow_unlabeled, always in train), and every row that could not become a question with the reason.
+Entry point: kdflow.ingest.datasets.ingest(cfg, store) -> list[DatasetReport]; their dataset ids are
+what every later stage reads.
 Tables: reads datasets (an unchanged source is reused); writes datasets, dataset_reading, questions,
 question_notes, question_duplicates and rejected_rows (sql/ingest.sql).
 

@@ -3,6 +3,9 @@
 In: the questions of the run's datasets and the `teacher` and `scoring` config. Out: one soft label (a
 probability distribution over the question's options, plus the teacher's raw scores) per question, under
 the teacher's key, which changes with anything that changes the labels (model, weights, prompt, scoring).
+Entry point: kdflow.label.teacher.label_with_teacher(cfg, store, dataset_ids, ref) -> LabelReport, `ref`
+the TeacherRef of teacher_ref (computed once per flow; its key names the labels); preparation's
+prepare_teacher runs first when `teacher.prepare` asks.
 Tables: reads questions, models (a prepared teacher's directory) and teachers; writes teachers and
 soft_labels (sql/labels.sql), and for a prepared teacher its row in models (sql/models.sql).
 

@@ -2,6 +2,8 @@
 
 In: a run id or a sweep id. Out: a self-contained HTML page, a markdown summary and summary.json (numbers
 for programs, schema in README.md) under KDFLOW_HOME/reports/, and tables on the terminal.
+Entry point: kdflow.report.run_report.build_report(store, run_id) -> ReportPaths (the sweep's:
+sweep_report.build_sweep_report).
 Tables: reads runs, stage_runs, datasets, questions, teachers, models, training_metrics, evaluations,
 evaluation_models, metrics, predictions, reliability_bins, cascade_points, label_issue_scans, label_issues
 and the sweep tables (sql/report.sql, sql/sweep.sql, sql/validation.sql, sql/ingest.sql); writes none.

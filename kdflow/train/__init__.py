@@ -5,6 +5,8 @@ config. Out: for every seed of `training.seeds`, one model directory per student
 tokenizer, config) and its training curve: the distilled student, and the hard-label and pseudo-label
 baselines when `training.hard_label_baseline` / `pseudo_label_baseline` ask for them; the untrained
 student once.
+Entry point: kdflow.train.students_run.train_students(cfg, store, dataset_ids, teacher_ref,
+validation_id) -> TrainedStudents ({role: {seed: model directory}}).
 Tables: reads questions, soft_labels, quarantine and models (a finished student is reused); writes
 models, checkpoints and training_metrics (sql/models.sql).
 
