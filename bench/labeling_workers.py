@@ -4,7 +4,7 @@
     .venv/bin/python bench/labeling_workers.py --questions 1000 --shard-size 125   # a quicker look
 
 Both runs label the same demo questions from an empty label table with the same fresh teacher (hidden 128,
-4 layers), through the product's sharded label stage (tasks/shard_label.py on a local Dask cluster, the
+4 layers), through the product's sharded label stage (flows/label_stage.py on a local Dask cluster, the
 Prefect API ephemeral). Each cluster is started and warmed up before the clock starts, so the time is the
 label stage's own: planning shards, one model load per shard, scoring, loading. Prints both throughputs and
 their ratio and writes bench/results/labeling_workers.json. Numbers are only comparable on one machine.
@@ -29,7 +29,8 @@ from kdflow.ingest.datasets import ingest_source
 from kdflow.modeling import build_model, save_pretrained, train_tokenizer
 from kdflow.runs import start_run
 from kdflow.store import Store
-from kdflow.tasks.label import run_label_stage
+from kdflow.flows.label_stage import run_label_stage
+from kdflow.label.teacher import teacher_ref
 
 RESULTS = Path(__file__).resolve().parent / "results" / "labeling_workers.json"
 ARCH = ArchitectureConfig(hidden_size=128, num_layers=4, num_heads=4, vocab_size=2048)
@@ -49,7 +50,7 @@ def prepare(root: Path, n_questions: int) -> tuple[Path, Path, list[str]]:
 def warm_up() -> None:
     """Import what a shard needs, so the first shard does not pay for it inside the timing."""
     import kdflow.label.backends.hf  # noqa: F401
-    import kdflow.tasks.shard_label  # noqa: F401
+    import kdflow.flows.label_stage  # noqa: F401
 
 
 def label_with_workers(root: Path, template: Path, teacher: Path, dataset_ids: list[str], workers: int,
@@ -67,8 +68,9 @@ def label_with_workers(root: Path, template: Path, teacher: Path, dataset_ids: l
         )
         store = Store(home)
         run_id = start_run(store, cfg)
+        ref = teacher_ref(cfg, store, dataset_ids)
         start = time.perf_counter()
-        run_label_stage(cfg, run_id, dataset_ids)
+        run_label_stage(cfg, run_id, dataset_ids, ref)
         wall = time.perf_counter() - start
     detail = json.loads(next(row[3] for row in store.fetch("stage_timings", run_id=run_id) if row[0] == "label"))
     return {"workers": workers, "labeled": detail["labeled"], "shards": detail["shards"],

@@ -15,7 +15,7 @@ ORDER BY e.created_at DESC, e.eval_id DESC
 LIMIT 1;
 
 -- name: overall_metric_rows
--- Each evaluated model's overall metrics (category '*'), long: kdflow.report.data pivots them wide.
+-- Each evaluated model's overall metrics (category '*'), long: kdflow.report.run_data pivots them wide.
 SELECT model_role, name, value
 FROM metrics m
 WHERE eval_id = $eval_id AND category = '*'
@@ -23,7 +23,7 @@ WHERE eval_id = $eval_id AND category = '*'
                                    WHERE em.eval_id = m.eval_id AND em.model_role = m.model_role);
 
 -- name: category_metric_rows
--- Each evaluated model's per-category metrics, long: kdflow.report.data pivots them wide.
+-- Each evaluated model's per-category metrics, long: kdflow.report.run_data pivots them wide.
 SELECT model_role, category, name, value
 FROM metrics m
 WHERE eval_id = $eval_id AND category <> '*'
@@ -123,7 +123,7 @@ ORDER BY p.model_role, p.seed NULLS FIRST;
 
 -- name: seed_metric_rows
 -- Every model of every seed (the teacher: seed NULL), overall (category '*') and per category, long: the
--- numbers summary.json gives per seed, pivoted wide by kdflow.report.data.
+-- numbers summary.json gives per seed, pivoted wide by kdflow.report.run_data.
 SELECT model_role, seed, category, name, value
 FROM metrics
 WHERE eval_id = $eval_id;

@@ -24,7 +24,7 @@ SELECT point_id, label, teacher, teacher_key, settings, baseline, model_id, mode
 FROM sweep_points WHERE sweep_id = $sweep_id;
 
 -- name: sweep_student_metrics
--- Overall metrics of the distilled student of each evaluation, long (kdflow.report.data.wide_metrics pivots
+-- Overall metrics of the distilled student of each evaluation, long (kdflow.report.run_data.wide_metrics pivots
 -- them wide).
 SELECT eval_id, name, value FROM metrics
 WHERE list_contains($eval_ids, eval_id) AND model_role = 'student' AND category = '*';

@@ -43,8 +43,7 @@ def label_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], ref: Teacher
     with stage(store, run_id, "label" if sample is None else "label_sample") as record, \
             progress_bar("labeling") as bar:
         progress = both(bar, ui_progress("labeling", run_id))
-        report = label_with_teacher(cfg, store, dataset_ids, ref, on_progress=progress, sample=sample or (),
-                                    sample_only=sample is not None)
+        report = label_with_teacher(cfg, store, dataset_ids, ref, on_progress=progress, only=sample)
         record.reused = report.newly_labeled == 0
         record.detail = {"teacher_key": report.teacher_key, "labeled": report.newly_labeled, "total": report.total,
                          "truncated": report.truncated, "seconds": round(report.seconds, 2)}

@@ -193,3 +193,15 @@ def test_every_registry_entry_names_what_exists():
     for metric in METRICS.values():
         assert metric.fmt in FORMATS, metric
         assert metric.better in ("higher", "lower", None), metric
+
+
+def test_every_role_switch_is_left_out_of_sweeps_and_free_to_change_on_resume():
+    """A role's `training.*` switch says which students a run trains, not how one trains: sweeps never sweep
+    it and a resumed training may change it. The core keeps its own lists (it imports no stage): they must
+    name exactly the registry's switches."""
+    from kdflow.config.sweep_axes import NOT_SWEPT
+    from kdflow.fitting.checkpoints import RESUME_FREE
+    from kdflow.train.roles import switches
+
+    assert NOT_SWEPT == {f"training.{name}" for name in switches()}
+    assert switches() <= RESUME_FREE

@@ -46,6 +46,7 @@ def test_constructors_and_checks_resolve_without_importing_vllm():
         "for spec in TEACHER_BACKENDS:\n"
         "    assert callable(spec.constructor_function()), spec.name\n"
         "    assert spec.stage_check_function() is None or callable(spec.stage_check_function()), spec.name\n"
+        "    assert spec.server_identity_function() is None or callable(spec.server_identity_function()), spec.name\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('vllm', 'openai')))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)

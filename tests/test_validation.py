@@ -357,7 +357,7 @@ def test_a_failing_sample_stops_labeling_and_its_labels_are_kept(tmp_path, clean
         def backend() -> _CountingBackend:
             return _CountingBackend(world["teacher"], scored)
 
-        label_questions(store, backend, dataset_ids, key, commit_every=16, sample=plan.question_ids, sample_only=True)
+        label_questions(store, backend, dataset_ids, key, commit_every=16, only=plan.question_ids)
         total, labeled, _ = store.fetch_one("label_counts", dataset_ids=dataset_ids, teacher_key=key)
         if labeled < total:
             plan.check()

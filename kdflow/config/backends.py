@@ -27,7 +27,9 @@ class BackendSpec:
       `teacher.model` is required;
     engine_hosts: GPU engines in engine host processes (kdflow.label.engine_host), `data_parallel_size` of
       them per node, each on `tensor_parallel_size` GPUs (both in its settings section);
-    server: an HTTP server, whose served model's identity is part of the teacher key;
+    server_identity: "module:function" (cfg, store, spec) -> the served model's identity, for a backend that
+      scores through a server: the identity is part of the teacher key (another server, or other weights
+      behind it, relabels); None: not a server;
     stage_check: "module:function" (cfg, store, dataset_ids, teacher_key) -> each engine's CUDA_VISIBLE_DEVICES,
       run before the label stage starts any engine (raises naming the setting); None: no check.
     """
@@ -38,7 +40,7 @@ class BackendSpec:
     settings: str | None = None
     local_weights: bool = False
     engine_hosts: bool = False
-    server: bool = False
+    server_identity: str | None = None
     stage_check: str | None = None
 
     def constructor_function(self) -> Callable[..., Any]:
@@ -47,6 +49,9 @@ class BackendSpec:
 
     def stage_check_function(self) -> Callable[..., list[str]] | None:
         return _load(self.stage_check) if self.stage_check else None
+
+    def server_identity_function(self) -> Callable[..., dict[str, Any]] | None:
+        return _load(self.server_identity) if self.server_identity else None
 
 
 def _load(path: str) -> Any:
@@ -64,7 +69,7 @@ TEACHER_BACKENDS: tuple[BackendSpec, ...] = (
     BackendSpec("vllm", "vLLM engines on GPUs", "kdflow.label.backends.vllm:VLLMBackend", settings="vllm",
                 engine_hosts=True, stage_check="kdflow.label.engine_limits:check_vllm_stage"),
     BackendSpec("openai", "an OpenAI-compatible server (teacher.openai)", "kdflow.label.backends.openai:OpenAIBackend",
-                settings="openai", server=True),
+                settings="openai", server_identity="kdflow.label.backends.openai.client:recorded_server_identity"),
 )
 
 BACKEND_NAMES: tuple[str, ...] = tuple(spec.name for spec in TEACHER_BACKENDS)

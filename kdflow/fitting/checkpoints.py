@@ -338,7 +338,7 @@ def load_checkpoint(
 
 # Settings that do not change the trajectory; a resumed run may change them freely (the number of
 # processes too: the global batch and its data order do not depend on it).
-_RESUME_FREE = {"checkpoint_every", "hard_label_baseline", "pseudo_label_baseline", "num_processes", "fsdp"}
+RESUME_FREE = {"checkpoint_every", "hard_label_baseline", "pseudo_label_baseline", "num_processes", "fsdp"}
 
 
 def run_config(cfg: TrainingConfig, scoring: ScoringConfig, model: torch.nn.Module) -> dict[str, Any]:
@@ -358,14 +358,14 @@ def run_config(cfg: TrainingConfig, scoring: ScoringConfig, model: torch.nn.Modu
 
 def check_resumable(checkpoint: Path, cfg: TrainingConfig, scoring: ScoringConfig) -> None:
     """Refuse (KdflowError naming each changed setting) to resume from `checkpoint` when it was written with
-    training or scoring settings that change the trajectory (all but _RESUME_FREE)."""
+    training or scoring settings that change the trajectory (all but RESUME_FREE)."""
     saved = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
     now = {"training": cfg.model_dump(mode="json"), "scoring": scoring.model_dump(mode="json")}
     changed = [
         f"{section}.{key} ({saved[section].get(key)!r} -> {value!r})"
         for section in now
         for key, value in now[section].items()
-        if key not in _RESUME_FREE and saved[section].get(key) != value
+        if key not in RESUME_FREE and saved[section].get(key) != value
     ]
     if changed:
         raise KdflowError(

@@ -1,8 +1,8 @@
 """Ingestion: read one configured source into canonical question records plus the rows it had to reject.
 
 `load_source` finds the files (or the hub split, or the demo world), decodes them (readers.to_utf8: BOMs,
-UTF-8, detected cp1252), reads them (readers.py), maps each record of the detected layout (layouts.py,
-which also lists the rejection reason codes), and hands the rows to collect.py, which decides once for
+UTF-8, detected cp1252), reads them (readers.py), maps each record of the detected layout (layouts.py;
+mapping.py lists the rejection reason codes), and hands the rows to collect.py, which decides once for
 the whole source how its answer column is written (answers.py), resolves every answer, rejects duplicates
 and returns Arrow tables. Every row that does not become a question is kept in `rejected` with a reason;
 a source whose rows are all rejected is not an error here - the caller decides. Problems that make a

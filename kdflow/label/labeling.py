@@ -104,33 +104,30 @@ def label_questions(
     *,
     commit_every: int = 1024,
     on_progress: Callable[[int, int], None] | None = None,
-    sample: Sequence[str] = (),
-    sample_only: bool = False,
+    only: Sequence[str] | None = None,
     close_backend: bool = True,
 ) -> LabelReport:
     """Score every question of the datasets this teacher has not labeled yet, committing batch by batch.
 
     The backend is opened only when there is work: a fully labeled dataset costs no model load. It is closed
     at the end unless `close_backend` is False (its owner keeps it for the next call).
-    The questions in `sample` are labeled (and committed) before the others; with `sample_only` the rest
-    is left unlabeled (the flow checks the sample before labeling the rest: flows/label_stage.py).
+    With `only`, just those questions (the fail-fast sample, which the flow checks before labeling the rest:
+    flows/label_stage.py).
     """
     start = time.perf_counter()
     todo = unlabeled(store, dataset_ids, key)
-    wanted = set(sample)
-    first = [r for r in todo if r["question_id"] in wanted]
-    others = [r for r in todo if r["question_id"] not in wanted]
-    rest = [] if sample_only else others
+    if only is not None:
+        wanted = set(only)
+        todo = [r for r in todo if r["question_id"] in wanted]
     backend: TeacherBackend | None = None
-    done, total = 0, len(first) + len(rest)
+    done, total = 0, len(todo)
     try:
-        for part in (first, rest):
-            for batch in _chunks(part, commit_every):
-                backend = backend or open_backend()
-                store.execute("insert_labels", labels_table(batch, backend.score(batch), key))
-                done += len(batch)
-                if on_progress is not None:
-                    on_progress(done, total)
+        for batch in _chunks(todo, commit_every):
+            backend = backend or open_backend()
+            store.execute("insert_labels", labels_table(batch, backend.score(batch), key))
+            done += len(batch)
+            if on_progress is not None:
+                on_progress(done, total)
     finally:
         if backend is not None and close_backend:
             backend.close()

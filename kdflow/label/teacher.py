@@ -31,23 +31,6 @@ class TeacherRef:
     spec: dict[str, Any]
 
 
-def _server_identity(cfg: RunConfig, store: Store, spec: dict[str, Any]) -> dict[str, Any]:
-    """The served model's identity from the server; when it is down (after labeling, for training, validation
-    and evaluation), the identity recorded with the latest teacher of the same spec and base_url."""
-    from kdflow.label.backends.openai.client import ServerUnreachable, server_identity
-
-    try:
-        return server_identity(cfg.teacher, max_retries=0)
-    except ServerUnreachable:
-        base_url = cfg.teacher.openai.base_url.rstrip("/")
-        for _key, recorded in store.fetch("teacher_specs"):
-            recorded = json.loads(recorded) if isinstance(recorded, str) else recorded
-            server = recorded.pop("server", None) or {}
-            if recorded == spec and server.get("base_url") == base_url:
-                return server
-        return server_identity(cfg.teacher)  # nothing recorded: the retries, then "is the server running?"
-
-
 def teacher_ref(cfg: RunConfig, store: Store, dataset_ids: list[str]) -> TeacherRef:
     """The teacher this config labels with; a teacher needing preparation must have been prepared."""
     backend = backend_spec(cfg.teacher.backend)
@@ -69,8 +52,8 @@ def teacher_ref(cfg: RunConfig, store: Store, dataset_ids: list[str]) -> Teacher
         model_dir = configured_source(cfg.teacher, "teacher").local_dir
         model_dir = model_dir if model_dir is not None and model_dir.exists() else None
     spec = teacher_spec(cfg.teacher, cfg.scoring, model_ref)
-    if backend.server:
-        spec["server"] = _server_identity(cfg, store, spec)  # another server (or other weights behind it) relabels
+    if identity := backend.server_identity_function():
+        spec["server"] = identity(cfg, store, spec)  # another server (or other weights behind it) relabels
     return TeacherRef(model_ref=model_ref, model_dir=model_dir, key=teacher_key(spec), spec=spec)
 
 
@@ -137,13 +120,13 @@ def held_teacher(cfg: RunConfig, ref: TeacherRef) -> Iterator[None]:
 
 def label_with_teacher(
     cfg: RunConfig, store: Store, dataset_ids: list[str], ref: TeacherRef, *,
-    on_progress: Callable[[int, int], None] | None = None, sample: Sequence[str] = (), sample_only: bool = False,
+    on_progress: Callable[[int, int], None] | None = None, only: Sequence[str] | None = None,
 ) -> LabelReport:
     """Label every question of the datasets that the teacher `ref` (teacher_ref of `cfg`) has not labeled yet,
     with the backend of an enclosing `held_teacher` block if there is one, else one opened for this call.
 
-    sample, sample_only: label only the questions in `sample` (the fail-fast sample the flow checks before
-    the rest: kdflow.validate.gate.sample_first)."""
+    only: label just these questions (the fail-fast sample the flow checks before the rest:
+    kdflow.validate.gate.sample_first)."""
     store.execute("upsert_teacher", teacher_key=ref.key, spec=json.dumps(ref.spec),
                   model_path=str(ref.model_dir) if ref.model_dir else None)
     held = _HELD.get(ref.key)
@@ -151,7 +134,7 @@ def label_with_teacher(
         return label_questions(
             store, held.get if held else lambda: open_backend(cfg, ref), dataset_ids, ref.key,
             commit_every=max(cfg.teacher.batch_size * 8, 256), on_progress=on_progress,
-            sample=sample, sample_only=sample_only, close_backend=held is None,
+            only=only, close_backend=held is None,
         )
     except BaseException:
         if held is not None:

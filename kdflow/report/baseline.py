@@ -1,7 +1,7 @@
 """Against the before-training baseline: what training added, and which differences the data can tell apart.
 
-In: each model's overall accuracy and its per-question correctness on the test split (query rows of
-sql/report.sql: model_metrics, paired_correct). Out: the gain recovered by each student and paired
+In: each model's overall accuracy and its per-question correctness on the test split (rows of
+sql/report.sql: overall_metric_rows pivoted wide by kdflow.report.run_data.model_metrics, and paired_correct). Out: the gain recovered by each student and paired
 comparisons (exact McNemar) between the distilled student and the hard- and pseudo-label students, its
 untrained self and the teacher, for the first training seed (kdflow.report.seeds compares every seed), with
 sentences that say which differences are not significant. Reads no tables itself.

@@ -248,7 +248,7 @@ def page_section(quality: DataQuality) -> Row:
 
 def markdown_section(quality: DataQuality, models: list[Row]) -> list[str]:
     """summary.md's "Data" section, as lines, with the models of record's accuracy with and without suspect
-    gold (`models`: model_metrics rows)."""
+    gold (`models`: ReportData.models rows)."""
     suspect = quality.suspect
     lines = [md_text(counts_sentence(quality)), "", md_table(DATASET_COLUMNS, quality.datasets), "",
              md_text(suspect_sentence(quality)), ""]

@@ -77,7 +77,7 @@ class ReportData:
     the first seed's students, `seed_correct` {model role: {seed: {question id: answered correctly}}} of
     every seed's (the teacher under seed None). `models` rows carry the model's accuracy without suspect
     gold answers (accuracy_clean, n_clean, accuracy_clean_lo, accuracy_clean_hi; None when unknown);
-    `seed_metrics` are every seed's metrics (seed_metrics rows); `quality` is the data behind them."""
+    `seed_metrics` are every seed's metrics (seed_metric_rows, pivoted wide); `quality` is the data behind them."""
 
     run_id: str
     evaluation: Row

@@ -2,7 +2,7 @@
 
 In: the config's `sweep` section (settings with lists of values, teachers, an optional ensemble). Out:
 one validated RunConfig per grid point, each point's student trained (kdflow.train) and evaluated
-(kdflow.evaluate), an ensemble teacher's labels when asked, and the statistics that compare points.
+(kdflow.evaluate), an ensemble teacher's labels when asked; the report compares the points (kdflow.report.sweep_report).
 Tables: reads validation_runs, soft_labels, quarantine, questions, predictions, metrics and
 run_datasets; writes sweep_teachers, sweep_points and sweep_evaluations (sql/sweep.sql), and for an
 ensemble teachers and soft_labels.

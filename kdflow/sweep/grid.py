@@ -1,13 +1,13 @@
-"""Sweeps: the grid of students one set of teacher labels trains, and the statistics that compare them.
+"""Sweeps: the grid of students one set of teacher labels trains, and one point's run.
 
 A sweep names settings of `training` and `student` with a list of values each; the grid is their
 cartesian product, crossed with the teachers (`sweep.teachers`, plus their ensemble when enabled), and
 each point is a fully validated RunConfig. The hard-label student (alpha = 1: CE on the gold answer only,
 no KD term) is added once per student setting, on the first teacher's validated questions.
 
-Comparison statistics are pure functions over arrays: the accuracy-vs-latency Pareto front, the best
-setting under a latency budget (the exact McNemar tests between settings, with Holm's step-down correction
-for the number of pairs, are kdflow.evaluate.significance's).
+The statistics that compare points are the report's (kdflow.report.frontier: the accuracy-vs-latency
+Pareto front, the best setting under a latency budget) and the evaluate stage's (kdflow.evaluate.significance:
+exact McNemar tests between settings with Holm's step-down correction).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from kdflow.config import ConfigError, RunConfig
 from kdflow.config.sweep_axes import ENSEMBLE, sweep_axes
+from kdflow.train.roles import switches
 
 if TYPE_CHECKING:
     from kdflow.store import Store
@@ -95,8 +96,8 @@ def _validated(data: dict[str, Any], where: str) -> RunConfig:
 
 def _base_data(cfg: RunConfig) -> dict[str, Any]:
     data = cfg.model_dump(mode="json", exclude={"sweep"})
-    data["training"]["hard_label_baseline"] = False
-    data["training"]["pseudo_label_baseline"] = False
+    for switch in switches():  # a sweep point trains its distilled student only
+        data["training"][switch] = False
     return data
 
 

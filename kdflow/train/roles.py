@@ -6,7 +6,9 @@ report shows, the paired tests it runs. The train, evaluate and report stages re
 nowhere else; the stored tables hold a role's `name`. Pure: no tables, no models.
 
 Adding a role is one entry here (plus its tests): a student whose `target` is one of TARGETS is trained,
-evaluated on every seed, labelled and compared against its `versus` role without any other change.
+evaluated on every seed, labelled and compared against its `versus` role without any other change. A role
+turned on by a switch (`enabled_by`) also needs that `training.*` field in kdflow/config/stages.py and in
+the core's lists of switches (config/sweep_axes.NOT_SWEPT, fitting/checkpoints.RESUME_FREE; a test checks them).
 """
 
 from __future__ import annotations

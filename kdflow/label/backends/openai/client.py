@@ -7,6 +7,7 @@ check against GET /models, and the server identity that goes into the teacher ke
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import os
 import time
@@ -16,8 +17,9 @@ from typing import Any, cast
 import httpx
 import tenacity
 
-from kdflow.config import OpenAIServerConfig, TeacherConfig
+from kdflow.config import OpenAIServerConfig, RunConfig, TeacherConfig
 from kdflow.errors import KdflowError, TransientError
+from kdflow.store import Store
 from kdflow.label.backends.openai.replies import REPLY_QUOTE_CHARS, ServerReplyError, quote_reply
 
 log = logging.getLogger(__name__)
@@ -204,3 +206,20 @@ def server_identity(teacher: TeacherConfig, *, max_retries: int | None = None) -
         return card_identity(client.base_url, client.served_model(served_model_name(teacher), log_list=False))
     finally:
         client.close()
+
+
+def recorded_server_identity(cfg: RunConfig, store: Store, spec: dict[str, Any]) -> dict[str, Any]:
+    """The served model's identity for the teacher key (the backend table's server_identity): asked of the
+    server; when it is down (after labeling, for training, validation and evaluation), the identity recorded
+    with the latest teacher of the same spec and base_url. Raises as `server_identity` when the server is
+    down and nothing is recorded."""
+    try:
+        return server_identity(cfg.teacher, max_retries=0)
+    except ServerUnreachable:
+        base_url = cfg.teacher.openai.base_url.rstrip("/")
+        for _key, recorded in store.fetch("teacher_specs"):
+            recorded = json.loads(recorded) if isinstance(recorded, str) else recorded
+            server = recorded.pop("server", None) or {}
+            if recorded == spec and server.get("base_url") == base_url:
+                return server
+        return server_identity(cfg.teacher)  # nothing recorded: the retries, then "is the server running?"
