@@ -15,7 +15,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import httpx
@@ -71,6 +71,15 @@ def _ensure_limit(name: str) -> None:
             client.read_global_concurrency_limit_by_name(name)
 
 
+def _slot_taken(name: str) -> bool:
+    """Whether the global concurrency limit `name` has no free slot now (read only, nothing acquired)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(name)
+    return limit.active_slots >= limit.limit
+
+
 def _server_queue(home: Path):
     """The home's global concurrency slot, held for the block; waits (logging why) while it is taken."""
 
@@ -80,12 +89,12 @@ def _server_queue(home: Path):
 
         name = home_limit_name(home)
         _ensure_limit(name)
-        with ExitStack() as held:
-            try:
-                held.enter_context(concurrency(name, occupy=1, timeout_seconds=2, lease_duration=LEASE_S, strict=True))
-            except TimeoutError:
-                _log(waiting_message(home, run_id) + f" (global concurrency limit {name})")
-                held.enter_context(concurrency(name, occupy=1, lease_duration=LEASE_S, strict=True))
+        # Look, then acquire once. Acquiring with a timeout and again after it can deadlock a run against
+        # itself: a slow server grants the first request after the client has given up, and that lease is
+        # renewed while the second request waits for the only slot.
+        if _slot_taken(name):
+            _log(waiting_message(home, run_id) + f" (global concurrency limit {name})")
+        with concurrency(name, occupy=1, lease_duration=LEASE_S, strict=True):
             yield
 
     return queue
