@@ -55,7 +55,9 @@ def _server_there() -> bool:
     return bool(get_current_settings().api.url)
 
 
-def _ensure_limit(name: str) -> None:
+def _ensure_limit(name: str) -> bool:
+    """Create the home's global concurrency limit (one slot) unless it exists; whether its slot is taken now
+    (read only, nothing acquired)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectAlreadyExists
@@ -63,19 +65,10 @@ def _ensure_limit(name: str) -> None:
     with get_client(sync_client=True) as client:
         try:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-        except ObjectAlreadyExists:
-            pass
-        except httpx.HTTPStatusError:
+        except (ObjectAlreadyExists, httpx.HTTPStatusError):
             # Two runs creating it at once: the server answers the loser's insert with a 500 from its UNIQUE
-            # constraint, not a 409. The limit exists then; if it does not, this read raises the real error.
-            client.read_global_concurrency_limit_by_name(name)
-
-
-def _slot_taken(name: str) -> bool:
-    """Whether the global concurrency limit `name` has no free slot now (read only, nothing acquired)."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
+            # constraint, not a 409. The limit exists then; if it does not, the read below raises the real error.
+            pass
         limit = client.read_global_concurrency_limit_by_name(name)
     return limit.active_slots >= limit.limit
 
@@ -88,11 +81,10 @@ def _server_queue(home: Path):
         from prefect.concurrency.sync import concurrency
 
         name = home_limit_name(home)
-        _ensure_limit(name)
         # Look, then acquire once. Acquiring with a timeout and again after it can deadlock a run against
         # itself: a slow server grants the first request after the client has given up, and that lease is
         # renewed while the second request waits for the only slot.
-        if _slot_taken(name):
+        if _ensure_limit(name):
             _log(waiting_message(home, run_id) + f" (global concurrency limit {name})")
         with concurrency(name, occupy=1, lease_duration=LEASE_S, strict=True):
             yield
