@@ -35,6 +35,16 @@ def worker_env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=os.pathsep.join([project, os.environ.get("PYTHONPATH", "")]))
 
 
+def session_server_env() -> dict[str, str]:
+    """worker_env() pointed at the session's Prefect server (the test must use the prefect_harness fixture):
+    a `kdflow` command then starts no temporary server of its own, which costs seconds per command."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    assert url, "session_server_env() needs the prefect_harness fixture"
+    return {**worker_env(), "PREFECT_API_URL": url}
+
+
 def sigkill_when(worker: subprocess.Popen, ready: Callable[[], bool], waiting_for: str, timeout: float = 120) -> None:
     """SIGKILL `worker` (started with stderr=PIPE) the moment `ready()`; fail with its stderr if it ends first.
 

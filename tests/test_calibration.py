@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import yaml
-from helpers import worker_env
+from helpers import session_server_env
 
 from kdflow.config import RunConfig
 from kdflow.ingest.datasets import ingest_source
@@ -159,12 +159,13 @@ def test_nan_labels_in_validation_are_quarantined_and_never_reach_the_calibratio
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
 def test_kdflow_validate_quarantines_nan_labels_without_a_traceback(tmp_path):
     cfg, store, dataset_ids, key = _home(tmp_path)
     poisoned = _label_all(store, dataset_ids, key, nan_val=3)
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json", include={"home", "data", "teacher", "validation"})))
-    env = worker_env()  # the session's Prefect server: no temporary one to start for each command
+    env = session_server_env()
     for _ in range(2):  # the rerun finds the verdict and its calibration
         done = subprocess.run([*KDFLOW, "validate", "-c", str(config)], env=env, capture_output=True, text=True,
                               timeout=300)

@@ -3,7 +3,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import os
 import random
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import pytest
 import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+from helpers import session_server_env
 from kdflow.config import ArchitectureConfig, StudentConfig, TeacherConfig
 from kdflow.errors import KdflowError
 from kdflow.fingerprints import weights_fingerprint
@@ -233,10 +233,11 @@ def test_count_parameters_moe():
     assert active < total
 
 
+@pytest.mark.usefixtures("prefect_harness")
 def test_kdflow_run_with_an_unloadable_teacher_is_one_line_and_exit_2(gguf_dir, tmp_path):
     """Through the CLI and the Prefect flow: no traceback (neither ours nor Prefect's log of it)."""
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = session_server_env()
     done = subprocess.run(
         [sys.executable, "-m", "kdflow.cli", "run", "-c", str(root / "configs" / "tiny.yaml"),
          "--set", f"home={tmp_path / 'home'}", "--set", "teacher.prepare.enabled=false",

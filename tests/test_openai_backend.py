@@ -9,7 +9,6 @@ import asyncio
 import copy
 import json
 import math
-import os
 import re
 import shutil
 import socket
@@ -38,6 +37,7 @@ from kdflow.config import ScoringConfig, TeacherConfig, load_config
 from kdflow.errors import KdflowError, TransientError
 from kdflow.store import Store
 from kdflow.label.teacher import teacher_ref
+from helpers import session_server_env
 from openai_stub_server import StubServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -556,10 +556,11 @@ def test_the_server_is_part_of_the_teacher_key(serve, tmp_path):
 
 
 @pytest.mark.parametrize("command", ["label", pytest.param("run", marks=pytest.mark.slow)])
+@pytest.mark.usefixtures("prefect_harness")
 def test_cli_names_an_unreachable_server_in_one_line(command, tmp_path):
     url = f"http://127.0.0.1:{_closed_port()}/v1"
     base = [sys.executable, "-m", "kdflow.cli"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = session_server_env()
     sets = ["-s", f"home={tmp_path}", "-s", "teacher.backend=openai", "-s", "teacher.model=tiny", "-s",
             "teacher.prepare.enabled=false", "-s", f"teacher.openai.base_url={url}", "-s", "teacher.openai.max_retries=1"]
     subprocess.run([*base, "ingest", "-c", str(ROOT / "configs" / "tiny.yaml"), *sets], env=env, cwd=tmp_path,
