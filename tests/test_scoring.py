@@ -16,6 +16,7 @@ from kdflow.modeling import build_model
 from kdflow.prompts import cloze_context, letter_prompt
 from kdflow.records import LETTERS
 from kdflow.scoring import (
+    EncodingMemo,
     ScoringError,
     collate,
     encode,
@@ -616,3 +617,39 @@ def test_shared_cloze_rows_stay_within_the_row_cap(tiny_tokenizer, tiny_question
     for e, (row, columns) in zip(encoded, placements):
         assert [rows[row].options[c] for c in columns] == list(e.options)
         assert rows[row].context == e.context
+
+
+@pytest.mark.parametrize("mode", ["letter", "cloze"])
+def test_an_encoding_memo_encodes_like_tokenize_and_tokenizes_each_question_once(mode, tiny_tokenizer, tiny_questions):
+    cfg = ScoringConfig(mode=mode)
+    memo = EncodingMemo(tiny_tokenizer, cfg)
+    first = memo.tokenize(tiny_questions[:3])
+    # Repeated and new questions, in another order: encodings as tokenize gives them, in the order asked.
+    asked = [tiny_questions[4], tiny_questions[0], tiny_questions[4], tiny_questions[1]]
+    assert memo.tokenize(asked) == tokenize(asked, tiny_tokenizer, cfg)
+    assert first == tokenize(tiny_questions[:3], tiny_tokenizer, cfg)
+    # Every question is known now: no further call reaches the tokenizer.
+    memo.tokenizer = None
+    assert memo.tokenize(tiny_questions[:2] + tiny_questions[4:]) == [first[0], first[1], tokenize(
+        tiny_questions[4:], tiny_tokenizer, cfg)[0]]
+
+
+def test_an_encoding_memo_names_a_bad_question_by_its_place_in_the_call(tiny_tokenizer, tiny_questions):
+    memo = EncodingMemo(tiny_tokenizer, ScoringConfig(mode="cloze", max_length=64))
+    memo.tokenize(tiny_questions[:1])
+    # Options too long for max_length even without the question text: found while tokenizing, after the
+    # known first question was left out of the batch sent to the tokenizer.
+    broken = dict(tiny_questions[1], question_id="q-broken", options=[" ".join(["ocean"] * 80)] * 2)
+    with pytest.raises(ScoringError, match=r"question 2 \(q-broken\)"):
+        memo.tokenize([tiny_questions[0], tiny_questions[2], broken])
+
+
+def test_training_data_refuses_a_memo_of_another_scoring_config(tiny_tokenizer, tiny_questions):
+    from kdflow.fitting.batches import build_dataset
+
+    examples = [dict(q, answer=0) for q in tiny_questions]
+    memo = EncodingMemo(tiny_tokenizer, LETTER)
+    assert build_dataset(examples, tiny_tokenizer, LETTER, with_probs=False, memo=memo).encoded == tokenize(
+        examples, tiny_tokenizer, LETTER)
+    with pytest.raises(ValueError, match="another tokenizer or scoring config"):
+        build_dataset(examples, tiny_tokenizer, CLOZE, with_probs=False, memo=memo)

@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from kdflow.config import ScoringConfig
-from kdflow.scoring import EncodedQuestion, ScoringBatch, collate, tokenize
+from kdflow.scoring import EncodedQuestion, EncodingMemo, ScoringBatch, collate, tokenize
 
 
 class DataOrder:
@@ -86,16 +86,23 @@ def build_dataset(
     *,
     with_probs: bool,
     answers_required: bool = False,
+    memo: EncodingMemo | None = None,
 ) -> TrainingData:
     """Tokenize and check examples: an answer index for each (None: unlabeled, it learns from its teacher
     probs alone; refused when `answers_required`, as alpha = 1 and validation need one), and probs over
-    exactly its options.
+    exactly its options. A `memo` of the same tokenizer and scoring config tokenizes only the questions it
+    has not seen (ValueError for a memo of another tokenizer or config).
 
     Raises ValueError naming the example (index and question_id) whose answer is neither None nor an option
     index, that has no answer when one is required or has neither an answer nor teacher probs, or whose
     teacher probs are missing, of the wrong length, negative or not finite when `with_probs`.
     """
-    encoded = tokenize(examples, tokenizer, scoring)
+    if memo is None:
+        encoded = tokenize(examples, tokenizer, scoring)
+    elif memo.tokenizer is tokenizer and memo.cfg == scoring:
+        encoded = memo.tokenize(examples)
+    else:
+        raise ValueError("the encoding memo was made for another tokenizer or scoring config")
     for i, (example, enc) in enumerate(zip(examples, encoded, strict=True)):
         answer = example.get("answer")
         if answer is None and (answers_required or not with_probs):

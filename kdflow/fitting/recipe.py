@@ -40,7 +40,7 @@ from transformers import PreTrainedTokenizerBase
 
 from kdflow.config import ScoringConfig, TrainingConfig
 from kdflow.errors import KdflowError
-from kdflow.scoring import ScoringBatch, option_logits
+from kdflow.scoring import EncodingMemo, ScoringBatch, option_logits
 from kdflow.fitting.batches import DataOrder, TrainingData, build_dataset
 from kdflow.fitting.export import save_trained_model
 from kdflow.fitting.checkpoints import (
@@ -280,6 +280,7 @@ def _inputs(
     tokenizer: PreTrainedTokenizerBase,
     cfg: TrainingConfig,
     scoring: ScoringConfig,
+    memo: EncodingMemo | None,
 ) -> tuple[TrainingData, TrainingData | None]:
     """The training data (with teacher probabilities when alpha < 1, or when every example has them) and
     the first cfg.eval_questions validation examples; ValueError when there is nothing to train on, an
@@ -291,8 +292,9 @@ def _inputs(
     if cfg.early_stopping_patience is not None and not val_examples:
         raise ValueError("training.early_stopping_patience needs validation examples to decide when to stop")
     with_probs = cfg.alpha < 1 or all(e.get("probs") is not None for e in examples)
-    data = build_dataset(examples, tokenizer, scoring, with_probs=with_probs, answers_required=cfg.alpha == 1)
-    val = build_dataset(val_examples, tokenizer, scoring, with_probs=False, answers_required=True) \
+    data = build_dataset(examples, tokenizer, scoring, with_probs=with_probs, answers_required=cfg.alpha == 1,
+                         memo=memo)
+    val = build_dataset(val_examples, tokenizer, scoring, with_probs=False, answers_required=True, memo=memo) \
         if val_examples else None
     return data, val
 
@@ -329,6 +331,7 @@ def train(
     on_checkpoint: Callable[[int, Path, dict[str, Any]], None] | None = None,
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
+    memo: EncodingMemo | None = None,
 ) -> TrainResult:
     """Train `model` in place on its device to minimise `objective`; checkpoint it, export it to out_dir/final.
 
@@ -343,7 +346,8 @@ def train(
     on_metrics receives the per-step rows {step, epoch, loss, ce, kd, lr, grad_norm, samples_per_s, val_accuracy}
     in batches (every DELIVER_EVERY steps, at each checkpoint and at the end); on_checkpoint receives (step,
     checkpoint dir, last row). should_stop is polled after every step: True saves a checkpoint and raises
-    TrainingCancelled.
+    TrainingCancelled. memo: encodings shared with other trainings on the same questions, tokenizer and scoring
+    config (see kdflow.scoring.EncodingMemo).
 
     Under a launcher (torchrun, accelerate launch: WORLD_SIZE = cfg.num_processes; kdflow.train.launcher
     starts one) every process calls this with the same arguments; each moves the model to its own device,
@@ -355,7 +359,7 @@ def train(
 
     # 1. Inputs: the step budget follows from the data, so check the data first.
     processes = join(cfg, next(model.parameters()).device)
-    data, val = _inputs(examples, val_examples, tokenizer, cfg, scoring)
+    data, val = _inputs(examples, val_examples, tokenizer, cfg, scoring, memo)
     steps = total_steps(cfg, len(examples))
     if not processes.is_main:
         on_metrics = on_checkpoint = None

@@ -50,6 +50,7 @@ from kdflow.scoring.batch import Placement, ScoringBatch, collate, encode, merge
 from kdflow.scoring.encoding import (
     ELISION,
     EncodedQuestion,
+    EncodingMemo,
     Mode,
     ScoringError,
     split_pair,
@@ -61,6 +62,7 @@ from kdflow.scoring.forward import OptionScores, option_logits, to_soft_labels
 __all__ = [
     "ELISION",
     "EncodedQuestion",
+    "EncodingMemo",
     "Mode",
     "OptionScores",
     "Placement",

@@ -107,10 +107,42 @@ def tokenize(
     after the prompt, or a question that cannot fit max_length even without its text.
     """
     checked = _checked(questions)
-    names = [_name(i, q) for i, q in enumerate(questions)]
+    return _tokenize(checked, [_name(i, q) for i, q in enumerate(questions)], tokenizer, cfg)
+
+
+def _tokenize(
+    checked: list[tuple[str, list[str], str]], names: list[str], tokenizer: PreTrainedTokenizerBase,
+    cfg: ScoringConfig,
+) -> list[EncodedQuestion]:
     if cfg.mode == "letter":
         return _tokenize_letter(checked, names, tokenizer, cfg)
     return _tokenize_cloze(checked, names, tokenizer, cfg)
+
+
+class EncodingMemo:
+    """`tokenize` with one tokenizer and scoring config, remembering each question's encoding: the students
+    of one train stage (every role and seed) learn from the same questions, which are tokenized once.
+
+    A question is known by its text, options and category, all an encoding depends on besides the tokenizer
+    and config; errors are `tokenize`'s, naming the question by its position in the call.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, cfg: ScoringConfig) -> None:
+        self.tokenizer, self.cfg = tokenizer, cfg
+        self._known: dict[tuple[str, tuple[str, ...], str], EncodedQuestion] = {}
+
+    def tokenize(self, questions: Sequence[Mapping[str, Any]]) -> list[EncodedQuestion]:
+        """The encodings of `questions` ([N], in order), tokenizing only those not seen before."""
+        checked = _checked(questions)
+        keys = [(text, tuple(options), category) for text, options, category in checked]
+        first: dict[tuple[str, tuple[str, ...], str], int] = {}
+        for i, key in enumerate(keys):
+            if key not in self._known:
+                first.setdefault(key, i)
+        new = list(first.values())
+        encoded = _tokenize([checked[i] for i in new], [_name(i, questions[i]) for i in new], self.tokenizer, self.cfg)
+        self._known.update(zip((keys[i] for i in new), encoded))
+        return [self._known[key] for key in keys]
 
 
 def trim_middle(text: str, keep: int) -> str:

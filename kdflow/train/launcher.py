@@ -44,6 +44,7 @@ from kdflow.fitting.distributed import launched_world_size, transformers_model
 from kdflow.fitting.optim import total_steps
 from kdflow.fitting.recipe import TrainingCancelled, TrainResult, train
 from kdflow.fitting.reporting import TrainingDiverged, step_bar, step_status
+from kdflow.scoring import EncodingMemo
 from kdflow.train.losses import distillation_objective
 
 
@@ -83,13 +84,15 @@ def launch_training(
     on_checkpoint: Callable[[int, Path, dict[str, Any]], None] | None = None,
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
+    memo: EncodingMemo | None = None,
 ) -> TrainResult:
     """`kdflow.fitting.recipe.train` of the distillation objective of `cfg` (kdflow.train.losses) in
     cfg.num_processes processes on this machine: same arguments, same result, same exceptions (a worker lost without a word raises TransientError, so orchestration retries it).
 
     The callbacks run here, as the main worker reports. The caller's model is only read: it is saved for
     the workers and moved to the CPU, freeing its device for them. Under a launcher already, or with one
-    process, this is `train` itself.
+    process, this is `train` itself. `memo` (encodings shared between trainings) serves that case; launched
+    workers tokenize for themselves.
     """
 
     if cfg.num_processes == 1 or launched_world_size() > 1:
@@ -97,7 +100,7 @@ def launch_training(
             model, tokenizer, examples, cfg, scoring, objective=distillation_objective(cfg), out_dir=out_dir,
             val_examples=val_examples, resume=resume,
             merge_lora=merge_lora, on_metrics=on_metrics, on_checkpoint=on_checkpoint, progress=progress,
-            should_stop=should_stop,
+            should_stop=should_stop, memo=memo,
         )
     if not examples:
         raise ValueError("no training examples; check the split fractions and the labeled questions")

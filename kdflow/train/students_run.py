@@ -209,13 +209,16 @@ def _by_role(plan: list[tuple[str, int]], dirs: Mapping[tuple[str, int], Path]) 
 
 class _StudentInputs:
     """What every student of one stage starts from, read once: validation questions, the tokenizer of a
-    fresh student, the teacher's weights for a from_teacher one."""
+    fresh student and the questions' encodings with it, the teacher's weights for a from_teacher one."""
 
     def __init__(
         self, cfg: RunConfig, store: Store, dataset_ids: list[str], teacher: TeacherRef, validation_id: str
     ) -> None:
         self.val_examples = split_examples(store, dataset_ids, "val")
         self.tokenizer = _tokenizer_for(cfg, store, dataset_ids, teacher) if cfg.student.init == "fresh" else None
+        from kdflow.scoring import EncodingMemo  # here, not at the top: transformers loads for seconds
+
+        self.memo = EncodingMemo(self.tokenizer, cfg.scoring) if self.tokenizer is not None else None
         self.teacher_weights = teacher_source(cfg, teacher) if cfg.student.init == "from_teacher" else None
         self.spec = {"student": cfg.student.model_dump(mode="json"), "teacher_key": teacher.key,
                      "validation_id": validation_id}
@@ -261,7 +264,7 @@ def _train_one(
             resume=options["resume"], merge_lora=cfg.student.lora.merge_on_export,
             on_metrics=_metrics_sink(store, model_id, options["on_progress"], steps),
             on_checkpoint=_checkpoint_sink(store, model_id), progress=options["progress"],
-            should_stop=options["should_stop"],
+            should_stop=options["should_stop"], memo=inputs.memo if tok is inputs.tokenizer else None,
         )
         final = Path(result.final_dir)
     total, active = count_parameters(model)
