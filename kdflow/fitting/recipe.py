@@ -341,13 +341,12 @@ def train(
     Checkpoints go to out_dir/checkpoints: resume=True continues from the newest one (if any), resume=False
     deletes them first. A LoRA model is exported merged (in place) when merge_lora, else as its adapter. One call
     trains one model: cfg.seeds[0] seeds it (dropout and the data order); the train stage gives each seed's run a
-    config holding that seed alone.
+    config holding that seed alone, and all of them one `memo` (kdflow.scoring.EncodingMemo): tokenized once.
 
     on_metrics receives the per-step rows {step, epoch, loss, ce, kd, lr, grad_norm, samples_per_s, val_accuracy}
     in batches (every DELIVER_EVERY steps, at each checkpoint and at the end); on_checkpoint receives (step,
     checkpoint dir, last row). should_stop is polled after every step: True saves a checkpoint and raises
-    TrainingCancelled. memo: encodings shared with other trainings on the same questions, tokenizer and scoring
-    config (see kdflow.scoring.EncodingMemo).
+    TrainingCancelled.
 
     Under a launcher (torchrun, accelerate launch: WORLD_SIZE = cfg.num_processes; kdflow.train.launcher
     starts one) every process calls this with the same arguments; each moves the model to its own device,
@@ -355,7 +354,6 @@ def train(
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    checkpoint_dir = out_dir / "checkpoints"
 
     # 1. Inputs: the step budget follows from the data, so check the data first.
     processes = join(cfg, next(model.parameters()).device)
@@ -377,8 +375,8 @@ def train(
     scheduler = build_scheduler(optimizer, cfg, steps)
 
     # 3. Resume (weights, optimizer, schedule, RNG, data position) or start over.
-    state = _resume_or_start(resume, checkpoint_dir, cfg, scoring, processes, model, optimizer, scheduler)
-    run = _Run(model, optimizer, scheduler, processes, state, checkpoint_dir, settings,
+    state = _resume_or_start(resume, out_dir / "checkpoints", cfg, scoring, processes, model, optimizer, scheduler)
+    run = _Run(model, optimizer, scheduler, processes, state, out_dir / "checkpoints", settings,
                DataOrder(len(examples), seed, state.epoch, state.position), on_metrics, on_checkpoint, objective)
 
     # 4. The loop, then 5. the export.
