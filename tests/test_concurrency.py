@@ -333,9 +333,10 @@ def test_two_runs_started_together_on_one_home_both_complete_like_separate_runs(
 
 
 # The stages whose killed run leaves work to resume: teacher checkpoints, some labels, student checkpoints,
-# some evaluations. Ingest writes a dataset version in one transaction and validate makes a stored verdict's
-# missing calibration and suspect-gold scan again; a run killed before any stage wrote is
-# test_a_killed_run_is_marked_crashed_and_its_stage_closed.
+# some evaluations. Kills as ingest and validate start (dropped for the suite's time) leave nothing to resume:
+# ingest writes a dataset version in one transaction, and validate makes a stored verdict's missing
+# calibration and suspect-gold scan again; test_a_killed_run_is_marked_crashed_and_its_stage_closed checks
+# that such a run is marked crashed and its stage closed.
 STAGES = ["prepare_teacher", "label", "train", "evaluate"]
 
 

@@ -341,7 +341,7 @@ def train(
     Checkpoints go to out_dir/checkpoints: resume=True continues from the newest one (if any), resume=False
     deletes them first. A LoRA model is exported merged (in place) when merge_lora, else as its adapter. One call
     trains one model: cfg.seeds[0] seeds it (dropout and the data order); the train stage gives each seed's run a
-    config holding that seed alone, and all of them one `memo` (kdflow.scoring.EncodingMemo): tokenized once.
+    config holding that seed alone, and fresh students one `memo` (kdflow.scoring.EncodingMemo): tokenized once.
 
     on_metrics receives the per-step rows {step, epoch, loss, ce, kd, lr, grad_norm, samples_per_s, val_accuracy}
     in batches (every DELIVER_EVERY steps, at each checkpoint and at the end); on_checkpoint receives (step,

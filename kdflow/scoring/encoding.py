@@ -121,7 +121,8 @@ def _tokenize(
 
 class EncodingMemo:
     """`tokenize` with one tokenizer and scoring config, remembering each question's encoding: the students
-    of one train stage (every role and seed) learn from the same questions, which are tokenized once.
+    of one train stage (every role and seed, when they share a tokenizer: student.init fresh) learn from the
+    same questions, which are tokenized once.
 
     A question is known by its text, options and category, all an encoding depends on besides the tokenizer
     and config; errors are `tokenize`'s, naming the question by its position in the call.
