@@ -353,7 +353,7 @@ def train(
     the main process alone calls on_metrics and on_checkpoint and writes, and any should_stop stops all.
     """
     started = time.perf_counter()
-    out_dir = Path(out_dir)
+    out_dir, checkpoint_dir = Path(out_dir), Path(out_dir) / "checkpoints"
 
     # 1. Inputs: the step budget follows from the data, so check the data first.
     processes = join(cfg, next(model.parameters()).device)
@@ -375,8 +375,8 @@ def train(
     scheduler = build_scheduler(optimizer, cfg, steps)
 
     # 3. Resume (weights, optimizer, schedule, RNG, data position) or start over.
-    state = _resume_or_start(resume, out_dir / "checkpoints", cfg, scoring, processes, model, optimizer, scheduler)
-    run = _Run(model, optimizer, scheduler, processes, state, out_dir / "checkpoints", settings,
+    state = _resume_or_start(resume, checkpoint_dir, cfg, scoring, processes, model, optimizer, scheduler)
+    run = _Run(model, optimizer, scheduler, processes, state, checkpoint_dir, settings,
                DataOrder(len(examples), seed, state.epoch, state.position), on_metrics, on_checkpoint, objective)
 
     # 4. The loop, then 5. the export.
