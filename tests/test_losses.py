@@ -321,7 +321,8 @@ def test_all_masked_batch_returns_zero_with_grad():
 def test_pinned_batch_with_an_unlabeled_question():
     # Row 0, labeled: q = [1/4, 3/4], gold 1: CE = ln(4/3) = 0.287682; p = [1/2, 1/2]: KL = 0.143841.
     # Row 1, unlabeled: q = [1/2, 1/2], p = [0.8, 0.2]: KL = 0.8 ln 1.6 + 0.2 ln 0.4 = 0.192745.
-    # total = 0.5 * (1 * 0.287682 + 0 * CE_1) / 2 + 0.5 * (0.143841 + 0.192745) / 2 = 0.156067
+    # alpha_0 = 0.5, alpha_1 = 0 (no gold answer: the KD term alone, with the whole weight):
+    # total = (0.5 * 0.287682 + 0.5 * 0.143841 + 1 * 0.192745) / 2 = 0.204253
     s = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]], dtype=torch.float64)
     t = torch.tensor([[0.5, 0.5], [0.8, 0.2]], dtype=torch.float64)
     m = torch.ones(2, 2, dtype=torch.bool)
@@ -329,7 +330,7 @@ def test_pinned_batch_with_an_unlabeled_question():
                               labeled=torch.tensor([True, False]))
     assert parts.ce.item() == pytest.approx(0.287682, abs=1e-6)  # the mean over the labeled question
     assert parts.kd.item() == pytest.approx((0.143841 + 0.192745) / 2, abs=1e-6)
-    assert parts.total.item() == pytest.approx(0.156067, abs=1e-6)
+    assert parts.total.item() == pytest.approx(0.204253, abs=1e-6)
     assert parts.n_labeled.item() == 1
 
 
@@ -342,21 +343,24 @@ def test_an_unlabeled_question_learns_from_its_kd_term_alone(kind, alpha, temper
     s.requires_grad_(True)
     parts = distillation_loss(s, t, g, m, alpha=alpha, temperature=temperature, kind=kind, labeled=~unlabeled)
     parts.total.backward()
-    # The gradient at an unlabeled row's logits is that of (1 - alpha) T^2 KD_i / n, exactly.
+    # The gradient at an unlabeled row's logits is that of T^2 KD_i / n exactly (at alpha = 1, none).
     kd_only = s.detach().clone().requires_grad_(True)
-    weight = (1 - alpha) * temperature**2 / len(g)
+    weight = (alpha < 1) * temperature**2 / len(g)
     (weight * kd_divergence(kd_only, t, m, kind=kind, temperature=temperature)[unlabeled].sum()).backward()
     torch.testing.assert_close(s.grad[unlabeled], kd_only.grad[unlabeled], rtol=1e-12, atol=1e-15)
     # Whatever gold an unlabeled row carries changes nothing.
     other = distillation_loss(s, t, torch.where(unlabeled, -1, g), m, alpha=alpha, temperature=temperature,
                               kind=kind, labeled=~unlabeled)
     assert other.total.item() == parts.total.item() and other.ce.item() == parts.ce.item()
-    # The CE term is the labeled rows' CE summed over all n rows; ce itself is their mean.
+    # The CE term is the labeled rows' CE summed over all n rows; ce itself is their mean. The KD term
+    # weighs a labeled row's divergence by 1 - alpha and an unlabeled row's by 1.
     ce = ref_ce(logits, gold, mask)[~unlabeled.numpy()]
-    kd = ref_divergence(logits, probs, mask, kind, temperature).mean()
+    divergence = ref_divergence(logits, probs, mask, kind, temperature)
+    kd_weights = np.where(unlabeled.numpy(), 1.0, 1 - alpha) * (alpha < 1)
     assert parts.ce.item() == pytest.approx(ce.mean(), rel=1e-9)
-    assert parts.total.item() == pytest.approx(alpha * ce.sum() / len(g) + (1 - alpha) * temperature**2 * kd,
-                                               rel=1e-9)
+    assert parts.kd.item() == pytest.approx(divergence.mean(), rel=1e-9)
+    assert parts.total.item() == pytest.approx(
+        (alpha * ce.sum() + temperature**2 * (kd_weights * divergence).sum()) / len(g), rel=1e-7)
 
 
 def test_all_labeled_is_the_plain_loss_and_all_unlabeled_is_the_kd_term():
@@ -368,7 +372,7 @@ def test_all_labeled_is_the_plain_loss_and_all_unlabeled_is_the_kd_term():
     assert labeled.total.item() == plain.total.item() and labeled.ce.item() == plain.ce.item()
     s.requires_grad_(True)
     none = distillation_loss(s, t, torch.full_like(g, -1), m, alpha=0.3, temperature=2.0, labeled=~everyone)
-    assert none.total.item() == pytest.approx(0.7 * 4.0 * none.kd.item(), rel=1e-12)
+    assert none.total.item() == pytest.approx(4.0 * none.kd.item(), rel=1e-12)
     assert none.ce.item() == 0.0 and none.n_labeled.item() == 0
     none.total.backward()
     assert bool(torch.isfinite(s.grad).all())

@@ -110,18 +110,19 @@ def distillation_loss(
     sample_mask: Tensor | None = None,
     labeled: Tensor | None = None,
 ) -> LossParts:
-    """The mean over questions of alpha * w_i * CE_i + (1 - alpha) * T^2 * KD_i, with CE weight w_i = 1 for a
-    question with a gold answer and 0 for one without (unlabeled).
+    """The mean over questions of alpha_i * CE_i + (1 - alpha_i) * T^2 * KD_i, where alpha_i = alpha for a
+    question with a gold answer and 0 for one without (unlabeled): a question without a gold answer learns
+    from the KD term alone, with the whole weight a labeled question splits between its two terms.
 
     Over the n included questions (sample_mask) the total is
-        total = alpha * sum_i(w_i * CE_i) / n + (1 - alpha) * T^2 * sum_i(KD_i) / n,
+        total = sum_i(alpha_i * CE_i + (1 - alpha_i) * T^2 * KD_i) / n,
     CE_i at T = 1 against the gold answer, KD_i the divergence at temperature T. A batch of labeled questions
-    gives today's loss, alpha * mean CE + (1 - alpha) * T^2 * mean KD, whose T^2 factor keeps the soft-target
-    gradients at the same scale as T changes (Hinton et al. 2015). An unlabeled question teaches through its
-    KD term alone (its gradient is exactly that of (1 - alpha) T^2 KD_i / n); a batch of unlabeled questions
-    gives (1 - alpha) * T^2 * mean KD, and at alpha = 1 it gives 0. Being a mean over questions (not over the
-    labeled ones), equal-size micro-batches average to the loss of their union, as gradient accumulation and
-    several processes need.
+    gives alpha * mean CE + (1 - alpha) * T^2 * mean KD (Hinton et al. 2015; the T^2 factor keeps the
+    soft-target gradients at the same scale as T changes); a batch of unlabeled questions gives T^2 * mean
+    KD, the loss of distilling unlabeled data (an unlabeled question's gradient is exactly that of
+    T^2 KD_i / n). alpha = 1 turns the teacher off: the total is the CE term alone and unlabeled questions
+    add nothing. Being a mean over questions (not over the labeled ones), equal-size micro-batches average to
+    the loss of their union, as gradient accumulation and several processes need.
 
     Args:
         student_logits: [B, K] raw option logits; padded entries are ignored.
@@ -148,20 +149,20 @@ def distillation_loss(
         raise ValueError(f"teacher_probs is required unless alpha == 1 (got alpha={alpha})")
     _check_batch(student_logits, teacher_probs, option_mask)
     hard = gold_cross_entropy(student_logits, gold, option_mask, sample_mask=sample_mask, labeled=labeled)
-    kd = None
-    if teacher_probs is not None:
-        divergence = kd_divergence(
-            student_logits, teacher_probs, option_mask, kind=kind, temperature=temperature, beta=beta
-        )
-        batch = student_logits.shape[0]
-        kd = _masked_mean(divergence, row_mask(sample_mask, "sample_mask", batch, student_logits.device))
-
+    if teacher_probs is None:
+        return hard
+    divergence = kd_divergence(student_logits, teacher_probs, option_mask, kind=kind, temperature=temperature,
+                               beta=beta)
+    batch, device = student_logits.shape[0], student_logits.device
+    included = row_mask(sample_mask, "sample_mask", batch, device)
+    kd = _masked_mean(divergence, included)
     if alpha == 1:
-        total = hard.total
-    elif alpha == 0:
-        total = temperature**2 * kd
-    else:
-        total = alpha * hard.total + (1 - alpha) * temperature**2 * kd
+        return hard._replace(kd=kd)
+    # KD weight 1 - alpha_i: 1 - alpha on a labeled question, 1 on an unlabeled one.
+    with_gold = included & row_mask(labeled, "labeled", batch, device)
+    kd_weight = torch.where(with_gold, 1 - alpha, 1.0).to(divergence.dtype)
+    kd_term = temperature**2 * _masked_mean(kd_weight * divergence, included)
+    total = kd_term if alpha == 0 else alpha * hard.total + kd_term
     return LossParts(total=total, ce=hard.ce, kd=kd, n_labeled=hard.n_labeled)
 
 
