@@ -232,6 +232,42 @@ def test_every_seed_trains_each_role_and_a_change_retrains_only_what_it_changes(
         find_students(_stage_config(tmp_path, seeds=[0, 5]), store, TEACHER, VALIDATION_ID)
 
 
+def _weights(model_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(next(model_dir.glob("*.safetensors"))))
+
+
+def _metric_rows(home) -> list[tuple]:
+    con = duckdb.connect(str(home / "kdflow.duckdb"), read_only=True)
+    rows = con.execute("SELECT m.role, m.seed, t.step, t.loss, m.status FROM training_metrics t JOIN models m "
+                       "USING (model_id) ORDER BY m.role, m.seed, t.step").fetchall()
+    con.close()
+    return rows
+
+
+def test_students_trained_at_once_are_the_students_trained_one_by_one(tmp_path):
+    # Each student of the parallel stage trains in a process of its own (one CPU thread each, as here), its
+    # metrics relayed to the same store: the same weights and the same metric rows as training in turn.
+    one_by_one, at_once = tmp_path / "one", tmp_path / "at-once"
+    trained = {}
+    for home, parallel in ((one_by_one, 1), (at_once, 2)):
+        store, _ = _stage_store(home, UNLABELED)
+        trained[parallel] = _train_stage(home, store, parallel_students=parallel)
+    assert trained[2].dirs.keys() == trained[1].dirs.keys()
+    for role, by_seed in trained[1].dirs.items():
+        for seed, model_dir in by_seed.items():
+            assert trained[2].dirs[role][seed].is_relative_to(at_once)
+            for name, tensor in _weights(model_dir).items():
+                torch.testing.assert_close(_weights(trained[2].dirs[role][seed])[name], tensor, rtol=0, atol=0,
+                                           msg=lambda m: f"{role} {seed} {name}: {m}")
+    assert _metric_rows(at_once) == _metric_rows(one_by_one) and len(_metric_rows(at_once)) == 12
+    assert not list(at_once.glob("models/*/launch"))  # each worker's contract folder is removed
+
+
+def test_students_trained_at_once_need_one_process_each():
+    with pytest.raises(ValueError, match=r"parallel_students \(2\).*num_processes \(2\).*choose one"):
+        TrainingConfig(parallel_students=2, num_processes=2)
+
+
 def test_a_hard_label_student_needs_labeled_questions(tmp_path):
     store, _ = _stage_store(tmp_path, {q["question_id"] for q in toy.questions(24, seed=1)})
     with pytest.raises(KdflowError, match="none of the 24 training questions has a gold answer"):

@@ -58,11 +58,12 @@ class ScoringConfig(Strict):
 
 
 class TrainingConfig(Strict):
-    """The student's training: loss = alpha * CE(gold) + (1 - alpha) * T^2 * divergence(teacher, student)."""
+    """The student's training: loss = alpha * CE(gold) + (1 - alpha) * T^2 * divergence(teacher, student) on a
+    question with a gold answer, T^2 * divergence on one without."""
 
     alpha: float = Field(
         0.5, ge=0, le=1, description="weight of CE on the gold answer; 1 - alpha weighs the KD term (a question "
-        "without a gold answer learns from the KD term alone)",
+        "without a gold answer learns from the KD term alone, with weight 1; alpha = 1 turns the teacher off)",
     )
     temperature: float = Field(1.0, gt=0, description="softening temperature T (the KD term is scaled by T^2)")
     # A name checked against kdflow.divergences when validated (not a Literal fixed at import), so that table
@@ -115,6 +116,11 @@ class TrainingConfig(Strict):
     )
     num_processes: int = Field(1, ge=1, description="> 1 launches DDP/FSDP through accelerate")
     fsdp: bool = Field(False, description="shard the student with FSDP instead of DDP copies; needs num_processes > 1")
+    parallel_students: int = Field(
+        1, ge=1, description="students of one train stage trained at once, each in a process of its own with an "
+        "equal share of the CPU threads (a small student hardly uses a second core within one process); needs "
+        "num_processes: 1",
+    )
     suspect_gold: Literal["keep", "drop", "teacher"] = Field(
         "keep", description="training questions whose gold answer the gate found suspect (validation.suspect_gold): "
         "keep them as they are, drop them, or train on the teacher's choice as their gold answer",
@@ -129,6 +135,16 @@ class TrainingConfig(Strict):
                 "(or several, e.g. `seeds: [0, 1, 2]`, to compare the students over seeds)"
             )
         return data
+
+    @model_validator(mode="after")
+    def _one_kind_of_parallelism(self) -> TrainingConfig:
+        if self.parallel_students > 1 and self.num_processes > 1:
+            raise ValueError(
+                f"training.parallel_students ({self.parallel_students}) trains several students at once and "
+                f"training.num_processes ({self.num_processes}) one student in several processes; choose one: set "
+                "the other to 1"
+            )
+        return self
 
     @field_validator("divergence")
     @classmethod

@@ -338,7 +338,8 @@ def load_checkpoint(
 
 # Settings that do not change the trajectory; a resumed run may change them freely (the number of
 # processes too: the global batch and its data order do not depend on it).
-RESUME_FREE = {"checkpoint_every", "hard_label_baseline", "pseudo_label_baseline", "num_processes", "fsdp"}
+RESUME_FREE = {"checkpoint_every", "hard_label_baseline", "pseudo_label_baseline", "num_processes", "fsdp",
+               "parallel_students"}
 
 
 def run_config(cfg: TrainingConfig, scoring: ScoringConfig, model: torch.nn.Module) -> dict[str, Any]:

@@ -85,17 +85,22 @@ def launch_training(
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
     memo: EncodingMemo | None = None,
+    threads: int | None = None,
 ) -> TrainResult:
     """`kdflow.fitting.recipe.train` of the distillation objective of `cfg` (kdflow.train.losses) in
-    cfg.num_processes processes on this machine: same arguments, same result, same exceptions (a worker lost without a word raises TransientError, so orchestration retries it).
+    cfg.num_processes processes on this machine: same arguments, same result, same exceptions (a worker lost
+    without a word raises TransientError, so orchestration retries it).
 
     The callbacks run here, as the main worker reports. The caller's model is only read: it is saved for
     the workers and moved to the CPU, freeing its device for them. Under a launcher already, or with one
-    process, this is `train` itself. `memo` (encodings shared between trainings) serves that case; launched
-    workers tokenize for themselves.
+    process and no `threads`, this is `train` itself. `threads` runs even a one-process training in a
+    process of its own with that many CPU threads (torch.set_num_threads), so that several trainings can
+    run at once without sharing one interpreter (kdflow.train.students_run's training.parallel_students).
+    `memo` (encodings shared between trainings) serves the in-process case; launched workers tokenize for
+    themselves.
     """
 
-    if cfg.num_processes == 1 or launched_world_size() > 1:
+    if launched_world_size() > 1 or (cfg.num_processes == 1 and threads is None):
         return train(
             model, tokenizer, examples, cfg, scoring, objective=distillation_objective(cfg), out_dir=out_dir,
             val_examples=val_examples, resume=resume,
@@ -107,11 +112,13 @@ def launch_training(
     started = time.perf_counter()
     run_dir = _prepare_run_dir(
         model, tokenizer, examples, val_examples, cfg, scoring, Path(out_dir).resolve(), resume=resume,
-        merge_lora=merge_lora,
+        merge_lora=merge_lora, threads=threads,
     )
-    command = [
+    worker = ["-m", "kdflow.train.launcher", str(run_dir)]
+    # One process needs no rendezvous: the worker runs as a plain child, which starts seconds sooner.
+    command = [sys.executable, *worker] if cfg.num_processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.num_processes}",
-        "-m", "kdflow.train.launcher", str(run_dir),
+        *worker,
     ]
     # The workers run this interpreter (sys.executable) in this environment, so they import the kdflow this
     # process runs, installed or editable, with no path of a repository added.
@@ -153,10 +160,11 @@ def _prepare_run_dir(
     *,
     resume: bool,
     merge_lora: bool,
+    threads: int | None,
 ) -> Path:
     """A fresh out_dir/launch folder holding what the workers read: the model (saved, then moved to the
     CPU to free its device), the examples, at most cfg.eval_questions validation examples, and spec.json
-    (the settings and the model's device type)."""
+    (the settings, the model's device type and the CPU threads of each worker, None for torch's default)."""
     run_dir = out_dir / "launch"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
@@ -173,6 +181,7 @@ def _prepare_run_dir(
         "resume": resume,
         "merge_lora": merge_lora,
         "device": device_type,
+        "threads": threads,
     }
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=2), encoding="utf-8")
     return run_dir
@@ -320,6 +329,8 @@ def _worker(run_dir: Path) -> None:
     main = int(os.environ.get("RANK", "0")) == 0
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if spec["device"] == "cuda" else "cpu")
     val_file = run_dir / "val.parquet"
+    if spec["threads"] is not None:
+        torch.set_num_threads(spec["threads"])
     try:
         model, tokenizer = _load_model(run_dir / "model", device)
         training = TrainingConfig.model_validate(spec["training"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,9 @@ from kdflow.train.roles import DISTILLED, GOLD, SOFT_LABELS, role, student_roles
 
 METRIC_COLUMNS = ["step", "epoch", "loss", "ce", "kd", "lr", "grad_norm", "samples_per_s", "val_accuracy"]
 # Settings that do not change what a student learns, left out of its id (with the switches of the roles).
-_NOT_IN_ID = {"seeds", "num_processes", "fsdp"}
+_NOT_IN_ID = {"seeds", "num_processes", "fsdp", "parallel_students"}
+# Students trained at once are initialised in turn: seeding and drawing weights use torch's one global RNG.
+_GLOBAL_RNG = threading.Lock()
 # Settings only the KD term reads: the alpha = 1 students train with their defaults.
 _KD_ONLY = ("temperature", "divergence", "jsd_beta", "soft_labels")
 
@@ -192,12 +195,82 @@ def train_students(
     # One step budget for every role: that of a pass over all the training questions.
     steps = total_steps(cfg.training, len(examples))
     inputs = _StudentInputs(cfg, store, dataset_ids, teacher, validation_id)
-    for key in plan:
-        if key not in dirs:
-            dirs[key] = _train_one(cfg, store, inputs, key, ids[key], role_examples(examples, key[0], cfg.training.alpha), steps,
-                                   run_id=run_id, resume=resume, progress=progress, should_stop=should_stop,
-                                   on_progress=on_progress)
+
+    def train_one(key: tuple[str, int], **options: Any) -> Path:
+        options = {"run_id": run_id, "resume": resume, "progress": progress, "should_stop": should_stop,
+                   "on_progress": on_progress, "threads": None, **options}
+        return _train_one(cfg, store, inputs, key, ids[key], role_examples(examples, key[0], cfg.training.alpha),
+                          steps, **options)
+
+    pending = [key for key in plan if key not in dirs]
+    at_once = [key for key in pending if _target(key[0])] if cfg.training.parallel_students > 1 else []
+    for key in pending:
+        if key not in at_once:
+            dirs[key] = train_one(key)
+    if at_once:
+        dirs.update(_train_at_once(train_one, at_once, cfg.training.parallel_students, steps, progress=progress,
+                                   should_stop=should_stop, on_progress=on_progress))
     return TrainedStudents(_by_role(plan, dirs), reused, len(examples), n_labeled)
+
+
+def _train_at_once(
+    train_one: Callable[..., Path],
+    keys: list[tuple[str, int]],
+    parallel: int,
+    steps: int,
+    *,
+    progress: bool,
+    should_stop: Callable[[], bool] | None,
+    on_progress: Callable[[int, int], None] | None,
+) -> dict[tuple[str, int], Path]:
+    """Train the students `keys` `parallel` at a time, each in a process of its own with an equal share of
+    this process's CPU threads; returns {key: model dir}. One progress bar (and `on_progress`) counts the
+    steps of all of them. When one fails, the others stop at their next step (resumable from their last
+    checkpoint) and its exception is raised."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    import torch
+
+    from kdflow.fitting.reporting import step_bar
+
+    threads = max(1, torch.get_num_threads() // parallel)
+    failed = threading.Event()
+    lock = threading.Lock()
+    done = dict.fromkeys(keys, 0)
+    total = steps * len(keys)
+
+    def stop() -> bool:
+        return failed.is_set() or (should_stop is not None and should_stop())
+
+    with step_bar(total, 0, progress) as show:
+        def progressed(key: tuple[str, int]) -> Callable[[int, int], None]:
+            def update(step: int, _: int) -> None:
+                with lock:
+                    done[key] = step
+                    so_far = sum(done.values())
+                show(so_far, f"{len(keys)} students, {parallel} at a time")
+                if on_progress is not None:
+                    on_progress(so_far, total)
+            return update
+
+        results: dict[tuple[str, int], Path] = {}
+        errors: list[BaseException] = []
+        with ThreadPoolExecutor(parallel) as pool:
+            futures = {pool.submit(train_one, key, threads=threads, progress=False, should_stop=stop,
+                                   on_progress=progressed(key)): key for key in keys}
+            try:
+                for future in as_completed(futures):
+                    try:
+                        results[futures[future]] = future.result()
+                    except Exception as e:
+                        failed.set()
+                        errors.append(e)
+            except BaseException:
+                failed.set()  # Ctrl-C here: the running students stop at their next step
+                raise
+    if errors:
+        raise errors[0]
+    return results
 
 
 def _by_role(plan: list[tuple[str, int]], dirs: Mapping[tuple[str, int], Path]) -> dict[str, dict[int, Path]]:
@@ -236,7 +309,8 @@ def _train_one(
 ) -> Path:
     """Initialise the student `key` = (role, seed) from its seed, train it on `examples` for `steps`
     optimizer steps (student_init: export it untrained) and record it; returns its model directory.
-    `options`: run_id, resume, progress, should_stop and on_progress as train_students takes them."""
+    `options`: run_id, resume, progress, should_stop and on_progress as train_students takes them, and
+    threads (None: train in this process; else in a process of its own with that many CPU threads)."""
     import torch
 
     from kdflow.modeling import count_parameters
@@ -246,8 +320,9 @@ def _train_one(
     from kdflow.train.initialisation import init_student
 
     role, seed = key
-    torch.manual_seed(seed)
-    model, tok = init_student(cfg.student, tokenizer=inputs.tokenizer, teacher=inputs.teacher_weights, seed=seed)
+    with _GLOBAL_RNG:
+        torch.manual_seed(seed)
+        model, tok = init_student(cfg.student, tokenizer=inputs.tokenizer, teacher=inputs.teacher_weights, seed=seed)
     out_dir = cfg.home_dir / "models" / model_id
     spec = json.dumps({**inputs.spec, "target": _target(role),
                        "n_train_questions": len(examples) if _target(role) else None})
@@ -265,6 +340,7 @@ def _train_one(
             on_metrics=_metrics_sink(store, model_id, options["on_progress"], steps),
             on_checkpoint=_checkpoint_sink(store, model_id), progress=options["progress"],
             should_stop=options["should_stop"], memo=inputs.memo if tok is inputs.tokenizer else None,
+            threads=options["threads"],
         )
         final = Path(result.final_dir)
     total, active = count_parameters(model)
