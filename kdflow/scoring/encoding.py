@@ -3,6 +3,7 @@ to max_length. See kdflow.scoring for what is scored and how truncation works.""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -125,11 +126,13 @@ class EncodingMemo:
     same questions, which are tokenized once.
 
     A question is known by its text, options and category, all an encoding depends on besides the tokenizer
-    and config; errors are `tokenize`'s, naming the question by its position in the call.
+    and config; errors are `tokenize`'s, naming the question by its position in the call. `key` (random)
+    names the memo to worker processes, which keep a memo of their own under it (kdflow.train.launcher).
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, cfg: ScoringConfig) -> None:
         self.tokenizer, self.cfg = tokenizer, cfg
+        self.key = uuid.uuid4().hex
         self._known: dict[tuple[str, tuple[str, ...], str], EncodedQuestion] = {}
 
     def tokenize(self, questions: Sequence[Mapping[str, Any]]) -> list[EncodedQuestion]:

@@ -1,18 +1,21 @@
-"""One training in several processes on this machine: the launcher (parent side) and the worker entry point.
+"""One training in its own processes on this machine: the launcher (parent side) and the worker entry point.
 
-`launch_training` is the parent side, what `kdflow train` uses when training.num_processes > 1. The data
+`launch_training` is the parent side, what `kdflow train` uses when training.num_processes > 1 (one student
+in several processes) or training.parallel_students > 1 (several students at once, one process each). The data
 contract with the workers lives in RUN_DIR = out_dir/launch, and it is all the workers read (never the
 DuckDB store):
 
     model/             the caller's model as built: config, every weight, the LoRA setup, the tokenizer
     examples.parquet   training examples (EXAMPLES_SCHEMA); val.parquet the validation ones, if any
-    spec.json          training and scoring settings, out_dir, resume, merge_lora, the device type
+    spec.json          training and scoring settings, out_dir, resume, merge_lora, the device type,
+                       the CPU threads of each worker
     events.jsonl       written by the main worker: metric rows, checkpoints, then the result, a
                        cancellation or an error, one JSON object per line
     stop               created by the parent when should_stop() says so; the workers stop after the step
     workers.log        the workers' output
 
-The parent starts `python -m torch.distributed.run --standalone ... -m kdflow.train.launcher RUN_DIR`,
+The parent starts `python -m torch.distributed.run --standalone ... -m kdflow.train.launcher RUN_DIR` (one
+process: `python -m kdflow.train.launcher RUN_DIR`, no rendezvous needed),
 relays the events to its callbacks as they come (so metrics reach DuckDB during the run), and removes
 RUN_DIR after a finished run. Each worker runs `_worker` (this module as __main__): the recipe's `train`
 over the contract, with the collectives of kdflow.fitting.distributed.
@@ -22,12 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +90,7 @@ def launch_training(
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
     memo: EncodingMemo | None = None,
-    threads: int | None = None,
+    pool: WorkerPool | None = None,
 ) -> TrainResult:
     """`kdflow.fitting.recipe.train` of the distillation objective of `cfg` (kdflow.train.losses) in
     cfg.num_processes processes on this machine: same arguments, same result, same exceptions (a worker lost
@@ -93,14 +98,13 @@ def launch_training(
 
     The callbacks run here, as the main worker reports. The caller's model is only read: it is saved for
     the workers and moved to the CPU, freeing its device for them. Under a launcher already, or with one
-    process and no `threads`, this is `train` itself. `threads` runs even a one-process training in a
-    process of its own with that many CPU threads (torch.set_num_threads), so that several trainings can
-    run at once without sharing one interpreter (kdflow.train.students_run's training.parallel_students).
-    `memo` (encodings shared between trainings) serves the in-process case; launched workers tokenize for
-    themselves.
+    process and no `pool`, this is `train` itself. With a `pool`, the one-process training runs in one of
+    the pool's worker processes, so that several trainings run at once (kdflow.train.students_run's
+    training.parallel_students). `memo` (encodings shared between trainings) serves the in-process case, and
+    a pool's worker keeps one per memo for the trainings it runs; torchrun's workers tokenize for themselves.
     """
 
-    if launched_world_size() > 1 or (cfg.num_processes == 1 and threads is None):
+    if launched_world_size() > 1 or (cfg.num_processes == 1 and pool is None):
         return train(
             model, tokenizer, examples, cfg, scoring, objective=distillation_objective(cfg), out_dir=out_dir,
             val_examples=val_examples, resume=resume,
@@ -109,26 +113,20 @@ def launch_training(
         )
     if not examples:
         raise ValueError("no training examples; check the split fractions and the labeled questions")
+    if pool is not None and cfg.num_processes > 1:
+        raise ValueError(f"a worker pool runs one-process trainings; this one asks for {cfg.num_processes} processes")
     started = time.perf_counter()
     run_dir = _prepare_run_dir(
         model, tokenizer, examples, val_examples, cfg, scoring, Path(out_dir).resolve(), resume=resume,
-        merge_lora=merge_lora, threads=threads,
+        merge_lora=merge_lora, threads=pool.threads if pool else None,
+        memo_key=memo.key if memo is not None and pool is not None else None,
     )
-    worker = ["-m", "kdflow.train.launcher", str(run_dir)]
-    # One process needs no rendezvous: the worker runs as a plain child, which starts seconds sooner.
-    command = [sys.executable, *worker] if cfg.num_processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.num_processes}",
-        *worker,
-    ]
-    # The workers run this interpreter (sys.executable) in this environment, so they import the kdflow this
-    # process runs, installed or editable, with no path of a repository added.
-    with (run_dir / _LOG).open("wb") as log:
-        workers = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    workers = _PoolJob(pool, run_dir) if pool is not None else _Torchrun(cfg.num_processes, run_dir)
     events = _EventReader(run_dir / _EVENTS)
     outcome: dict[str, Any] | None = None
     with _stopping_on_error(workers), _bar(total_steps(cfg, len(examples)), progress) as show:
         while True:
-            running = workers.poll() is None
+            running = workers.running()
             for event in events.read():
                 if event["kind"] == "metrics":
                     show(event["rows"][-1])
@@ -144,7 +142,7 @@ def launch_training(
             if should_stop is not None and not (run_dir / _STOP).exists() and should_stop():
                 (run_dir / _STOP).touch()
             time.sleep(POLL_SECONDS)
-    result = _outcome(outcome, workers.returncode, run_dir / _LOG, time.perf_counter() - started)
+    result = _outcome(outcome, workers.lost, time.perf_counter() - started)
     shutil.rmtree(run_dir, ignore_errors=True)
     return result
 
@@ -161,10 +159,12 @@ def _prepare_run_dir(
     resume: bool,
     merge_lora: bool,
     threads: int | None,
+    memo_key: str | None,
 ) -> Path:
     """A fresh out_dir/launch folder holding what the workers read: the model (saved, then moved to the
     CPU to free its device), the examples, at most cfg.eval_questions validation examples, and spec.json
-    (the settings, the model's device type and the CPU threads of each worker, None for torch's default)."""
+    (the settings, the model's device type, the CPU threads of each worker, None for torch's default, and
+    the key of the encoding memo a pool worker shares between trainings, None for none)."""
     run_dir = out_dir / "launch"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
@@ -182,23 +182,86 @@ def _prepare_run_dir(
         "merge_lora": merge_lora,
         "device": device_type,
         "threads": threads,
+        "memo": memo_key,
     }
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=2), encoding="utf-8")
     return run_dir
 
 
+class WorkerPool:
+    """Worker processes that one-process trainings run in, several at once (`launch_training(pool=...)`):
+    `processes` of them (spawned, so no parent state or threads are inherited), each training with `threads`
+    CPU threads and keeping its imports and, per memo, its encodings from one training to the next. A
+    context manager: leaving it waits for the running trainings and ends the processes."""
+
+    def __init__(self, processes: int, threads: int) -> None:
+        self.threads = threads
+        self._executor = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+
+    def submit(self, run_dir: Path) -> Future:
+        return self._executor.submit(_worker, run_dir)
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class _Torchrun:
+    """cfg.num_processes workers started by torchrun (one process: a plain child, no rendezvous needed)."""
+
+    def __init__(self, processes: int, run_dir: Path) -> None:
+        worker = ["-m", "kdflow.train.launcher", str(run_dir)]
+        command = [sys.executable, *worker] if processes == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *worker,
+        ]
+        self.log = run_dir / _LOG
+        # The workers run this interpreter (sys.executable) in this environment, so they import the kdflow
+        # this process runs, installed or editable, with no path of a repository added.
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def abort(self) -> None:
+        self.process.terminate()  # torchrun passes it on to the workers
+        try:
+            self.process.wait(TERMINATE_GRACE_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def lost(self) -> str:
+        tail = self.log.read_text(encoding="utf-8", errors="replace")[-3000:] if self.log.exists() else ""
+        return (f"the training workers exited with code {self.process.returncode} before reporting a result; "
+                f"their log, {self.log}, ends with:\n{tail}")
+
+
+class _PoolJob:
+    """One training running in a WorkerPool's process."""
+
+    def __init__(self, pool: WorkerPool, run_dir: Path) -> None:
+        self.run_dir, self.future = run_dir, pool.submit(run_dir)
+
+    def running(self) -> bool:
+        return not self.future.done()
+
+    def abort(self) -> None:
+        (self.run_dir / _STOP).touch()  # it stops after its step; the pool waits for it when it closes
+
+    def lost(self) -> str:
+        return f"the training worker process was lost before reporting a result: {self.future.exception()!r}"
+
+
 @contextlib.contextmanager
-def _stopping_on_error(workers: subprocess.Popen) -> Iterator[None]:
+def _stopping_on_error(workers: _Torchrun | _PoolJob) -> Iterator[None]:
     """If the parent fails (a callback raises, Ctrl-C), the workers must not train on unattended."""
     try:
         yield
     except BaseException:
-        workers.terminate()  # torchrun passes it on to the workers
-        try:
-            workers.wait(TERMINATE_GRACE_S)
-        except subprocess.TimeoutExpired:
-            workers.kill()
-            workers.wait()
+        workers.abort()
         raise
 
 
@@ -233,21 +296,18 @@ def _reraised() -> dict[str, type[Exception]]:
     return {cls.__name__: cls for cls in (TrainingDiverged, CheckpointError, KdflowError, ValueError)}
 
 
-def _outcome(event: dict[str, Any] | None, returncode: int, log: Path, seconds: float) -> TrainResult:
-    """The TrainResult the main worker reported, or its exception raised here."""
+def _outcome(event: dict[str, Any] | None, lost: Callable[[], str], seconds: float) -> TrainResult:
+    """The TrainResult the main worker reported, or its exception raised here; `lost()` says why there is
+    no report (TransientError)."""
 
     if event is None:
-        tail = log.read_text(encoding="utf-8", errors="replace")[-3000:] if log.exists() else ""
-        raise TransientError(
-            f"the training workers exited with code {returncode} before reporting a result; their log, {log}, "
-            f"ends with:\n{tail}"
-        )
+        raise TransientError(lost())
     if event["kind"] == "cancelled":
         raise TrainingCancelled(event["step"], Path(event["checkpoint"]))
     if event["kind"] == "error":
         cls = _reraised().get(event["type"])
         if cls is None:
-            raise RuntimeError(f"a training worker failed: {event['type']}: {event['message']} (traceback in {log})")
+            raise RuntimeError(f"a training worker failed: {event['type']}: {event['message']}")
         raise cls(event["message"])
     return TrainResult(
         steps=event["steps"],
@@ -322,6 +382,10 @@ class _Events:
             handle.write(json.dumps({"kind": kind, **fields}, default=str) + "\n")
 
 
+# In a WorkerPool's process: the encoding memo of each key the parent sent, kept from one training to the next.
+_MEMOS: dict[str, EncodingMemo] = {}
+
+
 def _worker(run_dir: Path) -> None:
 
     spec = json.loads((run_dir / "spec.json").read_text(encoding="utf-8"))
@@ -334,10 +398,16 @@ def _worker(run_dir: Path) -> None:
     try:
         model, tokenizer = _load_model(run_dir / "model", device)
         training = TrainingConfig.model_validate(spec["training"])
+        scoring = ScoringConfig.model_validate(spec["scoring"])
+        memo = None
+        if spec["memo"] is not None:  # a pool's worker: the parent's memo key names the same tokenizer files
+            memo = _MEMOS.setdefault(spec["memo"], EncodingMemo(tokenizer, scoring))
+            tokenizer = memo.tokenizer
         result = train(
-            model, tokenizer, _read_examples(run_dir / "examples.parquet"), training,
-            ScoringConfig.model_validate(spec["scoring"]), objective=distillation_objective(training), out_dir=Path(spec["out_dir"]), val_examples=_read_examples(val_file) if val_file.exists() else None,
-            resume=spec["resume"], merge_lora=spec["merge_lora"], progress=False,
+            model, tokenizer, _read_examples(run_dir / "examples.parquet"), training, scoring,
+            objective=distillation_objective(training), out_dir=Path(spec["out_dir"]),
+            val_examples=_read_examples(val_file) if val_file.exists() else None,
+            resume=spec["resume"], merge_lora=spec["merge_lora"], progress=False, memo=memo,
             should_stop=(run_dir / _STOP).exists,
             on_metrics=lambda rows: events.write("metrics", rows=rows),
             on_checkpoint=lambda step, path, metrics: events.write("checkpoint", step=step, path=path, metrics=metrics),

@@ -23,7 +23,7 @@ DISTILLED = "student"
 UNTRAINED = "student_init"
 
 # What a trained student learns from (part of its id). soft_labels: alpha * CE on the gold answer + (1 - alpha)
-# * T^2 * KD to the teacher's probabilities; gold: CE on the gold answers alone (alpha = 1), labeled questions
+# * T^2 * KD to the teacher's probabilities (T^2 * KD alone without a gold answer); gold: CE on the gold answers alone (alpha = 1), labeled questions
 # only; teacher_argmax: CE on the teacher's most likely option as a hard label (alpha = 1), every question.
 SOFT_LABELS, GOLD, TEACHER_ARGMAX = "soft_labels", "gold", "teacher_argmax"
 TARGETS = (SOFT_LABELS, GOLD, TEACHER_ARGMAX)

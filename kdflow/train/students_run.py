@@ -3,13 +3,14 @@
 For every seed of `training.seeds`, with the same step budget, the same initialisation and (where the
 examples are the same) the same data order, so they compare fairly:
 `student` learns the soft labels (alpha * CE on the gold answer + (1 - alpha) * T^2 * KD; a question without
-a gold answer learns from its KD term alone); with `training.hard_label_baseline`, `student_hard` learns the
+a gold answer learns from its KD term alone, T^2 * KD); with `training.hard_label_baseline`, `student_hard` learns the
 gold answers alone (alpha = 1) on the labeled questions only; with `training.pseudo_label_baseline`,
 `student_pseudo` learns the teacher's most likely option as a hard label (alpha = 1) on every question.
 `student_init` (before training) is saved once, with the first seed. Which roles exist and what each learns
 from is kdflow.train.roles. Each student is identified by a digest
 of what produced it (its seed and its target included), so a repeated run reuses finished students and a
-changed setting retrains only the students it changes.
+changed setting retrains only the students it changes. With `training.parallel_students` > 1 the trained
+students run that many at a time, each in a process of its own (kdflow.train.launcher).
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def train_students(
 
     def train_one(key: tuple[str, int], **options: Any) -> Path:
         options = {"run_id": run_id, "resume": resume, "progress": progress, "should_stop": should_stop,
-                   "on_progress": on_progress, "threads": None, **options}
+                   "on_progress": on_progress, "pool": None, **options}
         return _train_one(cfg, store, inputs, key, ids[key], role_examples(examples, key[0], cfg.training.alpha),
                           steps, **options)
 
@@ -223,15 +224,16 @@ def _train_at_once(
     should_stop: Callable[[], bool] | None,
     on_progress: Callable[[int, int], None] | None,
 ) -> dict[tuple[str, int], Path]:
-    """Train the students `keys` `parallel` at a time, each in a process of its own with an equal share of
-    this process's CPU threads; returns {key: model dir}. One progress bar (and `on_progress`) counts the
-    steps of all of them. When one fails, the others stop at their next step (resumable from their last
-    checkpoint) and its exception is raised."""
+    """Train the students `keys` `parallel` at a time in as many worker processes (kdflow.train.launcher's
+    WorkerPool), each with an equal share of this process's CPU threads; returns {key: model dir}. One
+    progress bar (and `on_progress`) counts the steps of all of them. When one fails, the others stop at
+    their next step (resumable from their last checkpoint) and its exception is raised."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     import torch
 
     from kdflow.fitting.reporting import step_bar
+    from kdflow.train.launcher import WorkerPool
 
     threads = max(1, torch.get_num_threads() // parallel)
     failed = threading.Event()
@@ -255,8 +257,9 @@ def _train_at_once(
 
         results: dict[tuple[str, int], Path] = {}
         errors: list[BaseException] = []
-        with ThreadPoolExecutor(parallel) as pool:
-            futures = {pool.submit(train_one, key, threads=threads, progress=False, should_stop=stop,
+        # A thread per running student relays its worker's metrics and checkpoints to the store.
+        with WorkerPool(parallel, threads) as workers, ThreadPoolExecutor(parallel) as pool:
+            futures = {pool.submit(train_one, key, pool=workers, progress=False, should_stop=stop,
                                    on_progress=progressed(key)): key for key in keys}
             try:
                 for future in as_completed(futures):
@@ -310,7 +313,7 @@ def _train_one(
     """Initialise the student `key` = (role, seed) from its seed, train it on `examples` for `steps`
     optimizer steps (student_init: export it untrained) and record it; returns its model directory.
     `options`: run_id, resume, progress, should_stop and on_progress as train_students takes them, and
-    threads (None: train in this process; else in a process of its own with that many CPU threads)."""
+    pool (None: train in this process; else in one of the pool's worker processes)."""
     import torch
 
     from kdflow.modeling import count_parameters
@@ -340,7 +343,7 @@ def _train_one(
             on_metrics=_metrics_sink(store, model_id, options["on_progress"], steps),
             on_checkpoint=_checkpoint_sink(store, model_id), progress=options["progress"],
             should_stop=options["should_stop"], memo=inputs.memo if tok is inputs.tokenizer else None,
-            threads=options["threads"],
+            pool=options["pool"],
         )
         final = Path(result.final_dir)
     total, active = count_parameters(model)
