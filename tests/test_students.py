@@ -20,7 +20,7 @@ from kdflow.modeling import ModelSource, build_model, load_pretrained, save_pret
 from kdflow.scoring import encode, option_logits
 from kdflow.train.initialisation import every_kth_layer, init_student
 from kdflow.fitting.optim import build_optimizer, build_scheduler
-from kdflow.fitting.recipe import train
+from kdflow.fitting.recipe import TrainingCancelled, train
 from kdflow.train.losses import distillation_objective
 from kdflow.store import Store
 from kdflow.train.students_run import find_students, role_examples, student_id, student_plan, train_students
@@ -245,12 +245,18 @@ def _metric_rows(home) -> list[tuple]:
 
 
 def test_students_trained_at_once_are_the_students_trained_one_by_one(tmp_path):
-    # Each student of the parallel stage trains in a process of its own (one CPU thread each, as here), its
-    # metrics relayed to the same store: the same weights and the same metric rows as training in turn.
+    # Each student of the parallel stage trains in a worker process (one CPU thread each, as here), its
+    # metrics relayed to the same store; stopped together after their first step and resumed, they end with
+    # the same weights and the same metric rows as students trained in turn, uninterrupted.
     one_by_one, at_once = tmp_path / "one", tmp_path / "at-once"
     trained = {}
     for home, parallel in ((one_by_one, 1), (at_once, 2)):
         store, _ = _stage_store(home, UNLABELED)
+        if parallel > 1:  # stopped after their first step, then resumed from their checkpoints
+            with pytest.raises(TrainingCancelled):
+                train_students(_stage_config(home, parallel_students=parallel), store, ["toy@0"], TEACHER,
+                               VALIDATION_ID, progress=False, should_stop=lambda: True)
+            assert len(list(home.glob("models/*/checkpoints/step-1"))) == 6
         trained[parallel] = _train_stage(home, store, parallel_students=parallel)
     assert trained[2].dirs.keys() == trained[1].dirs.keys()
     for role, by_seed in trained[1].dirs.items():
