@@ -268,8 +268,12 @@ def _train_at_once(
                     except Exception as e:
                         failed.set()
                         errors.append(e)
+                        for waiting in futures:
+                            waiting.cancel()  # students not started yet stay unstarted
             except BaseException:
                 failed.set()  # Ctrl-C here: the running students stop at their next step
+                for waiting in futures:
+                    waiting.cancel()
                 raise
     if errors:
         raise errors[0]
