@@ -117,9 +117,9 @@ class TrainingConfig(Strict):
     num_processes: int = Field(1, ge=1, description="> 1 launches DDP/FSDP through accelerate")
     fsdp: bool = Field(False, description="shard the student with FSDP instead of DDP copies; needs num_processes > 1")
     parallel_students: int = Field(
-        1, ge=1, description="students of one train stage trained at once, each in a process of its own with an "
-        "equal share of the CPU threads (a small student hardly uses a second core within one process); needs "
-        "num_processes: 1",
+        1, ge=1, description="students of one train stage trained at once, in as many worker processes with "
+        "max(1, CPU threads / N) threads each (a small student hardly uses a second core within one process); "
+        "needs num_processes: 1",
     )
     suspect_gold: Literal["keep", "drop", "teacher"] = Field(
         "keep", description="training questions whose gold answer the gate found suspect (validation.suspect_gold): "

@@ -2,7 +2,8 @@
 
 One recipe serves two stages, each with its own objective (kdflow.fitting.objective). Distillation (the
 train stage, kdflow.train.losses.distillation_objective) trains a student on alpha * CE(gold) + (1 - alpha)
-* T^2 * KD (teacher probabilities are precomputed, so no teacher is loaded); teacher preparation (the label
+* T^2 * KD, T^2 * KD alone without a gold answer (teacher probabilities are precomputed, so no teacher is
+loaded); teacher preparation (the label
 stage) trains on the gold answers alone, with alpha = 1 and no probabilities. `train` reads top to bottom
 (torchtune's recipe layout): set-up in a fixed order, `_loss_step` returns the loss parts of one
 micro-batch, the loop mixes them into optimizer steps and logs, evaluates, checkpoints and exports.

@@ -53,8 +53,8 @@ def smoothing_span(n_steps: int) -> int:
 
 def loss_weights(role: str, run_config: Mapping[str, Any] | None) -> dict[str, float] | None:
     """{'ce': alpha, 'kd': (1 - alpha) T^2}: the weight of each term in the training loss of a student of
-    `role` (the hard-label roles of kdflow.train.roles always have alpha = 1); None when the run's config is
-    unknown."""
+    `role` on a labeled question (an unlabeled one's KD term weighs T^2; the hard-label roles of
+    kdflow.train.roles always have alpha = 1); None when the run's config is unknown."""
     found = roles.role(role)
     if found is not None and found.hard_label:
         return {"ce": 1.0, "kd": 0.0}

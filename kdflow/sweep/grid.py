@@ -98,6 +98,7 @@ def _base_data(cfg: RunConfig) -> dict[str, Any]:
     data = cfg.model_dump(mode="json", exclude={"sweep"})
     for switch in switches():  # a sweep point trains its distilled student only
         data["training"][switch] = False
+    data["training"]["parallel_students"] = 1  # one student: the points themselves run in parallel
     return data
 
 

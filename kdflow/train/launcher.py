@@ -8,17 +8,17 @@ DuckDB store):
     model/             the caller's model as built: config, every weight, the LoRA setup, the tokenizer
     examples.parquet   training examples (EXAMPLES_SCHEMA); val.parquet the validation ones, if any
     spec.json          training and scoring settings, out_dir, resume, merge_lora, the device type,
-                       the CPU threads of each worker
+                       a pool worker's CPU threads and encoding-memo key
     events.jsonl       written by the main worker: metric rows, checkpoints, then the result, a
                        cancellation or an error, one JSON object per line
     stop               created by the parent when should_stop() says so; the workers stop after the step
-    workers.log        the workers' output
+    workers.log        torchrun's workers' output (a pool's workers write to this process's stderr)
 
-The parent starts `python -m torch.distributed.run --standalone ... -m kdflow.train.launcher RUN_DIR` (one
-process: `python -m kdflow.train.launcher RUN_DIR`, no rendezvous needed),
-relays the events to its callbacks as they come (so metrics reach DuckDB during the run), and removes
-RUN_DIR after a finished run. Each worker runs `_worker` (this module as __main__): the recipe's `train`
-over the contract, with the collectives of kdflow.fitting.distributed.
+The parent starts `python -m torch.distributed.run --standalone ... -m kdflow.train.launcher RUN_DIR`, or
+submits `_worker(RUN_DIR)` to a WorkerPool; it relays the events to its callbacks as they come (so metrics
+reach DuckDB during the run) and removes RUN_DIR after a finished run. Each worker runs `_worker` (this
+module as __main__ under torchrun): the recipe's `train` over the contract, with the collectives of
+kdflow.fitting.distributed.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,7 @@ POLL_SECONDS = 0.2
 # Seconds the workers get to exit after the parent asks them to.
 TERMINATE_GRACE_S = 30
 _EVENTS, _STOP, _LOG = "events.jsonl", "stop", "workers.log"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,11 +194,19 @@ class WorkerPool:
     """Worker processes that one-process trainings run in, several at once (`launch_training(pool=...)`):
     `processes` of them (spawned, so no parent state or threads are inherited), each training with `threads`
     CPU threads and keeping its imports and, per memo, its encodings from one training to the next. A
-    context manager: leaving it waits for the running trainings and ends the processes."""
+    context manager: leaving it waits for the running trainings and ends the processes.
+
+    A worker that dies (killed, out of memory) breaks the pool: Python's executor ends the other workers
+    too, and every training then in it raises TransientError (orchestration retries the stage, which
+    resumes each student from its last checkpoint). On Linux a worker dies with this process, so a killed
+    parent leaves no worker training on. Spawning imports the parent's `__main__` module again in each
+    worker, as every multiprocessing spawn does: a script of your own needs its `if __name__ == "__main__":`
+    guard."""
 
     def __init__(self, processes: int, threads: int) -> None:
         self.threads = threads
-        self._executor = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+        self._executor = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_die_with_parent)
 
     def submit(self, run_dir: Path) -> Future:
         return self._executor.submit(_worker, run_dir)
@@ -208,14 +218,22 @@ class WorkerPool:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
+def _die_with_parent() -> None:
+    """In a pool worker on Linux: be killed when the parent dies (prctl PR_SET_PDEATHSIG), rather than train on
+    and write into the run directory of the parent's next run."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class _Torchrun:
-    """cfg.num_processes workers started by torchrun (one process: a plain child, no rendezvous needed)."""
+    """cfg.num_processes workers started by torchrun."""
 
     def __init__(self, processes: int, run_dir: Path) -> None:
-        worker = ["-m", "kdflow.train.launcher", str(run_dir)]
-        command = [sys.executable, *worker] if processes == 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *worker,
-        ]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+                   "-m", "kdflow.train.launcher", str(run_dir)]
         self.log = run_dir / _LOG
         # The workers run this interpreter (sys.executable) in this environment, so they import the kdflow
         # this process runs, installed or editable, with no path of a repository added.
@@ -243,7 +261,11 @@ class _PoolJob:
     """One training running in a WorkerPool's process."""
 
     def __init__(self, pool: WorkerPool, run_dir: Path) -> None:
-        self.run_dir, self.future = run_dir, pool.submit(run_dir)
+        self.run_dir = run_dir
+        try:
+            self.future = pool.submit(run_dir)
+        except BrokenProcessPool as e:
+            raise TransientError(f"the training worker pool lost a process before this training started: {e}") from e
 
     def running(self) -> bool:
         return not self.future.done()

@@ -160,7 +160,7 @@ def distillation_loss(
         return hard._replace(kd=kd)
     # KD weight 1 - alpha_i: 1 - alpha on a labeled question, 1 on an unlabeled one.
     with_gold = included & row_mask(labeled, "labeled", batch, device)
-    kd_weight = torch.where(with_gold, 1 - alpha, 1.0).to(divergence.dtype)
+    kd_weight = torch.ones_like(divergence).masked_fill(with_gold, 1 - alpha)
     kd_term = temperature**2 * _masked_mean(kd_weight * divergence, included)
     total = kd_term if alpha == 0 else alpha * hard.total + kd_term
     return LossParts(total=total, ce=hard.ce, kd=kd, n_labeled=hard.n_labeled)

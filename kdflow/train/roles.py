@@ -26,6 +26,10 @@ UNTRAINED = "student_init"
 # * T^2 * KD to the teacher's probabilities (T^2 * KD alone without a gold answer); gold: CE on the gold answers alone (alpha = 1), labeled questions
 # only; teacher_argmax: CE on the teacher's most likely option as a hard label (alpha = 1), every question.
 SOFT_LABELS, GOLD, TEACHER_ARGMAX = "soft_labels", "gold", "teacher_argmax"
+# The version of the soft_labels formula (kdflow.train.losses.distillation_loss), part of a distilled student's
+# id: students a home trained under another formula are trained again, not reused or resumed. 2: a question
+# without a gold answer has KD weight 1 (it was 1 - alpha).
+SOFT_LABELS_LOSS_VERSION = 2
 TARGETS = (SOFT_LABELS, GOLD, TEACHER_ARGMAX)
 
 

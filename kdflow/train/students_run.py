@@ -32,7 +32,9 @@ from kdflow.errors import KdflowError
 from kdflow.store import Store
 from kdflow.label.teacher import TeacherRef, teacher_source
 from kdflow.fitting.inputs import corpus_tokenizer, finished_model_dir, split_examples
-from kdflow.train.roles import DISTILLED, GOLD, SOFT_LABELS, role, student_roles, switches, trained_roles
+from kdflow.train.roles import (
+    DISTILLED, GOLD, SOFT_LABELS, SOFT_LABELS_LOSS_VERSION, role, student_roles, switches, trained_roles,
+)
 
 METRIC_COLUMNS = ["step", "epoch", "loss", "ce", "kd", "lr", "grad_norm", "samples_per_s", "val_accuracy"]
 # Settings that do not change what a student learns, left out of its id (with the switches of the roles).
@@ -85,6 +87,8 @@ def student_id(cfg: RunConfig, role: str, teacher: TeacherRef, validation_id: st
         "teacher": teacher.key,
         "validation": validation_id,
     }
+    if _target(role) == SOFT_LABELS:
+        spec["loss"] = SOFT_LABELS_LOSS_VERSION
     return f"{role}-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -204,7 +208,8 @@ def train_students(
                           steps, **options)
 
     pending = [key for key in plan if key not in dirs]
-    at_once = [key for key in pending if _target(key[0])] if cfg.training.parallel_students > 1 else []
+    trained = [key for key in pending if _target(key[0])]
+    at_once = trained if cfg.training.parallel_students > 1 and len(trained) > 1 else []
     for key in pending:
         if key not in at_once:
             dirs[key] = train_one(key)
@@ -225,56 +230,57 @@ def _train_at_once(
     on_progress: Callable[[int, int], None] | None,
 ) -> dict[tuple[str, int], Path]:
     """Train the students `keys` `parallel` at a time in as many worker processes (kdflow.train.launcher's
-    WorkerPool), each with an equal share of this process's CPU threads; returns {key: model dir}. One
-    progress bar (and `on_progress`) counts the steps of all of them. When one fails, the others stop at
-    their next step (resumable from their last checkpoint) and its exception is raised."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
+    WorkerPool), each with max(1, this process's CPU threads / parallel) threads; returns {key: model dir}.
+    One progress bar (and `on_progress`, called from this thread) counts the steps of all of them. When one
+    fails or is stopped, the running ones stop after their current step (resumable from their checkpoint),
+    the others do not start, and the first exception is raised."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     import torch
 
     from kdflow.fitting.reporting import step_bar
     from kdflow.train.launcher import WorkerPool
 
+    parallel = min(parallel, len(keys))
     threads = max(1, torch.get_num_threads() // parallel)
     failed = threading.Event()
-    lock = threading.Lock()
-    done = dict.fromkeys(keys, 0)
+    errors: list[BaseException] = []  # in the order they happened
+    done = dict.fromkeys(keys, 0)  # steps per student, written by the relay threads
     total = steps * len(keys)
 
     def stop() -> bool:
         return failed.is_set() or (should_stop is not None and should_stop())
 
-    with step_bar(total, 0, progress) as show:
-        def progressed(key: tuple[str, int]) -> Callable[[int, int], None]:
-            def update(step: int, _: int) -> None:
-                with lock:
-                    done[key] = step
-                    so_far = sum(done.values())
+    def relay(key: tuple[str, int], workers: WorkerPool) -> Path | None:
+        """One student in a worker process, relayed to the store by this thread; None: not started."""
+        if failed.is_set():
+            return None
+        try:
+            return train_one(key, pool=workers, progress=False, should_stop=stop,
+                             on_progress=lambda step, _: done.__setitem__(key, step))
+        except BaseException as e:
+            errors.append(e)
+            failed.set()  # before this thread takes the next student
+            raise
+
+    results: dict[tuple[str, int], Path] = {}
+    with step_bar(total, 0, progress) as show, WorkerPool(parallel, threads) as workers, \
+            ThreadPoolExecutor(parallel) as pool:
+        futures = {pool.submit(relay, key, workers): key for key in keys}
+        pending = set(futures)
+        try:
+            while pending:
+                finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                so_far = sum(done.values())
                 show(so_far, f"{len(keys)} students, {parallel} at a time")
                 if on_progress is not None:
                     on_progress(so_far, total)
-            return update
-
-        results: dict[tuple[str, int], Path] = {}
-        errors: list[BaseException] = []
-        # A thread per running student relays its worker's metrics and checkpoints to the store.
-        with WorkerPool(parallel, threads) as workers, ThreadPoolExecutor(parallel) as pool:
-            futures = {pool.submit(train_one, key, pool=workers, progress=False, should_stop=stop,
-                                   on_progress=progressed(key)): key for key in keys}
-            try:
-                for future in as_completed(futures):
-                    try:
+                for future in finished:
+                    if future.exception() is None and future.result() is not None:
                         results[futures[future]] = future.result()
-                    except Exception as e:
-                        failed.set()
-                        errors.append(e)
-                        for waiting in futures:
-                            waiting.cancel()  # students not started yet stay unstarted
-            except BaseException:
-                failed.set()  # Ctrl-C here: the running students stop at their next step
-                for waiting in futures:
-                    waiting.cancel()
-                raise
+        except BaseException:
+            failed.set()  # the running students stop after their step (a terminal's Ctrl-C reaches them too)
+            raise
     if errors:
         raise errors[0]
     return results
