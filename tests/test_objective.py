@@ -10,7 +10,7 @@ import torch
 
 from kdflow.config import TrainingConfig
 from kdflow.fitting.objective import gold_cross_entropy, hard_label_objective
-from kdflow.train.losses import distillation_loss, distillation_objective
+from kdflow.train.losses import distillation_loss, distillation_objective, kd_divergence
 
 
 def _batch(seed: int = 0):
@@ -43,10 +43,13 @@ def test_gold_cross_entropy_is_the_mean_over_questions_with_unlabeled_ones_weigh
     assert parts.total.item() == pytest.approx(sum(r.item() for r in rows) / 6, rel=1e-6)
     assert parts.ce.item() == pytest.approx(sum(r.item() for r in rows) / 5, rel=1e-6)
     assert parts.n_labeled.item() == 5
-    # The distillation loss mixes exactly this CE term with its KD term.
+    # The distillation loss mixes exactly this CE term with its KD term (weight 1 - alpha on a labeled
+    # question, 1 on an unlabeled one).
     mixed = distillation_loss(logits, probs, gold, option_mask, alpha=0.25, temperature=2.0, labeled=labeled)
     assert torch.equal(mixed.ce, parts.ce)
-    assert mixed.total.item() == pytest.approx(0.25 * parts.total.item() + 0.75 * 4 * mixed.kd.item(), rel=1e-6)
+    kd_weights = torch.where(labeled, 0.75, 1.0)
+    kd_term = 4 * (kd_weights * kd_divergence(logits, probs, option_mask, temperature=2.0)).mean()
+    assert mixed.total.item() == pytest.approx(0.25 * parts.total.item() + kd_term.item(), rel=1e-6)
 
 
 def test_gold_cross_entropy_refuses_a_gold_answer_outside_the_real_options():

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import signal
 
 import duckdb
 import pyarrow as pa
@@ -13,7 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from kdflow.fitting.checkpoints import latest_checkpoint, load_checkpoint
 from kdflow.config import ArchitectureConfig, LoraConfig, RunConfig, StudentConfig, TeacherConfig, TrainingConfig
-from kdflow.errors import KdflowError
+from kdflow.errors import KdflowError, TransientError
 from kdflow.label.preparation import prepare_teacher
 from kdflow.label.teacher import TeacherRef
 from kdflow.modeling import ModelSource, build_model, load_pretrained, save_pretrained
@@ -268,6 +271,27 @@ def test_students_trained_at_once_are_the_students_trained_one_by_one(tmp_path):
                                            msg=lambda m: f"{role} {seed} {name}: {m}")
     assert _metric_rows(at_once) == _metric_rows(one_by_one) and len(_metric_rows(at_once)) == 12
     assert not list(at_once.glob("models/*/launch"))  # each worker's contract folder is removed
+
+
+def test_a_killed_worker_process_fails_the_stage_with_a_retryable_error(tmp_path):
+    # SIGKILL of one worker (as the OOM killer does) breaks the pool: the stage must raise TransientError, which
+    # orchestration retries, not hang or report the students as trained.
+    store, _ = _stage_store(tmp_path, UNLABELED)
+    cfg = _stage_config(tmp_path, parallel_students=2, max_steps=2000, seeds=[0])
+    killed = []
+
+    def kill_a_worker(done: int, total: int) -> None:
+        if done > 0 and not killed:
+            killed.append(multiprocessing.active_children()[0].pid)
+            os.kill(killed[0], signal.SIGKILL)
+
+    with pytest.raises(TransientError, match="lost"):
+        train_students(cfg, store, ["toy@0"], TEACHER, VALIDATION_ID, progress=False, on_progress=kill_a_worker)
+    assert killed and not multiprocessing.active_children()
+    con = duckdb.connect(str(tmp_path / "kdflow.duckdb"), read_only=True)
+    unfinished = con.execute("SELECT count(*) FROM models WHERE status != 'completed'").fetchone()[0]
+    con.close()
+    assert unfinished == 2  # recorded as training, so a retry resumes them
 
 
 def test_students_trained_at_once_need_one_process_each():
