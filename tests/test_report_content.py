@@ -45,7 +45,8 @@ def test_the_hard_label_student_draws_one_loss_line_without_its_zero_weight_kd_t
     hard = loss_series(_steps(40), loss_weights("student_hard", config))
     assert [s.label for s in hard] == ["loss = CE on the gold answer (weight 1)"]
     distilled = loss_series(_steps(40), loss_weights("student", config))
-    assert [s.label for s in distilled] == ["total loss", "CE on the gold answer (weight 0.5)", "KD term (weight 2)"]
+    assert [s.label for s in distilled] == ["total loss", "CE on the gold answer (weight 0.5)",
+                                            "KD term (weight 2; 4 without a gold answer)"]
     assert distilled[0].span == 4 and distilled[0].smoothed != distilled[0].raw  # a tenth of 40 steps
     # alpha = 0: the CE term has weight 0; a KD term never logged (None) or zero throughout is not drawn either.
     assert [s.label for s in loss_series(_steps(40), loss_weights("student", {"training": {"alpha": 0.0}}))] == [

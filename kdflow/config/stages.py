@@ -118,7 +118,7 @@ class TrainingConfig(Strict):
     fsdp: bool = Field(False, description="shard the student with FSDP instead of DDP copies; needs num_processes > 1")
     parallel_students: int = Field(
         1, ge=1, description="students of one train stage trained at once, in as many worker processes with "
-        "max(1, CPU threads / N) threads each (a small student hardly uses a second core within one process); "
+        "max(1, torch's CPU threads / N) threads each (a small student hardly uses a second core within one process); "
         "needs num_processes: 1",
     )
     suspect_gold: Literal["keep", "drop", "teacher"] = Field(

@@ -52,9 +52,9 @@ def smoothing_span(n_steps: int) -> int:
 
 
 def loss_weights(role: str, run_config: Mapping[str, Any] | None) -> dict[str, float] | None:
-    """{'ce': alpha, 'kd': (1 - alpha) T^2}: the weight of each term in the training loss of a student of
-    `role` on a labeled question (an unlabeled one's KD term weighs T^2; the hard-label roles of
-    kdflow.train.roles always have alpha = 1); None when the run's config is unknown."""
+    """{'ce': alpha, 'kd': (1 - alpha) T^2, 'kd_unlabeled': T^2}: the weight of each term in the training loss
+    of a student of `role`, the KD term's on a labeled and on an unlabeled question (the hard-label roles of
+    kdflow.train.roles always have alpha = 1 and no KD term); None when the run's config is unknown."""
     found = roles.role(role)
     if found is not None and found.hard_label:
         return {"ce": 1.0, "kd": 0.0}
@@ -62,7 +62,7 @@ def loss_weights(role: str, run_config: Mapping[str, Any] | None) -> dict[str, f
     if not training or "alpha" not in training:
         return None
     alpha, temperature = float(training["alpha"]), float(training.get("temperature", 1.0))
-    return {"ce": alpha, "kd": (1 - alpha) * temperature**2}
+    return {"ce": alpha, "kd": (1 - alpha) * temperature**2, "kd_unlabeled": temperature**2}
 
 
 def loss_series(rows: Sequence[Row], weights: Mapping[str, float] | None) -> list[Series]:
@@ -78,11 +78,19 @@ def loss_series(rows: Sequence[Row], weights: Mapping[str, float] | None) -> lis
         steps, raw = values(name)
         weight = None if weights is None else weights.get(name)
         if raw and any(v != 0 for v in raw) and (weight is None or weight > 0):
-            terms.append((name, title + ("" if weight is None else f" (weight {weight:.3g})"), steps, raw))
+            terms.append((name, title + _weight_text(name, weights), steps, raw))
     steps, raw = values("loss")
     if len(terms) == 1 and weights is not None:
         return [_series(f"loss = {terms[0][1]}", steps, raw)]
     return ([_series("total loss", steps, raw)] if raw else []) + [_series(t[1], t[2], t[3]) for t in terms]
+
+
+def _weight_text(name: str, weights: Mapping[str, float] | None) -> str:
+    if weights is None:
+        return ""
+    unlabeled = weights.get(f"{name}_unlabeled", weights[name])
+    also = f"; {unlabeled:.3g} without a gold answer" if unlabeled != weights[name] else ""
+    return f" (weight {weights[name]:.3g}{also})"
 
 
 def _series(label: str, steps: list[int], raw: list[float]) -> Series:
