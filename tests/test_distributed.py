@@ -1,6 +1,6 @@
 """Training in two CPU processes (gloo) follows the single-process run: same loss curve, checkpoints, resume.
 
-The slow tests launch real workers through `launch_training` (torchrun, `python -m kdflow.train.launcher`),
+The slow tests launch real workers through `launch_training` (torchrun, `python -m kdflow.train.worker`),
 as `kdflow train` does with training.num_processes: 2; each launch costs ~15 s of process start-up.
 """
 

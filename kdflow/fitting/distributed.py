@@ -13,7 +13,7 @@ CPU, nccl on GPUs, one GPU per process.
 - FSDP shards every decoder layer, then the rest, with torch's `fully_shard`, on the CPU as on GPUs
   (accelerate's FSDP integration refuses CPU processes, and CPU processes are what the tests run).
 
-`kdflow.train.launcher` starts the processes and runs the worker entry point in each of them.
+`kdflow.train.launcher` starts the processes and kdflow.train.worker runs in each of them.
 """
 
 from __future__ import annotations

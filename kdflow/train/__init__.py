@@ -13,6 +13,6 @@ models, checkpoints and training_metrics (sql/models.sql).
 Modules: students_run (which students a config trains, their ids, recording them), initialisation
 (building or loading a student before training), losses (the KD loss against the soft labels: the
 objective the shared training loop of kdflow.fitting minimises), launcher (one training across several
-processes, or several one-process trainings at once in a worker pool).
+processes, or several one-process trainings at once in a worker pool) and worker (what those processes run).
 roles lists the model roles: which students exist, what each learns from, how the report names and pairs them.
 """

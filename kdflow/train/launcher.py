@@ -1,9 +1,8 @@
-"""One training in its own processes on this machine: the launcher (parent side) and the worker entry point.
-
-`launch_training` is the parent side, what `kdflow train` uses when training.num_processes > 1 (one student
-in several processes) or training.parallel_students > 1 (several students at once, one process each). The data
-contract with the workers lives in RUN_DIR = out_dir/launch, and it is all the workers read (never the
-DuckDB store):
+"""The parent side of one training in its own processes on this machine (kdflow.train.worker is the worker
+side): `launch_training`, what `kdflow train` uses when training.num_processes > 1 (one student in several
+processes, started by torchrun) or training.parallel_students > 1 (several students at once, one WorkerPool
+process each). The contract with the workers lives in RUN_DIR = out_dir/launch, and it is all the workers
+read (never the DuckDB store):
 
     model/             the caller's model as built: config, every weight, the LoRA setup, the tokenizer
     examples.parquet   training examples (EXAMPLES_SCHEMA); val.parquet the validation ones, if any
@@ -14,11 +13,9 @@ DuckDB store):
     stop               created by the parent when should_stop() says so; the workers stop after the step
     workers.log        torchrun's workers' output (a pool's workers write to this process's stderr)
 
-The parent starts `python -m torch.distributed.run --standalone ... -m kdflow.train.launcher RUN_DIR`, or
-submits `_worker(RUN_DIR)` to a WorkerPool; it relays the events to its callbacks as they come (so metrics
-reach DuckDB during the run) and removes RUN_DIR after a finished run. Each worker runs `_worker` (this
-module as __main__ under torchrun): the recipe's `train` over the contract, with the collectives of
-kdflow.fitting.distributed.
+The parent starts `python -m torch.distributed.run --standalone ... -m kdflow.train.worker RUN_DIR`, or
+submits `kdflow.train.worker.run(RUN_DIR)` to a WorkerPool; it relays the events to its callbacks as they
+come (so metrics reach DuckDB during the run) and removes RUN_DIR after a finished run.
 """
 
 from __future__ import annotations
@@ -26,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
-import os
 import shutil
 import subprocess
 import sys
@@ -40,40 +36,26 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
 from kdflow.config import ScoringConfig, TrainingConfig
-from kdflow.errors import KdflowError, TransientError
-from kdflow.fitting.checkpoints import CheckpointError, trainable_state
+from kdflow.errors import TransientError
+from kdflow.fitting.checkpoints import trainable_state
 from kdflow.fitting.distributed import launched_world_size, transformers_model
 from kdflow.fitting.optim import total_steps
 from kdflow.fitting.recipe import TrainingCancelled, TrainResult, train
-from kdflow.fitting.reporting import TrainingDiverged, step_bar, step_status
+from kdflow.fitting.reporting import step_bar, step_status
 from kdflow.scoring import EncodingMemo
 from kdflow.train.losses import distillation_objective
+from kdflow.train.worker import EVENTS, EXAMPLES_SCHEMA, STOP, reported_exceptions, run
 
 
-EXAMPLES_SCHEMA = pa.schema(
-    [
-        ("question_id", pa.string()),
-        ("question", pa.string()),
-        ("options", pa.list_(pa.string())),
-        ("category", pa.string()),
-        ("answer", pa.int64()),
-        ("probs", pa.list_(pa.float64())),
-    ]
-)
 # How often the parent looks for new events and asks should_stop.
 POLL_SECONDS = 0.2
 # Seconds the workers get to exit after the parent asks them to.
 TERMINATE_GRACE_S = 30
-_EVENTS, _STOP, _LOG = "events.jsonl", "stop", "workers.log"
+_LOG = "workers.log"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-# --------------------------------------------------------------------------------------------------
-# The parent: write the contract, start the workers, relay their events
 
 
 def launch_training(
@@ -124,7 +106,7 @@ def launch_training(
         memo_key=memo.key if memo is not None and pool is not None else None,
     )
     workers = _PoolJob(pool, run_dir) if pool is not None else _Torchrun(cfg.num_processes, run_dir)
-    events = _EventReader(run_dir / _EVENTS)
+    events = _EventReader(run_dir / EVENTS)
     outcome: dict[str, Any] | None = None
     with _stopping_on_error(workers), _bar(total_steps(cfg, len(examples)), progress) as show:
         while True:
@@ -141,8 +123,8 @@ def launch_training(
                     outcome = event
             if not running:
                 break
-            if should_stop is not None and not (run_dir / _STOP).exists() and should_stop():
-                (run_dir / _STOP).touch()
+            if should_stop is not None and not (run_dir / STOP).exists() and should_stop():
+                (run_dir / STOP).touch()
             time.sleep(POLL_SECONDS)
     result = _outcome(outcome, workers.lost, time.perf_counter() - started)
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -209,7 +191,7 @@ class WorkerPool:
                                              initializer=_die_with_parent)
 
     def submit(self, run_dir: Path) -> Future:
-        return self._executor.submit(_worker, run_dir)
+        return self._executor.submit(run, run_dir)
 
     def __enter__(self) -> WorkerPool:
         return self
@@ -233,7 +215,7 @@ class _Torchrun:
 
     def __init__(self, processes: int, run_dir: Path) -> None:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-                   "-m", "kdflow.train.launcher", str(run_dir)]
+                   "-m", "kdflow.train.worker", str(run_dir)]
         self.log = run_dir / _LOG
         # The workers run this interpreter (sys.executable) in this environment, so they import the kdflow
         # this process runs, installed or editable, with no path of a repository added.
@@ -271,7 +253,7 @@ class _PoolJob:
         return not self.future.done()
 
     def abort(self) -> None:
-        (self.run_dir / _STOP).touch()  # it stops after its step; the pool waits for it when it closes
+        (self.run_dir / STOP).touch()  # it stops after its step; the pool waits for it when it closes
 
     def lost(self) -> str:
         return f"the training worker process was lost before reporting a result: {self.future.exception()!r}"
@@ -312,12 +294,6 @@ class _EventReader:
         return [json.loads(line) for line in complete.splitlines()]
 
 
-def _reraised() -> dict[str, type[Exception]]:
-    """Exceptions a worker reports by name and the parent raises again as they were."""
-
-    return {cls.__name__: cls for cls in (TrainingDiverged, CheckpointError, KdflowError, ValueError)}
-
-
 def _outcome(event: dict[str, Any] | None, lost: Callable[[], str], seconds: float) -> TrainResult:
     """The TrainResult the main worker reported, or its exception raised here; `lost()` says why there is
     no report (TransientError)."""
@@ -327,7 +303,7 @@ def _outcome(event: dict[str, Any] | None, lost: Callable[[], str], seconds: flo
     if event["kind"] == "cancelled":
         raise TrainingCancelled(event["step"], Path(event["checkpoint"]))
     if event["kind"] == "error":
-        cls = _reraised().get(event["type"])
+        cls = reported_exceptions().get(event["type"])
         if cls is None:
             raise RuntimeError(f"a training worker failed: {event['type']}: {event['message']}")
         raise cls(event["message"])
@@ -362,96 +338,8 @@ def _save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path
     (path / "kdflow.json").write_text(json.dumps(meta), encoding="utf-8")
 
 
-def _load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """The model `_save_model` wrote, on `device`."""
-    from peft import PeftConfig, get_peft_model
-    from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    meta = json.loads((path / "kdflow.json").read_text(encoding="utf-8"))
-    with device:
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=getattr(torch, meta["dtype"]))
-    if (path / "adapter").is_dir():
-        model = get_peft_model(model, PeftConfig.from_pretrained(str(path / "adapter")))
-    load_model(model, str(path / "weights.safetensors"), device=str(device))
-    trainable = set(meta["trainable"])
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in trainable)
-    return model, AutoTokenizer.from_pretrained(path)
-
-
 def _write_examples(examples: Sequence[Mapping[str, Any]], path: Path) -> None:
     rows = [{column: example.get(column) for column in EXAMPLES_SCHEMA.names} for example in examples]
     pq.write_table(pa.Table.from_pylist(rows, schema=EXAMPLES_SCHEMA), path)
 
 
-def _read_examples(path: Path) -> list[dict[str, Any]]:
-    return pq.read_table(path).to_pylist()
-
-
-# --------------------------------------------------------------------------------------------------
-# A worker: `python -m kdflow.train.launcher RUN_DIR`, one of the processes torchrun starts
-
-
-class _Events:
-    """The main worker's reports to the parent, one JSON line each, appended whole."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def write(self, kind: str, **fields: Any) -> None:
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"kind": kind, **fields}, default=str) + "\n")
-
-
-# In a WorkerPool's process: the encoding memo of each key the parent sent, kept from one training to the next.
-_MEMOS: dict[str, EncodingMemo] = {}
-
-
-def _worker(run_dir: Path) -> None:
-
-    spec = json.loads((run_dir / "spec.json").read_text(encoding="utf-8"))
-    events = _Events(run_dir / _EVENTS)
-    main = int(os.environ.get("RANK", "0")) == 0
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if spec["device"] == "cuda" else "cpu")
-    val_file = run_dir / "val.parquet"
-    if spec["threads"] is not None:
-        torch.set_num_threads(spec["threads"])
-    try:
-        model, tokenizer = _load_model(run_dir / "model", device)
-        training = TrainingConfig.model_validate(spec["training"])
-        scoring = ScoringConfig.model_validate(spec["scoring"])
-        memo = None
-        if spec["memo"] is not None:  # a pool's worker: the parent's memo key names the same tokenizer files
-            memo = _MEMOS.setdefault(spec["memo"], EncodingMemo(tokenizer, scoring))
-            tokenizer = memo.tokenizer
-        result = train(
-            model, tokenizer, _read_examples(run_dir / "examples.parquet"), training, scoring,
-            objective=distillation_objective(training), out_dir=Path(spec["out_dir"]),
-            val_examples=_read_examples(val_file) if val_file.exists() else None,
-            resume=spec["resume"], merge_lora=spec["merge_lora"], progress=False, memo=memo,
-            should_stop=(run_dir / _STOP).exists,
-            on_metrics=lambda rows: events.write("metrics", rows=rows),
-            on_checkpoint=lambda step, path, metrics: events.write("checkpoint", step=step, path=path, metrics=metrics),
-        )
-    except TrainingCancelled as e:
-        if main:
-            events.write("cancelled", step=e.step, checkpoint=e.checkpoint)
-        return
-    except Exception as e:
-        reraised = _reraised()
-        if main:
-            reported = next((c.__name__ for c in type(e).__mro__ if c.__name__ in reraised), type(e).__name__)
-            events.write("error", type=reported, message=str(e))
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if main:
-        fields = ("steps", "val_accuracy", "best_val_accuracy", "best_step", "stopped_early", "samples_per_s",
-                  "final_dir", "metrics")
-        events.write("result", **{name: getattr(result, name) for name in fields})
-
-
-if __name__ == "__main__":
-    _worker(Path(sys.argv[1]))
