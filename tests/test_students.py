@@ -289,9 +289,12 @@ def test_a_killed_worker_process_fails_the_stage_with_a_retryable_error(tmp_path
         train_students(cfg, store, ["toy@0"], TEACHER, VALIDATION_ID, progress=False, on_progress=kill_a_worker)
     assert killed and not multiprocessing.active_children()
     con = duckdb.connect(str(tmp_path / "kdflow.duckdb"), read_only=True)
-    unfinished = con.execute("SELECT count(*) FROM models WHERE status != 'completed'").fetchone()[0]
+    statuses = dict(con.execute("SELECT status, count(*) FROM models WHERE role != 'student_init' GROUP BY 1")
+                    .fetchall())
     con.close()
-    assert unfinished == 2  # recorded as training, so a retry resumes them
+    # A student the broken pool stopped is recorded as training, so a retry resumes it (one that finished
+    # before the kill stays completed and is reused).
+    assert statuses.get("training", 0) >= 1
 
 
 def test_students_trained_at_once_need_one_process_each():
