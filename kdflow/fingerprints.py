@@ -30,3 +30,23 @@ def weights_fingerprint(path: str | Path) -> str | None:
         with file.open("rb") as handle:
             digest.update(handle.read(1 << 20))
     return digest.hexdigest()[:16]
+
+
+# What a model directory holds besides its tokenizer: weights and the model's own settings.
+_NOT_TOKENIZER_SUFFIXES = {".safetensors", ".gguf", ".bin", ".pt", ".pth"}
+_NOT_TOKENIZER_FILES = {"config.json", "generation_config.json", "adapter_config.json", "kdflow.json"}
+
+
+def tokenizer_fingerprint(path: str | Path) -> str | None:
+    """A hash of the contents of every top-level file of a model directory but its weights and model
+    config: two directories with the same one hold the same tokenizer files, so they tokenize alike (any
+    other file in them only makes the hashes differ). None when `path` is not a directory."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(path.glob("*")):
+        if file.is_file() and file.suffix not in _NOT_TOKENIZER_SUFFIXES and file.name not in _NOT_TOKENIZER_FILES:
+            digest.update(f"{file.name}\0{file.stat().st_size}\0".encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]

@@ -24,7 +24,7 @@ from kdflow.evaluate.evaluation import EvaluationError, evaluate
 from kdflow.evaluate.rows import CascadeChoice, ModelResult, cascade_rows, choose_cascade_tau
 from kdflow.evaluate.timing import time_interleaved
 from kdflow.metrics import agreement, expected_calibration_error, latency_summary, mean_kl
-from kdflow.modeling import build_model, save_pretrained
+from kdflow.modeling import build_model, save_pretrained, train_tokenizer
 from kdflow.runs import start_run
 from kdflow.scoring import encode, option_logits, to_soft_labels
 from kdflow.store import Store
@@ -228,6 +228,30 @@ def test_metrics_match_a_hand_count_of_the_predictions(evaluated):
                                     / _metric(con, eval_id, "student", "latency_ms_median"))
     assert 0 < _metric(con, eval_id, "student", "speedup_lo") <= _metric(con, eval_id, "student", "speedup_hi")
     assert _metric(con, eval_id, "student", "params_total") == _metric(con, eval_id, "student", "params_active") > 0
+
+
+def test_a_student_with_another_tokenizer_is_scored_with_its_own(tmp_path, tiny_model, tiny_tokenizer, tiny_arch,
+                                                                  tiny_questions):
+    # Students with identical tokenizer files share one tokenization; one whose tokenizer differs (here a
+    # smaller vocabulary, so other token ids) must never be given theirs.
+    seeded = seed_store(tmp_path / "home", tiny_model, tiny_tokenizer, tiny_arch, tiny_questions)
+    texts = [q["question"] + " " + " ".join(q["options"]) for q in tiny_questions] * 20
+    other_tokenizer = train_tokenizer(texts, vocab_size=300)
+    torch.manual_seed(5)
+    other = build_model(tiny_arch.model_copy(update={"vocab_size": 300}), other_tokenizer).eval()
+    other_dir = save_pretrained(other, other_tokenizer, seeded.home / "models" / "other" / "final")
+    models = {**seeded.models, "student_hard": {**seeded.models["student_hard"], 1: other_dir}}
+    eval_id = run_evaluation(dataclasses.replace(seeded, models=models))
+    questions = [dict(q) for q in tiny_questions]
+    questions[4]["category"] = ODD_CATEGORY
+    with torch.inference_mode():
+        expected = to_soft_labels(option_logits(other, encode(questions, other_tokenizer, SCORING)))
+    assert not torch.equal(*(encode(questions[:1], t, SCORING).input_ids for t in (other_tokenizer, tiny_tokenizer)))
+    with duckdb.connect(str(seeded.home / "kdflow.duckdb"), read_only=True) as con:
+        stored = con.execute("SELECT probs FROM predictions WHERE eval_id = ? AND model_role = 'student_hard' "
+                             "AND seed = 1 ORDER BY question_id", [eval_id]).fetchall()
+    for (probs,), label in zip(stored, expected, strict=True):
+        np.testing.assert_allclose(probs, label.probs, atol=1e-5)
 
 
 def test_every_metric_is_stored_per_model_and_category(evaluated):

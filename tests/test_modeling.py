@@ -15,7 +15,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from helpers import session_server_env
 from kdflow.config import ArchitectureConfig, StudentConfig, TeacherConfig
 from kdflow.errors import KdflowError
-from kdflow.fingerprints import weights_fingerprint
+from kdflow.fingerprints import tokenizer_fingerprint, weights_fingerprint
 from kdflow.modeling import (
     ModelLoadError,
     ModelSource,
@@ -103,6 +103,18 @@ def test_fingerprint_changes_with_weights(tmp_path, tiny_model, tiny_tokenizer):
     after = weights_fingerprint(save_pretrained(changed, tiny_tokenizer, tmp_path / "m"))
     assert before and after and before != after
     assert weights_fingerprint(tmp_path / "missing") is None
+
+
+def test_tokenizer_fingerprint_follows_the_tokenizer_files_not_the_weights(tmp_path, tiny_model, tiny_tokenizer):
+    changed = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        changed.get_input_embeddings().weight.add_(1.0)
+    first = tokenizer_fingerprint(save_pretrained(tiny_model, tiny_tokenizer, tmp_path / "a"))
+    assert first is not None and tokenizer_fingerprint(save_pretrained(changed, tiny_tokenizer, tmp_path / "b")) == first
+    other = copy.deepcopy(tiny_tokenizer)
+    other.add_tokens(["Tavoria"])
+    assert tokenizer_fingerprint(save_pretrained(tiny_model, other, tmp_path / "c")) != first
+    assert tokenizer_fingerprint(tmp_path / "missing") is None
 
 
 def test_missing_local_path_is_a_clear_error(tmp_path):

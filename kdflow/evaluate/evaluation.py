@@ -176,24 +176,32 @@ def _score_and_time(
     """Score every student of every seed (the first seed's distilled one on validation too), then time
     teacher and that student together.
 
-    Students are loaded one at a time; only the timed one stays loaded while the teacher is opened. Returns
+    Students are loaded one at a time; only the timed one stays loaded while the teacher is opened. Students
+    with identical tokenizer files (fresh students share the teacher's) share one tokenization of the
+    questions: tokenizing takes longer than scoring a small model. Returns
     ({(role, seed): result}, timing, teacher throughput in questions/s, teacher parameter counts or None).
     """
+    from kdflow.fingerprints import tokenizer_fingerprint
     from kdflow.modeling import count_parameters
+    from kdflow.scoring import EncodingMemo
 
     width = test.teacher_probs.shape[1]
+    memos: dict[str, EncodingMemo] = {}
     timed = (DISTILLED, first_seed)
     scored: dict[tuple[str, int], tuple[np.ndarray, np.ndarray | None, tuple[int, int]]] = {}
     kept = None
     try:
         keys = [(r.name, seed) for r in student_roles() for seed in models.get(r.name, {})]
         for key in [k for k in keys if k != timed] + [timed]:
-            backend = _open_student(models[key[0]][key[1]], scoring, cfg, device)
+            path = models[key[0]][key[1]]
+            backend = _open_student(path, scoring, cfg, device)
             try:
-                probs = _padded([s.label.probs for s in backend.score(test.questions)], width)
+                shared = tokenizer_fingerprint(path)
+                memo = None if shared is None else memos.setdefault(shared, EncodingMemo(backend.tokenizer, scoring))
+                probs = _padded([s.label.probs for s in backend.score(test.questions, memo=memo)], width)
                 val_probs = None
                 if key == timed and val.questions:
-                    val_probs = _padded([s.label.probs for s in backend.score(val.questions)], width)
+                    val_probs = _padded([s.label.probs for s in backend.score(val.questions, memo=memo)], width)
                 params = count_parameters(backend.model)
             except BaseException:
                 backend.close()

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kdflow.config import ScoringConfig
 from kdflow.modeling import load_pretrained
 from kdflow.scoring.batch import collate, merge_rows
-from kdflow.scoring.encoding import EncodedQuestion, tokenize
+from kdflow.scoring.encoding import EncodedQuestion, EncodingMemo, tokenize
 from kdflow.scoring.forward import option_logits, to_soft_labels
 from kdflow.softlabels import ScoredQuestion
 
@@ -71,10 +71,21 @@ class ModelScorer:
             raise RuntimeError(f"this {type(self).__name__} was closed; open a new one to score more questions")
         return self.model
 
-    def score(self, questions: Sequence[Mapping[str, Any]]) -> list[ScoredQuestion]:
-        """Soft labels for `questions`, in input order (see ScoredQuestion for latency and reasoning)."""
+    def score(
+        self, questions: Sequence[Mapping[str, Any]], *, memo: EncodingMemo | None = None
+    ) -> list[ScoredQuestion]:
+        """Soft labels for `questions`, in input order (see ScoredQuestion for latency and reasoning).
+
+        `memo` tokenizes the questions instead, once for every scorer given it: the caller shares one only
+        between models whose tokenizers are the same (evaluation: identical tokenizer files). ValueError
+        when it was made for another scoring config."""
         model = self.open_model
-        encoded = tokenize(questions, self.tokenizer, self.scoring)
+        if memo is None:
+            encoded = tokenize(questions, self.tokenizer, self.scoring)
+        elif memo.cfg == self.scoring:
+            encoded = memo.tokenize(questions)
+        else:
+            raise ValueError("the encoding memo was made for another scoring config")
         results: list[ScoredQuestion | None] = [None] * len(encoded)
         for indices in self._buckets(encoded):
             chunk = [encoded[i] for i in indices]
