@@ -32,21 +32,23 @@ def weights_fingerprint(path: str | Path) -> str | None:
     return digest.hexdigest()[:16]
 
 
-# What a model directory holds besides its tokenizer: weights and the model's own settings.
-_NOT_TOKENIZER_SUFFIXES = {".safetensors", ".gguf", ".bin", ".pt", ".pth"}
-_NOT_TOKENIZER_FILES = {"config.json", "generation_config.json", "adapter_config.json", "kdflow.json"}
+# A model directory's weight files: never read by a tokenizer, and too big to hash whole.
+_WEIGHTS = {".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx"}
 
 
 def tokenizer_fingerprint(path: str | Path) -> str | None:
-    """A hash of the contents of every top-level file of a model directory but its weights and model
-    config: two directories with the same one hold the same tokenizer files, so they tokenize alike (any
-    other file in them only makes the hashes differ). None when `path` is not a directory."""
+    """A hash of the contents of every top-level file of a model directory but its weights: two directories
+    with the same one tokenize alike (the tokenizer files, and config.json, whose model type can decide the
+    tokenizer class transformers loads); any other file in them only makes the hashes differ. None when
+    `path` is not a directory."""
     path = Path(path).expanduser()
     if not path.is_dir():
         return None
     digest = hashlib.sha256()
     for file in sorted(path.glob("*")):
-        if file.is_file() and file.suffix not in _NOT_TOKENIZER_SUFFIXES and file.name not in _NOT_TOKENIZER_FILES:
+        if file.is_file() and file.suffix not in _WEIGHTS:
             digest.update(f"{file.name}\0{file.stat().st_size}\0".encode())
-            digest.update(file.read_bytes())
+            with file.open("rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
     return digest.hexdigest()[:16]

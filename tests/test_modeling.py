@@ -114,6 +114,10 @@ def test_tokenizer_fingerprint_follows_the_tokenizer_files_not_the_weights(tmp_p
     other = copy.deepcopy(tiny_tokenizer)
     other.add_tokens(["Tavoria"])
     assert tokenizer_fingerprint(save_pretrained(tiny_model, other, tmp_path / "c")) != first
+    # config.json's model type can decide which tokenizer class transformers loads
+    config = tmp_path / "b" / "config.json"
+    config.write_text(config.read_text().replace('"llama"', '"qwen2"'))
+    assert tokenizer_fingerprint(tmp_path / "b") != first
     assert tokenizer_fingerprint(tmp_path / "missing") is None
 
 

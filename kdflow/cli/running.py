@@ -7,6 +7,7 @@ only when a flow runs.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -33,6 +34,12 @@ def _own_prefect_home(home: Path) -> None:
 STAGE_IMPORTS = "kdflow.fitting.recipe"
 
 
+def _import_quietly(module: str) -> None:
+    """Import `module` ahead of time; a failure is the stage's to report, when it imports the module itself."""
+    with contextlib.suppress(Exception):
+        importlib.import_module(module)
+
+
 def run_flow(flow_name: str, cfg, **kwargs):
     """Run the flow `flow_name` of the flow table (kdflow.flows.registry) with Prefect's offline defaults;
     user errors become messages and exit codes."""
@@ -52,7 +59,7 @@ def run_flow(flow_name: str, cfg, **kwargs):
     if temporary_server:
         # A temporary server takes about 10 s to start, mostly waiting on its own process: import what the
         # stages need meanwhile. Not a daemon thread, so the interpreter never exits in the middle of it.
-        threading.Thread(target=importlib.import_module, args=(STAGE_IMPORTS,), name="stage-imports").start()
+        threading.Thread(target=_import_quietly, args=(STAGE_IMPORTS,), name="stage-imports").start()
     from kdflow.flows.registry import flow_entry, load_flow
 
     flow_fn = load_flow(flow_entry(flow_name))
