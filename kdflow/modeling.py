@@ -7,10 +7,11 @@ kdflow/scoring/.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,26 @@ def build_model(arch: ArchitectureConfig, tokenizer: PreTrainedTokenizerBase) ->
     )
     with MODEL_CONSTRUCTION:
         return LlamaForCausalLM(config) if arch.family == "llama" else Qwen3ForCausalLM(config)
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """torch's CPU threads (torch.set_num_threads: intra-op, OpenMP and MKL) set to n while active, then
+    restored; None leaves them as they are. ValueError for n < 1.
+
+    kdflow starts with OMP_WAIT_POLICY=PASSIVE (kdflow.cli), so an idle OpenMP thread sleeps instead of
+    spinning against other work on the cores; the price is a wake-up for every parallel operation, which
+    the small matrices of a small model do not repay: one thread is then faster than two.
+    """
+    if n is not None and n < 1:
+        raise ValueError(f"CPU threads must be at least 1, got {n}")
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_device(device: str) -> torch.device:

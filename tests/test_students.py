@@ -17,7 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from kdflow.fitting.checkpoints import latest_checkpoint, load_checkpoint
 from kdflow.config import ArchitectureConfig, LoraConfig, RunConfig, StudentConfig, TeacherConfig, TrainingConfig
 from kdflow.errors import KdflowError, TransientError
-from kdflow.label.preparation import prepare_teacher
+from kdflow.label.preparation import prepare_teacher, prepared_teacher_id
 from kdflow.label.teacher import TeacherRef
 from kdflow.modeling import ModelSource, build_model, load_pretrained, save_pretrained
 from kdflow.scoring import encode, option_logits
@@ -316,6 +316,38 @@ def test_teacher_preparation_learns_from_the_labeled_questions_only(tmp_path):
     # The preparation is trained with alpha = 1, which refuses a question without a gold answer.
     model_dir, reused = prepare_teacher(cfg, store, ["toy@0"], progress=False)
     assert not reused and (model_dir / "config.json").is_file()
+
+
+def test_teacher_preparation_runs_on_its_cpu_threads_and_they_change_no_weight(tmp_path, monkeypatch):
+    import kdflow.fitting.recipe
+
+    def prepared(name: str, cpu_threads: int | None):
+        home = tmp_path / name
+        home.mkdir()
+        store, _ = _stage_store(home, set())
+        cfg = _stage_config(home).model_copy(update={"teacher": TeacherConfig(
+            architecture=ArchitectureConfig(hidden_size=32, num_layers=1, num_heads=2, vocab_size=300),
+            prepare={"enabled": True, "epochs": 1, "batch_size": 8, "cpu_threads": cpu_threads})})
+        model_dir, _ = prepare_teacher(cfg, store, ["toy@0"], progress=False)
+        return prepared_teacher_id(cfg, ["toy@0"]), load_file(str(model_dir / "model.safetensors"))
+
+    seen = []
+    real_train = kdflow.fitting.recipe.train
+
+    def observed_train(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(kdflow.fitting.recipe, "train", observed_train)
+    module_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two_id, two = prepared("default", None)
+        one_id, one = prepared("one", 1)
+        assert seen == [2, 1] and torch.get_num_threads() == 2  # set for the preparation, then restored
+    finally:
+        torch.set_num_threads(module_threads)
+    assert one_id == two_id and all(torch.equal(one[name], two[name]) for name in two)
 
 
 def test_each_role_learns_its_own_target():

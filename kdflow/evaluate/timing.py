@@ -7,9 +7,8 @@ Reads and writes no tables.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,21 +44,6 @@ class Timing:
         return metrics.median_ratio_ci(self.seconds["teacher"], self.seconds["student"])
 
 
-
-@contextlib.contextmanager
-def _one_cpu_thread() -> Iterator[None]:
-    """Batch-1 CPU latency on one thread: small matrices gain nothing from more, and a shared machine's
-    load then slows every model alike instead of whichever happens to be timed during a spike."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def time_interleaved(
     backends: Mapping[str, Any],
     questions: Sequence[Mapping[str, Any]],
@@ -82,7 +66,11 @@ def time_interleaved(
     seconds: dict[str, list[float]] = {role: [] for role in roles}
     start = clock()
     stopped_by = "rounds"
-    with _one_cpu_thread():
+    from kdflow.modeling import cpu_threads  # here: torch and transformers load for seconds
+
+    # Batch-1 latency on one CPU thread: small matrices gain nothing from more, and a shared machine's load
+    # then slows every model alike instead of whichever happens to be timed during a spike.
+    with cpu_threads(1):
         for r in range(cfg.latency_warmup + cfg.latency_questions):
             question = questions[r % len(questions)]
             for role in roles if r % 2 == 0 else roles[::-1]:

@@ -40,7 +40,8 @@ def prepared_teacher_id(cfg: RunConfig, dataset_ids: list[str]) -> str:
             "base": base,
             "revision": t.revision,
             "gguf_file": t.gguf_file,
-            "prepare": t.prepare.model_dump(mode="json"),  # with its source, when it has its own questions
+            # With its source, when it has its own questions; how many CPU threads ran it changes no weight.
+            "prepare": t.prepare.model_dump(mode="json", exclude={"cpu_threads"}),
             "scoring": cfg.scoring.model_dump(mode="json"),
             "datasets": sorted(dataset_ids),
             "splits": cfg.data.splits.model_dump(mode="json"),
@@ -88,7 +89,7 @@ def prepare_teacher(
     from kdflow.fitting.checkpoints import discard_checkpoints
     from kdflow.fitting.objective import hard_label_objective
     from kdflow.fitting.recipe import train
-    from kdflow.modeling import build_model, count_parameters, load_model, resolve_device
+    from kdflow.modeling import build_model, count_parameters, cpu_threads, load_model, resolve_device
 
     t = cfg.teacher
     out_dir = cfg.home_dir / "models" / model_id
@@ -120,10 +121,11 @@ def prepare_teacher(
         eval_questions=cfg.training.eval_questions,
         checkpoint_every=cfg.training.checkpoint_every,
     )
-    result = train(
-        model, tokenizer, train_examples, recipe, cfg.scoring, objective=hard_label_objective, out_dir=out_dir,
-        val_examples=split_examples(store, dataset_ids, "val"), resume=True, progress=progress,
-    )
+    with cpu_threads(t.prepare.cpu_threads):
+        result = train(
+            model, tokenizer, train_examples, recipe, cfg.scoring, objective=hard_label_objective, out_dir=out_dir,
+            val_examples=split_examples(store, dataset_ids, "val"), resume=True, progress=progress,
+        )
     total, active = count_parameters(model)
     store.execute(
         "upsert_model", model_id=model_id, run_id=run_id, role="teacher", path=str(result.final_dir),
