@@ -24,7 +24,7 @@ from kdflow.evaluate.evaluation import EvaluationError, evaluate
 from kdflow.evaluate.rows import CascadeChoice, ModelResult, cascade_rows, choose_cascade_tau
 from kdflow.evaluate.timing import time_interleaved
 from kdflow.metrics import agreement, expected_calibration_error, latency_summary, mean_kl
-from kdflow.modeling import build_model, save_pretrained, train_tokenizer
+from kdflow.modeling import build_model, cpu_threads, save_pretrained, train_tokenizer
 from kdflow.runs import start_run
 from kdflow.scoring import encode, option_logits, to_soft_labels
 from kdflow.store import Store
@@ -149,10 +149,8 @@ def run_evaluation(seeded: Seeded, **overrides) -> str:
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models run fastest on one thread; with more, a busy CI machine mostly waits on thread sync."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with cpu_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pytest
-import torch
 
 from kdflow.config import RunConfig
 from kdflow.evaluate.metric_registry import METRICS, Metric
+from kdflow.modeling import cpu_threads
 from kdflow.report.run_data import load_report_data, summarize
 from kdflow.report.formatting import page_table
 from kdflow.report.run_report import render_html
@@ -47,9 +47,7 @@ NEW_METRIC = Metric("top2_accuracy", "top-2 accuracy", "higher", "pct", _top2, p
 def registered(tmp_path_factory, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions):
     """(seeded store, eval_id) of one evaluation with NEW_ROLE (two seeds) and NEW_METRIC registered, which
     stay registered while the class's tests run."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
+    with cpu_threads(1), pytest.MonkeyPatch.context() as patch:
         patch.setitem(ROLES, NEW_ROLE.name, NEW_ROLE)
         patch.setitem(METRICS, NEW_METRIC.name, NEW_METRIC)
         seeded = seed_store(tmp_path_factory.mktemp("home"), tiny_model, tiny_tokenizer, tiny_arch, tiny_questions)
@@ -57,7 +55,6 @@ def registered(tmp_path_factory, tiny_model, tiny_tokenizer, tiny_arch, tiny_que
         models = {**seeded.models, NEW_ROLE.name: dict(seeded.models["student_hard"])}
         eval_id = run_evaluation(seeded, models=models)
         yield seeded, eval_id
-    torch.set_num_threads(threads)
 
 
 def _stored(seeded, eval_id: str | None, query: str) -> list[tuple]:

@@ -19,7 +19,6 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 import yaml
 from helpers import labeling_world
 
@@ -28,6 +27,7 @@ from kdflow.errors import KdflowError
 from kdflow.runs import start_run
 from kdflow.label.engine_host import close_engine_hosts
 from kdflow.label.engine_limits import engine_devices
+from kdflow.modeling import cpu_threads
 from kdflow.label.sharding import (
     ShardError,
     label_shard,
@@ -53,10 +53,8 @@ def world(tmp_path_factory) -> dict:
 @pytest.fixture
 def one_thread():
     """Dask workers run torch on one thread (OMP_NUM_THREADS=1); do the same for exact comparisons."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with cpu_threads(1):
+        yield
 
 
 def fresh(world: dict, home: Path, **orchestration) -> tuple[RunConfig, Store]:
@@ -87,12 +85,8 @@ def ref_of(cfg: RunConfig, store: Store, world: dict) -> TeacherRef:
 def reference(world, tmp_path_factory) -> tuple[str, pa.Table]:
     """The single-process labels (kdflow.label.teacher.label_with_teacher) every sharded run must reproduce."""
     cfg, store = fresh(world, tmp_path_factory.mktemp("reference") / "home")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with cpu_threads(1):
         report = label_with_teacher(cfg, store, world["dataset_ids"], ref_of(cfg, store, world))
-    finally:
-        torch.set_num_threads(threads)
     return report.teacher_key, stored_labels(store, world, report.teacher_key)
 
 

@@ -19,7 +19,7 @@ from kdflow.config import ArchitectureConfig, LoraConfig, RunConfig, StudentConf
 from kdflow.errors import KdflowError, TransientError
 from kdflow.label.preparation import prepare_teacher, prepared_teacher_id
 from kdflow.label.teacher import TeacherRef
-from kdflow.modeling import ModelSource, build_model, load_pretrained, save_pretrained
+from kdflow.modeling import ModelSource, build_model, cpu_threads, load_pretrained, save_pretrained
 from kdflow.scoring import encode, option_logits
 from kdflow.train.initialisation import every_kth_layer, init_student
 from kdflow.fitting.optim import build_optimizer, build_scheduler
@@ -339,14 +339,10 @@ def test_teacher_preparation_runs_on_its_cpu_threads_and_they_change_no_weight(t
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(kdflow.fitting.recipe, "train", observed_train)
-    module_threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with cpu_threads(2):
         two_id, two = prepared("default", None)
         one_id, one = prepared("one", 1)
         assert seen == [2, 1] and torch.get_num_threads() == 2  # set for the preparation, then restored
-    finally:
-        torch.set_num_threads(module_threads)
     assert one_id == two_id and all(torch.equal(one[name], two[name]) for name in two)
 
 

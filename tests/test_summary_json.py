@@ -11,12 +11,12 @@ from datetime import datetime
 import duckdb
 import pyarrow as pa
 import pytest
-import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
 from kdflow.cli import app
 from kdflow.config import SuspectGoldConfig
+from kdflow.modeling import cpu_threads
 from kdflow.report.run_data import load_summary
 from kdflow.report.run_report import build_report
 from kdflow.report.run_summary import print_summary
@@ -46,25 +46,23 @@ def reported(tmp_path_factory, tiny_model, tiny_tokenizer, tiny_arch, tiny_quest
     """(home, run_id, report paths, read-only connection): ingest's dataset row and one unlabeled question
     added, q2 (flagged) and v3 (not flagged) marked as gold answers corrupted on purpose, a real label-issue
     scan and a real evaluation that names the verdict."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    home = tmp_path_factory.mktemp("home")
-    seeded = seed_store(home, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions)
-    store = Store(home)
-    store.execute("insert_dataset", dataset_id=DATASET_ID, name="tiny", version=1, content_hash="0",
-                  source="tiny.jsonl", layout="jsonl", n_questions=12, n_rejected=2, n_unlabeled=1)
-    unlabeled = pa.table({"question_id": ["u0"], "dataset": ["tiny"], "split": ["train"], "category": ["science"],
-                          "question": ["Which one?"], "options": [["a", "b"]], "answer": pa.array([None], pa.int32()),
-                          "metadata": ["{}"], "question_hash": ["h-u0"]})
-    store.execute("insert_questions", unlabeled, dataset_id=DATASET_ID)
-    with store.connect() as con:
-        con.execute("UPDATE questions SET metadata = '{\"gold_noise\": false}'")
-        con.execute("UPDATE questions SET metadata = '{\"gold_noise\": true, \"true_answer\": 0}' "
-                    "WHERE question_id IN ('q2', 'v3')")
-    scan = scan_label_issues(store, VALIDATION_ID, TEACHER_KEY, [DATASET_ID], None, SUSPECT)
-    assert scan.n_flagged == 1
-    run_evaluation(seeded, validation_id=VALIDATION_ID)
-    torch.set_num_threads(threads)
+    with cpu_threads(1):
+        home = tmp_path_factory.mktemp("home")
+        seeded = seed_store(home, tiny_model, tiny_tokenizer, tiny_arch, tiny_questions)
+        store = Store(home)
+        store.execute("insert_dataset", dataset_id=DATASET_ID, name="tiny", version=1, content_hash="0",
+                      source="tiny.jsonl", layout="jsonl", n_questions=12, n_rejected=2, n_unlabeled=1)
+        unlabeled = pa.table({"question_id": ["u0"], "dataset": ["tiny"], "split": ["train"], "category": ["science"],
+                              "question": ["Which one?"], "options": [["a", "b"]], "answer": pa.array([None], pa.int32()),
+                              "metadata": ["{}"], "question_hash": ["h-u0"]})
+        store.execute("insert_questions", unlabeled, dataset_id=DATASET_ID)
+        with store.connect() as con:
+            con.execute("UPDATE questions SET metadata = '{\"gold_noise\": false}'")
+            con.execute("UPDATE questions SET metadata = '{\"gold_noise\": true, \"true_answer\": 0}' "
+                        "WHERE question_id IN ('q2', 'v3')")
+        scan = scan_label_issues(store, VALIDATION_ID, TEACHER_KEY, [DATASET_ID], None, SUSPECT)
+        assert scan.n_flagged == 1
+        run_evaluation(seeded, validation_id=VALIDATION_ID)
     paths = build_report(Store(home, read_only=True), seeded.run_id)
     con = duckdb.connect(str(home / "kdflow.duckdb"), read_only=True)
     yield home, seeded.run_id, paths, con

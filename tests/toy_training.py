@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from kdflow.config import ArchitectureConfig, ScoringConfig, TrainingConfig
-from kdflow.modeling import build_model, train_tokenizer
+from kdflow.modeling import build_model, cpu_threads, train_tokenizer
 from kdflow.scoring import encode, option_logits, to_soft_labels
 
 PLACES = ["forest", "desert", "river", "mountain", "city", "island"]
@@ -33,10 +33,8 @@ SYLLABLES = ["ka", "zo", "mi", "ru", "te", "bo", "la", "ne", "fi", "gu", "sa", "
 def one_thread():
     """One intra-op thread, as in the worker: results are bit-identical across processes, and a busy
     machine is not slowed further by spinning threads. Test modules import it to switch it on."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with cpu_threads(1):
+        yield
 
 
 def creatures(n: int = 24, seed: int = 0) -> list[str]:
