@@ -193,6 +193,18 @@ def test_two_files_with_one_name_are_two_datasets(tmp_path):
     assert len(set(ids)) == 2 and ids == [r.dataset_id for r in reports]
 
 
+def test_a_demo_source_is_identified_by_the_questions_it_generates(monkeypatch):
+    import kdflow.data.demo
+    from kdflow.ingest.load import load_source
+
+    corpus = SourceConfig(demo={"n_questions": 300, "seed": 0, "corpus": "teacher"})
+    before = load_source(corpus).identity
+    assert load_source(corpus).identity == before
+    # The same settings with a generator that asks differently (another kdflow version): another version.
+    monkeypatch.setitem(kdflow.data.demo.TEACHER_ASKS, "rare", kdflow.data.demo.TEACHER_ASKS["rare"] + 1)
+    assert load_source(corpus).identity != before
+
+
 def test_sources_that_would_share_a_name_are_refused_before_the_run(tmp_path):
     import pytest
 

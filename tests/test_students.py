@@ -346,6 +346,27 @@ def test_teacher_preparation_runs_on_its_cpu_threads_and_they_change_no_weight(t
     assert one_id == two_id and all(torch.equal(one[name], two[name]) for name in two)
 
 
+def test_the_prepared_teachers_id_follows_the_content_of_its_own_questions(tmp_path):
+    from kdflow.config import SourceConfig
+
+    corpus = tmp_path / "teacher.jsonl"
+
+    def teacher_id(answer: str) -> str:
+        row = {"question": "Which is a colour?", "options": ["red", "tin"], "answer": answer}
+        corpus.write_text(json.dumps(row) + "\n")
+        cfg = _stage_config(tmp_path).model_copy(update={"teacher": TeacherConfig(
+            architecture=ArchitectureConfig(hidden_size=16, num_layers=1, num_heads=2, vocab_size=300),
+            prepare={"enabled": True, "source": SourceConfig(path=str(corpus))})})
+        return prepared_teacher_id(cfg, ["toy@0"])
+
+    # Same settings, an edited file: another teacher, never the one prepared on the old questions.
+    assert teacher_id("A") == teacher_id("A") != teacher_id("B")
+    corpus.unlink()
+    with pytest.raises(KdflowError, match=r"teacher.prepare.source: .*teacher.jsonl"):
+        prepared_teacher_id(_stage_config(tmp_path).model_copy(update={"teacher": TeacherConfig(
+            prepare={"enabled": True, "source": SourceConfig(path=str(corpus))})}), ["toy@0"])
+
+
 def test_each_role_learns_its_own_target():
     examples = [{"question_id": "a", "answer": 2, "probs": [0.1, 0.6, 0.3], "predicted": 1},
                 {"question_id": "b", "answer": None, "probs": [0.2, 0.2, 0.6], "predicted": None},

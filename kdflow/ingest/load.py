@@ -192,12 +192,14 @@ def _load_demo(source: SourceConfig) -> LoadedSource:
         questions = world.generate_demo_questions(
             demo.n_questions, demo.seed, labeled_share=demo.labeled_share, gold_noise=demo.gold_noise
         )
-    params = json.dumps({"demo": demo.model_dump()}, sort_keys=True)
+    # The generated rows, not only the parameters: a generator that changes between kdflow versions makes
+    # another dataset version (and another prepared teacher), never a stale reuse of the old one.
+    content = json.dumps({"demo": demo.model_dump(), "rows": questions.to_pydict()}, sort_keys=True)
     rejected = REJECTED_SCHEMA.empty_table()
     # The demo world's questions without an answer (None) are unlabeled on purpose: always kept.
     counts = {"rows": questions.num_rows, "questions": questions.num_rows, "rejected": 0,
               "unlabeled": questions.column("answer").null_count}
-    return LoadedSource(source.display_name, _sha256(params.encode()), "demo", questions, rejected, counts,
+    return LoadedSource(source.display_name, _sha256(content.encode()), "demo", questions, rejected, counts,
                         "generated", origins=[("demo", i) for i in range(questions.num_rows)])
 
 

@@ -4,8 +4,8 @@ questions of its own (`teacher.prepare.source`).
 Preparation follows torchtune's finding that a task-tuned teacher distills better. A teacher with its own
 questions stands for a big model that knows from pretraining what the student's transfer set never
 teaches (the demo's teacher corpus). A prepared teacher is identified by a digest of everything that shaped
-it (base model or architecture, preparation settings and source, scoring, dataset versions), so a second
-run with the same config reuses the checkpoint. In: the run's datasets (`questions`); out: a model
+it (base model or architecture, preparation settings, its source's content, scoring, dataset versions), so
+a second run with the same config reuses the checkpoint. In: the run's datasets (`questions`); out: a model
 directory recorded in `models` (role teacher) with its `checkpoints`.
 
 It belongs to the label stage, not to training: its only product is the model that labels, its identity
@@ -19,13 +19,16 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kdflow.config import RunConfig, TrainingConfig
+from kdflow.config import RunConfig, SourceConfig, TrainingConfig
 from kdflow.errors import KdflowError
 from kdflow.sources import configured_source
 from kdflow.store import Store
 from kdflow.fitting.inputs import corpus_tokenizer, finished_model_dir, split_examples
+
+if TYPE_CHECKING:
+    from kdflow.ingest.collect import LoadedSource
 
 
 def _digest(data: Any) -> str:
@@ -33,6 +36,10 @@ def _digest(data: Any) -> str:
 
 
 def prepared_teacher_id(cfg: RunConfig, dataset_ids: list[str]) -> str:
+    """The prepared teacher's model id: a digest of everything that shapes its weights, the content of
+    `teacher.prepare.source` included (an edited file, or a demo generator that changed, prepares anew).
+
+    Raises KdflowError when that source cannot be read."""
     t = cfg.teacher
     base = t.model or t.architecture.model_dump(mode="json")
     return "teacher-" + _digest(
@@ -42,6 +49,7 @@ def prepared_teacher_id(cfg: RunConfig, dataset_ids: list[str]) -> str:
             "gguf_file": t.gguf_file,
             # With its source, when it has its own questions; how many CPU threads ran it changes no weight.
             "prepare": t.prepare.model_dump(mode="json", exclude={"cpu_threads"}),
+            "source": None if t.prepare.source is None else _read_source(t.prepare.source).identity,
             "scoring": cfg.scoring.model_dump(mode="json"),
             "datasets": sorted(dataset_ids),
             "splits": cfg.data.splits.model_dump(mode="json"),
@@ -57,18 +65,22 @@ def _preparation_questions(cfg: RunConfig, store: Store, dataset_ids: list[str])
     source = cfg.teacher.prepare.source
     if source is None:
         return [q for q in split_examples(store, dataset_ids, "train") if q["answer"] is not None]
-    from kdflow.ingest.load import load_source
-
-    try:
-        questions = load_source(source).questions.to_pylist()
-    except KdflowError as e:
-        raise KdflowError(f"teacher.prepare.source: {e}") from e
+    questions = _read_source(source).questions.to_pylist()
     labeled = [q for q in questions if q["answer"] is not None]
     if not labeled:
         raise KdflowError(
             f"teacher.prepare.source ({source.display_name}) has no question with a gold answer to fine-tune on"
         )
     return labeled
+
+
+def _read_source(source: SourceConfig) -> LoadedSource:
+    from kdflow.ingest.load import load_source
+
+    try:
+        return load_source(source)
+    except KdflowError as e:
+        raise KdflowError(f"teacher.prepare.source: {e}") from e
 
 
 def is_prepared(cfg: RunConfig) -> bool:
