@@ -4,9 +4,11 @@ built to show why people distil.
 Three assumptions carry the demo, each a stated reason to distil:
 - The teacher knows what the student's labels cannot teach: it is fine-tuned on questions of its own about
   the world (`generate_teacher_corpus`, its "pretraining"), never on the student's transfer set, asked
-  TEACHER_ASKS times per fact. Measured with the demo teacher (5 layers, 3 passes over its corpus), against
-  the true answers: common 99.6%, reasoning 99.7%, rare 94.5%, obscure 74.6%, the shape of the seed
-  scenario's teacher (98 / 95 / 85 / 70).
+  TEACHER_ASKS times per fact: often enough that every common fact is learned, rarely enough that rare and
+  obscure ones are learned only in part. Measured with the demo teacher (5 layers, 3 passes over its
+  corpus) on the test split, against the true answers: common 100%, reasoning 100%, rare 95.3%, obscure
+  73.0%, the shape of the seed scenario's teacher (98 / 95 / 85 / 70). Which rare and obscure facts it
+  learns depends on its training seed: over three seeds 78-94% and 50-79% (training and validation split).
 - Gold labels are scarce: `labeled_share` of the topics (facts; reasoning questions one by one) have gold
   answers in the training pool; the rest of the pool is unlabeled, as production questions nobody annotated
   are (labeling costs are why people use a teacher: Wang et al. 2021 report 50-96% lower labeling cost with
@@ -63,7 +65,7 @@ TIER_SHARES = {"common": 0.70, "reasoning": 0.20, "rare": 0.08, "obscure": 0.02}
 # How often the transfer set asks each fact, which fixes how many facts a tier has (its questions / asks).
 TRANSFER_ASKS = {"common": 250, "rare": 15, "obscure": 3}
 # How often the teacher's own corpus asks each fact: what the teacher knows, whatever the transfer set asks.
-TEACHER_ASKS = {"common": 150, "rare": 40, "obscure": 10}
+TEACHER_ASKS = {"common": 100, "rare": 25, "obscure": 6}
 TEACHER_REASONING_SHARE = 0.2
 MAX_QUESTIONS = 1_000_000  # the name space stays sparse (fast to draw from) up to this size
 
