@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdflow.config import RunConfig, SourceConfig, TrainingConfig
+from kdflow.config import RunConfig, TrainingConfig
 from kdflow.errors import KdflowError
 from kdflow.sources import configured_source
 from kdflow.store import Store
@@ -40,6 +40,10 @@ def prepared_teacher_id(cfg: RunConfig, dataset_ids: list[str]) -> str:
     `teacher.prepare.source` included (an edited file, or a demo generator that changed, prepares anew).
 
     Raises KdflowError when that source cannot be read."""
+    return _teacher_id(cfg, dataset_ids, _own_questions(cfg))
+
+
+def _teacher_id(cfg: RunConfig, dataset_ids: list[str], own: LoadedSource | None) -> str:
     t = cfg.teacher
     base = t.model or t.architecture.model_dump(mode="json")
     return "teacher-" + _digest(
@@ -49,7 +53,7 @@ def prepared_teacher_id(cfg: RunConfig, dataset_ids: list[str]) -> str:
             "gguf_file": t.gguf_file,
             # With its source, when it has its own questions; how many CPU threads ran it changes no weight.
             "prepare": t.prepare.model_dump(mode="json", exclude={"cpu_threads"}),
-            "source": None if t.prepare.source is None else _read_source(t.prepare.source).identity,
+            "source": None if own is None else own.identity,
             "scoring": cfg.scoring.model_dump(mode="json"),
             "datasets": sorted(dataset_ids),
             "splits": cfg.data.splits.model_dump(mode="json"),
@@ -58,29 +62,30 @@ def prepared_teacher_id(cfg: RunConfig, dataset_ids: list[str]) -> str:
     )
 
 
-def _preparation_questions(cfg: RunConfig, store: Store, dataset_ids: list[str]) -> list[dict[str, Any]]:
-    """The labeled questions the teacher is fine-tuned on: `teacher.prepare.source`, else the training split.
-
-    Raises KdflowError when the source cannot be read or holds no question with a gold answer."""
+def _own_questions(cfg: RunConfig) -> LoadedSource | None:
+    """`teacher.prepare.source` read (None without one); raises KdflowError when it cannot be."""
     source = cfg.teacher.prepare.source
     if source is None:
-        return [q for q in split_examples(store, dataset_ids, "train") if q["answer"] is not None]
-    questions = _read_source(source).questions.to_pylist()
-    labeled = [q for q in questions if q["answer"] is not None]
-    if not labeled:
-        raise KdflowError(
-            f"teacher.prepare.source ({source.display_name}) has no question with a gold answer to fine-tune on"
-        )
-    return labeled
-
-
-def _read_source(source: SourceConfig) -> LoadedSource:
+        return None
     from kdflow.ingest.load import load_source
 
     try:
         return load_source(source)
     except KdflowError as e:
         raise KdflowError(f"teacher.prepare.source: {e}") from e
+
+
+def _preparation_questions(store: Store, dataset_ids: list[str], own: LoadedSource | None) -> list[dict[str, Any]]:
+    """The labeled questions the teacher is fine-tuned on: its own (`teacher.prepare.source`, read), else
+    the training split.
+
+    Raises KdflowError when its own questions hold none with a gold answer."""
+    if own is None:
+        return [q for q in split_examples(store, dataset_ids, "train") if q["answer"] is not None]
+    labeled = [q for q in own.questions.to_pylist() if q["answer"] is not None]
+    if not labeled:
+        raise KdflowError(f"teacher.prepare.source ({own.name}) has no question with a gold answer to fine-tune on")
+    return labeled
 
 
 def is_prepared(cfg: RunConfig) -> bool:
@@ -92,7 +97,8 @@ def prepare_teacher(
     cfg: RunConfig, store: Store, dataset_ids: list[str], *, run_id: str | None = None, progress: bool = True
 ) -> tuple[Path, bool]:
     """Fine-tune the teacher on the training split's gold answers; returns (model dir, reused)."""
-    model_id = prepared_teacher_id(cfg, dataset_ids)
+    own = _own_questions(cfg)  # read once: its content is part of the id and what the teacher learns
+    model_id = _teacher_id(cfg, dataset_ids, own)
     if (found := finished_model_dir(store, model_id)) is not None:
         return found, True  # before the imports below: torch and transformers take seconds to load
 
@@ -118,7 +124,7 @@ def prepare_teacher(
         spec=json.dumps({"prepare": t.prepare.model_dump(mode="json"), "base": t.model}),
         n_params=None, n_active=None, status="training", seed=cfg.training.seeds[0],
     )
-    train_examples = _preparation_questions(cfg, store, dataset_ids)
+    train_examples = _preparation_questions(store, dataset_ids, own)
     if t.prepare.max_train_questions:
         train_examples = train_examples[: t.prepare.max_train_questions]
     recipe = TrainingConfig(
