@@ -227,3 +227,20 @@ def test_a_teacher_corpus_of_another_demo_world_is_refused():
     with pytest.raises(ConfigError, match="teacher.prepare.source describes the demo world of n_questions 15000"):
         load_config("configs/demo.yaml", ['data.sources=[{"demo": {"n_questions": 1000}}]'])
     assert load_config("configs/demo.yaml", []).teacher.prepare.source.demo.corpus == "teacher"
+
+
+def test_set_reaches_a_key_of_one_list_item():
+    """`data.sources[0].key=value` sets that key of the first source (the form ingest's hints name), and a
+    bad index or a list addressed as a section is an error naming the key, not a new config key."""
+    cfg = load_config(None, ["data.sources[0].allow_unlabeled=true", "training.seeds[1]=7"])
+    assert cfg.data.sources[0].allow_unlabeled is True
+    assert cfg.training.seeds == [0, 7, 2]
+    for override, message in [
+        ("data.sources[1].allow_unlabeled=true", "data.sources has 1 item(s), numbered from 0"),
+        ("data.sources.allow_unlabeled=true", "data.sources is a list: name an item"),
+        ("data.sources[0].demo.sed=1", "data.sources[0].demo.sed: unknown key; did you mean data.sources[0].demo.seed?"),
+        ("data.sources[0]x.y=1", "is not a key"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [override])
+        assert message in str(e.value), (override, str(e.value))

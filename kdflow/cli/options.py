@@ -16,7 +16,9 @@ ConfigOpt = Annotated[
 ]
 SetOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--set", "-s", metavar="KEY=VALUE", help="override a config key: --set training.epochs=2 (repeatable)"),
+    typer.Option("--set", "-s", metavar="KEY=VALUE",
+                 help="override a config key: --set training.epochs=2, or a key of one list item: "
+                 "--set data.sources[0].allow_unlabeled=true (repeatable)"),
 ]
 
 

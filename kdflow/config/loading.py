@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -74,22 +75,60 @@ def _parse_value(text: str) -> Any:
     return value
 
 
+_KEY_PART = re.compile(r"([^.\[\]]+)((?:\[\d+\])*)")
+
+
+def _key_path(item: str) -> tuple[str | int, ...]:
+    """The keys of an override's `key`: `data.sources[0].path` is ('data', 'sources', 0, 'path'), a list
+    item named by its 0-based index. Raises ConfigError for a key of another form."""
+    key = item.partition("=")[0].strip()
+    path: list[str | int] = []
+    for part in key.split("."):
+        match = _KEY_PART.fullmatch(part.strip())
+        if match is None:
+            raise ConfigError(f"--set {item!r}: {part!r} is not a key; write section.key or list[0].key")
+        path.append(match[1])
+        path += [int(index) for index in re.findall(r"\d+", match[2])]
+    return tuple(path)
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key.sub=value` overrides to raw config data (before validation)."""
+    """Apply `key.sub=value` overrides to raw config data (before validation); `sources[0].key` sets a key
+    of one item of a list the config already has."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r} is not of the form key.sub=value")
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
+        parts = _key_path(item)
+        node: Any = data
+        for depth, part in enumerate(parts[:-1]):
+            named = _dotted(parts[:depth]) or "the config"
+            if isinstance(part, int):
+                if not isinstance(node, list):
+                    raise ConfigError(f"--set {item!r}: {named} is not a list")
+                if part >= len(node):
+                    raise ConfigError(f"--set {item!r}: {named} has {len(node)} item(s), numbered from 0")
+                child = node[part]
+            else:
+                if not isinstance(node, dict):
+                    raise ConfigError(f"--set {item!r}: {named} is a list: name an item, {named}[0]")
+                child = node.get(part)
+                if child is None and not isinstance(parts[depth + 1], int):
+                    child = node[part] = {}
+                elif child is None:
+                    raise ConfigError(f"--set {item!r}: {named}.{part} has no items to set; set the whole list")
+            if not isinstance(child, (dict, list)):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = _parse_value(value)
+        last = parts[-1]
+        if isinstance(last, int):
+            if not isinstance(node, list):
+                raise ConfigError(f"--set {item!r}: {_dotted(parts[:-1])} is not a list")
+            if last >= len(node):
+                raise ConfigError(f"--set {item!r}: {_dotted(parts[:-1])} has {len(node)} item(s), numbered from 0")
+        elif not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {_dotted(parts[:-1])} is a list: name an item")
+        node[last] = _parse_value(value)
     return data
 
 
@@ -121,6 +160,11 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
+def _dotted(loc: tuple[Any, ...]) -> str:
+    """A location as a --set key names it: ('data', 'sources', 0, 'path') is data.sources[0].path."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
 def _suggestion(loc: tuple[Any, ...]) -> str:
     """'; did you mean a.b?' for a misspelt key, from the keys its section does have (difflib)."""
     section = _model_at(loc[:-1])
@@ -129,15 +173,16 @@ def _suggestion(loc: tuple[Any, ...]) -> str:
     close = difflib.get_close_matches(loc[-1], list(section.model_fields), n=1, cutoff=0.6)
     if not close:
         return ""
-    return f"; did you mean {'.'.join(str(p) for p in (*loc[:-1], close[0]))}?"
+    return f"; did you mean {_dotted((*loc[:-1], close[0]))}?"
 
 
 def _value_origin(loc: tuple[Any, ...], overrides: list[str], lines: dict[tuple[Any, ...], int], path: str) -> str:
     """Where a value at `loc` came from: the last --set that wrote it or a section holding it, else the
     file line of the deepest key given there, else the file (a default value)."""
     for item in reversed(overrides):
-        keys = tuple(item.partition("=")[0].strip().split("."))
-        named = tuple(p for p in loc if not isinstance(p, int))
+        keys = _key_path(item)
+        # A key without list indices names every item of the lists on its path.
+        named = loc if any(isinstance(k, int) for k in keys) else tuple(p for p in loc if not isinstance(p, int))
         if named[: len(keys)] == keys or keys[: len(named)] == named:
             return f"--set {item}"
     for depth in range(len(loc), 0, -1):
@@ -152,7 +197,7 @@ def _format_errors(error: ValidationError, path: str, overrides: list[str] | Non
     problems = []
     for err in error.errors():
         loc = tuple(err["loc"])
-        where = ".".join(str(p) for p in loc) or "(top level)"
+        where = _dotted(loc) or "(top level)"
         origin = _value_origin(loc, overrides or [], lines or {}, path)
         if err["type"] == "extra_forbidden":
             problems.append(f"  - {origin}: {where}: unknown key{_suggestion(loc)} (docs/configuration.md lists every key)")
