@@ -55,6 +55,14 @@ SELECT reason_code, count(*) AS n
 FROM rejected_rows WHERE dataset_id = $dataset_id
 GROUP BY reason_code ORDER BY n DESC, reason_code;
 
+-- name: rejected_examples
+-- The first rejected row of each reason (by source and row): what `kdflow ingest` shows of them.
+SELECT source, row_number, reason FROM (
+    SELECT source, row_number, reason, reason_code,
+           row_number() OVER (PARTITION BY reason_code ORDER BY source, row_number) AS k
+    FROM rejected_rows WHERE dataset_id = $dataset_id)
+WHERE k = 1 ORDER BY reason_code;
+
 -- name: split_counts
 SELECT split, count(*) FROM questions WHERE dataset_id = $dataset_id GROUP BY split ORDER BY split;
 

@@ -124,9 +124,14 @@ def test_cli_ingest_fails_clearly_on_missing_file_and_all_bad_input(tmp_path):
     assert unknown.exit_code == 2 and "fix --format" in unknown.output and "data.sources" not in unknown.output
     allbad = tmp_path / "allbad.jsonl"
     allbad.write_text('{"question": "", "choices": ["a", "b"], "answer": 0}\n{not json\n')
-    result = runner.invoke(app, ["ingest", str(allbad), "--format", "mmlu", "--set", f"home={tmp_path / 'h'}"])
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(
+        app, ["ingest", str(allbad), "--format", "mmlu", "--set", f"home={tmp_path / 'h'}"])
     assert result.exit_code == 2
     assert "nothing usable was loaded" in result.output
+    # The rows "above" are shown: the first of each reason, with its file, row and reason.
+    examples = [line.strip() for line in result.output.splitlines() if line.strip().startswith("e.g.")]
+    assert sorted(e.split(": ")[0] for e in examples) == [f"e.g. {allbad} row 1", f"e.g. {allbad} row 2"]
+    assert sorted(e.split(": ")[1] for e in examples) == ["empty_question", "malformed_json"], examples
 
 
 def test_cli_ingest_blames_the_encoding_option_not_the_config(tmp_path):

@@ -423,6 +423,14 @@ def test_route_reads_questions_as_ingest_does_and_sums_up_skipped_rows(first_run
     assert len(skipped) == 1 and "30 of 70 rows" in skipped[0] and "too_few_options" in skipped[0], skipped
     answered = [line for line in result.stdout.splitlines() if re.match(r"^\W*\d+\W", line)]
     assert len(answered) == 40, result.stdout
+    # A CSV of a question and option columns, no answer column: found without --format.
+    csv_file = tmp_path / "pool.csv"
+    csv_file.write_text("question,A,B,C\n" + "".join(f"What is the capital of Toshiland {i}?,Danen,Thafar,Brotum\n"
+                                                     for i in range(5)))
+    result = CliRunner().invoke(app, ["route", str(csv_file), "-c", str(ROOT / "configs" / "tiny.yaml"),
+                                      "--set", f"home={home}"])
+    assert result.exit_code == 0, result.output
+    assert len([line for line in result.stdout.splitlines() if re.match(r"^\W*\d+\W", line)]) == 5, result.stdout
 
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "no question column", "opts": ["a", "b"]}\n')

@@ -340,6 +340,18 @@ def test_unusable_sources_raise_ingest_error(path, match):
         load_source(SourceConfig(path=str(FIXTURES / path)))
 
 
+def test_a_missing_file_names_the_working_directory_only_for_a_relative_path(tmp_path, monkeypatch):
+    """A config file's relative paths arrive resolved against its folder: the message must not say they
+    start at the working directory; a relative path (--set, the command line) does start there."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(IngestError) as e:
+        load_source(SourceConfig(path=str(tmp_path / "cfg" / "qs.csv")))
+    assert f"source file {tmp_path / 'cfg' / 'qs.csv'} does not exist" in str(e.value)
+    assert "working directory" not in str(e.value)
+    with pytest.raises(IngestError, match=rf"qs.csv does not exist \(relative to the working directory, {tmp_path}\)"):
+        load_source(SourceConfig(path="qs.csv"))
+
+
 def test_ingest_error_is_a_value_error_and_a_user_error():
     from kdflow.errors import KdflowError, is_transient
 

@@ -148,6 +148,24 @@ def test_a_file_without_an_answer_column_is_a_pool_of_unlabeled_questions(tmp_pa
         load_source(SourceConfig(path=str(path), format="generic", mapping=mapping))
 
 
+def test_a_csv_of_option_columns_without_an_answer_column_is_detected(tmp_path):
+    """question, A..D and nothing else: questions nobody answered (to label or route), read without a
+    --format; an extra column that might hold the answers under another name is not read as unlabeled."""
+    path = tmp_path / "pool.csv"
+    path.write_text("question,A,B,C,D,subject\nWhich planet is red?,Venus,Mars,Earth,Jupiter,astronomy\n"
+                    "Which planet has rings?,Mercury,Mars,Saturn,Venus,astronomy\n")
+    loaded = load_source(SourceConfig(path=str(path), allow_unlabeled=True))
+    assert loaded.layout == "option_columns" and loaded.counts["unlabeled"] == 2
+    assert loaded.questions.column("options").to_pylist()[0] == ["Venus", "Mars", "Earth", "Jupiter"]
+    assert loaded.questions.column("category").to_pylist() == ["astronomy", "astronomy"]
+    strict = load_source(SourceConfig(path=str(path)))
+    assert strict.rejected_by_reason() == {"missing_answer": 2}
+    extra = tmp_path / "extra.csv"
+    extra.write_text("question,A,B,C,D,solution\nWhich planet is red?,Venus,Mars,Earth,Jupiter,B\n")
+    with pytest.raises(ValueError, match=r"cannot detect the layout .*solution.*mapping: \{question"):
+        load_source(SourceConfig(path=str(extra), allow_unlabeled=True))
+
+
 def test_arc_and_csqa_answer_keys_left_blank_become_unlabeled(tmp_path):
     withheld = SourceConfig(path=str(FIXTURES / "csqa" / "test.parquet"), allow_unlabeled=True)
     loaded = load_source(withheld)  # the CSQA test split withholds its answers

@@ -41,7 +41,8 @@ class DatasetReport:
     """What one source stored: counts come from the store, never from what was read.
 
     `loaded` counts every stored question, `unlabeled` those without a gold answer (`labeled` the rest);
-    `allow_unlabeled` is where the source's allow_unlabeled is set when it is off (None when on).
+    `allow_unlabeled` is where the source's allow_unlabeled is set when it is off (None when on);
+    `rejected_examples` holds the first rejected row of each reason: (source file, row number, reason).
     """
 
     dataset_id: str
@@ -54,6 +55,7 @@ class DatasetReport:
     unlabeled: int = 0
     allow_unlabeled: str | None = None
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    rejected_examples: list[tuple[str, int | None, str]] = field(default_factory=list)
     splits: dict[str, int] = field(default_factory=dict)
     answers: str = ""
     encoding: str = ""
@@ -257,6 +259,7 @@ def _ingest_loaded(store: Store, sources: list[SourceConfig], loaded: list[Loade
             unlabeled=unlabeled,
             allow_unlabeled=None if source.allow_unlabeled else source.setting("allow_unlabeled"),
             rejected_by_reason=dict(store.fetch("rejected_by_reason", dataset_id=dataset_id)),
+            rejected_examples=[tuple(row) for row in store.fetch("rejected_examples", dataset_id=dataset_id)],
             splits=dict(store.fetch("split_counts", dataset_id=dataset_id)),
             answers=answers,
             encoding=encoding,

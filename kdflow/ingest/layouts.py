@@ -205,8 +205,15 @@ def _labelled_form(record: dict[str, Any]) -> str | None:
 
 
 def _is_option_columns(record: dict[str, Any]) -> bool:
-    return bool(first_present(record, QUESTION_COLUMNS) and first_present(record, ANSWER_COLUMNS)
-                and option_family(record))
+    """A question column and option columns, with an answer column or, for questions nobody answered (to
+    label or to route), with no column left unread: an unread column may hold the answers under a name not
+    recognised, and reading such a file as unlabeled would drop them."""
+    question, options = first_present(record, QUESTION_COLUMNS), option_family(record)
+    if not (question and options):
+        return False
+    if first_present(record, ANSWER_COLUMNS):
+        return True
+    return all(key in {question, *options, "id", *CATEGORY_COLUMNS} for key in record)
 
 
 def _is_hellaswag(record: dict[str, Any]) -> bool:
@@ -216,8 +223,8 @@ def _is_hellaswag(record: dict[str, Any]) -> bool:
 
 def _unlabeled_or(labeled: Callable[[dict[str, Any]], bool], *keys: str) -> Callable[[dict[str, Any]], bool]:
     """`labeled`, or a file with no answer column at all: questions to label or to route, whose rows are
-    rejected as missing_answer unless the source allows unlabeled questions (option_columns, which needs
-    an answer column, keeps its records)."""
+    rejected as missing_answer unless the source allows unlabeled questions (option_columns, whose records
+    are never these, keeps its own)."""
     return lambda record: labeled(record) or (_has(*keys)(record) and not _is_option_columns(record))
 
 
@@ -287,7 +294,8 @@ LAYOUTS: dict[str, Layout] = {
                       _unlabeled_or(_has("question", "options", "answer"), "question", "options"),
                       columns=default_mapping),
     "option_columns": Layout(None, "one column per option (A..D, option_a.., choice1.., ...), a question and an "
-                             "answer column", _is_option_columns, columns=_option_columns),
+                             "answer column (none: questions to label or route)", _is_option_columns,
+                             columns=_option_columns),
 }
 """Every layout by its `format` name, in detection order: a record is the first layout whose rule claims it."""
 

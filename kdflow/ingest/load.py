@@ -38,16 +38,16 @@ def _sha256(data: bytes) -> str:
 def _paths(pattern: str) -> list[Path]:
     """The files a source path names: one file, or every file a glob matches (sorted, for a stable order)."""
     expanded = os.path.expanduser(pattern)
+    # A config file's relative paths arrive resolved against its folder; only others start at the cwd.
+    relative = "" if os.path.isabs(expanded) else f" (relative to the working directory, {Path.cwd()})"
     if any(c in expanded for c in "*?["):
         matches = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
         if not matches:
-            raise IngestError(f"no files match {pattern!r} (searched from {Path.cwd()})", setting="path")
+            raise IngestError(f"no files match {pattern!r}{relative}", setting="path")
         return matches
     path = Path(expanded)
     if not path.exists():
-        raise IngestError(
-            f"source file {pattern} does not exist (relative paths start at {Path.cwd()})", setting="path"
-        )
+        raise IngestError(f"source file {pattern} does not exist{relative}", setting="path")
     if path.is_dir():
         raise IngestError(f"source path {pattern} is a directory; name a file or a glob such as {pattern}/*.jsonl")
     return [path]
@@ -92,7 +92,8 @@ def _layout(source: SourceConfig, rows: list[Row], origin: str) -> tuple[str, Ma
     if layout is None:
         raise IngestError(
             f"cannot detect the layout of {origin}; columns seen: {', '.join(columns)}. Name its layout "
-            f"({', '.join(LAYOUTS)}; generic needs a mapping of your columns)", setting="format"
+            f"({', '.join(LAYOUTS)}), or map your columns: a config's source takes mapping: {{question: COLUMN, "
+            f"options: [COLUMN, ...], answer: COLUMN}} (format generic, docs/input-formats.md)", setting="format"
         )
     return layout, mapper_for(layout, columns)
 

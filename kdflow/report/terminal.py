@@ -35,6 +35,9 @@ def print_ingest(console: Console, reports: Sequence[DatasetReport], unlabeled_s
             reasons = ", ".join(f"{code} {n}" for code, n in r.rejected_by_reason.items())
             console.print(f"[yellow]{r.dataset_id}[/]: rejected {r.rejected:,} rows ({reasons}); "
                           f"they are kept in table rejected_rows with file, row and raw text")
+            for source, row, reason in r.rejected_examples:
+                where = f"{source} row {row}" if row is not None else source
+                console.print(f"  e.g. {escape(where)}: {escape(reason)}", soft_wrap=True)
         if hint := r.unlabeled_hint(unlabeled_setting):
             console.print(f"[yellow]{escape(hint)}[/]")
         if r.unlabeled:
