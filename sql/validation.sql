@@ -63,6 +63,14 @@ WHERE list_contains($dataset_ids, q.dataset_id) AND q.split = $split AND q.answe
                     AND z.teacher_key = $teacher_key)
 ORDER BY q.question_id;
 
+-- name: count_quarantined_calibration_labels
+-- Labeled questions of $split whose label this verdict quarantined: left out of the fit, counted in its note.
+SELECT count(*) FROM questions q
+WHERE list_contains($dataset_ids, q.dataset_id) AND q.split = $split AND q.answer IS NOT NULL
+  AND EXISTS (SELECT 1 FROM quarantine z
+              WHERE z.validation_id = $validation_id AND z.question_id = q.question_id
+                AND z.teacher_key = $teacher_key);
+
 -- name: find_calibration
 SELECT temperature, n_questions, nll_raw, nll_calibrated, ece_raw, ece_calibrated, note, fitted_temperature,
        fallback

@@ -155,7 +155,19 @@ def test_nan_labels_in_validation_are_quarantined_and_never_reach_the_calibratio
         n_val = con.execute("SELECT count(*) FROM questions WHERE split = 'val'").fetchone()[0]
     assert sorted(q for (q,) in quarantined) == sorted(poisoned)
     assert result.calibration.n_questions == n_val - 3
+    assert "3 labeled validation questions quarantined by the gate" in result.calibration.note
     assert stored_calibration(store, result.validation_id) == result.calibration
+
+
+def test_a_calibration_with_every_validation_label_quarantined_says_so(tmp_path):
+    """Not the advice for a run without a validation split: it has one, and the gate took all of it."""
+    cfg, store, dataset_ids, key = _home(tmp_path)
+    poisoned = _label_all(store, dataset_ids, key, nan_val=10**6)
+    fit = run_gate(cfg, store, dataset_ids, key).calibration
+    assert fit.temperature is None and fit.fallback == "too_few_questions" and fit.n_questions == 0
+    assert "data.splits.val" not in fit.note
+    assert fit.note == (f"no admitted validation questions to fit on; {len(poisoned)} labeled validation "
+                        "questions quarantined by the gate")
 
 
 @pytest.mark.slow

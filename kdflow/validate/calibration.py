@@ -89,12 +89,13 @@ def _admitted(row: dict[str, Any]) -> bool:
 
 
 def fit_calibration(labels: Sequence[dict[str, Any]], n_bins: int = 15, *,
-                    min_questions: int = MIN_QUESTIONS) -> Calibration:
+                    min_questions: int = MIN_QUESTIONS, quarantined: int = 0) -> Calibration:
     """Fit the temperature on the admitted labels of the validation split and apply the guards.
 
     `labels`: rows with split, answer and probs (a list per question). Rows of other splits are ignored;
     validation rows without a gold answer (None) or with probabilities that are not finite and
-    non-negative are left out (counted in the note). With no admitted rows nothing is fitted. The fit is
+    non-negative are left out (counted in the note), as are the `quarantined` labeled validation questions
+    the caller already kept out (the gate's quarantine). With no admitted rows nothing is fitted. The fit is
     rejected (temperature None, fallback set) on fewer than `min_questions` rows, at a bound of
     TEMPERATURE_BOUNDS, or without a significant NLL gain (see the module docstring). Never raises on
     the labels' values.
@@ -104,9 +105,12 @@ def fit_calibration(labels: Sequence[dict[str, Any]], n_bins: int = 15, *,
     left_out = len(rows) - len(admitted)
     left_out_note = (f"; {left_out} validation labels left out (no gold answer, or probabilities not finite and "
                      "non-negative)") if left_out else ""
+    if quarantined:
+        left_out_note += f"; {quarantined} labeled validation questions quarantined by the gate"
     if not admitted:
-        return Calibration(None, 0, note="no labeled validation questions: set data.splits.val above 0 to calibrate"
-                           + left_out_note, fallback="too_few_questions")
+        why = ("no labeled validation questions: set data.splits.val above 0 to calibrate" if not (rows or quarantined)
+               else "no admitted validation questions to fit on")
+        return Calibration(None, 0, note=why + left_out_note, fallback="too_few_questions")
     probs = _padded([r["probs"] for r in admitted])
     probs = probs / probs.sum(axis=1, keepdims=True)
     gold = np.asarray([r["answer"] for r in admitted], dtype=np.int64)
@@ -175,7 +179,10 @@ def calibrate(store: Store, validation_id: str, teacher_key: str, dataset_ids: l
         return found
     labels = store.arrow("calibration_labels", dataset_ids=dataset_ids, teacher_key=teacher_key,
                          validation_id=validation_id, split=CALIBRATION_SPLIT).to_pylist()
-    fit = fit_calibration(labels, min_questions=cfg.calibration_min_questions)
+    quarantined = store.fetch_one("count_quarantined_calibration_labels", dataset_ids=dataset_ids,
+                                  teacher_key=teacher_key, validation_id=validation_id,
+                                  split=CALIBRATION_SPLIT)[0]
+    fit = fit_calibration(labels, min_questions=cfg.calibration_min_questions, quarantined=quarantined)
     store.execute("insert_calibration", validation_id=validation_id, teacher_key=teacher_key,
                   **dataclasses.asdict(fit))
     return fit
