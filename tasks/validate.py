@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from kdflow.config import RunConfig
 from kdflow.fileserver import artifact_markdown
 from kdflow.errors import GateFailed
-from kdflow.validate.gate import run_gate, sample_first
+from kdflow.validate.gate import fresh_teacher_hint, run_gate, sample_first
 from kdflow.runs import stage
 from kdflow.store import Store
 
@@ -45,7 +45,8 @@ def validate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_k
                               ", verdict on these labels reused" if result.reused else "",
                               result.label_issues.summary())
     else:
-        raise GateFailed(f"the data-quality gate failed ({result.validation_id}): {result.message}")
+        raise GateFailed(f"the data-quality gate failed ({result.validation_id}): {result.message}"
+                         f"{fresh_teacher_hint(cfg)}")
     return result.validation_id
 
 

@@ -49,6 +49,7 @@ def test_a_server_teacher_a_local_model_and_no_questions_yet(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     served = _init(Path("a"), "--teacher-url", "http://127.0.0.1:9/v1", "--teacher-model", "big-model")
     assert served.exit_code == 0, served.output
+    assert "no --teacher" not in served.output
     assert f"put your questions in {Path('a') / 'questions.jsonl'}" in served.output
     cfg = load_config(tmp_path / "a" / "kdflow.yaml")
     assert (cfg.teacher.backend, cfg.teacher.model, cfg.teacher.openai.base_url) == (
@@ -72,7 +73,10 @@ def test_flags_that_do_not_fit_together_are_named(tmp_path, flags, message):
 
 
 def test_an_existing_config_is_kept_unless_forced(tmp_path):
-    assert _init(tmp_path, "--name", "first").exit_code == 0
+    first = _init(tmp_path, "--name", "first")
+    assert first.exit_code == 0
+    # No teacher given: the note says what the config's teacher is and how to name a real one.
+    assert "no --teacher: its teacher is a small model trained from scratch" in first.output
     again = _init(tmp_path, "--name", "second")
     assert again.exit_code == 2 and "--force" in again.output
     assert load_config(tmp_path / "kdflow.yaml").name == "first"

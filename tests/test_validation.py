@@ -452,6 +452,15 @@ def test_no_validation_labels_means_no_temperature_and_says_why():
     assert fit.temperature is None and "data.splits.val" in fit.note
 
 
+def test_a_failed_gate_names_a_teacher_built_fresh_on_the_runs_own_questions_as_the_likely_cause():
+    from kdflow.config import RunConfig, load_config
+    from kdflow.validate.gate import fresh_teacher_hint
+
+    assert "no teacher.model" in fresh_teacher_hint(RunConfig())
+    assert fresh_teacher_hint(RunConfig(teacher={"model": "Qwen/Qwen3-0.6B"})) == ""
+    assert fresh_teacher_hint(load_config("demo")) == ""  # prepared on questions of its own
+
+
 def test_no_sample_when_it_would_hold_every_question(tmp_path):
     from helpers import labeling_world
 
@@ -478,8 +487,10 @@ def test_the_label_flow_stops_on_a_failing_sample_as_a_failed_gate(tmp_path):
     root = Path(__file__).resolve().parent.parent
     cfg = load_config(root / "configs" / "tiny.yaml", [f"home={tmp_path}", "validation.min_teacher_accuracy=0.999"])
     ingest_flow(cfg)
-    with pytest.raises(SampleGateFailed, match=r"(?s)sample of 300 questions .* on \d+ val rows, floor 99\.9%"):
+    with pytest.raises(SampleGateFailed, match=r"(?s)sample of 300 questions .* on \d+ val rows, floor 99\.9%") as e:
         label_flow(cfg)
+    # tiny's teacher is built fresh and trained on the run's own questions: the message says so and what to do.
+    assert "trained on the run's own training questions" in str(e.value) and "teacher.model" in str(e.value)
     with Store(tmp_path, read_only=True).connect() as con:
         assert con.execute("SELECT count(*) FROM questions").fetchone()[0] == 600
         assert con.execute("SELECT count(*) FROM soft_labels").fetchone()[0] == 300  # the sample, kept

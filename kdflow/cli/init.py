@@ -66,7 +66,9 @@ def init(
 ) -> None:
     """Write a commented starter config, DIR/kdflow.yaml, for your own questions and teacher.
 
-    Every setting in it is explained in place; `kdflow run -c DIR/kdflow.yaml` runs it as written."""
+    Every setting in it is explained in place; `kdflow run -c DIR/kdflow.yaml` runs it as written. Without
+    --teacher or --teacher-url its teacher is a small model trained from scratch on your training questions,
+    which checks the plumbing but knows only what they teach."""
     from kdflow.config import ConfigError
     from kdflow.config.starter import starter_config, starter_values
 
@@ -92,4 +94,9 @@ def init(
                       f"path in {target})", soft_wrap=True)
     elif not glob.glob(os.path.expanduser(data)):
         console.print(f"[yellow]warning:[/] no file matches {data} yet; `kdflow run` reads it then", soft_wrap=True)
+    if teacher is None and teacher_url is None:
+        console.print("[yellow]note:[/] no --teacher: its teacher is a small model trained from scratch on your "
+                      "training questions, which knows only what they teach (on a small file the data-quality "
+                      "gate stops the run and says so); name a real one with --teacher or --teacher-url",
+                      soft_wrap=True)
     console.print(f"run it with: kdflow run -c {target}", soft_wrap=True)

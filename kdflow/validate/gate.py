@@ -92,6 +92,20 @@ def run_gate(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher_key: 
                       calibration=calibration, label_issues=issues)
 
 
+def fresh_teacher_hint(cfg: RunConfig) -> str:
+    """What to do when the gate fails on a teacher built fresh from teacher.architecture and trained on the
+    run's own training split (no teacher.model, no teacher.prepare.source), "" for any other teacher: such a
+    teacher knows only what those questions teach, so on a small file its labels fail the gate whatever
+    the thresholds."""
+    teacher = cfg.teacher
+    if teacher.backend != "hf" or teacher.model is not None or teacher.prepare.source is not None:
+        return ""
+    return (". The teacher of this config is a small model built fresh and trained on the run's own training "
+            "questions (no teacher.model): it knows only what they teach, and a few hundred questions teach it "
+            "little. Name a real teacher: teacher.model (a hub id, a model directory or a .gguf file; kdflow init "
+            "--teacher) or a server (teacher.backend: openai; kdflow init --teacher-url)")
+
+
 class SampleGateFailed(GateFailed):
     """The gate's checks failed on the fail-fast sample; the rest of the questions were not labeled."""
 
@@ -139,7 +153,7 @@ def sample_first(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher_k
                 f"stopped after labeling a sample of {labels.num_rows} questions (validation.sample_questions), "
                 f"before the other questions, because the data-quality gate would fail on it; the sample's labels "
                 f"are kept and labeling resumes from them. {outcome.failure_message()}. To label everything "
-                "before validating, set validation.sample_questions: 0"
+                f"before validating, set validation.sample_questions: 0{fresh_teacher_hint(cfg)}"
             )
 
     plan.check = check
