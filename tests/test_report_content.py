@@ -319,6 +319,12 @@ def test_the_verdict_sentences():
     one_seed = compare_over_seeds({role: {k: v for k, v in by_seed.items() if k in (0, None)}
                                    for role, by_seed in SEED_CORRECT.items()})
     assert "on its one seed (train more with training.seeds" in verdict_sentence(one_seed)
+    assert "on every seed" not in verdict_sentence(one_seed)
+    # Equal means are a tie, whichever role the order of the contenders lists first.
+    level = dict(SEED_CORRECT, student_pseudo=SEED_CORRECT["student"])
+    assert verdict_sentence(compare_over_seeds(level)) == (
+        "No student is ahead over 3 seeds: the distilled student ties with student (pseudo-labels from the teacher) "
+        "(mean 73.3%), and beats student (hard labels only) significantly on every seed.")
     assert compare_over_seeds({"teacher": SEED_CORRECT["teacher"]}) is None
 
 

@@ -99,18 +99,26 @@ def verdict_sentence(study: SeedStudy) -> str:
         return (f"Only the distilled student was trained {over} (mean accuracy {pct(student.mean)}): turn on "
                 f"training.{switches} to see whether distilling paid off.")
     names = " and ".join(role(b) for b in trained)
+    every = "on every seed" if n > 1 else "on it"
     if study.best == DISTILLED:
         unclear = [b for b in trained if study.comparison(DISTILLED, b).direction != 1]
         if not unclear:
             return (f"Distilling paid off {over}: the distilled student is the most accurate student (mean "
-                    f"{pct(student.mean)}) and beats {names} significantly on every seed.")
+                    f"{pct(student.mean)}) and beats {names} significantly {every}.")
+        # Means compared as the report prints them: equal there is a tie, not a lead.
+        tied = [b for b in trained if pct(study.student(b).mean) == pct(student.mean)]
+        if tied:
+            behind = [b for b in trained if b not in unclear]
+            beaten = f", and beats {' and '.join(role(b) for b in behind)} significantly {every}" if behind else ""
+            return (f"No student is ahead {over}: the distilled student ties with {' and '.join(role(b) for b in tied)} "
+                    f"(mean {pct(student.mean)}){beaten}.")
         return (f"The distilled student is the most accurate student {over} (mean {pct(student.mean)}), but its "
-                f"lead over {' and '.join(role(b) for b in unclear)} is not significant on every seed.")
+                f"lead over {' and '.join(role(b) for b in unclear)} is not significant {every}.")
     lead = f"{role(study.best)} is the most accurate student {over} (mean {pct(best.mean)} against the distilled " \
            f"student's {pct(student.mean)})"
     if study.comparison(DISTILLED, study.best).direction == -1:
-        return f"Distilling did not pay off: {lead}, significantly on every seed."
-    return f"{lead[0].upper()}{lead[1:]}, but not significantly on every seed: distilling neither clearly paid off " \
+        return f"Distilling did not pay off: {lead}, significantly {every}."
+    return f"{lead[0].upper()}{lead[1:]}, but not significantly {every}: distilling neither clearly paid off " \
            "nor clearly failed."
 
 
