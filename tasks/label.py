@@ -47,9 +47,14 @@ def label_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], ref: Teacher
         record.reused = report.newly_labeled == 0
         record.detail = {"teacher_key": report.teacher_key, "labeled": report.newly_labeled, "total": report.total,
                          "truncated": report.truncated, "seconds": round(report.seconds, 2)}
-    get_run_logger().info("teacher %s: %s new labels in %.1f s, %s questions labeled in all%s", report.teacher_key,
-                          f"{report.newly_labeled:,}", report.seconds, f"{report.total:,}",
-                          " (nothing left to label: all reused)" if record.reused else "")
+    if sample is not None:
+        get_run_logger().info("teacher %s: %s new labels in %.1f s for the fail-fast sample of %s questions; the "
+                              "other questions are labeled once the gate passes it", report.teacher_key,
+                              f"{report.newly_labeled:,}", report.seconds, f"{len(sample):,}")
+    else:
+        get_run_logger().info("teacher %s: %s new labels in %.1f s, %s questions labeled in all%s", report.teacher_key,
+                              f"{report.newly_labeled:,}", report.seconds, f"{report.total:,}",
+                              " (nothing left to label: all reused)" if record.reused else "")
     return report.teacher_key
 
 
