@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -15,22 +16,25 @@ from kdflow.store import Store
 def print_ingest(console: Console, reports: Sequence[DatasetReport], unlabeled_setting: str | None = None) -> None:
     """The ingest table and a line per finding; `unlabeled_setting` names what admits rows without an
     answer when it is not the sources' config key (a command-line option)."""
-    table = Table(title="ingest", title_justify="left")
+    # Borderless (box.SIMPLE) and the version on the line below: the table fits 80 columns without folding
+    # its headers mid-word.
+    table = Table(title="ingest", title_justify="left", box=box.SIMPLE)
     # A dataset id is copied into queries and configs: its column keeps each id on one line (the other
     # columns fold instead), as `kdflow runs` does for run ids.
     id_width = max((len(r.dataset_id) for r in reports), default=len("dataset"))
     table.add_column("dataset", no_wrap=True, min_width=id_width)
     counts = ("labeled", "unlabeled", "rejected")
-    for col in ("version", "layout", *counts, "splits", "note"):
-        table.add_column(col, justify="right" if col in ("version", *counts) else "left", overflow="fold")
+    for col in ("layout", *counts, "splits"):
+        table.add_column(col, justify="right" if col in counts else "left", overflow="fold",
+                         min_width=len(col) if col in counts else None)
     for r in reports:
         splits = " ".join(f"{k}={v}" for k, v in sorted(r.splits.items()))
-        table.add_row(r.dataset_id, str(r.version), r.layout, f"{r.labeled:,}", f"{r.unlabeled:,}",
-                      f"{r.rejected:,}", splits, "unchanged: reused" if r.reused else "new version")
+        table.add_row(r.dataset_id, r.layout, f"{r.labeled:,}", f"{r.unlabeled:,}", f"{r.rejected:,}", splits)
     console.print(table)
     for r in reports:
         encoding = f"; encoding {r.encoding}" if r.encoding else ""
-        console.print(f"{r.dataset_id}: layout {r.layout}; answers {r.answers}{encoding}")
+        version = f"version {r.version}, unchanged: reused" if r.reused else f"new version {r.version}"
+        console.print(f"{r.dataset_id}: {version}; layout {r.layout}; answers {r.answers}{encoding}")
         if r.rejected_by_reason:
             reasons = ", ".join(f"{code} {n}" for code, n in r.rejected_by_reason.items())
             console.print(f"[yellow]{r.dataset_id}[/]: rejected {r.rejected:,} rows ({reasons}); "
