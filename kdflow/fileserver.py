@@ -10,10 +10,12 @@ show the file's path as text.
 from __future__ import annotations
 
 import argparse
+import html
 import io
 import json
 import os
 import posixpath
+from collections.abc import Callable
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,7 +33,8 @@ def state_file(home: Path) -> Path:
 
 
 class _HomeFiles(SimpleHTTPRequestHandler):
-    """GET/HEAD of files under the served folders of one home; anything else is 404."""
+    """GET/HEAD of files under the served folders of one home and of an index page at `/`; anything else is
+    404."""
 
     def __init__(self, *args, home: Path, **kwargs) -> None:
         self.home = home
@@ -46,15 +49,48 @@ class _HomeFiles(SimpleHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             return io.BytesIO(body)
+        if path == "/":
+            return self._page(index_page(self.home))
         top = path.lstrip("/").split("/", 1)[0]
         if top not in SERVED:
             self.send_error(404, f"only {', '.join(SERVED)} of the home are served")
             return None
         return super().send_head()
 
+    def _page(self, html_text: str) -> io.BytesIO:
+        body = html_text.encode("utf-8")
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        return io.BytesIO(body)
+
     def list_directory(self, path):
         self.send_error(404, "no directory listings")
         return None
+
+
+def _newest_first(paths: list[Path]) -> list[Path]:
+    return sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def index_page(home: Path) -> str:
+    """The page at `/`: a link to every run's report.html and every gate verdict's Data Docs, newest first
+    (the served folders themselves are never listed)."""
+    home = Path(home)
+    reports = _newest_first(list(home.glob("reports/*/report.html")))
+    docs = _newest_first([min(folder.rglob("index.html"), key=lambda p: len(p.parts))
+                          for folder in home.glob("data_docs/*") if any(folder.rglob("index.html"))])
+
+    def links(paths: list[Path], name: Callable[[Path], str]) -> str:
+        items = "".join(f'<li><a href="/{quote(p.relative_to(home).as_posix())}">{html.escape(name(p))}</a></li>'
+                        for p in paths)
+        return f"<ul>{items}</ul>" if items else "<p>none yet</p>"
+
+    return (f"<!doctype html><meta charset=utf-8><title>kdflow home</title><h1>kdflow home {html.escape(str(home))}"
+            f"</h1><h2>Run reports</h2>{links(reports, lambda p: p.parent.name)}"
+            f"<h2>Data Docs (soft-label checks)</h2>"
+            f"{links(docs, lambda p: p.relative_to(home / 'data_docs').parts[0])}")
 
 
 def make_server(home: Path, host: str, port: int) -> ThreadingHTTPServer:

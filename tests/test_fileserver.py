@@ -50,10 +50,21 @@ def test_serves_reports_and_data_docs_only(home, served):
     assert get(served, "/reports/run-1/report.html") == (200, b"<h1>the report</h1>")
     assert get(served, "/data_docs/v-1/index.html")[0] == 200
     for path in ("/kdflow.duckdb", "/reports/../kdflow.duckdb", "/reports/%2e%2e/kdflow.duckdb", "/reports/",
-                 "/", "/file-server.json"):
+                 "/file-server.json"):
         status, body = get(served, path)
         assert status == 404 and b"secret" not in body, path
     assert file_url(home, home / "kdflow.duckdb") is None  # never linked
+
+
+def test_the_root_links_every_report_and_data_docs_and_lists_nothing_else(home, served):
+    status, body = get(served, "/")
+    page = body.decode()
+    assert status == 200
+    assert '<a href="/reports/run-1/report.html">run-1</a>' in page
+    assert '<a href="/data_docs/v-1/index.html">v-1</a>' in page
+    assert "kdflow.duckdb" not in page and b"secret" not in body
+    for link in ("/reports/run-1/report.html", "/data_docs/v-1/index.html"):
+        assert get(served, link)[0] == 200
 
 
 def test_a_server_of_another_home_is_not_used(home, served, tmp_path):
