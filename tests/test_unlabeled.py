@@ -164,6 +164,21 @@ def test_a_csv_of_option_columns_without_an_answer_column_is_detected(tmp_path):
     extra.write_text("question,A,B,C,D,solution\nWhich planet is red?,Venus,Mars,Earth,Jupiter,B\n")
     with pytest.raises(ValueError, match=r"cannot detect the layout .*solution.*mapping: \{question"):
         load_source(SourceConfig(path=str(extra), allow_unlabeled=True))
+    # Answers under an unknown name in some rows only: detection votes row by row, the doubt looks at all.
+    some = _write_jsonl(tmp_path / "some.jsonl", [
+        {"question": "Which planet is red?", "A": "Venus", "B": "Mars", "C": "Earth", "gold": "B"},
+        {"question": "Which planet has rings?", "A": "Mercury", "B": "Mars", "C": "Saturn"},
+        {"question": "Which planet is largest?", "A": "Mercury", "B": "Jupiter", "C": "Mars"}])
+    with pytest.raises(ValueError, match=r"no layout reads 'gold', which may hold the answers"):
+        load_source(SourceConfig(path=str(some), allow_unlabeled=True))
+    # The answers in the next letter's column read as one more option: refused, not a fifth option.
+    shifted = tmp_path / "shifted.csv"
+    shifted.write_text("question,A,B,C,D,E\nWhich planet is red?,Venus,Mars,Earth,Jupiter,B\n"
+                       "Which planet has rings?,Mercury,Mars,Saturn,Venus,Saturn\n")
+    with pytest.raises(ValueError, match=r"last option column 'E' is a letter or the text of another option"):
+        load_source(SourceConfig(path=str(shifted), allow_unlabeled=True))
+    named = load_source(SourceConfig(path=str(shifted), format="option_columns", allow_unlabeled=True))
+    assert named.questions.column("options").to_pylist()[0] == ["Venus", "Mars", "Earth", "Jupiter", "B"]
 
 
 def test_arc_and_csqa_answer_keys_left_blank_become_unlabeled(tmp_path):
@@ -259,6 +274,11 @@ def test_the_cli_counts_labeled_unlabeled_and_rejected_and_names_its_option(tmp_
     assert refused.exit_code == 2, refused.output
     text = " ".join(refused.output.split())
     assert "nothing usable was loaded" in text and "5 rows have no answer" in text and "--allow-unlabeled" in text
+    # Each rejected row's own reason names the option too, not the config key the PATHS replace.
+    examples = [line for line in refused.output.splitlines() if line.strip().startswith("e.g.")]
+    assert examples and all("--allow-unlabeled" in e and "data.sources" not in e for e in examples), examples
+    ignored = runner.invoke(app, ["ingest", str(path), *home, "--set", "data.sources[0].allow_unlabeled=true"])
+    assert ignored.exit_code == 2 and "PATHS replace the config's data.sources" in ignored.output
     kept = runner.invoke(app, ["ingest", str(path), "--allow-unlabeled", *home])
     assert kept.exit_code == 0, kept.output
     assert "stored 5 questions (0 labeled, 5 unlabeled) in 1 dataset, rejected 0 rows" in kept.output

@@ -64,6 +64,11 @@ def _offline_defaults(
     logging.getLogger("kdflow").setLevel(logging.INFO)
 
 
+# What sets a source's keys when `kdflow ingest` is given PATHS, which replace the config's sources.
+INGEST_OPTIONS = {"path": "the PATHS argument of `kdflow ingest`", "format": "--format", "encoding": "--encoding",
+                  "allow_unlabeled": "--allow-unlabeled"}
+
+
 @app.command()
 def ingest(
     paths: Annotated[Optional[list[str]], typer.Argument(metavar="PATHS", help="files or globs to ingest instead of the config's sources")] = None,
@@ -93,9 +98,12 @@ def ingest(
 
     cfg = load_run_config(config, set_)
     if paths:
+        if given := [s for s in set_ or [] if s.partition("=")[0].strip().startswith("data.sources")]:
+            raise fail(f"--set {given[0]}: PATHS replace the config's data.sources; set their reading with "
+                       "--format, --encoding and --allow-unlabeled, or list the files in a config")
         try:
             cfg.data.sources = [SourceConfig(path=p, format=format, encoding=encoding, allow_unlabeled=allow_unlabeled)
-                                for p in paths]
+                                .given_on_command_line(INGEST_OPTIONS) for p in paths]
         except ValidationError as e:
             raise fail("; ".join(
                 (f"--{err['loc'][-1]}: " if err["loc"] else "") + err["msg"].removeprefix("Value error, ")
@@ -108,13 +116,11 @@ def ingest(
         reports = ingest_all(cfg, store)
     except IngestError as e:
         # The sources came from the command line: name the argument or option at fault, not the config.
-        origin = {"path": "the PATHS argument of `kdflow ingest`", "format": "--format",
-                  "encoding": "--encoding"}.get(e.setting or "")
+        origin = INGEST_OPTIONS.get(e.setting or "")
         raise fail(e.blaming(origin) if paths and origin else str(e)) from None
-    setting = "--allow-unlabeled" if paths else None
-    print_ingest(stdout_console(), reports, setting)
+    print_ingest(stdout_console(), reports)
     if not any(r.loaded for r in reports):
-        hints = "".join(f"; {hint}" for r in reports if (hint := r.unlabeled_hint(setting)))
+        hints = "".join(f"; {hint}" for r in reports if (hint := r.unlabeled_hint()))
         raise fail(f"nothing usable was loaded: see the rejected rows above and fix the input{hints}")
 
 

@@ -111,6 +111,9 @@ class SourceConfig(Strict):
     )
     _default_name: str | None = PrivateAttr(None)
     _position: int | None = PrivateAttr(None)
+    # Command-line options that set this source's keys, for a source given on the command line (kdflow ingest
+    # PATHS): messages name the option the user can type there.
+    _options: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _one_origin(self) -> SourceConfig:
@@ -150,6 +153,16 @@ class SourceConfig(Strict):
         """Where a key of this source is set: data.sources[2].allow_unlabeled (data.sources[] when the
         source is not part of a DataConfig)."""
         return f"data.sources[{'' if self._position is None else self._position}].{key}"
+
+    def given_on_command_line(self, options: dict[str, str]) -> SourceConfig:
+        """This source, its messages naming `options` ({key: command-line option}) instead of config keys."""
+        self._options = dict(options)
+        return self
+
+    def enabling(self, key: str) -> str:
+        """How to turn the boolean `key` on: its command-line option for a source given there, else
+        `data.sources[i].key: true`."""
+        return self._options.get(key) or f"{self.setting(key)}: true"
 
 
 def _anchor(pattern: str) -> Path:

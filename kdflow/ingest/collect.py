@@ -95,11 +95,11 @@ class Collector:
     resolves every answer and rejects duplicates across all the source's files.
 
     With `allow_unlabeled` a row without an answer becomes an unlabeled question (answer None); without
-    it the row is rejected, the reason naming `setting` (the source's allow_unlabeled key).
+    it the row is rejected, the reason naming `setting` (how to turn the source's allow_unlabeled on).
     """
 
     def __init__(self, dataset: str, origin: str, *, allow_unlabeled: bool = False,
-                 setting: str = "data.sources[].allow_unlabeled") -> None:
+                 setting: str = "data.sources[].allow_unlabeled: true") -> None:
         self.dataset = dataset
         self.origin = origin
         self.allow_unlabeled = allow_unlabeled
@@ -161,7 +161,7 @@ class Collector:
         """A row without an answer: an unlabeled question (None), or its rejection naming the setting."""
         if not self.allow_unlabeled:
             raise Rejected("missing_answer", f"{why}; to keep such rows as unlabeled questions set "
-                                             f"{self.setting}: true")
+                                             f"{self.setting}")
 
     def _answer(self, m: Mapped, reading: Reading | None, column: str) -> int | None:
         if reading is None:

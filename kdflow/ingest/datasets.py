@@ -41,7 +41,7 @@ class DatasetReport:
     """What one source stored: counts come from the store, never from what was read.
 
     `loaded` counts every stored question, `unlabeled` those without a gold answer (`labeled` the rest);
-    `allow_unlabeled` is where the source's allow_unlabeled is set when it is off (None when on);
+    `allow_unlabeled` says how to turn the source's allow_unlabeled on when it is off (None when on);
     `rejected_examples` holds the first rejected row of each reason: (source file, row number, reason).
     """
 
@@ -67,11 +67,10 @@ class DatasetReport:
     def labeled(self) -> int:
         return self.loaded - self.unlabeled
 
-    def unlabeled_hint(self, setting: str | None = None) -> str:
-        """What admits the rows rejected for a missing answer ("" when there are none or the setting is on):
-        `setting` names it another way (a command-line option), default the config key."""
+    def unlabeled_hint(self) -> str:
+        """What admits the rows rejected for a missing answer ("" when there are none or the setting is on)."""
         missing = self.rejected_by_reason.get("missing_answer", 0)
-        setting = setting or (f"{self.allow_unlabeled}: true" if self.allow_unlabeled else None)
+        setting = self.allow_unlabeled
         if not missing or setting is None:
             return ""
         rows = "1 row has" if missing == 1 else f"{missing:,} rows have"
@@ -257,7 +256,7 @@ def _ingest_loaded(store: Store, sources: list[SourceConfig], loaded: list[Loade
             rejected=rejected,
             reused=reused,
             unlabeled=unlabeled,
-            allow_unlabeled=None if source.allow_unlabeled else source.setting("allow_unlabeled"),
+            allow_unlabeled=None if source.allow_unlabeled else source.enabling("allow_unlabeled"),
             rejected_by_reason=dict(store.fetch("rejected_by_reason", dataset_id=dataset_id)),
             rejected_examples=[tuple(row) for row in store.fetch("rejected_examples", dataset_id=dataset_id)],
             splits=dict(store.fetch("split_counts", dataset_id=dataset_id)),

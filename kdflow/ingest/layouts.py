@@ -27,6 +27,7 @@ from kdflow.ingest.cells import (
     question_text, shuffle_order, source_id,
 )
 from kdflow.ingest.columns import ANSWER_COLUMNS, CATEGORY_COLUMNS, QUESTION_COLUMNS, first_present, option_family
+from kdflow.records import LETTERS
 from kdflow.ingest.mapping import Mapped, Mapper, default_mapping, generic_map
 
 DETECT_ROWS = 20
@@ -214,6 +215,33 @@ def _is_option_columns(record: dict[str, Any]) -> bool:
     if first_present(record, ANSWER_COLUMNS):
         return True
     return all(key in {question, *options, "id", *CATEGORY_COLUMNS} for key in record)
+
+
+def answerless_doubt(records: list[dict[str, Any]]) -> str | None:
+    """Why records detected as option_columns without an answer column might have answers after all, or
+    None. Detection votes record by record; over all the records a column no layout reads (answers under an
+    unknown name, in some rows only), or a last option column whose every value names another option (a
+    letter of an earlier option, or its text: the answers in the next letter's column), makes reading them
+    as unlabeled a guess that would drop the answers."""
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    question, options = first_present(columns, QUESTION_COLUMNS), option_family(columns)
+    if first_present(columns, ANSWER_COLUMNS):
+        return None
+    unread = [c for c in columns if c not in {question, *options, "id", *CATEGORY_COLUMNS}]
+    if unread:
+        return f"no answer column, and no layout reads {', '.join(map(repr, unread))}, which may hold the answers"
+    last, earlier = options[-1], options[:-1]
+    letters = {LETTERS[i] for i in range(len(earlier))}
+
+    def names_another(record: dict[str, Any]) -> bool:
+        value = str(record.get(last) or "").strip()
+        return value in letters or value in {str(record.get(c) or "").strip() for c in earlier}
+
+    filled = [r for r in records if str(r.get(last) or "").strip()]
+    if filled and all(names_another(r) for r in filled):
+        return (f"no answer column, and every value of the last option column {last!r} is a letter or the text of "
+                "another option: it looks like the answers")
+    return None
 
 
 def _is_hellaswag(record: dict[str, Any]) -> bool:

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from kdflow.config import SourceConfig
 from kdflow.ingest.collect import Collector, IngestError, LoadedSource
-from kdflow.ingest.layouts import DETECT_ROWS, LAYOUTS, detect_layout, mapper_for
+from kdflow.ingest.layouts import DETECT_ROWS, LAYOUTS, answerless_doubt, detect_layout, mapper_for
 from kdflow.ingest.mapping import Mapper, mapping_columns
 from kdflow.ingest.readers import READERS, EncodingError, Row, rows_from_records, to_utf8
 from kdflow.records import REJECTED_SCHEMA
@@ -89,6 +89,13 @@ def _layout(source: SourceConfig, rows: list[Row], origin: str) -> tuple[str, Ma
     if not records:
         return "unknown", None
     layout = detect_layout(records)
+    doubt = answerless_doubt(records) if layout == "option_columns" else None
+    if doubt is not None:
+        raise IngestError(
+            f"{origin} has a question and option columns but {doubt}; name the answer column in a mapping "
+            "(mapping: {question: COLUMN, options: [COLUMN, ...], answer: COLUMN}), or set format: option_columns "
+            "to read every row as a question without an answer", setting="format"
+        )
     if layout is None:
         raise IngestError(
             f"cannot detect the layout of {origin}; columns seen: {', '.join(columns)}. Name its layout "
@@ -100,7 +107,7 @@ def _layout(source: SourceConfig, rows: list[Row], origin: str) -> tuple[str, Ma
 
 def _collector(source: SourceConfig, origin: str) -> Collector:
     return Collector(source.display_name, origin, allow_unlabeled=source.allow_unlabeled,
-                      setting=source.setting("allow_unlabeled"))
+                      setting=source.enabling("allow_unlabeled"))
 
 
 def _load_files(source: SourceConfig) -> LoadedSource:

@@ -13,9 +13,8 @@ from kdflow.ingest.datasets import DatasetReport
 from kdflow.store import Store
 
 
-def print_ingest(console: Console, reports: Sequence[DatasetReport], unlabeled_setting: str | None = None) -> None:
-    """The ingest table and a line per finding; `unlabeled_setting` names what admits rows without an
-    answer when it is not the sources' config key (a command-line option)."""
+def print_ingest(console: Console, reports: Sequence[DatasetReport]) -> None:
+    """The ingest table and a line per finding."""
     # Borderless (box.SIMPLE) and the version on the line below: the table fits 80 columns without folding
     # its headers mid-word.
     table = Table(title="ingest", title_justify="left", box=box.SIMPLE)
@@ -42,7 +41,7 @@ def print_ingest(console: Console, reports: Sequence[DatasetReport], unlabeled_s
             for source, row, reason in r.rejected_examples:
                 where = f"{source} row {row}" if row is not None else source
                 console.print(f"  e.g. {escape(where)}: {escape(reason)}", soft_wrap=True)
-        if hint := r.unlabeled_hint(unlabeled_setting):
+        if hint := r.unlabeled_hint():
             console.print(f"[yellow]{escape(hint)}[/]")
         if r.unlabeled:
             console.print(f"{r.dataset_id}: {r.unlabeled:,} unlabeled questions (no gold answer), all in split train")
