@@ -235,7 +235,13 @@ def test_set_reaches_a_key_of_one_list_item():
     cfg = load_config(None, ["data.sources[0].allow_unlabeled=true", "training.seeds[1]=7"])
     assert cfg.data.sources[0].allow_unlabeled is True
     assert cfg.training.seeds == [0, 7, 2]
+    # A list the config file does not write is its default: tiny's training.seeds is [0].
+    assert load_config("tiny", ["training.seeds[0]=7"]).training.seeds == [7]
+    with pytest.raises(ConfigError, match=r"training.seeds has 1 item\(s\), numbered from 0"):
+        load_config("tiny", ["training.seeds[1]=7"])
     for override, message in [
+        ("data.source[0].allow_unlabeled=true", "data.source: unknown key; did you mean data.sources?"),
+        ("training.alpha[0]=1", "training.alpha is not a list"),
         ("data.sources[1].allow_unlabeled=true", "data.sources has 1 item(s), numbered from 0"),
         ("data.sources.allow_unlabeled=true", "data.sources is a list: name an item"),
         ("data.sources[0].demo.sed=1", "data.sources[0].demo.sed: unknown key; did you mean data.sources[0].demo.seed?"),

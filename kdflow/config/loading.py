@@ -116,8 +116,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 if child is None and not isinstance(parts[depth + 1], int):
                     child = node[part] = {}
                 elif child is None:
-                    raise ConfigError(f"--set {item!r}: {named}.{part} has no items to set; set the whole list")
+                    child = node[part] = _default_list(item, parts[: depth + 1])
             if not isinstance(child, (dict, list)):
+                if isinstance(parts[depth + 1], int):
+                    raise ConfigError(f"--set {item!r}: {_dotted(parts[: depth + 1])} is not a list")
                 raise ConfigError(f"--set {item!r}: {part!r} is not a section")
             node = child
         last = parts[-1]
@@ -130,6 +132,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"--set {item!r}: {_dotted(parts[:-1])} is a list: name an item")
         node[last] = _parse_value(value)
     return data
+
+
+def _default_list(item: str, loc: tuple[str | int, ...]) -> list[Any]:
+    """The default of the list setting at `loc`, as raw config data, for a --set that names one of its items
+    when the config does not write the list. ConfigError for a key its section does not have."""
+    section = _model_at(loc[:-1])
+    field = section.model_fields.get(str(loc[-1])) if section is not None else None
+    if field is None:
+        raise ConfigError(f"--set {item!r}: {_dotted(loc)}: unknown key{_suggestion(loc)} (docs/configuration.md "
+                          "lists every key)")
+    default = field.get_default(call_default_factory=True)
+    if not isinstance(default, list):
+        raise ConfigError(f"--set {item!r}: {_dotted(loc)} is not a list")
+    return [v.model_dump(mode="json", exclude_none=True) if isinstance(v, BaseModel) else v for v in default]
 
 
 def _key_lines(node: yaml.Node | None, prefix: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
