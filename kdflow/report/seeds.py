@@ -100,20 +100,26 @@ def verdict_sentence(study: SeedStudy) -> str:
                 f"training.{switches} to see whether distilling paid off.")
     names = " and ".join(role(b) for b in trained)
     every = "on every seed" if n > 1 else "on it"
+
+    def listed(roles: list[str]) -> str:
+        return " and ".join(role(b) for b in roles)
+
+    # Means compared as the report prints them: equal at the top is a tie, whichever student `best` names.
+    tied = [b for b in trained if pct(study.student(b).mean) == pct(student.mean)]
+    if tied and pct(student.mean) == pct(best.mean):
+        others = [b for b in trained if b not in tied]
+        behind = [b for b in others if study.comparison(DISTILLED, b).direction == 1]
+        unclear = [b for b in others if b not in behind]
+        return (f"No student is ahead {over}: the distilled student ties with {listed(tied)} (mean "
+                f"{pct(student.mean)})" + (f", beats {listed(behind)} significantly {every}" if behind else "")
+                + (f", and its lead over {listed(unclear)} is not significant {every}" if unclear else "") + ".")
     if study.best == DISTILLED:
         unclear = [b for b in trained if study.comparison(DISTILLED, b).direction != 1]
         if not unclear:
             return (f"Distilling paid off {over}: the distilled student is the most accurate student (mean "
                     f"{pct(student.mean)}) and beats {names} significantly {every}.")
-        # Means compared as the report prints them: equal there is a tie, not a lead.
-        tied = [b for b in trained if pct(study.student(b).mean) == pct(student.mean)]
-        if tied:
-            behind = [b for b in trained if b not in unclear]
-            beaten = f", and beats {' and '.join(role(b) for b in behind)} significantly {every}" if behind else ""
-            return (f"No student is ahead {over}: the distilled student ties with {' and '.join(role(b) for b in tied)} "
-                    f"(mean {pct(student.mean)}){beaten}.")
         return (f"The distilled student is the most accurate student {over} (mean {pct(student.mean)}), but its "
-                f"lead over {' and '.join(role(b) for b in unclear)} is not significant {every}.")
+                f"lead over {listed(unclear)} is not significant {every}.")
     lead = f"{role(study.best)} is the most accurate student {over} (mean {pct(best.mean)} against the distilled " \
            f"student's {pct(student.mean)})"
     if study.comparison(DISTILLED, study.best).direction == -1:
