@@ -45,8 +45,9 @@ def validate_task(cfg: RunConfig, run_id: str, dataset_ids: list[str], teacher_k
                               ", verdict on these labels reused" if result.reused else "",
                               result.label_issues.summary())
     else:
+        failed = [name for name, _level, ok, *_ in rows if not ok]
         raise GateFailed(f"the data-quality gate failed ({result.validation_id}): {result.message}"
-                         f"{fresh_teacher_hint(cfg)}")
+                         f"{fresh_teacher_hint(cfg, failed)}")
     return result.validation_id
 
 

@@ -347,7 +347,7 @@ def test_a_missing_file_names_the_working_directory_only_for_a_relative_path(tmp
     with pytest.raises(IngestError) as e:
         load_source(SourceConfig(path=str(tmp_path / "cfg" / "qs.csv")))
     assert f"source file {tmp_path / 'cfg' / 'qs.csv'} does not exist" in str(e.value)
-    assert "working directory" not in str(e.value)
+    assert "relative" not in str(e.value) and str(tmp_path) + ")" not in str(e.value)
     with pytest.raises(IngestError, match=rf"qs.csv does not exist \(relative to the working directory, {tmp_path}\)"):
         load_source(SourceConfig(path="qs.csv"))
 

@@ -456,9 +456,11 @@ def test_a_failed_gate_names_a_teacher_built_fresh_on_the_runs_own_questions_as_
     from kdflow.config import RunConfig, load_config
     from kdflow.validate.gate import fresh_teacher_hint
 
-    assert "no teacher.model" in fresh_teacher_hint(RunConfig())
-    assert fresh_teacher_hint(RunConfig(teacher={"model": "Qwen/Qwen3-0.6B"})) == ""
-    assert fresh_teacher_hint(load_config("demo")) == ""  # prepared on questions of its own
+    weak = ["teacher_accuracy", "quarantine_share"]
+    assert "no teacher.model" in fresh_teacher_hint(RunConfig(), weak)
+    assert fresh_teacher_hint(RunConfig(), ["quarantine_share"]) == ""  # not a sign of a teacher knowing little
+    assert fresh_teacher_hint(RunConfig(teacher={"model": "Qwen/Qwen3-0.6B"}), weak) == ""
+    assert fresh_teacher_hint(load_config("demo"), weak) == ""  # prepared on questions of its own
 
 
 def test_no_sample_when_it_would_hold_every_question(tmp_path):

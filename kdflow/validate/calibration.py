@@ -106,7 +106,8 @@ def fit_calibration(labels: Sequence[dict[str, Any]], n_bins: int = 15, *,
     left_out_note = (f"; {left_out} validation labels left out (no gold answer, or probabilities not finite and "
                      "non-negative)") if left_out else ""
     if quarantined:
-        left_out_note += f"; {quarantined} labeled validation questions quarantined by the gate"
+        left_out_note += (f"; {quarantined} labeled validation question{'s' if quarantined != 1 else ''} "
+                          "quarantined by the gate")
     if not admitted:
         why = ("no labeled validation questions: set data.splits.val above 0 to calibrate" if not (rows or quarantined)
                else "no admitted validation questions to fit on")

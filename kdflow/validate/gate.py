@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -92,18 +92,23 @@ def run_gate(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher_key: 
                       calibration=calibration, label_issues=issues)
 
 
-def fresh_teacher_hint(cfg: RunConfig) -> str:
-    """What to do when the gate fails on a teacher built fresh from teacher.architecture and trained on the
-    run's own training split (no teacher.model, no teacher.prepare.source), "" for any other teacher: such a
-    teacher knows only what those questions teach, so on a small file its labels fail the gate whatever
-    the thresholds."""
+# The gate's checks that a teacher which knows little fails: its labels are near uniform or wrong.
+WEAK_TEACHER_CHECKS = frozenset({"teacher_accuracy", "coverage_floor", "entropy_not_degenerate", "position_bias"})
+
+
+def fresh_teacher_hint(cfg: RunConfig, failed: Iterable[str]) -> str:
+    """What to do when the gate's `failed` checks include one a weak teacher fails and the teacher is built
+    fresh from teacher.architecture and trained on the run's own training split (no teacher.model, no
+    teacher.prepare.source); "" otherwise. Such a teacher knows only what those questions teach, which on
+    a small file is little, whatever the thresholds."""
     teacher = cfg.teacher
-    if teacher.backend != "hf" or teacher.model is not None or teacher.prepare.source is not None:
+    if teacher.backend != "hf" or teacher.model is not None or teacher.prepare.source is not None \
+            or not WEAK_TEACHER_CHECKS.intersection(failed):
         return ""
     return (". The teacher of this config is a small model built fresh and trained on the run's own training "
-            "questions (no teacher.model): it knows only what they teach, and a few hundred questions teach it "
-            "little. Name a real teacher: teacher.model (a hub id, a model directory or a .gguf file; kdflow init "
-            "--teacher) or a server (teacher.backend: openai; kdflow init --teacher-url)")
+            "questions (no teacher.model): it knows only what they teach, which on a small file is little. Name "
+            "a real teacher: teacher.model (a hub id, a model directory or a .gguf file; kdflow init --teacher) "
+            "or a server (teacher.backend: openai; kdflow init --teacher-url)")
 
 
 class SampleGateFailed(GateFailed):
@@ -153,7 +158,7 @@ def sample_first(cfg: RunConfig, store: Store, dataset_ids: list[str], teacher_k
                 f"stopped after labeling a sample of {labels.num_rows} questions (validation.sample_questions), "
                 f"before the other questions, because the data-quality gate would fail on it; the sample's labels "
                 f"are kept and labeling resumes from them. {outcome.failure_message()}. To label everything "
-                f"before validating, set validation.sample_questions: 0{fresh_teacher_hint(cfg)}"
+                f"before validating, set validation.sample_questions: 0{fresh_teacher_hint(cfg, outcome.failed)}"
             )
 
     plan.check = check
