@@ -156,6 +156,7 @@ def test_a_csv_of_option_columns_without_an_answer_column_is_detected(tmp_path):
                     "Which planet has rings?,Mercury,Mars,Saturn,Venus,astronomy\n")
     loaded = load_source(SourceConfig(path=str(path), allow_unlabeled=True))
     assert loaded.layout == "option_columns" and loaded.counts["unlabeled"] == 2
+    assert loaded.answers == "none: no row has one"  # not the reading of an 'answer' column it lacks
     assert loaded.questions.column("options").to_pylist()[0] == ["Venus", "Mars", "Earth", "Jupiter"]
     assert loaded.questions.column("category").to_pylist() == ["astronomy", "astronomy"]
     strict = load_source(SourceConfig(path=str(path)))
@@ -164,6 +165,10 @@ def test_a_csv_of_option_columns_without_an_answer_column_is_detected(tmp_path):
     extra.write_text("question,A,B,C,D,solution\nWhich planet is red?,Venus,Mars,Earth,Jupiter,B\n")
     with pytest.raises(ValueError, match=r"cannot detect the layout .*solution.*mapping: \{question"):
         load_source(SourceConfig(path=str(extra), allow_unlabeled=True))
+    # The unnamed index column pandas writes first holds no answers.
+    indexed = tmp_path / "indexed.csv"
+    indexed.write_text(",question,A,B\n0,Which planet is red?,Venus,Mars\n")
+    assert load_source(SourceConfig(path=str(indexed), allow_unlabeled=True)).counts["unlabeled"] == 1
     # Answers under an unknown name in some rows only: detection votes row by row, the doubt looks at all.
     some = _write_jsonl(tmp_path / "some.jsonl", [
         {"question": "Which planet is red?", "A": "Venus", "B": "Mars", "C": "Earth", "gold": "B"},

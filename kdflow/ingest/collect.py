@@ -276,7 +276,12 @@ class Collector:
         rejected = pa.table(self.rejected, schema=REJECTED_SCHEMA)
         counts = {"rows": self.rows, "questions": questions.num_rows, "rejected": rejected.num_rows,
                   "unlabeled": sum(m.answer is None for m in kept)}
-        answers = f"{column}: {reading.describe()}" if reading is not None else _RESOLVED.get(layout, "")
+        if reading is None:
+            answers = _RESOLVED.get(layout, "")
+        elif not any(emptiness(d.mapped.raw_answer) is None for d in self.drafts):
+            answers = "none: no row has one"  # not a reading of a column the rows leave empty or lack
+        else:
+            answers = f"{column}: {reading.describe()}"
         notes_table = pa.table(list(zip(*note_rows)) if note_rows else [[] for _ in NOTE_SCHEMA.names],
                                schema=NOTE_SCHEMA)
         return LoadedSource(self.dataset, content_hash, layout, questions, rejected, counts, answers,

@@ -205,6 +205,11 @@ def _labelled_form(record: dict[str, Any]) -> str | None:
     return None
 
 
+# Columns beside the question and options that hold no answers: an id, a category, and the unnamed index
+# column pandas writes first (`to_csv` without index=False).
+_NOT_ANSWERS = ("id", *CATEGORY_COLUMNS, "")
+
+
 def _is_option_columns(record: dict[str, Any]) -> bool:
     """A question column and option columns, with an answer column or, for questions nobody answered (to
     label or to route), with no column left unread: an unread column may hold the answers under a name not
@@ -214,7 +219,7 @@ def _is_option_columns(record: dict[str, Any]) -> bool:
         return False
     if first_present(record, ANSWER_COLUMNS):
         return True
-    return all(key in {question, *options, "id", *CATEGORY_COLUMNS} for key in record)
+    return all(key in {question, *options, *_NOT_ANSWERS} for key in record)
 
 
 def answerless_doubt(records: list[dict[str, Any]]) -> str | None:
@@ -227,7 +232,7 @@ def answerless_doubt(records: list[dict[str, Any]]) -> str | None:
     question, options = first_present(columns, QUESTION_COLUMNS), option_family(columns)
     if first_present(columns, ANSWER_COLUMNS):
         return None
-    unread = [c for c in columns if c not in {question, *options, "id", *CATEGORY_COLUMNS}]
+    unread = [c for c in columns if c not in {question, *options, *_NOT_ANSWERS}]
     if unread:
         return f"no answer column, and no layout reads {', '.join(map(repr, unread))}, which may hold the answers"
     last, earlier = options[-1], options[:-1]
