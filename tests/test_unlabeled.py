@@ -163,7 +163,8 @@ def test_a_csv_of_option_columns_without_an_answer_column_is_detected(tmp_path):
     assert strict.rejected_by_reason() == {"missing_answer": 2}
     extra = tmp_path / "extra.csv"
     extra.write_text("question,A,B,C,D,solution\nWhich planet is red?,Venus,Mars,Earth,Jupiter,B\n")
-    with pytest.raises(ValueError, match=r"cannot detect the layout .*solution.*mapping: \{question"):
+    with pytest.raises(ValueError, match=r"no layout reads 'solution', which may hold the answers; name the answer "
+                                         r"column in a mapping \(mapping: \{question"):
         load_source(SourceConfig(path=str(extra), allow_unlabeled=True))
     # The unnamed index column pandas writes first holds no answers.
     indexed = tmp_path / "indexed.csv"

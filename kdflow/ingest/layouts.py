@@ -211,15 +211,9 @@ _NOT_ANSWERS = ("id", *CATEGORY_COLUMNS, "")
 
 
 def _is_option_columns(record: dict[str, Any]) -> bool:
-    """A question column and option columns, with an answer column or, for questions nobody answered (to
-    label or to route), with no column left unread: an unread column may hold the answers under a name not
-    recognised, and reading such a file as unlabeled would drop them."""
-    question, options = first_present(record, QUESTION_COLUMNS), option_family(record)
-    if not (question and options):
-        return False
-    if first_present(record, ANSWER_COLUMNS):
-        return True
-    return all(key in {question, *options, *_NOT_ANSWERS} for key in record)
+    """A question column and option columns, with or without an answer column (questions nobody answered,
+    to label or to route; whether such records hide their answers elsewhere is answerless_doubt's call)."""
+    return bool(first_present(record, QUESTION_COLUMNS) and option_family(record))
 
 
 def answerless_doubt(records: list[dict[str, Any]]) -> str | None:
