@@ -102,15 +102,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         parts = _key_path(item)
         node: Any = data
         for depth, part in enumerate(parts[:-1]):
-            named = _dotted(parts[:depth]) or "the config"
             if isinstance(part, int):
-                if not isinstance(node, list):
-                    raise ConfigError(f"--set {item!r}: {named} is not a list")
-                if part >= len(node):
-                    raise ConfigError(f"--set {item!r}: {named} has {len(node)} item(s), numbered from 0")
+                _check_index(item, node, part, parts[:depth])
                 child = node[part]
             else:
                 if not isinstance(node, dict):
+                    named = _dotted(parts[:depth])
                     raise ConfigError(f"--set {item!r}: {named} is a list: name an item, {named}[0]")
                 child = node.get(part)
                 if child is None and not isinstance(parts[depth + 1], int):
@@ -124,14 +121,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = child
         last = parts[-1]
         if isinstance(last, int):
-            if not isinstance(node, list):
-                raise ConfigError(f"--set {item!r}: {_dotted(parts[:-1])} is not a list")
-            if last >= len(node):
-                raise ConfigError(f"--set {item!r}: {_dotted(parts[:-1])} has {len(node)} item(s), numbered from 0")
+            _check_index(item, node, last, parts[:-1])
         elif not isinstance(node, dict):
             raise ConfigError(f"--set {item!r}: {_dotted(parts[:-1])} is a list: name an item")
         node[last] = _parse_value(value)
     return data
+
+
+def _check_index(item: str, node: Any, index: int, loc: tuple[str | int, ...]) -> None:
+    """ConfigError unless `node` (the value at `loc`) is a list with an item `index`."""
+    if not isinstance(node, list):
+        raise ConfigError(f"--set {item!r}: {_dotted(loc) or 'the config'} is not a list")
+    if index >= len(node):
+        raise ConfigError(f"--set {item!r}: {_dotted(loc)} has {len(node)} item(s), numbered from 0")
 
 
 def _default_list(item: str, loc: tuple[str | int, ...]) -> list[Any]:
