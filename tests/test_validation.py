@@ -456,6 +456,9 @@ def test_a_failed_gate_names_a_teacher_built_fresh_on_the_runs_own_questions_as_
     from kdflow.config import RunConfig, load_config
     from kdflow.validate.gate import fresh_teacher_hint
 
+    from kdflow.validate.gate import WEAK_TEACHER_CHECKS
+
+    assert WEAK_TEACHER_CHECKS <= {check.name for check in CHECKS}  # names of checks that exist
     weak = ["teacher_accuracy", "quarantine_share"]
     assert "no teacher.model" in fresh_teacher_hint(RunConfig(), weak)
     assert fresh_teacher_hint(RunConfig(), ["quarantine_share"]) == ""  # not a sign of a teacher knowing little

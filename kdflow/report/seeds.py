@@ -98,7 +98,6 @@ def verdict_sentence(study: SeedStudy) -> str:
         switches = " or ".join(b.enabled_by for b in baselines() if b.enabled_by)
         return (f"Only the distilled student was trained {over} (mean accuracy {pct(student.mean)}): turn on "
                 f"training.{switches} to see whether distilling paid off.")
-    names = " and ".join(role(b) for b in trained)
     every = "on every seed" if n > 1 else "on it"
 
     def listed(roles: list[str]) -> str:
@@ -117,7 +116,7 @@ def verdict_sentence(study: SeedStudy) -> str:
         unclear = [b for b in trained if study.comparison(DISTILLED, b).direction != 1]
         if not unclear:
             return (f"Distilling paid off {over}: the distilled student is the most accurate student (mean "
-                    f"{pct(student.mean)}) and beats {names} significantly {every}.")
+                    f"{pct(student.mean)}) and beats {listed(trained)} significantly {every}.")
         return (f"The distilled student is the most accurate student {over} (mean {pct(student.mean)}), but its "
                 f"lead over {listed(unclear)} is not significant {every}.")
     lead = f"{role(study.best)} is the most accurate student {over} (mean {pct(best.mean)} against the distilled " \
