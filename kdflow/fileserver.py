@@ -43,24 +43,20 @@ class _HomeFiles(SimpleHTTPRequestHandler):
     def send_head(self):
         path = posixpath.normpath(unquote(urlsplit(self.path).path))
         if path == HOME_PATH:
-            body = str(self.home).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            return io.BytesIO(body)
+            return self._answer(str(self.home), "text/plain")
         if path == "/":
-            return self._page(index_page(self.home))
+            return self._answer(index_page(self.home), "text/html")
         top = path.lstrip("/").split("/", 1)[0]
         if top not in SERVED:
             self.send_error(404, f"only {', '.join(SERVED)} of the home are served")
             return None
         return super().send_head()
 
-    def _page(self, html_text: str) -> io.BytesIO:
-        body = html_text.encode("utf-8")
+    def _answer(self, text: str, content_type: str) -> io.BytesIO:
+        """A 200 response of `text` built here (not a file), in UTF-8."""
+        body = text.encode("utf-8")
         self.send_response(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Type", f"{content_type}; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         return io.BytesIO(body)
@@ -79,8 +75,9 @@ def index_page(home: Path) -> str:
     (the served folders themselves are never listed)."""
     home = Path(home)
     reports = _newest_first(list(home.glob("reports/*/report.html")))
-    docs = _newest_first([min(folder.rglob("index.html"), key=lambda p: len(p.parts))
-                          for folder in home.glob("data_docs/*") if any(folder.rglob("index.html"))])
+    # A verdict's Data Docs page is the shallowest index.html under its folder (GX nests its site).
+    found = [list(folder.rglob("index.html")) for folder in home.glob("data_docs/*")]
+    docs = _newest_first([min(pages, key=lambda p: len(p.parts)) for pages in found if pages])
 
     def links(paths: list[Path], name: Callable[[Path], str]) -> str:
         items = "".join(f'<li><a href="/{quote(p.relative_to(home).as_posix())}">{html.escape(name(p))}</a></li>'
